@@ -1,0 +1,2 @@
+"""COOM: pretraining for DeepSeek-V3-style language models."""
+__version__ = "0.1.0"

@@ -1,0 +1,149 @@
+"""The ``coom`` command: train, prepare data, report.
+
+Heavy modules are imported inside each command, so ``coom --help`` is
+instant and tokenizer worker processes start light.
+"""
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from coom.errors import UserError
+
+SET_HELP = ("override config fields, e.g. --set train.steps=200 "
+            "model.hidden_size=256 (values are YAML)")
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "recipe", nargs="?", default=None,
+        help="recipe name in configs/ (tiny, ...) or a YAML file; "
+        "default: tiny")
+    parser.add_argument("--set", dest="overrides", nargs="+",
+                        action="extend", default=[], metavar="KEY=VALUE",
+                        help=SET_HELP)
+
+
+def _resume_dir(args) -> Path:
+    if args.recipe or args.run_dir or args.overwrite:
+        raise UserError("--resume takes the recipe and run directory from "
+                        "RUN_DIR; drop RECIPE, --run-dir and --overwrite")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no "
+                        "config.yaml)")
+    return run_dir
+
+
+def _new_run_dir(args) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = Path(args.recipe or "tiny").stem
+    run_dir = Path(args.run_dir or f"runs/{name}-{stamp}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not args.overwrite:
+            raise UserError(f"run directory {run_dir} already exists; pass "
+                            "--resume to continue it or --overwrite to "
+                            "replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def cmd_train(args) -> int:
+    from coom.config import load_config
+    if args.resume:
+        run_dir = _resume_dir(args)
+        config = load_config(str(run_dir / "config.yaml"), args.overrides)
+    else:
+        config = load_config(args.recipe or "tiny", args.overrides)
+        run_dir = _new_run_dir(args)
+    from coom.train.trainer import Trainer
+    trainer = Trainer(config, run_dir)
+    print(f"training in {run_dir}")
+    outcome = trainer.run()
+    if outcome == "done":
+        print(f"finished {trainer.step} steps; summary and plots: "
+              f"coom report {run_dir}")
+    else:
+        print(f"stopped at step {trainer.step} ({outcome}) with a "
+              f"checkpoint; continue with: coom train --resume {run_dir}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from coom.config import load_config
+    from coom.data.prepare import prepare
+    config = load_config(args.recipe or "tiny", args.overrides)
+    prepared = prepare(config.data)
+    print(f"tokenizer: {prepared.tokenizer.path} "
+          f"({prepared.tokenizer.vocab_size} tokens)")
+    for prefix in prepared.prefixes:
+        print(f"dataset: {prefix}.bin / .idx")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from coom.train.report import write_report
+    summary = write_report(Path(args.run_dir))
+    print(summary.read_text())
+    print(f"report written to {summary.parent}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coom", description="Pretrain DeepSeek-V3-style models.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of input errors")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train a model from a recipe",
+        description="Train a model. Writes config.yaml, metrics.jsonl, "
+        "TensorBoard events and checkpoints to the run directory.")
+    _add_recipe_options(train)
+    train.add_argument("--run-dir", metavar="DIR",
+                       help="run directory (default: runs/RECIPE-TIMESTAMP)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its latest "
+                       "checkpoint, with its config plus any --set")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete an existing run directory first")
+    train.set_defaults(handler=cmd_train)
+
+    data = commands.add_parser(
+        "data", help="prepare training data",
+        description="Data commands.").add_subparsers(
+            dest="data_command", required=True, metavar="COMMAND")
+    data_prepare = data.add_parser(
+        "prepare", help="tokenize a recipe's data sources",
+        description="Train or load the tokenizer and write each text "
+        "source of the recipe's data section as a Megatron indexed dataset "
+        "in data.cache_dir; unchanged sources are reused.")
+    _add_recipe_options(data_prepare)
+    data_prepare.set_defaults(handler=cmd_data_prepare)
+
+    report = commands.add_parser(
+        "report", help="plot and summarise a run",
+        description="Write loss, throughput and learning-rate plots and a "
+        "markdown summary to RUN_DIR/report.")
+    report.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a run directory written by coom train")
+    report.set_defaults(handler=cmd_report)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"coom: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("coom: interrupted", file=sys.stderr)
+        return 130

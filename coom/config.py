@@ -1,0 +1,432 @@
+"""Typed run configuration: dataclasses, YAML recipes, ``--set`` overrides.
+
+A run is described by one ``RunConfig`` made of sections (model, data,
+optimizer, schedule, train, checkpoint, logging). Each module receives only
+its own section. Field names follow Megatron-Core's ``TransformerConfig`` and
+``OptimizerConfig`` where such a name exists; a docstring under each field
+says what it is and gives the Hugging Face ``DeepseekV3Config`` name where
+that differs.
+
+A recipe is a YAML file with the same nesting. Loading checks every value
+against the field's type, rejects unknown keys, and runs each section's
+``__post_init__`` checks, so a bad config fails before any work starts, in
+one line that names the field.
+"""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from coom.errors import UserError
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(UserError):
+    """A config value that is unknown, of the wrong type or impossible."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"config field {name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
+def _require(condition: bool, name: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(name, problem)
+
+
+def _positive(section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value > 0, name, f"must be positive, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer."""
+
+    vocab_size: Optional[int] = None
+    """Rows of the embedding and output head. None takes the tokenizer's
+    vocabulary size; a value smaller than the tokenizer's is an error."""
+
+    hidden_size: int = 256
+    """Width of the residual stream."""
+
+    num_layers: int = 4
+    """Number of transformer blocks (HF: num_hidden_layers)."""
+
+    num_attention_heads: int = 4
+    """Attention heads per block; must divide hidden_size."""
+
+    ffn_hidden_size: int = 704
+    """Inner width of the SwiGLU MLP (HF: intermediate_size)."""
+
+    max_position_embeddings: int = 2048
+    """Longest sequence the rotary tables are built for."""
+
+    rotary_base: float = 10000.0
+    """Base of the rotary position embedding (HF: rope_theta)."""
+
+    layernorm_epsilon: float = 1e-6
+    """Epsilon of every RMSNorm (HF: rms_norm_eps)."""
+
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight init (HF:
+    initializer_range). Output projections are scaled down by
+    sqrt(2 * num_layers)."""
+
+    share_embeddings_and_output_weights: bool = False
+    """Tie the output head to the embedding (HF: tie_word_embeddings)."""
+
+    def __post_init__(self):
+        _positive(self, "hidden_size", "num_layers", "num_attention_heads",
+                  "ffn_hidden_size", "max_position_embeddings",
+                  "rotary_base", "layernorm_epsilon", "init_method_std")
+        if self.vocab_size is not None:
+            _positive(self, "vocab_size")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 "num_attention_heads",
+                 f"{self.num_attention_heads} does not divide hidden_size "
+                 f"{self.hidden_size}")
+        head_dim = self.hidden_size // self.num_attention_heads
+        _require(head_dim % 2 == 0, "num_attention_heads",
+                 f"head dimension {head_dim} must be even for rotary "
+                 "embeddings")
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it becomes token samples."""
+
+    paths: list[str] = field(default_factory=list)
+    """Sources to train on. Each is a .txt file, a .jsonl file, a folder
+    (every .txt and .jsonl file under it), or the prefix of an existing
+    Megatron indexed dataset (PREFIX.bin and PREFIX.idx). Empty: the
+    embedded default corpus, the Python standard library's source."""
+
+    weights: Optional[list[float]] = None
+    """Blend weight of each entry of paths (Megatron's --data-path
+    weights). None weighs sources by their size."""
+
+    text_key: str = "text"
+    """Field holding the document text in .jsonl files."""
+
+    tokenizer: Optional[str] = None
+    """A Hugging Face tokenizer.json to use. None trains a byte-level BPE
+    on the sources."""
+
+    tokenizer_vocab_size: int = 8192
+    """Vocabulary size of a tokenizer trained by COOM."""
+
+    seq_length: int = 256
+    """Tokens per training sample."""
+
+    split: str = "98,2,0"
+    """Train, validation and test shares of the documents, as in
+    Megatron's --split."""
+
+    cache_dir: str = ".cache/coom"
+    """Folder for tokenizers, prepared datasets and sample indices; reused
+    while sources and tokenizer are unchanged."""
+
+    num_workers: int = 2
+    """Processes that tokenize the sources."""
+
+    def __post_init__(self):
+        _positive(self, "tokenizer_vocab_size", "seq_length", "num_workers")
+        _require(self.tokenizer_vocab_size >= 257, "tokenizer_vocab_size",
+                 "must be at least 257 (256 bytes plus end-of-document)")
+        if self.weights is not None:
+            _require(len(self.weights) == len(self.paths), "weights",
+                     f"has {len(self.weights)} entries but paths has "
+                     f"{len(self.paths)}")
+            _require(all(w > 0 for w in self.weights), "weights",
+                     "every weight must be positive")
+        shares = self.split.replace("/", ",").split(",")
+        try:
+            values = [float(s) for s in shares]
+        except ValueError:
+            values = []
+        _require(1 <= len(values) <= 3 and all(v >= 0 for v in values)
+                 and len(values) > 1 and values[1] > 0 and values[0] > 0,
+                 "split", f"'{self.split}' must look like '98,2,0' with "
+                 "positive train and validation shares")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with decoupled weight decay and gradient clipping."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+
+    min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
+
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices but not to norms or
+    biases."""
+
+    adam_beta1: float = 0.9
+    """AdamW's first-moment decay."""
+
+    adam_beta2: float = 0.95
+    """AdamW's second-moment decay."""
+
+    adam_eps: float = 1e-8
+    """AdamW's denominator epsilon."""
+
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+
+    def __post_init__(self):
+        _positive(self, "lr", "adam_eps")
+        _require(0 <= self.min_lr <= self.lr, "min_lr",
+                 f"must lie in [0, lr={self.lr}], got {self.min_lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, name, f"must lie in [0, 1), got {value}")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.clip_grad >= 0, "clip_grad", "must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over train.steps."""
+
+    lr_decay_style: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    """Shape after warmup: cosine to min_lr, warmup-stable-decay, linear to
+    min_lr, or constant."""
+
+    lr_warmup_iters: int = 50
+    """Steps of linear warmup from zero."""
+
+    lr_wsd_decay_iters: Optional[int] = None
+    """For wsd: length of the final decay. None uses the last 20% of the
+    steps."""
+
+    lr_wsd_decay_style: Literal["linear", "cosine"] = "linear"
+    """For wsd: shape of the final decay."""
+
+    def __post_init__(self):
+        _require(self.lr_warmup_iters >= 0, "lr_warmup_iters", "must be >= 0")
+        if self.lr_wsd_decay_iters is not None:
+            _positive(self, "lr_wsd_decay_iters")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 300
+    """Optimizer steps to train for (Megatron: train_iters)."""
+
+    micro_batch_size: int = 16
+    """Samples per forward and backward pass."""
+
+    global_batch_size: int = 16
+    """Samples per optimizer step; a multiple of micro_batch_size, the
+    quotient being the gradient accumulation steps."""
+
+    seed: int = 1234
+    """Seed of weights, data order and every random generator."""
+
+    device: str = "auto"
+    """Torch device: 'auto' takes cuda when present, else cpu."""
+
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision: 'auto' is bf16 autocast on GPU and float32 on
+    CPU. Weights and optimizer states are always float32."""
+
+    eval_interval: int = 50
+    """Compute the validation loss every this many steps and at the
+    end."""
+
+    eval_iters: int = 8
+    """Micro-batches of the fixed validation set per evaluation."""
+
+    exit_interval: Optional[int] = None
+    """Checkpoint and exit once the step is a multiple of this, keeping the
+    schedule of the full run (for time-sliced jobs)."""
+
+    def __post_init__(self):
+        _positive(self, "steps", "micro_batch_size", "global_batch_size",
+                  "eval_interval", "eval_iters")
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 "global_batch_size",
+                 f"{self.global_batch_size} is not a multiple of "
+                 f"micro_batch_size {self.micro_batch_size}")
+        if self.exit_interval is not None:
+            _positive(self, "exit_interval")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    interval: int = 100
+    """Save every this many steps (Megatron: save_interval); the last step
+    is always saved."""
+
+    keep: int = 2
+    """Most recent checkpoints to keep; older ones are deleted."""
+
+    def __post_init__(self):
+        _positive(self, "interval", "keep")
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports and where."""
+
+    log_interval: int = 10
+    """Write a metrics.jsonl line and a TensorBoard point every this many
+    steps."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to the run directory."""
+
+    progress_bar: bool = True
+    """Show a console progress bar."""
+
+    def __post_init__(self):
+        _positive(self, "log_interval")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        _require(self.data.seq_length <= self.model.max_position_embeddings,
+                 "data.seq_length",
+                 f"{self.data.seq_length} exceeds "
+                 f"model.max_position_embeddings "
+                 f"{self.model.max_position_embeddings}")
+        _require(self.schedule.lr_warmup_iters <= self.train.steps,
+                 "schedule.lr_warmup_iters",
+                 f"{self.schedule.lr_warmup_iters} exceeds train.steps "
+                 f"{self.train.steps}")
+        decay = self.schedule.lr_wsd_decay_iters
+        _require(decay is None or self.schedule.lr_warmup_iters + decay
+                 <= self.train.steps, "schedule.lr_wsd_decay_iters",
+                 "warmup plus decay exceeds train.steps")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value, annotation, name: str):
+    """Return value as the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, name)
+    if origin is Literal:
+        _require(value in args, name,
+                 f"must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        _require(isinstance(value, list), name,
+                 f"must be a list, got {value!r}")
+        return [_check_type(v, args[0], name) for v in value]
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation is float and isinstance(value, int) \
+            and not isinstance(value, bool):
+        return float(value)
+    exact = annotation is not int or not isinstance(value, bool)
+    _require(isinstance(value, annotation) and exact, name,
+             f"must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    """Instantiate dataclass cls from a nested dict, checking every key."""
+    _require(isinstance(values, dict), prefix or "recipe",
+             f"must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        _require(key in known, name,
+                 f"unknown key; known keys here: {', '.join(sorted(known))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{name}.")
+        else:
+            kwargs[key] = _check_type(value, hint, name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        if error.name.startswith(prefix):
+            raise
+        raise ConfigError(prefix + error.name, error.problem) from None
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    """Apply one 'section.field=value' assignment to a nested dict."""
+    key, sep, text = assignment.partition("=")
+    _require(bool(sep) and bool(key), assignment,
+             "an override must look like section.field=value")
+    *sections, leaf = key.strip().split(".")
+    node = tree
+    for section in sections:
+        node = node.setdefault(section, {})
+        _require(isinstance(node, dict), key, "is not a section")
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def recipe_path(recipe: str) -> Path:
+    """Resolve a recipe name (configs/NAME.yaml) or a path to a YAML file."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist")
+        return path
+    path = RECIPE_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+        raise UserError(f"unknown recipe '{recipe}'; known recipes: "
+                        f"{', '.join(names)}, or give a path to a .yaml file")
+    return path
+
+
+def load_config(recipe: Optional[str] = None,
+                overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a recipe, apply ``--set`` overrides, and validate the result."""
+    tree = {}
+    if recipe is not None:
+        path = recipe_path(recipe)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise UserError(f"recipe {path} is not valid YAML: "
+                            f"{str(error).splitlines()[0]}") from None
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    return _build(RunConfig, tree, "")
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Text in, token samples out: corpus, tokenizer, preparation, loading."""

@@ -1,0 +1,74 @@
+"""Text sources: the embedded default corpus and users' .txt/.jsonl files.
+
+The default corpus is the Python standard library source of the interpreter
+running COOM: real text that every machine has, so the default run needs
+no download. Each file is one document.
+"""
+import json
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from coom.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def default_corpus_files() -> list[Path]:
+    """The interpreter's standard-library .py files, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(path for path in root.rglob("*.py")
+                  if "site-packages" not in path.parts and path.is_file())
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files a text source is made of: itself, or a folder's files."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*")
+                       if p.suffix in TEXT_SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"data source {path} holds no .txt or .jsonl "
+                            "files")
+        return files
+    if path.suffix not in TEXT_SUFFIXES:
+        raise UserError(f"data source {path}: expected a .txt or .jsonl "
+                        "file, a folder, or a Megatron .bin/.idx prefix")
+    return [path]
+
+
+def _read_text(path: Path, strict: bool) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if not strict:
+            return data.decode("utf-8", errors="replace")
+        raise UserError(f"{path} is not valid UTF-8 (byte {error.start}); "
+                        "convert it to UTF-8") from None
+
+
+def read_documents(path: Path, text_key: str,
+                   strict: bool = True) -> Iterator[str]:
+    """Yield the documents of one file.
+
+    A .txt file is one document; each line of a .jsonl file is one, its
+    text under ``text_key``. ``strict`` refuses invalid UTF-8 instead of
+    replacing it (the default corpus is read leniently).
+    """
+    if path.suffix != ".jsonl":
+        yield _read_text(path, strict)
+        return
+    for number, line in enumerate(
+            _read_text(path, strict).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number} is not valid JSON "
+                            f"({error.msg})") from None
+        if not isinstance(record, dict) or \
+                not isinstance(record.get(text_key), str):
+            raise UserError(f"{path}:{number} has no string field "
+                            f"'{text_key}'; set data.text_key")
+        yield record[text_key]

@@ -1,0 +1,100 @@
+"""Training and validation samples through Megatron-Core's GPTDataset.
+
+Samples are addressed by index, so the data position of a run is just the
+number of samples it has consumed: resuming from a checkpoint replays
+exactly the same batches. Validation always uses the same first samples of
+the validation split, so its loss is comparable from one evaluation to the
+next.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from coom.config import DataConfig
+from coom.data.megatron import BlendedMegatronDatasetBuilder, GPTDataset, \
+    GPTDatasetConfig, IndexedDataset
+from coom.data.prepare import PreparedData
+from coom.errors import UserError
+
+
+@dataclass
+class Batch:
+    """One micro-batch: inputs, next-token labels and the loss mask (B, S).
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.tokens.to(device), self.labels.to(device),
+                     self.loss_mask.to(device))
+
+
+class Samples:
+    """Micro-batches of a Megatron dataset by sample index."""
+
+    def __init__(self, dataset, micro_batch_size: int):
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, start: int) -> Batch:
+        items = [self.dataset[i]
+                 for i in range(start, start + self.micro_batch_size)]
+        return Batch(*(torch.stack([item[key] for item in items])
+                       for key in ("tokens", "labels", "loss_mask")))
+
+
+def _tokens_per_split(prefix: str, split_matrix) -> list[int]:
+    """Tokens in the train and validation document ranges of prefix."""
+    # The lengths are a view of the index's memory map, which closes when
+    # the dataset object is collected: keep it alive while reading them.
+    dataset = IndexedDataset(prefix, multimodal=False)
+    lengths = dataset.sequence_lengths
+    tokens = []
+    for begin, end in split_matrix[:2]:
+        first = int(round(begin * len(lengths)))
+        last = int(round(end * len(lengths)))
+        tokens.append(int(lengths[first:last].sum()))
+    del dataset
+    return tokens
+
+
+def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
+                  micro_batch_size: int, train_samples: int,
+                  valid_samples: int) -> tuple[Samples, Samples]:
+    """Train and validation ``Samples`` of at least the sizes asked for."""
+    # Megatron's BlendedDataset calls torch.distributed.get_rank() when it
+    # writes its cache, so indices are cached only in distributed runs.
+    cache = None
+    if torch.distributed.is_initialized():
+        cache = str(Path(config.cache_dir) / "indices")
+    dataset_config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=config.seq_length,
+        blend=(prepared.prefixes, None), split=config.split,
+        tokenizer=prepared.tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, path_to_cache=cache)
+    sizes = [_tokens_per_split(p, dataset_config.split_matrix)
+             for p in prepared.prefixes]
+    for prefix, (train_tokens, valid_tokens) in zip(prepared.prefixes, sizes):
+        if min(train_tokens, valid_tokens) <= config.seq_length:
+            raise UserError(
+                f"{prefix}: data.split '{config.split}' leaves "
+                f"{train_tokens} training and {valid_tokens} validation "
+                f"tokens; each needs more than data.seq_length "
+                f"{config.seq_length}: add data or change data.split")
+    weights = prepared.weights
+    if weights is None and len(sizes) > 1:
+        weights = [float(train) for train, _ in sizes]
+    dataset_config.blend = (prepared.prefixes, weights)
+    builder = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, None], lambda: True,
+        dataset_config)
+    train, valid, _ = builder.build()
+    return (Samples(train, micro_batch_size),
+            Samples(valid, micro_batch_size))

@@ -1,0 +1,218 @@
+"""Turn text sources into Megatron indexed datasets, cached by content.
+
+``prepare`` resolves every entry of ``data.paths`` to a ``.bin``/``.idx``
+prefix. Text sources are tokenized by worker processes, one end-of-document
+token after each document, and written with Megatron-Core's
+``IndexedDatasetBuilder``. The result lives in ``data.cache_dir`` under a
+key made of the source files (path, size, modification time), the text key
+and the tokenizer, so an unchanged source is tokenized once. A prepared
+dataset is written to a temporary folder and renamed into place, so an
+interrupted preparation never leaves a half-written dataset behind.
+Existing Megatron prefixes are checked, not copied.
+"""
+import functools
+import hashlib
+import json
+import multiprocessing
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import tokenizers
+from tqdm import tqdm
+
+from coom.config import DataConfig
+from coom.data.corpus import default_corpus_files, read_documents, \
+    source_files
+from coom.data.megatron import DType, IndexedDataset, IndexedDatasetBuilder
+from coom.data.tokenizer import Tokenizer, train_bpe
+from coom.errors import UserError
+
+DOCUMENTS_PER_TASK = 64
+
+
+@dataclass
+class TextSource:
+    """Text files that become one indexed dataset."""
+
+    name: str
+    files: list[Path]
+    strict_utf8: bool = True
+
+    def fingerprint(self, text_key: str) -> str:
+        digest = hashlib.sha256(text_key.encode())
+        for path in self.files:
+            stat = path.stat()
+            digest.update(f"{path.resolve()}|{stat.st_size}|"
+                          f"{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def documents(self, text_key: str) -> Iterator[str]:
+        for path in self.files:
+            yield from read_documents(path, text_key, self.strict_utf8)
+
+
+@dataclass
+class PreparedData:
+    """What training reads: a tokenizer and weighted dataset prefixes."""
+
+    tokenizer: Tokenizer
+    prefixes: list[str]
+    weights: Optional[list[float]]
+
+
+def _is_megatron_prefix(path: str) -> bool:
+    return Path(path + ".bin").exists() or Path(path + ".idx").exists()
+
+
+def _resolve(config: DataConfig) -> list:
+    """Each entry of data.paths as a TextSource or a Megatron prefix."""
+    if not config.paths:
+        return [TextSource("stdlib", default_corpus_files(), False)]
+    sources = []
+    for entry in config.paths:
+        path = Path(entry)
+        if _is_megatron_prefix(entry):
+            sources.append(entry)
+        elif path.exists():
+            sources.append(TextSource(path.stem, source_files(path)))
+        else:
+            raise UserError(f"data.paths: {entry} does not exist (expected "
+                            "a .txt/.jsonl file, a folder or a Megatron "
+                            "prefix with .bin and .idx files)")
+    return sources
+
+
+def _tokenizer(config: DataConfig, sources: list, cache: Path) -> Tokenizer:
+    if config.tokenizer is not None:
+        if not Path(config.tokenizer).is_file():
+            raise UserError(f"data.tokenizer: {config.tokenizer} does not "
+                            "exist")
+        return Tokenizer(Path(config.tokenizer))
+    texts = [s for s in sources if isinstance(s, TextSource)]
+    if not texts:
+        raise UserError("data.tokenizer: every source is a prepared "
+                        "Megatron dataset, so give the tokenizer.json it "
+                        "was made with")
+    digest = hashlib.sha256(str(config.tokenizer_vocab_size).encode())
+    for source in texts:
+        digest.update(source.fingerprint(config.text_key).encode())
+    path = cache / "tokenizers" / digest.hexdigest()[:16] / "tokenizer.json"
+    if path.is_file():
+        return Tokenizer(path)
+    print(f"training a {config.tokenizer_vocab_size}-token byte-level BPE "
+          f"on {', '.join(s.name for s in texts)}")
+    documents = (d for s in texts for d in s.documents(config.text_key))
+    return train_bpe(documents, config.tokenizer_vocab_size, path)
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_tokenizer(path: str) -> tokenizers.Tokenizer:
+    return tokenizers.Tokenizer.from_file(path)
+
+
+def _encode(tokenizer_path: str, eod: int, documents: list[str]) -> list:
+    """Worker task: token ids of each document, end-of-document appended."""
+    encodings = _worker_tokenizer(tokenizer_path).encode_batch(documents)
+    return [encoding.ids + [eod] for encoding in encodings]
+
+
+def _tasks(source: TextSource, text_key: str) -> Iterator[list[str]]:
+    batch = []
+    for document in source.documents(text_key):
+        batch.append(document)
+        if len(batch) == DOCUMENTS_PER_TASK:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write_indexed(source: TextSource, tokenizer: Tokenizer,
+                   config: DataConfig, prefix: Path) -> int:
+    """Tokenize source into prefix.bin/.idx; returns the document count."""
+    builder = IndexedDatasetBuilder(
+        f"{prefix}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    encode = functools.partial(_encode, str(tokenizer.path), tokenizer.eod)
+    has_jsonl = any(f.suffix == ".jsonl" for f in source.files)
+    total = None if has_jsonl else len(source.files)
+    count = 0
+    # Spawned workers start clean: tokenizers' thread pool and torch's
+    # OpenMP state are not fork-safe.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(config.num_workers) as pool, \
+            tqdm(total=total, unit="doc", desc=f"tokenizing {source.name}",
+                 dynamic_ncols=True) as bar:
+        for encoded in pool.imap(encode, _tasks(source, config.text_key)):
+            for ids in encoded:
+                builder.add_document(ids, [len(ids)])
+            count += len(encoded)
+            bar.update(len(encoded))
+    builder.finalize(f"{prefix}.idx")
+    return count
+
+
+def _prepare_text(source: TextSource, tokenizer: Tokenizer,
+                  config: DataConfig, cache: Path) -> str:
+    key = hashlib.sha256((source.fingerprint(config.text_key)
+                          + tokenizer.fingerprint).encode()).hexdigest()[:16]
+    folder = cache / "datasets" / f"{source.name}-{key}"
+    prefix = folder / "tokens"
+    if (folder / "manifest.json").is_file():
+        return str(prefix)
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    count = _write_indexed(source, tokenizer, config, temporary / "tokens")
+    manifest = {"source": source.name, "documents": count,
+                "files": [str(f) for f in source.files],
+                "tokenizer": str(tokenizer.path)}
+    (temporary / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    temporary.rename(folder)
+    return str(prefix)
+
+
+def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
+    """Refuse a missing, truncated or foreign-vocabulary .bin/.idx pair."""
+    for suffix in (".bin", ".idx"):
+        if not Path(prefix + suffix).is_file():
+            raise UserError(f"data.paths: {prefix}{suffix} is missing")
+    try:
+        dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
+        index = dataset.index
+        lengths, pointers = index.sequence_lengths, index.sequence_pointers
+    except Exception as error:
+        raise UserError(f"{prefix}.idx is not a readable Megatron index "
+                        f"({str(error).splitlines()[0]})") from None
+    expected = 0
+    if len(lengths):
+        expected = int(pointers[-1]) + int(lengths[-1]) * index.dtype_size
+    actual = Path(prefix + ".bin").stat().st_size
+    if actual != expected:
+        raise UserError(f"{prefix}.bin has {actual} bytes but {prefix}.idx "
+                        f"describes {expected}: a file is truncated or the "
+                        "two do not belong together")
+    tokens = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r")
+    largest = int(tokens.max()) if tokens.size else 0
+    if largest >= vocab_size:
+        raise UserError(f"{prefix}.bin holds token id {largest} but the "
+                        f"tokenizer has only {vocab_size} tokens; set "
+                        "data.tokenizer to the tokenizer it was made with")
+
+
+def prepare(config: DataConfig) -> PreparedData:
+    """Tokenizer and dataset prefixes for config, preparing what is new."""
+    cache = Path(config.cache_dir)
+    sources = _resolve(config)
+    tokenizer = _tokenizer(config, sources, cache)
+    prefixes = []
+    for source in sources:
+        if isinstance(source, TextSource):
+            prefixes.append(_prepare_text(source, tokenizer, config, cache))
+        else:
+            check_indexed_dataset(source, tokenizer.vocab_size)
+            prefixes.append(source)
+    return PreparedData(tokenizer, prefixes, config.weights)

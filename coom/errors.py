@@ -1,0 +1,12 @@
+"""The one exception type for mistakes a user can fix.
+
+The CLI prints a ``UserError`` as a single line and exits with code 2;
+anything else is a bug in COOM and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input: a config field, a data file, a checkpoint or a path.
+
+    The message names the field or file and says how to fix it.
+    """

@@ -1,0 +1,4 @@
+"""Models COOM trains."""
+from coom.models.transformer import Transformer
+
+__all__ = ["Transformer"]

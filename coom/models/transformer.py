@@ -1,0 +1,85 @@
+"""The decoder-only transformer: embedding, pre-norm blocks, output head.
+
+The model is single-device PyTorch. It is built on the ``meta`` device and
+materialised with ``to_empty`` + ``init_weights``, so that large models
+never allocate their weights twice and parallelism can be applied from
+outside before any memory is touched.
+
+Shape legend: B batch, S sequence, D model width, V vocabulary.
+"""
+import torch
+from torch import nn
+
+from coom.config import ModelConfig
+from coom.layers.attention import Attention
+from coom.layers.mlp import SwiGLU
+from coom.layers.norm import RMSNorm
+from coom.layers.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        eps = config.layernorm_epsilon
+        self.attention_norm = RMSNorm(config.hidden_size, eps)
+        self.attention = Attention(config.hidden_size,
+                                   config.num_attention_heads)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps)
+        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
+
+    def init_weights(self, std: float, num_layers: int) -> None:
+        self.attention_norm.init_weights()
+        self.mlp_norm.init_weights()
+        self.attention.init_weights(std, num_layers)
+        self.mlp.init_weights(std, num_layers)
+
+    def forward(self, x_BSD: torch.Tensor,
+                rope: RotaryEmbedding) -> torch.Tensor:
+        x_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), rope)
+        return x_BSD + self.mlp(self.mlp_norm(x_BSD))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, S) to next-token logits (B, S, V).
+
+    Args:
+        config: the model section of the run config; vocab_size must be
+            resolved (not None).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be resolved")
+        self.config = config
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.rope = RotaryEmbedding(head_dim, config.max_position_embeddings,
+                                    config.rotary_base)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size,
+                              bias=False)
+        if config.share_embeddings_and_output_weights:
+            self.head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fill every parameter and buffer; call after ``to_empty``."""
+        std = self.config.init_method_std
+        self.rope.init_weights()
+        nn.init.normal_(self.embed.weight, std=std)
+        for block in self.layers:
+            block.init_weights(std, self.config.num_layers)
+        self.norm.init_weights()
+        if not self.config.share_embeddings_and_output_weights:
+            nn.init.normal_(self.head.weight, std=std)
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        x_BSD = self.embed(tokens_BS)
+        for block in self.layers:
+            x_BSD = block(x_BSD, self.rope)
+        return self.head(self.norm(x_BSD))

@@ -1,0 +1,92 @@
+"""What a run records: metrics.jsonl, TensorBoard events, run info.
+
+``metrics.jsonl`` holds one JSON object per logged step, appended and
+flushed as the run goes, so it survives a crash and a resumed run extends
+it. ``run_info.json`` records what produced the run: the git SHA of COOM,
+the package versions, the machine and the command line.
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "megatron-core", "tokenizers", "numpy", "triton")
+
+
+class MetricsWriter:
+    """Appends metric records to metrics.jsonl and TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.board = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Records of metrics.jsonl; a resumed run's later records win."""
+    by_step = {}
+    with open(run_dir / "metrics.jsonl") as file:
+        for line in file:
+            if line.strip():
+                record = json.loads(line)
+                by_step.setdefault(record["step"], {}).update(record)
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _git_sha() -> str:
+    source = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain"],
+            capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _machine() -> dict:
+    machine = {"platform": platform.platform(), "host": platform.node(),
+               "cpu_count": os.cpu_count(), "processor": platform.machine()}
+    if torch.cuda.is_available():
+        machine["gpus"] = [torch.cuda.get_device_name(i)
+                           for i in range(torch.cuda.device_count())]
+    return machine
+
+
+def run_info() -> dict:
+    """Git SHA, package versions, machine and command of this process."""
+    return {"git_sha": _git_sha(), "versions": _versions(),
+            "machine": _machine(), "command": sys.argv}

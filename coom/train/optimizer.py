@@ -1,0 +1,58 @@
+"""AdamW with decoupled weight decay, and the learning-rate schedules.
+
+The schedule is a pure function of the step, so a resumed run needs only
+the step to continue it exactly.
+"""
+import math
+
+import torch
+from torch import nn
+
+from coom.config import OptimizerConfig, ScheduleConfig
+
+
+def build_optimizer(model: nn.Module,
+                    config: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW that decays matrices and embeddings but not norm scales."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps)
+
+
+def _decay(fraction: float, style: str) -> float:
+    """Multiplier going from 1 at fraction 0 to 0 at fraction 1."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    if style == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * fraction))
+    return 1.0 - fraction
+
+
+def learning_rate(step: int, steps: int, optimizer: OptimizerConfig,
+                  schedule: ScheduleConfig) -> float:
+    """Learning rate of step (1-based) in a run of ``steps`` steps."""
+    warmup = schedule.lr_warmup_iters
+    if step <= warmup:
+        return optimizer.lr * step / warmup
+    style = schedule.lr_decay_style
+    if style == "constant":
+        return optimizer.lr
+    if style == "wsd":
+        decay_iters = schedule.lr_wsd_decay_iters
+        if decay_iters is None:
+            decay_iters = max(1, round(0.2 * steps))
+        start = steps - decay_iters
+        if step <= start:
+            return optimizer.lr
+        fraction = (step - start) / decay_iters
+        decay_style = schedule.lr_wsd_decay_style
+    else:
+        fraction = (step - warmup) / max(1, steps - warmup)
+        decay_style = style
+    span = optimizer.lr - optimizer.min_lr
+    return optimizer.min_lr + span * _decay(fraction, decay_style)

@@ -1,0 +1,68 @@
+"""``coom report``: plots and a short summary of a run directory."""
+from pathlib import Path
+
+import matplotlib
+import yaml
+
+from coom.errors import UserError
+from coom.train.metrics import read_metrics
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (needs the backend first)
+
+
+def _plot(path: Path, title: str, ylabel: str, series: dict) -> None:
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, (steps, values) in series.items():
+        if steps:
+            axes.plot(steps, values, label=label,
+                      marker="o" if len(steps) < 30 else None)
+    axes.set(title=title, xlabel="step", ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    if len(series) > 1:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    chosen = [r for r in records if key in r]
+    return [r["step"] for r in chosen], [r[key] for r in chosen]
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write report/*.png and report/summary.md; returns the summary."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no "
+                        "metrics.jsonl); give the folder `coom train` wrote")
+    records = read_metrics(run_dir)
+    if not records:
+        raise UserError(f"{run_dir}/metrics.jsonl holds no records yet")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    _plot(out / "loss.png", "Loss", "cross-entropy (nats)",
+          {"train": _series(records, "loss"),
+           "validation": _series(records, "val_loss")})
+    _plot(out / "tokens_per_s.png", "Throughput", "tokens/s",
+          {"train": _series(records, "tokens_per_s")})
+    _plot(out / "lr.png", "Learning rate", "lr",
+          {"lr": _series(records, "lr")})
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    valid = _series(records, "val_loss")[1]
+    speeds = _series(records, "tokens_per_s")[1]
+    lines = [
+        f"# Run {run_dir.name}", "",
+        f"- steps: {records[-1]['step']} of {config['train']['steps']}",
+        f"- final training loss: {records[-1]['loss']:.4f}",
+        f"- validation loss: first {valid[0]:.4f}, last {valid[-1]:.4f}, "
+        f"best {min(valid):.4f}" if valid else "- validation loss: none",
+        f"- mean tokens/s: {sum(speeds) / len(speeds):,.0f}",
+        f"- model: {config['model']['num_layers']} layers, hidden "
+        f"{config['model']['hidden_size']}, vocabulary "
+        f"{config['model']['vocab_size']}", "",
+        "![loss](loss.png)", "![tokens/s](tokens_per_s.png)",
+        "![learning rate](lr.png)", ""]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines))
+    return summary

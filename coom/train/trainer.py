@@ -1,0 +1,259 @@
+"""The training loop.
+
+A run lives in one directory: ``config.yaml`` (the resolved config),
+``run_info.json``, ``metrics.jsonl``, TensorBoard events and
+``checkpoints/``. Everything that decides what the next step computes is
+in a checkpoint: weights, optimizer moments, the step (which fixes the
+learning rate), the number of samples consumed (which fixes the next
+batch, since samples are addressed by index) and the random generators.
+So a resumed run repeats the uninterrupted one bit for bit on the CPU.
+
+SIGINT and SIGTERM do not kill the loop: they are noted, the current step
+finishes, a checkpoint is written and the run exits cleanly.
+
+Shape legend: B micro-batch, S sequence, V vocabulary.
+"""
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from coom.config import RunConfig, save_config
+from coom.data.loader import Batch, Samples, build_samples
+from coom.data.prepare import prepare
+from coom.errors import UserError
+from coom.models import Transformer
+from coom.train.checkpoint import latest_checkpoint, load_checkpoint, \
+    save_checkpoint
+from coom.train.metrics import MetricsWriter, run_info
+from coom.train.optimizer import build_optimizer, learning_rate
+
+
+class StopRequest:
+    """Notes SIGINT/SIGTERM while active instead of dying on them."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._note)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _note(self, number, frame):
+        self.signal_name = signal.Signals(number).name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"config field train.device: unknown device "
+                        f"'{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("config field train.device: cuda asked for but no "
+                        "GPU is visible; use train.device=cpu")
+    return device
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto"
+                                       and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _check_same_model(model: torch.nn.Module, state: dict, path: Path):
+    ours = model.state_dict()
+    theirs = state["model"]
+    for name in sorted(set(ours) | set(theirs)):
+        here = tuple(ours[name].shape) if name in ours else "absent"
+        there = tuple(theirs[name].shape) if name in theirs else "absent"
+        if here != there:
+            raise UserError(
+                f"checkpoint {path} holds a different model: {name} is "
+                f"{there} there and {here} in this config; resume with "
+                "the model settings it was trained with")
+
+
+class Trainer:
+    """Trains config's model in run_dir, from its latest checkpoint if any.
+
+    Args:
+        config: the run config; model.vocab_size may be None and is then
+            taken from the tokenizer.
+        run_dir: the run directory (created by the caller).
+    """
+
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.run_dir = run_dir
+        self.device = resolve_device(config.train.device)
+        torch.manual_seed(config.train.seed)
+        prepared = prepare(config.data)
+        self.tokenizer = prepared.tokenizer
+        self.config = self._with_vocab(config, self.tokenizer.vocab_size)
+        train = self.config.train
+        self.samples, self.valid = build_samples(
+            prepared, self.config.data, train.seed, train.micro_batch_size,
+            train.steps * train.global_batch_size,
+            train.eval_iters * train.micro_batch_size)
+        with torch.device("meta"):
+            self.model = Transformer(self.config.model)
+        self.model.to_empty(device=self.device)
+        self.model.init_weights()
+        self.optimizer = build_optimizer(self.model, self.config.optimizer)
+        self.step = 0
+        self.consumed_samples = 0
+
+    def _with_vocab(self, config: RunConfig, vocab: int) -> RunConfig:
+        size = config.model.vocab_size
+        if size is not None and size < vocab:
+            raise UserError(
+                f"config field model.vocab_size: {size} is smaller than the "
+                f"tokenizer's {vocab} tokens ({self.tokenizer.path}); raise "
+                "it or leave it unset")
+        model = replace(config.model, vocab_size=size or vocab)
+        return replace(config, model=model)
+
+    def state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"step": self.step, "consumed_samples": self.consumed_samples,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": rng,
+                "tokenizer_sha256": self.tokenizer.fingerprint,
+                "config": self.config.to_dict()}
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        _check_same_model(self.model, state, path)
+        if state["tokenizer_sha256"] != self.tokenizer.fingerprint:
+            raise UserError(
+                f"checkpoint {path} was trained with another tokenizer "
+                f"than {self.tokenizer.path}; set data.tokenizer to the "
+                "run's tokenizer")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = state["step"]
+        self.consumed_samples = state["consumed_samples"]
+
+    def _loss(self, batch: Batch, tokens_in_step: int) -> torch.Tensor:
+        batch = batch.to(self.device)
+        with _autocast(self.device, self.config.train.precision):
+            logits_BSV = self.model(batch.tokens)
+        losses = F.cross_entropy(logits_BSV.flatten(0, 1).float(),
+                                 batch.labels.flatten(), reduction="none")
+        return (losses * batch.loss_mask.flatten()).sum() / tokens_in_step
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over a global batch; returns loss and norm."""
+        train = self.config.train
+        self.step += 1
+        lr = learning_rate(self.step, train.steps, self.config.optimizer,
+                           self.config.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = train.global_batch_size // train.micro_batch_size
+        tokens = train.global_batch_size * self.config.data.seq_length
+        total = 0.0
+        for _ in range(micro_batches):
+            loss = self._loss(self.samples.batch(self.consumed_samples),
+                              tokens)
+            loss.backward()
+            total += loss.item()
+            self.consumed_samples += train.micro_batch_size
+        clip = self.config.optimizer.clip_grad or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norm.item()
+
+    @torch.no_grad()
+    def evaluate(self, samples: Samples) -> float:
+        self.model.eval()
+        train = self.config.train
+        tokens = train.micro_batch_size * self.config.data.seq_length
+        total = sum(self._loss(samples.batch(i * train.micro_batch_size),
+                               tokens).item()
+                    for i in range(train.eval_iters))
+        self.model.train()
+        return total / train.eval_iters
+
+    def save(self) -> None:
+        save_checkpoint(self.run_dir / "checkpoints", self.step, self.state(),
+                        self.config.checkpoint.keep)
+
+    def _progress(self) -> tqdm:
+        return tqdm(total=self.config.train.steps, initial=self.step,
+                    unit="step", dynamic_ncols=True,
+                    disable=not self.config.logging.progress_bar)
+
+    def run(self) -> str:
+        """Train to train.steps; returns why the loop ended."""
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
+        if latest is not None:
+            self.restore(latest)
+        save_config(self.config, self.run_dir / "config.yaml")
+        info = json.dumps(run_info(), indent=1)
+        (self.run_dir / "run_info.json").write_text(info)
+        metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard)
+        try:
+            with StopRequest() as stop, self._progress() as bar:
+                return self._loop(metrics, stop, bar)
+        finally:
+            metrics.close()
+
+    def _loop(self, metrics: MetricsWriter, stop: StopRequest,
+              bar: tqdm) -> str:
+        config = self.config
+        tokens_per_step = config.train.global_batch_size \
+            * config.data.seq_length
+        seconds, steps = 0.0, 0
+        while self.step < config.train.steps:
+            started = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            step_seconds = time.perf_counter() - started
+            seconds, steps = seconds + step_seconds, steps + 1
+            done = self.step == config.train.steps
+            record = {"step": self.step, "loss": loss,
+                      "lr": self.optimizer.param_groups[0]["lr"],
+                      "grad_norm": grad_norm,
+                      "tokens_per_s": steps * tokens_per_step / seconds,
+                      "consumed_samples": self.consumed_samples}
+            if self.step % config.train.eval_interval == 0 or done:
+                record["val_loss"] = self.evaluate(self.valid)
+            if "val_loss" in record or done \
+                    or self.step % config.logging.log_interval == 0:
+                metrics.write(record)
+                seconds, steps = 0.0, 0
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False,
+                            tok_s=f"{tokens_per_step / step_seconds:,.0f}")
+            bar.update(1)
+            stopping = stop.signal_name or (
+                config.train.exit_interval
+                and self.step % config.train.exit_interval == 0)
+            if done or stopping \
+                    or self.step % config.checkpoint.interval == 0:
+                self.save()
+            if stopping:
+                return stop.signal_name or "exit_interval"
+        return "done"
