@@ -362,7 +362,7 @@ def _check_type(value, annotation, name: str):
 
 def _build(cls, values: dict, prefix: str):
     """Instantiate dataclass cls from a nested dict, checking every key."""
-    _require(isinstance(values, dict), prefix or "recipe",
+    _require(isinstance(values, dict), prefix.rstrip(".") or "recipe",
              f"must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}

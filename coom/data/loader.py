@@ -12,8 +12,12 @@ from pathlib import Path
 import torch
 
 from coom.config import DataConfig
-from coom.data.megatron import BlendedMegatronDatasetBuilder, GPTDataset, \
-    GPTDatasetConfig, IndexedDataset
+from coom.data.megatron import (
+    BlendedMegatronDatasetBuilder,
+    GPTDataset,
+    GPTDatasetConfig,
+    IndexedDataset,
+)
 from coom.data.prepare import PreparedData
 from coom.errors import UserError
 
@@ -93,7 +97,7 @@ def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
         weights = [float(train) for train, _ in sizes]
     dataset_config.blend = (prepared.prefixes, weights)
     builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, None], lambda: True,
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True,
         dataset_config)
     train, valid, _ = builder.build()
     return (Samples(train, micro_batch_size),

@@ -25,8 +25,7 @@ import tokenizers
 from tqdm import tqdm
 
 from coom.config import DataConfig
-from coom.data.corpus import default_corpus_files, read_documents, \
-    source_files
+from coom.data.corpus import default_corpus_files, read_documents, source_files
 from coom.data.megatron import DType, IndexedDataset, IndexedDatasetBuilder
 from coom.data.tokenizer import Tokenizer, train_bpe
 from coom.errors import UserError

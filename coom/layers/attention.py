@@ -1,12 +1,13 @@
 """Causal multi-head self-attention with rotary positions.
 
-Shape legend: B batch, S sequence, D model width, H heads, K head dimension.
+Tensor names end in their shape: b batch; s sequence; d model width; h
+heads; k head dimension.
 """
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 from coom.layers.rope import RotaryEmbedding
 
@@ -32,13 +33,13 @@ class Attention(nn.Module):
             nn.init.normal_(linear.weight, std=std)
         nn.init.normal_(self.wo.weight, std=std / math.sqrt(2 * num_layers))
 
-    def forward(self, x_BSD: torch.Tensor,
+    def forward(self, x_bsd: torch.Tensor,
                 rope: RotaryEmbedding) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        q_BSHK = rope(self.wq(x_BSD).unflatten(-1, heads))
-        k_BSHK = rope(self.wk(x_BSD).unflatten(-1, heads))
-        v_BSHK = self.wv(x_BSD).unflatten(-1, heads)
-        o_BHSK = F.scaled_dot_product_attention(
-            q_BSHK.transpose(1, 2), k_BSHK.transpose(1, 2),
-            v_BSHK.transpose(1, 2), is_causal=True)
-        return self.wo(o_BHSK.transpose(1, 2).flatten(2))
+        q_bshk = rope(self.wq(x_bsd).unflatten(-1, heads))
+        k_bshk = rope(self.wk(x_bsd).unflatten(-1, heads))
+        v_bshk = self.wv(x_bsd).unflatten(-1, heads)
+        o_bhsk = functional.scaled_dot_product_attention(
+            q_bshk.transpose(1, 2), k_bshk.transpose(1, 2),
+            v_bshk.transpose(1, 2), is_causal=True)
+        return self.wo(o_bhsk.transpose(1, 2).flatten(2))

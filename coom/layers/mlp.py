@@ -2,8 +2,8 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 
 class SwiGLU(nn.Module):
@@ -26,4 +26,4 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.w2.weight, std=std / math.sqrt(2 * num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(functional.silu(self.w1(x)) * self.w3(x))

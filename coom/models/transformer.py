@@ -5,10 +5,12 @@ materialised with ``to_empty`` + ``init_weights``, so that large models
 never allocate their weights twice and parallelism can be applied from
 outside before any memory is touched.
 
-Shape legend: B batch, S sequence, D model width, V vocabulary.
+Tensor names end in their shape: b batch; s sequence; d model width; v
+vocabulary.
 """
 import torch
 from torch import nn
+from torch.nn import functional
 
 from coom.config import ModelConfig
 from coom.layers.attention import Attention
@@ -35,10 +37,10 @@ class Block(nn.Module):
         self.attention.init_weights(std, num_layers)
         self.mlp.init_weights(std, num_layers)
 
-    def forward(self, x_BSD: torch.Tensor,
+    def forward(self, x_bsd: torch.Tensor,
                 rope: RotaryEmbedding) -> torch.Tensor:
-        x_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), rope)
-        return x_BSD + self.mlp(self.mlp_norm(x_BSD))
+        x_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), rope)
+        return x_bsd + self.mlp(self.mlp_norm(x_bsd))
 
 
 class Transformer(nn.Module):
@@ -61,10 +63,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size,
-                              bias=False)
-        if config.share_embeddings_and_output_weights:
-            self.head.weight = self.embed.weight
+        # A tied head reads the embedding in forward rather than sharing
+        # its Parameter: a shared Parameter comes apart in to_empty.
+        self.head = None
+        if not config.share_embeddings_and_output_weights:
+            self.head = nn.Linear(config.hidden_size, config.vocab_size,
+                                  bias=False)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -75,11 +79,14 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.init_weights(std, self.config.num_layers)
         self.norm.init_weights()
-        if not self.config.share_embeddings_and_output_weights:
+        if self.head is not None:
             nn.init.normal_(self.head.weight, std=std)
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        x_BSD = self.embed(tokens_BS)
+    def forward(self, tokens_bs: torch.Tensor) -> torch.Tensor:
+        x_bsd = self.embed(tokens_bs)
         for block in self.layers:
-            x_BSD = block(x_BSD, self.rope)
-        return self.head(self.norm(x_BSD))
+            x_bsd = block(x_bsd, self.rope)
+        x_bsd = self.norm(x_bsd)
+        if self.head is None:
+            return functional.linear(x_bsd, self.embed.weight)
+        return self.head(x_bsd)

@@ -11,7 +11,7 @@ So a resumed run repeats the uninterrupted one bit for bit on the CPU.
 SIGINT and SIGTERM do not kill the loop: they are noted, the current step
 finishes, a checkpoint is written and the run exits cleanly.
 
-Shape legend: B micro-batch, S sequence, V vocabulary.
+Tensor names end in their shape: b micro-batch; s sequence; v vocabulary.
 """
 import contextlib
 import json
@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 from tqdm import tqdm
 
 from coom.config import RunConfig, save_config
@@ -30,8 +30,11 @@ from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
 from coom.errors import UserError
 from coom.models import Transformer
-from coom.train.checkpoint import latest_checkpoint, load_checkpoint, \
-    save_checkpoint
+from coom.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from coom.train.metrics import MetricsWriter, run_info
 from coom.train.optimizer import build_optimizer, learning_rate
 
@@ -159,9 +162,10 @@ class Trainer:
     def _loss(self, batch: Batch, tokens_in_step: int) -> torch.Tensor:
         batch = batch.to(self.device)
         with _autocast(self.device, self.config.train.precision):
-            logits_BSV = self.model(batch.tokens)
-        losses = F.cross_entropy(logits_BSV.flatten(0, 1).float(),
-                                 batch.labels.flatten(), reduction="none")
+            logits_bsv = self.model(batch.tokens)
+        losses = functional.cross_entropy(
+            logits_bsv.flatten(0, 1).float(), batch.labels.flatten(),
+            reduction="none")
         return (losses * batch.loss_mask.flatten()).sum() / tokens_in_step
 
     def train_step(self) -> tuple[float, float]:
@@ -228,6 +232,8 @@ class Trainer:
         tokens_per_step = config.train.global_batch_size \
             * config.data.seq_length
         seconds, steps = 0.0, 0
+        if self.step == 0:
+            metrics.write({"step": 0, "val_loss": self.evaluate(self.valid)})
         while self.step < config.train.steps:
             started = time.perf_counter()
             loss, grad_norm = self.train_step()

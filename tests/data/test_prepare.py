@@ -1,0 +1,182 @@
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from coom.config import DataConfig
+from coom.data.corpus import read_documents, source_files
+from coom.data.loader import build_samples
+from coom.data.megatron import IndexedDataset, IndexedDatasetBuilder
+from coom.data.prepare import prepare
+from coom.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, corpus_dir) -> DataConfig:
+    cache = tmp_path_factory.mktemp("prepare-cache")
+    return DataConfig(paths=[str(corpus_dir)], cache_dir=str(cache),
+                      tokenizer_vocab_size=600, seq_length=16)
+
+
+@pytest.fixture(scope="module")
+def prepared(config):
+    return prepare(config)
+
+
+def _documents(prefix: str) -> list[np.ndarray]:
+    dataset = IndexedDataset(prefix, multimodal=False)
+    documents = [np.array(dataset[i]) for i in range(len(dataset))]
+    del dataset
+    return documents
+
+
+def test_folder_of_txt_and_jsonl_becomes_an_indexed_dataset(
+        prepared, corpus_dir):
+    (prefix,) = prepared.prefixes
+    tokenizer = prepared.tokenizer
+    expected = [d for f in source_files(corpus_dir)
+                for d in read_documents(f, "text")]
+    documents = _documents(prefix)
+    assert len(documents) == len(expected)
+    for ids, text in zip(documents, expected):
+        assert ids[-1] == tokenizer.eod
+        assert tokenizer.decode(ids[:-1]) == text
+
+
+def test_unchanged_sources_are_reused(config, prepared):
+    (prefix,) = prepared.prefixes
+    written = os.stat(prefix + ".bin").st_mtime_ns
+    again = prepare(config)
+    assert again.prefixes == prepared.prefixes
+    assert again.tokenizer.fingerprint == prepared.tokenizer.fingerprint
+    assert os.stat(prefix + ".bin").st_mtime_ns == written
+
+
+def test_changed_source_is_prepared_again(config, tmp_path):
+    source = tmp_path / "notes.txt"
+    source.write_text("first version of the notes " * 50)
+    mine = replace(config, paths=[str(source)],
+                   tokenizer=str(prepare(config).tokenizer.path))
+    first = prepare(mine).prefixes[0]
+    source.write_text("second, longer version of the notes " * 80)
+    second = prepare(mine).prefixes[0]
+    assert first != second
+    assert len(_documents(second)[0]) > len(_documents(first)[0])
+
+
+def test_jsonl_text_key(config, prepared, tmp_path):
+    path = tmp_path / "records.jsonl"
+    rows = [{"body": f"record {i} ✓"} for i in range(5)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    mine = replace(config, paths=[str(path)], text_key="body",
+                   tokenizer=str(prepared.tokenizer.path))
+    documents = _documents(prepare(mine).prefixes[0])
+    decoded = [prepared.tokenizer.decode(d[:-1]) for d in documents]
+    assert decoded == [r["body"] for r in rows]
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"text": "fine"}\n{broken\n', "records.jsonl:2 is not valid JSON"),
+    ('{"text": "fine"}\n{"body": "x"}\n', "records.jsonl:2 has no string"),
+])
+def test_bad_jsonl_names_file_and_line(config, prepared, tmp_path, content,
+                                       words):
+    path = tmp_path / "records.jsonl"
+    path.write_text(content)
+    mine = replace(config, paths=[str(path)],
+                   tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match=words):
+        prepare(mine)
+
+
+def test_missing_source_is_refused(config):
+    with pytest.raises(UserError, match="data.paths: /no/such/file"):
+        prepare(replace(config, paths=["/no/such/file.txt"]))
+
+
+def test_invalid_utf8_is_refused(config, prepared, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café".encode("latin-1"))
+    mine = replace(config, paths=[str(path)],
+                   tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        prepare(mine)
+
+
+def _write_megatron(prefix, documents, dtype=np.uint16):
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for ids in documents:
+        builder.add_document(ids, [len(ids)])
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_existing_megatron_blend_with_weights(config, prepared, tmp_path):
+    """Two .bin/.idx prefixes blended 1:3 through Megatron's builder."""
+    rng = np.random.default_rng(0)
+    eod = prepared.tokenizer.eod
+    prefixes = []
+    for name, low in (("a", 1), ("b", 300)):
+        documents = [list(rng.integers(low, low + 200, size=50)) + [eod]
+                     for _ in range(200)]
+        _write_megatron(tmp_path / name, documents)
+        prefixes.append(str(tmp_path / name))
+    mine = replace(config, paths=prefixes, weights=[1.0, 3.0],
+                   tokenizer=str(prepared.tokenizer.path))
+    data = prepare(mine)
+    assert data.prefixes == prefixes
+    train, valid = build_samples(data, mine, 7, 4, 800, 40)
+    sources = [train.dataset[i]["tokens"] for i in range(800)]
+    from_b = sum(int(t[t != eod].float().mean() >= 300) for t in sources)
+    assert from_b / 800 == pytest.approx(0.75, abs=0.02)
+    batch = train.batch(0)
+    assert batch.tokens.shape == (4, 16)
+    assert (batch.tokens[:, 1:] == batch.labels[:, :-1]).all()
+
+
+def test_truncated_bin_is_refused(config, prepared, tmp_path):
+    prefix = tmp_path / "cut"
+    _write_megatron(prefix, [[1, 2, 3, 0]] * 20)
+    with open(f"{prefix}.bin", "r+b") as file:
+        file.truncate(10)
+    mine = replace(config, paths=[str(prefix)],
+                   tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match="truncated"):
+        prepare(mine)
+
+
+def test_corrupt_idx_is_refused(config, prepared, tmp_path):
+    prefix = tmp_path / "garbage"
+    _write_megatron(prefix, [[1, 2, 3, 0]] * 20)
+    (tmp_path / "garbage.idx").write_bytes(b"not an index at all")
+    mine = replace(config, paths=[str(prefix)],
+                   tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match="not a readable Megatron index"):
+        prepare(mine)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(config, prepared,
+                                                     tmp_path):
+    prefix = tmp_path / "foreign"
+    _write_megatron(prefix, [[5, 60000, 0]] * 20)
+    mine = replace(config, paths=[str(prefix)],
+                   tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match="token id 60000"):
+        prepare(mine)
+
+
+def test_megatron_only_sources_need_a_tokenizer(config, tmp_path):
+    prefix = tmp_path / "only"
+    _write_megatron(prefix, [[1, 2, 0]] * 20)
+    with pytest.raises(UserError, match="data.tokenizer"):
+        prepare(replace(config, paths=[str(prefix)]))
+
+
+def test_too_little_validation_data_is_refused(config, prepared, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("only one short document")
+    mine = replace(config, paths=[str(path)],
+                   tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match="data.split"):
+        build_samples(prepare(mine), mine, 1, 2, 10, 4)

@@ -1,0 +1,88 @@
+import torch
+
+from coom.config import ModelConfig
+from coom.models import Transformer
+
+
+def _model(**overrides) -> Transformer:
+    config = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2,
+                         num_attention_heads=4, ffn_hidden_size=48,
+                         max_position_embeddings=64, **overrides)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+def test_meta_build_then_init_gives_finite_weights():
+    model = _model()
+    for name, parameter in model.named_parameters():
+        assert torch.isfinite(parameter).all(), name
+    assert torch.equal(model.layers[0].mlp_norm.weight, torch.ones(32))
+    logits = model(torch.randint(0, 97, (3, 17)))
+    assert logits.shape == (3, 17, 97)
+
+
+def test_init_is_seeded():
+    first, second = _model(), _model()
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_output_projections_are_scaled_down():
+    model = _model(init_method_std=0.5)
+    block = model.layers[0]
+    assert block.attention.wq.weight.std() > 0.4
+    assert block.attention.wo.weight.std() < 0.3
+    assert block.mlp.w2.weight.std() < 0.3
+
+
+def test_attention_is_causal():
+    model = _model()
+    tokens = torch.randint(0, 97, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 97
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    assert torch.equal(before[:, :12], after[:, :12])
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+def test_positions_matter():
+    model = _model()
+    tokens = torch.tensor([[5, 6, 7, 5, 6, 7]])
+    with torch.no_grad():
+        logits = model(tokens)
+    assert not torch.allclose(logits[0, 0], logits[0, 3])
+
+
+def test_tied_head_reads_the_embedding():
+    model = _model(share_embeddings_and_output_weights=True)
+    untied = _model()
+    assert model.head is None
+    count = sum(p.numel() for p in model.parameters())
+    assert count == sum(p.numel() for p in untied.parameters()) - 97 * 32
+    tokens = torch.randint(0, 97, (2, 9))
+    untied.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        untied.head.weight.copy_(model.embed.weight)
+    torch.testing.assert_close(model(tokens), untied(tokens))
+    model(tokens).sum().backward()
+    assert model.embed.weight.grad is not None
+
+
+def test_rope_matches_complex_rotation():
+    """RoPE equals multiplying channel pairs by exp(i * pos * freq)."""
+    model = _model()
+    x = torch.randn(1, 10, 2, 8)
+    rope = model.rope
+    freq = rope.base ** (-torch.arange(0, 8, 2).double() / 8)
+    angle = torch.arange(10).double()[:, None] * freq
+    rotation = torch.polar(torch.ones_like(angle), angle)[None, :, None]
+    expected = torch.view_as_real(
+        torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))
+        * rotation).flatten(-2)
+    torch.testing.assert_close(rope(x).double(), expected,
+                               rtol=1e-6, atol=1e-6)

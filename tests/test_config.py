@@ -1,0 +1,84 @@
+import pytest
+
+from coom.config import ConfigError, RunConfig, load_config
+from coom.errors import UserError
+
+
+def test_tiny_recipe_loads_with_documented_values():
+    config = load_config("tiny")
+    assert isinstance(config, RunConfig)
+    assert config.model.hidden_size == 256
+    assert config.data.tokenizer_vocab_size == 8192
+    assert config.model.vocab_size is None
+
+
+def test_overrides_are_typed_yaml():
+    config = load_config("tiny", [
+        "train.steps=200", "model.hidden_size=512", "optimizer.lr=1e-3",
+        "data.paths=[a.txt, b.jsonl]", "data.weights=[1, 3]",
+        "model.share_embeddings_and_output_weights=true",
+        "train.exit_interval=null"])
+    assert config.train.steps == 200
+    assert config.model.hidden_size == 512
+    assert config.optimizer.lr == pytest.approx(1e-3)
+    assert isinstance(config.optimizer.lr, float)
+    assert config.data.paths == ["a.txt", "b.jsonl"]
+    assert config.data.weights == [1.0, 3.0]
+    assert config.model.share_embeddings_and_output_weights is True
+    assert config.train.exit_interval is None
+
+
+def test_recipe_file_path(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("train:\n  steps: 7\nschedule:\n"
+                      "  lr_warmup_iters: 1\n")
+    assert load_config(str(recipe)).train.steps == 7
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ("model.hidden_sise=3", "model.hidden_sise", "unknown key"),
+    ("modle.hidden_size=3", "modle", "unknown key"),
+    ("model.hidden_size=big", "model.hidden_size", "must be int"),
+    ("model.hidden_size=2.5", "model.hidden_size", "must be int"),
+    ("model.num_layers=true", "model.num_layers", "must be int"),
+    ("optimizer.lr=fast", "optimizer.lr", "must be float"),
+    ("data.paths=a.txt", "data.paths", "must be a list"),
+    ("schedule.lr_decay_style=step", "schedule.lr_decay_style",
+     "must be one of"),
+    ("model.num_attention_heads=3", "model.num_attention_heads",
+     "does not divide"),
+    ("train.global_batch_size=20", "train.global_batch_size",
+     "not a multiple"),
+    ("train.steps=10", "schedule.lr_warmup_iters", "exceeds train.steps"),
+    ("data.seq_length=4096", "data.seq_length", "exceeds"),
+    ("optimizer.min_lr=1.0", "optimizer.min_lr", "must lie in"),
+    ("model.hidden_size=-8", "model.hidden_size", "must be positive"),
+    ("data.weights=[1.0]", "data.weights", "entries"),
+    ("data.split='99'", "data.split", "validation"),
+    ("data.split=99", "data.split", "must be str"),
+    ("model=3", "model", "must be a mapping"),
+])
+def test_bad_values_name_the_field(override, field, words):
+    with pytest.raises(ConfigError) as caught:
+        load_config("tiny", [override])
+    assert caught.value.name == field
+    message = str(caught.value)
+    assert words in message and field in message
+    assert "\n" not in message
+
+
+def test_unknown_recipe_lists_known_ones():
+    with pytest.raises(UserError, match="known recipes: .*tiny"):
+        load_config("huge")
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config("tiny", ["train.steps"])
+
+
+def test_invalid_yaml_recipe(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(recipe))

@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+
+from coom.config import ModelConfig, OptimizerConfig, ScheduleConfig
+from coom.models import Transformer
+from coom.train.optimizer import build_optimizer, learning_rate
+
+OPT = OptimizerConfig(lr=1.0, min_lr=0.1)
+
+
+def _lr(step, style, steps=100, warmup=10, **extra):
+    schedule = ScheduleConfig(lr_decay_style=style, lr_warmup_iters=warmup,
+                              **extra)
+    return learning_rate(step, steps, OPT, schedule)
+
+
+@pytest.mark.parametrize("style", ["cosine", "wsd", "linear", "constant"])
+def test_warmup_is_linear_from_zero(style):
+    assert _lr(1, style) == pytest.approx(0.1)
+    assert _lr(5, style) == pytest.approx(0.5)
+    assert _lr(10, style) == pytest.approx(1.0)
+
+
+def test_cosine_reaches_min_lr_halfway_at_the_mean():
+    assert _lr(55, "cosine") == pytest.approx(0.55)
+    assert _lr(100, "cosine") == pytest.approx(0.1)
+    values = [_lr(s, "cosine") for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_linear_decay():
+    assert _lr(55, "linear") == pytest.approx(0.55)
+    assert _lr(100, "linear") == pytest.approx(0.1)
+
+
+def test_wsd_is_stable_then_decays_over_the_last_fifth():
+    assert _lr(80, "wsd") == pytest.approx(1.0)
+    assert _lr(90, "wsd") == pytest.approx(0.55)
+    assert _lr(100, "wsd") == pytest.approx(0.1)
+
+
+def test_wsd_with_explicit_cosine_decay():
+    kwargs = {"lr_wsd_decay_iters": 40, "lr_wsd_decay_style": "cosine"}
+    assert _lr(60, "wsd", **kwargs) == pytest.approx(1.0)
+    middle = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert _lr(80, "wsd", **kwargs) == pytest.approx(middle)
+
+
+def test_constant_after_warmup():
+    assert _lr(100, "constant") == pytest.approx(1.0)
+
+
+def test_norm_scales_are_not_decayed():
+    config = ModelConfig(vocab_size=11, hidden_size=8, num_layers=1,
+                         num_attention_heads=2, ffn_hidden_size=8)
+    model = Transformer(config)
+    optimizer = build_optimizer(model, OptimizerConfig(weight_decay=0.1))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"])
+    assert all(p.dim() == 1 for p in plain["params"])
+    assert sum(p.numel() for g in (decayed, plain) for p in g["params"]) \
+        == sum(p.numel() for p in model.parameters())
+    assert isinstance(optimizer, torch.optim.AdamW)

@@ -1,0 +1,172 @@
+"""Integration tests: short real runs through the ``coom`` command."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from coom.cli import main
+from coom.train.checkpoint import latest_checkpoint, load_checkpoint
+from coom.train.metrics import read_metrics
+
+
+def _train(run_dir, overrides, *extra) -> int:
+    return main(["train", "tiny", "--run-dir", str(run_dir), *extra,
+                 "--set", *overrides])
+
+
+def test_run_writes_metrics_config_info_checkpoints_and_report(
+        small_run, tmp_path):
+    run = tmp_path / "run"
+    assert _train(run, small_run + ["logging.tensorboard=true"]) == 0
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
+    for record in records[1:]:
+        assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(record)
+        assert record["tokens_per_s"] > 0
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["vocab_size"] == 512
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["versions"]["megatron-core"] == "0.16.1"
+    assert info["git_sha"] and info["machine"]["cpu_count"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000006"
+    assert main(["report", str(run)]) == 0
+    for name in ("loss.png", "tokens_per_s.png", "lr.png", "summary.md"):
+        assert (run / "report" / name).stat().st_size > 0
+
+
+def test_training_lowers_the_validation_loss(small_run, tmp_path):
+    run = tmp_path / "run"
+    # Half the documents validate, so that code (not only the multilingual
+    # lines at the end of the corpus) is in the validation split.
+    longer = small_run + ["train.steps=30", "train.eval_interval=10",
+                          "train.micro_batch_size=8",
+                          "train.global_batch_size=8", "data.split=50,50,0",
+                          "optimizer.lr=1e-2", "optimizer.min_lr=1e-3"]
+    assert _train(run, longer) == 0
+    valid = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+    assert valid[-1] < valid[0] - 0.5
+
+
+def test_resumed_run_is_bitwise_equal_to_uninterrupted(small_run, tmp_path):
+    straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    assert _train(straight, small_run) == 0
+    assert _train(pieces, small_run + ["train.exit_interval=2"]) == 0
+    assert latest_checkpoint(pieces / "checkpoints").name == "step_0000002"
+    assert main(["train", "--resume", str(pieces), "--set",
+                 "train.exit_interval=null"]) == 0
+    expected = read_metrics(straight)
+    resumed = read_metrics(pieces)
+    assert len(resumed) == len(expected) == 7
+    for ours, theirs in zip(resumed, expected):
+        for key in ("step", "loss", "lr", "grad_norm", "val_loss",
+                    "consumed_samples"):
+            assert ours.get(key) == theirs.get(key), (key, ours["step"])
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(small_run, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "coom", "train", "tiny", "--run-dir",
+               str(run), "--set", *small_run, "train.steps=5000",
+               "train.eval_interval=5000", "checkpoint.interval=5000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "stopped at step" in out and "SIGTERM" in out
+    state = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    assert state["step"] == read_metrics(run)[-1]["step"]
+    assert state["step"] >= 3
+    assert "Traceback" not in err
+
+
+def _fails_cleanly(capsys, argv, *words) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.replace("\r", "\n")
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    err = errors[0]
+    assert err.startswith("coom: error:")
+    for word in words:
+        assert word in err, err
+
+
+def test_existing_run_directory_is_refused(small_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, small_run) == 0
+    before = (run / "metrics.jsonl").read_bytes()
+    _fails_cleanly(capsys, ["train", "--run-dir", str(run), "--set",
+                            *small_run], "already exists", "--resume",
+                   "--overwrite")
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert _train(run, small_run, "--overwrite") == 0
+
+
+def test_resume_with_another_model_shape_is_refused(small_run, tmp_path,
+                                                    capsys):
+    run = tmp_path / "run"
+    assert _train(run, small_run + ["train.exit_interval=3"]) == 0
+    _fails_cleanly(capsys, ["train", "--resume", str(run), "--set",
+                            "model.hidden_size=64"],
+                   "different model", "step_0000003")
+    _fails_cleanly(capsys, ["train", "--resume", str(run), "--set",
+                            "data.tokenizer_vocab_size=500"],
+                   "another tokenizer")
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000003"
+
+
+def test_model_vocabulary_smaller_than_tokenizer_is_refused(
+        small_run, tmp_path, capsys):
+    _fails_cleanly(capsys, ["train", "--run-dir", str(tmp_path / "r"),
+                            "--set", *small_run, "model.vocab_size=100"],
+                   "model.vocab_size", "512")
+
+
+def test_missing_data_is_refused(small_run, tmp_path, capsys):
+    _fails_cleanly(capsys, ["train", "--run-dir", str(tmp_path / "r"),
+                            "--set", *small_run,
+                            "data.paths=[/missing/corpus.jsonl]"],
+                   "/missing/corpus.jsonl", "does not exist")
+
+
+def test_resume_of_a_folder_that_is_no_run(tmp_path, capsys):
+    _fails_cleanly(capsys, ["train", "--resume", str(tmp_path)],
+                   "not a run directory")
+
+
+def test_errors_print_one_line_without_traceback(small_run, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "coom", "train", "--run-dir",
+         str(tmp_path / "r"), "--set", "model.num_attention_heads=3"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "coom: error: config field model.num_attention_heads: 3 does not "
+        "divide hidden_size 256")
+    debug = subprocess.run(
+        [sys.executable, "-m", "coom", "--debug", "train", "--set",
+         "model.num_attention_heads=3"],
+        capture_output=True, text=True, timeout=120)
+    assert "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["train", "--help"], ["data", "--help"],
+    ["data", "prepare", "--help"], ["report", "--help"]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 0
+    assert "usage: coom" in capsys.readouterr().out
