@@ -82,3 +82,18 @@ def test_invalid_yaml_recipe(tmp_path):
     recipe.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(recipe))
+
+
+def test_reference_documents_every_field_and_is_current():
+    from pathlib import Path
+
+    from coom.config import config_reference
+    reference = config_reference()
+    for section in ("model", "data", "optimizer", "schedule", "train",
+                    "checkpoint", "logging"):
+        assert f"## `{section}`" in reference
+    assert "| `hidden_size` | `256` | Width of the residual stream. |" \
+        in reference
+    docs = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    assert docs.read_text() == reference, \
+        "regenerate: .venv/bin/python -m coom.config > docs/config.md"
