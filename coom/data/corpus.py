@@ -4,6 +4,7 @@ The default corpus is the Python standard library source of the interpreter
 running COOM: real text that every machine has, so the default run needs
 no download. Each file is one document.
 """
+import hashlib
 import json
 import sysconfig
 from collections.abc import Iterator
@@ -15,10 +16,18 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
 def default_corpus_files() -> list[Path]:
-    """The interpreter's standard-library .py files, in a fixed order."""
+    """The interpreter's standard-library .py files, in a fixed order.
+
+    The order is that of a hash of each relative path, not the alphabet:
+    Megatron splits documents into train and validation by position, and
+    alphabetical order would make the validation split the last packages
+    (xml, zipfile, zoneinfo) instead of a sample of the whole library.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(path for path in root.rglob("*.py")
-                  if "site-packages" not in path.parts and path.is_file())
+    files = [path for path in root.rglob("*.py")
+             if "site-packages" not in path.parts and path.is_file()]
+    return sorted(files, key=lambda path: hashlib.sha256(
+        path.relative_to(root).as_posix().encode()).hexdigest())
 
 
 def source_files(path: Path) -> list[Path]:

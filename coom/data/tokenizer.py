@@ -67,7 +67,7 @@ def train_bpe(documents: Iterable[str], vocab_size: int,
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[END_OF_DOCUMENT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False)
+        show_progress=True)
     hf.train_from_iterator(documents, trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")

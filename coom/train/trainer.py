@@ -16,6 +16,7 @@ Tensor names end in their shape: b micro-batch; s sequence; v vocabulary.
 import contextlib
 import json
 import math
+import shutil
 import signal
 import time
 from dataclasses import replace
@@ -109,7 +110,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         prepared = prepare(config.data)
         self.tokenizer = prepared.tokenizer
-        self.config = self._with_vocab(config, self.tokenizer.vocab_size)
+        self.config = self._resolved(config)
         train = self.config.train
         self.samples, self.valid = build_samples(
             prepared, self.config.data, train.seed, train.micro_batch_size,
@@ -123,15 +124,22 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
 
-    def _with_vocab(self, config: RunConfig, vocab: int) -> RunConfig:
+    def _resolved(self, config: RunConfig) -> RunConfig:
+        """config with the tokenizer copied into the run and the model's
+        vocabulary size filled in, so that a resume finds both."""
+        vocab = self.tokenizer.vocab_size
         size = config.model.vocab_size
         if size is not None and size < vocab:
             raise UserError(
                 f"config field model.vocab_size: {size} is smaller than the "
                 f"tokenizer's {vocab} tokens ({self.tokenizer.path}); raise "
                 "it or leave it unset")
-        model = replace(config.model, vocab_size=size or vocab)
-        return replace(config, model=model)
+        kept = self.run_dir / "tokenizer.json"
+        if not kept.exists():
+            shutil.copyfile(self.tokenizer.path, kept)
+        return replace(config,
+                       model=replace(config.model, vocab_size=size or vocab),
+                       data=replace(config.data, tokenizer=str(kept)))
 
     def state(self) -> dict:
         rng = {"cpu": torch.get_rng_state()}

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from coom.cli import main
+from coom.data.tokenizer import train_bpe
 from coom.train.checkpoint import latest_checkpoint, load_checkpoint
 from coom.train.metrics import read_metrics
 
@@ -30,6 +31,7 @@ def test_run_writes_metrics_config_info_checkpoints_and_report(
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["vocab_size"] == 512
+    assert config["data"]["tokenizer"] == str(run / "tokenizer.json")
     info = json.loads((run / "run_info.json").read_text())
     assert info["versions"]["megatron-core"] == "0.16.1"
     assert info["git_sha"] and info["machine"]["cpu_count"]
@@ -67,6 +69,17 @@ def test_resumed_run_is_bitwise_equal_to_uninterrupted(small_run, tmp_path):
         for key in ("step", "loss", "lr", "grad_norm", "val_loss",
                     "consumed_samples"):
             assert ours.get(key) == theirs.get(key), (key, ours["step"])
+
+
+def test_gradient_accumulation_matches_one_micro_batch(small_run, tmp_path):
+    accumulated, whole = tmp_path / "accumulated", tmp_path / "whole"
+    assert _train(accumulated, small_run) == 0
+    assert _train(whole, small_run + ["train.micro_batch_size=4"]) == 0
+    for ours, theirs in zip(read_metrics(accumulated), read_metrics(whole)):
+        if "loss" in ours:
+            assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+            assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"],
+                                                      rel=1e-4)
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(small_run, tmp_path):
@@ -121,8 +134,10 @@ def test_resume_with_another_model_shape_is_refused(small_run, tmp_path,
     _fails_cleanly(capsys, ["train", "--resume", str(run), "--set",
                             "model.hidden_size=64"],
                    "different model", "step_0000003")
+    other = train_bpe(["some other text"] * 50, 300,
+                      tmp_path / "other" / "tokenizer.json")
     _fails_cleanly(capsys, ["train", "--resume", str(run), "--set",
-                            "data.tokenizer_vocab_size=500"],
+                            f"data.tokenizer={other.path}"],
                    "another tokenizer")
     assert latest_checkpoint(run / "checkpoints").name == "step_0000003"
 
