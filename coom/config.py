@@ -51,7 +51,8 @@ def _positive(section, *names: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Shape of the decoder-only transformer."""
+    """Shape of the DeepSeek-V3-style decoder: MLA attention, dense or
+    DeepSeekMoE feed-forward blocks."""
 
     vocab_size: Optional[int] = None
     """Rows of the embedding and output head. None takes the tokenizer's
@@ -64,16 +65,88 @@ class ModelConfig:
     """Number of transformer blocks (HF: num_hidden_layers)."""
 
     num_attention_heads: int = 4
-    """Attention heads per block; must divide hidden_size."""
+    """Attention heads per block."""
 
     ffn_hidden_size: int = 704
-    """Inner width of the SwiGLU MLP (HF: intermediate_size)."""
+    """Inner width of the dense SwiGLU blocks (HF: intermediate_size)."""
+
+    q_lora_rank: Optional[int] = None
+    """Rank of the low-rank query projection (with an RMSNorm on the
+    latent); None projects queries at full rank."""
+
+    kv_lora_rank: int = 64
+    """Width of the compressed key-value latent that MLA caches."""
+
+    qk_nope_head_dim: int = 32
+    """Query and key channels per head that carry no position."""
+
+    qk_rope_head_dim: int = 16
+    """Query and key channels per head rotated by RoPE; the key part is
+    shared by all heads."""
+
+    v_head_dim: int = 32
+    """Value channels per head."""
 
     max_position_embeddings: int = 2048
     """Longest sequence the rotary tables are built for."""
 
     rotary_base: float = 10000.0
     """Base of the rotary position embedding (HF: rope_theta)."""
+
+    rope_type: Literal["rope", "yarn"] = "rope"
+    """Plain RoPE, or YaRN's frequency interpolation for long contexts."""
+
+    rotary_scaling_factor: float = 1.0
+    """YaRN: context extension factor (HF: rope_scaling.factor)."""
+
+    original_max_position_embeddings: int = 4096
+    """YaRN: context length the model was trained at before scaling."""
+
+    beta_fast: float = 32.0
+    """YaRN: rotations above which frequencies are kept."""
+
+    beta_slow: float = 1.0
+    """YaRN: rotations below which frequencies are interpolated."""
+
+    mscale: float = 1.0
+    """YaRN: numerator coefficient of the cos/sin attention factor."""
+
+    mscale_all_dim: float = 1.0
+    """YaRN: coefficient of the softmax-scale correction (squared) and the
+    denominator of the cos/sin attention factor."""
+
+    first_k_dense_replace: int = 1
+    """Leading blocks that use a dense MLP instead of MoE."""
+
+    n_routed_experts: int = 0
+    """Fine-grained routed experts per MoE block; 0 makes every block
+    dense."""
+
+    num_experts_per_tok: int = 2
+    """Routed experts each token is sent to (top-k)."""
+
+    n_shared_experts: int = 1
+    """Experts every token goes through, fused into one SwiGLU of
+    n_shared_experts * moe_intermediate_size."""
+
+    moe_intermediate_size: int = 128
+    """Inner width of each expert (Megatron: moe_ffn_hidden_size)."""
+
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    """Router affinity: sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2)."""
+
+    norm_topk_prob: bool = True
+    """Normalise the chosen experts' scores to sum to one."""
+
+    routed_scaling_factor: float = 1.0
+    """Multiplier of the routed experts' combined output."""
+
+    n_group: int = 1
+    """Expert groups for group-limited routing (DeepSeek-V3's node-limited
+    routing); 1 turns it off."""
+
+    topk_group: int = 1
+    """Groups a token may choose experts from."""
 
     layernorm_epsilon: float = 1e-6
     """Epsilon of every RMSNorm (HF: rms_norm_eps)."""
@@ -88,18 +161,49 @@ class ModelConfig:
 
     def __post_init__(self):
         _positive(self, "hidden_size", "num_layers", "num_attention_heads",
-                  "ffn_hidden_size", "max_position_embeddings",
-                  "rotary_base", "layernorm_epsilon", "init_method_std")
-        if self.vocab_size is not None:
-            _positive(self, "vocab_size")
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 "num_attention_heads",
-                 f"{self.num_attention_heads} does not divide hidden_size "
-                 f"{self.hidden_size}")
-        head_dim = self.hidden_size // self.num_attention_heads
-        _require(head_dim % 2 == 0, "num_attention_heads",
-                 f"head dimension {head_dim} must be even for rotary "
-                 "embeddings")
+                  "ffn_hidden_size", "kv_lora_rank", "qk_rope_head_dim",
+                  "v_head_dim", "max_position_embeddings", "rotary_base",
+                  "rotary_scaling_factor", "layernorm_epsilon",
+                  "init_method_std")
+        for name in ("vocab_size", "q_lora_rank"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+        _require(self.qk_nope_head_dim >= 0, "qk_nope_head_dim",
+                 "must be >= 0")
+        _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+                 f"{self.qk_rope_head_dim} must be even for rotary pairs")
+        _require(0 <= self.first_k_dense_replace <= self.num_layers,
+                 "first_k_dense_replace", f"must lie in [0, num_layers="
+                 f"{self.num_layers}]")
+        if self.n_routed_experts:
+            self._check_moe()
+
+    def _check_moe(self):
+        experts, groups = self.n_routed_experts, self.n_group
+        _positive(self, "n_routed_experts", "num_experts_per_tok",
+                  "moe_intermediate_size", "n_group", "topk_group")
+        _require(self.n_shared_experts >= 0, "n_shared_experts",
+                 "must be >= 0")
+        _require(experts % groups == 0, "n_group",
+                 f"{groups} does not divide n_routed_experts {experts}")
+        _require(groups == 1 or experts // groups >= 2, "n_group",
+                 "each group needs at least 2 experts (groups are ranked "
+                 "by their top-2 scores)")
+        _require(self.topk_group <= groups, "topk_group",
+                 f"{self.topk_group} exceeds n_group {groups}")
+        reachable = self.topk_group * (experts // groups)
+        _require(self.num_experts_per_tok <= reachable,
+                 "num_experts_per_tok", f"{self.num_experts_per_tok} "
+                 f"exceeds the {reachable} experts in topk_group groups")
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query and key channels per head."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.n_routed_experts > 0 \
+            and index >= self.first_k_dense_replace
 
 
 @dataclass

@@ -45,8 +45,7 @@ def test_recipe_file_path(tmp_path):
     ("data.paths=a.txt", "data.paths", "must be a list"),
     ("schedule.lr_decay_style=step", "schedule.lr_decay_style",
      "must be one of"),
-    ("model.num_attention_heads=3", "model.num_attention_heads",
-     "does not divide"),
+    ("model.qk_rope_head_dim=15", "model.qk_rope_head_dim", "even"),
     ("train.global_batch_size=20", "train.global_batch_size",
      "not a multiple"),
     ("train.steps=10", "schedule.lr_warmup_iters", "exceeds train.steps"),
@@ -65,6 +64,20 @@ def test_bad_values_name_the_field(override, field, words):
     message = str(caught.value)
     assert words in message and field in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["n_routed_experts=6", "n_group=4"], "model.n_group"),
+    (["n_routed_experts=6", "n_group=6"], "model.n_group"),
+    (["n_routed_experts=8", "n_group=2", "topk_group=3"], "model.topk_group"),
+    (["n_routed_experts=8", "n_group=4", "num_experts_per_tok=3"],
+     "model.num_experts_per_tok"),
+    (["first_k_dense_replace=9"], "model.first_k_dense_replace"),
+])
+def test_impossible_moe_routing_is_refused(overrides, field):
+    with pytest.raises(ConfigError) as caught:
+        load_config("tiny", [f"model.{o}" for o in overrides])
+    assert caught.value.name == field
 
 
 def test_unknown_recipe_lists_known_ones():

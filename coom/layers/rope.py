@@ -1,48 +1,95 @@
-"""Rotary position embedding (RoPE) in the interleaved-pair convention.
+"""Rotary position embedding (RoPE) with optional YaRN scaling.
 
 Channels (2i, 2i+1) of each head form one complex number that is rotated by
-position * base^(-2i/dim), as in DeepSeek-V3's ``apply_rotary_emb``.
+position * theta_i, as in DeepSeek-V3's ``apply_rotary_emb``. MLA rotates
+only its ``qk_rope_head_dim`` channels.
+
+YaRN (arXiv 2309.00071) stretches a trained context by
+``rotary_scaling_factor``: frequencies that turn fewer than ``beta_slow``
+times over the original context are divided by the factor, those turning
+more than ``beta_fast`` times are kept, with a linear ramp between; cos and
+sin are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim).
 
 Tensor names end in their shape: b batch; s sequence; h heads; k rotated
 head dimension.
 """
+import math
+
 import torch
 from torch import nn
+
+from coom.config import ModelConfig
+
+
+def yarn_mscale(factor: float, coefficient: float) -> float:
+    """YaRN's attention temperature correction for a stretch of factor."""
+    if factor <= 1:
+        return 1.0
+    return 0.1 * coefficient * math.log(factor) + 1.0
+
+
+def _yarn_inverse_frequencies(config: ModelConfig,
+                              inv_freq: torch.Tensor) -> torch.Tensor:
+    dim, base = config.qk_rope_head_dim, config.rotary_base
+    context = config.original_max_position_embeddings
+
+    def channel(rotations: float) -> float:
+        """Rotary channel that turns ``rotations`` times over context."""
+        return dim * math.log(context / (rotations * 2 * math.pi)) \
+            / (2 * math.log(base))
+
+    low = max(math.floor(channel(config.beta_fast)), 0)
+    high = min(math.ceil(channel(config.beta_slow)), dim - 1)
+    high = high if high > low else low + 1e-3
+    index = torch.arange(dim // 2, dtype=inv_freq.dtype,
+                         device=inv_freq.device)
+    keep = 1 - ((index - low) / (high - low)).clamp(0, 1)
+    factor = config.rotary_scaling_factor
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
 
 
 class RotaryEmbedding(nn.Module):
     """Holds the cos/sin tables and rotates query and key tensors.
 
     Args:
-        dim: rotated channels per head (even).
-        max_positions: longest sequence the tables cover.
-        base: the rotary base (rope_theta).
+        config: the model config; reads qk_rope_head_dim,
+            max_position_embeddings, rotary_base and the YaRN fields.
     """
 
-    def __init__(self, dim: int, max_positions: int, base: float):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.dim = dim
-        self.max_positions = max_positions
-        self.base = base
-        self.register_buffer("cos_sk", torch.empty(max_positions, dim // 2),
+        self.config = config
+        half = config.qk_rope_head_dim // 2
+        positions = config.max_position_embeddings
+        self.register_buffer("cos_sk", torch.empty(positions, half),
                              persistent=False)
-        self.register_buffer("sin_sk", torch.empty(max_positions, dim // 2),
+        self.register_buffer("sin_sk", torch.empty(positions, half),
                              persistent=False)
 
     def init_weights(self) -> None:
+        config = self.config
         device = self.cos_sk.device
-        exponents = torch.arange(0, self.dim, 2, device=device) / self.dim
-        inv_freq = self.base ** -exponents.double()
-        positions = torch.arange(self.max_positions, device=device).double()
+        dim = config.qk_rope_head_dim
+        exponents = torch.arange(0, dim, 2, device=device).double() / dim
+        inv_freq = config.rotary_base ** -exponents
+        scale = 1.0
+        if config.rope_type == "yarn":
+            inv_freq = _yarn_inverse_frequencies(config, inv_freq)
+            factor = config.rotary_scaling_factor
+            scale = yarn_mscale(factor, config.mscale) \
+                / yarn_mscale(factor, config.mscale_all_dim)
+        positions = torch.arange(config.max_position_embeddings,
+                                 device=device).double()
         angles = torch.outer(positions, inv_freq)
-        self.cos_sk.copy_(angles.cos())
-        self.sin_sk.copy_(angles.sin())
+        self.cos_sk.copy_(angles.cos() * scale)
+        self.sin_sk.copy_(angles.sin() * scale)
 
-    def forward(self, x_bshk: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B, S, H, K) by the positions 0..S-1."""
-        seq = x_bshk.shape[1]
-        cos = self.cos_sk[:seq, None, :]
-        sin = self.sin_sk[:seq, None, :]
+    def forward(self, x_bshk: torch.Tensor,
+                start: int = 0) -> torch.Tensor:
+        """Rotate x (b, s, h, k) as positions start .. start + s - 1."""
+        end = start + x_bshk.shape[1]
+        cos = self.cos_sk[start:end, None, :]
+        sin = self.sin_sk[start:end, None, :]
         pairs = x_bshk.float().unflatten(-1, (-1, 2))
         real, imag = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack(

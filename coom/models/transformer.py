@@ -1,4 +1,7 @@
-"""The decoder-only transformer: embedding, pre-norm blocks, output head.
+"""The DeepSeek-V3-style decoder: embedding, pre-norm blocks, output head.
+
+Each block is MLA attention followed by a dense SwiGLU (the first
+``first_k_dense_replace`` blocks) or DeepSeekMoE.
 
 The model is single-device PyTorch. It is built on the ``meta`` device and
 materialised with ``to_empty`` + ``init_weights``, so that large models
@@ -13,29 +16,40 @@ from torch import nn
 from torch.nn import functional
 
 from coom.config import ModelConfig
-from coom.layers.attention import Attention
+from coom.layers.mla import MLA
 from coom.layers.mlp import SwiGLU
+from coom.layers.moe import MoE
 from coom.layers.norm import RMSNorm
 from coom.layers.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then x + mlp."""
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp.
 
-    def __init__(self, config: ModelConfig):
+    Args:
+        config: the model config.
+        index: position of the block, which decides dense or MoE.
+    """
+
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         eps = config.layernorm_epsilon
         self.attention_norm = RMSNorm(config.hidden_size, eps)
-        self.attention = Attention(config.hidden_size,
-                                   config.num_attention_heads)
+        self.attention = MLA(config)
         self.mlp_norm = RMSNorm(config.hidden_size, eps)
-        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
+        if config.is_moe_layer(index):
+            self.mlp = MoE(config)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
 
     def init_weights(self, std: float, num_layers: int) -> None:
         self.attention_norm.init_weights()
         self.mlp_norm.init_weights()
-        self.attention.init_weights(std, num_layers)
-        self.mlp.init_weights(std, num_layers)
+        self.attention.init_weights(std)
+        if isinstance(self.mlp, MoE):
+            self.mlp.init_weights(std)
+        else:
+            self.mlp.init_weights(std, num_layers)
 
     def forward(self, x_bsd: torch.Tensor,
                 rope: RotaryEmbedding) -> torch.Tensor:
@@ -56,12 +70,10 @@ class Transformer(nn.Module):
         if config.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be resolved")
         self.config = config
-        head_dim = config.hidden_size // config.num_attention_heads
-        self.rope = RotaryEmbedding(head_dim, config.max_position_embeddings,
-                                    config.rotary_base)
+        self.rope = RotaryEmbedding(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Block(config) for _ in range(config.num_layers))
+            Block(config, index) for index in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         # A tied head reads the embedding in forward rather than sharing
         # its Parameter: a shared Parameter comes apart in to_empty.

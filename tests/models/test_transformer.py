@@ -76,13 +76,16 @@ def test_tied_head_reads_the_embedding():
 def test_rope_matches_complex_rotation():
     """RoPE equals multiplying channel pairs by exp(i * pos * freq)."""
     model = _model()
-    x = torch.randn(1, 10, 2, 8)
-    rope = model.rope
-    freq = rope.base ** (-torch.arange(0, 8, 2).double() / 8)
+    dim = model.config.qk_rope_head_dim
+    x = torch.randn(1, 10, 2, dim)
+    exponents = torch.arange(0, dim, 2).double() / dim
+    freq = model.config.rotary_base ** -exponents
     angle = torch.arange(10).double()[:, None] * freq
     rotation = torch.polar(torch.ones_like(angle), angle)[None, :, None]
     expected = torch.view_as_real(
         torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))
         * rotation).flatten(-2)
-    torch.testing.assert_close(rope(x).double(), expected,
+    torch.testing.assert_close(model.rope(x).double(), expected,
                                rtol=1e-6, atol=1e-6)
+    shifted = model.rope(x[:, 4:], start=4)
+    torch.testing.assert_close(shifted, model.rope(x)[:, 4:])

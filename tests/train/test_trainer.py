@@ -164,15 +164,15 @@ def test_resume_of_a_folder_that_is_no_run(tmp_path, capsys):
 def test_errors_print_one_line_without_traceback(small_run, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "coom", "train", "--run-dir",
-         str(tmp_path / "r"), "--set", "model.num_attention_heads=3"],
+         str(tmp_path / "r"), "--set", "model.qk_rope_head_dim=15"],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "coom: error: config field model.num_attention_heads: 3 does not "
-        "divide hidden_size 256")
+        "coom: error: config field model.qk_rope_head_dim: 15 must be even "
+        "for rotary pairs")
     debug = subprocess.run(
         [sys.executable, "-m", "coom", "--debug", "train", "--set",
-         "model.num_attention_heads=3"],
+         "model.qk_rope_head_dim=15"],
         capture_output=True, text=True, timeout=120)
     assert "Traceback" in debug.stderr
 

@@ -1,0 +1,223 @@
+"""Hugging Face ``DeepseekV3ForCausalLM`` layout: config and weight names.
+
+COOM's parameter names follow DeepSeek-V3's reference code (``wq_a``,
+``wkv_b``); the Hugging Face checkpoint layout names the same tensors after
+their role (``q_a_proj``, ``kv_b_proj``) and stores routed experts one by
+one (``mlp.experts.{e}.gate_proj.weight``), as DeepSeek-V3's released
+checkpoint does. Rotary channels are paired the same way in both (HF's
+``rope_interleave``), so every tensor maps across unchanged.
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from coom.config import ModelConfig
+from coom.errors import UserError
+
+_ATTENTION = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm",
+              "wq_b": "q_b_proj", "wkv_a": "kv_a_proj_with_mqa",
+              "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj",
+              "wo": "o_proj"}
+_SWIGLU = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_TOP = {"embed.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
+_BLOCK = {"attention_norm.weight": "input_layernorm.weight",
+          "mlp_norm.weight": "post_attention_layernorm.weight",
+          "mlp.router.weight": "mlp.gate.weight",
+          "mlp.router.bias": "mlp.gate.e_score_correction_bias"}
+for _coom, _hf in _ATTENTION.items():
+    _BLOCK[f"attention.{_coom}.weight"] = f"self_attn.{_hf}.weight"
+for _coom, _hf in _SWIGLU.items():
+    _BLOCK[f"mlp.{_coom}.weight"] = f"mlp.{_hf}.weight"
+    _BLOCK[f"mlp.shared_experts.{_coom}.weight"] = \
+        f"mlp.shared_experts.{_hf}.weight"
+_EXPERTS = re.compile(r"mlp\.experts\.(w[123])$")
+_HF_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(\w+)\.weight$")
+
+
+def hf_config(config: ModelConfig) -> dict:
+    """config.json of the equivalent DeepseekV3ForCausalLM."""
+    if config.n_routed_experts and config.scoring_func != "sigmoid":
+        raise UserError("model.scoring_func: Hugging Face's DeepseekV3 "
+                        "routes with sigmoid scores only")
+    moe = config.n_routed_experts > 0
+    rope_scaling = None
+    if config.rope_type == "yarn":
+        rope_scaling = {
+            "type": "yarn", "rope_type": "yarn",
+            "factor": config.rotary_scaling_factor,
+            "original_max_position_embeddings":
+                config.original_max_position_embeddings,
+            "beta_fast": config.beta_fast, "beta_slow": config.beta_slow,
+            "mscale": config.mscale, "mscale_all_dim": config.mscale_all_dim}
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_hidden_size,
+        "moe_intermediate_size": config.moe_intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_attention_heads,
+        "n_shared_experts": config.n_shared_experts,
+        "n_routed_experts": config.n_routed_experts if moe else 1,
+        "num_experts_per_tok": config.num_experts_per_tok if moe else 1,
+        "first_k_dense_replace": (config.first_k_dense_replace if moe
+                                  else config.num_layers),
+        "routed_scaling_factor": config.routed_scaling_factor,
+        "n_group": config.n_group,
+        "topk_group": config.topk_group,
+        "norm_topk_prob": config.norm_topk_prob,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "q_lora_rank": config.q_lora_rank,
+        "kv_lora_rank": config.kv_lora_rank,
+        "qk_nope_head_dim": config.qk_nope_head_dim,
+        "qk_rope_head_dim": config.qk_rope_head_dim,
+        "v_head_dim": config.v_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rotary_base,
+        "rope_scaling": rope_scaling,
+        "rope_interleave": True,
+        "rms_norm_eps": config.layernorm_epsilon,
+        "initializer_range": config.init_method_std,
+        "tie_word_embeddings": config.share_embeddings_and_output_weights,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "torch_dtype": "float32",
+    }
+
+
+def to_hf(state: dict) -> dict[str, torch.Tensor]:
+    """COOM model state dict to Hugging Face names, experts unstacked."""
+    out = {}
+    for name, tensor in state.items():
+        if name in _TOP:
+            out[_TOP[name]] = tensor
+            continue
+        _, index, rest = name.split(".", 2)
+        prefix = f"model.layers.{index}."
+        stacked = _EXPERTS.match(rest)
+        if stacked:
+            role = _SWIGLU[stacked.group(1)]
+            for expert, weight in enumerate(tensor.unbind(0)):
+                out[f"{prefix}mlp.experts.{expert}.{role}.weight"] = weight
+        elif rest in _BLOCK:
+            out[prefix + _BLOCK[rest]] = tensor
+        else:
+            raise KeyError(f"no Hugging Face name for {name}")
+    return out
+
+
+def from_hf(hf_state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face state dict to COOM names, experts stacked."""
+    top = {hf: coom for coom, hf in _TOP.items()}
+    block = {hf: coom for coom, hf in _BLOCK.items()}
+    roles = {hf: coom for coom, hf in _SWIGLU.items()}
+    out, experts = {}, {}
+    for name, tensor in hf_state.items():
+        if name in top:
+            out[top[name]] = tensor
+            continue
+        match = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
+        if match is None:
+            raise UserError(f"unexpected tensor {name} in the Hugging Face "
+                            "checkpoint")
+        index, rest = int(match.group(1)), match.group(2)
+        if index >= config.num_layers:
+            continue
+        expert = _HF_EXPERT.match(rest)
+        if expert:
+            key = (index, roles[expert.group(2)])
+            experts.setdefault(key, {})[int(expert.group(1))] = tensor
+        elif rest in block:
+            out[f"layers.{index}.{block[rest]}"] = tensor
+        else:
+            raise UserError(f"unexpected tensor {name} in the Hugging Face "
+                            "checkpoint")
+    for (index, role), by_expert in experts.items():
+        out[f"layers.{index}.mlp.experts.{role}"] = torch.stack(
+            [by_expert[e] for e in range(len(by_expert))])
+    return out
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """ModelConfig of a DeepseekV3 config.json (transformers 4 or 5)."""
+    if hf.get("model_type") != "deepseek_v3":
+        raise UserError(f"config.json is a '{hf.get('model_type')}' model; "
+                        "COOM reads deepseek_v3 checkpoints")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    yarn = rope.get("rope_type", rope.get("type")) == "yarn"
+    dense = min(hf["first_k_dense_replace"], hf["num_hidden_layers"])
+    moe = dense < hf["num_hidden_layers"]
+    fields = {
+        "vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "num_attention_heads": hf["num_attention_heads"],
+        "ffn_hidden_size": hf["intermediate_size"],
+        "q_lora_rank": hf.get("q_lora_rank"),
+        "kv_lora_rank": hf["kv_lora_rank"],
+        "qk_nope_head_dim": hf["qk_nope_head_dim"],
+        "qk_rope_head_dim": hf["qk_rope_head_dim"],
+        "v_head_dim": hf["v_head_dim"],
+        "max_position_embeddings": hf["max_position_embeddings"],
+        "rotary_base": float(rope.get("rope_theta",
+                                      hf.get("rope_theta", 10000.0))),
+        "first_k_dense_replace": dense,
+        "n_routed_experts": hf["n_routed_experts"] if moe else 0,
+        "num_experts_per_tok": hf["num_experts_per_tok"],
+        "n_shared_experts": hf["n_shared_experts"],
+        "moe_intermediate_size": hf["moe_intermediate_size"],
+        "norm_topk_prob": hf["norm_topk_prob"],
+        "routed_scaling_factor": float(hf["routed_scaling_factor"]),
+        "n_group": hf["n_group"], "topk_group": hf["topk_group"],
+        "layernorm_epsilon": hf["rms_norm_eps"],
+        "init_method_std": hf.get("initializer_range", 0.02),
+        "share_embeddings_and_output_weights":
+            hf.get("tie_word_embeddings", False),
+    }
+    if yarn:
+        fields.update(
+            rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
+            original_max_position_embeddings=rope[
+                "original_max_position_embeddings"],
+            beta_fast=float(rope.get("beta_fast") or 32),
+            beta_slow=float(rope.get("beta_slow") or 1),
+            mscale=float(rope.get("mscale") or 1),
+            mscale_all_dim=float(rope.get("mscale_all_dim") or 1))
+    return ModelConfig(**fields)
+
+
+def save_hf(state: dict, config: ModelConfig, folder: Path) -> None:
+    """Write model.safetensors and config.json of a COOM model state."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().contiguous()
+               for name, tensor in to_hf(state).items()}
+    save_file(tensors, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(
+        json.dumps(hf_config(config), indent=2))
+
+
+def load_hf(folder: Path) -> tuple[ModelConfig, dict]:
+    """ModelConfig and COOM state dict of a Hugging Face checkpoint."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder} holds no config.json; give a Hugging "
+                        "Face model folder")
+    config = model_config_from_hf(json.loads(config_path.read_text()))
+    hf_state = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} holds no .safetensors files")
+    for path in files:
+        hf_state.update(load_file(str(path)))
+    state = from_hf(hf_state, config)
+    if config.share_embeddings_and_output_weights:
+        state.pop("head.weight", None)
+    return config, state

@@ -1,0 +1,177 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts.
+
+The layer runs in phases, as Megatron-Core splits it, so that a dispatcher
+for expert parallelism can later slot in between them:
+
+1. route: the router scores every expert in float32 and picks
+   ``num_experts_per_tok`` of them per token, optionally only from the
+   ``topk_group`` best of ``n_group`` groups;
+2. permute: token copies are sorted by expert;
+3. experts: one grouped SwiGLU over the sorted copies (``torch._grouped_mm``
+   on a GPU, a loop over the groups elsewhere), nothing dropped;
+4. combine: each copy is weighted and summed back into its token.
+
+Auxiliary-loss-free balancing (DeepSeek-V3) adds a per-expert ``bias`` to
+the scores for selection only; the combine weights use the unbiased
+scores. The bias is a persistent buffer, never trained by gradients: after
+each optimizer step ``update_bias`` moves it by ``rate * sign(mean load -
+load)``, from the load counted over the step. The router also returns the
+terms of the sequence-wise auxiliary loss.
+
+Tensor names end in their shape: b batch; s sequence; t tokens (b * s); d
+model width; e routed experts; k experts per token; g groups; i expert
+width; c token copies (t * k).
+"""
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from coom.config import ModelConfig
+from coom.layers.mlp import SwiGLU
+
+
+class Router(nn.Module):
+    """Scores experts and picks each token's top-k.
+
+    Args:
+        config: the model config (the MoE routing fields).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        experts = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(experts, config.hidden_size))
+        self.register_buffer("bias", torch.empty(experts))
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        nn.init.zeros_(self.bias)
+
+    def scores(self, x_td: torch.Tensor) -> torch.Tensor:
+        """Affinities (t, e) in float32."""
+        logits_te = functional.linear(x_td.float(), self.weight.float())
+        if self.config.scoring_func == "softmax":
+            return logits_te.softmax(dim=-1)
+        return logits_te.sigmoid()
+
+    def _group_mask(self, choice_te: torch.Tensor) -> torch.Tensor:
+        """True for experts in the topk_group groups with the best top-2
+        scores."""
+        groups = self.config.n_group
+        choice_tgx = choice_te.unflatten(-1, (groups, -1))
+        group_scores_tg = choice_tgx.topk(2, dim=-1).values.sum(dim=-1)
+        best_tg = group_scores_tg.topk(self.config.topk_group, dim=-1)
+        mask_tg = torch.zeros_like(group_scores_tg, dtype=torch.bool)
+        mask_tg.scatter_(1, best_tg.indices, True)
+        return mask_tg.unsqueeze(-1).expand_as(choice_tgx).flatten(1)
+
+    def forward(self, x_td: torch.Tensor):
+        """Returns scores (t, e), combine weights (t, k), expert ids (t, k).
+        """
+        config = self.config
+        scores_te = self.scores(x_td)
+        choice_te = scores_te + self.bias
+        if config.n_group > 1:
+            choice_te = choice_te.masked_fill(
+                ~self._group_mask(choice_te), -math.inf)
+        experts_tk = choice_te.topk(config.num_experts_per_tok,
+                                    dim=-1).indices
+        weights_tk = scores_te.gather(1, experts_tk)
+        if config.norm_topk_prob:
+            weights_tk = weights_tk / (weights_tk.sum(-1, keepdim=True)
+                                       + 1e-20)
+        return scores_te, weights_tk * config.routed_scaling_factor, \
+            experts_tk
+
+
+def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
+                   counts_e: torch.Tensor) -> torch.Tensor:
+    """x @ weight[e].T for each expert's consecutive rows of x."""
+    if x_cd.is_cuda:
+        offsets = counts_e.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x_cd, weight_eod.transpose(-2, -1),
+                                 offs=offsets)
+    chunks = x_cd.split(counts_e.tolist())
+    return torch.cat([chunk @ weight_eod[e].T
+                      for e, chunk in enumerate(chunks)])
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts' SwiGLU weights, stacked: w1, w3 (e, i, d) and
+    w2 (e, d, i)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        shape = (config.n_routed_experts, config.moe_intermediate_size,
+                 config.hidden_size)
+        self.w1 = nn.Parameter(torch.empty(shape))
+        self.w3 = nn.Parameter(torch.empty(shape))
+        self.w2 = nn.Parameter(torch.empty(shape[0], shape[2], shape[1]))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1, std=std)
+        nn.init.normal_(self.w3, std=std)
+        nn.init.normal_(self.w2, std=out_std)
+
+    def forward(self, x_cd: torch.Tensor,
+                counts_e: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of rows sorted by expert, counts_e rows per expert."""
+        gate = grouped_matmul(x_cd, self.w1, counts_e)
+        up = grouped_matmul(x_cd, self.w3, counts_e)
+        return grouped_matmul(functional.silu(gate) * up, self.w2, counts_e)
+
+
+class MoE(nn.Module):
+    """Shared experts plus routed experts, and the balancing statistics.
+
+    After each forward, ``aux_terms`` holds what the auxiliary losses need
+    and ``tokens_per_expert`` has the step's load added to it.
+
+    Args:
+        config: the model config.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.router = Router(config)
+        self.experts = GroupedExperts(config)
+        self.shared_experts = None
+        if config.n_shared_experts:
+            self.shared_experts = SwiGLU(
+                config.hidden_size,
+                config.n_shared_experts * config.moe_intermediate_size)
+        self.register_buffer("tokens_per_expert",
+                             torch.empty(config.n_routed_experts),
+                             persistent=False)
+        self.aux_terms = None
+
+    def init_weights(self, std: float) -> None:
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        self.router.init_weights(std)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, self.config.num_layers)
+        nn.init.zeros_(self.tokens_per_expert)
+
+    def forward(self, x_bsd: torch.Tensor) -> torch.Tensor:
+        x_td = x_bsd.flatten(0, 1)
+        scores_te, weights_tk, experts_tk = self.router(x_td)
+        counts_e = torch.bincount(experts_tk.flatten(),
+                                  minlength=self.config.n_routed_experts)
+        with torch.no_grad():
+            self.tokens_per_expert += counts_e
+        self.aux_terms = (scores_te.unflatten(0, x_bsd.shape[:2]),
+                          experts_tk.unflatten(0, x_bsd.shape[:2]))
+        order_c = experts_tk.flatten().argsort(stable=True)
+        token_c = order_c // self.config.num_experts_per_tok
+        y_cd = self.experts(x_td[token_c], counts_e)
+        y_cd = y_cd * weights_tk.flatten()[order_c, None].to(y_cd.dtype)
+        out_td = torch.zeros_like(x_td).index_add_(0, token_c,
+                                                   y_cd.to(x_td.dtype))
+        if self.shared_experts is not None:
+            out_td = out_td + self.shared_experts(x_td)
+        return out_td.view_as(x_bsd)

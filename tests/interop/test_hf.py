@@ -1,0 +1,94 @@
+"""COOM against transformers' DeepseekV3ForCausalLM, both directions."""
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+)
+
+from coom.config import ModelConfig
+from coom.interop.hf import hf_config, load_hf, save_hf
+from coom.models import Transformer
+
+BASE = dict(vocab_size=96, hidden_size=48, num_layers=3,
+            num_attention_heads=3, ffn_hidden_size=80, kv_lora_rank=16,
+            qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+            max_position_embeddings=64, moe_intermediate_size=24,
+            num_experts_per_tok=3, n_shared_experts=1)
+
+CONFIGS = {
+    "dense, full-rank queries": dict(n_routed_experts=0),
+    "moe, low-rank queries, 2 groups pick 1": dict(
+        q_lora_rank=20, n_routed_experts=8, n_group=2, topk_group=1,
+        num_experts_per_tok=2, routed_scaling_factor=2.5),
+    "moe everywhere, 4 groups pick 2, yarn": dict(
+        first_k_dense_replace=0, n_routed_experts=8, n_group=4,
+        topk_group=2, n_shared_experts=2, rope_type="yarn",
+        rotary_scaling_factor=4.0, original_max_position_embeddings=16,
+        mscale=0.8, mscale_all_dim=0.7),
+    "moe, unnormalised top-k, tied head": dict(
+        q_lora_rank=24, n_routed_experts=6, norm_topk_prob=False,
+        share_embeddings_and_output_weights=True),
+}
+
+
+def _coom_model(config: ModelConfig) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():
+        model.init_weights()
+        for name, tensor in model.state_dict().items():
+            if tensor.dtype.is_floating_point:
+                if name.endswith("norm.weight"):
+                    tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
+                elif name.endswith("router.bias"):
+                    tensor.copy_(0.1 * torch.randn_like(tensor))
+                else:
+                    tensor.normal_(std=0.15)
+    return model.eval()
+
+
+def _tokens(config: ModelConfig) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (2, 37),
+                         generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_coom_to_hf_gives_the_same_logits(name, tmp_path):
+    config = ModelConfig(**{**BASE, **CONFIGS[name]})
+    model = _coom_model(config)
+    save_hf(model.state_dict(), config, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    tokens = _tokens(config)
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_hf_to_coom_gives_the_same_logits(name, tmp_path):
+    config = ModelConfig(**{**BASE, **CONFIGS[name]})
+    torch.manual_seed(2)
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_config(config)))
+    with torch.no_grad():
+        for key, tensor in hf.state_dict().items():
+            if "layernorm" in key or key.endswith("norm.weight"):
+                tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
+            elif tensor.dtype.is_floating_point:
+                tensor.normal_(std=0.15)
+    hf.save_pretrained(tmp_path)
+    loaded_config, state = load_hf(tmp_path)
+    assert hf_config(loaded_config) == hf_config(config)
+    model = Transformer(loaded_config)
+    model.load_state_dict(state, strict=False)
+    missing = set(model.state_dict()) - set(state)
+    assert missing == set()
+    model.rope.init_weights()
+    hf.config._attn_implementation = "eager"
+    tokens = _tokens(config)
+    with torch.no_grad():
+        ours, theirs = model.eval()(tokens), hf.eval()(tokens).logits
+    assert (ours - theirs).abs().max() <= 1e-4
