@@ -13,10 +13,8 @@ for expert parallelism can later slot in between them:
 
 Auxiliary-loss-free balancing (DeepSeek-V3) adds a per-expert ``bias`` to
 the scores for selection only; the combine weights use the unbiased
-scores. The bias is a persistent buffer, never trained by gradients: after
-each optimizer step ``update_bias`` moves it by ``rate * sign(mean load -
-load)``, from the load counted over the step. The router also returns the
-terms of the sequence-wise auxiliary loss.
+scores. The bias is a persistent buffer, saved with the weights and never
+trained by gradients; the trainer moves it after optimizer steps.
 
 Tensor names end in their shape: b batch; s sequence; t tokens (b * s); d
 model width; e routed experts; k experts per token; g groups; i expert
@@ -125,10 +123,7 @@ class GroupedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts plus routed experts, and the balancing statistics.
-
-    After each forward, ``aux_terms`` holds what the auxiliary losses need
-    and ``tokens_per_expert`` has the step's load added to it.
+    """Shared experts plus routed experts.
 
     Args:
         config: the model config.
@@ -144,10 +139,6 @@ class MoE(nn.Module):
             self.shared_experts = SwiGLU(
                 config.hidden_size,
                 config.n_shared_experts * config.moe_intermediate_size)
-        self.register_buffer("tokens_per_expert",
-                             torch.empty(config.n_routed_experts),
-                             persistent=False)
-        self.aux_terms = None
 
     def init_weights(self, std: float) -> None:
         out_std = std / math.sqrt(2 * self.config.num_layers)
@@ -155,17 +146,12 @@ class MoE(nn.Module):
         self.experts.init_weights(std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, self.config.num_layers)
-        nn.init.zeros_(self.tokens_per_expert)
 
     def forward(self, x_bsd: torch.Tensor) -> torch.Tensor:
         x_td = x_bsd.flatten(0, 1)
-        scores_te, weights_tk, experts_tk = self.router(x_td)
+        _, weights_tk, experts_tk = self.router(x_td)
         counts_e = torch.bincount(experts_tk.flatten(),
                                   minlength=self.config.n_routed_experts)
-        with torch.no_grad():
-            self.tokens_per_expert += counts_e
-        self.aux_terms = (scores_te.unflatten(0, x_bsd.shape[:2]),
-                          experts_tk.unflatten(0, x_bsd.shape[:2]))
         order_c = experts_tk.flatten().argsort(stable=True)
         token_c = order_c // self.config.num_experts_per_tok
         y_cd = self.experts(x_td[token_c], counts_e)
