@@ -148,6 +148,25 @@ class ModelConfig:
     topk_group: int = 1
     """Groups a token may choose experts from."""
 
+    moe_router_enable_expert_bias: bool = True
+    """Auxiliary-loss-free balancing: a per-expert bias, added to the
+    scores for selection only, moved after every optimizer step."""
+
+    moe_router_bias_update_rate: float = 1e-3
+    """Step of the bias update, bias += rate * sign(mean load - load)
+    (DeepSeek-V3: 0.001)."""
+
+    moe_seq_aux_loss_coeff: float = 1e-4
+    """Weight of DeepSeek-V3's sequence-wise balance loss (alpha); 0 turns
+    it off."""
+
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the classic balance loss over the whole batch."""
+
+    moe_z_loss_coeff: float = 0.0
+    """Weight of the router z-loss, the mean squared log-sum-exp of the
+    router logits."""
+
     layernorm_epsilon: float = 1e-6
     """Epsilon of every RMSNorm (HF: rms_norm_eps)."""
 
@@ -182,8 +201,10 @@ class ModelConfig:
         experts, groups = self.n_routed_experts, self.n_group
         _positive(self, "n_routed_experts", "num_experts_per_tok",
                   "moe_intermediate_size", "n_group", "topk_group")
-        _require(self.n_shared_experts >= 0, "n_shared_experts",
-                 "must be >= 0")
+        for name in ("n_shared_experts", "moe_router_bias_update_rate",
+                     "moe_seq_aux_loss_coeff", "moe_aux_loss_coeff",
+                     "moe_z_loss_coeff"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
         _require(experts % groups == 0, "n_group",
                  f"{groups} does not divide n_routed_experts {experts}")
         _require(groups == 1 or experts // groups >= 2, "n_group",

@@ -48,9 +48,8 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=std)
         nn.init.zeros_(self.bias)
 
-    def scores(self, x_td: torch.Tensor) -> torch.Tensor:
-        """Affinities (t, e) in float32."""
-        logits_te = functional.linear(x_td.float(), self.weight.float())
+    def affinities(self, logits_te: torch.Tensor) -> torch.Tensor:
+        """Token-to-expert affinities (t, e) from the router logits."""
         if self.config.scoring_func == "softmax":
             return logits_te.softmax(dim=-1)
         return logits_te.sigmoid()
@@ -67,10 +66,11 @@ class Router(nn.Module):
         return mask_tg.unsqueeze(-1).expand_as(choice_tgx).flatten(1)
 
     def forward(self, x_td: torch.Tensor):
-        """Returns scores (t, e), combine weights (t, k), expert ids (t, k).
-        """
+        """Returns float32 logits (t, e), combine weights (t, k) and expert
+        ids (t, k)."""
         config = self.config
-        scores_te = self.scores(x_td)
+        logits_te = functional.linear(x_td.float(), self.weight.float())
+        scores_te = self.affinities(logits_te)
         choice_te = scores_te + self.bias
         if config.n_group > 1:
             choice_te = choice_te.masked_fill(
@@ -81,7 +81,7 @@ class Router(nn.Module):
         if config.norm_topk_prob:
             weights_tk = weights_tk / (weights_tk.sum(-1, keepdim=True)
                                        + 1e-20)
-        return scores_te, weights_tk * config.routed_scaling_factor, \
+        return logits_te, weights_tk * config.routed_scaling_factor, \
             experts_tk
 
 
@@ -122,8 +122,34 @@ class GroupedExperts(nn.Module):
         return grouped_matmul(functional.silu(gate) * up, self.w2, counts_e)
 
 
+def balance_loss(scores_bse: torch.Tensor, experts_bsk: torch.Tensor,
+                 per_sequence: bool) -> torch.Tensor:
+    """sum_i f_i * P_i, DeepSeek-V3's balance loss before its weight.
+
+    f_i is expert i's share of the routed token copies times the number of
+    experts (1 when balanced) and P_i the mean normalised affinity to it,
+    both over each sequence (averaged over sequences) or over the batch.
+    """
+    if not per_sequence:
+        scores_bse = scores_bse.flatten(0, 1).unsqueeze(0)
+        experts_bsk = experts_bsk.flatten(0, 1).unsqueeze(0)
+    batch, tokens, experts = scores_bse.shape
+    copies = experts_bsk.shape[-1] * tokens
+    counts_be = torch.zeros(batch, experts, device=scores_bse.device)
+    counts_be.scatter_add_(1, experts_bsk.flatten(1),
+                           torch.ones_like(experts_bsk.flatten(1),
+                                           dtype=counts_be.dtype))
+    fraction_be = counts_be * experts / copies
+    normalised = scores_bse / scores_bse.sum(-1, keepdim=True)
+    return (fraction_be * normalised.mean(dim=1)).sum(-1).mean()
+
+
 class MoE(nn.Module):
-    """Shared experts plus routed experts.
+    """Shared experts plus routed experts, and their balancing.
+
+    Each forward adds the routed load to ``tokens_per_expert`` and leaves
+    the weighted auxiliary losses in ``aux_loss``; ``finish_step``, called
+    after the optimizer step, moves the expert bias and returns the load.
 
     Args:
         config: the model config.
@@ -139,6 +165,10 @@ class MoE(nn.Module):
             self.shared_experts = SwiGLU(
                 config.hidden_size,
                 config.n_shared_experts * config.moe_intermediate_size)
+        self.register_buffer("tokens_per_expert",
+                             torch.empty(config.n_routed_experts),
+                             persistent=False)
+        self.aux_loss = None
 
     def init_weights(self, std: float) -> None:
         out_std = std / math.sqrt(2 * self.config.num_layers)
@@ -146,12 +176,35 @@ class MoE(nn.Module):
         self.experts.init_weights(std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, self.config.num_layers)
+        nn.init.zeros_(self.tokens_per_expert)
+
+    def _aux_loss(self, logits_te: torch.Tensor, experts_tk: torch.Tensor,
+                  shape: torch.Size) -> torch.Tensor:
+        config = self.config
+        loss = logits_te.new_zeros(())
+        if config.moe_z_loss_coeff:
+            loss = loss + config.moe_z_loss_coeff * \
+                logits_te.logsumexp(-1).square().mean()
+        if config.moe_seq_aux_loss_coeff or config.moe_aux_loss_coeff:
+            scores_bse = self.router.affinities(logits_te).unflatten(0, shape)
+            experts_bsk = experts_tk.unflatten(0, shape)
+            for coeff, per_sequence in (
+                    (config.moe_seq_aux_loss_coeff, True),
+                    (config.moe_aux_loss_coeff, False)):
+                if coeff:
+                    loss = loss + coeff * balance_loss(
+                        scores_bse, experts_bsk, per_sequence)
+        return loss
 
     def forward(self, x_bsd: torch.Tensor) -> torch.Tensor:
         x_td = x_bsd.flatten(0, 1)
-        _, weights_tk, experts_tk = self.router(x_td)
+        logits_te, weights_tk, experts_tk = self.router(x_td)
         counts_e = torch.bincount(experts_tk.flatten(),
                                   minlength=self.config.n_routed_experts)
+        if self.training:
+            self.tokens_per_expert += counts_e
+            self.aux_loss = self._aux_loss(logits_te, experts_tk,
+                                           x_bsd.shape[:2])
         order_c = experts_tk.flatten().argsort(stable=True)
         token_c = order_c // self.config.num_experts_per_tok
         y_cd = self.experts(x_td[token_c], counts_e)
@@ -161,3 +214,13 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out_td = out_td + self.shared_experts(x_td)
         return out_td.view_as(x_bsd)
+
+    @torch.no_grad()
+    def finish_step(self) -> torch.Tensor:
+        """Move the expert bias by the step's load; return and reset it."""
+        load_e = self.tokens_per_expert.clone()
+        if self.config.moe_router_enable_expert_bias:
+            rate = self.config.moe_router_bias_update_rate
+            self.router.bias += rate * torch.sign(load_e.mean() - load_e)
+        self.tokens_per_expert.zero_()
+        return load_e

@@ -94,6 +94,32 @@ class Transformer(nn.Module):
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=std)
 
+    def moe_layers(self) -> dict[int, MoE]:
+        """The MoE blocks' feed-forwards, by block index."""
+        return {index: block.mlp for index, block in enumerate(self.layers)
+                if isinstance(block.mlp, MoE)}
+
+    def aux_loss(self) -> torch.Tensor:
+        """Weighted auxiliary losses of the last training forward."""
+        losses = [moe.aux_loss for moe in self.moe_layers().values()]
+        return sum(losses) if losses else torch.zeros(())
+
+    def finish_step(self) -> dict:
+        """After an optimizer step: move expert biases, and return each MoE
+        block's load statistics for the step's metrics."""
+        metrics, max_vios = {}, []
+        for index, moe in self.moe_layers().items():
+            load = moe.finish_step()
+            max_vio = (load.max() / load.mean() - 1).item()
+            max_vios.append(max_vio)
+            metrics[f"moe_max_vio_layer{index}"] = max_vio
+            metrics[f"moe_dead_experts_layer{index}"] = int(
+                (load == 0).sum())
+            metrics[f"moe_load_layer{index}"] = load.int().tolist()
+        if max_vios:
+            metrics["moe_max_vio"] = sum(max_vios) / len(max_vios)
+        return metrics
+
     def forward(self, tokens_bs: torch.Tensor) -> torch.Tensor:
         x_bsd = self.embed(tokens_bs)
         for block in self.layers:

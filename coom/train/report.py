@@ -48,6 +48,9 @@ def write_report(run_dir: Path) -> Path:
           {"train": _series(records, "tokens_per_s")})
     _plot(out / "lr.png", "Learning rate", "lr",
           {"lr": _series(records, "lr")})
+    if _series(records, "moe_max_vio")[0]:
+        _plot(out / "max_vio.png", "Expert load imbalance", "MaxVio",
+              {"mean over MoE layers": _series(records, "moe_max_vio")})
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     valid = _series(records, "val_loss")[1]
     speeds = _series(records, "tokens_per_s")[1]
@@ -63,6 +66,8 @@ def write_report(run_dir: Path) -> Path:
         f"{config['model']['vocab_size']}", "",
         "![loss](loss.png)", "![tokens/s](tokens_per_s.png)",
         "![learning rate](lr.png)", ""]
+    if (out / "max_vio.png").exists():
+        lines.insert(-1, "![MaxVio](max_vio.png)")
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     return summary

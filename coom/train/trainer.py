@@ -168,6 +168,8 @@ class Trainer:
         self.consumed_samples = state["consumed_samples"]
 
     def _loss(self, batch: Batch, tokens_in_step: int) -> torch.Tensor:
+        """Language-model loss of batch, summed and divided by the tokens
+        of the whole step (so micro-batch losses add up to the mean)."""
         batch = batch.to(self.device)
         with _autocast(self.device, self.config.train.precision):
             logits_bsv = self.model(batch.tokens)
@@ -176,8 +178,8 @@ class Trainer:
             reduction="none")
         return (losses * batch.loss_mask.flatten()).sum() / tokens_in_step
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over a global batch; returns loss and norm."""
+    def train_step(self) -> dict:
+        """One optimizer step over a global batch; returns its metrics."""
         train = self.config.train
         self.step += 1
         lr = learning_rate(self.step, train.steps, self.config.optimizer,
@@ -186,18 +188,23 @@ class Trainer:
             group["lr"] = lr
         micro_batches = train.global_batch_size // train.micro_batch_size
         tokens = train.global_batch_size * self.config.data.seq_length
-        total = 0.0
+        total, aux_total = 0.0, 0.0
         for _ in range(micro_batches):
             loss = self._loss(self.samples.batch(self.consumed_samples),
                               tokens)
-            loss.backward()
+            aux = self.model.aux_loss() / micro_batches
+            (loss + aux).backward()
             total += loss.item()
+            aux_total += aux.item()
             self.consumed_samples += train.micro_batch_size
         clip = self.config.optimizer.clip_grad or math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, norm.item()
+        metrics = {"loss": total, "lr": lr, "grad_norm": norm.item()}
+        if self.model.moe_layers():
+            metrics["aux_loss"] = aux_total
+        return metrics | self.model.finish_step()
 
     @torch.no_grad()
     def evaluate(self, samples: Samples) -> float:
@@ -244,13 +251,11 @@ class Trainer:
             metrics.write({"step": 0, "val_loss": self.evaluate(self.valid)})
         while self.step < config.train.steps:
             started = time.perf_counter()
-            loss, grad_norm = self.train_step()
+            step_metrics = self.train_step()
             step_seconds = time.perf_counter() - started
             seconds, steps = seconds + step_seconds, steps + 1
             done = self.step == config.train.steps
-            record = {"step": self.step, "loss": loss,
-                      "lr": self.optimizer.param_groups[0]["lr"],
-                      "grad_norm": grad_norm,
+            record = {"step": self.step, **step_metrics,
                       "tokens_per_s": steps * tokens_per_step / seconds,
                       "consumed_samples": self.consumed_samples}
             if self.step % config.train.eval_interval == 0 or done:
@@ -259,7 +264,7 @@ class Trainer:
                     or self.step % config.logging.log_interval == 0:
                 metrics.write(record)
                 seconds, steps = 0.0, 0
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False,
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
                             tok_s=f"{tokens_per_step / step_seconds:,.0f}")
             bar.update(1)
             stopping = stop.signal_name or (

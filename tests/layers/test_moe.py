@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from coom.config import ModelConfig
-from coom.layers.moe import MoE, Router
+from coom.layers.moe import MoE, Router, balance_loss
 
 CONFIG = ModelConfig(hidden_size=16, n_routed_experts=8,
                      num_experts_per_tok=2, moe_intermediate_size=8,
@@ -19,7 +20,7 @@ def _router(**overrides) -> Router:
 def test_bias_steers_selection_but_not_the_weights():
     router = _router(norm_topk_prob=False)
     x = torch.randn(50, 16)
-    scores, _, _ = router(x)
+    scores = router(x)[0].sigmoid()
     with torch.no_grad():
         router.bias[5] = 10.0
     _, weights, experts = router(x)
@@ -30,7 +31,8 @@ def test_bias_steers_selection_but_not_the_weights():
 def test_group_limited_routing_matches_brute_force():
     router = _router()
     x = torch.randn(200, 16)
-    scores, _, experts = router(x)
+    logits, _, experts = router(x)
+    scores = logits.sigmoid()
     groups = scores.view(200, 4, 2)
     best_groups = groups.sum(-1).topk(2, dim=-1).indices
     for token in range(200):
@@ -58,3 +60,54 @@ def test_moe_equals_per_token_reference():
             expected[token] += weights[token, slot] * out
     torch.testing.assert_close(moe(x).flatten(0, 1), expected,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_balance_loss_is_one_when_perfectly_balanced():
+    scores = torch.full((2, 4, 4), 0.5, dtype=torch.float64)
+    experts = torch.tensor([[[0, 1], [2, 3], [0, 1], [2, 3]]] * 2)
+    for per_sequence in (True, False):
+        loss = balance_loss(scores, experts, per_sequence)
+        assert loss.item() == pytest.approx(1.0)
+
+
+def test_sequence_wise_loss_sees_imbalance_inside_sequences():
+    """Each sequence uses only two experts, the batch uses all four."""
+    scores = torch.tensor([[[0.9, 0.9, 0.1, 0.1]] * 3,
+                           [[0.1, 0.1, 0.9, 0.9]] * 3], dtype=torch.float64)
+    experts = torch.tensor([[[0, 1]] * 3, [[2, 3]] * 3])
+    batch = balance_loss(scores, experts, per_sequence=False)
+    sequence = balance_loss(scores, experts, per_sequence=True)
+    # batch: f = 1 for every expert, P = 0.25 each -> 1
+    assert batch.item() == pytest.approx(1.0)
+    # sequence: f = 2 on two experts, P = 0.45 on them -> 1.8
+    assert sequence.item() == pytest.approx(1.8)
+
+
+def test_finish_step_moves_bias_against_the_load_and_resets():
+    moe = MoE(CONFIG)
+    moe.init_weights(std=0.3)
+    x = torch.randn(4, 9, 16)
+    moe(x)
+    load = moe.tokens_per_expert.clone()
+    assert load.sum() == 4 * 9 * 2
+    returned = moe.finish_step()
+    assert torch.equal(returned, load)
+    rate = CONFIG.moe_router_bias_update_rate
+    expected = rate * torch.sign(load.mean() - load)
+    assert torch.equal(moe.router.bias, expected)
+    assert moe.tokens_per_expert.sum() == 0
+    assert moe.aux_loss.requires_grad
+
+
+def test_bias_is_frozen_when_balancing_is_off_and_eval_counts_nothing():
+    config = ModelConfig(**{**CONFIG.__dict__,
+                            "moe_router_enable_expert_bias": False})
+    moe = MoE(config)
+    moe.init_weights(std=0.3)
+    moe(torch.randn(2, 5, 16))
+    moe.finish_step()
+    assert moe.router.bias.abs().sum() == 0
+    moe.eval()
+    moe(torch.randn(2, 5, 16))
+    assert moe.tokens_per_expert.sum() == 0
+    assert "router.bias" in moe.state_dict()

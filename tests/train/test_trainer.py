@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from coom.cli import main
@@ -26,8 +27,11 @@ def test_run_writes_metrics_config_info_checkpoints_and_report(
     records = read_metrics(run)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
     for record in records[1:]:
-        assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(record)
+        assert {"loss", "lr", "tokens_per_s", "grad_norm", "aux_loss",
+                "moe_max_vio", "moe_dead_experts_layer1"} <= set(record)
         assert record["tokens_per_s"] > 0
+        load = record["moe_load_layer1"]
+        assert len(load) == 8 and sum(load) == 4 * 32 * 2
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["vocab_size"] == 512
@@ -38,7 +42,8 @@ def test_run_writes_metrics_config_info_checkpoints_and_report(
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert latest_checkpoint(run / "checkpoints").name == "step_0000006"
     assert main(["report", str(run)]) == 0
-    for name in ("loss.png", "tokens_per_s.png", "lr.png", "summary.md"):
+    for name in ("loss.png", "tokens_per_s.png", "lr.png", "max_vio.png",
+                 "summary.md"):
         assert (run / "report" / name).stat().st_size > 0
 
 
@@ -69,6 +74,36 @@ def test_resumed_run_is_bitwise_equal_to_uninterrupted(small_run, tmp_path):
         for key in ("step", "loss", "lr", "grad_norm", "val_loss",
                     "consumed_samples"):
             assert ours.get(key) == theirs.get(key), (key, ours["step"])
+    final = [load_checkpoint(latest_checkpoint(run / "checkpoints"))["model"]
+             for run in (straight, pieces)]
+    biases = [name for name in final[0] if name.endswith("router.bias")]
+    assert biases
+    for name in biases:
+        assert final[0][name].abs().sum() > 0
+        assert torch.equal(final[0][name], final[1][name])
+
+
+def test_expert_bias_balances_the_load(small_run, tmp_path):
+    """MaxVio of the tiny preset's model with the auxiliary-loss-free bias
+    on and off, over a short run with the sequence-wise loss off."""
+    data = [item for item in small_run if item.startswith("data.")]
+    max_vio = {}
+    for enabled in ("true", "false"):
+        run = tmp_path / enabled
+        overrides = data + [
+            "data.seq_length=128", "data.split=90,10,0", "train.steps=40",
+            "train.micro_batch_size=8", "train.global_batch_size=8",
+            "train.eval_interval=40", "train.eval_iters=1",
+            "schedule.lr_warmup_iters=5", "logging.log_interval=1",
+            "logging.tensorboard=false", "logging.progress_bar=false",
+            "model.moe_seq_aux_loss_coeff=0.0",
+            f"model.moe_router_enable_expert_bias={enabled}"]
+        assert _train(run, overrides) == 0
+        last = [r["moe_max_vio"] for r in read_metrics(run)[-10:]]
+        max_vio[enabled] = sum(last) / len(last)
+    print(f"MaxVio over the last 10 of 40 steps: bias on "
+          f"{max_vio['true']:.3f}, off {max_vio['false']:.3f}")
+    assert max_vio["true"] < 0.5 * max_vio["false"]
 
 
 def test_gradient_accumulation_matches_one_micro_batch(small_run, tmp_path):
