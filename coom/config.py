@@ -167,6 +167,10 @@ class ModelConfig:
     """Weight of the router z-loss, the mean squared log-sum-exp of the
     router logits."""
 
+    mtp_num_layers: int = 0
+    """Multi-Token Prediction depths D, each one block that predicts one
+    token further ahead (HF: num_nextn_predict_layers)."""
+
     layernorm_epsilon: float = 1e-6
     """Epsilon of every RMSNorm (HF: rms_norm_eps)."""
 
@@ -187,8 +191,8 @@ class ModelConfig:
         for name in ("vocab_size", "q_lora_rank"):
             if getattr(self, name) is not None:
                 _positive(self, name)
-        _require(self.qk_nope_head_dim >= 0, "qk_nope_head_dim",
-                 "must be >= 0")
+        for name in ("qk_nope_head_dim", "mtp_num_layers"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
         _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
                  f"{self.qk_rope_head_dim} must be even for rotary pairs")
         _require(0 <= self.first_k_dense_replace <= self.num_layers,
@@ -341,10 +345,27 @@ class ScheduleConfig:
     lr_wsd_decay_style: Literal["linear", "cosine"] = "linear"
     """For wsd: shape of the final decay."""
 
+    mtp_loss_scaling_factor: float = 0.3
+    """Weight lambda of the mean MTP loss early in training (DeepSeek-V3:
+    0.3)."""
+
+    mtp_loss_scaling_factor_final: float = 0.1
+    """Weight of the mean MTP loss after mtp_loss_switch_fraction of the
+    steps (DeepSeek-V3: 0.1)."""
+
+    mtp_loss_switch_fraction: float = 0.7
+    """Share of train.steps after which the final MTP weight applies
+    (DeepSeek-V3 switched after 10T of 14.8T tokens)."""
+
     def __post_init__(self):
         _require(self.lr_warmup_iters >= 0, "lr_warmup_iters", "must be >= 0")
         if self.lr_wsd_decay_iters is not None:
             _positive(self, "lr_wsd_decay_iters")
+        for name in ("mtp_loss_scaling_factor",
+                     "mtp_loss_scaling_factor_final"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(0 <= self.mtp_loss_switch_fraction <= 1,
+                 "mtp_loss_switch_fraction", "must lie in [0, 1]")
 
 
 @dataclass

@@ -87,30 +87,56 @@ def hf_config(config: ModelConfig) -> dict:
         "rms_norm_eps": config.layernorm_epsilon,
         "initializer_range": config.init_method_std,
         "tie_word_embeddings": config.share_embeddings_and_output_weights,
+        "num_nextn_predict_layers": config.mtp_num_layers,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "torch_dtype": "float32",
     }
 
 
-def to_hf(state: dict) -> dict[str, torch.Tensor]:
-    """COOM model state dict to Hugging Face names, experts unstacked."""
+_MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+        "eh_proj.weight": "eh_proj.weight",
+        "norm.weight": "shared_head.norm.weight"}
+# Copies of the shared embedding and head that DeepSeek-V3's layout keeps
+# in every MTP layer; COOM shares the model's own.
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+def _block_to_hf(rest: str, tensor: torch.Tensor, prefix: str,
+                 out: dict) -> None:
+    stacked = _EXPERTS.match(rest)
+    if stacked:
+        role = _SWIGLU[stacked.group(1)]
+        for expert, weight in enumerate(tensor.unbind(0)):
+            out[f"{prefix}mlp.experts.{expert}.{role}.weight"] = weight
+    elif rest in _BLOCK:
+        out[prefix + _BLOCK[rest]] = tensor
+    else:
+        raise KeyError(f"no Hugging Face name for {prefix}{rest}")
+
+
+def to_hf(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """COOM model state dict to Hugging Face names, experts unstacked and
+    MTP depths as the layers after the last block."""
     out = {}
+    head = state.get("head.weight", state["embed.weight"])
     for name, tensor in state.items():
         if name in _TOP:
             out[_TOP[name]] = tensor
             continue
-        _, index, rest = name.split(".", 2)
-        prefix = f"model.layers.{index}."
-        stacked = _EXPERTS.match(rest)
-        if stacked:
-            role = _SWIGLU[stacked.group(1)]
-            for expert, weight in enumerate(tensor.unbind(0)):
-                out[f"{prefix}mlp.experts.{expert}.{role}.weight"] = weight
-        elif rest in _BLOCK:
-            out[prefix + _BLOCK[rest]] = tensor
+        group, index, rest = name.split(".", 2)
+        if group == "layers":
+            _block_to_hf(rest, tensor, f"model.layers.{index}.", out)
+            continue
+        prefix = f"model.layers.{config.num_layers + int(index)}."
+        if rest.startswith("block."):
+            _block_to_hf(rest.removeprefix("block."), tensor, prefix, out)
         else:
-            raise KeyError(f"no Hugging Face name for {name}")
+            out[prefix + _MTP[rest]] = tensor
+    for depth in range(config.mtp_num_layers):
+        prefix = f"model.layers.{config.num_layers + depth}."
+        out[prefix + "embed_tokens.weight"] = state["embed.weight"]
+        out[prefix + "shared_head.head.weight"] = head
     return out
 
 
@@ -118,6 +144,7 @@ def from_hf(hf_state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face state dict to COOM names, experts stacked."""
     top = {hf: coom for coom, hf in _TOP.items()}
     block = {hf: coom for coom, hf in _BLOCK.items()}
+    mtp = {hf: coom for coom, hf in _MTP.items()}
     roles = {hf: coom for coom, hf in _SWIGLU.items()}
     out, experts = {}, {}
     for name, tensor in hf_state.items():
@@ -125,23 +152,30 @@ def from_hf(hf_state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
             out[top[name]] = tensor
             continue
         match = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
-        if match is None:
+        index = int(match.group(1)) if match else -1
+        if not 0 <= index < config.num_layers + config.mtp_num_layers:
             raise UserError(f"unexpected tensor {name} in the Hugging Face "
                             "checkpoint")
-        index, rest = int(match.group(1)), match.group(2)
+        rest = match.group(2)
+        prefix = f"layers.{index}."
         if index >= config.num_layers:
-            continue
+            prefix = f"mtp.{index - config.num_layers}.block."
+            if rest in _MTP_SHARED:
+                continue
+            if rest in mtp:
+                out[prefix.removesuffix("block.") + mtp[rest]] = tensor
+                continue
         expert = _HF_EXPERT.match(rest)
         if expert:
-            key = (index, roles[expert.group(2)])
+            key = (prefix, roles[expert.group(2)])
             experts.setdefault(key, {})[int(expert.group(1))] = tensor
         elif rest in block:
-            out[f"layers.{index}.{block[rest]}"] = tensor
+            out[prefix + block[rest]] = tensor
         else:
             raise UserError(f"unexpected tensor {name} in the Hugging Face "
                             "checkpoint")
-    for (index, role), by_expert in experts.items():
-        out[f"layers.{index}.mlp.experts.{role}"] = torch.stack(
+    for (prefix, role), by_expert in experts.items():
+        out[f"{prefix}mlp.experts.{role}"] = torch.stack(
             [by_expert[e] for e in range(len(by_expert))])
     return out
 
@@ -180,6 +214,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         "init_method_std": hf.get("initializer_range", 0.02),
         "share_embeddings_and_output_weights":
             hf.get("tie_word_embeddings", False),
+        "mtp_num_layers": hf.get("num_nextn_predict_layers", 0),
     }
     if yarn:
         fields.update(
@@ -196,8 +231,10 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 def save_hf(state: dict, config: ModelConfig, folder: Path) -> None:
     """Write model.safetensors and config.json of a COOM model state."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().contiguous()
-               for name, tensor in to_hf(state).items()}
+    # safetensors refuses tensors that share memory: MTP layers hold
+    # copies of the embedding and head, so every tensor is cloned.
+    tensors = {name: tensor.detach().clone().contiguous()
+               for name, tensor in to_hf(state, config).items()}
     save_file(tensors, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     (folder / "config.json").write_text(

@@ -16,49 +16,16 @@ from torch import nn
 from torch.nn import functional
 
 from coom.config import ModelConfig
-from coom.layers.mla import MLA
-from coom.layers.mlp import SwiGLU
+from coom.layers.block import Block
 from coom.layers.moe import MoE
+from coom.layers.mtp import MTPModule
 from coom.layers.norm import RMSNorm
 from coom.layers.rope import RotaryEmbedding
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then x + mlp.
-
-    Args:
-        config: the model config.
-        index: position of the block, which decides dense or MoE.
-    """
-
-    def __init__(self, config: ModelConfig, index: int):
-        super().__init__()
-        eps = config.layernorm_epsilon
-        self.attention_norm = RMSNorm(config.hidden_size, eps)
-        self.attention = MLA(config)
-        self.mlp_norm = RMSNorm(config.hidden_size, eps)
-        if config.is_moe_layer(index):
-            self.mlp = MoE(config)
-        else:
-            self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
-
-    def init_weights(self, std: float, num_layers: int) -> None:
-        self.attention_norm.init_weights()
-        self.mlp_norm.init_weights()
-        self.attention.init_weights(std)
-        if isinstance(self.mlp, MoE):
-            self.mlp.init_weights(std)
-        else:
-            self.mlp.init_weights(std, num_layers)
-
-    def forward(self, x_bsd: torch.Tensor,
-                rope: RotaryEmbedding) -> torch.Tensor:
-        x_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), rope)
-        return x_bsd + self.mlp(self.mlp_norm(x_bsd))
-
-
 class Transformer(nn.Module):
-    """Token ids (B, S) to next-token logits (B, S, V).
+    """Token ids (b, s) to next-token logits (b, s, v), plus the logits of
+    the Multi-Token Prediction depths when training asks for them.
 
     Args:
         config: the model section of the run config; vocab_size must be
@@ -81,6 +48,9 @@ class Transformer(nn.Module):
         if not config.share_embeddings_and_output_weights:
             self.head = nn.Linear(config.hidden_size, config.vocab_size,
                                   bias=False)
+        self.mtp = nn.ModuleList(
+            MTPModule(config, config.num_layers + depth)
+            for depth in range(config.mtp_num_layers))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -88,15 +58,17 @@ class Transformer(nn.Module):
         std = self.config.init_method_std
         self.rope.init_weights()
         nn.init.normal_(self.embed.weight, std=std)
-        for block in self.layers:
+        for block in [*self.layers, *self.mtp]:
             block.init_weights(std, self.config.num_layers)
         self.norm.init_weights()
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=std)
 
     def moe_layers(self) -> dict[int, MoE]:
-        """The MoE blocks' feed-forwards, by block index."""
-        return {index: block.mlp for index, block in enumerate(self.layers)
+        """The MoE feed-forwards, by block index (MTP depths follow the
+        main blocks, as in the checkpoint layout)."""
+        blocks = [*self.layers, *(module.block for module in self.mtp)]
+        return {index: block.mlp for index, block in enumerate(blocks)
                 if isinstance(block.mlp, MoE)}
 
     def aux_loss(self) -> torch.Tensor:
@@ -120,11 +92,33 @@ class Transformer(nn.Module):
             metrics["moe_max_vio"] = sum(max_vios) / len(max_vios)
         return metrics
 
-    def forward(self, tokens_bs: torch.Tensor) -> torch.Tensor:
-        x_bsd = self.embed(tokens_bs)
-        for block in self.layers:
-            x_bsd = block(x_bsd, self.rope)
-        x_bsd = self.norm(x_bsd)
+    def logits(self, h_bsd: torch.Tensor,
+               norm: RMSNorm) -> torch.Tensor:
+        """The shared output head over norm(h)."""
+        x_bsd = norm(h_bsd)
         if self.head is None:
             return functional.linear(x_bsd, self.embed.weight)
         return self.head(x_bsd)
+
+    def hidden(self, tokens_bs: torch.Tensor) -> torch.Tensor:
+        """The last block's output (b, s, d), before the final norm."""
+        h_bsd = self.embed(tokens_bs)
+        for block in self.layers:
+            h_bsd = block(h_bsd, self.rope)
+        return h_bsd
+
+    def forward(self, tokens_bs: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.hidden(tokens_bs), self.norm)
+
+    def forward_with_mtp(self, tokens_bs: torch.Tensor,
+                         labels_bs: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of the main model (b, s, v) and of each MTP depth k
+        (b, s - k, v), whose targets are labels_bs[:, k:]."""
+        h_bsd = self.hidden(tokens_bs)
+        outputs = [self.logits(h_bsd, self.norm)]
+        length = tokens_bs.shape[1]
+        for depth, module in enumerate(self.mtp, start=1):
+            ahead_bsd = self.embed(labels_bs[:, depth - 1:length - 1])
+            h_bsd = module(h_bsd[:, :length - depth], ahead_bsd, self.rope)
+            outputs.append(self.logits(h_bsd, module.norm))
+        return outputs

@@ -56,3 +56,11 @@ def learning_rate(step: int, steps: int, optimizer: OptimizerConfig,
         decay_style = style
     span = optimizer.lr - optimizer.min_lr
     return optimizer.min_lr + span * _decay(fraction, decay_style)
+
+
+def mtp_loss_weight(step: int, steps: int,
+                    schedule: ScheduleConfig) -> float:
+    """Weight of the mean MTP loss at step: DeepSeek-V3's two stages."""
+    if step <= schedule.mtp_loss_switch_fraction * steps:
+        return schedule.mtp_loss_scaling_factor
+    return schedule.mtp_loss_scaling_factor_final

@@ -43,7 +43,8 @@ def write_report(run_dir: Path) -> Path:
     out.mkdir(exist_ok=True)
     _plot(out / "loss.png", "Loss", "cross-entropy (nats)",
           {"train": _series(records, "loss"),
-           "validation": _series(records, "val_loss")})
+           "validation": _series(records, "val_loss"),
+           "MTP (train, mean of depths)": _series(records, "mtp_loss")})
     _plot(out / "tokens_per_s.png", "Throughput", "tokens/s",
           {"train": _series(records, "tokens_per_s")})
     _plot(out / "lr.png", "Learning rate", "lr",

@@ -37,7 +37,11 @@ from coom.train.checkpoint import (
     save_checkpoint,
 )
 from coom.train.metrics import MetricsWriter, run_info
-from coom.train.optimizer import build_optimizer, learning_rate
+from coom.train.optimizer import (
+    build_optimizer,
+    learning_rate,
+    mtp_loss_weight,
+)
 
 
 class StopRequest:
@@ -167,16 +171,30 @@ class Trainer:
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
 
-    def _loss(self, batch: Batch, tokens_in_step: int) -> torch.Tensor:
-        """Language-model loss of batch, summed and divided by the tokens
-        of the whole step (so micro-batch losses add up to the mean)."""
+    def _losses(self, batch: Batch, tokens_in_step: int,
+                with_mtp: bool) -> list[torch.Tensor]:
+        """Language-model loss of batch, then (with_mtp) each MTP depth's.
+
+        Each is summed over its tokens and divided by the tokens the step
+        has at that depth, so micro-batch losses add up to the mean.
+        """
         batch = batch.to(self.device)
         with _autocast(self.device, self.config.train.precision):
-            logits_bsv = self.model(batch.tokens)
-        losses = functional.cross_entropy(
-            logits_bsv.flatten(0, 1).float(), batch.labels.flatten(),
-            reduction="none")
-        return (losses * batch.loss_mask.flatten()).sum() / tokens_in_step
+            if with_mtp:
+                outputs = self.model.forward_with_mtp(batch.tokens,
+                                                      batch.labels)
+            else:
+                outputs = [self.model(batch.tokens)]
+        length = batch.tokens.shape[1]
+        losses = []
+        for depth, logits_bsv in enumerate(outputs):
+            per_token = functional.cross_entropy(
+                logits_bsv.flatten(0, 1).float(),
+                batch.labels[:, depth:].flatten(), reduction="none")
+            mask = batch.loss_mask[:, depth:].flatten()
+            share = (length - depth) / length
+            losses.append((per_token * mask).sum() / (tokens_in_step * share))
+        return losses
 
     def train_step(self) -> dict:
         """One optimizer step over a global batch; returns its metrics."""
@@ -186,15 +204,24 @@ class Trainer:
                            self.config.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        mtp_weight = mtp_loss_weight(self.step, train.steps,
+                                     self.config.schedule)
+        depths = self.config.model.mtp_num_layers
         micro_batches = train.global_batch_size // train.micro_batch_size
         tokens = train.global_batch_size * self.config.data.seq_length
-        total, aux_total = 0.0, 0.0
+        total, mtp_total, aux_total = 0.0, 0.0, 0.0
         for _ in range(micro_batches):
-            loss = self._loss(self.samples.batch(self.consumed_samples),
-                              tokens)
+            main, *mtp = self._losses(
+                self.samples.batch(self.consumed_samples), tokens,
+                with_mtp=depths > 0)
             aux = self.model.aux_loss() / micro_batches
-            (loss + aux).backward()
-            total += loss.item()
+            objective = main + aux
+            if mtp:
+                mtp_mean = sum(mtp) / depths
+                objective = objective + mtp_weight * mtp_mean
+                mtp_total += mtp_mean.item()
+            objective.backward()
+            total += main.item()
             aux_total += aux.item()
             self.consumed_samples += train.micro_batch_size
         clip = self.config.optimizer.clip_grad or math.inf
@@ -202,6 +229,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"loss": total, "lr": lr, "grad_norm": norm.item()}
+        if depths:
+            metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
         if self.model.moe_layers():
             metrics["aux_loss"] = aux_total
         return metrics | self.model.finish_step()
@@ -211,8 +240,8 @@ class Trainer:
         self.model.eval()
         train = self.config.train
         tokens = train.micro_batch_size * self.config.data.seq_length
-        total = sum(self._loss(samples.batch(i * train.micro_batch_size),
-                               tokens).item()
+        total = sum(self._losses(samples.batch(i * train.micro_batch_size),
+                                 tokens, with_mtp=False)[0].item()
                     for i in range(train.eval_iters))
         self.model.train()
         return total / train.eval_iters

@@ -1,6 +1,7 @@
 """COOM against transformers' DeepseekV3ForCausalLM, both directions."""
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
@@ -27,9 +28,10 @@ CONFIGS = {
         topk_group=2, n_shared_experts=2, rope_type="yarn",
         rotary_scaling_factor=4.0, original_max_position_embeddings=16,
         mscale=0.8, mscale_all_dim=0.7),
-    "moe, unnormalised top-k, tied head": dict(
+    "moe, unnormalised top-k, tied head, 2 MTP depths": dict(
         q_lora_rank=24, n_routed_experts=6, norm_topk_prob=False,
-        share_embeddings_and_output_weights=True),
+        share_embeddings_and_output_weights=True, mtp_num_layers=2),
+    "moe with one MTP depth": dict(n_routed_experts=4, mtp_num_layers=1),
 }
 
 
@@ -84,11 +86,31 @@ def test_hf_to_coom_gives_the_same_logits(name, tmp_path):
     assert hf_config(loaded_config) == hf_config(config)
     model = Transformer(loaded_config)
     model.load_state_dict(state, strict=False)
+    # transformers' model has no MTP layers: only those may be missing
     missing = set(model.state_dict()) - set(state)
-    assert missing == set()
+    assert all(key.startswith("mtp.") for key in missing)
+    assert bool(missing) == bool(config.mtp_num_layers)
     model.rope.init_weights()
     hf.config._attn_implementation = "eager"
     tokens = _tokens(config)
     with torch.no_grad():
         ours, theirs = model.eval()(tokens), hf.eval()(tokens).logits
     assert (ours - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_round_trip_keeps_every_tensor(name, tmp_path):
+    config = ModelConfig(**{**BASE, **CONFIGS[name]})
+    model = _coom_model(config)
+    save_hf(model.state_dict(), config, tmp_path)
+    loaded_config, state = load_hf(tmp_path)
+    assert loaded_config.mtp_num_layers == config.mtp_num_layers
+    ours = model.state_dict()
+    assert set(state) == set(ours)
+    for key, tensor in ours.items():
+        assert torch.equal(state[key], tensor), key
+    names = safe_open(str(tmp_path / "model.safetensors"), "pt").keys()
+    for depth in range(config.mtp_num_layers):
+        layer = f"model.layers.{config.num_layers + depth}."
+        assert layer + "eh_proj.weight" in names
+        assert layer + "shared_head.head.weight" in names

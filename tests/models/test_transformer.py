@@ -89,3 +89,24 @@ def test_rope_matches_complex_rotation():
                                rtol=1e-6, atol=1e-6)
     shifted = model.rope(x[:, 4:], start=4)
     torch.testing.assert_close(shifted, model.rope(x)[:, 4:])
+
+
+def test_mtp_depths_see_only_the_past_and_the_token_ahead():
+    model = _model(mtp_num_layers=2, n_routed_experts=4)
+    tokens = torch.randint(0, 97, (2, 16))
+    labels = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        main, first, second = model.forward_with_mtp(tokens, labels)
+        torch.testing.assert_close(main, model(tokens))
+        assert first.shape == (2, 15, 97) and second.shape == (2, 14, 97)
+        # depth 1 at position i reads tokens <= i and labels[i] (token
+        # i + 1); changing labels from position 9 on leaves i < 9 alone
+        changed = labels.clone()
+        changed[:, 9:] = (changed[:, 9:] + 1) % 97
+        _, first_changed, second_changed = model.forward_with_mtp(
+            tokens, changed)
+    assert torch.equal(first[:, :9], first_changed[:, :9])
+    assert not torch.allclose(first[:, 9:], first_changed[:, 9:])
+    # depth 2 at position i also reads labels[i + 1]
+    assert torch.equal(second[:, :8], second_changed[:, :8])
+    assert not torch.allclose(second[:, 8], second_changed[:, 8])

@@ -5,7 +5,11 @@ import torch
 
 from coom.config import ModelConfig, OptimizerConfig, ScheduleConfig
 from coom.models import Transformer
-from coom.train.optimizer import build_optimizer, learning_rate
+from coom.train.optimizer import (
+    build_optimizer,
+    learning_rate,
+    mtp_loss_weight,
+)
 
 OPT = OptimizerConfig(lr=1.0, min_lr=0.1)
 
@@ -64,3 +68,10 @@ def test_norm_scales_are_not_decayed():
     assert sum(p.numel() for g in (decayed, plain) for p in g["params"]) \
         == sum(p.numel() for p in model.parameters())
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_mtp_weight_drops_after_the_switch():
+    schedule = ScheduleConfig()
+    assert mtp_loss_weight(1, 100, schedule) == 0.3
+    assert mtp_loss_weight(70, 100, schedule) == 0.3
+    assert mtp_loss_weight(71, 100, schedule) == 0.1

@@ -28,7 +28,9 @@ def test_run_writes_metrics_config_info_checkpoints_and_report(
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
     for record in records[1:]:
         assert {"loss", "lr", "tokens_per_s", "grad_norm", "aux_loss",
-                "moe_max_vio", "moe_dead_experts_layer1"} <= set(record)
+                "moe_max_vio", "moe_dead_experts_layer1", "mtp_loss",
+                "mtp_weight", "moe_max_vio_layer2"} <= set(record)
+        assert record["mtp_loss"] > 0
         assert record["tokens_per_s"] > 0
         load = record["moe_load_layer1"]
         assert len(load) == 8 and sum(load) == 4 * 32 * 2

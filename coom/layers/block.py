@@ -1,0 +1,47 @@
+"""The transformer block: MLA attention, then a dense or MoE feed-forward.
+
+Tensor names end in their shape: b batch; s sequence; d model width.
+"""
+import torch
+from torch import nn
+
+from coom.config import ModelConfig
+from coom.layers.mla import MLA
+from coom.layers.mlp import SwiGLU
+from coom.layers.moe import MoE
+from coom.layers.norm import RMSNorm
+from coom.layers.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp.
+
+    Args:
+        config: the model config.
+        index: position of the block, which decides dense or MoE.
+    """
+
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        eps = config.layernorm_epsilon
+        self.attention_norm = RMSNorm(config.hidden_size, eps)
+        self.attention = MLA(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps)
+        if config.is_moe_layer(index):
+            self.mlp = MoE(config)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
+
+    def init_weights(self, std: float, num_layers: int) -> None:
+        self.attention_norm.init_weights()
+        self.mlp_norm.init_weights()
+        self.attention.init_weights(std)
+        if isinstance(self.mlp, MoE):
+            self.mlp.init_weights(std)
+        else:
+            self.mlp.init_weights(std, num_layers)
+
+    def forward(self, x_bsd: torch.Tensor,
+                rope: RotaryEmbedding) -> torch.Tensor:
+        x_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), rope)
+        return x_bsd + self.mlp(self.mlp_norm(x_bsd))
