@@ -66,8 +66,8 @@ class Router(nn.Module):
         return mask_tg.unsqueeze(-1).expand_as(choice_tgx).flatten(1)
 
     def forward(self, x_td: torch.Tensor):
-        """Returns float32 logits (t, e), combine weights (t, k) and expert
-        ids (t, k)."""
+        """Returns float32 logits and affinities (t, e), combine weights
+        (t, k) and expert ids (t, k)."""
         config = self.config
         logits_te = functional.linear(x_td.float(), self.weight.float())
         scores_te = self.affinities(logits_te)
@@ -81,8 +81,8 @@ class Router(nn.Module):
         if config.norm_topk_prob:
             weights_tk = weights_tk / (weights_tk.sum(-1, keepdim=True)
                                        + 1e-20)
-        return logits_te, weights_tk * config.routed_scaling_factor, \
-            experts_tk
+        weights_tk = weights_tk * config.routed_scaling_factor
+        return logits_te, scores_te, weights_tk, experts_tk
 
 
 def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
@@ -178,7 +178,8 @@ class MoE(nn.Module):
             self.shared_experts.init_weights(std, self.config.num_layers)
         nn.init.zeros_(self.tokens_per_expert)
 
-    def _aux_loss(self, logits_te: torch.Tensor, experts_tk: torch.Tensor,
+    def _aux_loss(self, logits_te: torch.Tensor, scores_te: torch.Tensor,
+                  experts_tk: torch.Tensor,
                   shape: torch.Size) -> torch.Tensor:
         config = self.config
         loss = logits_te.new_zeros(())
@@ -186,7 +187,7 @@ class MoE(nn.Module):
             loss = loss + config.moe_z_loss_coeff * \
                 logits_te.logsumexp(-1).square().mean()
         if config.moe_seq_aux_loss_coeff or config.moe_aux_loss_coeff:
-            scores_bse = self.router.affinities(logits_te).unflatten(0, shape)
+            scores_bse = scores_te.unflatten(0, shape)
             experts_bsk = experts_tk.unflatten(0, shape)
             for coeff, per_sequence in (
                     (config.moe_seq_aux_loss_coeff, True),
@@ -198,12 +199,12 @@ class MoE(nn.Module):
 
     def forward(self, x_bsd: torch.Tensor) -> torch.Tensor:
         x_td = x_bsd.flatten(0, 1)
-        logits_te, weights_tk, experts_tk = self.router(x_td)
+        logits_te, scores_te, weights_tk, experts_tk = self.router(x_td)
         counts_e = torch.bincount(experts_tk.flatten(),
                                   minlength=self.config.n_routed_experts)
         if self.training:
             self.tokens_per_expert += counts_e
-            self.aux_loss = self._aux_loss(logits_te, experts_tk,
+            self.aux_loss = self._aux_loss(logits_te, scores_te, experts_tk,
                                            x_bsd.shape[:2])
         order_c = experts_tk.flatten().argsort(stable=True)
         token_c = order_c // self.config.num_experts_per_tok

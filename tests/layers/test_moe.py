@@ -20,10 +20,10 @@ def _router(**overrides) -> Router:
 def test_bias_steers_selection_but_not_the_weights():
     router = _router(norm_topk_prob=False)
     x = torch.randn(50, 16)
-    scores = router(x)[0].sigmoid()
+    scores = router(x)[1]
     with torch.no_grad():
         router.bias[5] = 10.0
-    _, weights, experts = router(x)
+    _, _, weights, experts = router(x)
     assert (experts == 5).any(dim=-1).all()
     torch.testing.assert_close(weights, scores.gather(1, experts))
 
@@ -31,8 +31,8 @@ def test_bias_steers_selection_but_not_the_weights():
 def test_group_limited_routing_matches_brute_force():
     router = _router()
     x = torch.randn(200, 16)
-    logits, _, experts = router(x)
-    scores = logits.sigmoid()
+    logits, scores, _, experts = router(x)
+    torch.testing.assert_close(scores, logits.sigmoid())
     groups = scores.view(200, 4, 2)
     best_groups = groups.sum(-1).topk(2, dim=-1).indices
     for token in range(200):
@@ -47,7 +47,7 @@ def test_moe_equals_per_token_reference():
     moe = MoE(CONFIG)
     moe.init_weights(std=0.3)
     x = torch.randn(3, 7, 16)
-    _, weights, experts = moe.router(x.flatten(0, 1))
+    _, _, weights, experts = moe.router(x.flatten(0, 1))
     expected = moe.shared_experts(x.flatten(0, 1))
     experts_weights = moe.experts
     for token in range(21):
