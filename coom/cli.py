@@ -91,6 +91,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_model_info(args) -> int:
+    from dataclasses import replace
+
+    from coom.config import load_config
+    from coom.models.info import describe
+    config = load_config(args.recipe or "tiny", args.overrides)
+    model = config.model
+    note = ""
+    if model.vocab_size is None:
+        model = replace(model, vocab_size=config.data.tokenizer_vocab_size)
+        note = (f" (vocabulary: the tokenizer's "
+                f"{model.vocab_size} tokens)")
+    print(f"recipe {args.recipe or 'tiny'}{note}")
+    print(describe(model, config.data.seq_length))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coom", description="Pretrain DeepSeek-V3-style models.")
@@ -124,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
         "in data.cache_dir; unchanged sources are reused.")
     _add_recipe_options(data_prepare)
     data_prepare.set_defaults(handler=cmd_data_prepare)
+
+    model = commands.add_parser(
+        "model", help="describe a recipe's model",
+        description="Model commands.").add_subparsers(
+            dest="model_command", required=True, metavar="COMMAND")
+    model_info = model.add_parser(
+        "info", help="parameters, FLOPs per token and KV cache size",
+        description="Print a recipe's total and active parameters, "
+        "training FLOPs per token at its sequence length, and the bytes "
+        "per token of MLA's compressed KV cache against multi-head "
+        "attention of the same shape. Builds nothing in memory.")
+    _add_recipe_options(model_info)
+    model_info.set_defaults(handler=cmd_model_info)
 
     report = commands.add_parser(
         "report", help="plot and summarise a run",

@@ -561,17 +561,41 @@ def recipe_path(recipe: str) -> Path:
     return path
 
 
+def _merged(base: dict, changes: dict) -> dict:
+    """base with changes applied, sections merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merged(out[key], value)
+        out[key] = value
+    return out
+
+
+def _read_recipe(recipe: str, seen: tuple = ()) -> dict:
+    """A recipe's tree, on top of the recipe its ``base`` key names."""
+    path = recipe_path(recipe)
+    _require(path not in seen, "base", f"recipe {path} includes itself")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"recipe {path} is not valid YAML: "
+                        f"{str(error).splitlines()[0]}") from None
+    _require(isinstance(tree, dict), "recipe", f"{path} is not a mapping")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError("base", f"must be a recipe name, got {base!r}")
+    if base.endswith((".yaml", ".yml")):
+        base = str(path.parent / base)
+    return _merged(_read_recipe(base, (*seen, path)), tree)
+
+
 def load_config(recipe: Optional[str] = None,
                 overrides: Optional[list[str]] = None) -> RunConfig:
-    """Load a recipe, apply ``--set`` overrides, and validate the result."""
-    tree = {}
-    if recipe is not None:
-        path = recipe_path(recipe)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise UserError(f"recipe {path} is not valid YAML: "
-                            f"{str(error).splitlines()[0]}") from None
+    """Load a recipe (and the recipe its ``base`` key names, which it
+    changes), apply ``--set`` overrides, and validate the result."""
+    tree = _read_recipe(recipe) if recipe is not None else {}
     for assignment in overrides or []:
         _apply_override(tree, assignment)
     return _build(RunConfig, tree, "")
