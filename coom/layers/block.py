@@ -2,11 +2,13 @@
 
 Tensor names end in their shape: b batch; s sequence; d model width.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 
 from coom.config import ModelConfig
-from coom.layers.mla import MLA
+from coom.layers.mla import MLA, LatentCache
 from coom.layers.mlp import SwiGLU
 from coom.layers.moe import MoE
 from coom.layers.norm import RMSNorm
@@ -41,7 +43,8 @@ class Block(nn.Module):
         else:
             self.mlp.init_weights(std, num_layers)
 
-    def forward(self, x_bsd: torch.Tensor,
-                rope: RotaryEmbedding) -> torch.Tensor:
-        x_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), rope)
+    def forward(self, x_bsd: torch.Tensor, rope: RotaryEmbedding,
+                cache: Optional[LatentCache] = None) -> torch.Tensor:
+        x_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), rope,
+                                       cache)
         return x_bsd + self.mlp(self.mlp_norm(x_bsd))

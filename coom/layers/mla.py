@@ -12,11 +12,21 @@ state. Queries are optionally low-rank too (``q_lora_rank``).
 The softmax scale is 1/sqrt(qk head dim), times YaRN's mscale squared when
 the context is stretched.
 
-Tensor names end in their shape: b batch; s sequence; d model width; h
-heads; r kv_lora_rank; n qk_nope_head_dim; p qk_rope_head_dim; v
-v_head_dim.
+Decoding keeps a ``LatentCache``: per token only the normalised latent and
+the rotated shared key part, ``kv_lora_rank + qk_rope_head_dim`` values.
+Attention over it either expands the cached latents to per-head keys and
+values again, or (``absorbed``) never does: the key up-projection W_UK is
+folded into the query and the value up-projection W_UV applied after the
+weighted sum, so scores and sums run in the latent space, as DeepSeek-V2
+describes for inference.
+
+Tensor names end in their shape: b batch; s sequence (new tokens); t
+positions held in a cache; d model width; h heads; r kv_lora_rank; n
+qk_nope_head_dim; p qk_rope_head_dim; v v_head_dim.
 """
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -25,6 +35,24 @@ from torch.nn import functional
 from coom.config import ModelConfig
 from coom.layers.norm import RMSNorm
 from coom.layers.rope import RotaryEmbedding, yarn_mscale
+
+
+@dataclass
+class LatentCache:
+    """One layer's decoding cache, seen by one forward.
+
+    Attributes:
+        latent_btr: normalised latents of every cached position.
+        rope_key_btp: rotated shared key parts of every cached position.
+        start: positions already held; the forward's tokens take
+            positions start, start + 1, ...
+        absorbed: attend in the latent space (W_UK, W_UV absorbed).
+    """
+
+    latent_btr: torch.Tensor
+    rope_key_btp: torch.Tensor
+    start: int
+    absorbed: bool = True
 
 
 class MLA(nn.Module):
@@ -88,20 +116,66 @@ class MLA(nn.Module):
         k_pe_bsp = rope(k_pe_bsp.unsqueeze(2), start).squeeze(2)
         return self.kv_norm(kv_bsr), k_pe_bsp
 
-    def forward(self, x_bsd: torch.Tensor,
-                rope: RotaryEmbedding) -> torch.Tensor:
+    def _attend_expanded(self, q_bshk: torch.Tensor, kv_btr: torch.Tensor,
+                         k_pe_btp: torch.Tensor,
+                         mask_st: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attention with per-head keys and values expanded from latents;
+        causal when mask_st is None."""
         config = self.config
         heads = config.num_attention_heads
+        k_nope, v_bthv = self.wkv_b(kv_btr).unflatten(-1, (heads, -1)).split(
+            [config.qk_nope_head_dim, config.v_head_dim], dim=-1)
+        k_pe = k_pe_btp.unsqueeze(2).expand(-1, -1, heads, -1)
+        k_bthk = torch.cat([k_nope, k_pe], dim=-1)
+        o_bhsv = functional.scaled_dot_product_attention(
+            q_bshk.transpose(1, 2), k_bthk.transpose(1, 2),
+            v_bthv.transpose(1, 2), attn_mask=mask_st,
+            is_causal=mask_st is None, scale=self.softmax_scale)
+        return o_bhsv.transpose(1, 2)
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                         kv_btr: torch.Tensor, k_pe_btp: torch.Tensor,
+                         mask_st: torch.Tensor) -> torch.Tensor:
+        """Attention in the latent space: q_nope W_UK scores against the
+        latents directly, and W_UV maps the weighted latents to values."""
+        config = self.config
+        w_hkr = self.wkv_b.weight.unflatten(
+            0, (config.num_attention_heads, -1))
+        w_uk_hnr, w_uv_hvr = w_hkr.split(
+            [config.qk_nope_head_dim, config.v_head_dim], dim=1)
+        q_latent_bshr = torch.einsum("bshn,hnr->bshr", q_nope, w_uk_hnr)
+        scores_bhst = (
+            torch.einsum("bshr,btr->bhst", q_latent_bshr, kv_btr)
+            + torch.einsum("bshp,btp->bhst", q_pe, k_pe_btp))
+        scores_bhst = (scores_bhst.float() * self.softmax_scale).masked_fill(
+            ~mask_st, -math.inf)
+        probs_bhst = scores_bhst.softmax(-1).type_as(kv_btr)
+        o_latent_bshr = torch.einsum("bhst,btr->bshr", probs_bhst, kv_btr)
+        return torch.einsum("bshr,hvr->bshv", o_latent_bshr, w_uv_hvr)
+
+    def forward(self, x_bsd: torch.Tensor, rope: RotaryEmbedding,
+                cache: Optional[LatentCache] = None) -> torch.Tensor:
+        """Causal attention over x, or, given a cache, over the cached
+        positions and x (whose latents the cache then holds too)."""
+        config = self.config
+        start = 0 if cache is None else cache.start
         q_nope, q_pe = self.queries(x_bsd).split(
             [config.qk_nope_head_dim, config.qk_rope_head_dim], dim=-1)
-        kv_bsr, k_pe_bsp = self.latents(x_bsd, rope)
-        k_nope, v_bshv = self.wkv_b(kv_bsr).unflatten(-1, (heads, -1)).split(
-            [config.qk_nope_head_dim, config.v_head_dim], dim=-1)
-        q_bshk = torch.cat([q_nope, rope(q_pe)], dim=-1)
-        k_pe = k_pe_bsp.unsqueeze(2).expand(-1, -1, heads, -1)
-        k_bshk = torch.cat([k_nope, k_pe], dim=-1)
-        o_bhsv = functional.scaled_dot_product_attention(
-            q_bshk.transpose(1, 2), k_bshk.transpose(1, 2),
-            v_bshv.transpose(1, 2), is_causal=True,
-            scale=self.softmax_scale)
-        return self.wo(o_bhsv.transpose(1, 2).flatten(2))
+        q_pe = rope(q_pe, start)
+        kv_btr, k_pe_btp = self.latents(x_bsd, rope, start)
+        mask_st = None
+        if cache is not None:
+            end = start + x_bsd.shape[1]
+            cache.latent_btr[:, start:end] = kv_btr
+            cache.rope_key_btp[:, start:end] = k_pe_btp
+            kv_btr = cache.latent_btr[:, :end]
+            k_pe_btp = cache.rope_key_btp[:, :end]
+            positions = torch.arange(end, device=x_bsd.device)
+            mask_st = positions <= positions[start:, None]
+        if cache is not None and cache.absorbed:
+            o_bshv = self._attend_absorbed(q_nope, q_pe, kv_btr, k_pe_btp,
+                                           mask_st)
+        else:
+            o_bshv = self._attend_expanded(torch.cat([q_nope, q_pe], -1),
+                                           kv_btr, k_pe_btp, mask_st)
+        return self.wo(o_bshv.flatten(2))

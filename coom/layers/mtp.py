@@ -10,11 +10,14 @@ one before, since the last positions have no token k ahead to read.
 
 Tensor names end in their shape: b batch; s sequence; d model width.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 
 from coom.config import ModelConfig
 from coom.layers.block import Block
+from coom.layers.mla import LatentCache
 from coom.layers.norm import RMSNorm
 from coom.layers.rope import RotaryEmbedding
 
@@ -44,8 +47,9 @@ class MTPModule(nn.Module):
         self.block.init_weights(std, num_layers)
 
     def forward(self, h_bsd: torch.Tensor, embedded_bsd: torch.Tensor,
-                rope: RotaryEmbedding) -> torch.Tensor:
+                rope: RotaryEmbedding,
+                cache: Optional[LatentCache] = None) -> torch.Tensor:
         """Hidden state of this depth (before its final norm)."""
         x_bsd = self.eh_proj(torch.cat(
             [self.enorm(embedded_bsd), self.hnorm(h_bsd)], dim=-1))
-        return self.block(x_bsd, rope)
+        return self.block(x_bsd, rope, cache)

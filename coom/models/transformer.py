@@ -11,11 +11,14 @@ outside before any memory is touched.
 Tensor names end in their shape: b batch; s sequence; d model width; v
 vocabulary.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn import functional
 
 from coom.config import ModelConfig
+from coom.inference.cache import DecodingCache
 from coom.layers.block import Block
 from coom.layers.moe import MoE
 from coom.layers.mtp import MTPModule
@@ -100,15 +103,24 @@ class Transformer(nn.Module):
             return functional.linear(x_bsd, self.embed.weight)
         return self.head(x_bsd)
 
-    def hidden(self, tokens_bs: torch.Tensor) -> torch.Tensor:
-        """The last block's output (b, s, d), before the final norm."""
+    def hidden(self, tokens_bs: torch.Tensor,
+               cache: Optional[DecodingCache] = None) -> torch.Tensor:
+        """The last block's output (b, s, d), before the final norm.
+
+        Given a cache, tokens_bs continue the positions it holds, and it
+        holds theirs afterwards.
+        """
         h_bsd = self.embed(tokens_bs)
-        for block in self.layers:
-            h_bsd = block(h_bsd, self.rope)
+        for index, block in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layer(index)
+            h_bsd = block(h_bsd, self.rope, layer_cache)
+        if cache is not None:
+            cache.advance(tokens_bs.shape[1])
         return h_bsd
 
-    def forward(self, tokens_bs: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.hidden(tokens_bs), self.norm)
+    def forward(self, tokens_bs: torch.Tensor,
+                cache: Optional[DecodingCache] = None) -> torch.Tensor:
+        return self.logits(self.hidden(tokens_bs, cache), self.norm)
 
     def forward_with_mtp(self, tokens_bs: torch.Tensor,
                          labels_bs: torch.Tensor) -> list[torch.Tensor]:

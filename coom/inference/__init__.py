@@ -1,0 +1,1 @@
+"""Inference: the compressed KV cache and sampling."""
