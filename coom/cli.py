@@ -108,6 +108,19 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from coom.interop import convert
+    source, out = Path(args.source), Path(args.out)
+    if args.to == "hf":
+        convert.to_hf(source, out, args.overwrite)
+        print(f"wrote {out}: load it with transformers."
+              "AutoModelForCausalLM.from_pretrained")
+    else:
+        recipe = convert.from_hf(source, out, args.overwrite)
+        print(f"wrote {out}; continue training with: coom train {recipe}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coom", description="Pretrain DeepSeek-V3-style models.")
@@ -154,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
         "attention of the same shape. Builds nothing in memory.")
     _add_recipe_options(model_info)
     model_info.set_defaults(handler=cmd_model_info)
+
+    convert = commands.add_parser(
+        "convert", help="convert checkpoints to and from Hugging Face",
+        description="--to hf: write a run's latest checkpoint (or a "
+        "checkpoint folder) as a Hugging Face DeepseekV3 folder "
+        "(model.safetensors, config.json, tokenizer.json). --from hf: "
+        "import a Hugging Face DeepseekV3 folder as a COOM checkpoint "
+        "folder with a recipe.yaml that continues training it.")
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["hf"],
+                           help="convert a COOM run or checkpoint")
+    direction.add_argument("--from", dest="from_", choices=["hf"],
+                           help="import a Hugging Face folder")
+    convert.add_argument("source", metavar="SOURCE",
+                         help="run directory, checkpoint folder, or (with "
+                         "--from hf) Hugging Face folder")
+    convert.add_argument("out", metavar="OUT", help="folder to write")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace OUT if it exists")
+    convert.set_defaults(handler=cmd_convert)
 
     report = commands.add_parser(
         "report", help="plot and summarise a run",

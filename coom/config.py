@@ -425,6 +425,13 @@ class CheckpointConfig:
     keep: int = 2
     """Most recent checkpoints to keep; older ones are deleted."""
 
+    init_from: Optional[str] = None
+    """Start a new run from these model weights: a run directory, a
+    checkpoint folder, or a Hugging Face DeepseekV3 folder (as written by
+    ``coom convert``). The model section must match them; the optimizer,
+    step and data position start fresh. Ignored once the run has a
+    checkpoint of its own (Megatron: load with finetune)."""
+
     def __post_init__(self):
         _positive(self, "interval", "keep")
 

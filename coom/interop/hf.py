@@ -9,6 +9,7 @@ checkpoint does. Rotary channels are paired the same way in both (HF's
 """
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -257,4 +258,8 @@ def load_hf(folder: Path) -> tuple[ModelConfig, dict]:
     state = from_hf(hf_state, config)
     if config.share_embeddings_and_output_weights:
         state.pop("head.weight", None)
+    # transformers writes no MTP layers: keep the depths that are there.
+    depths = {int(name.split(".")[1]) for name in state
+              if name.startswith("mtp.")}
+    config = replace(config, mtp_num_layers=len(depths))
     return config, state

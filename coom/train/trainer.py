@@ -30,6 +30,7 @@ from coom.config import RunConfig, save_config
 from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
 from coom.errors import UserError
+from coom.interop.weights import differences, read_weights
 from coom.models import Transformer
 from coom.train.checkpoint import (
     latest_checkpoint,
@@ -171,6 +172,22 @@ class Trainer:
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
 
+    def initialise_from(self, path: str) -> None:
+        """Load the model weights of another run or model folder."""
+        weights = read_weights(path)
+        changed = differences(self.config.model, weights.config)
+        if changed:
+            raise UserError(
+                f"checkpoint.init_from {path} holds another model; set the "
+                f"recipe's model fields to its values: {'; '.join(changed)}")
+        sha = weights.tokenizer_sha256
+        if sha is not None and sha != self.tokenizer.fingerprint:
+            raise UserError(
+                f"checkpoint.init_from {path} was trained with another "
+                f"tokenizer than {self.tokenizer.path}; set data.tokenizer "
+                "to its tokenizer.json")
+        self.model.load_state_dict(weights.state)
+
     def _losses(self, batch: Batch, tokens_in_step: int,
                 with_mtp: bool) -> list[torch.Tensor]:
         """Language-model loss of batch, then (with_mtp) each MTP depth's.
@@ -260,6 +277,8 @@ class Trainer:
         latest = latest_checkpoint(self.run_dir / "checkpoints")
         if latest is not None:
             self.restore(latest)
+        elif self.config.checkpoint.init_from:
+            self.initialise_from(self.config.checkpoint.init_from)
         save_config(self.config, self.run_dir / "config.yaml")
         info = json.dumps(run_info(), indent=1)
         (self.run_dir / "run_info.json").write_text(info)

@@ -1,0 +1,70 @@
+"""``coom convert``: COOM checkpoints to Hugging Face folders and back.
+
+``to_hf`` writes ``model.safetensors``, ``config.json`` and the run's
+``tokenizer.json``, a folder that ``transformers.AutoModelForCausalLM``
+loads as ``DeepseekV3ForCausalLM``. ``from_hf`` writes a COOM checkpoint
+folder (``state.pt``, ``tokenizer.json``) and ``recipe.yaml``, a recipe
+whose model section is the imported model's and whose
+``checkpoint.init_from`` names the folder, so that ``coom train
+OUT/recipe.yaml`` continues training it.
+"""
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from coom.errors import UserError
+from coom.interop.hf import save_hf
+from coom.interop.weights import read_weights
+from coom.train.checkpoint import STATE
+
+
+def _empty_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to "
+                            "replace it")
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def to_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the model in source as a Hugging Face folder out."""
+    weights = read_weights(source)
+    _empty_folder(out, overwrite)
+    save_hf(weights.state, weights.config, out)
+    if weights.tokenizer is not None:
+        shutil.copyfile(weights.tokenizer, out / "tokenizer.json")
+    return out
+
+
+def from_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
+    """Import the Hugging Face folder source as a COOM checkpoint folder
+    out with a recipe that trains from it; returns the recipe's path."""
+    if not (source / "config.json").is_file():
+        raise UserError(f"{source} is not a Hugging Face model folder (no "
+                        "config.json)")
+    weights = read_weights(source)
+    _empty_folder(out, overwrite)
+    model = dataclasses.asdict(weights.config)
+    data = {}
+    if weights.tokenizer is not None:
+        shutil.copyfile(weights.tokenizer, out / "tokenizer.json")
+        data["tokenizer"] = str((out / "tokenizer.json").resolve())
+    temporary = out / f".{STATE}.tmp"
+    torch.save({"model": weights.state,
+                "config": {"model": model, "data": data}}, temporary)
+    os.replace(temporary, out / STATE)
+    recipe = {"model": model, "data": data,
+              "checkpoint": {"init_from": str(out.resolve())}}
+    path = out / "recipe.yaml"
+    path.write_text(
+        f"# Continues training the model imported from {source}.\n"
+        + yaml.safe_dump(recipe, sort_keys=False))
+    return path

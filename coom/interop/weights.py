@@ -1,0 +1,101 @@
+"""Model weights from wherever they live, and ``coom.load_model``.
+
+Three kinds of folder hold a model:
+
+- a run directory (``coom train``'s ``--run-dir``): its latest checkpoint;
+- a checkpoint folder: ``checkpoints/step_NNNNNNN`` of a run, or the
+  folder ``coom convert --from hf`` writes;
+- a Hugging Face folder: ``config.json`` plus ``*.safetensors`` of a
+  ``DeepseekV3ForCausalLM``.
+"""
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from coom.config import ModelConfig
+from coom.errors import UserError
+from coom.interop.hf import load_hf
+from coom.models import Transformer
+from coom.train.checkpoint import STATE, latest_checkpoint, load_checkpoint
+
+
+@dataclass
+class Weights:
+    """A model config, its state dict, and the tokenizer that goes with it
+    when the folder names one."""
+
+    config: ModelConfig
+    state: dict
+    tokenizer: Optional[Path]
+    tokenizer_sha256: Optional[str] = None
+
+
+def _existing(*paths: Path) -> Optional[Path]:
+    return next((path for path in paths if path.is_file()), None)
+
+
+def _from_checkpoint(folder: Path) -> Weights:
+    state = load_checkpoint(folder)
+    config = state["config"]
+    named = config.get("data", {}).get("tokenizer")
+    tokenizer = _existing(*([Path(named)] if named else []),
+                          folder / "tokenizer.json",
+                          folder.parent.parent / "tokenizer.json")
+    return Weights(ModelConfig(**config["model"]), state["model"], tokenizer,
+                   state.get("tokenizer_sha256"))
+
+
+def read_weights(path) -> Weights:
+    """The model weights in a run, checkpoint or Hugging Face folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; give a run directory, a "
+                        "checkpoint folder or a Hugging Face model folder")
+    if (folder / "checkpoints").is_dir():
+        latest = latest_checkpoint(folder / "checkpoints")
+        if latest is None:
+            raise UserError(f"run {folder} has no checkpoint yet")
+        return _from_checkpoint(latest)
+    if (folder / STATE).is_file():
+        return _from_checkpoint(folder)
+    if (folder / "config.json").is_file():
+        config, state = load_hf(folder)
+        return Weights(config, state, _existing(folder / "tokenizer.json"))
+    raise UserError(f"{folder} holds no model: expected a run directory "
+                    f"(checkpoints/), a checkpoint ({STATE}) or a Hugging "
+                    "Face folder (config.json)")
+
+
+def build_model(weights: Weights, device="cpu",
+                dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model of weights, in eval mode."""
+    with torch.device("meta"):
+        model = Transformer(weights.config)
+    model.to_empty(device=device)
+    model.rope.init_weights()
+    model.load_state_dict(weights.state, strict=True)
+    return model.to(dtype).eval()
+
+
+def load_model(path, device="cpu",
+               dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model in a run directory, a checkpoint folder or a Hugging Face
+    folder, in eval mode; ``model(input_ids)`` returns logits.
+
+    Args:
+        path: the folder (see the module docstring).
+        device: where to put the weights.
+        dtype: their dtype; checkpoints keep float32 master weights.
+    """
+    return build_model(read_weights(path), device, dtype)
+
+
+def differences(ours: ModelConfig, theirs: ModelConfig) -> list[str]:
+    """'field: theirs (ours)' for every model field that differs."""
+    return [f"{item.name}: {getattr(theirs, item.name)} "
+            f"(here {getattr(ours, item.name)})"
+            for item in dataclasses.fields(ModelConfig)
+            if getattr(ours, item.name) != getattr(theirs, item.name)]

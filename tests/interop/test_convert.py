@@ -1,0 +1,75 @@
+"""coom convert and coom.load_model on a real (very small) run."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import coom
+from coom.cli import main
+from coom.errors import UserError
+from coom.train.metrics import read_metrics
+
+
+def _train(run, overrides) -> int:
+    return main(["train", "--run-dir", str(run), "--set", *overrides])
+
+
+def test_run_to_hf_and_back_to_training(small_run, tmp_path, capsys):
+    run, hf_dir = tmp_path / "run", tmp_path / "hf"
+    assert _train(run, small_run) == 0
+    assert main(["convert", "--to", "hf", str(run), str(hf_dir)]) == 0
+    assert (hf_dir / "tokenizer.json").is_file()
+    ours = coom.load_model(run)
+    hf = AutoModelForCausalLM.from_pretrained(
+        hf_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    tokens = torch.randint(0, 512, (2, 32),
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max() <= 1e-4
+
+    imported = tmp_path / "imported"
+    assert main(["convert", "--from", "hf", str(hf_dir),
+                 str(imported)]) == 0
+    assert "coom train" in capsys.readouterr().out
+    again = coom.load_model(imported)
+    for (name, mine), theirs in zip(ours.state_dict().items(),
+                                    again.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    assert len(again.mtp) == 1
+
+    # Training from the import starts where the first run ended.
+    second = tmp_path / "second"
+    keep = [item for item in small_run if not item.startswith("model.")]
+    assert main(["train", str(imported / "recipe.yaml"), "--run-dir",
+                 str(second), "--set", *keep]) == 0
+    first_val = read_metrics(run)[-1]["val_loss"]
+    assert read_metrics(second)[0]["val_loss"] == pytest.approx(
+        first_val, rel=1e-6)
+
+
+def test_init_from_another_model_names_the_fields(small_run, tmp_path,
+                                                  capsys):
+    run = tmp_path / "run"
+    assert _train(run, small_run) == 0
+    assert _train(tmp_path / "other", small_run + [
+        f"checkpoint.init_from={run}", "model.hidden_size=64"]) == 2
+    assert "hidden_size: 32 (here 64)" in capsys.readouterr().err
+
+
+def test_existing_output_is_kept(small_run, tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert _train(run, small_run) == 0
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert main(["convert", "--to", "hf", str(run), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda path: path, "is not a folder"),
+    (lambda path: path.mkdir() or path, "holds no model"),
+])
+def test_load_model_explains_bad_paths(tmp_path, make, words):
+    with pytest.raises(UserError, match=words):
+        coom.load_model(make(tmp_path / "nothing"))
