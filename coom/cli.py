@@ -121,6 +121,50 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+
+    from coom.data.tokenizer import Tokenizer
+    from coom.inference import generate
+    from coom.interop.weights import build_model, read_weights
+    from coom.models.info import model_info
+    from coom.train.trainer import resolve_device
+    if args.speculative and args.temperature != 0:
+        raise UserError("--speculative decodes greedily; add "
+                        "--temperature 0")
+    weights = read_weights(args.source)
+    if weights.tokenizer is None:
+        raise UserError(f"{args.source} comes with no tokenizer.json to "
+                        "encode the prompt")
+    tokenizer = Tokenizer(weights.tokenizer)
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(weights, device, dtype)
+    prompt = tokenizer.encode(args.prompt)
+    absorbed = not args.expanded
+    if args.speculative:
+        out = generate.generate_speculative(
+            model, prompt, args.max_new_tokens, tokenizer.eod, absorbed)
+    else:
+        out = generate.generate(
+            model, prompt, args.max_new_tokens, args.temperature,
+            args.top_p, args.seed, tokenizer.eod, absorbed)
+    print(tokenizer.decode(prompt + out.tokens))
+    info = model_info(weights.config, 1)
+    positions = len(prompt) + len(out.tokens) - 1
+    per_token = out.cache_bytes // positions
+    mha = info.mha_cache_values_per_token * dtype.itemsize
+    print(f"{len(out.tokens)} tokens in {out.seconds:.2f} s "
+          f"({len(out.tokens) / out.seconds:.1f} tokens/s); KV cache "
+          f"{out.cache_bytes:,} bytes, {per_token:,} bytes per token "
+          f"(multi-head attention: {mha:,})", file=sys.stderr)
+    if args.speculative:
+        rate = out.accepted / max(out.drafted, 1)
+        print(f"MTP drafts accepted: {out.accepted} of {out.drafted} "
+              f"({rate:.0%})", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coom", description="Pretrain DeepSeek-V3-style models.")
@@ -187,6 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true",
                          help="replace OUT if it exists")
     convert.set_defaults(handler=cmd_convert)
+
+    generate = commands.add_parser(
+        "generate", help="sample text from a model",
+        description="Continue a prompt with a trained model, decoding with "
+        "MLA's compressed KV cache (latents and rope keys only).")
+    generate.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                          help="run directory, checkpoint folder or Hugging "
+                          "Face folder (with tokenizer.json)")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64,
+                          help="most tokens to add (default: 64)")
+    generate.add_argument("--temperature", type=float, default=0.8,
+                          help="0 decodes greedily (default: 0.8)")
+    generate.add_argument("--top-p", type=float, default=0.95,
+                          help="sample from the smallest set of tokens "
+                          "whose probability reaches this (default: 0.95)")
+    generate.add_argument("--seed", type=int, default=0,
+                          help="sampling seed (default: 0)")
+    generate.add_argument("--speculative", action="store_true",
+                          help="draft with the first MTP depth and verify "
+                          "(greedy only); prints the acceptance rate")
+    generate.add_argument("--expanded", action="store_true",
+                          help="expand cached latents to keys and values "
+                          "instead of the absorbed attention")
+    generate.add_argument("--device", default="auto",
+                          help="cpu, cuda, cuda:N or auto (default)")
+    generate.set_defaults(handler=cmd_generate)
 
     report = commands.add_parser(
         "report", help="plot and summarise a run",
