@@ -165,6 +165,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from coom.bench import describe, run_bench, write_result
+    from coom.config import load_config
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    config = load_config(args.recipe or "tiny", args.overrides)
+    result = run_bench(config, args.steps, args.warmup, args.real_data)
+    result["recipe"] = args.recipe or "tiny"
+    print(describe(result))
+    if args.out:
+        write_result(result, Path(args.out))
+        print(f"figures written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coom", description="Pretrain DeepSeek-V3-style models.")
@@ -258,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto",
                           help="cpu, cuda, cuda:N or auto (default)")
     generate.set_defaults(handler=cmd_generate)
+
+    bench = commands.add_parser(
+        "bench", help="time a recipe's training steps",
+        description="Train a recipe for a few steps (on random tokens "
+        "unless --real-data) and report tokens/s, model FLOPs "
+        "utilisation, peak memory and, on GPUs, energy per token.")
+    _add_recipe_options(bench)
+    bench.add_argument("--steps", type=int, default=10,
+                       help="timed steps (default: 10)")
+    bench.add_argument("--warmup", type=int, default=3,
+                       help="untimed steps first (default: 3)")
+    bench.add_argument("--real-data", action="store_true",
+                       help="train on the recipe's data, not random tokens")
+    bench.add_argument("--out", metavar="FILE",
+                       help="also write the figures as JSON")
+    bench.set_defaults(handler=cmd_bench)
 
     report = commands.add_parser(
         "report", help="plot and summarise a run",

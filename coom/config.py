@@ -269,6 +269,10 @@ class DataConfig:
     num_workers: int = 2
     """Processes that tokenize the sources."""
 
+    synthetic: bool = False
+    """Train on uniformly random tokens instead of the sources, with no
+    tokenizer (for benchmarks); model.vocab_size must then be set."""
+
     def __post_init__(self):
         _positive(self, "tokenizer_vocab_size", "seq_length", "num_workers")
         _require(self.tokenizer_vocab_size >= 257, "tokenizer_vocab_size",
@@ -403,6 +407,10 @@ class TrainConfig:
     """Checkpoint and exit once the step is a multiple of this, keeping the
     schedule of the full run (for time-sliced jobs)."""
 
+    compile: bool = False
+    """Compile each transformer block with ``torch.compile`` (as
+    torchtitan does); the first steps then take longer."""
+
     def __post_init__(self):
         _positive(self, "steps", "micro_batch_size", "global_batch_size",
                   "eval_interval", "eval_iters")
@@ -467,6 +475,8 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
+        _require(not self.data.synthetic or self.model.vocab_size is not None,
+                 "model.vocab_size", "must be set for data.synthetic")
         _require(self.data.seq_length <= self.model.max_position_embeddings,
                  "data.seq_length",
                  f"{self.data.seq_length} exceeds "

@@ -89,9 +89,10 @@ def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
                    counts_e: torch.Tensor) -> torch.Tensor:
     """x @ weight[e].T for each expert's consecutive rows of x."""
     if x_cd.is_cuda:
+        # Autocast does not reach _grouped_mm: match the weight's dtype.
         offsets = counts_e.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x_cd, weight_eod.transpose(-2, -1),
-                                 offs=offsets)
+        return torch._grouped_mm(
+            x_cd, weight_eod.to(x_cd.dtype).transpose(-2, -1), offs=offsets)
     chunks = x_cd.split(counts_e.tolist())
     return torch.cat([chunk @ weight_eod[e].T
                       for e, chunk in enumerate(chunks)])
@@ -200,8 +201,11 @@ class MoE(nn.Module):
     def forward(self, x_bsd: torch.Tensor) -> torch.Tensor:
         x_td = x_bsd.flatten(0, 1)
         logits_te, scores_te, weights_tk, experts_tk = self.router(x_td)
-        counts_e = torch.bincount(experts_tk.flatten(),
-                                  minlength=self.config.n_routed_experts)
+        # scatter_add rather than bincount: its size does not depend on
+        # the data, which torch.compile needs.
+        flat_c = experts_tk.flatten()
+        counts_e = flat_c.new_zeros(self.config.n_routed_experts)
+        counts_e.scatter_add_(0, flat_c, torch.ones_like(flat_c))
         if self.training:
             self.tokens_per_expert += counts_e
             self.aux_loss = self._aux_loss(logits_te, scores_te, experts_tk,

@@ -67,6 +67,12 @@ class Transformer(nn.Module):
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=std)
 
+    def compile_blocks(self) -> None:
+        """Compile each block (main and MTP) with ``torch.compile``; the
+        parameter names stay as they were."""
+        for block in [*self.layers, *(module.block for module in self.mtp)]:
+            block.compile()
+
     def moe_layers(self) -> dict[int, MoE]:
         """The MoE feed-forwards, by block index (MTP depths follow the
         main blocks, as in the checkpoint layout)."""

@@ -13,16 +13,18 @@ from coom.config import OptimizerConfig, ScheduleConfig
 
 def build_optimizer(model: nn.Module,
                     config: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW that decays matrices and embeddings but not norm scales."""
+    """AdamW that decays matrices and embeddings but not norm scales; the
+    fused implementation on GPUs."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    on_gpu = any(parameter.is_cuda for parameter in decay)
     return torch.optim.AdamW(
         groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps)
+        eps=config.adam_eps, fused=on_gpu or None)
 
 
 def _decay(fraction: float, style: str) -> float:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from coom.config import RunConfig, save_config
 from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
+from coom.data.synthetic import SyntheticSamples
 from coom.errors import UserError
 from coom.interop.weights import differences, read_weights
 from coom.models import Transformer
@@ -113,18 +114,28 @@ class Trainer:
         self.run_dir = run_dir
         self.device = resolve_device(config.train.device)
         torch.manual_seed(config.train.seed)
-        prepared = prepare(config.data)
-        self.tokenizer = prepared.tokenizer
-        self.config = self._resolved(config)
-        train = self.config.train
-        self.samples, self.valid = build_samples(
-            prepared, self.config.data, train.seed, train.micro_batch_size,
-            train.steps * train.global_batch_size,
-            train.eval_iters * train.micro_batch_size)
+        train = config.train
+        if config.data.synthetic:
+            self.tokenizer, self.config = None, config
+            self.samples, self.valid = (
+                SyntheticSamples(config.model.vocab_size,
+                                 config.data.seq_length,
+                                 train.micro_batch_size, seed)
+                for seed in (train.seed, train.seed + 1))
+        else:
+            prepared = prepare(config.data)
+            self.tokenizer = prepared.tokenizer
+            self.config = self._resolved(config)
+            self.samples, self.valid = build_samples(
+                prepared, self.config.data, train.seed,
+                train.micro_batch_size, train.steps * train.global_batch_size,
+                train.eval_iters * train.micro_batch_size)
         with torch.device("meta"):
             self.model = Transformer(self.config.model)
         self.model.to_empty(device=self.device)
         self.model.init_weights()
+        if train.compile:
+            self.model.compile_blocks()
         self.optimizer = build_optimizer(self.model, self.config.optimizer)
         self.step = 0
         self.consumed_samples = 0
@@ -146,6 +157,9 @@ class Trainer:
                        model=replace(config.model, vocab_size=size or vocab),
                        data=replace(config.data, tokenizer=str(kept)))
 
+    def _tokenizer_sha256(self):
+        return None if self.tokenizer is None else self.tokenizer.fingerprint
+
     def state(self) -> dict:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -153,13 +167,13 @@ class Trainer:
         return {"step": self.step, "consumed_samples": self.consumed_samples,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng,
-                "tokenizer_sha256": self.tokenizer.fingerprint,
+                "tokenizer_sha256": self._tokenizer_sha256(),
                 "config": self.config.to_dict()}
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path)
         _check_same_model(self.model, state, path)
-        if state["tokenizer_sha256"] != self.tokenizer.fingerprint:
+        if state["tokenizer_sha256"] != self._tokenizer_sha256():
             raise UserError(
                 f"checkpoint {path} was trained with another tokenizer "
                 f"than {self.tokenizer.path}; set data.tokenizer to the "
@@ -181,7 +195,7 @@ class Trainer:
                 f"checkpoint.init_from {path} holds another model; set the "
                 f"recipe's model fields to its values: {'; '.join(changed)}")
         sha = weights.tokenizer_sha256
-        if sha is not None and sha != self.tokenizer.fingerprint:
+        if sha is not None and sha != self._tokenizer_sha256():
             raise UserError(
                 f"checkpoint.init_from {path} was trained with another "
                 f"tokenizer than {self.tokenizer.path}; set data.tokenizer "
@@ -226,25 +240,27 @@ class Trainer:
         depths = self.config.model.mtp_num_layers
         micro_batches = train.global_batch_size // train.micro_batch_size
         tokens = train.global_batch_size * self.config.data.seq_length
-        total, mtp_total, aux_total = 0.0, 0.0, 0.0
+        # Sums stay on the device until the step ends: a .item() per
+        # micro-batch would stall the GPU's queue.
+        sums = torch.zeros(3, device=self.device)
         for _ in range(micro_batches):
             main, *mtp = self._losses(
                 self.samples.batch(self.consumed_samples), tokens,
                 with_mtp=depths > 0)
             aux = self.model.aux_loss() / micro_batches
             objective = main + aux
+            mtp_mean = sum(mtp) / depths if mtp else torch.zeros(())
             if mtp:
-                mtp_mean = sum(mtp) / depths
                 objective = objective + mtp_weight * mtp_mean
-                mtp_total += mtp_mean.item()
             objective.backward()
-            total += main.item()
-            aux_total += aux.item()
+            sums += torch.stack([main, mtp_mean.to(main), aux.to(main)
+                                 ]).detach()
             self.consumed_samples += train.micro_batch_size
         clip = self.config.optimizer.clip_grad or math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        total, mtp_total, aux_total = sums.tolist()
         metrics = {"loss": total, "lr": lr, "grad_norm": norm.item()}
         if depths:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}

@@ -1,0 +1,171 @@
+"""``coom bench``: time a recipe's training steps.
+
+It builds the recipe's trainer (on random tokens unless asked for the
+recipe's data), runs warm-up steps, then times the measured steps with the
+device synchronised around them, and reports tokens/s, model FLOPs
+utilisation (analytic training FLOPs per token, ``coom.models.info``) over
+the GPU's dense bf16 peak and over a measured matmul ceiling, peak memory,
+and on GPUs energy per token from NVML's counter.
+"""
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from coom.config import RunConfig
+from coom.energy.nvml import GpuEnergyMeter
+from coom.models.info import model_info
+from coom.train.trainer import Trainer
+
+# Dense bf16 peaks (no sparsity) of GPUs, in FLOP/s, by name.
+PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12,
+             "H200": 989e12, "H100 PCIe": 756e12, "A100": 312e12}
+
+
+def _peak_flops(device: torch.device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name),
+                None)
+
+
+def matmul_ceiling(device: torch.device, size: int = 8192,
+                   repeats: int = 20) -> float:
+    """Measured FLOP/s of a large bf16 matrix product on random data."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1000 / repeats
+    return 2 * size ** 3 / seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_config(config: RunConfig, steps: int, warmup: int,
+                 real_data: bool) -> RunConfig:
+    """config set up for timing: enough steps, no evaluation, and random
+    tokens unless real_data."""
+    total = steps + warmup
+    config = replace(
+        config,
+        train=replace(config.train, steps=total, eval_interval=total),
+        schedule=replace(config.schedule, lr_warmup_iters=min(
+            config.schedule.lr_warmup_iters, total),
+            lr_wsd_decay_iters=None),
+        logging=replace(config.logging, tensorboard=False))
+    if not real_data:
+        model = config.model
+        if model.vocab_size is None:
+            model = replace(model,
+                            vocab_size=config.data.tokenizer_vocab_size)
+        config = replace(config, model=model,
+                         data=replace(config.data, synthetic=True))
+    return config
+
+
+def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
+              real_data: bool = False) -> dict:
+    """Train warmup + steps steps of config and return the figures."""
+    config = bench_config(config, steps, warmup, real_data)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, Path(run_dir))
+        device = trainer.device
+        for _ in range(warmup):
+            trainer.train_step()
+        _synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        meter = GpuEnergyMeter(device)
+        seconds, losses = [], []
+        for _ in range(steps):
+            started = time.perf_counter()
+            metrics = trainer.train_step()
+            _synchronize(device)
+            seconds.append(time.perf_counter() - started)
+            losses.append(metrics["loss"])
+        joules = meter.joules()
+    config = trainer.config
+    tokens = config.train.global_batch_size * config.data.seq_length
+    info = model_info(config.model, config.data.seq_length)
+    tokens_per_s = tokens * steps / sum(seconds)
+    achieved = tokens_per_s * info.training_flops_per_token
+    result = {
+        "device": (torch.cuda.get_device_name(device)
+                   if device.type == "cuda" else "cpu"),
+        "micro_batch_size": config.train.micro_batch_size,
+        "global_batch_size": config.train.global_batch_size,
+        "seq_length": config.data.seq_length,
+        "compile": config.train.compile,
+        "steps": steps, "warmup": warmup,
+        "step_seconds_median": statistics.median(seconds),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": info.training_flops_per_token,
+        "achieved_tflops": achieved / 1e12,
+        "loss_first": losses[0], "loss_last": losses[-1],
+    }
+    peak = _peak_flops(device)
+    if peak is not None:
+        result["mfu"] = achieved / peak
+        result["peak_tflops"] = peak / 1e12
+    if device.type == "cuda":
+        ceiling = matmul_ceiling(device)
+        result["matmul_ceiling_tflops"] = ceiling / 1e12
+        result["mfu_of_matmul_ceiling"] = achieved / ceiling
+        result["peak_memory_gib"] = \
+            torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if joules is not None:
+        result["joules_per_token"] = joules / (tokens * steps)
+        result["average_watts"] = joules / sum(seconds)
+    return result
+
+
+def describe(result: dict) -> str:
+    """The lines ``coom bench`` prints."""
+    lines = [f"{result['device']}: batch {result['global_batch_size']} x "
+             f"{result['seq_length']} tokens, compile "
+             f"{'on' if result['compile'] else 'off'}, "
+             f"{result['steps']} timed steps after {result['warmup']}",
+             f"tokens/s          {result['tokens_per_s']:,.0f}",
+             f"step time         {result['step_seconds_median'] * 1e3:.1f} "
+             "ms (median)",
+             f"model FLOPs       {result['achieved_tflops']:.1f} TFLOP/s "
+             f"({result['flops_per_token'] / 1e9:.3f} GFLOP per token)"]
+    if "mfu" in result:
+        lines.append(f"MFU               {result['mfu']:.1%} of "
+                     f"{result['peak_tflops']:.0f} TFLOP/s peak, "
+                     f"{result['mfu_of_matmul_ceiling']:.1%} of the "
+                     f"measured matmul ceiling "
+                     f"{result['matmul_ceiling_tflops']:.0f} TFLOP/s")
+    if "peak_memory_gib" in result:
+        lines.append(f"peak memory       {result['peak_memory_gib']:.1f} "
+                     "GiB")
+    if "joules_per_token" in result:
+        lines.append(f"energy            {result['joules_per_token']:.4f} "
+                     f"J per token ({result['average_watts']:.0f} W)")
+    else:
+        lines.append("energy            not measured (no GPU energy "
+                     "counter)")
+    lines.append(f"loss              {result['loss_first']:.3f} -> "
+                 f"{result['loss_last']:.3f}")
+    return "\n".join(lines)
+
+
+def write_result(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+import torch
+
+from coom.cli import main
+from coom.config import ConfigError, load_config
+from coom.data.synthetic import SyntheticSamples
+
+MODEL = ["model.hidden_size=32", "model.num_layers=2",
+         "model.num_attention_heads=2", "model.ffn_hidden_size=64",
+         "model.vocab_size=300", "data.seq_length=32",
+         "train.micro_batch_size=2", "train.global_batch_size=4"]
+
+
+def test_bench_command_reports_and_writes_figures(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--steps", "2", "--warmup", "1", "--out",
+                 str(out), "--set", *MODEL]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "not measured" in printed
+    result = json.loads(out.read_text())
+    assert result["tokens_per_s"] > 0
+    assert result["global_batch_size"] == 4 and result["steps"] == 2
+    assert result["flops_per_token"] > 0
+    assert "joules_per_token" not in result and "mfu" not in result
+    assert torch.isfinite(torch.tensor(result["loss_last"]))
+
+
+def test_bench_refuses_no_steps(capsys):
+    assert main(["bench", "--steps", "0", "--set", *MODEL]) == 2
+    assert "--steps" in capsys.readouterr().err
+
+
+def test_synthetic_batches_depend_only_on_their_start():
+    samples = SyntheticSamples(50, 16, 3, seed=7)
+    first, again = samples.batch(6), samples.batch(6)
+    assert torch.equal(first.tokens, again.tokens)
+    assert not torch.equal(first.tokens, samples.batch(9).tokens)
+    assert torch.equal(first.tokens[:, 1:], first.labels[:, :-1])
+    assert first.tokens.shape == (3, 16) and int(first.tokens.max()) < 50
+
+
+def test_synthetic_data_needs_a_vocabulary_size():
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        load_config("tiny", ["data.synthetic=true"])
