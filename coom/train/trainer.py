@@ -32,6 +32,7 @@ from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
 from coom.errors import UserError
 from coom.interop.weights import differences, read_weights
+from coom.layers.mla import preferred_attention
 from coom.models import Transformer
 from coom.train.checkpoint import (
     latest_checkpoint,
@@ -210,7 +211,8 @@ class Trainer:
         has at that depth, so micro-batch losses add up to the mean.
         """
         batch = batch.to(self.device)
-        with _autocast(self.device, self.config.train.precision):
+        with _autocast(self.device, self.config.train.precision), \
+                preferred_attention():
             if with_mtp:
                 outputs = self.model.forward_with_mtp(batch.tokens,
                                                       batch.labels)
