@@ -89,7 +89,6 @@ def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
                    counts_e: torch.Tensor) -> torch.Tensor:
     """x @ weight[e].T for each expert's consecutive rows of x."""
     if x_cd.is_cuda:
-        # Autocast does not reach _grouped_mm: match the weight's dtype.
         offsets = counts_e.cumsum(0).to(torch.int32)
         return torch._grouped_mm(
             x_cd, weight_eod.to(x_cd.dtype).transpose(-2, -1), offs=offsets)
@@ -212,6 +211,11 @@ class MoE(nn.Module):
                                            x_bsd.shape[:2])
         order_c = experts_tk.flatten().argsort(stable=True)
         token_c = order_c // self.config.num_experts_per_tok
+        # Autocast does not reach _grouped_mm, which takes only bf16 on
+        # GPUs: cast as autocast would, before the copies are gathered.
+        device = x_td.device.type
+        if torch.is_autocast_enabled(device):
+            x_td = x_td.to(torch.get_autocast_dtype(device))
         y_cd = self.experts(x_td[token_c], counts_e)
         y_cd = y_cd * weights_tk.flatten()[order_c, None].to(y_cd.dtype)
         out_td = torch.zeros_like(x_td).index_add_(0, token_c,
