@@ -411,6 +411,11 @@ class TrainConfig:
     """Compile each transformer block with ``torch.compile`` (as
     torchtitan does); the first steps then take longer."""
 
+    kernels: bool = True
+    """Run COOM's fused Triton kernels on GPUs (``coom/kernels``); false
+    runs the plain PyTorch references everywhere. CPUs always run the
+    references."""
+
     def __post_init__(self):
         _positive(self, "steps", "micro_batch_size", "global_batch_size",
                   "eval_interval", "eval_iters")

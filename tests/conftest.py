@@ -1,8 +1,17 @@
-"""Shared fixtures: a small multilingual corpus and a very small run."""
+"""Shared fixtures: a small multilingual corpus and a very small run.
+
+Without a GPU, Triton kernels run in Triton's interpreter; the variable
+must be set before triton is first imported.
+"""
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from coom.data.corpus import default_corpus_files
 

@@ -45,6 +45,6 @@ class Block(nn.Module):
 
     def forward(self, x_bsd: torch.Tensor, rope: RotaryEmbedding,
                 cache: Optional[LatentCache] = None) -> torch.Tensor:
-        x_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), rope,
-                                       cache)
-        return x_bsd + self.mlp(self.mlp_norm(x_bsd))
+        attended = self.attention(self.attention_norm(x_bsd), rope, cache)
+        x_bsd, normed = self.mlp_norm.add_forward(attended, x_bsd)
+        return x_bsd + self.mlp(normed)

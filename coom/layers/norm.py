@@ -1,6 +1,13 @@
-"""RMSNorm, computed in float32 whatever the input dtype."""
+"""RMSNorm, computed in float32 whatever the input dtype.
+
+On GPUs it runs the fused Triton kernel of ``coom.kernels.rmsnorm``, which
+can also add the residual first in the same pass.
+"""
 import torch
 from torch import nn
+
+from coom.kernels import use_kernels
+from coom.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +27,14 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).type_as(x)
+        if use_kernels(x):
+            return rms_norm(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + x, the norm of that sum), in one pass on GPUs."""
+        if use_kernels(x):
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        h = residual + x
+        return h, rms_norm_reference(h, self.weight, self.eps)

@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional
 from tqdm import tqdm
 
+from coom import kernels
 from coom.config import RunConfig, save_config
 from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
@@ -116,6 +117,7 @@ class Trainer:
         self.device = resolve_device(config.train.device)
         torch.manual_seed(config.train.seed)
         train = config.train
+        kernels.set_enabled(train.kernels)
         if config.data.synthetic:
             self.tokenizer, self.config = None, config
             self.samples, self.valid = (

@@ -1,0 +1,111 @@
+"""Triton RMSNorm against a float64 reference (interpreted on CPU)."""
+import pytest
+import torch
+
+from coom.kernels.rmsnorm import add_rms_norm, rms_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Relative error bound of ||out - ref|| / ||ref|| by dtype (METHOD.md).
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _reference(h, weight, eps):
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, width", [(5, 123), (123, 5), (37, 1000)])
+def test_rms_norm_forward_and_backward(rows, width, dtype):
+    torch.manual_seed(rows * width)
+    x = (torch.randn(rows, width, device=DEVICE) * 3).to(dtype)
+    x.requires_grad_()
+    weight = torch.randn(width, device=DEVICE, requires_grad=True)
+    dy = torch.randn(rows, width, device=DEVICE).to(dtype)
+    y = rms_norm(x, weight, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape
+    y.backward(dy)
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    ref = _reference(x64, w64, 1e-6)
+    ref.backward(dy.double())
+    assert _relative(y, ref) < BOUND[dtype]
+    assert _relative(x.grad, x64.grad) < BOUND[dtype]
+    assert _relative(weight.grad, w64.grad) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_forward_and_backward(x_dtype):
+    torch.manual_seed(0)
+    rows, width = 123, 257
+    residual = torch.randn(rows, width, device=DEVICE, requires_grad=True)
+    x = torch.randn(rows, width, device=DEVICE).to(x_dtype).requires_grad_()
+    weight = torch.randn(width, device=DEVICE, requires_grad=True)
+    h, y = add_rms_norm(x, residual, weight, 1e-5)
+    assert h.dtype == y.dtype == torch.float32
+    dh, dy = torch.randn_like(h), torch.randn_like(y)
+    torch.autograd.backward([h, y], [dh, dy])
+
+    leaves = [t.detach().double().requires_grad_()
+              for t in (x, residual, weight)]
+    h64 = leaves[0] + leaves[1]
+    y64 = _reference(h64, leaves[2], 1e-5)
+    torch.autograd.backward([h64, y64], [dh.double(), dy.double()])
+    assert _relative(h, h64) < 1e-6
+    assert _relative(y, y64) < 1e-5
+    assert x.grad.dtype == x_dtype
+    bound = BOUND[x_dtype]
+    for ours, ref in zip((x.grad, residual.grad, weight.grad), leaves):
+        assert _relative(ours, ref.grad) < bound
+
+
+def test_rms_norm_keeps_leading_dimensions_and_empty_input():
+    x = torch.randn(2, 3, 16, device=DEVICE)
+    weight = torch.ones(16, device=DEVICE)
+    assert rms_norm(x, weight, 1e-6).shape == (2, 3, 16)
+    assert rms_norm(x[:, :0], weight, 1e-6).shape == (2, 0, 16)
+
+
+def test_model_with_the_kernel_matches_the_reference(monkeypatch):
+    """The whole model, forward and backward, with the kernels in its
+    norms (interpreted on CPU) against its reference path."""
+    from coom.config import ModelConfig
+    from coom.layers import norm
+    from coom.models import Transformer
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2,
+                         num_attention_heads=2, ffn_hidden_size=48,
+                         n_routed_experts=4, mtp_num_layers=1)
+    torch.manual_seed(0)
+    model = Transformer(config).to(DEVICE)
+    model.init_weights()
+    tokens = torch.randint(0, 64, (2, 9), device=DEVICE)
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(norm, "use_kernels", lambda x: enabled)
+        model.zero_grad()
+        logits = model.forward_with_mtp(tokens, tokens)
+        sum(out.square().mean() for out in logits).backward()
+        results.append([*logits, *(p.grad for p in model.parameters())])
+    for ours, ref in zip(*results):
+        assert _relative(ours, ref) < 1e-5
+
+
+def test_rms_norm_reads_rows_of_a_wider_tensor():
+    """A split of a projection's output: rows are not width apart."""
+    torch.manual_seed(1)
+    wide = torch.randn(3, 7, 40, device=DEVICE, requires_grad=True)
+    weight = torch.randn(24, device=DEVICE, requires_grad=True)
+    part = wide.split([24, 16], dim=-1)[0]
+    dy = torch.randn(3, 7, 24, device=DEVICE)
+    rms_norm(part, weight, 1e-6).backward(dy)
+    wide64 = wide.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    _reference(wide64[..., :24], w64, 1e-6).backward(dy.double())
+    assert _relative(wide.grad, wide64.grad) < 1e-5
+    assert _relative(weight.grad, w64.grad) < 1e-5
