@@ -2,7 +2,8 @@
 
 Runs, one after the other in this process's GPU:
   1. SDPA backends at MLA's head dims (qk 192, v 128), forward + backward;
-  2. `coom bench small` eager and compiled, batch B x 4096;
+  2. `coom bench small`, batch B x 4096: eager, compiled, and compiled
+     without COOM's Triton kernels;
   3. torchtitan 0.2.2 (peer script, compiled), same batch;
 and prints the tokens/s ratio. Each run writes its output under $OUT.
 
@@ -26,6 +27,9 @@ from torch.nn import functional
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 OUT = Path(os.environ.get("OUT", "bench-out"))
+# COOM runs: eager or torch.compile per block, with COOM's Triton kernels
+# or (reference) with the plain PyTorch layers.
+MODES = ("eager", "compiled", "compiled-reference")
 
 
 def time_sdpa(batch: int) -> None:
@@ -81,14 +85,15 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=240,
                         help="seconds each run may take")
     parser.add_argument("--skip", nargs="*", default=[],
-                        help="parts to skip: sdpa eager compiled peer")
+                        help="parts to skip: sdpa, peer, or a COOM "
+                        "mode: " + ", ".join(MODES))
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     if "sdpa" not in args.skip:
         time_sdpa(args.batch)
     figures = {}
-    for mode in ("eager", "compiled"):
+    for mode in MODES:
         if mode in args.skip:
             continue
         out = OUT / f"coom_{mode}.json"
@@ -97,7 +102,9 @@ def main() -> int:
             str(args.steps), "--warmup", "3", "--out", str(out), "--set",
             f"train.micro_batch_size={args.batch}",
             f"train.global_batch_size={args.batch}",
-            f"train.compile={mode == 'compiled'}"], timeout=args.timeout)
+            f"train.compile={mode.startswith('compiled')}",
+            f"train.kernels={not mode.endswith('reference')}"],
+            timeout=args.timeout)
         if out.exists():
             figures[mode] = json.loads(out.read_text())["tokens_per_s"]
     if "peer" not in args.skip:
@@ -108,7 +115,7 @@ def main() -> int:
             figures["torchtitan"] = float(found.group(1).replace(",", ""))
     print(json.dumps(figures))
     if "torchtitan" in figures:
-        for mode in ("eager", "compiled"):
+        for mode in MODES:
             if mode in figures:
                 print(f"COOM {mode} / torchtitan compiled: "
                       f"{figures[mode] / figures['torchtitan']:.2f}x")
