@@ -163,6 +163,11 @@ class Trainer:
     def _tokenizer_sha256(self):
         return None if self.tokenizer is None else self.tokenizer.fingerprint
 
+    def _tokenizer_label(self) -> str:
+        if self.tokenizer is None:
+            return "this run's random tokens (data.synthetic)"
+        return str(self.tokenizer.path)
+
     def state(self) -> dict:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -179,7 +184,7 @@ class Trainer:
         if state["tokenizer_sha256"] != self._tokenizer_sha256():
             raise UserError(
                 f"checkpoint {path} was trained with another tokenizer "
-                f"than {self.tokenizer.path}; set data.tokenizer to the "
+                f"than {self._tokenizer_label()}; set data.tokenizer to the "
                 "run's tokenizer")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -201,8 +206,8 @@ class Trainer:
         if sha is not None and sha != self._tokenizer_sha256():
             raise UserError(
                 f"checkpoint.init_from {path} was trained with another "
-                f"tokenizer than {self.tokenizer.path}; set data.tokenizer "
-                "to its tokenizer.json")
+                f"tokenizer than {self._tokenizer_label()}; set "
+                "data.tokenizer to its tokenizer.json")
         self.model.load_state_dict(weights.state)
 
     def _losses(self, batch: Batch, tokens_in_step: int,

@@ -73,3 +73,13 @@ def test_existing_output_is_kept(small_run, tmp_path, capsys):
 def test_load_model_explains_bad_paths(tmp_path, make, words):
     with pytest.raises(UserError, match=words):
         coom.load_model(make(tmp_path / "nothing"))
+
+
+def test_synthetic_run_refuses_weights_of_a_tokenizer(small_run, tmp_path,
+                                                      capsys):
+    run = tmp_path / "run"
+    assert _train(run, small_run) == 0
+    assert _train(tmp_path / "other", small_run + [
+        f"checkpoint.init_from={run}", "data.synthetic=true",
+        "model.vocab_size=512"]) == 2
+    assert "data.synthetic" in capsys.readouterr().err
