@@ -101,13 +101,14 @@ class Transformer(nn.Module):
             metrics["moe_max_vio"] = sum(max_vios) / len(max_vios)
         return metrics
 
+    def head_weight(self) -> torch.Tensor:
+        """The output head's weight (v, d): the embedding's when tied."""
+        return self.embed.weight if self.head is None else self.head.weight
+
     def logits(self, h_bsd: torch.Tensor,
                norm: RMSNorm) -> torch.Tensor:
         """The shared output head over norm(h)."""
-        x_bsd = norm(h_bsd)
-        if self.head is None:
-            return functional.linear(x_bsd, self.embed.weight)
-        return self.head(x_bsd)
+        return functional.linear(norm(h_bsd), self.head_weight())
 
     def hidden(self, tokens_bs: torch.Tensor,
                cache: Optional[DecodingCache] = None) -> torch.Tensor:
@@ -128,15 +129,27 @@ class Transformer(nn.Module):
                 cache: Optional[DecodingCache] = None) -> torch.Tensor:
         return self.logits(self.hidden(tokens_bs, cache), self.norm)
 
-    def forward_with_mtp(self, tokens_bs: torch.Tensor,
-                         labels_bs: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of the main model (b, s, v) and of each MTP depth k
-        (b, s - k, v), whose targets are labels_bs[:, k:]."""
+    def features(self, tokens_bs: torch.Tensor) -> torch.Tensor:
+        """What the output head reads: the normalised last hidden state."""
+        return self.norm(self.hidden(tokens_bs))
+
+    def features_with_mtp(self, tokens_bs: torch.Tensor,
+                          labels_bs: torch.Tensor) -> list[torch.Tensor]:
+        """What the output head reads: the normalised last hidden state of
+        the main model (b, s, d) and of each MTP depth k (b, s - k, d),
+        whose targets are labels_bs[:, k:]."""
         h_bsd = self.hidden(tokens_bs)
-        outputs = [self.logits(h_bsd, self.norm)]
+        outputs = [self.norm(h_bsd)]
         length = tokens_bs.shape[1]
         for depth, module in enumerate(self.mtp, start=1):
             ahead_bsd = self.embed(labels_bs[:, depth - 1:length - 1])
             h_bsd = module(h_bsd[:, :length - depth], ahead_bsd, self.rope)
-            outputs.append(self.logits(h_bsd, module.norm))
+            outputs.append(module.norm(h_bsd))
         return outputs
+
+    def forward_with_mtp(self, tokens_bs: torch.Tensor,
+                         labels_bs: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of the main model (b, s, v) and of each MTP depth k
+        (b, s - k, v), whose targets are labels_bs[:, k:]."""
+        return [functional.linear(x_bsd, self.head_weight())
+                for x_bsd in self.features_with_mtp(tokens_bs, labels_bs)]

@@ -11,7 +11,7 @@ So a resumed run repeats the uninterrupted one bit for bit on the CPU.
 SIGINT and SIGTERM do not kill the loop: they are noted, the current step
 finishes, a checkpoint is written and the run exits cleanly.
 
-Tensor names end in their shape: b micro-batch; s sequence; v vocabulary.
+Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
 import contextlib
 import json
@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.nn import functional
 from tqdm import tqdm
 
 from coom import kernels
@@ -33,6 +32,10 @@ from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
 from coom.errors import UserError
 from coom.interop.weights import differences, read_weights
+from coom.kernels.cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from coom.layers.mla import preferred_attention
 from coom.models import Transformer
 from coom.train.checkpoint import (
@@ -218,22 +221,23 @@ class Trainer:
         has at that depth, so micro-batch losses add up to the mean.
         """
         batch = batch.to(self.device)
-        with _autocast(self.device, self.config.train.precision), \
-                preferred_attention():
-            if with_mtp:
-                outputs = self.model.forward_with_mtp(batch.tokens,
-                                                      batch.labels)
-            else:
-                outputs = [self.model(batch.tokens)]
+        loss = linear_cross_entropy if kernels.use_kernels(batch.tokens) \
+            else linear_cross_entropy_reference
         length = batch.tokens.shape[1]
         losses = []
-        for depth, logits_bsv in enumerate(outputs):
-            per_token = functional.cross_entropy(
-                logits_bsv.flatten(0, 1).float(),
-                batch.labels[:, depth:].flatten(), reduction="none")
-            mask = batch.loss_mask[:, depth:].flatten()
-            share = (length - depth) / length
-            losses.append((per_token * mask).sum() / (tokens_in_step * share))
+        with _autocast(self.device, self.config.train.precision), \
+                preferred_attention():
+            features = self.model.features_with_mtp(
+                batch.tokens, batch.labels) if with_mtp \
+                else [self.model.features(batch.tokens)]
+            for depth, x_bsd in enumerate(features):
+                share = (length - depth) / length
+                scale_t = batch.loss_mask[:, depth:].flatten() \
+                    / (tokens_in_step * share)
+                losses.append(loss(x_bsd.flatten(0, 1),
+                                   self.model.head_weight(),
+                                   batch.labels[:, depth:].flatten(),
+                                   scale_t))
         return losses
 
     def train_step(self) -> dict:

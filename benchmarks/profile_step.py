@@ -1,0 +1,85 @@
+"""Where a training step of the `small` preset spends its GPU time.
+
+Builds the same trainer as `coom bench` (random tokens), runs warm-up
+steps, profiles one step with torch.profiler and prints the GPU kernels
+that take the most time, grouped into matmuls, attention, Triton kernels
+and the rest, against the step's wall time.
+
+Run on the device machine from the repository root:
+
+    python3 benchmarks/profile_step.py --set train.micro_batch_size=4
+"""
+import argparse
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from coom.bench import bench_config
+from coom.config import load_config
+from coom.train.trainer import Trainer
+
+OUT = Path(os.environ.get("OUT", "bench-out"))
+CATEGORIES = (
+    ("grouped matmul", ("grouped", "_grouped_mm")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")),
+    ("attention", ("cudnn", "flash", "fmha", "attention")),
+    ("triton (coom)", ("_kernel",)),
+    ("triton (inductor)", ("triton_",)),
+    ("optimizer", ("multi_tensor", "adam")),
+)
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    for label, keys in CATEGORIES:
+        if any(key in lowered for key in keys):
+            return label
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="small")
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    config = load_config(args.recipe, args.overrides)
+    config = bench_config(config, steps=1, warmup=args.warmup,
+                          real_data=False)
+    OUT.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, OUT / "profile-run")
+    for _ in range(args.warmup):
+        trainer.train_step()
+    torch.cuda.synchronize()
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    with profile(activities=[ProfilerActivity.CPU,
+                             ProfilerActivity.CUDA]) as prof:
+        start.record()
+        trainer.train_step()
+        end.record()
+        torch.cuda.synchronize()
+    step_ms = start.elapsed_time(end)
+    events = [event for event in prof.key_averages()
+              if event.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda event: event.self_device_time_total,
+                reverse=True)
+    total_us = sum(event.self_device_time_total for event in events)
+    print(f"step {step_ms:.1f} ms wall, GPU kernels {total_us / 1e3:.1f} ms"
+          f" ({total_us / 1e3 / step_ms:.0%} busy)")
+    by_category = defaultdict(float)
+    for event in events:
+        by_category[category(event.key)] += event.self_device_time_total
+    for label, us in sorted(by_category.items(), key=lambda item: -item[1]):
+        print(f"  {label:18s} {us / 1e3:8.1f} ms {us / total_us:6.1%}")
+    print(f"\ntop {args.top} kernels:")
+    for event in events[:args.top]:
+        print(f"  {event.self_device_time_total / 1e3:8.2f} ms "
+              f"{event.count:5d}x  {event.key[:100]}")
+
+
+if __name__ == "__main__":
+    main()
