@@ -10,6 +10,8 @@ times over the original context are divided by the factor, those turning
 more than ``beta_fast`` times are kept, with a linear ramp between; cos and
 sin are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim).
 
+On GPUs the rotation runs the Triton kernel of ``coom.kernels.rope``.
+
 Tensor names end in their shape: b batch; s sequence; h heads; k rotated
 head dimension.
 """
@@ -19,6 +21,8 @@ import torch
 from torch import nn
 
 from coom.config import ModelConfig
+from coom.kernels import use_kernels
+from coom.kernels.rope import rotate, rotate_reference
 
 
 def yarn_mscale(factor: float, coefficient: float) -> float:
@@ -87,11 +91,6 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x_bshk: torch.Tensor,
                 start: int = 0) -> torch.Tensor:
         """Rotate x (b, s, h, k) as positions start .. start + s - 1."""
-        end = start + x_bshk.shape[1]
-        cos = self.cos_sk[start:end, None, :]
-        sin = self.sin_sk[start:end, None, :]
-        pairs = x_bshk.float().unflatten(-1, (-1, 2))
-        real, imag = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack(
-            (real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-        return rotated.flatten(-2).type_as(x_bshk)
+        if use_kernels(x_bshk):
+            return rotate(x_bshk, self.cos_sk, self.sin_sk, start)
+        return rotate_reference(x_bshk, self.cos_sk, self.sin_sk, start)
