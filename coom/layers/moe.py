@@ -11,6 +11,11 @@ for expert parallelism can later slot in between them:
    on a GPU, a loop over the groups elsewhere), nothing dropped;
 4. combine: each copy is weighted and summed back into its token.
 
+On GPUs the routing after the router matmul runs the Triton kernel of
+``coom.kernels.router``, permute and combine those of
+``coom.kernels.permute``, and the experts' gating that of
+``coom.kernels.swiglu``.
+
 Auxiliary-loss-free balancing (DeepSeek-V3) adds a per-expert ``bias`` to
 the scores for selection only; the combine weights use the unbiased
 scores. The bias is a persistent buffer, saved with the weights and never
@@ -27,6 +32,10 @@ from torch import nn
 from torch.nn import functional
 
 from coom.config import ModelConfig
+from coom.kernels import use_kernels
+from coom.kernels.permute import copy_positions, permute, unpermute
+from coom.kernels.router import route, route_reference
+from coom.kernels.swiglu import swiglu, swiglu_reference
 from coom.layers.mlp import SwiGLU
 
 
@@ -48,40 +57,18 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=std)
         nn.init.zeros_(self.bias)
 
-    def affinities(self, logits_te: torch.Tensor) -> torch.Tensor:
-        """Token-to-expert affinities (t, e) from the router logits."""
-        if self.config.scoring_func == "softmax":
-            return logits_te.softmax(dim=-1)
-        return logits_te.sigmoid()
-
-    def _group_mask(self, choice_te: torch.Tensor) -> torch.Tensor:
-        """True for experts in the topk_group groups with the best top-2
-        scores."""
-        groups = self.config.n_group
-        choice_tgx = choice_te.unflatten(-1, (groups, -1))
-        group_scores_tg = choice_tgx.topk(2, dim=-1).values.sum(dim=-1)
-        best_tg = group_scores_tg.topk(self.config.topk_group, dim=-1)
-        mask_tg = torch.zeros_like(group_scores_tg, dtype=torch.bool)
-        mask_tg.scatter_(1, best_tg.indices, True)
-        return mask_tg.unsqueeze(-1).expand_as(choice_tgx).flatten(1)
-
     def forward(self, x_td: torch.Tensor):
         """Returns float32 logits and affinities (t, e), combine weights
         (t, k) and expert ids (t, k)."""
         config = self.config
-        logits_te = functional.linear(x_td.float(), self.weight.float())
-        scores_te = self.affinities(logits_te)
-        choice_te = scores_te + self.bias
-        if config.n_group > 1:
-            choice_te = choice_te.masked_fill(
-                ~self._group_mask(choice_te), -math.inf)
-        experts_tk = choice_te.topk(config.num_experts_per_tok,
-                                    dim=-1).indices
-        weights_tk = scores_te.gather(1, experts_tk)
-        if config.norm_topk_prob:
-            weights_tk = weights_tk / (weights_tk.sum(-1, keepdim=True)
-                                       + 1e-20)
-        weights_tk = weights_tk * config.routed_scaling_factor
+        # In float32 even under autocast, which would run it in bf16.
+        with torch.autocast(x_td.device.type, enabled=False):
+            logits_te = functional.linear(x_td.float(), self.weight.float())
+        select = route if use_kernels(x_td) else route_reference
+        scores_te, weights_tk, experts_tk = select(
+            logits_te, self.bias, config.num_experts_per_tok,
+            config.scoring_func, config.n_group, config.topk_group,
+            config.norm_topk_prob, config.routed_scaling_factor)
         return logits_te, scores_te, weights_tk, experts_tk
 
 
@@ -119,7 +106,9 @@ class GroupedExperts(nn.Module):
         """SwiGLU of rows sorted by expert, counts_e rows per expert."""
         gate = grouped_matmul(x_cd, self.w1, counts_e)
         up = grouped_matmul(x_cd, self.w3, counts_e)
-        return grouped_matmul(functional.silu(gate) * up, self.w2, counts_e)
+        gated = swiglu(gate, up) if use_kernels(gate) \
+            else swiglu_reference(gate, up)
+        return grouped_matmul(gated, self.w2, counts_e)
 
 
 def balance_loss(scores_bse: torch.Tensor, experts_bsk: torch.Tensor,
@@ -210,16 +199,22 @@ class MoE(nn.Module):
             self.aux_loss = self._aux_loss(logits_te, scores_te, experts_tk,
                                            x_bsd.shape[:2])
         order_c = experts_tk.flatten().argsort(stable=True)
-        token_c = order_c // self.config.num_experts_per_tok
+        k = self.config.num_experts_per_tok
         # Autocast does not reach _grouped_mm, which takes only bf16 on
         # GPUs: cast as autocast would, before the copies are gathered.
         device = x_td.device.type
         if torch.is_autocast_enabled(device):
             x_td = x_td.to(torch.get_autocast_dtype(device))
-        y_cd = self.experts(x_td[token_c], counts_e)
-        y_cd = y_cd * weights_tk.flatten()[order_c, None].to(y_cd.dtype)
-        out_td = torch.zeros_like(x_td).index_add_(0, token_c,
-                                                   y_cd.to(x_td.dtype))
+        if use_kernels(x_td):
+            copy_tk = copy_positions(order_c, k)
+            y_cd = self.experts(permute(x_td, copy_tk), counts_e)
+            out_td = unpermute(y_cd, weights_tk, copy_tk)
+        else:
+            token_c = order_c // k
+            y_cd = self.experts(x_td[token_c], counts_e)
+            y_cd = y_cd * weights_tk.flatten()[order_c, None].to(y_cd.dtype)
+            out_td = torch.zeros_like(x_td).index_add_(0, token_c,
+                                                       y_cd.to(x_td.dtype))
         if self.shared_experts is not None:
             out_td = out_td + self.shared_experts(x_td)
         return out_td.view_as(x_bsd)
