@@ -1,6 +1,7 @@
-"""Per-kernel timings on the GPU: COOM's Triton kernels against the plain
-PyTorch reference, eager and under torch.compile, with the achieved
-bandwidth against a measured device-to-device copy; and the fused linear +
+"""Per-kernel timings on the GPU: COOM's Triton kernels (RMSNorm, SwiGLU,
+RoPE, permute and combine, router top-k) against the plain PyTorch
+reference, eager and under torch.compile, with the achieved bandwidth
+against a measured device-to-device copy; and the fused linear +
 cross-entropy's time and peak memory against the unfused loss.
 
 Memory-bound kernels are timed inside a CUDA graph (the kernels' own time,
@@ -18,7 +19,11 @@ from coom.kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
 )
+from coom.kernels.permute import copy_positions, permute, unpermute
 from coom.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
+from coom.kernels.rope import rotate, rotate_reference
+from coom.kernels.router import route, route_reference
+from coom.kernels.swiglu import swiglu, swiglu_reference
 
 ROWS, WIDTH = 4 * 4096, 1536  # the small preset's batch 4 x 4096 tokens
 
@@ -102,6 +107,103 @@ def rms_norm_benchmarks(bandwidth: float) -> None:
            bandwidth)
 
 
+def with_compiled(kernel, reference):
+    """(label, function) of the kernel, eager PyTorch and compiled."""
+    return [("triton", kernel), ("torch eager", reference),
+            ("torch.compile", torch.compile(reference))]
+
+
+def swiglu_benchmarks(bandwidth: float) -> None:
+    # the dense MLP's gating (tokens x ffn) and the experts' (copies x i)
+    for rows, width in ((ROWS, 4096), (6 * ROWS, 512)):
+        gate, up = (torch.randn(rows, width, device="cuda",
+                                dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(2))
+        size = gate.numel() * gate.element_size()
+        # forward: read gate and up, write y; backward: read dy, gate and
+        # up, write dgate and dup
+        report(f"SwiGLU gating {rows} x {width} bf16",
+               [(label, function, (gate, up), ())
+                for label, function in with_compiled(swiglu,
+                                                     swiglu_reference)],
+               3 * size, 8 * size, bandwidth)
+
+
+def rope_benchmarks(bandwidth: float) -> None:
+    positions, half = 4096, 32
+    angles = torch.rand(positions, half, device="cuda") * 6
+    cos, sin = angles.cos(), angles.sin()
+    # MLA's query rope channels: 64 of each head's 192, 12 heads
+    q = torch.randn(4, positions, 12, 192, device="cuda",
+                    dtype=torch.bfloat16)
+    q_pe = q[..., 128:].requires_grad_()
+    size = q_pe.numel() * q_pe.element_size()
+    report("RoPE, query rope channels (4, 4096, 12, 64 of 192) bf16",
+           [(label, function, (q_pe,), (cos, sin, 0))
+            for label, function in with_compiled(rotate, rotate_reference)],
+           2 * size, 4 * size, bandwidth)
+
+
+def gather_reference(x_td, token_c):
+    return x_td[token_c]
+
+
+def combine_reference(y_cd, weights_c, token_c):
+    y_cd = y_cd * weights_c[:, None].to(y_cd.dtype)
+    return torch.zeros(ROWS, y_cd.shape[1], device="cuda",
+                       dtype=y_cd.dtype).index_add_(0, token_c, y_cd)
+
+
+def permute_benchmarks(bandwidth: float, experts: int = 64,
+                       k: int = 6) -> None:
+    x = torch.randn(ROWS, WIDTH, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    experts_tk = torch.rand(ROWS, experts, device="cuda").topk(k).indices
+    order_c = experts_tk.flatten().argsort(stable=True)
+    copy_tk, token_c = copy_positions(order_c, k), order_c // k
+    weights_tk = torch.rand(ROWS, k, device="cuda", requires_grad=True)
+    weights_c = weights_tk.flatten()[order_c]
+    row = WIDTH * x.element_size()
+    one, copies = ROWS * row, ROWS * k * row
+    report(f"permute {ROWS} tokens x {k} copies x {WIDTH} bf16",
+           [("triton", permute, (x,), (copy_tk,)),
+            ("torch eager", gather_reference, (x,), (token_c,)),
+            ("torch.compile", torch.compile(gather_reference), (x,),
+             (token_c,))],
+           one + copies, 2 * (one + copies), bandwidth)
+    y = torch.randn(ROWS * k, WIDTH, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    report("combine (weighted unpermute), same sizes",
+           [("triton", unpermute, (y, weights_tk), (copy_tk,)),
+            ("torch eager", combine_reference, (y, weights_c), (token_c,)),
+            ("torch.compile", torch.compile(combine_reference),
+             (y, weights_c), (token_c,))],
+           one + copies, one + copies + one + 2 * copies, bandwidth)
+
+
+def router_benchmarks() -> None:
+    """Top-k after the router matmul: the small preset's 64 experts, and
+    DeepSeek-V3's 256 in 8 groups (top 4 groups, 8 experts)."""
+    for experts, k, groups, top_groups in ((64, 6, 1, 1), (256, 8, 8, 4)):
+        print(f"\nrouter top-{k} of {experts} experts, {groups} groups, "
+              f"{ROWS} tokens, float32 logits")
+        logits = torch.randn(ROWS, experts, device="cuda",
+                             requires_grad=True)
+        bias = torch.randn(experts, device="cuda") * 0.01
+        settings = (bias, k, "sigmoid", groups, top_groups, True, 2.5)
+        for label, function in with_compiled(route, route_reference):
+            forward, _ = timed(lambda: function(logits, *settings))
+
+            def both():
+                logits.grad = None
+                scores, weights, _ = function(logits, *settings)
+                (scores.sum() + weights.sum()).backward()
+            total, how = timed(both)
+            note = "" if how == "graph" else f"  [{how}]"
+            print(f"  {label:14s} forward {forward * 1e3:7.1f} us  "
+                  f"forward+backward {total * 1e3:7.1f} us{note}")
+
+
 def cross_entropy_benchmark(tokens: int = 8192, vocab: int = 129280,
                             width: int = WIDTH) -> None:
     """Peak memory and time of the loss, forward + backward, bf16
@@ -153,6 +255,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} "
           "TB/s (read + write)")
     rms_norm_benchmarks(bandwidth)
+    swiglu_benchmarks(bandwidth)
+    rope_benchmarks(bandwidth)
+    permute_benchmarks(bandwidth)
+    router_benchmarks()
     cross_entropy_benchmark()
 
 
