@@ -10,7 +10,7 @@ Run on the device machine from the repository root:
     python3 benchmarks/profile_step.py --set train.micro_batch_size=4
 """
 import argparse
-import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from coom.bench import bench_config
 from coom.config import load_config
 from coom.train.trainer import Trainer
 
-OUT = Path(os.environ.get("OUT", "bench-out"))
 CATEGORIES = (
     ("grouped matmul", ("grouped", "_grouped_mm")),
     ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")),
@@ -50,8 +49,7 @@ def main() -> None:
     config = load_config(args.recipe, args.overrides)
     config = bench_config(config, steps=1, warmup=args.warmup,
                           real_data=False)
-    OUT.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, OUT / "profile-run")
+    trainer = Trainer(config, Path(tempfile.mkdtemp()) / "run")
     for _ in range(args.warmup):
         trainer.train_step()
     torch.cuda.synchronize()
