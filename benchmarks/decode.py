@@ -72,7 +72,9 @@ class PerHeadAttention(nn.Module):
 
 
 def build_model():
-    config = load_config("small", ["model.max_position_embeddings=32768"])
+    positions = max(CONTEXTS) + STEPS + 3
+    config = load_config(
+        "small", [f"model.max_position_embeddings={positions}"])
     model_config = replace(config.model,
                            vocab_size=config.data.tokenizer_vocab_size)
     with torch.device("meta"):

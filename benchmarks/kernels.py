@@ -41,19 +41,26 @@ def timed(function) -> tuple[float, str]:
     """Median milliseconds of function, and how it was timed."""
     try:
         return do_bench_cudagraph(function, return_mode="median"), "graph"
-    except Exception:  # capture refused: time with launches
+    except Exception as error:  # capture refused: time with launches
         torch.cuda.synchronize()
-        return do_bench(function, return_mode="median"), "eager launch"
+        reason = str(error).splitlines()[0][:60]
+        return (do_bench(function, return_mode="median"),
+                f"eager launch: {reason}")
 
 
 def forward_backward(function, inputs, extra):
+    """Forward and backward of function, the output gradients made once.
+    """
+    outputs = function(*inputs, *extra)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    gradients = [torch.ones_like(output) for output in outputs]
+
     def run():
         for tensor in inputs:
             tensor.grad = None
         outputs = function(*inputs, *extra)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        torch.autograd.backward(outputs,
-                                [torch.ones_like(o) for o in outputs])
+        torch.autograd.backward(outputs, gradients)
     return run
 
 
@@ -148,7 +155,9 @@ def gather_reference(x_td, token_c):
     return x_td[token_c]
 
 
-def combine_reference(y_cd, weights_c, token_c):
+def combine_reference(y_cd, weights_tk, order_c):
+    token_c = order_c // weights_tk.shape[1]
+    weights_c = weights_tk.flatten()[order_c]
     y_cd = y_cd * weights_c[:, None].to(y_cd.dtype)
     return torch.zeros(ROWS, y_cd.shape[1], device="cuda",
                        dtype=y_cd.dtype).index_add_(0, token_c, y_cd)
@@ -162,7 +171,6 @@ def permute_benchmarks(bandwidth: float, experts: int = 64,
     order_c = experts_tk.flatten().argsort(stable=True)
     copy_tk, token_c = copy_positions(order_c, k), order_c // k
     weights_tk = torch.rand(ROWS, k, device="cuda", requires_grad=True)
-    weights_c = weights_tk.flatten()[order_c]
     row = WIDTH * x.element_size()
     one, copies = ROWS * row, ROWS * k * row
     report(f"permute {ROWS} tokens x {k} copies x {WIDTH} bf16",
@@ -175,9 +183,9 @@ def permute_benchmarks(bandwidth: float, experts: int = 64,
                     requires_grad=True)
     report("combine (weighted unpermute), same sizes",
            [("triton", unpermute, (y, weights_tk), (copy_tk,)),
-            ("torch eager", combine_reference, (y, weights_c), (token_c,)),
+            ("torch eager", combine_reference, (y, weights_tk), (order_c,)),
             ("torch.compile", torch.compile(combine_reference),
-             (y, weights_c), (token_c,))],
+             (y, weights_tk), (order_c,))],
            one + copies, one + copies + one + 2 * copies, bandwidth)
 
 

@@ -7,7 +7,7 @@ and the rest, against the step's wall time.
 
 Run on the device machine from the repository root:
 
-    python3 benchmarks/profile_step.py --set train.micro_batch_size=4
+    python3 benchmarks/profile_step.py --set train.compile=true
 """
 import argparse
 import tempfile
@@ -22,16 +22,20 @@ from coom.config import load_config
 from coom.train.trainer import Trainer
 
 CATEGORIES = (
-    ("grouped matmul", ("grouped", "_grouped_mm")),
-    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")),
-    ("attention", ("cudnn", "flash", "fmha", "attention")),
-    ("triton (coom)", ("_kernel",)),
-    ("triton (inductor)", ("triton_",)),
+    ("grouped matmul (cutlass)", ("cutlass",)),
+    ("matmul (cublas)", ("gemm", "nvjet", "xmma")),
+    ("attention (cudnn)", ("cudnn", "flash", "fmha")),
+    ("fused by inductor", ("triton_",)),
     ("optimizer", ("multi_tensor", "adam")),
+    ("copies and casts", ("copy", "cat")),
+    ("elementwise (eager)", ("elementwise",)),
 )
 
 
 def category(name: str) -> str:
+    """A kernel's group; COOM's Triton kernels are named _..._kernel."""
+    if name.startswith("_") and name.endswith("_kernel"):
+        return "triton (coom)"
     lowered = name.lower()
     for label, keys in CATEGORIES:
         if any(key in lowered for key in keys):
@@ -72,7 +76,7 @@ def main() -> None:
     for event in events:
         by_category[category(event.key)] += event.self_device_time_total
     for label, us in sorted(by_category.items(), key=lambda item: -item[1]):
-        print(f"  {label:18s} {us / 1e3:8.1f} ms {us / total_us:6.1%}")
+        print(f"  {label:26s} {us / 1e3:8.1f} ms {us / total_us:6.1%}")
     print(f"\ntop {args.top} kernels:")
     for event in events[:args.top]:
         print(f"  {event.self_device_time_total / 1e3:8.2f} ms "
