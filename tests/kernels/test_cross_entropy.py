@@ -9,14 +9,7 @@ from coom.kernels.cross_entropy import (
     linear_cross_entropy_forward,
     linear_cross_entropy_reference,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
+from tests.kernels import DEVICE, relative_error
 
 
 def _inputs(tokens, vocab, width, seed=0):
@@ -52,9 +45,9 @@ def test_loss_and_gradients_float32(tokens, vocab, width, rows, monkeypatch):
     assert loss.dtype == torch.float32 and loss.shape == ()
     (2.5 * loss).backward()
     ref_loss, ref_dx, ref_dw = _reference(x, weight, labels, scale)
-    assert _relative(loss, ref_loss) < 1e-5
-    assert _relative(x.grad, 2.5 * ref_dx) < 1e-5
-    assert _relative(weight.grad, 2.5 * ref_dw) < 1e-5
+    assert relative_error(loss, ref_loss) < 1e-5
+    assert relative_error(x.grad, 2.5 * ref_dx) < 1e-5
+    assert relative_error(weight.grad, 2.5 * ref_dw) < 1e-5
 
 
 def test_bfloat16_matmuls_under_autocast(monkeypatch):
@@ -69,9 +62,9 @@ def test_bfloat16_matmuls_under_autocast(monkeypatch):
     loss.backward()
     assert x.grad.dtype == weight.grad.dtype == torch.float32
     ref_loss, ref_dx, ref_dw = _reference(x, weight, labels, scale)
-    assert _relative(loss, ref_loss) < 1e-2
-    assert _relative(x.grad, ref_dx) < 1e-2
-    assert _relative(weight.grad, ref_dw) < 1e-2
+    assert relative_error(loss, ref_loss) < 1e-2
+    assert relative_error(x.grad, ref_dx) < 1e-2
+    assert relative_error(weight.grad, ref_dw) < 1e-2
 
 
 def test_without_gradients_only_the_loss_is_computed():
@@ -79,7 +72,7 @@ def test_without_gradients_only_the_loss_is_computed():
     with torch.no_grad():
         loss = linear_cross_entropy(x, weight, labels, scale)
     ref_loss, _, _ = _reference(x, weight, labels, scale)
-    assert _relative(loss, ref_loss) < 1e-5
+    assert relative_error(loss, ref_loss) < 1e-5
     _, grad_x, grad_w = linear_cross_entropy_forward(
         x, weight, labels, scale, torch.float32, 8, False)
     assert grad_x.numel() == grad_w.numel() == 0
@@ -93,8 +86,8 @@ def test_extreme_logits_stay_finite():
     loss = linear_cross_entropy(x, weight, labels, scale)
     loss.backward()
     ref_loss, ref_dx, _ = _reference(x, weight, labels, scale)
-    assert _relative(loss, ref_loss) < 1e-5
-    assert _relative(x.grad, ref_dx) < 1e-5
+    assert relative_error(loss, ref_loss) < 1e-5
+    assert relative_error(x.grad, ref_dx) < 1e-5
 
 
 def test_chunk_rows_bound_the_logits_held_at_once():

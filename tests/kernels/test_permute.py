@@ -10,16 +10,7 @@ from coom.kernels.permute import (
     unpermute,
     unpermute_reference,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Relative error bound of ||out - ref|| / ||ref|| by dtype (METHOD.md).
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
+from tests.kernels import BOUND, DEVICE, relative_error
 
 
 def _routing(tokens: int, experts: int, k: int):
@@ -49,7 +40,7 @@ def test_permute_forward_and_backward(tokens, width, experts, k, dtype):
     dx = torch.zeros(tokens, width, device=DEVICE, dtype=torch.float64)
     dx.index_add_(0, order_c // k, dx_cd.double())
     assert x.grad.dtype == dtype
-    assert _relative(x.grad, dx) < BOUND[dtype]
+    assert relative_error(x.grad, dx) < BOUND[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -71,12 +62,12 @@ def test_unpermute_forward_and_backward(tokens, width, experts, k, dtype):
     ref = ref.index_add(0, order_c // k,
                         y64 * weights64.flatten()[order_c, None])
     ref.backward(dout.double())
-    assert _relative(out, ref) < BOUND[dtype]
-    assert _relative(unpermute_reference(y, weights, copy_tk),
-                     ref) < BOUND[dtype]
+    assert relative_error(out, ref) < BOUND[dtype]
+    assert relative_error(unpermute_reference(y, weights, copy_tk),
+                          ref) < BOUND[dtype]
     assert y.grad.dtype == dtype
-    assert _relative(y.grad, y64.grad) < BOUND[dtype]
-    assert _relative(weights.grad, weights64.grad) < BOUND[dtype]
+    assert relative_error(y.grad, y64.grad) < BOUND[dtype]
+    assert relative_error(weights.grad, weights64.grad) < BOUND[dtype]
 
 
 def test_empty_input():
@@ -128,4 +119,4 @@ def test_moe_with_kernels_matches_its_reference(monkeypatch, scoring_func):
         results.append([out, layer.aux_loss, x.grad,
                         *(p.grad for p in layer.parameters())])
     for ours, ref in zip(*results):
-        assert _relative(ours, ref) < 1e-5
+        assert relative_error(ours, ref) < 1e-5

@@ -3,16 +3,7 @@ import pytest
 import torch
 
 from coom.kernels.rmsnorm import add_rms_norm, rms_norm
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Relative error bound of ||out - ref|| / ||ref|| by dtype (METHOD.md).
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
+from tests.kernels import BOUND, DEVICE, relative_error
 
 
 def _reference(h, weight, eps):
@@ -35,9 +26,9 @@ def test_rms_norm_forward_and_backward(rows, width, dtype):
     w64 = weight.detach().double().requires_grad_()
     ref = _reference(x64, w64, 1e-6)
     ref.backward(dy.double())
-    assert _relative(y, ref) < BOUND[dtype]
-    assert _relative(x.grad, x64.grad) < BOUND[dtype]
-    assert _relative(weight.grad, w64.grad) < BOUND[dtype]
+    assert relative_error(y, ref) < BOUND[dtype]
+    assert relative_error(x.grad, x64.grad) < BOUND[dtype]
+    assert relative_error(weight.grad, w64.grad) < BOUND[dtype]
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
@@ -57,12 +48,12 @@ def test_add_rms_norm_forward_and_backward(x_dtype):
     h64 = leaves[0] + leaves[1]
     y64 = _reference(h64, leaves[2], 1e-5)
     torch.autograd.backward([h64, y64], [dh.double(), dy.double()])
-    assert _relative(h, h64) < 1e-6
-    assert _relative(y, y64) < 1e-5
+    assert relative_error(h, h64) < 1e-6
+    assert relative_error(y, y64) < 1e-5
     assert x.grad.dtype == x_dtype
     bound = BOUND[x_dtype]
     for ours, ref in zip((x.grad, residual.grad, weight.grad), leaves):
-        assert _relative(ours, ref.grad) < bound
+        assert relative_error(ours, ref.grad) < bound
 
 
 def test_rms_norm_keeps_leading_dimensions_and_empty_input():
@@ -93,7 +84,7 @@ def test_model_with_the_kernel_matches_the_reference(monkeypatch):
         sum(out.square().mean() for out in logits).backward()
         results.append([*logits, *(p.grad for p in model.parameters())])
     for ours, ref in zip(*results):
-        assert _relative(ours, ref) < 1e-5
+        assert relative_error(ours, ref) < 1e-5
 
 
 def test_rms_norm_reads_rows_of_a_wider_tensor():
@@ -107,5 +98,5 @@ def test_rms_norm_reads_rows_of_a_wider_tensor():
     wide64 = wide.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
     _reference(wide64[..., :24], w64, 1e-6).backward(dy.double())
-    assert _relative(wide.grad, wide64.grad) < 1e-5
-    assert _relative(weight.grad, w64.grad) < 1e-5
+    assert relative_error(wide.grad, wide64.grad) < 1e-5
+    assert relative_error(weight.grad, w64.grad) < 1e-5

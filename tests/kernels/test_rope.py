@@ -4,16 +4,7 @@ import pytest
 import torch
 
 from coom.kernels.rope import rotate
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Relative error bound of ||out - ref|| / ||ref|| by dtype (METHOD.md).
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
+from tests.kernels import BOUND, DEVICE, relative_error
 
 
 def _tables(positions: int, width: int):
@@ -40,8 +31,8 @@ def _check(leaf, cos_sk, sin_sk, start, bound, view=lambda t: t):
     leaf64 = leaf.detach().double().requires_grad_()
     ref = _reference(view(leaf64), cos_sk, sin_sk, start)
     ref.backward(dy.double())
-    assert _relative(y, ref) < bound
-    assert _relative(leaf.grad, leaf64.grad) < bound
+    assert relative_error(y, ref) < bound
+    assert relative_error(leaf.grad, leaf64.grad) < bound
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -111,4 +102,4 @@ def test_rotary_embedding_with_the_kernel_matches_the_reference(
         y.square().sum().backward()
         results.append((y, q.grad))
     for ours, ref in zip(*results):
-        assert _relative(ours, ref) < 1e-5
+        assert relative_error(ours, ref) < 1e-5

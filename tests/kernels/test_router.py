@@ -3,14 +3,7 @@ import pytest
 import torch
 
 from coom.kernels.router import route, route_forward, route_reference
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
+from tests.kernels import DEVICE, relative_error
 
 
 def _by_expert(weights_tk, experts_tk):
@@ -54,9 +47,9 @@ def test_route_forward_and_backward(tokens, experts, k, n_group, topk_group,
     weights, chosen = _by_expert(weights, chosen)
     ref_weights, ref_chosen = _by_expert(ref_weights, ref_chosen)
     assert torch.equal(chosen, ref_chosen)
-    assert _relative(scores, ref_scores) < 1e-5
-    assert _relative(weights, ref_weights) < 1e-5
-    assert _relative(logits.grad, logits64.grad) < 1e-5
+    assert relative_error(scores, ref_scores) < 1e-5
+    assert relative_error(weights, ref_weights) < 1e-5
+    assert relative_error(logits.grad, logits64.grad) < 1e-5
 
 
 def test_route_picks_the_best_first_and_the_lowest_index_on_ties():
@@ -74,7 +67,7 @@ def test_route_gradient_through_one_output_and_empty_input():
     route(logits, bias, *fields)[1].sum().backward()
     logits64 = logits.detach().double().requires_grad_()
     route_reference(logits64, bias.double(), *fields)[1].sum().backward()
-    assert _relative(logits.grad, logits64.grad) < 1e-5
+    assert relative_error(logits.grad, logits64.grad) < 1e-5
     scores, weights, chosen = route(logits[:0], bias, *fields)
     assert scores.shape == (0, 8) and weights.shape == chosen.shape == (0, 2)
 

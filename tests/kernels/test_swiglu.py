@@ -4,16 +4,7 @@ import pytest
 import torch
 
 from coom.kernels.swiglu import swiglu
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Relative error bound of ||out - ref|| / ||ref|| by dtype (METHOD.md).
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
+from tests.kernels import BOUND, DEVICE, relative_error
 
 
 def _inputs(shape, dtype):
@@ -37,9 +28,9 @@ def test_swiglu_forward_and_backward(shape, dtype):
     gate64, up64 = (t.detach().double().requires_grad_() for t in (gate, up))
     ref = torch.nn.functional.silu(gate64) * up64
     ref.backward(dy.double())
-    assert _relative(y, ref) < BOUND[dtype]
-    assert _relative(gate.grad, gate64.grad) < BOUND[dtype]
-    assert _relative(up.grad, up64.grad) < BOUND[dtype]
+    assert relative_error(y, ref) < BOUND[dtype]
+    assert relative_error(gate.grad, gate64.grad) < BOUND[dtype]
+    assert relative_error(up.grad, up64.grad) < BOUND[dtype]
 
 
 def test_swiglu_of_empty_input():
@@ -77,4 +68,4 @@ def test_swiglu_layer_with_the_kernel_matches_the_reference(monkeypatch):
         y.square().mean().backward()
         results.append([y, *(p.grad for p in layer.parameters())])
     for ours, ref in zip(*results):
-        assert _relative(ours, ref) < 1e-5
+        assert relative_error(ours, ref) < 1e-5
