@@ -1,0 +1,102 @@
+"""FP8 scaling: how a matrix becomes E4M3 values and float32 scales.
+
+A matrix is cut into groups of ``rows x columns`` entries; each group gets
+one scale, its largest magnitude over E4M3's largest finite value (448),
+so the group's values fill the format's range without overflow. A group
+of zeros gets scale 1. With power-of-two scales the scale is rounded up
+to a power of two, so scaling changes only exponents.
+
+The recipes, for a matrix product ``A @ B^T`` that sums over the
+columns of both operands (k):
+
+- ``blockwise`` (DeepSeek-V3): activations and gradients in tiles of 1 x
+  128 (per row, per 128 columns), weights in blocks of 128 x 128;
+- ``rowwise``: one scale per row of each operand;
+- ``tensorwise``: one scale per operand.
+
+Shapes that are not multiples of a group are covered by ceil(n / 128)
+groups; the last group is partial. Scales have shape (ceil(m / rows),
+ceil(k / columns)).
+
+Tensor names end in their shape: m rows; k columns; g row groups; h column
+groups.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max
+TILE = 128
+RECIPES = ("blockwise", "rowwise", "tensorwise")
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Rows and columns that share one scale (0: the whole dimension)."""
+
+    rows: int
+    columns: int
+
+    def sizes(self, m: int, k: int) -> tuple[int, int]:
+        return self.rows or max(m, 1), self.columns or max(k, 1)
+
+
+def groupings(recipe: str) -> tuple[Grouping, Grouping]:
+    """(activation grouping, weight grouping) of a recipe."""
+    if recipe == "blockwise":
+        return Grouping(1, TILE), Grouping(TILE, TILE)
+    if recipe == "rowwise":
+        return Grouping(1, 0), Grouping(1, 0)
+    if recipe == "tensorwise":
+        return Grouping(0, 0), Grouping(0, 0)
+    raise ValueError(f"unknown FP8 recipe {recipe!r}; expected one of "
+                     f"{', '.join(RECIPES)}")
+
+
+def _padded_groups(x_mk: torch.Tensor, rows: int,
+                   columns: int) -> torch.Tensor:
+    """x zero-padded to whole groups, viewed as (g, rows, h, columns)."""
+    m, k = x_mk.shape
+    groups, column_groups = math.ceil(m / rows), math.ceil(k / columns)
+    padded = x_mk.new_zeros(groups * rows, column_groups * columns)
+    padded[:m, :k] = x_mk
+    return padded.view(groups, rows, column_groups, columns)
+
+
+def _expand(scale_gh: torch.Tensor, rows: int, columns: int, m: int,
+            k: int) -> torch.Tensor:
+    """Each group's scale repeated over its entries, cropped to (m, k)."""
+    return scale_gh.repeat_interleave(rows, 0).repeat_interleave(
+        columns, 1)[:m, :k]
+
+
+def quantize(x_mk: torch.Tensor, grouping: Grouping,
+             power_of_two: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 values (m, k), float32 scales (g, h)) with x = values *
+    scale to within E4M3's rounding."""
+    m, k = x_mk.shape
+    rows, columns = grouping.sizes(m, k)
+    amax_gh = _padded_groups(x_mk.float(), rows, columns).abs().amax(
+        dim=(1, 3))
+    scale_gh = torch.where(amax_gh > 0, amax_gh / E4M3_MAX, 1.0)
+    if power_of_two:
+        scale_gh = torch.exp2(torch.ceil(torch.log2(scale_gh)))
+    scaled_mk = x_mk.float() / _expand(scale_gh, rows, columns, m, k)
+    return scaled_mk.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale_gh
+
+
+def dequantize(values_mk: torch.Tensor, scale_gh: torch.Tensor,
+               grouping: Grouping) -> torch.Tensor:
+    """float32 values * their group's scale."""
+    m, k = values_mk.shape
+    rows, columns = grouping.sizes(m, k)
+    return values_mk.float() * _expand(scale_gh, rows, columns, m, k)
+
+
+def fake_quantize(x_mk: torch.Tensor, grouping: Grouping,
+                  power_of_two: bool = False) -> torch.Tensor:
+    """x rounded to what its FP8 form holds, in float32 (emulation)."""
+    return dequantize(*quantize(x_mk, grouping, power_of_two), grouping)
