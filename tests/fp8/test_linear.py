@@ -13,14 +13,9 @@ import torch
 
 from coom.fp8.linear import FP8Linear, fp8_linear
 from coom.fp8.scaling import E4M3, RECIPES
+from tests.kernels import relative_error
 
 FP8_BOUND, BF16_BOUND = 2 ** -4, 2 ** -8
-
-
-def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def _run(linear, x, weight, dy):
@@ -44,8 +39,8 @@ def test_products_close_to_float64(recipe, tokens, k, n):
                dy.double())
     bf16 = _run(lambda a, b: (a.bfloat16() @ b.bfloat16().T).float(),
                 x, weight, dy)
-    errors = [_relative(a, b) for a, b in zip(ours, ref)]
-    bf16_errors = [_relative(a, b) for a, b in zip(bf16, ref)]
+    errors = [relative_error(a, b) for a, b in zip(ours, ref)]
+    bf16_errors = [relative_error(a, b) for a, b in zip(bf16, ref)]
     print(f"{recipe} {tokens}x{k}x{n}: fp8 y/dx/dW "
           f"{', '.join(f'{e:.4f}' for e in errors)}; bf16 "
           f"{', '.join(f'{e:.4f}' for e in bf16_errors)}")
