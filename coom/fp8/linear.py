@@ -12,17 +12,44 @@ recipe (``coom.fp8.scaling``), summing in float32:
 
 so under ``blockwise`` the weight gradient uses 1 x 128 tiles along the
 tokens on both operands, as DeepSeek-V3 describes. The forward keeps x for
-the backward in its FP8 form (values and scales), not in bf16.
+the backward in FP8 (values and scales), not in bf16: as the x^T operand
+of the weight gradient, quantised from x itself (DeepSeek-V3 re-quantises
+its FP8 x, rounding twice).
 
-This file is the emulation: exact quantise-dequantise in float32, which
-runs anywhere and is what the tests check the numerics with.
+Two implementations: on FP8 matrix units (``torch._scaled_mm``, with
+COOM's Triton quantisation for ``blockwise``, which writes x and the
+copy of x^T the weight gradient needs in one pass), and the emulation,
+exact quantise-dequantise in float32, which runs anywhere and is what
+the CPU tests check the numerics with.
 
 Tensor names end in their shape: m tokens; k input width; n output width.
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from coom.fp8 import ops
 from coom.fp8.scaling import dequantize, fake_quantize, groupings, quantize
+
+
+@dataclass(frozen=True)
+class FP8Recipe:
+    """How a layer's products run in FP8.
+
+    Args:
+        scaling: blockwise, rowwise or tensorwise (``coom.fp8.scaling``).
+        power_of_two: round scales up to powers of two.
+        emulate: exact quantise-dequantise in float32 instead of FP8
+            matrix units.
+    """
+
+    scaling: str
+    power_of_two: bool = False
+    emulate: bool = False
+
+    def __post_init__(self):
+        groupings(self.scaling)  # refuses unknown recipes
 
 
 def _product(a_mk: torch.Tensor, b_nk: torch.Tensor, a_grouping,
@@ -37,38 +64,103 @@ class _EmulatedFP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_mk, weight_nk, recipe, power_of_two):
         activation, weight = groupings(recipe)
-        x_values, x_scales = quantize(x_mk, activation, power_of_two)
-        y_mn = dequantize(x_values, x_scales, activation) \
-            @ fake_quantize(weight_nk, weight, power_of_two).T
-        ctx.save_for_backward(x_values, x_scales, weight_nk)
+        y_mn = _product(x_mk, weight_nk, activation, weight, power_of_two)
+        x_values_km, x_scales = quantize(x_mk.T, activation, power_of_two)
+        ctx.save_for_backward(x_values_km, x_scales, weight_nk)
         ctx.groupings, ctx.power_of_two = (activation, weight), power_of_two
         ctx.x_dtype = x_mk.dtype
         return y_mn
 
     @staticmethod
     def backward(ctx, dy_mn):
-        x_values, x_scales, weight_nk = ctx.saved_tensors
+        x_values_km, x_scales, weight_nk = ctx.saved_tensors
         activation, weight = ctx.groupings
         dy_mn = dy_mn.float()
         dx_mk = _product(dy_mn, weight_nk.float().T, activation, weight,
                          ctx.power_of_two)
-        x_mk = dequantize(x_values, x_scales, activation)
-        dweight_nk = _product(dy_mn.T, x_mk.T, activation, activation,
-                              ctx.power_of_two)
+        dweight_nk = fake_quantize(dy_mn.T, activation, ctx.power_of_two) \
+            @ dequantize(x_values_km, x_scales, activation).T
         return (dx_mk.to(ctx.x_dtype), dweight_nk.to(weight_nk.dtype),
                 None, None)
 
 
-def fp8_linear(x: torch.Tensor, weight_nk: torch.Tensor, recipe: str,
-               power_of_two: bool = False) -> torch.Tensor:
-    """x @ weight^T with FP8 products (emulated in float32); the result
-    in autocast's dtype when it is on, else x's."""
+def quantize_activation(x_mk: torch.Tensor, recipe: FP8Recipe):
+    """((values, scales) of x, (values, scales) of x^T), each in the
+    recipe's activation grouping along its rows."""
+    if recipe.scaling == "blockwise":
+        values, scales, values_t, scales_t = \
+            ops.quantize_rows_and_transpose(x_mk, recipe.power_of_two)
+        return (values, scales), (values_t, scales_t)
+    activation, _ = groupings(recipe.scaling)
+    return (quantize(x_mk, activation, recipe.power_of_two),
+            quantize(x_mk.T, activation, recipe.power_of_two))
+
+
+def quantize_weight(weight_nk: torch.Tensor, recipe: FP8Recipe):
+    """((values, scales) of W, (values, scales) of W^T) in the recipe's
+    weight grouping."""
+    if recipe.scaling == "blockwise":
+        values, scales, values_t = ops.quantize_blocks(weight_nk,
+                                                       recipe.power_of_two)
+        return (values, scales), (values_t, scales.transpose(-2, -1))
+    _, weight = groupings(recipe.scaling)
+    return (quantize(weight_nk, weight, recipe.power_of_two),
+            quantize(weight_nk.T, weight, recipe.power_of_two))
+
+
+def _scaled_product(a, b, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b^T on FP8 matrix units, of two (values, scales) operands
+    whose rows are along k; scales laid out as ``torch._scaled_mm``
+    wants them (A's outer-dim-major, B's as its transpose)."""
+    (a_values_mk, a_scales), (b_values_nk, b_scales) = a, b
+    return torch._scaled_mm(
+        a_values_mk.contiguous(), b_values_nk.contiguous().t(),
+        scale_a=a_scales.t().contiguous().t(),
+        scale_b=b_scales.contiguous().t(), out_dtype=out_dtype)
+
+
+class _FP8Linear(torch.autograd.Function):
+    """The three products on FP8 matrix units (``torch._scaled_mm``)."""
+
+    @staticmethod
+    def forward(ctx, x_mk, weight_nk, recipe, out_dtype):
+        x_rows, x_columns = quantize_activation(x_mk, recipe)
+        weight_rows, weight_columns = quantize_weight(weight_nk, recipe)
+        ctx.save_for_backward(*x_columns, *weight_columns)
+        ctx.recipe, ctx.x_dtype = recipe, x_mk.dtype
+        return _scaled_product(x_rows, weight_rows, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy_mn):
+        x_values_km, x_scales, weight_values_kn, weight_scales = \
+            ctx.saved_tensors
+        dy_rows, dy_columns = quantize_activation(dy_mn.contiguous(),
+                                                  ctx.recipe)
+        dx_mk = _scaled_product(dy_rows, (weight_values_kn, weight_scales),
+                                ctx.x_dtype)
+        dweight_nk = _scaled_product(dy_columns, (x_values_km, x_scales),
+                                     torch.float32)
+        return dx_mk, dweight_nk, None, None
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a product of x gives: autocast's when it is on, else
+    x's."""
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) \
+    return torch.get_autocast_dtype(device) \
         if torch.is_autocast_enabled(device) else x.dtype
-    with torch.autocast(device, enabled=False):
-        y_mn = _EmulatedFP8Linear.apply(x.reshape(-1, x.shape[-1]),
-                                        weight_nk, recipe, power_of_two)
+
+
+def fp8_linear(x: torch.Tensor, weight_nk: torch.Tensor,
+               recipe: FP8Recipe) -> torch.Tensor:
+    """x @ weight^T with FP8 products, in ``output_dtype(x)``."""
+    dtype, x_mk = output_dtype(x), x.reshape(-1, x.shape[-1])
+    with torch.autocast(x.device.type, enabled=False):
+        if recipe.emulate:
+            y_mn = _EmulatedFP8Linear.apply(
+                x_mk, weight_nk, recipe.scaling, recipe.power_of_two)
+        else:
+            y_mn = _FP8Linear.apply(x_mk, weight_nk, recipe, dtype)
     return y_mn.to(dtype).view(*x.shape[:-1], weight_nk.shape[0])
 
 
@@ -77,19 +169,17 @@ class FP8Linear(nn.Linear):
 
     Args:
         in_features, out_features: as nn.Linear.
-        recipe: blockwise, rowwise or tensorwise.
-        power_of_two: round scales up to powers of two.
+        recipe: how the products run in FP8.
     """
 
-    def __init__(self, in_features: int, out_features: int, recipe: str,
-                 power_of_two: bool = False, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int,
+                 recipe: FP8Recipe, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=False,
                          device=device, dtype=dtype)
-        groupings(recipe)  # refuses unknown recipes
-        self.recipe, self.power_of_two = recipe, power_of_two
+        self.recipe = recipe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.recipe, self.power_of_two)
+        return fp8_linear(x, self.weight, self.recipe)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, recipe={self.recipe}"
+        return f"{super().extra_repr()}, {self.recipe}"

@@ -100,3 +100,45 @@ def fake_quantize(x_mk: torch.Tensor, grouping: Grouping,
                   power_of_two: bool = False) -> torch.Tensor:
     """x rounded to what its FP8 form holds, in float32 (emulation)."""
     return dequantize(*quantize(x_mk, grouping, power_of_two), grouping)
+
+
+def group_tile_starts(counts_e: torch.Tensor) -> torch.Tensor:
+    """Index of each group's first tile when consecutive groups of rows
+    (counts_e rows each) start new tiles of TILE rows: the exclusive
+    cumulative sum of ceil(count / TILE), int32."""
+    tiles_e = (counts_e + TILE - 1) // TILE
+    return (tiles_e.cumsum(0) - tiles_e).to(torch.int32)
+
+
+def max_group_tiles(m: int, groups: int) -> int:
+    """A bound on the tiles of m rows in that many groups, known without
+    reading the counts."""
+    return math.ceil(m / TILE) + groups
+
+
+def quantize_transposed(x_mk: torch.Tensor, counts_e: torch.Tensor = None,
+                        power_of_two: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x^T (k, m) quantised in 1 x TILE tiles along m, the operand layout
+    of a weight gradient that sums over rows (tokens).
+
+    With counts_e, each group of consecutive rows starts a new tile, so
+    no tile mixes two groups (experts). Scales have shape (k, tiles):
+    ceil(m / TILE) tiles without groups, ``max_group_tiles`` with them,
+    group e's tiles from ``group_tile_starts`` on; unused tiles get 1.
+    """
+    m, k = x_mk.shape
+    if counts_e is None:
+        return quantize(x_mk.T, Grouping(1, TILE), power_of_two)
+    values_km = torch.empty(k, m, dtype=E4M3, device=x_mk.device)
+    scales_kj = x_mk.new_ones(k, max_group_tiles(m, len(counts_e)),
+                              dtype=torch.float32)
+    counts, starts = counts_e.tolist(), group_tile_starts(counts_e).tolist()
+    rows = 0
+    for count, tile in zip(counts, starts):
+        values, scales = quantize(x_mk[rows:rows + count].T,
+                                  Grouping(1, TILE), power_of_two)
+        values_km[:, rows:rows + count] = values
+        scales_kj[:, tile:tile + scales.shape[1]] = scales
+        rows += count
+    return values_km, scales_kj

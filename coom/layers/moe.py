@@ -26,12 +26,15 @@ model width; e routed experts; k experts per token; g groups; i expert
 width; c token copies (t * k).
 """
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional
 
 from coom.config import ModelConfig
+from coom.fp8.grouped import fp8_grouped_linear
+from coom.fp8.linear import FP8Recipe
 from coom.kernels import use_kernels
 from coom.kernels.permute import copy_positions, permute, unpermute
 from coom.kernels.router import route, route_reference
@@ -86,7 +89,8 @@ def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
 
 class GroupedExperts(nn.Module):
     """The routed experts' SwiGLU weights, stacked: w1, w3 (e, i, d) and
-    w2 (e, d, i)."""
+    w2 (e, d, i). Their products run in FP8 once ``fp8`` is set (by
+    ``coom.fp8.convert``)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -95,6 +99,7 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(shape))
         self.w3 = nn.Parameter(torch.empty(shape))
         self.w2 = nn.Parameter(torch.empty(shape[0], shape[2], shape[1]))
+        self.fp8: Optional[FP8Recipe] = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
@@ -104,11 +109,15 @@ class GroupedExperts(nn.Module):
     def forward(self, x_cd: torch.Tensor,
                 counts_e: torch.Tensor) -> torch.Tensor:
         """SwiGLU of rows sorted by expert, counts_e rows per expert."""
-        gate = grouped_matmul(x_cd, self.w1, counts_e)
-        up = grouped_matmul(x_cd, self.w3, counts_e)
+        def product(a_cd, weight_eod):
+            if self.fp8 is None:
+                return grouped_matmul(a_cd, weight_eod, counts_e)
+            return fp8_grouped_linear(a_cd, weight_eod, counts_e, self.fp8)
+
+        gate, up = product(x_cd, self.w1), product(x_cd, self.w3)
         gated = swiglu(gate, up) if use_kernels(gate) \
             else swiglu_reference(gate, up)
-        return grouped_matmul(gated, self.w2, counts_e)
+        return product(gated, self.w2)
 
 
 def balance_loss(scores_bse: torch.Tensor, experts_bsk: torch.Tensor,

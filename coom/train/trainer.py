@@ -31,6 +31,7 @@ from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
 from coom.errors import UserError
+from coom.fp8.convert import check_hardware, convert_to_fp8
 from coom.interop.weights import differences, read_weights
 from coom.kernels.cross_entropy import (
     linear_cross_entropy,
@@ -118,6 +119,7 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: Path):
         self.run_dir = run_dir
         self.device = resolve_device(config.train.device)
+        check_hardware(config.fp8, self.device)
         torch.manual_seed(config.train.seed)
         train = config.train
         kernels.set_enabled(train.kernels)
@@ -140,6 +142,7 @@ class Trainer:
             self.model = Transformer(self.config.model)
         self.model.to_empty(device=self.device)
         self.model.init_weights()
+        convert_to_fp8(self.model, config.fp8)
         if train.compile:
             self.model.compile_blocks()
         self.optimizer = build_optimizer(self.model, self.config.optimizer)

@@ -1,0 +1,86 @@
+"""Turning a model's products to FP8: one transform, applied to the
+built model before ``torch.compile``.
+
+As in DeepSeek-V3, the linears of the transformer blocks (attention
+projections, dense and shared-expert feed-forwards) and the MTP modules'
+projections convert, and so do the routed experts; the embedding, the
+output head and the router keep their precision, and so do norms and
+attention, which are not matrix products of weights. Weights stay the
+same Parameters: names, values and checkpoints do not change.
+"""
+import torch
+from torch import nn
+
+from coom.config import FP8Config
+from coom.errors import UserError
+from coom.fp8.linear import FP8Linear, FP8Recipe
+from coom.layers.moe import GroupedExperts
+
+
+def recipe_of(config: FP8Config) -> FP8Recipe:
+    return FP8Recipe(config.recipe, config.power_of_two_scales,
+                     config.emulate)
+
+
+def check_hardware(config: FP8Config, device: torch.device) -> None:
+    """Refuse FP8 on a device without FP8 matrix units, unless the
+    recipe is emulated."""
+    if config.recipe == "off" or config.emulate:
+        return
+    needed = (9, 0) if config.recipe == "blockwise" else (8, 9)
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability >= needed:
+            return
+        name = (f"{torch.cuda.get_device_name(device)} (compute capability "
+                f"{capability[0]}.{capability[1]})")
+    else:
+        name = f"the {device.type} device"
+    raise UserError(
+        f"fp8.recipe={config.recipe} needs FP8 matrix units (an NVIDIA GPU "
+        f"of compute capability {needed[0]}.{needed[1]} or newer); "
+        f"{name} has none. Set fp8.emulate=true to run the recipe emulated "
+        "in float32 (slow, for checking numerics), or fp8.recipe=off.")
+
+
+def _fp8_copy(linear: nn.Linear, recipe: FP8Recipe) -> FP8Linear:
+    if linear.bias is not None:
+        raise ValueError("FP8 linears have no bias")
+    converted = FP8Linear(linear.in_features, linear.out_features, recipe,
+                          device="meta")
+    converted.weight = linear.weight
+    return converted
+
+
+def _convert(module: nn.Module, recipe: FP8Recipe, experts: bool) -> int:
+    """Convert module's linears (and experts) in place; return how many
+    products converted."""
+    converted = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, _fp8_copy(child, recipe))
+            converted += 1
+        elif isinstance(child, GroupedExperts):
+            if experts:
+                child.fp8 = recipe
+                converted += 1
+        else:
+            converted += _convert(child, recipe, experts)
+    return converted
+
+
+def convert_to_fp8(model: nn.Module, config: FP8Config) -> int:
+    """Run the products of model's blocks (all but the configured first
+    and last ones) and MTP modules in FP8; return how many layers
+    converted (0 when the recipe is off)."""
+    if config.recipe == "off":
+        return 0
+    recipe = recipe_of(config)
+    layers = len(model.layers)
+    keep = set(range(config.high_precision_first_layers)) | set(range(
+        layers - config.high_precision_last_layers, layers))
+    converted = sum(_convert(block, recipe, config.experts)
+                    for index, block in enumerate(model.layers)
+                    if index not in keep)
+    return converted + sum(_convert(module, recipe, config.experts)
+                           for module in model.mtp)

@@ -1,0 +1,74 @@
+"""The routed experts' grouped products in FP8.
+
+Rows (token copies) come sorted by expert, ``counts_e`` rows for expert
+e, and expert e's rows are multiplied by its own weight: y_e = x_e W_e^T.
+Each expert's rows form their own groups for scaling, so no 1 x 128 tile
+of the weight gradient (which sums over rows) mixes two experts.
+
+On GPUs the products run in COOM's Triton grouped FP8 kernels, for the
+blockwise recipe only; emulated, any recipe runs, one expert at a time.
+
+Tensor names end in their shape: c rows (token copies); e experts; o
+output width; d input width.
+"""
+import torch
+
+from coom.fp8 import ops
+from coom.fp8.linear import FP8Recipe, _EmulatedFP8Linear, output_dtype
+
+
+def _emulated(x_cd: torch.Tensor, weight_eod: torch.Tensor,
+              counts_e: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
+    chunks = x_cd.split(counts_e.tolist())
+    return torch.cat([
+        _EmulatedFP8Linear.apply(chunk, weight_eod[e], recipe.scaling,
+                                 recipe.power_of_two)
+        for e, chunk in enumerate(chunks)])
+
+
+class _FP8GroupedLinear(torch.autograd.Function):
+    """The three grouped products in COOM's Triton kernels, blockwise:
+    forward and input gradient with 1 x 128 tiles against 128 x 128
+    weight blocks, weight gradient with 1 x 128 tiles along each
+    expert's rows on both operands. x is kept for the backward as the
+    FP8 copy of x^T that the weight gradient reads."""
+
+    @staticmethod
+    def forward(ctx, x_cd, weight_eod, counts_e, recipe, out_dtype):
+        power_of_two = recipe.power_of_two
+        x_values, x_scales, x_values_t, x_scales_t = \
+            ops.quantize_rows_and_transpose(x_cd, power_of_two, counts_e)
+        weight_values, weight_scales, weight_values_t = \
+            ops.quantize_blocks(weight_eod, power_of_two)
+        ctx.save_for_backward(x_values_t, x_scales_t, weight_values_t,
+                              weight_scales, counts_e)
+        ctx.power_of_two, ctx.x_dtype = power_of_two, x_cd.dtype
+        return ops.grouped_mm(x_values, x_scales, weight_values,
+                              weight_scales, counts_e, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy_co):
+        x_values_t, x_scales_t, weight_values_t, weight_scales, counts_e = \
+            ctx.saved_tensors
+        dy_values, dy_scales, dy_values_t, dy_scales_t = \
+            ops.quantize_rows_and_transpose(dy_co.contiguous(),
+                                            ctx.power_of_two, counts_e)
+        dx_cd = ops.grouped_mm(dy_values, dy_scales, weight_values_t,
+                               weight_scales.transpose(-2, -1), counts_e,
+                               ctx.x_dtype)
+        dweight_eod = ops.grouped_mm_wgrad(dy_values_t, dy_scales_t,
+                                           x_values_t, x_scales_t, counts_e)
+        return dx_cd, dweight_eod, None, None, None
+
+
+def fp8_grouped_linear(x_cd: torch.Tensor, weight_eod: torch.Tensor,
+                       counts_e: torch.Tensor,
+                       recipe: FP8Recipe) -> torch.Tensor:
+    """x_e @ weight[e]^T for each expert's consecutive rows, with FP8
+    products, in ``output_dtype(x)``."""
+    dtype = output_dtype(x_cd)
+    with torch.autocast(x_cd.device.type, enabled=False):
+        if recipe.emulate:
+            return _emulated(x_cd, weight_eod, counts_e, recipe).to(dtype)
+        return _FP8GroupedLinear.apply(x_cd, weight_eod, counts_e, recipe,
+                                       dtype)

@@ -1,0 +1,99 @@
+"""The FP8 Triton kernels as ``torch.library`` ops, so that
+``torch.compile`` keeps each launch whole; each has a fake (meta)
+implementation with the real outputs' shapes and strides.
+
+The kernels are ``coom.kernels.fp8_quantize`` and
+``coom.kernels.fp8_grouped_gemm``; this file only wraps them. Scales
+of 1 x 128 tiles come back outer-dim-major (strides (1, rows)).
+
+Tensor names end in their shape: m rows; k columns; h column tiles; j
+row tiles; e experts; n weight rows; g weight row blocks.
+"""
+from typing import Optional
+
+import torch
+import triton
+
+from coom.fp8.scaling import E4M3, TILE, max_group_tiles
+from coom.kernels import fp8_grouped_gemm, fp8_quantize
+
+
+def _outer_major(rows: int, columns: int, like: torch.Tensor):
+    return like.new_empty(columns, rows, dtype=torch.float32).t()
+
+
+@torch.library.custom_op("coom::fp8_quantize_rows_and_transpose",
+                         mutates_args=())
+def quantize_rows_and_transpose(
+        x_mk: torch.Tensor, power_of_two: bool,
+        counts_e: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x in 1 x 128 tiles, and x^T in 1 x 128 tiles along m (each group
+    of counts_e rows starting a new tile): (values_mk, scales_mh,
+    values_km, scales_kj)."""
+    (values_mk, scales_mh), (values_km, scales_kj) = \
+        fp8_quantize.quantize_rows_and_transpose(x_mk, power_of_two,
+                                                 counts_e)
+    return values_mk, scales_mh, values_km, scales_kj
+
+
+@quantize_rows_and_transpose.register_fake
+def _(x_mk, power_of_two, counts_e=None):
+    m, k = x_mk.shape
+    tiles = max_group_tiles(m, len(counts_e)) if counts_e is not None \
+        else triton.cdiv(m, TILE)
+    return (x_mk.new_empty(m, k, dtype=E4M3),
+            _outer_major(m, triton.cdiv(k, TILE), x_mk),
+            x_mk.new_empty(k, m, dtype=E4M3),
+            _outer_major(k, tiles, x_mk))
+
+
+@torch.library.custom_op("coom::fp8_quantize_blocks", mutates_args=())
+def quantize_blocks(w: torch.Tensor, power_of_two: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (..., n, k) in 128 x 128 blocks: (values (..., n, k), scales
+    (..., g, h), values of w^T (..., k, n))."""
+    return fp8_quantize.quantize_blocks(w, power_of_two, transpose=True)
+
+
+@quantize_blocks.register_fake
+def _(w, power_of_two):
+    *batch, n, k = w.shape
+    return (w.new_empty(w.shape, dtype=E4M3),
+            w.new_empty(*batch, triton.cdiv(n, TILE), triton.cdiv(k, TILE),
+                        dtype=torch.float32),
+            w.new_empty(*batch, k, n, dtype=E4M3))
+
+
+@torch.library.custom_op("coom::fp8_grouped_mm", mutates_args=())
+def grouped_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
+               b_values_enk: torch.Tensor, b_scales_egh: torch.Tensor,
+               counts_e: torch.Tensor, out_dtype: torch.dtype
+               ) -> torch.Tensor:
+    """Rows of group e times b[e]^T, blockwise scaled."""
+    return fp8_grouped_gemm.grouped_fp8_mm(
+        a_values_tk, a_scales_th, b_values_enk, b_scales_egh.contiguous(),
+        counts_e, out_dtype)
+
+
+@grouped_mm.register_fake
+def _(a_values_tk, a_scales_th, b_values_enk, b_scales_egh, counts_e,
+      out_dtype):
+    return a_values_tk.new_empty(a_values_tk.shape[0],
+                                 b_values_enk.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("coom::fp8_grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(a_values_nt: torch.Tensor, a_scales_nj: torch.Tensor,
+                     b_values_kt: torch.Tensor, b_scales_kj: torch.Tensor,
+                     counts_e: torch.Tensor) -> torch.Tensor:
+    """Per group e, a's columns of e times b's columns of e transposed:
+    (e, n, k) float32."""
+    return fp8_grouped_gemm.grouped_fp8_mm_wgrad(
+        a_values_nt, a_scales_nj, b_values_kt, b_scales_kj, counts_e)
+
+
+@grouped_mm_wgrad.register_fake
+def _(a_values_nt, a_scales_nj, b_values_kt, b_scales_kj, counts_e):
+    return a_values_nt.new_empty(len(counts_e), a_values_nt.shape[0],
+                                 b_values_kt.shape[0], dtype=torch.float32)

@@ -1,0 +1,248 @@
+"""FP8 quantisation in Triton: matrices to E4M3 values and float32 scales,
+bit for bit as coom/fp8/scaling.py's reference.
+
+Each group of entries gets ``scale = amax / 448`` (1 for a group of
+zeros; with power-of-two scales ``exp2(ceil(log2(scale)))``), and its
+values are ``clamp(x / scale, -448, 448)`` rounded to nearest even
+E4M3. All arithmetic is float32; divisions use ``tl.math.div_rn``
+because Triton's ``/`` on float32 lowers to an approximate division on
+NVIDIA GPUs, and the reference divides with IEEE rounding. Values are
+rounded to E4M3's grid in float32 before the conversion, which then is
+exact both on a GPU and in Triton's interpreter (whose own rounding to
+E4M3 is wrong).
+
+The layouts:
+
+- ``quantize_rows``: x (m, k) in 1 x 128 tiles (per row, per 128
+  columns). Values (m, k); scales (m, h) stored outer-dim-major, that is
+  allocated (h, m) and returned transposed, the layout
+  ``torch._scaled_mm`` wants for a blockwise ``scale_a``.
+- ``quantize_rows_and_transpose``: the same, plus x^T (k, m) in 1 x 128
+  tiles along m, from one read of x. Its scales (k, j) are stored (j, k)
+  the same way. With ``counts_e`` each group of consecutive rows (an
+  expert's tokens) starts a new tile; the launch covers the static bound
+  ``max_group_tiles`` and each tile's rows are found on the device, so
+  the counts are never read by the host.
+- ``quantize_blocks``: weights (n, k), or (e, n, k) one matrix per
+  expert, in 128 x 128 blocks; scales (..., g, h) contiguous; optionally
+  also the values of w^T (..., k, n) from the same pass.
+
+Each program reads one tile of 128 x 128 entries once and writes
+everything computed from it.
+
+Tensor names end in their shape: m rows; k columns; h column tiles; j
+row tiles (of the transpose's scales); e groups or experts; n weight
+rows; g weight row blocks.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from coom.fp8.scaling import (
+    E4M3,
+    E4M3_MAX,
+    TILE,
+    group_tile_starts,
+    max_group_tiles,
+)
+
+NUM_WARPS = 8
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+# 2^23 units in the last place of E4M3 (3 mantissa bits) at exponent e
+# are 2^(e + 20); below E4M3's normal range the unit is 2^-9, so 2^14.
+_SHIFTER_PER_POWER = tl.constexpr(2.0 ** 20)
+_SMALLEST_SHIFTER = tl.constexpr(2.0 ** 14)
+
+
+@triton.jit
+def _scale(amax, power_of_two: tl.constexpr):
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, _E4M3_MAX), 1.0)
+    if power_of_two:
+        scale = tl.math.exp2(tl.math.ceil(tl.math.log2(scale)))
+    return scale
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """v (|v| <= 448) rounded to nearest even on E4M3's grid, in float32.
+
+    Adding then subtracting 2^23 units in the last place of E4M3 at v's
+    exponent leaves float32 no bits below that unit, so the addition
+    rounds to it: to nearest, ties to even.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    power = (bits & 0x7F800000).to(tl.float32, bitcast=True)
+    shifter = tl.maximum(power * _SHIFTER_PER_POWER, _SMALLEST_SHIFTER)
+    rounded = (tl.abs(v) + shifter) - shifter
+    return tl.where(bits < 0, -rounded, rounded)
+
+
+@triton.jit
+def _quantize(x, scale):
+    # Triton's interpreter converts float32 to E4M3 rounding half up and
+    # losing the carry into the exponent; on values already on the grid
+    # its conversion, like the GPU's, is exact.
+    scaled = tl.clamp(tl.math.div_rn(x, scale), -_E4M3_MAX, _E4M3_MAX)
+    return _round_to_e4m3(scaled).to(tl.float8e4nv)
+
+
+@triton.jit
+def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_km_ptr,
+                      scales_jk_ptr, starts_ptr, ends_ptr, m, k, stride_m,
+                      stride_k, transpose: tl.constexpr,
+                      grouped: tl.constexpr, power_of_two: tl.constexpr,
+                      tile: tl.constexpr):
+    row_tile = tl.program_id(0).to(tl.int64)
+    column_tile = tl.program_id(1).to(tl.int64)
+    if grouped:
+        start = tl.load(starts_ptr + row_tile)
+        end = tl.load(ends_ptr + row_tile)
+    else:
+        start = row_tile * tile
+        end = tl.minimum(start + tile, m)
+    rows = start + tl.arange(0, tile)
+    columns = column_tile * tile + tl.arange(0, tile)
+    row_mask, column_mask = rows < end, columns < k
+    mask = row_mask[:, None] & column_mask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_m + columns[None, :] * stride_k,
+                mask=mask, other=0.0).to(tl.float32)
+    magnitude = tl.abs(x)
+    row_scale = _scale(tl.max(magnitude, axis=1), power_of_two)
+    tl.store(values_mk_ptr + rows[:, None] * k + columns[None, :],
+             _quantize(x, row_scale[:, None]), mask=mask)
+    tl.store(scales_hm_ptr + column_tile * m + rows, row_scale,
+             mask=row_mask)
+    if transpose:
+        # An unused tile (no rows) has amax 0, so it writes scale 1.
+        column_scale = _scale(tl.max(magnitude, axis=0), power_of_two)
+        tl.store(values_km_ptr + columns[None, :] * m + rows[:, None],
+                 _quantize(x, column_scale[None, :]), mask=mask)
+        tl.store(scales_jk_ptr + row_tile * k + columns, column_scale,
+                 mask=column_mask)
+
+
+@triton.jit
+def _blocks_kernel(w_ptr, values_ptr, scales_ptr, values_t_ptr, n, k,
+                   stride_e, stride_n, stride_k, transpose: tl.constexpr,
+                   power_of_two: tl.constexpr, tile: tl.constexpr):
+    matrix = tl.program_id(0).to(tl.int64)
+    row_block = tl.program_id(1).to(tl.int64)
+    column_block = tl.program_id(2).to(tl.int64)
+    rows = row_block * tile + tl.arange(0, tile)
+    columns = column_block * tile + tl.arange(0, tile)
+    mask = (rows < n)[:, None] & (columns < k)[None, :]
+    w = tl.load(w_ptr + matrix * stride_e + rows[:, None] * stride_n
+                + columns[None, :] * stride_k, mask=mask,
+                other=0.0).to(tl.float32)
+    scale = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), power_of_two)
+    values = _quantize(w, scale)
+    base = matrix * n * k
+    tl.store(values_ptr + base + rows[:, None] * k + columns[None, :],
+             values, mask=mask)
+    blocks = tl.num_programs(1) * tl.num_programs(2)
+    tl.store(scales_ptr + matrix * blocks + row_block * tl.num_programs(2)
+             + column_block, scale)
+    if transpose:
+        tl.store(values_t_ptr + base + columns[None, :] * n + rows[:, None],
+                 values, mask=mask)
+
+
+def _group_tile_rows(counts_e: torch.Tensor,
+                     tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first row, end row) of each row tile, int64 (j,), when each group
+    of counts_e rows starts a new tile; unused tiles get (0, 0). Built on
+    the device, without reading the counts on the host."""
+    counts_e = counts_e.long()
+    first_tile_e = group_tile_starts(counts_e)
+    tile_ends_e = first_tile_e + (counts_e + TILE - 1) // TILE
+    row_ends_e = counts_e.cumsum(0)
+    tile_j = torch.arange(tiles, device=counts_e.device)
+    group_j = torch.searchsorted(tile_ends_e, tile_j, right=True)
+    used_j = group_j < len(counts_e)
+    group_j = group_j.clamp(max=len(counts_e) - 1)
+    row_end_j = row_ends_e[group_j]
+    starts_j = (row_end_j - counts_e[group_j]
+                + (tile_j - first_tile_e[group_j]) * TILE)
+    ends_j = torch.minimum(starts_j + TILE, row_end_j)
+    return starts_j.where(used_j, 0), ends_j.where(used_j, 0)
+
+
+def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
+               counts_e: torch.Tensor | None):
+    """((values_mk, scales_mh), (values_km, scales_kj)); the second pair
+    only with transpose."""
+    m, k = x_mk.shape
+    column_tiles = triton.cdiv(k, TILE)
+    grouped = counts_e is not None
+    row_tiles = (max_group_tiles(m, len(counts_e)) if grouped
+                 else triton.cdiv(m, TILE))
+    float32 = dict(device=x_mk.device, dtype=torch.float32)
+    values_mk = torch.empty(m, k, device=x_mk.device, dtype=E4M3)
+    scales_hm = torch.empty(column_tiles, m, **float32)
+    values_km, scales_jk = values_mk, scales_hm
+    if transpose:
+        values_km = torch.empty(k, m, device=x_mk.device, dtype=E4M3)
+        # Without rows no program runs, and every tile is unused: scale 1.
+        scales_jk = (torch.empty if m else torch.ones)(row_tiles, k,
+                                                       **float32)
+    if x_mk.numel():
+        starts_j, ends_j = (_group_tile_rows(counts_e, row_tiles)
+                            if grouped else (scales_hm, scales_hm))
+        _row_tiles_kernel[(row_tiles, column_tiles)](
+            x_mk, values_mk, scales_hm, values_km, scales_jk, starts_j,
+            ends_j, m, k, *x_mk.stride(), transpose=transpose,
+            grouped=grouped, power_of_two=power_of_two, tile=TILE,
+            num_warps=NUM_WARPS)
+    return (values_mk, scales_hm.t()), (values_km, scales_jk.t())
+
+
+def quantize_rows(x_mk: torch.Tensor, power_of_two: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 values (m, k), float32 scales (m, h) with strides (1, m)) of
+    x in 1 x 128 tiles: ``quantize(x, Grouping(1, 128))``."""
+    return _row_tiles(x_mk, power_of_two, False, None)[0]
+
+
+def quantize_rows_and_transpose(
+        x_mk: torch.Tensor, power_of_two: bool = False,
+        counts_e: torch.Tensor | None = None
+) -> tuple[tuple[torch.Tensor, torch.Tensor],
+           tuple[torch.Tensor, torch.Tensor]]:
+    """((values (m, k), scales (m, h)), (values (k, m), scales (k, j)))
+    from one read of x: ``quantize_rows(x, power_of_two)`` and
+    ``quantize_transposed(x, counts_e, power_of_two)``.
+
+    counts_e (e,), on x's device, are the sizes of consecutive groups of
+    rows and sum to m; j is ceil(m / 128) without them and
+    ``max_group_tiles(m, e)`` with them. Both scales are stored
+    outer-dim-major: strides (1, m) and (1, k).
+    """
+    return _row_tiles(x_mk, power_of_two, True, counts_e)
+
+
+def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,
+                    transpose: bool = False) -> tuple[torch.Tensor, ...]:
+    """(E4M3 values (..., n, k), float32 scales (..., g, h)) of w (n, k)
+    or (e, n, k) in 128 x 128 blocks, each matrix on its own:
+    ``quantize(w, Grouping(128, 128))``. With transpose, a third output:
+    the same values as w^T (..., k, n), contiguous; its scales are
+    ``scales.transpose(-2, -1)``."""
+    w_enk = w if w.dim() == 3 else w.unsqueeze(0)
+    e, n, k = w_enk.shape
+    row_blocks, column_blocks = triton.cdiv(n, TILE), triton.cdiv(k, TILE)
+    values_enk = torch.empty(e, n, k, device=w.device, dtype=E4M3)
+    scales_egh = torch.empty(e, row_blocks, column_blocks, device=w.device,
+                             dtype=torch.float32)
+    values_ekn = (torch.empty(e, k, n, device=w.device, dtype=E4M3)
+                  if transpose else values_enk)
+    if w_enk.numel():
+        _blocks_kernel[(e, row_blocks, column_blocks)](
+            w_enk, values_enk, scales_egh, values_ekn, n, k, *w_enk.stride(),
+            transpose=transpose, power_of_two=power_of_two, tile=TILE,
+            num_warps=NUM_WARPS)
+    batch = w.shape[:-2]
+    outputs = (values_enk.view(w.shape),
+               scales_egh.view(*batch, row_blocks, column_blocks))
+    if transpose:
+        outputs += (values_ekn.view(*batch, k, n),)
+    return outputs

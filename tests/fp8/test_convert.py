@@ -1,0 +1,120 @@
+"""The model transform to FP8, the refusal on devices without FP8 units,
+and a short emulated FP8 training run against the float32 one."""
+import pytest
+import torch
+from torch import nn
+
+from coom.cli import main
+from coom.config import FP8Config, ModelConfig
+from coom.errors import UserError
+from coom.fp8.convert import check_hardware, convert_to_fp8
+from coom.fp8.linear import FP8Linear
+from coom.layers.moe import GroupedExperts
+from coom.models import Transformer
+from coom.train.metrics import read_metrics
+from tests.kernels import relative_error
+
+EMULATED = dict(recipe="blockwise", emulate=True)
+
+
+def _model(**overrides) -> Transformer:
+    config = ModelConfig(vocab_size=97, hidden_size=64, num_layers=3,
+                         num_attention_heads=2, ffn_hidden_size=96,
+                         q_lora_rank=48, kv_lora_rank=32,
+                         first_k_dense_replace=1, mtp_num_layers=1,
+                         n_routed_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=32, n_shared_experts=1,
+                         max_position_embeddings=64, **overrides)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+def _fp8_layers(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules()
+            if isinstance(module, FP8Linear)
+            or getattr(module, "fp8", None) is not None}
+
+
+def test_converts_block_products_but_not_embedding_head_or_router():
+    model = _model()
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    linears = {name for name, module in model.named_modules()
+               if type(module) is nn.Linear}
+    assert convert_to_fp8(model, FP8Config(**EMULATED)) == len(
+        _fp8_layers(model))
+    assert _fp8_layers(model) == linears - {"head"} | {
+        f"{block}.mlp.experts" for block in
+        ("layers.1", "layers.2", "mtp.0.block")}
+    assert isinstance(model.embed, nn.Embedding)
+    assert "mtp.0.eh_proj" in _fp8_layers(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_keeps_first_and_last_blocks_and_experts_when_asked():
+    model = _model()
+    convert_to_fp8(model, FP8Config(**EMULATED, experts=False,
+                                    high_precision_first_layers=1,
+                                    high_precision_last_layers=1))
+    converted = _fp8_layers(model)
+    assert converted and all(name.startswith(("layers.1.", "mtp.0."))
+                             for name in converted)
+    assert not any(isinstance(module, GroupedExperts) and module.fp8
+                   for module in model.modules())
+    assert convert_to_fp8(_model(), FP8Config()) == 0
+
+
+def test_fp8_model_stays_close_to_float32_and_trains():
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator()
+                           .manual_seed(1))
+    reference, model = _model(), _model()
+    convert_to_fp8(model, FP8Config(**EMULATED))
+    logits, ref_logits = model(tokens), reference(tokens)
+    # One FP8 rounding of each operand is at most 2^-4 relative rms
+    # (tests/fp8/test_linear.py); through the blocks' residual stream the
+    # logits move by far less than that.
+    assert relative_error(logits, ref_logits) < 2 ** -4
+    logits.float().square().mean().backward()
+    converted = [model.get_submodule(name) for name in _fp8_layers(model)
+                 if not name.startswith("mtp.")]
+    grads = [p.grad for module in converted for p in module.parameters()]
+    # 5 attention projections a block, 3 in the dense MLP, 3 + 3 in each
+    # MoE (experts and shared experts).
+    assert len(grads) == 3 * 5 + 3 + 2 * (3 + 3)
+    assert all(g is not None and torch.isfinite(g).all() and g.any()
+               for g in grads)
+
+
+def test_refused_without_fp8_units_unless_emulated():
+    with pytest.raises(UserError, match="fp8.emulate=true"):
+        check_hardware(FP8Config(recipe="blockwise"), torch.device("cpu"))
+    check_hardware(FP8Config(**EMULATED), torch.device("cpu"))
+    check_hardware(FP8Config(), torch.device("cpu"))
+
+
+def test_cli_refuses_fp8_on_cpu_before_any_work(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny", "--run-dir", str(run), "--set",
+                 "fp8.recipe=blockwise"]) == 2
+    err = capsys.readouterr().err
+    assert "FP8 matrix units" in err and "Traceback" not in err
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_emulated_fp8_run_follows_the_float32_run(small_run, tmp_path):
+    losses = {}
+    fp8 = ["fp8.recipe=blockwise", "fp8.emulate=true"]
+    for name, extra in [("fp32", []), ("fp8", fp8)]:
+        run = tmp_path / name
+        assert main(["train", "tiny", "--run-dir", str(run), "--set",
+                     *small_run, *extra]) == 0
+        losses[name] = [r["loss"] for r in read_metrics(run)
+                        if "loss" in r]
+    assert losses["fp8"] != losses["fp32"]
+    for fp8, fp32 in zip(losses["fp8"], losses["fp32"]):
+        assert abs(fp8 - fp32) / fp32 < 0.01

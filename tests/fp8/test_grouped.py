@@ -1,0 +1,79 @@
+"""The routed experts' grouped FP8 products: the emulation against one
+FP8 linear per expert and float64, and the Triton kernel path (through
+the interpreter on CPU) against the emulation."""
+import pytest
+import torch
+
+from coom.fp8.grouped import fp8_grouped_linear
+from coom.fp8.linear import FP8Recipe, fp8_linear
+from tests.kernels import DEVICE, relative_error
+
+COUNTS = [0, 130, 5, 61]
+
+
+def _inputs(k, n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(COUNTS), k, generator=generator)
+    weight = torch.randn(len(COUNTS), n, k, generator=generator) / k ** 0.5
+    dy = torch.randn(sum(COUNTS), n, generator=generator)
+    return x, weight, dy
+
+
+def _run(product, x, weight, dy):
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    y = product(x, weight)
+    y.backward(dy)
+    return y, x.grad, weight.grad
+
+
+def _grouped(recipe):
+    counts = torch.tensor(COUNTS)
+    return lambda x, w: fp8_grouped_linear(x, w, counts.to(x.device), recipe)
+
+
+def _per_expert(recipe):
+    def product(x, weight):
+        return torch.cat([fp8_linear(chunk, weight[e], recipe) for e, chunk
+                          in enumerate(x.split(COUNTS))])
+    return product
+
+
+@pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
+def test_emulation_is_one_fp8_linear_per_expert(scaling):
+    recipe = FP8Recipe(scaling, emulate=True)
+    x, weight, dy = _inputs(200, 136)
+    ours = _run(_grouped(recipe), x, weight, dy)
+    for a, b in zip(ours, _run(_per_expert(recipe), x, weight, dy)):
+        assert torch.equal(a, b)
+    ref = _run(lambda a, b: torch.cat([
+        chunk @ b[e].T for e, chunk in enumerate(a.split(COUNTS))]),
+        x.double(), weight.double(), dy.double())
+    assert max(relative_error(a, b) for a, b in zip(ours, ref)) < 2 ** -4
+    assert not ours[2][0].any()  # the expert without rows
+
+
+@pytest.mark.parametrize("k, n", [(200, 136), (256, 128)])
+def test_kernels_match_the_emulation(k, n):
+    """Same roundings, different summation order: float32 agreement."""
+    x, weight, dy = _inputs(k, n, seed=k)
+    emulated = _run(_grouped(FP8Recipe("blockwise", emulate=True)),
+                    x, weight, dy)
+    kernels = _run(_grouped(FP8Recipe("blockwise")), x.to(DEVICE),
+                   weight.to(DEVICE), dy.to(DEVICE))
+    for ours, ref in zip(kernels, emulated):
+        assert ours.dtype == ref.dtype == torch.float32
+        assert relative_error(ours.cpu(), ref) < 1e-5
+    assert not kernels[2][0].any()
+
+
+def test_kernels_keep_autocast_dtype_and_save_fp8():
+    x, weight, _ = _inputs(128, 128)
+    x, weight = x.to(DEVICE).requires_grad_(), weight.to(DEVICE)
+    counts = torch.tensor(COUNTS, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = fp8_grouped_linear(x, weight, counts, FP8Recipe("blockwise"))
+    assert y.dtype == torch.bfloat16
+    saved = y.grad_fn.saved_tensors
+    assert saved[0].dtype == torch.float8_e4m3fn
+    assert saved[0].shape == (128, sum(COUNTS))  # x^T

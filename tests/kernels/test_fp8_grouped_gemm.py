@@ -1,0 +1,110 @@
+"""Grouped blockwise FP8 products against a float64 reference made from
+the dequantised operands, group by group (interpreted on CPU)."""
+import pytest
+import torch
+
+from coom.fp8.scaling import (
+    TILE,
+    Grouping,
+    dequantize,
+    group_tile_starts,
+    quantize,
+    quantize_transposed,
+)
+from coom.kernels.fp8_grouped_gemm import (
+    grouped_fp8_mm,
+    grouped_fp8_mm_wgrad,
+)
+from tests.kernels import BOUND, DEVICE, relative_error
+
+ROW_TILE, WEIGHT_BLOCK = Grouping(1, TILE), Grouping(TILE, TILE)
+# Group starts 0, 0, 130, 135 (not multiples of 16) and 0, 0, 160, 192.
+COUNTS = [[0, 130, 5, 61], [0, 160, 32, 61]]
+
+
+def _rows(t, k, generator):
+    """Rows whose magnitudes vary, so that the scales matter."""
+    return (torch.randn(t, k, generator=generator)
+            * torch.rand(t, 1, generator=generator).exp2() * 4)
+
+
+def _operands(counts, k, n, seed):
+    """Quantised a (t, k) and b (e, n, k), and the dequantised float64 a
+    and b."""
+    generator = torch.Generator().manual_seed(seed)
+    a_tk = _rows(sum(counts), k, generator)
+    b_enk = torch.randn(len(counts), n, k, generator=generator) / k ** 0.5
+    a_values, a_scales = quantize(a_tk, ROW_TILE)
+    quantized = [quantize(b_nk, WEIGHT_BLOCK) for b_nk in b_enk]
+    b_values = torch.stack([values for values, _ in quantized])
+    b_scales = torch.stack([scales for _, scales in quantized])
+    a_ref = dequantize(a_values, a_scales, ROW_TILE).double()
+    b_ref = torch.stack([dequantize(values, scales, WEIGHT_BLOCK)
+                         for values, scales in quantized]).double()
+    # Scales in other layouts than quantize's, as callers pass them.
+    operands = (a_values, a_scales.T.contiguous().T, b_values,
+                b_scales.transpose(1, 2).contiguous().transpose(1, 2))
+    return [x.to(DEVICE) for x in operands], a_ref, b_ref
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", COUNTS + [[61]])
+@pytest.mark.parametrize("k, n", [(200, 136), (256, 128)])
+def test_grouped_fp8_mm_against_float64(counts, k, n, out_dtype):
+    operands, a_ref, b_ref = _operands(counts, k, n, seed=k + n)
+    counts_e = torch.tensor(counts, device=DEVICE)
+    out = grouped_fp8_mm(*operands, counts_e, out_dtype=out_dtype)
+    assert out.shape == (sum(counts), n) and out.dtype == out_dtype
+    rows = 0
+    for count, b_nk in zip(counts, b_ref):
+        if count:
+            ref = a_ref[rows:rows + count] @ b_nk.T
+            assert relative_error(out[rows:rows + count].cpu(),
+                                  ref) < BOUND[out_dtype]
+        rows += count
+
+
+def test_grouped_fp8_mm_of_no_rows():
+    operands, _, _ = _operands([0, 0], 128, 64, seed=0)
+    counts_e = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    assert grouped_fp8_mm(*operands, counts_e).shape == (0, 64)
+
+
+def _wgrad_operands(counts, n, k, seed):
+    """Quantised dy^T (n, t) and x^T (k, t) in group tiles, scales of
+    strides (1, n) and (1, k), and each group's dequantised float64 dy_e^T
+    and x_e^T."""
+    generator = torch.Generator().manual_seed(seed)
+    t = sum(counts)
+    dy_tn, x_tk = _rows(t, n, generator), _rows(t, k, generator)
+    counts_e = torch.tensor(counts)
+    starts = group_tile_starts(counts_e).tolist()
+    operands, refs = [], []
+    for x in (dy_tn, x_tk):
+        values, scales = quantize_transposed(x, counts_e)
+        rows, groups = 0, []
+        for count, start in zip(counts, starts):
+            tiles = scales[:, start:start + -(-count // TILE)]
+            groups.append(dequantize(values[:, rows:rows + count], tiles,
+                                     ROW_TILE).double())
+            rows += count
+        operands += [values, scales.T.contiguous().T]
+        refs.append(groups)
+    return [x.to(DEVICE) for x in operands], refs
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", COUNTS + [[0, 0, 0], [300, 0]])
+@pytest.mark.parametrize("n, k", [(136, 200), (128, 64)])
+def test_grouped_fp8_mm_wgrad_against_float64(counts, n, k, out_dtype):
+    """Also exactly zero for groups without rows."""
+    operands, (dy_refs, x_refs) = _wgrad_operands(counts, n, k, seed=n + k)
+    counts_e = torch.tensor(counts, device=DEVICE)
+    out = grouped_fp8_mm_wgrad(*operands, counts_e, out_dtype=out_dtype)
+    assert out.shape == (len(counts), n, k) and out.dtype == out_dtype
+    for count, out_nk, dy_nt, x_kt in zip(counts, out.cpu(), dy_refs,
+                                          x_refs):
+        if count:
+            assert relative_error(out_nk, dy_nt @ x_kt.T) < BOUND[out_dtype]
+        else:
+            assert torch.equal(out_nk, torch.zeros_like(out_nk))

@@ -1,0 +1,164 @@
+"""Triton FP8 quantisation against coom/fp8/scaling.py's reference, bit
+for bit (interpreted on CPU).
+"""
+import pytest
+import torch
+
+from coom.fp8.scaling import (
+    E4M3,
+    Grouping,
+    max_group_tiles,
+    quantize,
+    quantize_transposed,
+)
+from coom.kernels.fp8_quantize import (
+    quantize_blocks,
+    quantize_rows,
+    quantize_rows_and_transpose,
+)
+from tests.kernels import DEVICE
+
+SHAPES = [(200, 300), (1, 5), (130, 128), (257, 129)]
+ROWS, BLOCKS = Grouping(1, 128), Grouping(128, 128)
+power_of_two_or_not = pytest.mark.parametrize("power_of_two", [False, True])
+dtypes = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+
+
+def _matrix(shape, dtype, seed=0):
+    """Normal entries, a few outliers (x 1000) and, where a second tile
+    exists both ways, a zero block: zero groups in every grouping."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * 3
+    outliers = torch.randint(0, x.numel(), (3,), generator=generator)
+    x.view(-1)[outliers] *= 1e3
+    x[..., 128:, 128:] = 0
+    return x.to(device=DEVICE, dtype=dtype)
+
+
+def _assert_same(ours, reference):
+    """Equal E4M3 bit patterns and equal float32 scales."""
+    (values, scales), (ref_values, ref_scales) = ours, reference
+    assert values.dtype == E4M3 and values.is_contiguous()
+    assert torch.equal(values.view(torch.uint8),
+                       ref_values.to(DEVICE).view(torch.uint8))
+    assert scales.dtype == torch.float32
+    assert torch.equal(scales, ref_scales.to(DEVICE))
+
+
+@power_of_two_or_not
+@dtypes
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_rows_matches_reference(shape, dtype, power_of_two):
+    x_mk = _matrix(shape, dtype)
+    values_mk, scales_mh = quantize_rows(x_mk, power_of_two)
+    _assert_same((values_mk, scales_mh),
+                 quantize(x_mk, ROWS, power_of_two))
+    assert scales_mh.stride() == (1, shape[0])
+
+
+@power_of_two_or_not
+@dtypes
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rows_and_transpose_match_reference(shape, dtype, power_of_two):
+    x_mk = _matrix(shape, dtype)
+    rows, transposed = quantize_rows_and_transpose(x_mk, power_of_two)
+    _assert_same(rows, quantize(x_mk, ROWS, power_of_two))
+    _assert_same(transposed, quantize_transposed(x_mk, None, power_of_two))
+    assert rows[1].stride() == (1, shape[0])
+    assert transposed[1].stride() == (1, shape[1])
+
+
+def test_rows_and_transpose_of_a_strided_input():
+    x_mk = _matrix((130, 257), torch.bfloat16).T
+    rows, transposed = quantize_rows_and_transpose(x_mk)
+    _assert_same(rows, quantize(x_mk, ROWS))
+    _assert_same(transposed, quantize_transposed(x_mk))
+
+
+@power_of_two_or_not
+@dtypes
+@pytest.mark.parametrize("counts", [[0, 130, 0, 40, 130], [128, 0, 172],
+                                    [300], [0, 0, 300, 0]])
+def test_grouped_transpose_matches_reference(counts, dtype, power_of_two):
+    x_mk = _matrix((300, 130), dtype)
+    counts_e = torch.tensor(counts, device=DEVICE, dtype=torch.int32)
+    rows, transposed = quantize_rows_and_transpose(x_mk, power_of_two,
+                                                   counts_e)
+    _assert_same(rows, quantize(x_mk, ROWS, power_of_two))
+    _assert_same(transposed,
+                 quantize_transposed(x_mk, counts_e, power_of_two))
+    assert transposed[1].shape == (130, max_group_tiles(300, len(counts)))
+    assert transposed[1].stride() == (1, 130)
+
+
+def test_grouped_tiles_by_hand():
+    """Groups of 0, 3, 0 and 2 rows: group 1 fills tile 0, group 3 tile
+    1, tiles 2 to 4 are unused (scale 1). Every entry is exact in E4M3
+    at its scale, so dequantising gives x back exactly."""
+    x_mk = torch.tensor([[448., -224, 7, 0], [-3, 16, -112, 0],
+                         [1, 2, 56, 0], [896, 14, -28, 8],
+                         [-8, -7, 7, -896]], device=DEVICE)
+    counts_e = torch.tensor([0, 3, 0, 2], device=DEVICE)
+    (values_mk, scales_mh), (values_km, scales_kj) = (
+        quantize_rows_and_transpose(x_mk, counts_e=counts_e))
+    ones = [1.0, 1.0, 1.0]
+    expected_kj = torch.tensor([[1, 2, *ones], [1 / 2, 1 / 32, *ones],
+                                [1 / 4, 1 / 16, *ones], [1, 2, *ones]],
+                               device=DEVICE)
+    assert torch.equal(scales_kj, expected_kj)
+    assert torch.equal(values_km[:, :3].float() * scales_kj[:, :1],
+                       x_mk[:3].T)
+    assert torch.equal(values_km[:, 3:].float() * scales_kj[:, 1:2],
+                       x_mk[3:].T)
+    assert torch.equal(scales_mh[:, 0],
+                       torch.tensor([1, 1 / 4, 1 / 8, 2, 2], device=DEVICE))
+    assert torch.equal(values_mk.float() * scales_mh, x_mk)
+
+
+def test_rounding_to_nearest_even_and_subnormals():
+    """With amax 448 the scale is 1, so the values are x rounded: ties
+    to even, carries into the next power of two, E4M3's subnormals, and
+    the sign of zero."""
+    row = [448.0, 1.0625, 1.1875, 15.9, 124.3, 247.9, 248.0, 440.0,
+           2 ** -10, 3 * 2 ** -10, 5 * 2 ** -10, 2 ** -12, -0.0, -1e-9]
+    x_mk = torch.tensor([row, [-v for v in row]], device=DEVICE)
+    values_mk, scales_mh = quantize_rows(x_mk)
+    assert torch.equal(scales_mh, torch.ones(2, 1, device=DEVICE))
+    assert torch.equal(values_mk.view(torch.uint8),
+                       x_mk.to(E4M3).view(torch.uint8))
+
+
+@power_of_two_or_not
+@dtypes
+@pytest.mark.parametrize("shape", [(200, 300), (1, 5), (2, 257, 129),
+                                   (3, 130, 128)])
+def test_quantize_blocks_matches_reference(shape, dtype, power_of_two):
+    w = _matrix(shape, dtype)
+    values, scales, values_t = quantize_blocks(w, power_of_two,
+                                               transpose=True)
+    for index in range(w.numel() // (shape[-2] * shape[-1])):
+        matrix = w.view(-1, *shape[-2:])[index]
+        ours = (values.view(-1, *shape[-2:])[index],
+                scales.view(-1, *scales.shape[-2:])[index])
+        _assert_same(ours, quantize(matrix, BLOCKS, power_of_two))
+    assert values.shape == values_t.transpose(-2, -1).shape == shape
+    assert values_t.is_contiguous() and scales.is_contiguous()
+    assert torch.equal(values_t.view(torch.uint8),
+                       values.transpose(-2, -1).view(torch.uint8))
+    assert len(quantize_blocks(w, power_of_two)) == 2
+
+
+def test_empty_inputs():
+    x_mk = torch.zeros(0, 130, device=DEVICE)
+    _assert_same(quantize_rows(x_mk), quantize(x_mk, ROWS))
+    rows, transposed = quantize_rows_and_transpose(x_mk)
+    _assert_same(rows, quantize(x_mk, ROWS))
+    _assert_same(transposed, quantize_transposed(x_mk))
+    counts_e = torch.zeros(3, device=DEVICE, dtype=torch.int64)
+    _, transposed = quantize_rows_and_transpose(x_mk, counts_e=counts_e)
+    _assert_same(transposed, quantize_transposed(x_mk, counts_e))
+    for shape in [(0, 5), (2, 0, 130), (0, 5, 7)]:
+        values, scales, values_t = quantize_blocks(
+            torch.zeros(shape, device=DEVICE), transpose=True)
+        assert values.shape == shape
+        assert values_t.shape == (*shape[:-2], shape[-1], shape[-2])
