@@ -7,12 +7,13 @@ For each: the forward ``y = x @ W_e^T``, the input gradient ``dx = dy @
 W_e`` (FP8: against a K-major copy of W^T) and the weight gradient ``dW_e
 = dy_e^T x_e`` (FP8 into bf16 as the baseline's, and into float32 as
 training keeps it), with even counts (every expert 1536 rows) and with
-uneven ones (every expert's first row off a multiple of 16, the FP8
-weight gradient's slow path). FP8 operands are quantised beforehand, as
-a training step keeps them; the timings are the products alone, in CUDA
-graphs, medians. Each FP8 result is first checked against bf16
-``_grouped_mm`` of the dequantised operands: a relative error of 1% or
-more marks the row WRONG and fails the run at the end.
+uneven ones (every expert's first row off a multiple of 16; the FP8
+weight gradient's operands, tile-padded, stay aligned all the same). FP8
+operands are quantised beforehand, as a training step keeps them; the
+timings are the products alone, in CUDA graphs, medians. Each FP8 result
+is first checked against bf16 ``_grouped_mm`` of the dequantised
+operands: a relative error of 1% or more marks the row WRONG and fails
+the run at the end.
 
 Run on the device machine from the repository root:
 
@@ -66,17 +67,17 @@ def quantize_weights(w_enk: torch.Tensor):
             torch.stack([scales for _, scales in pairs]))
 
 
-def dequantize_group_tiles(values_kt, scales_kj, counts_e):
-    """x (t, k) in bf16 from quantize_transposed(x, counts_e), through
-    each row's tile index rather than the kernel's walk."""
+def dequantize_group_tiles(values_kc, scales_kj, counts_e):
+    """x (t, k) in bf16 from quantize_transposed(x, counts_e), tile-padded,
+    through each row's column rather than the kernel's walk."""
     rows = int(counts_e.sum())
     group_t = torch.repeat_interleave(
         torch.arange(len(counts_e), device=counts_e.device), counts_e)
     first_row_e = counts_e.cumsum(0) - counts_e
-    tile_t = (group_tile_starts(counts_e)[group_t]
-              + (torch.arange(rows, device=counts_e.device)
-                 - first_row_e[group_t]) // TILE)
-    x_kt = values_kt.float() * scales_kj[:, tile_t]
+    column_t = (group_tile_starts(counts_e)[group_t] * TILE
+                + torch.arange(rows, device=counts_e.device)
+                - first_row_e[group_t])
+    x_kt = values_kc[:, column_t].float() * scales_kj[:, column_t // TILE]
     return x_kt.T.contiguous().bfloat16()
 
 

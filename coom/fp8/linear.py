@@ -108,15 +108,28 @@ def quantize_weight(weight_nk: torch.Tensor, recipe: FP8Recipe):
             quantize(weight_nk.T, weight, recipe.power_of_two))
 
 
+def _scales_for_scaled_mm(values: torch.Tensor,
+                          scales: torch.Tensor) -> torch.Tensor:
+    """An operand's scales laid out as ``torch._scaled_mm`` checks them:
+    scales of rows or 1 x 128 tiles (one row of scales per row of values)
+    outer-dim-major, 128 x 128 block scales row-major."""
+    if scales.shape[0] == values.shape[0]:
+        return scales.t().contiguous().t()
+    return scales.contiguous()
+
+
 def _scaled_product(a, b, out_dtype: torch.dtype) -> torch.Tensor:
     """a @ b^T on FP8 matrix units, of two (values, scales) operands
-    whose rows are along k; scales laid out as ``torch._scaled_mm``
-    wants them (A's outer-dim-major, B's as its transpose)."""
+    whose rows run along k. ``torch._scaled_mm`` checks B's scales
+    transposed against B^T, so both operands' scales take one layout."""
     (a_values_mk, a_scales), (b_values_nk, b_scales) = a, b
+    a_values_mk, b_values_nk = a_values_mk.contiguous(), \
+        b_values_nk.contiguous()
     return torch._scaled_mm(
-        a_values_mk.contiguous(), b_values_nk.contiguous().t(),
-        scale_a=a_scales.t().contiguous().t(),
-        scale_b=b_scales.contiguous().t(), out_dtype=out_dtype)
+        a_values_mk, b_values_nk.t(),
+        scale_a=_scales_for_scaled_mm(a_values_mk, a_scales),
+        scale_b=_scales_for_scaled_mm(b_values_nk, b_scales).t(),
+        out_dtype=out_dtype)
 
 
 class _FP8Linear(torch.autograd.Function):

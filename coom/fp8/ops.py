@@ -4,10 +4,13 @@ implementation with the real outputs' shapes and strides.
 
 The kernels are ``coom.kernels.fp8_quantize`` and
 ``coom.kernels.fp8_grouped_gemm``; this file only wraps them. Scales
-of 1 x 128 tiles come back outer-dim-major (strides (1, rows)).
+of 1 x 128 tiles come back outer-dim-major (strides (1, rows)); x^T
+quantised in groups (experts) comes back tile-padded, 128 columns per
+row tile (``quantize_transposed``).
 
 Tensor names end in their shape: m rows; k columns; h column tiles; j
-row tiles; e experts; n weight rows; g weight row blocks.
+row tiles; c columns of x^T's values (m, or 128 j tile-padded); e
+experts; n weight rows; g weight row blocks.
 """
 from typing import Optional
 
@@ -29,22 +32,25 @@ def quantize_rows_and_transpose(
         counts_e: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x in 1 x 128 tiles, and x^T in 1 x 128 tiles along m (each group
-    of counts_e rows starting a new tile): (values_mk, scales_mh,
-    values_km, scales_kj)."""
-    (values_mk, scales_mh), (values_km, scales_kj) = \
+    of counts_e rows starting a new tile, tile-padded): (values_mk,
+    scales_mh, values_kc, scales_kj)."""
+    (values_mk, scales_mh), (values_kc, scales_kj) = \
         fp8_quantize.quantize_rows_and_transpose(x_mk, power_of_two,
                                                  counts_e)
-    return values_mk, scales_mh, values_km, scales_kj
+    return values_mk, scales_mh, values_kc, scales_kj
 
 
 @quantize_rows_and_transpose.register_fake
 def _(x_mk, power_of_two, counts_e=None):
     m, k = x_mk.shape
-    tiles = max_group_tiles(m, len(counts_e)) if counts_e is not None \
-        else triton.cdiv(m, TILE)
+    if counts_e is None:
+        tiles, columns = triton.cdiv(m, TILE), m
+    else:
+        tiles = max_group_tiles(m, len(counts_e))
+        columns = tiles * TILE
     return (x_mk.new_empty(m, k, dtype=E4M3),
             _outer_major(m, triton.cdiv(k, TILE), x_mk),
-            x_mk.new_empty(k, m, dtype=E4M3),
+            x_mk.new_empty(k, columns, dtype=E4M3),
             _outer_major(k, tiles, x_mk))
 
 
@@ -84,16 +90,16 @@ def _(a_values_tk, a_scales_th, b_values_enk, b_scales_egh, counts_e,
 
 
 @torch.library.custom_op("coom::fp8_grouped_mm_wgrad", mutates_args=())
-def grouped_mm_wgrad(a_values_nt: torch.Tensor, a_scales_nj: torch.Tensor,
-                     b_values_kt: torch.Tensor, b_scales_kj: torch.Tensor,
+def grouped_mm_wgrad(a_values_nc: torch.Tensor, a_scales_nj: torch.Tensor,
+                     b_values_kc: torch.Tensor, b_scales_kj: torch.Tensor,
                      counts_e: torch.Tensor) -> torch.Tensor:
-    """Per group e, a's columns of e times b's columns of e transposed:
-    (e, n, k) float32."""
+    """Per group e, a's columns of e times b's columns of e transposed,
+    both tile-padded: (e, n, k) float32."""
     return fp8_grouped_gemm.grouped_fp8_mm_wgrad(
-        a_values_nt, a_scales_nj, b_values_kt, b_scales_kj, counts_e)
+        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e)
 
 
 @grouped_mm_wgrad.register_fake
-def _(a_values_nt, a_scales_nj, b_values_kt, b_scales_kj, counts_e):
-    return a_values_nt.new_empty(len(counts_e), a_values_nt.shape[0],
-                                 b_values_kt.shape[0], dtype=torch.float32)
+def _(a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e):
+    return a_values_nc.new_empty(len(counts_e), a_values_nc.shape[0],
+                                 b_values_kc.shape[0], dtype=torch.float32)

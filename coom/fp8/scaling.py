@@ -19,7 +19,8 @@ groups; the last group is partial. Scales have shape (ceil(m / rows),
 ceil(k / columns)).
 
 Tensor names end in their shape: m rows; k columns; g row groups; h column
-groups.
+groups; e groups of rows; j row tiles of a transpose; c columns of a
+tile-padded transpose (TILE per row tile).
 """
 import math
 from dataclasses import dataclass
@@ -119,26 +120,33 @@ def max_group_tiles(m: int, groups: int) -> int:
 def quantize_transposed(x_mk: torch.Tensor, counts_e: torch.Tensor = None,
                         power_of_two: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x^T (k, m) quantised in 1 x TILE tiles along m, the operand layout
-    of a weight gradient that sums over rows (tokens).
+    """x^T quantised in 1 x TILE tiles along m, the operand layout of a
+    weight gradient that sums over rows (tokens): (values, scales).
+
+    Without counts_e, values (k, m) and scales (k, ceil(m / TILE)).
 
     With counts_e, each group of consecutive rows starts a new tile, so
-    no tile mixes two groups (experts). Scales have shape (k, tiles):
-    ceil(m / TILE) tiles without groups, ``max_group_tiles`` with them,
-    group e's tiles from ``group_tile_starts`` on; unused tiles get 1.
+    no tile mixes two groups (experts), and each tile gets its own TILE
+    columns: values (k, TILE j) and scales (k, j), j = ``max_group_tiles``.
+    Group e's tiles are those from t_e = ``group_tile_starts(counts_e)[e]``
+    on: tile t_e + i is the columns [TILE (t_e + i), TILE (t_e + i + 1))
+    of the values, with scale column t_e + i, and group e's rows are the
+    first counts_e[e] columns from TILE t_e. The other columns (the tail
+    of each group's last tile, and unused tiles) hold zeros; unused tiles
+    get scale 1.
     """
     m, k = x_mk.shape
     if counts_e is None:
         return quantize(x_mk.T, Grouping(1, TILE), power_of_two)
-    values_km = torch.empty(k, m, dtype=E4M3, device=x_mk.device)
-    scales_kj = x_mk.new_ones(k, max_group_tiles(m, len(counts_e)),
-                              dtype=torch.float32)
+    tiles = max_group_tiles(m, len(counts_e))
+    values_kc = torch.zeros(k, tiles * TILE, dtype=E4M3, device=x_mk.device)
+    scales_kj = x_mk.new_ones(k, tiles, dtype=torch.float32)
     counts, starts = counts_e.tolist(), group_tile_starts(counts_e).tolist()
     rows = 0
     for count, tile in zip(counts, starts):
         values, scales = quantize(x_mk[rows:rows + count].T,
                                   Grouping(1, TILE), power_of_two)
-        values_km[:, rows:rows + count] = values
+        values_kc[:, tile * TILE:tile * TILE + count] = values
         scales_kj[:, tile:tile + scales.shape[1]] = scales
         rows += count
-    return values_km, scales_kj
+    return values_kc, scales_kj

@@ -11,12 +11,15 @@ because FP8 tensor-core instructions (wgmma) read both K-major:
   W^T a K-major copy (e, k, n) of the weights;
 - weight gradient, ``dW_e = dy_e^T @ x_e``: ``grouped_fp8_mm_wgrad(dy^T,
   x^T)``, summing over the group's rows, with both operands transposed
-  (rows contiguous).
+  (rows contiguous) and tile-padded.
 
 Activations and gradients come in 1 x 128 tiles along the summed
 dimension, one float32 scale each; weights in 128 x 128 blocks
 (``coom.fp8.scaling``). The weight gradient's tiles restart at each
-group's first row (``quantize_transposed``), so no tile mixes experts.
+group's first row, so no tile mixes experts, and each tile has its own
+128 columns (``quantize_transposed(x, counts_e)``): operands (n, 128 j),
+tile i of group e in the columns from 128 (group_tile_starts(counts_e)[e]
++ i), the group's rows then zeros to the tile's end.
 The products sum each 128 summed columns in the tensor cores and apply
 the two scales to that partial sum in float32 (DeepGEMM's promotion):
 ``acc += dot(a_blk, b_blk) * scale_a * scale_b``.
@@ -27,22 +30,21 @@ there are at most ceil(t / block_m) + e of them, a bound the grid is made
 of without reading the counts (no host synchronisation). Each program
 finds its group from the counts; those past the last tile return.
 ``grouped_fp8_mm_wgrad``: a program computes a block_m x block_n tile of
-one group's (n, k) gradient, walking the group's rows 128 at a time from
-its first row. Both grids are group-major, so an expert's operands are
-reused from L2 by neighbouring programs.
+one group's (n, k) gradient, walking the group's tiles, 128 columns
+each. Both grids are group-major, so an expert's operands are reused
+from L2 by neighbouring programs.
 
 Alignment. Loads are 16-byte vectors, copied asynchronously and
 pipelined, only where the compiler can prove 16-byte alignment: in
 ``grouped_fp8_mm`` when k % 16 == 0 (and unmasked when k % 128 == 0); in
-``grouped_fp8_mm_wgrad`` when t % 16 == 0, for the groups whose first
-row is a multiple of 16. The other groups take a second launch, with
-byte loads, unpipelined, several times slower (a guess; not measured):
-pad each expert's rows to a multiple of 16 for speed.
+``grouped_fp8_mm_wgrad`` always, and unmasked: its operands' tiles start
+at multiples of 128 columns, of rows 128 j long, and are whole (zeros
+past the group's rows, which add nothing), whatever the counts.
 
 Tensor names end in their shape: t rows; k summed columns; n output
 columns; e groups (experts); h ceil(k / 128) column tiles; g ceil(n /
 128) row blocks of a weight; j row tiles of the weight gradient's
-operands (``max_group_tiles``).
+operands (``max_group_tiles``); c = 128 j columns of their values.
 """
 import torch
 import triton
@@ -69,11 +71,6 @@ FORWARD_CONFIGS = CONFIGS + [
     triton.Config({"block_m": 64, "block_n": 128}, num_warps=4,
                   num_stages=3, maxnreg=168),
 ]
-# The weight gradient of groups that start off a multiple of 16 rows,
-# untuned (the autotuner would time it on whichever counts came first):
-# byte loads, so large tiles, fewer bytes per product.
-UNALIGNED_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8,
-                    "num_stages": 1}
 # Triton's interpreter (CPU tensors): small tiles, so that tests cover
 # partial and several tiles per group.
 INTERPRETER_CONFIG = {"block_m": 32, "block_n": 64}
@@ -152,18 +149,16 @@ def _grouped_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, counts_ptr,
 
 
 @triton.jit
-def _group_extent(counts_ptr, group, groups, groups_pow2: tl.constexpr,
-                  tile: tl.constexpr):
-    """(first row, rows, first scale tile) of a group."""
+def _group_tiles(counts_ptr, group, groups, groups_pow2: tl.constexpr,
+                 tile: tl.constexpr):
+    """(first tile, tiles) of a group when each group's rows start new
+    tiles."""
     index_e = tl.arange(0, groups_pow2)
     counts_e = tl.load(counts_ptr + index_e, mask=index_e < groups,
                        other=0).to(tl.int32)
-    before = index_e < group
-    start = tl.sum(tl.where(before, counts_e, 0), 0)
-    first_tile = tl.sum(tl.where(before, (counts_e + tile - 1) // tile, 0),
-                        0)
-    count = tl.sum(tl.where(index_e == group, counts_e, 0), 0)
-    return start, count, first_tile
+    tiles_e = (counts_e + tile - 1) // tile
+    first_tile = tl.sum(tl.where(index_e < group, tiles_e, 0), 0)
+    return first_tile, tl.sum(tl.where(index_e == group, tiles_e, 0), 0)
 
 
 @triton.jit
@@ -175,98 +170,39 @@ def _scaled(acc, product, sa_ptr, sb_ptr, offs_sa, offs_sb):
 
 
 @triton.jit
-def _wgrad_aligned(a_ptrs, b_ptrs, sa_ptr, sb_ptr, offs_sa, offs_sb, start,
-                   count, t, stride_sa_j, stride_sb_j, block_m: tl.constexpr,
-                   block_n: tl.constexpr, tile: tl.constexpr):
-    """The float32 (block_m, block_n) sum over the rows of a group whose
-    first row is a provable multiple of 16 (a_ptrs, b_ptrs: each row's
-    start): the whole tiles pipelined, then the partial last tile."""
-    offs_t = tl.arange(0, tile)
-    a_ptrs += start + offs_t[None, :]
-    b_ptrs += start + offs_t[None, :]
-    whole = count // tile
+def _wgrad_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, counts_ptr,
+                  out_ptr, n, k, row_tiles, groups, stride_sa_n, stride_sa_j,
+                  stride_sb_k, stride_sb_j, groups_pow2: tl.constexpr,
+                  block_m: tl.constexpr, block_n: tl.constexpr,
+                  tile: tl.constexpr):
+    tiles_m, tiles_n = tl.cdiv(n, block_m), tl.cdiv(k, block_n)
+    pid = tl.program_id(0)
+    group = pid // (tiles_m * tiles_n)
+    first_tile, tiles = _group_tiles(counts_ptr, group, groups, groups_pow2,
+                                     tile)
+    within = pid % (tiles_m * tiles_n)
+    rows_m = (within // tiles_n) * block_m + tl.arange(0, block_m)
+    cols_n = (within % tiles_n) * block_n + tl.arange(0, block_n)
+    # The group's first tile: 128 columns from a multiple of 128, of rows
+    # 128 j long. Rows of a and b past n and k wrap around (loads stay in
+    # bounds); the store drops them.
+    stride_c = tl.multiple_of(row_tiles.to(tl.int64) * tile, tile)
+    offs_c = first_tile.to(tl.int64) * tile + tl.arange(0, tile)
+    offs_c = tl.max_contiguous(tl.multiple_of(offs_c, tile), tile)
+    a_ptrs = (a_ptr + (rows_m % n).to(tl.int64)[:, None] * stride_c
+              + offs_c[None, :])
+    b_ptrs = (b_ptr + (cols_n % k).to(tl.int64)[:, None] * stride_c
+              + offs_c[None, :])
+    sa_ptr = a_scale_ptr + first_tile.to(tl.int64) * stride_sa_j
+    sb_ptr = b_scale_ptr + first_tile.to(tl.int64) * stride_sb_j
+    offs_sa, offs_sb = rows_m % n * stride_sa_n, cols_n % k * stride_sb_k
     acc = tl.zeros((block_m, block_n), tl.float32)
-    for j in range(0, whole):
+    for j in range(0, tiles):
         product = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))
         acc = _scaled(acc, product, sa_ptr + j * stride_sa_j,
                       sb_ptr + j * stride_sb_j, offs_sa, offs_sb)
         a_ptrs += tile
         b_ptrs += tile
-    rows = count - whole * tile
-    if rows:
-        # Whole 16-row chunks (bounds the compiler sees are multiples of
-        # 16), so that the loads stay vectors; the rows of the next group
-        # are zeroed after loading.
-        load = ((offs_t // 16 < tl.cdiv(rows, 16))
-                & (offs_t < t - start - whole * tile))[None, :]
-        keep = (offs_t < rows)[None, :]
-        a = tl.load(a_ptrs, mask=load, other=0.0)
-        b = tl.load(b_ptrs, mask=load, other=0.0)
-        a = tl.where(keep, a, tl.zeros_like(a))
-        b = tl.where(keep, b, tl.zeros_like(b))
-        acc = _scaled(acc, tl.dot(a, tl.trans(b)),
-                      sa_ptr + whole * stride_sa_j,
-                      sb_ptr + whole * stride_sb_j, offs_sa, offs_sb)
-    return acc
-
-
-@triton.jit
-def _wgrad_unaligned(a_ptrs, b_ptrs, sa_ptr, sb_ptr, offs_sa, offs_sb, start,
-                     count, stride_sa_j, stride_sb_j, block_m: tl.constexpr,
-                     block_n: tl.constexpr, tile: tl.constexpr):
-    """The same sum for a group starting anywhere: byte loads, which
-    cannot be copied asynchronously, so unpipelined and 32 rows at a
-    time to fit in registers."""
-    offs_c = tl.arange(0, 32)
-    a_ptrs += start + offs_c[None, :]
-    b_ptrs += start + offs_c[None, :]
-    acc = tl.zeros((block_m, block_n), tl.float32)
-    for j in tl.range(0, tl.cdiv(count, tile), num_stages=1):
-        product = tl.zeros((block_m, block_n), tl.float32)
-        for row in tl.range(j * tile, tl.minimum(j * tile + tile, count), 32,
-                            num_stages=1):
-            mask = (row + offs_c < count)[None, :]
-            a = tl.load(a_ptrs + row, mask=mask, other=0.0)
-            b = tl.load(b_ptrs + row, mask=mask, other=0.0)
-            product = tl.dot(a, tl.trans(b), product)
-        acc = _scaled(acc, product, sa_ptr + j * stride_sa_j,
-                      sb_ptr + j * stride_sb_j, offs_sa, offs_sb)
-    return acc
-
-
-@triton.jit
-def _wgrad_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, counts_ptr,
-                  out_ptr, t, n, k, groups, stride_sa_n, stride_sa_j,
-                  stride_sb_k, stride_sb_j, aligned: tl.constexpr,
-                  groups_pow2: tl.constexpr, block_m: tl.constexpr,
-                  block_n: tl.constexpr, tile: tl.constexpr):
-    tiles_m, tiles_n = tl.cdiv(n, block_m), tl.cdiv(k, block_n)
-    pid = tl.program_id(0)
-    group = pid // (tiles_m * tiles_n)
-    start, count, first_tile = _group_extent(counts_ptr, group, groups,
-                                             groups_pow2, tile)
-    if (start % 16 == 0) != aligned:
-        return
-    within = pid % (tiles_m * tiles_n)
-    rows_m = (within // tiles_n) * block_m + tl.arange(0, block_m)
-    cols_n = (within % tiles_n) * block_n + tl.arange(0, block_n)
-    # Rows of a and b past n and k wrap around (loads stay in bounds); the
-    # store drops them.
-    a_ptrs = a_ptr + (rows_m % n).to(tl.int64)[:, None] * t
-    b_ptrs = b_ptr + (cols_n % k).to(tl.int64)[:, None] * t
-    sa_ptr = a_scale_ptr + first_tile.to(tl.int64) * stride_sa_j
-    sb_ptr = b_scale_ptr + first_tile.to(tl.int64) * stride_sb_j
-    offs_sa, offs_sb = rows_m % n * stride_sa_n, cols_n % k * stride_sb_k
-    if aligned:
-        # start itself, rebuilt so that the compiler sees its alignment.
-        acc = _wgrad_aligned(a_ptrs, b_ptrs, sa_ptr, sb_ptr, offs_sa,
-                             offs_sb, start // 16 * 16, count, t,
-                             stride_sa_j, stride_sb_j, block_m, block_n,
-                             tile)
-    else:
-        acc = _wgrad_unaligned(a_ptrs, b_ptrs, sa_ptr, sb_ptr, offs_sa,
-                               offs_sb, start, count, stride_sa_j,
-                               stride_sb_j, block_m, block_n, tile)
     out_ptrs = (out_ptr + group.to(tl.int64) * n * k
                 + rows_m.to(tl.int64)[:, None] * k + cols_n[None, :])
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
@@ -278,13 +214,10 @@ _grouped_tuned = triton.autotune(FORWARD_CONFIGS, key=["n", "k"])(
 _wgrad_tuned = triton.autotune(CONFIGS, key=["n", "k"])(_wgrad_kernel)
 
 
-def _kernel_and_config(kernel, tuned, on_gpu: bool, config=None):
-    """What to launch and its meta-parameters: on the CPU the
-    interpreter's config; on a GPU config, or the autotuner without one.
-    """
-    if not on_gpu:
-        return kernel, INTERPRETER_CONFIG
-    return (kernel, config) if config else (tuned, {})
+def _kernel_and_config(kernel, tuned, on_gpu: bool):
+    """What to launch and its meta-parameters: on the CPU the kernel
+    with the interpreter's config; on a GPU the autotuner."""
+    return (tuned, {}) if on_gpu else (kernel, INTERPRETER_CONFIG)
 
 
 def tuned_configs() -> dict[str, dict]:
@@ -330,39 +263,41 @@ def grouped_fp8_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
     return out_tn
 
 
-def grouped_fp8_mm_wgrad(a_values_nt: torch.Tensor,
+def grouped_fp8_mm_wgrad(a_values_nc: torch.Tensor,
                          a_scales_nj: torch.Tensor,
-                         b_values_kt: torch.Tensor,
+                         b_values_kc: torch.Tensor,
                          b_scales_kj: torch.Tensor, counts_e: torch.Tensor,
                          out_dtype: torch.dtype = torch.float32
                          ) -> torch.Tensor:
-    """(e, n, k): for each group, the sum over its rows (columns of a and
-    b) of a[:, row] b[:, row]^T, i.e. dW_e = dy_e^T x_e with a = dy^T
-    and b = x^T; zeros for groups without rows.
+    """(e, n, k): for each group, the sum over its rows of a[:, row]
+    b[:, row]^T, i.e. dW_e = dy_e^T x_e with a = dy^T and b = x^T; zeros
+    for groups without rows.
 
-    a and b E4M3, contiguous, in 1 x 128 tiles along t that restart at
-    each group (``quantize_transposed(x, counts_e)``): column t of group e
-    has the scale of tile ``group_tile_starts(counts_e)[e] + (t - first
-    row of e) // 128``. Scales float32, any strides; counts_e (e,)
-    integers on a's device, summing to t.
+    a and b E4M3, contiguous, tile-padded (``quantize_transposed(x,
+    counts_e)``): values (n, c) and (k, c), c = 128 j, tile i of group e
+    in the 128 columns from 128 (``group_tile_starts(counts_e)[e]`` + i),
+    zeros past the group's rows; scales (n, j) and (k, j), float32, any
+    strides. counts_e (e,) integers on a's device, those the operands
+    were made with.
     """
-    _require_contiguous(a_values_nt=a_values_nt, b_values_kt=b_values_kt)
-    (n, t), k, groups = a_values_nt.shape, b_values_kt.shape[0], len(counts_e)
-    out_enk = a_values_nt.new_empty(groups, n, k, dtype=out_dtype)
+    _require_contiguous(a_values_nc=a_values_nc, b_values_kc=b_values_kc)
+    (n, c), (k, b_c) = a_values_nc.shape, b_values_kc.shape
+    if c % TILE or b_c != c:
+        raise ValueError(f"operands of {c} and {b_c} columns: expected the "
+                         f"same multiple of {TILE} (tile-padded)")
+    groups = len(counts_e)
+    out_enk = a_values_nc.new_empty(groups, n, k, dtype=out_dtype)
     if out_enk.numel() == 0:
         return out_enk
 
     def grid(meta):
         return (groups * triton.cdiv(n, meta["block_m"])
                 * triton.cdiv(k, meta["block_n"]),)
-    # Two launches, so that each path gets the registers it needs: the
-    # groups whose first row is a multiple of 16, then the others.
-    for aligned, config in ((True, None), (False, UNALIGNED_CONFIG)):
-        launch, config = _kernel_and_config(_wgrad_kernel, _wgrad_tuned,
-                                            a_values_nt.is_cuda, config)
-        launch[grid](a_values_nt, a_scales_nj, b_values_kt, b_scales_kj,
-                     counts_e, out_enk, t, n, k, groups,
-                     *a_scales_nj.stride(), *b_scales_kj.stride(), aligned,
-                     groups_pow2=triton.next_power_of_2(groups), tile=TILE,
-                     **config)
+    launch, config = _kernel_and_config(_wgrad_kernel, _wgrad_tuned,
+                                        a_values_nc.is_cuda)
+    launch[grid](a_values_nc, a_scales_nj, b_values_kc, b_scales_kj,
+                 counts_e, out_enk, n, k, c // TILE, groups,
+                 *a_scales_nj.stride(), *b_scales_kj.stride(),
+                 groups_pow2=triton.next_power_of_2(groups), tile=TILE,
+                 **config)
     return out_enk

@@ -20,9 +20,12 @@ The layouts:
 - ``quantize_rows_and_transpose``: the same, plus x^T (k, m) in 1 x 128
   tiles along m, from one read of x. Its scales (k, j) are stored (j, k)
   the same way. With ``counts_e`` each group of consecutive rows (an
-  expert's tokens) starts a new tile; the launch covers the static bound
-  ``max_group_tiles`` and each tile's rows are found on the device, so
-  the counts are never read by the host.
+  expert's tokens) starts a new tile, and x^T is tile-padded
+  (``quantize_transposed``): values (k, 128 j), tile j in columns [128 j,
+  128 j + 128), its rows then zeros. The launch covers the static bound
+  j = ``max_group_tiles`` and each tile's rows are found on the device,
+  so the counts are never read by the host. Each program writes its
+  tile's 128 columns whole (an unused tile: zeros), in 16-byte vectors.
 - ``quantize_blocks``: weights (n, k), or (e, n, k) one matrix per
   expert, in 128 x 128 blocks; scales (..., g, h) contiguous; optionally
   also the values of w^T (..., k, n) from the same pass.
@@ -31,8 +34,9 @@ Each program reads one tile of 128 x 128 entries once and writes
 everything computed from it.
 
 Tensor names end in their shape: m rows; k columns; h column tiles; j
-row tiles (of the transpose's scales); e groups or experts; n weight
-rows; g weight row blocks.
+row tiles (of the transpose's scales); c columns of the transpose's
+values (m, or 128 j tile-padded); e groups or experts; n weight rows; g
+weight row blocks.
 """
 import torch
 import triton
@@ -87,7 +91,7 @@ def _quantize(x, scale):
 
 
 @triton.jit
-def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_km_ptr,
+def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_kc_ptr,
                       scales_jk_ptr, starts_ptr, ends_ptr, m, k, stride_m,
                       stride_k, transpose: tl.constexpr,
                       grouped: tl.constexpr, power_of_two: tl.constexpr,
@@ -115,8 +119,17 @@ def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_km_ptr,
     if transpose:
         # An unused tile (no rows) has amax 0, so it writes scale 1.
         column_scale = _scale(tl.max(magnitude, axis=0), power_of_two)
-        tl.store(values_km_ptr + columns[None, :] * m + rows[:, None],
-                 _quantize(x, column_scale[None, :]), mask=mask)
+        offs_c = row_tile * tile + tl.arange(0, tile)
+        if grouped:
+            # The tile's own 128 columns, of rows 128 j long (j programs),
+            # stored whole: its rows past the end are zeros (x loaded 0).
+            stride_c = tl.multiple_of(tl.num_programs(0) * tile, tile)
+            offs_c = tl.max_contiguous(tl.multiple_of(offs_c, tile), tile)
+            mask_c = column_mask[None, :]
+        else:
+            stride_c, mask_c = m, mask
+        tl.store(values_kc_ptr + columns[None, :] * stride_c + offs_c[:, None],
+                 _quantize(x, column_scale[None, :]), mask=mask_c)
         tl.store(scales_jk_ptr + row_tile * k + columns, column_scale,
                  mask=column_mask)
 
@@ -169,7 +182,7 @@ def _group_tile_rows(counts_e: torch.Tensor,
 
 def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
                counts_e: torch.Tensor | None):
-    """((values_mk, scales_mh), (values_km, scales_kj)); the second pair
+    """((values_mk, scales_mh), (values_kc, scales_kj)); the second pair
     only with transpose."""
     m, k = x_mk.shape
     column_tiles = triton.cdiv(k, TILE)
@@ -179,21 +192,24 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
     float32 = dict(device=x_mk.device, dtype=torch.float32)
     values_mk = torch.empty(m, k, device=x_mk.device, dtype=E4M3)
     scales_hm = torch.empty(column_tiles, m, **float32)
-    values_km, scales_jk = values_mk, scales_hm
+    values_kc, scales_jk = values_mk, scales_hm
     if transpose:
-        values_km = torch.empty(k, m, device=x_mk.device, dtype=E4M3)
-        # Without rows no program runs, and every tile is unused: scale 1.
+        # Without rows no program runs, and every tile is unused: zeros,
+        # scale 1.
+        values_kc = (torch.empty if m else torch.zeros)(
+            k, row_tiles * TILE if grouped else m, device=x_mk.device,
+            dtype=E4M3)
         scales_jk = (torch.empty if m else torch.ones)(row_tiles, k,
                                                        **float32)
     if x_mk.numel():
         starts_j, ends_j = (_group_tile_rows(counts_e, row_tiles)
                             if grouped else (scales_hm, scales_hm))
         _row_tiles_kernel[(row_tiles, column_tiles)](
-            x_mk, values_mk, scales_hm, values_km, scales_jk, starts_j,
+            x_mk, values_mk, scales_hm, values_kc, scales_jk, starts_j,
             ends_j, m, k, *x_mk.stride(), transpose=transpose,
             grouped=grouped, power_of_two=power_of_two, tile=TILE,
             num_warps=NUM_WARPS)
-    return (values_mk, scales_hm.t()), (values_km, scales_jk.t())
+    return (values_mk, scales_hm.t()), (values_kc, scales_jk.t())
 
 
 def quantize_rows(x_mk: torch.Tensor, power_of_two: bool = False
@@ -208,14 +224,14 @@ def quantize_rows_and_transpose(
         counts_e: torch.Tensor | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor],
            tuple[torch.Tensor, torch.Tensor]]:
-    """((values (m, k), scales (m, h)), (values (k, m), scales (k, j)))
+    """((values (m, k), scales (m, h)), (values (k, c), scales (k, j)))
     from one read of x: ``quantize_rows(x, power_of_two)`` and
     ``quantize_transposed(x, counts_e, power_of_two)``.
 
     counts_e (e,), on x's device, are the sizes of consecutive groups of
-    rows and sum to m; j is ceil(m / 128) without them and
-    ``max_group_tiles(m, e)`` with them. Both scales are stored
-    outer-dim-major: strides (1, m) and (1, k).
+    rows and sum to m. Without them c = m and j = ceil(m / 128); with
+    them j = ``max_group_tiles(m, e)`` and c = 128 j, tile-padded. Both
+    scales are stored outer-dim-major: strides (1, m) and (1, k).
     """
     return _row_tiles(x_mk, power_of_two, True, counts_e)
 

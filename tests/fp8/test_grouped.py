@@ -6,9 +6,11 @@ import torch
 
 from coom.fp8.grouped import fp8_grouped_linear
 from coom.fp8.linear import FP8Recipe, fp8_linear
+from coom.fp8.scaling import TILE, max_group_tiles
 from tests.kernels import DEVICE, relative_error
 
 COUNTS = [0, 130, 5, 61]
+BOUND = 2 ** -11 if DEVICE == "cuda" else 1e-5
 
 
 def _inputs(k, n, seed=0):
@@ -55,7 +57,9 @@ def test_emulation_is_one_fp8_linear_per_expert(scaling):
 
 @pytest.mark.parametrize("k, n", [(200, 136), (256, 128)])
 def test_kernels_match_the_emulation(k, n):
-    """Same roundings, different summation order: float32 agreement."""
+    """Same roundings, different summation: float32 agreement in the
+    interpreter; Hopper's FP8 tensor cores sum each 128 products with
+    about 14 bits (tests/fp8/test_linear.py), so 2^-11 there."""
     x, weight, dy = _inputs(k, n, seed=k)
     emulated = _run(_grouped(FP8Recipe("blockwise", emulate=True)),
                     x, weight, dy)
@@ -63,7 +67,7 @@ def test_kernels_match_the_emulation(k, n):
                    weight.to(DEVICE), dy.to(DEVICE))
     for ours, ref in zip(kernels, emulated):
         assert ours.dtype == ref.dtype == torch.float32
-        assert relative_error(ours.cpu(), ref) < 1e-5
+        assert relative_error(ours.cpu(), ref) < BOUND
     assert not kernels[2][0].any()
 
 
@@ -76,4 +80,5 @@ def test_kernels_keep_autocast_dtype_and_save_fp8():
     assert y.dtype == torch.bfloat16
     saved = y.grad_fn.saved_tensors
     assert saved[0].dtype == torch.float8_e4m3fn
-    assert saved[0].shape == (128, sum(COUNTS))  # x^T
+    tiles = max_group_tiles(sum(COUNTS), len(COUNTS))
+    assert saved[0].shape == (128, tiles * TILE)  # x^T, tile-padded

@@ -78,8 +78,10 @@ def test_module_keeps_shapes_and_autocast_dtype():
 @pytest.mark.parametrize("tokens, k, n", [(256, 1536, 576),
                                           (512, 512, 3072)])
 def test_fp8_units_match_the_emulation(recipe, tokens, k, n):
-    """torch._scaled_mm on the same FP8 operands as the emulation: only
-    the summation order differs."""
+    """torch._scaled_mm on the same FP8 operands as the emulation. Hopper's
+    FP8 tensor cores sum with about 14 bits of precision (DeepSeek-V3,
+    section 3.3.2), so the two differ by about 2^-13 relative: measured
+    1.2-1.3e-4 on an H100."""
     generator = torch.Generator().manual_seed(tokens + n)
     x = torch.randn(tokens, k, generator=generator).cuda()
     weight = (torch.randn(n, k, generator=generator) / k ** 0.5).cuda()
@@ -91,4 +93,4 @@ def test_fp8_units_match_the_emulation(recipe, tokens, k, n):
     errors = [relative_error(a, b) for a, b in zip(units, emulated)]
     print(f"{recipe} {tokens}x{k}x{n}: units vs emulation y/dx/dW "
           f"{', '.join(f'{e:.2e}' for e in errors)}")
-    assert max(errors) < 1e-5
+    assert max(errors) < 2 ** -11

@@ -71,9 +71,9 @@ def test_grouped_fp8_mm_of_no_rows():
 
 
 def _wgrad_operands(counts, n, k, seed):
-    """Quantised dy^T (n, t) and x^T (k, t) in group tiles, scales of
-    strides (1, n) and (1, k), and each group's dequantised float64 dy_e^T
-    and x_e^T."""
+    """Quantised dy^T (n, c) and x^T (k, c) in group tiles, tile-padded,
+    scales of strides (1, n) and (1, k), and each group's dequantised
+    float64 dy_e^T and x_e^T."""
     generator = torch.Generator().manual_seed(seed)
     t = sum(counts)
     dy_tn, x_tk = _rows(t, n, generator), _rows(t, k, generator)
@@ -82,12 +82,11 @@ def _wgrad_operands(counts, n, k, seed):
     operands, refs = [], []
     for x in (dy_tn, x_tk):
         values, scales = quantize_transposed(x, counts_e)
-        rows, groups = 0, []
+        groups = []
         for count, start in zip(counts, starts):
             tiles = scales[:, start:start + -(-count // TILE)]
-            groups.append(dequantize(values[:, rows:rows + count], tiles,
-                                     ROW_TILE).double())
-            rows += count
+            columns = values[:, start * TILE:start * TILE + count]
+            groups.append(dequantize(columns, tiles, ROW_TILE).double())
         operands += [values, scales.T.contiguous().T]
         refs.append(groups)
     return [x.to(DEVICE) for x in operands], refs
@@ -108,3 +107,13 @@ def test_grouped_fp8_mm_wgrad_against_float64(counts, n, k, out_dtype):
             assert relative_error(out_nk, dy_nt @ x_kt.T) < BOUND[out_dtype]
         else:
             assert torch.equal(out_nk, torch.zeros_like(out_nk))
+
+
+def test_grouped_fp8_mm_wgrad_refuses_unpadded_operands():
+    operands, _ = _wgrad_operands([130, 5], 64, 64, seed=0)
+    a_values, a_scales, b_values, b_scales = operands
+    counts_e = torch.tensor([130, 5], device=DEVICE)
+    with pytest.raises(ValueError, match="tile-padded"):
+        grouped_fp8_mm_wgrad(a_values[:, :135].contiguous(), a_scales,
+                             b_values[:, :135].contiguous(), b_scales,
+                             counts_e)

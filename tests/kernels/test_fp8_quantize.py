@@ -6,6 +6,7 @@ import torch
 
 from coom.fp8.scaling import (
     E4M3,
+    TILE,
     Grouping,
     max_group_tiles,
     quantize,
@@ -87,29 +88,36 @@ def test_grouped_transpose_matches_reference(counts, dtype, power_of_two):
     _assert_same(rows, quantize(x_mk, ROWS, power_of_two))
     _assert_same(transposed,
                  quantize_transposed(x_mk, counts_e, power_of_two))
-    assert transposed[1].shape == (130, max_group_tiles(300, len(counts)))
+    tiles = max_group_tiles(300, len(counts))
+    assert transposed[0].shape == (130, tiles * TILE)
+    assert transposed[1].shape == (130, tiles)
     assert transposed[1].stride() == (1, 130)
 
 
 def test_grouped_tiles_by_hand():
-    """Groups of 0, 3, 0 and 2 rows: group 1 fills tile 0, group 3 tile
-    1, tiles 2 to 4 are unused (scale 1). Every entry is exact in E4M3
-    at its scale, so dequantising gives x back exactly."""
+    """Groups of 0, 3, 0 and 2 rows: group 1 fills tile 0 (columns 0 to
+    2 of x^T), group 3 tile 1 (columns 128 and 129), tiles 2 to 4 are
+    unused (scale 1); all other columns are zeros. Every entry is exact
+    in E4M3 at its scale, so dequantising gives x back exactly."""
     x_mk = torch.tensor([[448., -224, 7, 0], [-3, 16, -112, 0],
                          [1, 2, 56, 0], [896, 14, -28, 8],
                          [-8, -7, 7, -896]], device=DEVICE)
     counts_e = torch.tensor([0, 3, 0, 2], device=DEVICE)
-    (values_mk, scales_mh), (values_km, scales_kj) = (
+    (values_mk, scales_mh), (values_kc, scales_kj) = (
         quantize_rows_and_transpose(x_mk, counts_e=counts_e))
     ones = [1.0, 1.0, 1.0]
     expected_kj = torch.tensor([[1, 2, *ones], [1 / 2, 1 / 32, *ones],
                                 [1 / 4, 1 / 16, *ones], [1, 2, *ones]],
                                device=DEVICE)
     assert torch.equal(scales_kj, expected_kj)
-    assert torch.equal(values_km[:, :3].float() * scales_kj[:, :1],
+    assert values_kc.shape == (4, 5 * TILE)
+    assert torch.equal(values_kc[:, :3].float() * scales_kj[:, :1],
                        x_mk[:3].T)
-    assert torch.equal(values_km[:, 3:].float() * scales_kj[:, 1:2],
+    assert torch.equal(values_kc[:, 128:130].float() * scales_kj[:, 1:2],
                        x_mk[3:].T)
+    padding = torch.ones(4, 5 * TILE, dtype=torch.bool, device=DEVICE)
+    padding[:, :3] = padding[:, 128:130] = False
+    assert not values_kc.view(torch.uint8)[padding].any()  # +0, bitwise
     assert torch.equal(scales_mh[:, 0],
                        torch.tensor([1, 1 / 4, 1 / 8, 2, 2], device=DEVICE))
     assert torch.equal(values_mk.float() * scales_mh, x_mk)
@@ -157,6 +165,8 @@ def test_empty_inputs():
     counts_e = torch.zeros(3, device=DEVICE, dtype=torch.int64)
     _, transposed = quantize_rows_and_transpose(x_mk, counts_e=counts_e)
     _assert_same(transposed, quantize_transposed(x_mk, counts_e))
+    assert transposed[0].shape == (130, 3 * TILE)
+    assert not transposed[0].view(torch.uint8).any()
     for shape in [(0, 5), (2, 0, 130), (0, 5, 7)]:
         values, scales, values_t = quantize_blocks(
             torch.zeros(shape, device=DEVICE), transpose=True)
