@@ -24,13 +24,20 @@ the CPU tests check the numerics with.
 
 Tensor names end in their shape: m tokens; k input width; n output width.
 """
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from coom.fp8 import ops
-from coom.fp8.scaling import dequantize, fake_quantize, groupings, quantize
+from coom.fp8.scaling import (
+    TILE,
+    dequantize,
+    fake_quantize,
+    groupings,
+    quantize,
+)
 
 
 @dataclass(frozen=True)
@@ -118,13 +125,27 @@ def _scales_for_scaled_mm(values: torch.Tensor,
     return scales.contiguous()
 
 
-def _scaled_product(a, b, out_dtype: torch.dtype) -> torch.Tensor:
+def _pad_columns(values: torch.Tensor, columns: int) -> torch.Tensor:
+    padded = values.new_zeros(values.shape[0], columns)
+    padded[:, :values.shape[1]] = values
+    return padded
+
+
+def _scaled_product(a, b, out_dtype: torch.dtype,
+                    blockwise: bool) -> torch.Tensor:
     """a @ b^T on FP8 matrix units, of two (values, scales) operands
     whose rows run along k. ``torch._scaled_mm`` checks B's scales
-    transposed against B^T, so both operands' scales take one layout."""
+    transposed against B^T, so both operands' scales take one layout.
+    Blockwise, k is zero-padded to whole 128-column tiles, which cuBLAS's
+    blockwise scaling needs."""
     (a_values_mk, a_scales), (b_values_nk, b_scales) = a, b
     a_values_mk, b_values_nk = a_values_mk.contiguous(), \
         b_values_nk.contiguous()
+    k = a_values_mk.shape[1]
+    if blockwise and k % TILE:
+        padded = math.ceil(k / TILE) * TILE
+        a_values_mk = _pad_columns(a_values_mk, padded)
+        b_values_nk = _pad_columns(b_values_nk, padded)
     return torch._scaled_mm(
         a_values_mk, b_values_nk.t(),
         scale_a=_scales_for_scaled_mm(a_values_mk, a_scales),
@@ -141,7 +162,8 @@ class _FP8Linear(torch.autograd.Function):
         weight_rows, weight_columns = quantize_weight(weight_nk, recipe)
         ctx.save_for_backward(*x_columns, *weight_columns)
         ctx.recipe, ctx.x_dtype = recipe, x_mk.dtype
-        return _scaled_product(x_rows, weight_rows, out_dtype)
+        return _scaled_product(x_rows, weight_rows, out_dtype,
+                               recipe.scaling == "blockwise")
 
     @staticmethod
     def backward(ctx, dy_mn):
@@ -149,10 +171,11 @@ class _FP8Linear(torch.autograd.Function):
             ctx.saved_tensors
         dy_rows, dy_columns = quantize_activation(dy_mn.contiguous(),
                                                   ctx.recipe)
+        blockwise = ctx.recipe.scaling == "blockwise"
         dx_mk = _scaled_product(dy_rows, (weight_values_kn, weight_scales),
-                                ctx.x_dtype)
+                                ctx.x_dtype, blockwise)
         dweight_nk = _scaled_product(dy_columns, (x_values_km, x_scales),
-                                     torch.float32)
+                                     torch.float32, blockwise)
         return dx_mk, dweight_nk, None, None
 
 

@@ -100,7 +100,7 @@ def test_refused_without_fp8_units_unless_emulated():
 def test_cli_refuses_fp8_on_cpu_before_any_work(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "tiny", "--run-dir", str(run), "--set",
-                 "fp8.recipe=blockwise"]) == 2
+                 "fp8.recipe=blockwise", "train.device=cpu"]) == 2
     err = capsys.readouterr().err
     assert "FP8 matrix units" in err and "Traceback" not in err
     assert not (run / "metrics.jsonl").exists()
@@ -118,3 +118,17 @@ def test_emulated_fp8_run_follows_the_float32_run(small_run, tmp_path):
     assert losses["fp8"] != losses["fp32"]
     for fp8, fp32 in zip(losses["fp8"], losses["fp32"]):
         assert abs(fp8 - fp32) / fp32 < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="FP8 matrix units: run by .ci/gpu-tests")
+def test_fp8_run_on_a_gpu_follows_the_bf16_run(small_run, tmp_path):
+    losses = {}
+    for name, extra in [("bf16", []), ("fp8", ["fp8.recipe=blockwise"])]:
+        run = tmp_path / name
+        assert main(["train", "tiny", "--run-dir", str(run), "--set",
+                     *small_run, "train.precision=bf16", *extra]) == 0
+        losses[name] = [r["loss"] for r in read_metrics(run)
+                        if "loss" in r]
+    for fp8, bf16 in zip(losses["fp8"], losses["bf16"]):
+        assert abs(fp8 - bf16) / bf16 < 0.01
