@@ -5,8 +5,12 @@ As in DeepSeek-V3, the linears of the transformer blocks (attention
 projections, dense and shared-expert feed-forwards) and the MTP modules'
 projections convert, and so do the routed experts; the embedding, the
 output head and the router keep their precision, and so do norms and
-attention, which are not matrix products of weights. Weights stay the
-same Parameters: names, values and checkpoints do not change.
+attention, which are not matrix products of weights. On FP8 matrix
+units (cuBLAS) a linear converts only when its widths are whole
+128-column tiles (blockwise) or multiples of 16 (rowwise, tensorwise), as
+torchao filters them too: in the ``small`` preset that keeps MLA's
+576-wide latent projection (wkv_a) in bf16. Weights stay the same
+Parameters: names, values and checkpoints do not change.
 """
 import torch
 from torch import nn
@@ -14,6 +18,7 @@ from torch import nn
 from coom.config import FP8Config
 from coom.errors import UserError
 from coom.fp8.linear import FP8Linear, FP8Recipe
+from coom.fp8.scaling import TILE
 from coom.layers.moe import GroupedExperts
 
 
@@ -52,14 +57,24 @@ def _fp8_copy(linear: nn.Linear, recipe: FP8Recipe) -> FP8Linear:
     return converted
 
 
+def _fits_fp8_units(linear: nn.Linear, recipe: FP8Recipe) -> bool:
+    """Whether cuBLAS's FP8 products take the linear's widths: whole
+    128-column tiles for blockwise scaling, multiples of 16 otherwise.
+    Emulation takes any width."""
+    multiple = TILE if recipe.scaling == "blockwise" else 16
+    return recipe.emulate or (linear.in_features % multiple == 0
+                              and linear.out_features % multiple == 0)
+
+
 def _convert(module: nn.Module, recipe: FP8Recipe, experts: bool) -> int:
     """Convert module's linears (and experts) in place; return how many
     products converted."""
     converted = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:
-            setattr(module, name, _fp8_copy(child, recipe))
-            converted += 1
+            if _fits_fp8_units(child, recipe):
+                setattr(module, name, _fp8_copy(child, recipe))
+                converted += 1
         elif isinstance(child, GroupedExperts):
             if experts:
                 child.fp8 = recipe

@@ -18,13 +18,13 @@ EMULATED = dict(recipe="blockwise", emulate=True)
 
 
 def _model(**overrides) -> Transformer:
-    config = ModelConfig(vocab_size=97, hidden_size=64, num_layers=3,
-                         num_attention_heads=2, ffn_hidden_size=96,
-                         q_lora_rank=48, kv_lora_rank=32,
-                         first_k_dense_replace=1, mtp_num_layers=1,
-                         n_routed_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=32, n_shared_experts=1,
-                         max_position_embeddings=64, **overrides)
+    fields = dict(vocab_size=97, hidden_size=64, num_layers=3,
+                  num_attention_heads=2, ffn_hidden_size=96, q_lora_rank=48,
+                  kv_lora_rank=32, first_k_dense_replace=1, mtp_num_layers=1,
+                  n_routed_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=32, n_shared_experts=1,
+                  max_position_embeddings=64)
+    config = ModelConfig(**{**fields, **overrides})
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Transformer(config)
@@ -54,6 +54,19 @@ def test_converts_block_products_but_not_embedding_head_or_router():
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_fp8_units_take_whole_tiles_only():
+    """Without emulation, MLA's latent projection (32 + 64 rope = 96
+    wide here, 576 in the small preset) keeps its precision."""
+    model = _model(hidden_size=128, kv_lora_rank=32, qk_rope_head_dim=64,
+                   q_lora_rank=128, num_attention_heads=1,
+                   qk_nope_head_dim=64, v_head_dim=128, ffn_hidden_size=256,
+                   moe_intermediate_size=128)
+    convert_to_fp8(model, FP8Config(recipe="blockwise"))
+    assert type(model.layers[0].attention.wkv_a) is nn.Linear
+    assert isinstance(model.layers[0].attention.wq_a, FP8Linear)
+    assert isinstance(model.layers[0].mlp.w1, FP8Linear)
 
 
 def test_keeps_first_and_last_blocks_and_experts_when_asked():

@@ -75,8 +75,8 @@ def test_module_keeps_shapes_and_autocast_dtype():
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="FP8 matrix units: run by .ci/gpu-tests")
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("tokens, k, n", [(256, 1536, 576),
-                                          (512, 512, 3072), (384, 64, 200)])
+@pytest.mark.parametrize("tokens, k, n", [(256, 1536, 512),
+                                          (512, 512, 3072)])
 def test_fp8_units_match_the_emulation(recipe, tokens, k, n):
     """torch._scaled_mm on the same FP8 operands as the emulation. Hopper's
     FP8 tensor cores sum with about 14 bits of precision (DeepSeek-V3,
