@@ -82,7 +82,10 @@ def quantize(x_mk: torch.Tensor, grouping: Grouping,
     rows, columns = grouping.sizes(m, k)
     amax_gh = _padded_groups(x_mk.float(), rows, columns).abs().amax(
         dim=(1, 3))
-    scale_gh = torch.where(amax_gh > 0, amax_gh / E4M3_MAX, 1.0)
+    # A tensor divisor: CUDA divides by a Python number as a product with
+    # its reciprocal, one ulp off the IEEE quotient the kernels compute.
+    scale_gh = torch.where(amax_gh > 0,
+                           amax_gh / amax_gh.new_tensor(E4M3_MAX), 1.0)
     if power_of_two:
         scale_gh = torch.exp2(torch.ceil(torch.log2(scale_gh)))
     scaled_mk = x_mk.float() / _expand(scale_gh, rows, columns, m, k)
