@@ -146,11 +146,10 @@ def _scaled_product(a, b, out_dtype: torch.dtype,
         padded = math.ceil(k / TILE) * TILE
         a_values_mk = _pad_columns(a_values_mk, padded)
         b_values_nk = _pad_columns(b_values_nk, padded)
-    return torch._scaled_mm(
+    return ops.scaled_mm(
         a_values_mk, b_values_nk.t(),
-        scale_a=_scales_for_scaled_mm(a_values_mk, a_scales),
-        scale_b=_scales_for_scaled_mm(b_values_nk, b_scales).t(),
-        out_dtype=out_dtype)
+        _scales_for_scaled_mm(a_values_mk, a_scales),
+        _scales_for_scaled_mm(b_values_nk, b_scales).t(), out_dtype)
 
 
 class _FP8Linear(torch.autograd.Function):

@@ -1,6 +1,8 @@
-"""The FP8 Triton kernels as ``torch.library`` ops, so that
-``torch.compile`` keeps each launch whole; each has a fake (meta)
-implementation with the real outputs' shapes and strides.
+"""The FP8 Triton kernels, and cuBLAS's scaled product, as
+``torch.library`` ops, so that ``torch.compile`` keeps each call whole
+(rather than lowering ``torch._scaled_mm`` to a template of its own); each
+has a fake (meta) implementation with the real outputs' shapes and
+strides.
 
 The kernels are ``coom.kernels.fp8_quantize`` and
 ``coom.kernels.fp8_grouped_gemm``; this file only wraps them. Scales
@@ -103,3 +105,18 @@ def grouped_mm_wgrad(a_values_nc: torch.Tensor, a_scales_nj: torch.Tensor,
 def _(a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e):
     return a_values_nc.new_empty(len(counts_e), a_values_nc.shape[0],
                                  b_values_kc.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("coom::fp8_scaled_mm", mutates_args=())
+def scaled_mm(a_values_mk: torch.Tensor, b_values_kn: torch.Tensor,
+              scale_a: torch.Tensor, scale_b: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """``torch._scaled_mm`` (cuBLAS) as it is, kept opaque to inductor."""
+    return torch._scaled_mm(a_values_mk, b_values_kn, scale_a=scale_a,
+                            scale_b=scale_b, out_dtype=out_dtype)
+
+
+@scaled_mm.register_fake
+def _(a_values_mk, b_values_kn, scale_a, scale_b, out_dtype):
+    return a_values_mk.new_empty(a_values_mk.shape[0], b_values_kn.shape[1],
+                                 dtype=out_dtype)
