@@ -91,7 +91,7 @@ class _EmulatedFP8Linear(torch.autograd.Function):
                 None, None)
 
 
-def quantize_activation(x_mk: torch.Tensor, recipe: FP8Recipe):
+def _quantize_activation(x_mk: torch.Tensor, recipe: FP8Recipe):
     """((values, scales) of x, (values, scales) of x^T), each in the
     recipe's activation grouping along its rows."""
     if recipe.scaling == "blockwise":
@@ -103,7 +103,7 @@ def quantize_activation(x_mk: torch.Tensor, recipe: FP8Recipe):
             quantize(x_mk.T, activation, recipe.power_of_two))
 
 
-def quantize_weight(weight_nk: torch.Tensor, recipe: FP8Recipe):
+def _quantize_weight(weight_nk: torch.Tensor, recipe: FP8Recipe):
     """((values, scales) of W, (values, scales) of W^T) in the recipe's
     weight grouping."""
     if recipe.scaling == "blockwise":
@@ -157,8 +157,8 @@ class _FP8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_mk, weight_nk, recipe, out_dtype):
-        x_rows, x_columns = quantize_activation(x_mk, recipe)
-        weight_rows, weight_columns = quantize_weight(weight_nk, recipe)
+        x_rows, x_columns = _quantize_activation(x_mk, recipe)
+        weight_rows, weight_columns = _quantize_weight(weight_nk, recipe)
         ctx.save_for_backward(*x_columns, *weight_columns)
         ctx.recipe, ctx.x_dtype = recipe, x_mk.dtype
         return _scaled_product(x_rows, weight_rows, out_dtype,
@@ -168,8 +168,8 @@ class _FP8Linear(torch.autograd.Function):
     def backward(ctx, dy_mn):
         x_values_km, x_scales, weight_values_kn, weight_scales = \
             ctx.saved_tensors
-        dy_rows, dy_columns = quantize_activation(dy_mn.contiguous(),
-                                                  ctx.recipe)
+        dy_rows, dy_columns = _quantize_activation(dy_mn.contiguous(),
+                                                   ctx.recipe)
         blockwise = ctx.recipe.scaling == "blockwise"
         dx_mk = _scaled_product(dy_rows, (weight_values_kn, weight_scales),
                                 ctx.x_dtype, blockwise)
