@@ -7,6 +7,7 @@ import torch
 from coom.fp8.grouped import fp8_grouped_linear
 from coom.fp8.linear import FP8Recipe, fp8_linear
 from coom.fp8.scaling import TILE, max_group_tiles
+from tests.fp8 import run_product
 from tests.kernels import DEVICE, relative_error
 
 COUNTS = [0, 130, 5, 61]
@@ -19,14 +20,6 @@ def _inputs(k, n, seed=0):
     weight = torch.randn(len(COUNTS), n, k, generator=generator) / k ** 0.5
     dy = torch.randn(sum(COUNTS), n, generator=generator)
     return x, weight, dy
-
-
-def _run(product, x, weight, dy):
-    x = x.detach().requires_grad_()
-    weight = weight.detach().requires_grad_()
-    y = product(x, weight)
-    y.backward(dy)
-    return y, x.grad, weight.grad
 
 
 def _grouped(recipe):
@@ -45,10 +38,10 @@ def _per_expert(recipe):
 def test_emulation_is_one_fp8_linear_per_expert(scaling):
     recipe = FP8Recipe(scaling, emulate=True)
     x, weight, dy = _inputs(200, 136)
-    ours = _run(_grouped(recipe), x, weight, dy)
-    for a, b in zip(ours, _run(_per_expert(recipe), x, weight, dy)):
+    ours = run_product(_grouped(recipe), x, weight, dy)
+    for a, b in zip(ours, run_product(_per_expert(recipe), x, weight, dy)):
         assert torch.equal(a, b)
-    ref = _run(lambda a, b: torch.cat([
+    ref = run_product(lambda a, b: torch.cat([
         chunk @ b[e].T for e, chunk in enumerate(a.split(COUNTS))]),
         x.double(), weight.double(), dy.double())
     assert max(relative_error(a, b) for a, b in zip(ours, ref)) < 2 ** -4
@@ -61,10 +54,10 @@ def test_kernels_match_the_emulation(k, n):
     interpreter; Hopper's FP8 tensor cores sum each 128 products with
     about 14 bits (tests/fp8/test_linear.py), so 2^-11 there."""
     x, weight, dy = _inputs(k, n, seed=k)
-    emulated = _run(_grouped(FP8Recipe("blockwise", emulate=True)),
-                    x, weight, dy)
-    kernels = _run(_grouped(FP8Recipe("blockwise")), x.to(DEVICE),
-                   weight.to(DEVICE), dy.to(DEVICE))
+    emulated = run_product(_grouped(FP8Recipe("blockwise", emulate=True)),
+                           x, weight, dy)
+    kernels = run_product(_grouped(FP8Recipe("blockwise")), x.to(DEVICE),
+                          weight.to(DEVICE), dy.to(DEVICE))
     for ours, ref in zip(kernels, emulated):
         assert ours.dtype == ref.dtype == torch.float32
         assert relative_error(ours.cpu(), ref) < BOUND

@@ -13,17 +13,10 @@ import torch
 
 from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linear
 from coom.fp8.scaling import E4M3, RECIPES
+from tests.fp8 import run_product
 from tests.kernels import relative_error
 
 FP8_BOUND, BF16_BOUND = 2 ** -4, 2 ** -8
-
-
-def _run(linear, x, weight, dy):
-    x = x.detach().requires_grad_()
-    weight = weight.detach().requires_grad_()
-    y = linear(x, weight)
-    y.backward(dy)
-    return y, x.grad, weight.grad
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -35,11 +28,11 @@ def test_products_close_to_float64(recipe, tokens, k, n):
     weight = torch.randn(n, k, generator=generator) / k ** 0.5
     dy = torch.randn(tokens, n, generator=generator)
     emulated = FP8Recipe(recipe, emulate=True)
-    ours = _run(lambda a, b: fp8_linear(a, b, emulated), x, weight, dy)
-    ref = _run(lambda a, b: a @ b.T, x.double(), weight.double(),
-               dy.double())
-    bf16 = _run(lambda a, b: (a.bfloat16() @ b.bfloat16().T).float(),
-                x, weight, dy)
+    ours = run_product(lambda a, b: fp8_linear(a, b, emulated), x, weight, dy)
+    ref = run_product(lambda a, b: a @ b.T, x.double(), weight.double(),
+                      dy.double())
+    bf16 = run_product(lambda a, b: (a.bfloat16() @ b.bfloat16().T).float(),
+                       x, weight, dy)
     errors = [relative_error(a, b) for a, b in zip(ours, ref)]
     bf16_errors = [relative_error(a, b) for a, b in zip(bf16, ref)]
     print(f"{recipe} {tokens}x{k}x{n}: fp8 y/dx/dW "
@@ -86,10 +79,10 @@ def test_fp8_units_match_the_emulation(recipe, tokens, k, n):
     x = torch.randn(tokens, k, generator=generator).cuda()
     weight = (torch.randn(n, k, generator=generator) / k ** 0.5).cuda()
     dy = torch.randn(tokens, n, generator=generator).cuda()
-    emulated = _run(lambda a, b: fp8_linear(
+    emulated = run_product(lambda a, b: fp8_linear(
         a, b, FP8Recipe(recipe, emulate=True)), x, weight, dy)
-    units = _run(lambda a, b: fp8_linear(a, b, FP8Recipe(recipe)),
-                 x, weight, dy)
+    units = run_product(lambda a, b: fp8_linear(a, b, FP8Recipe(recipe)),
+                        x, weight, dy)
     errors = [relative_error(a, b) for a, b in zip(units, emulated)]
     print(f"{recipe} {tokens}x{k}x{n}: units vs emulation y/dx/dW "
           f"{', '.join(f'{e:.2e}' for e in errors)}")
