@@ -125,10 +125,30 @@ def _scales_for_scaled_mm(values: torch.Tensor,
     return scales.contiguous()
 
 
-def _pad_columns(values: torch.Tensor, columns: int) -> torch.Tensor:
-    padded = values.new_zeros(values.shape[0], columns)
+# cuBLAS reads 128 x 128 block scales with rows padded to a multiple of 4
+# (newer torch checks for it; torch 2.11 does not, and the product then
+# reads past each row).
+_BLOCK_SCALE_ROW_ALIGNMENT = 4
+
+
+def _padded_tiles(k: int, block_scaled: bool) -> int:
+    """128-column tiles of k for cuBLAS's blockwise scaling: whole tiles,
+    a multiple of 4 of them where an operand has 128 x 128 blocks."""
+    tiles = math.ceil(k / TILE)
+    if block_scaled:
+        tiles = math.ceil(tiles / _BLOCK_SCALE_ROW_ALIGNMENT) \
+            * _BLOCK_SCALE_ROW_ALIGNMENT
+    return tiles
+
+
+def _pad_tiles(values: torch.Tensor, scales: torch.Tensor,
+               tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An operand whose rows run along k, zero-padded to that many
+    128-column tiles; the added tiles get scale 1."""
+    padded = values.new_zeros(values.shape[0], tiles * TILE)
     padded[:, :values.shape[1]] = values
-    return padded
+    ones = scales.new_ones(scales.shape[0], tiles - scales.shape[1])
+    return padded, torch.cat([scales, ones], dim=1)
 
 
 def _scaled_product(a, b, out_dtype: torch.dtype,
@@ -136,16 +156,17 @@ def _scaled_product(a, b, out_dtype: torch.dtype,
     """a @ b^T on FP8 matrix units, of two (values, scales) operands
     whose rows run along k. ``torch._scaled_mm`` checks B's scales
     transposed against B^T, so both operands' scales take one layout.
-    Blockwise, k is zero-padded to whole 128-column tiles, which cuBLAS's
-    blockwise scaling needs."""
+    Blockwise, k is zero-padded to the tiles cuBLAS needs
+    (``_padded_tiles``)."""
     (a_values_mk, a_scales), (b_values_nk, b_scales) = a, b
     a_values_mk, b_values_nk = a_values_mk.contiguous(), \
         b_values_nk.contiguous()
-    k = a_values_mk.shape[1]
-    if blockwise and k % TILE:
-        padded = math.ceil(k / TILE) * TILE
-        a_values_mk = _pad_columns(a_values_mk, padded)
-        b_values_nk = _pad_columns(b_values_nk, padded)
+    if blockwise:
+        block_scaled = b_scales.shape[0] != b_values_nk.shape[0]
+        tiles = _padded_tiles(a_values_mk.shape[1], block_scaled)
+        if tiles * TILE != a_values_mk.shape[1]:
+            a_values_mk, a_scales = _pad_tiles(a_values_mk, a_scales, tiles)
+            b_values_nk, b_scales = _pad_tiles(b_values_nk, b_scales, tiles)
     return ops.scaled_mm(
         a_values_mk, b_values_nk.t(),
         _scales_for_scaled_mm(a_values_mk, a_scales),

@@ -7,9 +7,11 @@ values are ``clamp(x / scale, -448, 448)`` rounded to nearest even
 E4M3. All arithmetic is float32; divisions use ``tl.math.div_rn``
 because Triton's ``/`` on float32 lowers to an approximate division on
 NVIDIA GPUs, and the reference divides with IEEE rounding. Values are
-rounded to E4M3's grid in float32 before the conversion, which then is
-exact both on a GPU and in Triton's interpreter (whose own rounding to
-E4M3 is wrong).
+rounded to E4M3's grid in float32, and their E4M3 bytes are then built
+with integer operations and stored as uint8: Triton 3.6's own conversion
+to float8e4nv scrambles some float32 tiles on the GPU (pairs of columns
+swapped), and its interpreter rounds half up. Transposed copies are
+transposed in float32 and stored along their rows.
 
 The layouts:
 
@@ -67,27 +69,44 @@ def _scale(amax, power_of_two: tl.constexpr):
 
 
 @triton.jit
-def _round_to_e4m3(v):
-    """v (|v| <= 448) rounded to nearest even on E4M3's grid, in float32.
+def _round_to_e4m3(magnitude):
+    """magnitude (0 <= magnitude <= 448) rounded to nearest even on
+    E4M3's grid, in float32.
 
-    Adding then subtracting 2^23 units in the last place of E4M3 at v's
-    exponent leaves float32 no bits below that unit, so the addition
-    rounds to it: to nearest, ties to even.
+    Adding then subtracting 2^23 units in the last place of E4M3 at the
+    magnitude's exponent leaves float32 no bits below that unit, so the
+    addition rounds to it: to nearest, ties to even.
     """
-    bits = v.to(tl.int32, bitcast=True)
-    power = (bits & 0x7F800000).to(tl.float32, bitcast=True)
+    power = (magnitude.to(tl.int32, bitcast=True) & 0x7F800000).to(
+        tl.float32, bitcast=True)
     shifter = tl.maximum(power * _SHIFTER_PER_POWER, _SMALLEST_SHIFTER)
-    rounded = (tl.abs(v) + shifter) - shifter
-    return tl.where(bits < 0, -rounded, rounded)
+    return (magnitude + shifter) - shifter
+
+
+@triton.jit
+def _e4m3_code(magnitude, negative):
+    """The E4M3 byte of a magnitude on E4M3's grid and a sign: the
+    exponent (bias 7) and the top 3 mantissa bits of its float32 form,
+    or, below 2^-6, the subnormal multiple of 2^-9."""
+    bits = magnitude.to(tl.int32, bitcast=True)
+    normal = (((bits >> 23) - 120) << 3) | ((bits >> 20) & 7)
+    subnormal = (magnitude * 512.0).to(tl.int32)
+    code = tl.where(magnitude >= 0.015625, normal, subnormal)
+    return (code | tl.where(negative, 0x80, 0)).to(tl.uint8)
 
 
 @triton.jit
 def _quantize(x, scale):
-    # Triton's interpreter converts float32 to E4M3 rounding half up and
-    # losing the carry into the exponent; on values already on the grid
-    # its conversion, like the GPU's, is exact.
-    scaled = tl.clamp(tl.math.div_rn(x, scale), -_E4M3_MAX, _E4M3_MAX)
-    return _round_to_e4m3(scaled).to(tl.float8e4nv)
+    """E4M3 bytes (uint8) of x / scale, clamped to +-448.
+
+    The bytes are built with integer operations rather than Triton's
+    conversion to float8e4nv: Triton 3.6 scrambles that conversion of
+    some float32 tiles on the GPU, and its interpreter rounds half up.
+    """
+    scaled = tl.math.div_rn(x, scale)
+    magnitude = tl.minimum(tl.abs(scaled), _E4M3_MAX)
+    negative = scaled.to(tl.int32, bitcast=True) < 0
+    return _e4m3_code(_round_to_e4m3(magnitude), negative)
 
 
 @triton.jit
@@ -125,11 +144,14 @@ def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_kc_ptr,
             # stored whole: its rows past the end are zeros (x loaded 0).
             stride_c = tl.multiple_of(tl.num_programs(0) * tile, tile)
             offs_c = tl.max_contiguous(tl.multiple_of(offs_c, tile), tile)
-            mask_c = column_mask[None, :]
+            mask_c = column_mask[:, None]
         else:
-            stride_c, mask_c = m, mask
-        tl.store(values_kc_ptr + columns[None, :] * stride_c + offs_c[:, None],
-                 _quantize(x, column_scale[None, :]), mask=mask_c)
+            stride_c = m
+            mask_c = column_mask[:, None] & row_mask[None, :]
+        # Transposed in float32, before quantising, and stored along rows:
+        # Triton 3.6 scrambles some E4M3 tiles stored in transposed order.
+        tl.store(values_kc_ptr + columns[:, None] * stride_c + offs_c[None, :],
+                 _quantize(tl.trans(x), column_scale[:, None]), mask=mask_c)
         tl.store(scales_jk_ptr + row_tile * k + columns, column_scale,
                  mask=column_mask)
 
@@ -156,8 +178,15 @@ def _blocks_kernel(w_ptr, values_ptr, scales_ptr, values_t_ptr, n, k,
     tl.store(scales_ptr + matrix * blocks + row_block * tl.num_programs(2)
              + column_block, scale)
     if transpose:
-        tl.store(values_t_ptr + base + columns[None, :] * n + rows[:, None],
-                 values, mask=mask)
+        # Transposed in float32 before quantising, as in _row_tiles_kernel.
+        mask_t = (columns < k)[:, None] & (rows < n)[None, :]
+        tl.store(values_t_ptr + base + columns[:, None] * n + rows[None, :],
+                 _quantize(tl.trans(w), scale), mask=mask_t)
+
+
+def _bytes(values: torch.Tensor) -> torch.Tensor:
+    """E4M3 values as the uint8 the kernels write (``_quantize``)."""
+    return values.view(torch.uint8)
 
 
 def _group_tile_rows(counts_e: torch.Tensor,
@@ -205,8 +234,8 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
         starts_j, ends_j = (_group_tile_rows(counts_e, row_tiles)
                             if grouped else (scales_hm, scales_hm))
         _row_tiles_kernel[(row_tiles, column_tiles)](
-            x_mk, values_mk, scales_hm, values_kc, scales_jk, starts_j,
-            ends_j, m, k, *x_mk.stride(), transpose=transpose,
+            x_mk, _bytes(values_mk), scales_hm, _bytes(values_kc), scales_jk,
+            starts_j, ends_j, m, k, *x_mk.stride(), transpose=transpose,
             grouped=grouped, power_of_two=power_of_two, tile=TILE,
             num_warps=NUM_WARPS)
     return (values_mk, scales_hm.t()), (values_kc, scales_jk.t())
@@ -253,7 +282,8 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,
                   if transpose else values_enk)
     if w_enk.numel():
         _blocks_kernel[(e, row_blocks, column_blocks)](
-            w_enk, values_enk, scales_egh, values_ekn, n, k, *w_enk.stride(),
+            w_enk, _bytes(values_enk), scales_egh, _bytes(values_ekn), n, k,
+            *w_enk.stride(),
             transpose=transpose, power_of_two=power_of_two, tile=TILE,
             num_warps=NUM_WARPS)
     batch = w.shape[:-2]

@@ -156,6 +156,21 @@ def test_quantize_blocks_matches_reference(shape, dtype, power_of_two):
     assert len(quantize_blocks(w, power_of_two)) == 2
 
 
+@dtypes
+@pytest.mark.parametrize("shape", [(1536, 1024), (384, 2304)])
+def test_model_sized_matrices(shape, dtype):
+    """Whole tiles at the `small` preset's sizes, where the GPU kernels
+    once stored scrambled transposed copies of float32 inputs."""
+    x = _matrix(shape, dtype)
+    rows, transposed = quantize_rows_and_transpose(x)
+    _assert_same(rows, quantize(x, ROWS))
+    _assert_same(transposed, quantize_transposed(x))
+    values, scales, values_t = quantize_blocks(x, transpose=True)
+    _assert_same((values, scales), quantize(x, BLOCKS))
+    assert torch.equal(values_t.view(torch.uint8),
+                       values.T.contiguous().view(torch.uint8))
+
+
 def test_empty_inputs():
     x_mk = torch.zeros(0, 130, device=DEVICE)
     _assert_same(quantize_rows(x_mk), quantize(x_mk, ROWS))
