@@ -1,8 +1,9 @@
 """Per-kernel timings on the GPU: COOM's Triton kernels (RMSNorm, SwiGLU,
 RoPE, permute and combine, router top-k) against the plain PyTorch
 reference, eager and under torch.compile, with the achieved bandwidth
-against a measured device-to-device copy; and the fused linear +
-cross-entropy's time and peak memory against the unfused loss.
+against a measured device-to-device copy; the fused linear +
+cross-entropy's time and peak memory against the unfused loss; and the
+FP8 quantisation kernels' bandwidth at each warp count.
 
 Memory-bound kernels are timed inside a CUDA graph (the kernels' own time,
 without Python's launch overhead, which a compiled training step does not
@@ -10,11 +11,14 @@ pay either); where capture fails the line says "eager launch".
 
 Run on the device machine from the repository root:
 
-    python3 benchmarks/kernels.py
+    python3 benchmarks/kernels.py [--only rms_norm swiglu ... fp8_quantize]
 """
+import argparse
+
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
+from coom.kernels import fp8_quantize
 from coom.kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -258,16 +262,64 @@ def cross_entropy_benchmark(tokens: int = 8192, vocab: int = 129280,
           f"memory, {fused_ms / unfused_ms:.2f}x the time")
 
 
+def fp8_quantize_benchmarks(bandwidth: float,
+                            warps: tuple[int, ...] = (4, 8, 16)) -> None:
+    """The FP8 quantisation kernels at the small preset's sizes, bytes
+    read and written against the copy, at each warp count."""
+    experts, rows_per_expert = 64, 1536
+    counts_e = torch.full((experts,), rows_per_expert, device="cuda")
+    x_f32 = torch.randn(ROWS, WIDTH, device="cuda")
+    x_bf16 = torch.randn(ROWS, 4096, device="cuda", dtype=torch.bfloat16)
+    x_experts = torch.randn(experts * rows_per_expert, WIDTH, device="cuda",
+                            dtype=torch.bfloat16)
+    w_experts = torch.randn(experts, 1024, WIDTH, device="cuda")
+    quantize = fp8_quantize.quantize_rows_and_transpose
+    cases = [
+        ("x 16384x1536 f32, rows + x^T", x_f32,
+         lambda: quantize(x_f32, False)),
+        ("x 16384x4096 bf16, rows + x^T", x_bf16,
+         lambda: quantize(x_bf16, False)),
+        ("experts' x 98304x1536 bf16, rows + grouped x^T", x_experts,
+         lambda: quantize(x_experts, False, counts_e)),
+        ("expert weights 64x1024x1536 f32, blocks + W^T", w_experts,
+         lambda: fp8_quantize.quantize_blocks(w_experts, transpose=True)),
+    ]
+    print("\nFP8 quantisation (one pass: values and the transposed copy)")
+    default = fp8_quantize.NUM_WARPS
+    try:
+        for label, source, function in cases:
+            nbytes = source.nbytes + 2 * source.numel()  # two E4M3 copies
+            for count in warps:
+                fp8_quantize.NUM_WARPS = count
+                ms, how = timed(function)
+                share = nbytes / (ms / 1e3) / bandwidth
+                print(f"  {label:48s} {count:2d} warps {ms * 1e3:7.1f} us "
+                      f"({share:4.0%} of copy) [{how}]")
+    finally:
+        fp8_quantize.NUM_WARPS = default
+
+
+SECTIONS = {
+    "rms_norm": rms_norm_benchmarks,
+    "swiglu": swiglu_benchmarks,
+    "rope": rope_benchmarks,
+    "permute": permute_benchmarks,
+    "router": lambda bandwidth: router_benchmarks(),
+    "cross_entropy": lambda bandwidth: cross_entropy_benchmark(),
+    "fp8_quantize": fp8_quantize_benchmarks,
+}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", choices=list(SECTIONS),
+                        default=list(SECTIONS))
+    args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} "
           "TB/s (read + write)")
-    rms_norm_benchmarks(bandwidth)
-    swiglu_benchmarks(bandwidth)
-    rope_benchmarks(bandwidth)
-    permute_benchmarks(bandwidth)
-    router_benchmarks()
-    cross_entropy_benchmark()
+    for name in args.only:
+        SECTIONS[name](bandwidth)
 
 
 if __name__ == "__main__":

@@ -554,6 +554,10 @@ def _check_type(value, annotation, name: str):
         (inner,) = [a for a in args if a is not type(None)]
         return _check_type(value, inner, name)
     if origin is Literal:
+        word = {False: "off", True: "on"}.get(value) \
+            if isinstance(value, bool) else None
+        if word in args:
+            value = word  # YAML reads a bare off or on as a boolean
         _require(value in args, name,
                  f"must be one of {', '.join(map(str, args))}; got {value!r}")
         return value

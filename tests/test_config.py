@@ -35,6 +35,13 @@ def test_recipe_file_path(tmp_path):
     assert load_config(str(recipe)).train.steps == 7
 
 
+def test_off_reads_as_a_word_not_a_boolean():
+    """YAML reads a bare off as false; a choice that has "off" takes it."""
+    assert load_config("tiny", ["fp8.recipe=off"]).fp8.recipe == "off"
+    with pytest.raises(ConfigError, match="got True"):
+        load_config("tiny", ["fp8.recipe=on"])
+
+
 @pytest.mark.parametrize("override, field, words", [
     ("model.hidden_sise=3", "model.hidden_sise", "unknown key"),
     ("modle.hidden_size=3", "modle", "unknown key"),

@@ -11,6 +11,8 @@ blockwise recipe only; emulated, any recipe runs, one expert at a time.
 Tensor names end in their shape: c rows (token copies); e experts; o
 output width; d input width.
 """
+from collections.abc import Sequence
+
 import torch
 
 from coom.fp8 import ops
@@ -30,45 +32,56 @@ class _FP8GroupedLinear(torch.autograd.Function):
     """The three grouped products in COOM's Triton kernels, blockwise:
     forward and input gradient with 1 x 128 tiles against 128 x 128
     weight blocks, weight gradient with 1 x 128 tiles along each
-    expert's rows on both operands. x is kept for the backward as the
-    FP8 copy of x^T that the weight gradient reads."""
+    expert's rows on both operands. x is quantised once for all the
+    weights and kept for the backward as the FP8 copy of x^T that the
+    weight gradients read."""
 
     @staticmethod
-    def forward(ctx, x_cd, weight_eod, counts_e, recipe, out_dtype):
+    def forward(ctx, x_cd, counts_e, recipe, out_dtype, *weights_eod):
         power_of_two = recipe.power_of_two
         x_values, x_scales, x_values_t, x_scales_t = \
             ops.quantize_rows_and_transpose(x_cd, power_of_two, counts_e)
-        weight_values, weight_scales, weight_values_t = \
-            ops.quantize_blocks(weight_eod, power_of_two)
-        ctx.save_for_backward(x_values_t, x_scales_t, weight_values_t,
-                              weight_scales, counts_e)
+        outputs, weights_t = [], []
+        for weight_eod in weights_eod:
+            values, scales, values_t = ops.quantize_blocks(weight_eod,
+                                                           power_of_two)
+            weights_t += [values_t, scales]
+            outputs.append(ops.grouped_mm(x_values, x_scales, values,
+                                          scales, counts_e, out_dtype))
+        ctx.save_for_backward(x_values_t, x_scales_t, counts_e, *weights_t)
         ctx.power_of_two, ctx.x_dtype = power_of_two, x_cd.dtype
-        return ops.grouped_mm(x_values, x_scales, weight_values,
-                              weight_scales, counts_e, out_dtype)
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, dy_co):
-        x_values_t, x_scales_t, weight_values_t, weight_scales, counts_e = \
-            ctx.saved_tensors
-        dy_values, dy_scales, dy_values_t, dy_scales_t = \
-            ops.quantize_rows_and_transpose(dy_co.contiguous(),
-                                            ctx.power_of_two, counts_e)
-        dx_cd = ops.grouped_mm(dy_values, dy_scales, weight_values_t,
-                               weight_scales.transpose(-2, -1), counts_e,
-                               ctx.x_dtype)
-        dweight_eod = ops.grouped_mm_wgrad(dy_values_t, dy_scales_t,
-                                           x_values_t, x_scales_t, counts_e)
-        return dx_cd, dweight_eod, None, None, None
+    def backward(ctx, *dys_co):
+        x_values_t, x_scales_t, counts_e, *weights_t = ctx.saved_tensors
+        dx_cd, dweights_eod = None, []
+        for dy_co, weight_values_t, weight_scales in zip(
+                dys_co, weights_t[::2], weights_t[1::2]):
+            dy_values, dy_scales, dy_values_t, dy_scales_t = \
+                ops.quantize_rows_and_transpose(dy_co.contiguous(),
+                                                ctx.power_of_two, counts_e)
+            dx = ops.grouped_mm(dy_values, dy_scales, weight_values_t,
+                                weight_scales.transpose(-2, -1), counts_e,
+                                ctx.x_dtype)
+            dx_cd = dx if dx_cd is None else dx_cd + dx
+            dweights_eod.append(ops.grouped_mm_wgrad(
+                dy_values_t, dy_scales_t, x_values_t, x_scales_t, counts_e))
+        return dx_cd, None, None, None, *dweights_eod
 
 
-def fp8_grouped_linear(x_cd: torch.Tensor, weight_eod: torch.Tensor,
+def fp8_grouped_linear(x_cd: torch.Tensor,
+                       weights_eod: Sequence[torch.Tensor],
                        counts_e: torch.Tensor,
-                       recipe: FP8Recipe) -> torch.Tensor:
-    """x_e @ weight[e]^T for each expert's consecutive rows, with FP8
+                       recipe: FP8Recipe) -> tuple[torch.Tensor, ...]:
+    """x_e @ weight[e]^T for each expert's consecutive rows and each of
+    weights_eod (x is quantised once for all of them), with FP8
     products, in ``output_dtype(x)``."""
     dtype = output_dtype(x_cd)
     with torch.autocast(x_cd.device.type, enabled=False):
         if recipe.emulate:
-            return _emulated(x_cd, weight_eod, counts_e, recipe).to(dtype)
-        return _FP8GroupedLinear.apply(x_cd, weight_eod, counts_e, recipe,
-                                       dtype)
+            return tuple(_emulated(x_cd, weight_eod, counts_e,
+                                   recipe).to(dtype)
+                         for weight_eod in weights_eod)
+        return _FP8GroupedLinear.apply(x_cd, counts_e, recipe, dtype,
+                                       *weights_eod)

@@ -109,15 +109,17 @@ class GroupedExperts(nn.Module):
     def forward(self, x_cd: torch.Tensor,
                 counts_e: torch.Tensor) -> torch.Tensor:
         """SwiGLU of rows sorted by expert, counts_e rows per expert."""
-        def product(a_cd, weight_eod):
+        def products(a_cd, *weights_eod):
             if self.fp8 is None:
-                return grouped_matmul(a_cd, weight_eod, counts_e)
-            return fp8_grouped_linear(a_cd, weight_eod, counts_e, self.fp8)
+                return [grouped_matmul(a_cd, weight_eod, counts_e)
+                        for weight_eod in weights_eod]
+            return fp8_grouped_linear(a_cd, weights_eod, counts_e, self.fp8)
 
-        gate, up = product(x_cd, self.w1), product(x_cd, self.w3)
+        gate, up = products(x_cd, self.w1, self.w3)
         gated = swiglu(gate, up) if use_kernels(gate) \
             else swiglu_reference(gate, up)
-        return product(gated, self.w2)
+        (out,) = products(gated, self.w2)
+        return out
 
 
 def balance_loss(scores_bse: torch.Tensor, experts_bsk: torch.Tensor,

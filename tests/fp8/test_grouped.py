@@ -24,7 +24,8 @@ def _inputs(k, n, seed=0):
 
 def _grouped(recipe):
     counts = torch.tensor(COUNTS)
-    return lambda x, w: fp8_grouped_linear(x, w, counts.to(x.device), recipe)
+    return lambda x, w: fp8_grouped_linear(x, [w], counts.to(x.device),
+                                           recipe)[0]
 
 
 def _per_expert(recipe):
@@ -69,9 +70,33 @@ def test_kernels_keep_autocast_dtype_and_save_fp8():
     x, weight = x.to(DEVICE).requires_grad_(), weight.to(DEVICE)
     counts = torch.tensor(COUNTS, device=DEVICE)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        y = fp8_grouped_linear(x, weight, counts, FP8Recipe("blockwise"))
+        (y,) = fp8_grouped_linear(x, [weight], counts,
+                                  FP8Recipe("blockwise"))
     assert y.dtype == torch.bfloat16
     saved = y.grad_fn.saved_tensors
     assert saved[0].dtype == torch.float8_e4m3fn
     tiles = max_group_tiles(sum(COUNTS), len(COUNTS))
     assert saved[0].shape == (128, tiles * TILE)  # x^T, tile-padded
+
+
+def test_weights_sharing_one_quantisation_of_x():
+    """Two weights on one x (the experts' gate and up products): the same
+    outputs and gradients as two separate products, from one FP8 copy of
+    x^T saved for the backward."""
+    x, weight, dy = _inputs(256, 128, seed=1)
+    x, weight, dy = x.to(DEVICE), weight.to(DEVICE), dy.to(DEVICE)
+    other, dy_other = weight.flip(0), dy.flip(1)
+    counts = torch.tensor(COUNTS, device=DEVICE)
+    recipe = FP8Recipe("blockwise")
+    leaves = [t.clone().requires_grad_() for t in (x, weight, other)]
+    pair = fp8_grouped_linear(leaves[0], leaves[1:], counts, recipe)
+    saved = pair[0].grad_fn.saved_tensors
+    assert sum(t.dtype == torch.float8_e4m3fn for t in saved) == 3
+    torch.autograd.backward(pair, [dy, dy_other])
+    single = run_product(_grouped(recipe), x, weight, dy)
+    single_other = run_product(_grouped(recipe), x, other, dy_other)
+    assert torch.equal(pair[0], single[0])
+    assert torch.equal(pair[1], single_other[0])
+    assert torch.equal(leaves[0].grad, single[1] + single_other[1])
+    assert torch.equal(leaves[1].grad, single[2])
+    assert torch.equal(leaves[2].grad, single_other[2])

@@ -1,5 +1,11 @@
 """Grouped blockwise FP8 products against a float64 reference made from
-the dequantised operands, group by group (interpreted on CPU)."""
+the dequantised operands, group by group (interpreted on CPU).
+
+On a GPU, Hopper's FP8 tensor cores sum each 128 products with about 14
+bits of precision before the kernels add them into float32 (DeepSeek-V3,
+section 3.3.2): measured 1.1-1.4e-4 relative on an H100, as cuBLAS's
+(tests/fp8/test_linear.py), so float32 outputs are held to 2^-11 there
+and to float32's bound in the interpreter, which sums in float32."""
 import pytest
 import torch
 
@@ -18,6 +24,7 @@ from coom.kernels.fp8_grouped_gemm import (
 from tests.kernels import BOUND, DEVICE, relative_error
 
 ROW_TILE, WEIGHT_BLOCK = Grouping(1, TILE), Grouping(TILE, TILE)
+FP8_BOUND = BOUND | ({torch.float32: 2 ** -11} if DEVICE == "cuda" else {})
 # Group starts 0, 0, 130, 135 (not multiples of 16) and 0, 0, 160, 192.
 COUNTS = [[0, 130, 5, 61], [0, 160, 32, 61]]
 
@@ -60,7 +67,7 @@ def test_grouped_fp8_mm_against_float64(counts, k, n, out_dtype):
         if count:
             ref = a_ref[rows:rows + count] @ b_nk.T
             assert relative_error(out[rows:rows + count].cpu(),
-                                  ref) < BOUND[out_dtype]
+                                  ref) < FP8_BOUND[out_dtype]
         rows += count
 
 
@@ -104,7 +111,8 @@ def test_grouped_fp8_mm_wgrad_against_float64(counts, n, k, out_dtype):
     for count, out_nk, dy_nt, x_kt in zip(counts, out.cpu(), dy_refs,
                                           x_refs):
         if count:
-            assert relative_error(out_nk, dy_nt @ x_kt.T) < BOUND[out_dtype]
+            error = relative_error(out_nk, dy_nt @ x_kt.T)
+            assert error < FP8_BOUND[out_dtype]
         else:
             assert torch.equal(out_nk, torch.zeros_like(out_nk))
 
