@@ -4,6 +4,7 @@ Heavy modules are imported inside each command, so ``coom --help`` is
 instant and tokenizer worker processes start light.
 """
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -37,9 +38,18 @@ def _resume_dir(args) -> Path:
 
 
 def _new_run_dir(args) -> Path:
+    """The new run's directory, created (or emptied with --overwrite) by
+    the first process only: under torchrun the others wait for it when
+    they join the process group."""
+    from coom.parallel.mesh import launched_world_size
+    if launched_world_size() > 1 and not args.run_dir:
+        raise UserError("a run launched with torchrun needs its directory "
+                        "named: pass --run-dir DIR")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = Path(args.recipe or "tiny").stem
     run_dir = Path(args.run_dir or f"runs/{name}-{stamp}")
+    if os.environ.get("RANK", "0") != "0":
+        return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not args.overwrite:
             raise UserError(f"run directory {run_dir} already exists; pass "
@@ -60,6 +70,9 @@ def cmd_train(args) -> int:
         run_dir = _new_run_dir(args)
     from coom.train.trainer import Trainer
     trainer = Trainer(config, run_dir)
+    if not trainer.world.main:
+        trainer.run()
+        return 0
     print(f"training in {run_dir}")
     outcome = trainer.run()
     if outcome == "done":

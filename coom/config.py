@@ -471,6 +471,49 @@ class FP8Config:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run launched with torchrun spreads over its processes: the
+    degree of each kind of parallelism (``coom/parallel``,
+    ``docs/distributed.md``). Their product is the world size."""
+
+    data_parallel_replicate: int = 1
+    """Data-parallel groups that each hold a full copy of the model
+    (Megatron: the data-parallel size outside the distributed optimizer;
+    with data_parallel_shard > 1 this is HSDP)."""
+
+    data_parallel_shard: int = -1
+    """Data-parallel processes that shard parameters, gradients and
+    optimizer states among them (FSDP2); -1 takes whatever the other
+    degrees leave of the world size."""
+
+    tensor: int = 1
+    """Tensor (and sequence) parallel degree (Megatron:
+    tensor_model_parallel_size). Not supported yet: must be 1."""
+
+    expert: int = 1
+    """Expert parallel degree (Megatron: expert_model_parallel_size). Not
+    supported yet: must be 1."""
+
+    pipeline: int = 1
+    """Pipeline parallel degree (Megatron: pipeline_model_parallel_size).
+    Not supported yet: must be 1."""
+
+    context: int = 1
+    """Context parallel degree, reserved: must be 1."""
+
+    def __post_init__(self):
+        _positive(self, "data_parallel_replicate", "tensor", "expert",
+                  "pipeline", "context")
+        _require(self.data_parallel_shard == -1
+                 or self.data_parallel_shard > 0, "data_parallel_shard",
+                 "must be positive, or -1 for the rest of the world size")
+        for name in ("tensor", "expert", "pipeline", "context"):
+            _require(getattr(self, name) == 1, name,
+                     "is not supported yet: COOM parallelises over data "
+                     "only (data_parallel_replicate, data_parallel_shard)")
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
 
@@ -520,6 +563,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

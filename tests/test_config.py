@@ -63,6 +63,9 @@ def test_off_reads_as_a_word_not_a_boolean():
     ("data.split='99'", "data.split", "validation"),
     ("data.split=99", "data.split", "must be str"),
     ("model=3", "model", "must be a mapping"),
+    ("parallel.tensor=2", "parallel.tensor", "not supported yet"),
+    ("parallel.data_parallel_shard=0", "parallel.data_parallel_shard",
+     "or -1"),
 ])
 def test_bad_values_name_the_field(override, field, words):
     with pytest.raises(ConfigError) as caught:

@@ -19,16 +19,22 @@ PACKAGES = ("torch", "megatron-core", "tokenizers", "numpy", "triton")
 
 
 class MetricsWriter:
-    """Appends metric records to metrics.jsonl and TensorBoard."""
+    """Appends metric records to metrics.jsonl and TensorBoard; with
+    enabled false (the other processes of a torchrun launch), writes
+    nothing."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a")
+    def __init__(self, run_dir: Path, tensorboard: bool,
+                 enabled: bool = True):
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled \
+            else None
         self.board = None
-        if tensorboard:
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.board = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.board is not None:
@@ -37,7 +43,8 @@ class MetricsWriter:
                     self.board.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.board is not None:
             self.board.close()
 

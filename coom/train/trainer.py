@@ -23,10 +23,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from coom import kernels
-from coom.config import RunConfig, save_config
+from coom.config import RunConfig, TrainConfig, save_config
 from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
@@ -39,6 +46,8 @@ from coom.kernels.cross_entropy import (
 )
 from coom.layers.mla import preferred_attention
 from coom.models import Transformer
+from coom.parallel.mesh import World, local_device, start_world
+from coom.parallel.parallelize import parallelize
 from coom.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -86,6 +95,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _check_batch_split(train: TrainConfig, world: World) -> None:
+    """Each data-parallel process needs whole micro-batches."""
+    share = train.micro_batch_size * world.data_size
+    if train.global_batch_size % share:
+        raise UserError(
+            f"config field train.global_batch_size: "
+            f"{train.global_batch_size} does not split into "
+            f"{world.data_size} data-parallel processes x micro_batch_size "
+            f"{train.micro_batch_size}; make it a multiple of {share}")
+
+
 def _autocast(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto"
                                        and device.type == "cuda")
@@ -118,7 +138,9 @@ class Trainer:
 
     def __init__(self, config: RunConfig, run_dir: Path):
         self.run_dir = run_dir
-        self.device = resolve_device(config.train.device)
+        self.device = local_device(resolve_device(config.train.device))
+        self.world = start_world(config.parallel, self.device)
+        _check_batch_split(config.train, self.world)
         check_hardware(config.fp8, self.device)
         torch.manual_seed(config.train.seed)
         train = config.train
@@ -131,9 +153,16 @@ class Trainer:
                                  train.micro_batch_size, seed)
                 for seed in (train.seed, train.seed + 1))
         else:
+            # The first process prepares the data (and copies the
+            # tokenizer into the run) while the others wait, then they
+            # find it ready.
+            if not self.world.main:
+                self.world.barrier()
             prepared = prepare(config.data)
             self.tokenizer = prepared.tokenizer
             self.config = self._resolved(config)
+            if self.world.main:
+                self.world.barrier()
             self.samples, self.valid = build_samples(
                 prepared, self.config.data, train.seed,
                 train.micro_batch_size, train.steps * train.global_batch_size,
@@ -145,6 +174,7 @@ class Trainer:
         convert_to_fp8(self.model, config.fp8)
         if train.compile:
             self.model.compile_blocks()
+        parallelize(self.model, self.world)
         self.optimizer = build_optimizer(self.model, self.config.optimizer)
         self.step = 0
         self.consumed_samples = 0
@@ -160,7 +190,7 @@ class Trainer:
                 f"tokenizer's {vocab} tokens ({self.tokenizer.path}); raise "
                 "it or leave it unset")
         kept = self.run_dir / "tokenizer.json"
-        if not kept.exists():
+        if self.world.main and not kept.exists():
             shutil.copyfile(self.tokenizer.path, kept)
         return replace(config,
                        model=replace(config.model, vocab_size=size or vocab),
@@ -175,12 +205,16 @@ class Trainer:
         return str(self.tokenizer.path)
 
     def state(self) -> dict:
+        """Everything a checkpoint holds, with whole (unsharded) tensors,
+        so that a run resumes at any layout. Every process takes part;
+        under torchrun only the first one gets the tensors."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        model, optimizer = get_state_dict(
+            self.model, self.optimizer, options=self._state_options())
         return {"step": self.step, "consumed_samples": self.consumed_samples,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": rng,
+                "model": model, "optimizer": optimizer, "rng": rng,
                 "tokenizer_sha256": self._tokenizer_sha256(),
                 "config": self.config.to_dict()}
 
@@ -192,8 +226,10 @@ class Trainer:
                 f"checkpoint {path} was trained with another tokenizer "
                 f"than {self._tokenizer_label()}; set data.tokenizer to the "
                 "run's tokenizer")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_state_dict(self.model, self.optimizer,
+                       model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"],
+                       options=self._state_options())
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -214,7 +250,13 @@ class Trainer:
                 f"checkpoint.init_from {path} was trained with another "
                 f"tokenizer than {self._tokenizer_label()}; set "
                 "data.tokenizer to its tokenizer.json")
-        self.model.load_state_dict(weights.state)
+        set_model_state_dict(self.model, weights.state,
+                             options=self._state_options())
+
+    def _state_options(self) -> StateDictOptions:
+        """Whole tensors, on the CPU, when the model is sharded."""
+        sharded = self.world.mesh is not None
+        return StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
 
     def _losses(self, batch: Batch, tokens_in_step: int,
                 with_mtp: bool) -> list[torch.Tensor]:
@@ -256,27 +298,39 @@ class Trainer:
         depths = self.config.model.mtp_num_layers
         micro_batches = train.global_batch_size // train.micro_batch_size
         tokens = train.global_batch_size * self.config.data.seq_length
+        # Each data-parallel process takes its consecutive share of the
+        # global batch; losses are divided by the global batch's tokens,
+        # so the processes' gradients sum to the single-process one.
+        share = micro_batches // self.world.data_size
+        first = self.consumed_samples \
+            + self.world.data_rank * share * train.micro_batch_size
         # Sums stay on the device until the step ends: a .item() per
         # micro-batch would stall the GPU's queue.
         sums = torch.zeros(3, device=self.device)
-        for _ in range(micro_batches):
+        for index in range(share):
             main, *mtp = self._losses(
-                self.samples.batch(self.consumed_samples), tokens,
-                with_mtp=depths > 0)
+                self.samples.batch(first + index * train.micro_batch_size),
+                tokens, with_mtp=depths > 0)
             aux = self.model.aux_loss() / micro_batches
             objective = main + aux
             mtp_mean = sum(mtp) / depths if mtp else torch.zeros(())
             if mtp:
                 objective = objective + mtp_weight * mtp_mean
-            objective.backward()
+            # FSDP averages over the data-parallel processes (parallelize)
+            (objective * self.world.data_size).backward()
             sums += torch.stack([main, mtp_mean.to(main), aux.to(main)
                                  ]).detach()
-            self.consumed_samples += train.micro_batch_size
+        self.consumed_samples += train.global_batch_size
         clip = self.config.optimizer.clip_grad or math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        total, mtp_total, aux_total = sums.tolist()
+        total, mtp_total, aux_total = self.world.all_reduce(sums).tolist()
+        # The expert bias moves by the load of the whole global batch.
+        for moe in self.model.moe_layers().values():
+            self.world.all_reduce(moe.tokens_per_expert)
         metrics = {"loss": total, "lr": lr, "grad_norm": norm.item()}
         if depths:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
@@ -296,13 +350,17 @@ class Trainer:
         return total / train.eval_iters
 
     def save(self) -> None:
-        save_checkpoint(self.run_dir / "checkpoints", self.step, self.state(),
-                        self.config.checkpoint.keep)
+        state = self.state()
+        if self.world.main:
+            save_checkpoint(self.run_dir / "checkpoints", self.step, state,
+                            self.config.checkpoint.keep)
+        self.world.barrier()
 
     def _progress(self) -> tqdm:
         return tqdm(total=self.config.train.steps, initial=self.step,
                     unit="step", dynamic_ncols=True,
-                    disable=not self.config.logging.progress_bar)
+                    disable=not (self.config.logging.progress_bar
+                                 and self.world.main))
 
     def run(self) -> str:
         """Train to train.steps; returns why the loop ended."""
@@ -311,10 +369,12 @@ class Trainer:
             self.restore(latest)
         elif self.config.checkpoint.init_from:
             self.initialise_from(self.config.checkpoint.init_from)
-        save_config(self.config, self.run_dir / "config.yaml")
-        info = json.dumps(run_info(), indent=1)
-        (self.run_dir / "run_info.json").write_text(info)
-        metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard)
+        if self.world.main:
+            save_config(self.config, self.run_dir / "config.yaml")
+            info = json.dumps(run_info(), indent=1)
+            (self.run_dir / "run_info.json").write_text(info)
+        metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard,
+                                enabled=self.world.main)
         try:
             with StopRequest() as stop, self._progress() as bar:
                 return self._loop(metrics, stop, bar)

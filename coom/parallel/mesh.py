@@ -1,0 +1,127 @@
+"""The processes of a run: torchrun's environment, the process group and
+the device mesh.
+
+``torchrun --nproc-per-node N -m coom train ...`` starts N processes with
+WORLD_SIZE, RANK and LOCAL_RANK set; a plain ``coom train`` is a world of
+one and never touches torch.distributed. The process group uses NCCL on
+GPUs and gloo on CPUs. The mesh has one named dimension per kind of
+parallelism, data_parallel_replicate ("dp_replicate") outermost; the
+data-parallel rank of a process, which picks its share of each global
+batch, runs over both data-parallel dimensions.
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from coom.config import ParallelConfig
+from coom.errors import UserError
+
+DATA_PARALLEL = ("dp_replicate", "dp_shard")
+
+
+def launched_world_size() -> int:
+    """Processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_device(device: torch.device) -> torch.device:
+    """device, on a GPU the one of this process's local rank."""
+    if device.type != "cuda" or launched_world_size() == 1:
+        return device
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(local)
+    return local
+
+
+def degrees(config: ParallelConfig, world: int) -> dict[str, int]:
+    """Size of each mesh dimension, data_parallel_shard's -1 filled in;
+    their product must be the world size."""
+    replicate, shard = config.data_parallel_replicate, \
+        config.data_parallel_shard
+    if shard == -1:
+        if world % replicate:
+            raise UserError(
+                f"config field parallel.data_parallel_replicate: "
+                f"{replicate} does not divide the {world} processes")
+        shard = world // replicate
+    if replicate * shard != world:
+        raise UserError(
+            f"config section parallel: data_parallel_replicate "
+            f"{replicate} x data_parallel_shard {shard} = "
+            f"{replicate * shard} processes, but {world} were started; "
+            "make the degrees multiply to the number of processes (or set "
+            "data_parallel_shard=-1)")
+    return {"dp_replicate": replicate, "dp_shard": shard}
+
+
+@dataclass
+class World:
+    """This process's place among the run's processes."""
+
+    rank: int
+    size: int
+    mesh: Optional[DeviceMesh]
+    """None in a world of one."""
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files."""
+        return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Index of this process's share of each global batch."""
+        if self.mesh is None:
+            return 0
+        replicate, shard = self.mesh.get_coordinate()
+        return replicate * self.mesh["dp_shard"].size() + shard
+
+    @property
+    def data_size(self) -> int:
+        """How many shares each global batch is cut into."""
+        return 1 if self.mesh is None else self.mesh.size()
+
+    def data_mesh(self) -> DeviceMesh:
+        """The mesh FSDP shards over: both data-parallel dimensions
+        (HSDP) when data_parallel_replicate > 1, else data_parallel_shard
+        alone."""
+        if self.mesh["dp_replicate"].size() > 1:
+            return self.mesh[DATA_PARALLEL]
+        return self.mesh["dp_shard"]
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor summed over all processes, in place."""
+        if self.mesh is not None:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, value):
+        """The main process's value, on every process."""
+        if self.mesh is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.mesh is not None:
+            dist.barrier()
+
+
+def start_world(config: ParallelConfig, device: torch.device) -> World:
+    """Join torchrun's process group (once) and build the mesh; a world
+    of one without torchrun."""
+    size = launched_world_size()
+    shape = degrees(config, size)
+    if size == 1:
+        return World(0, 1, None)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo")
+    mesh = init_device_mesh(device.type, tuple(shape.values()),
+                            mesh_dim_names=tuple(shape))
+    return World(dist.get_rank(), size, mesh)
