@@ -52,7 +52,9 @@ from coom.fp8.scaling import (
     max_group_tiles,
 )
 
-NUM_WARPS = 8
+# 16 warps ran 2-11% faster than 8 on an H100 at the small preset's
+# sizes (docs/benchmarks.md, FP8 quantisation kernels).
+NUM_WARPS = 16
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 # 2^23 units in the last place of E4M3 (3 mantissa bits) at exponent e
 # are 2^(e + 20); below E4M3's normal range the unit is 2^-9, so 2^14.
