@@ -487,8 +487,11 @@ class ParallelConfig:
     degrees leave of the world size."""
 
     tensor: int = 1
-    """Tensor (and sequence) parallel degree (Megatron:
-    tensor_model_parallel_size). Not supported yet: must be 1."""
+    """Tensor parallel degree (Megatron: tensor_model_parallel_size): MLA's
+    query, key-value and output projections and the dense and shared
+    expert feed-forwards split by heads and hidden units; embedding, head,
+    norms, router and routed experts replicated. Sequence parallelism is
+    not built yet."""
 
     expert: int = 1
     """Expert parallel degree (Megatron: expert_model_parallel_size). Not
@@ -507,10 +510,11 @@ class ParallelConfig:
         _require(self.data_parallel_shard == -1
                  or self.data_parallel_shard > 0, "data_parallel_shard",
                  "must be positive, or -1 for the rest of the world size")
-        for name in ("tensor", "expert", "pipeline", "context"):
+        for name in ("expert", "pipeline", "context"):
             _require(getattr(self, name) == 1, name,
                      "is not supported yet: COOM parallelises over data "
-                     "only (data_parallel_replicate, data_parallel_shard)")
+                     "(data_parallel_replicate, data_parallel_shard) and "
+                     "tensor only")
 
 
 @dataclass
@@ -568,6 +572,18 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
+        tensor = self.parallel.tensor
+        for name in ("num_attention_heads", "ffn_hidden_size"):
+            _require(getattr(self.model, name) % tensor == 0,
+                     f"model.{name}", f"{getattr(self.model, name)} does "
+                     f"not split over parallel.tensor {tensor}")
+        shared = self.model.n_shared_experts * self.model.moe_intermediate_size
+        _require(shared % tensor == 0, "model.moe_intermediate_size",
+                 f"the shared experts' {shared} hidden units do not split "
+                 f"over parallel.tensor {tensor}")
+        _require(tensor == 1 or self.fp8.recipe == "off", "parallel.tensor",
+                 "tensor parallelism does not run FP8 products yet; set "
+                 "fp8.recipe=off or parallel.tensor=1")
         _require(not self.data.synthetic or self.model.vocab_size is not None,
                  "model.vocab_size", "must be set for data.synthetic")
         _require(self.data.seq_length <= self.model.max_position_embeddings,

@@ -63,7 +63,8 @@ def test_off_reads_as_a_word_not_a_boolean():
     ("data.split='99'", "data.split", "validation"),
     ("data.split=99", "data.split", "must be str"),
     ("model=3", "model", "must be a mapping"),
-    ("parallel.tensor=2", "parallel.tensor", "not supported yet"),
+    ("parallel.expert=2", "parallel.expert", "not supported yet"),
+    ("parallel.tensor=3", "model.num_attention_heads", "does not split"),
     ("parallel.data_parallel_shard=0", "parallel.data_parallel_shard",
      "or -1"),
 ])

@@ -118,7 +118,9 @@ class MLA(nn.Module):
             q = self.wq(x_bsd)
         else:
             q = self.wq_b(self.q_norm(self.wq_a(x_bsd)))
-        return q.unflatten(-1, (self.config.num_attention_heads, -1))
+        # Heads from the width: under tensor parallelism a process holds
+        # only its share of them.
+        return q.unflatten(-1, (-1, self.config.qk_head_dim))
 
     def latents(self, x_bsd: torch.Tensor, rope: RotaryEmbedding,
                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,10 +138,11 @@ class MLA(nn.Module):
         """Attention with per-head keys and values expanded from latents;
         causal when mask_st is None."""
         config = self.config
-        heads = config.num_attention_heads
-        k_nope, v_bthv = self.wkv_b(kv_btr).unflatten(-1, (heads, -1)).split(
+        per_head = config.qk_nope_head_dim + config.v_head_dim
+        k_nope, v_bthv = self.wkv_b(kv_btr).unflatten(
+            -1, (-1, per_head)).split(
             [config.qk_nope_head_dim, config.v_head_dim], dim=-1)
-        k_pe = k_pe_btp.unsqueeze(2).expand(-1, -1, heads, -1)
+        k_pe = k_pe_btp.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)
         k_bthk = torch.cat([k_nope, k_pe], dim=-1)
         o_bhsv = functional.scaled_dot_product_attention(
             q_bshk.transpose(1, 2), k_bthk.transpose(1, 2),

@@ -5,9 +5,12 @@ the device mesh.
 WORLD_SIZE, RANK and LOCAL_RANK set; a plain ``coom train`` is a world of
 one and never touches torch.distributed. The process group uses NCCL on
 GPUs and gloo on CPUs. The mesh has one named dimension per kind of
-parallelism, data_parallel_replicate ("dp_replicate") outermost; the
-data-parallel rank of a process, which picks its share of each global
-batch, runs over both data-parallel dimensions.
+parallelism: data_parallel_replicate ("dp_replicate") outermost, then
+data_parallel_shard ("dp_shard"), then tensor ("tp"), so that a tensor
+parallel group is neighbouring ranks (one machine). The data-parallel
+rank of a process, which picks its share of each global batch, runs over
+both data-parallel dimensions; the processes of a tensor-parallel group
+see the same data.
 """
 import os
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from coom.config import ParallelConfig
 from coom.errors import UserError
 
 DATA_PARALLEL = ("dp_replicate", "dp_shard")
+TENSOR = "tp"
 
 
 def launched_world_size() -> int:
@@ -40,22 +44,23 @@ def local_device(device: torch.device) -> torch.device:
 def degrees(config: ParallelConfig, world: int) -> dict[str, int]:
     """Size of each mesh dimension, data_parallel_shard's -1 filled in;
     their product must be the world size."""
-    replicate, shard = config.data_parallel_replicate, \
-        config.data_parallel_shard
+    replicate, shard, tensor = config.data_parallel_replicate, \
+        config.data_parallel_shard, config.tensor
     if shard == -1:
-        if world % replicate:
+        if world % (replicate * tensor):
             raise UserError(
-                f"config field parallel.data_parallel_replicate: "
-                f"{replicate} does not divide the {world} processes")
-        shard = world // replicate
-    if replicate * shard != world:
+                f"config section parallel: data_parallel_replicate "
+                f"{replicate} x tensor {tensor} does not divide the {world} "
+                "processes")
+        shard = world // (replicate * tensor)
+    if replicate * shard * tensor != world:
         raise UserError(
             f"config section parallel: data_parallel_replicate "
-            f"{replicate} x data_parallel_shard {shard} = "
-            f"{replicate * shard} processes, but {world} were started; "
-            "make the degrees multiply to the number of processes (or set "
-            "data_parallel_shard=-1)")
-    return {"dp_replicate": replicate, "dp_shard": shard}
+            f"{replicate} x data_parallel_shard {shard} x tensor {tensor} = "
+            f"{replicate * shard * tensor} processes, but {world} were "
+            "started; make the degrees multiply to the number of processes "
+            "(or set data_parallel_shard=-1)")
+    return {"dp_replicate": replicate, "dp_shard": shard, TENSOR: tensor}
 
 
 @dataclass
@@ -77,13 +82,19 @@ class World:
         """Index of this process's share of each global batch."""
         if self.mesh is None:
             return 0
-        replicate, shard = self.mesh.get_coordinate()
+        replicate, shard, _ = self.mesh.get_coordinate()
         return replicate * self.mesh["dp_shard"].size() + shard
 
     @property
     def data_size(self) -> int:
         """How many shares each global batch is cut into."""
-        return 1 if self.mesh is None else self.mesh.size()
+        if self.mesh is None:
+            return 1
+        return self.mesh[DATA_PARALLEL].size()
+
+    @property
+    def tensor_size(self) -> int:
+        return 1 if self.mesh is None else self.mesh[TENSOR].size()
 
     def data_mesh(self) -> DeviceMesh:
         """The mesh FSDP shards over: both data-parallel dimensions
@@ -94,9 +105,12 @@ class World:
         return self.mesh["dp_shard"]
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """tensor summed over all processes, in place."""
+        """tensor summed over the data-parallel processes (those that see
+        different data), in place."""
         if self.mesh is not None:
-            dist.all_reduce(tensor)
+            for name in DATA_PARALLEL:
+                if self.mesh[name].size() > 1:
+                    dist.all_reduce(tensor, group=self.mesh[name].get_group())
         return tensor
 
     def broadcast(self, value):

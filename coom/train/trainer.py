@@ -15,7 +15,6 @@ Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
 import contextlib
 import json
-import math
 import shutil
 import signal
 import time
@@ -104,6 +103,21 @@ def _check_batch_split(train: TrainConfig, world: World) -> None:
             f"{train.global_batch_size} does not split into "
             f"{world.data_size} data-parallel processes x micro_batch_size "
             f"{train.micro_batch_size}; make it a multiple of {share}")
+
+
+def _clip_gradients(parameters, clip: float) -> float:
+    """Scale the gradients down to norm clip (0: never) and return their
+    norm before. Works on a mix of plain and sharded (DTensor) gradients,
+    the sharded ones' norms taken over all their shards."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = [g.norm() for g in grads]
+    norms = [n.full_tensor() if isinstance(n, DTensor) else n
+             for n in norms]
+    norm = torch.stack([n.float() for n in norms]).norm().item()
+    if clip and norm > clip:
+        for grad in grads:
+            grad.mul_(clip / (norm + 1e-6))
+    return norm
 
 
 def _autocast(device: torch.device, precision: str):
@@ -321,17 +335,15 @@ class Trainer:
             sums += torch.stack([main, mtp_mean.to(main), aux.to(main)
                                  ]).detach()
         self.consumed_samples += train.global_batch_size
-        clip = self.config.optimizer.clip_grad or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        norm = _clip_gradients(self.model.parameters(),
+                               self.config.optimizer.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         total, mtp_total, aux_total = self.world.all_reduce(sums).tolist()
         # The expert bias moves by the load of the whole global batch.
         for moe in self.model.moe_layers().values():
             self.world.all_reduce(moe.tokens_per_expert)
-        metrics = {"loss": total, "lr": lr, "grad_norm": norm.item()}
+        metrics = {"loss": total, "lr": lr, "grad_norm": norm}
         if depths:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
         if self.model.moe_layers():
