@@ -67,17 +67,21 @@ class Transformer(nn.Module):
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=std)
 
+    def blocks(self) -> list[Block]:
+        """The transformer blocks: the main stack's, then each MTP
+        depth's."""
+        return [*self.layers, *(module.block for module in self.mtp)]
+
     def compile_blocks(self) -> None:
         """Compile each block (main and MTP) with ``torch.compile``; the
         parameter names stay as they were."""
-        for block in [*self.layers, *(module.block for module in self.mtp)]:
+        for block in self.blocks():
             block.compile()
 
     def moe_layers(self) -> dict[int, MoE]:
         """The MoE feed-forwards, by block index (MTP depths follow the
         main blocks, as in the checkpoint layout)."""
-        blocks = [*self.layers, *(module.block for module in self.mtp)]
-        return {index: block.mlp for index, block in enumerate(blocks)
+        return {index: block.mlp for index, block in enumerate(self.blocks())
                 if isinstance(block.mlp, MoE)}
 
     def aux_loss(self) -> torch.Tensor:

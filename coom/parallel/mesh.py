@@ -113,14 +113,6 @@ class World:
                     dist.all_reduce(tensor, group=self.mesh[name].get_group())
         return tensor
 
-    def broadcast(self, value):
-        """The main process's value, on every process."""
-        if self.mesh is None:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def barrier(self) -> None:
         if self.mesh is not None:
             dist.barrier()

@@ -83,7 +83,7 @@ def parallelize(model: nn.Module, world: World) -> nn.Module:
     one."""
     if world.mesh is None:
         return model
-    blocks = [*model.layers, *(module.block for module in model.mtp)]
+    blocks = model.blocks()
     if world.tensor_size > 1:
         mesh = world.mesh[TENSOR]
         for block in blocks:

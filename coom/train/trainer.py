@@ -105,18 +105,23 @@ def _check_batch_split(train: TrainConfig, world: World) -> None:
             f"{train.micro_batch_size}; make it a multiple of {share}")
 
 
-def _clip_gradients(parameters, clip: float) -> float:
+def _clip_gradients(parameters, clip: float) -> torch.Tensor:
     """Scale the gradients down to norm clip (0: never) and return their
-    norm before. Works on a mix of plain and sharded (DTensor) gradients,
-    the sharded ones' norms taken over all their shards."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norms = [g.norm() for g in grads]
-    norms = [n.full_tensor() if isinstance(n, DTensor) else n
-             for n in norms]
-    norm = torch.stack([n.float() for n in norms]).norm().item()
-    if clip and norm > clip:
-        for grad in grads:
-            grad.mul_(clip / (norm + 1e-6))
+    norm before. torch's norm takes gradients of one kind at a time, so
+    plain gradients and those sharded on each mesh (DTensor: FSDP's, and
+    FSDP x TP's) are summed apart, a sharded norm over all its shards."""
+    groups = {}
+    for parameter in parameters:
+        if parameter.grad is not None:
+            mesh = getattr(parameter.grad, "device_mesh", None)
+            groups.setdefault(mesh, []).append(parameter)
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group])
+             for group in groups.values()]
+    norm = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n
+                        for n in norms]).norm()
+    if clip:
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, clip, norm)
     return norm
 
 
@@ -343,7 +348,7 @@ class Trainer:
         # The expert bias moves by the load of the whole global batch.
         for moe in self.model.moe_layers().values():
             self.world.all_reduce(moe.tokens_per_expert)
-        metrics = {"loss": total, "lr": lr, "grad_norm": norm}
+        metrics = {"loss": total, "lr": lr, "grad_norm": norm.item()}
         if depths:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
         if self.model.moe_layers():
