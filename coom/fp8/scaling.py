@@ -88,7 +88,9 @@ def quantize(x_mk: torch.Tensor, grouping: Grouping,
                            amax_gh / amax_gh.new_tensor(E4M3_MAX), 1.0)
     if power_of_two:
         scale_gh = torch.exp2(torch.ceil(torch.log2(scale_gh)))
-    scaled_mk = x_mk.float() / _expand(scale_gh, rows, columns, m, k)
+    # Times the reciprocal, one division per group, as the kernels do.
+    reciprocal_gh = scale_gh.reciprocal()
+    scaled_mk = x_mk.float() * _expand(reciprocal_gh, rows, columns, m, k)
     return scaled_mk.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale_gh
 
 

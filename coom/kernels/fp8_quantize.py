@@ -3,13 +3,14 @@ bit for bit as coom/fp8/scaling.py's reference.
 
 Each group of entries gets ``scale = amax / 448`` (1 for a group of
 zeros; with power-of-two scales ``exp2(ceil(log2(scale)))``), and its
-values are ``clamp(x / scale, -448, 448)`` rounded to nearest even
-E4M3. All arithmetic is float32; divisions use ``tl.math.div_rn``
-because Triton's ``/`` on float32 lowers to an approximate division on
-NVIDIA GPUs, and the reference divides with IEEE rounding. Values are
-rounded to E4M3's grid in float32, and their E4M3 bytes are then built
-with integer operations and stored as uint8: Triton 3.6's own conversion
-to float8e4nv scrambles some float32 tiles on the GPU (pairs of columns
+values are ``clamp(x * (1 / scale), -448, 448)`` rounded to nearest even
+E4M3: one division per group, then a product per entry, as DeepGEMM
+quantises. All arithmetic is float32; the two divisions use
+``tl.math.div_rn`` because Triton's ``/`` on float32 lowers to an
+approximate division on NVIDIA GPUs, and the reference divides with IEEE
+rounding. The E4M3 bytes are built from the float32 bits with integer
+operations and stored as uint8: Triton 3.6's own conversion to
+float8e4nv scrambles some float32 tiles on the GPU (pairs of columns
 swapped), and its interpreter rounds half up. Transposed copies are
 transposed in float32 and stored along their rows.
 
@@ -52,63 +53,62 @@ from coom.fp8.scaling import (
     max_group_tiles,
 )
 
-# 16 warps ran 2-11% faster than 8 on an H100 at the small preset's
-# sizes (docs/benchmarks.md, FP8 quantisation kernels).
-NUM_WARPS = 16
+# 4 warps: with one division per group (not per entry) the activation
+# kernel ran fastest at 4 on an H100 at the small preset's sizes, the
+# weight kernel within 2% of its best (docs/benchmarks.md, FP8
+# quantisation kernels).
+NUM_WARPS = 4
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
-# 2^23 units in the last place of E4M3 (3 mantissa bits) at exponent e
-# are 2^(e + 20); below E4M3's normal range the unit is 2^-9, so 2^14.
-_SHIFTER_PER_POWER = tl.constexpr(2.0 ** 20)
-_SMALLEST_SHIFTER = tl.constexpr(2.0 ** 14)
+# Float32 bit patterns: E4M3's exponent bias (7) against float32's (127),
+# in the position of the top 3 mantissa bits; and 2^-6, E4M3's smallest
+# normal value. Below it E4M3 counts multiples of 2^-9, which are the low
+# bits of 2^14 + magnitude.
+_EXPONENT_REBIAS = tl.constexpr((127 - 7) << 23)
+_SMALLEST_NORMAL = tl.constexpr(2.0 ** -6)
+_SUBNORMAL_SHIFTER = tl.constexpr(2.0 ** 14)
+_SUBNORMAL_SHIFTER_BITS = tl.constexpr(0x46800000)
 
 
 @triton.jit
 def _scale(amax, power_of_two: tl.constexpr):
+    """(scale, 1 / scale) of a group whose largest magnitude is amax."""
     scale = tl.where(amax > 0, tl.math.div_rn(amax, _E4M3_MAX), 1.0)
     if power_of_two:
         scale = tl.math.exp2(tl.math.ceil(tl.math.log2(scale)))
-    return scale
+    return scale, tl.math.div_rn(1.0, scale)
 
 
 @triton.jit
-def _round_to_e4m3(magnitude):
-    """magnitude (0 <= magnitude <= 448) rounded to nearest even on
-    E4M3's grid, in float32.
+def _e4m3_code(magnitude):
+    """The E4M3 byte (without sign) of a magnitude 0 <= magnitude <= 448,
+    rounded to nearest even.
 
-    Adding then subtracting 2^23 units in the last place of E4M3 at the
-    magnitude's exponent leaves float32 no bits below that unit, so the
-    addition rounds to it: to nearest, ties to even.
+    Normal values: the float32 bits rounded at the third mantissa bit
+    (adding half a unit less one, plus the kept unit's parity, carries
+    exactly when nearest-even rounds up, into the exponent if need be),
+    then re-biased. Subnormal values: adding 2^14 rounds to a multiple of
+    2^-9 (float32's unit at 2^14), which the low bits then count.
     """
-    power = (magnitude.to(tl.int32, bitcast=True) & 0x7F800000).to(
-        tl.float32, bitcast=True)
-    shifter = tl.maximum(power * _SHIFTER_PER_POWER, _SMALLEST_SHIFTER)
-    return (magnitude + shifter) - shifter
-
-
-@triton.jit
-def _e4m3_code(magnitude, negative):
-    """The E4M3 byte of a magnitude on E4M3's grid and a sign: the
-    exponent (bias 7) and the top 3 mantissa bits of its float32 form,
-    or, below 2^-6, the subnormal multiple of 2^-9."""
     bits = magnitude.to(tl.int32, bitcast=True)
-    normal = (((bits >> 23) - 120) << 3) | ((bits >> 20) & 7)
-    subnormal = (magnitude * 512.0).to(tl.int32)
-    code = tl.where(magnitude >= 0.015625, normal, subnormal)
-    return (code | tl.where(negative, 0x80, 0)).to(tl.uint8)
+    rounded = bits + 0x7FFFF + ((bits >> 20) & 1)
+    normal = (rounded - _EXPONENT_REBIAS) >> 20
+    subnormal = ((magnitude + _SUBNORMAL_SHIFTER).to(tl.int32, bitcast=True)
+                 - _SUBNORMAL_SHIFTER_BITS)
+    return tl.where(magnitude >= _SMALLEST_NORMAL, normal, subnormal)
 
 
 @triton.jit
-def _quantize(x, scale):
-    """E4M3 bytes (uint8) of x / scale, clamped to +-448.
+def _quantize(x, reciprocal):
+    """E4M3 bytes (uint8) of x * reciprocal, clamped to +-448.
 
     The bytes are built with integer operations rather than Triton's
     conversion to float8e4nv: Triton 3.6 scrambles that conversion of
     some float32 tiles on the GPU, and its interpreter rounds half up.
     """
-    scaled = tl.math.div_rn(x, scale)
-    magnitude = tl.minimum(tl.abs(scaled), _E4M3_MAX)
-    negative = scaled.to(tl.int32, bitcast=True) < 0
-    return _e4m3_code(_round_to_e4m3(magnitude), negative)
+    scaled = x * reciprocal
+    code = _e4m3_code(tl.minimum(tl.abs(scaled), _E4M3_MAX))
+    sign = (scaled.to(tl.int32, bitcast=True) >> 24) & 0x80
+    return (code | sign).to(tl.uint8)
 
 
 @triton.jit
@@ -132,14 +132,16 @@ def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_kc_ptr,
     x = tl.load(x_ptr + rows[:, None] * stride_m + columns[None, :] * stride_k,
                 mask=mask, other=0.0).to(tl.float32)
     magnitude = tl.abs(x)
-    row_scale = _scale(tl.max(magnitude, axis=1), power_of_two)
+    row_scale, row_reciprocal = _scale(tl.max(magnitude, axis=1),
+                                       power_of_two)
     tl.store(values_mk_ptr + rows[:, None] * k + columns[None, :],
-             _quantize(x, row_scale[:, None]), mask=mask)
+             _quantize(x, row_reciprocal[:, None]), mask=mask)
     tl.store(scales_hm_ptr + column_tile * m + rows, row_scale,
              mask=row_mask)
     if transpose:
         # An unused tile (no rows) has amax 0, so it writes scale 1.
-        column_scale = _scale(tl.max(magnitude, axis=0), power_of_two)
+        column_scale, column_reciprocal = _scale(tl.max(magnitude, axis=0),
+                                                 power_of_two)
         offs_c = row_tile * tile + tl.arange(0, tile)
         if grouped:
             # The tile's own 128 columns, of rows 128 j long (j programs),
@@ -153,7 +155,8 @@ def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_kc_ptr,
         # Transposed in float32, before quantising, and stored along rows:
         # Triton 3.6 scrambles some E4M3 tiles stored in transposed order.
         tl.store(values_kc_ptr + columns[:, None] * stride_c + offs_c[None, :],
-                 _quantize(tl.trans(x), column_scale[:, None]), mask=mask_c)
+                 _quantize(tl.trans(x), column_reciprocal[:, None]),
+                 mask=mask_c)
         tl.store(scales_jk_ptr + row_tile * k + columns, column_scale,
                  mask=column_mask)
 
@@ -171,8 +174,9 @@ def _blocks_kernel(w_ptr, values_ptr, scales_ptr, values_t_ptr, n, k,
     w = tl.load(w_ptr + matrix * stride_e + rows[:, None] * stride_n
                 + columns[None, :] * stride_k, mask=mask,
                 other=0.0).to(tl.float32)
-    scale = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), power_of_two)
-    values = _quantize(w, scale)
+    scale, reciprocal = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0),
+                               power_of_two)
+    values = _quantize(w, reciprocal)
     base = matrix * n * k
     tl.store(values_ptr + base + rows[:, None] * k + columns[None, :],
              values, mask=mask)
@@ -183,7 +187,7 @@ def _blocks_kernel(w_ptr, values_ptr, scales_ptr, values_t_ptr, n, k,
         # Transposed in float32 before quantising, as in _row_tiles_kernel.
         mask_t = (columns < k)[:, None] & (rows < n)[None, :]
         tl.store(values_t_ptr + base + columns[:, None] * n + rows[None, :],
-                 _quantize(tl.trans(w), scale), mask=mask_t)
+                 _quantize(tl.trans(w), reciprocal), mask=mask_t)
 
 
 def _bytes(values: torch.Tensor) -> torch.Tensor:
