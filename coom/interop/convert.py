@@ -3,23 +3,22 @@
 ``to_hf`` writes ``model.safetensors``, ``config.json`` and the run's
 ``tokenizer.json``, a folder that ``transformers.AutoModelForCausalLM``
 loads as ``DeepseekV3ForCausalLM``. ``from_hf`` writes a COOM checkpoint
-folder (``state.pt``, ``tokenizer.json``) and ``recipe.yaml``, a recipe
-whose model section is the imported model's and whose
+folder (the weights as training checkpoints hold them, and
+``tokenizer.json``) and ``recipe.yaml``, a recipe whose model section is
+the imported model's and whose
 ``checkpoint.init_from`` names the folder, so that ``coom train
 OUT/recipe.yaml`` continues training it.
 """
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
 from coom.errors import UserError
 from coom.interop.hf import save_hf
 from coom.interop.weights import read_weights
-from coom.train.checkpoint import STATE
+from coom.train.checkpoint import write_checkpoint_folder
 
 
 def _empty_folder(out: Path, overwrite: bool) -> None:
@@ -57,10 +56,8 @@ def from_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
     if weights.tokenizer is not None:
         shutil.copyfile(weights.tokenizer, out / "tokenizer.json")
         data["tokenizer"] = str((out / "tokenizer.json").resolve())
-    temporary = out / f".{STATE}.tmp"
-    torch.save({"model": weights.state,
-                "config": {"model": model, "data": data}}, temporary)
-    os.replace(temporary, out / STATE)
+    write_checkpoint_folder(out, {"model": weights.state},
+                            {"config": {"model": model, "data": data}})
     recipe = {"model": model, "data": data,
               "checkpoint": {"init_from": str(out.resolve())}}
     path = out / "recipe.yaml"

@@ -19,7 +19,12 @@ from coom.config import ModelConfig
 from coom.errors import UserError
 from coom.interop.hf import load_hf
 from coom.models import Transformer
-from coom.train.checkpoint import STATE, latest_checkpoint, load_checkpoint
+from coom.train.checkpoint import (
+    META,
+    is_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+)
 
 
 @dataclass
@@ -59,13 +64,13 @@ def read_weights(path) -> Weights:
         if latest is None:
             raise UserError(f"run {folder} has no checkpoint yet")
         return _from_checkpoint(latest)
-    if (folder / STATE).is_file():
+    if is_checkpoint(folder):
         return _from_checkpoint(folder)
     if (folder / "config.json").is_file():
         config, state = load_hf(folder)
         return Weights(config, state, _existing(folder / "tokenizer.json"))
     raise UserError(f"{folder} holds no model: expected a run directory "
-                    f"(checkpoints/), a checkpoint ({STATE}) or a Hugging "
+                    f"(checkpoints/), a checkpoint ({META}) or a Hugging "
                     "Face folder (config.json)")
 
 

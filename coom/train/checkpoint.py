@@ -1,27 +1,76 @@
-"""Atomic checkpoints: a crash at any moment leaves the last one loadable.
+"""Atomic, sharded checkpoints: a crash at any moment leaves the last one
+loadable, and a run saved at one layout resumes at another.
 
 A checkpoint is a folder ``step_NNNNNNN`` under the run's checkpoints
-folder. It is written as ``.tmp-step_NNNNNNN``, every file and the folder
-are fsynced, then it is renamed into place, and only then does the
+folder, holding:
+
+- the tensors (weights, optimizer moments) in PyTorch's distributed
+  checkpoint format (DCP: ``.metadata`` and ``__R_0.distcp`` files):
+  each process writes its own shards, and loading reshards them to
+  whatever layout the reader has;
+- ``train_state.pt``: the rest (step, samples consumed, random
+  generators, config), written by the first process;
+- ``meta.json``, written last: a folder without it is not a checkpoint.
+
+It is written as ``.tmp-step_NNNNNNN``, every file and the folder are
+fsynced, then it is renamed into place, and only then does the
 ``latest`` pointer (itself replaced atomically) move to it. Older
 checkpoints beyond the ones kept are deleted after the pointer has moved.
 A process killed at any point therefore leaves either the old pointer and
 old checkpoint, or the new ones; leftover temporary folders are ignored
 and cleaned up by the next save.
+
+Under torchrun every process calls ``save_checkpoint`` and
+``load_sharded``; the folder must be one all processes see (one machine,
+or a shared file system).
 """
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict_loader import (
+    _load_state_dict_from_keys,
+)
 
 from coom.errors import UserError
 
+# DCP's errors derive from BaseException, not Exception.
+_READ_ERRORS = (Exception, dcp.CheckpointException)
 LATEST = "latest"
-STATE = "state.pt"
+TRAIN_STATE = "train_state.pt"
+META = "meta.json"
 PREFIX = "step_"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _main() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_in_one_process():
+    """DCP warns each time it runs without a process group; one process
+    is the intent then."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "torch.distributed is (disabled|unavailable)")
+        yield
 
 
 def _fsync(path: Path) -> None:
@@ -40,29 +89,47 @@ def _write_pointer(folder: Path, name: str) -> None:
     _fsync(folder)
 
 
-def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
-    """Write state as the checkpoint of step and keep the newest ``keep``.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
+def write_checkpoint_folder(folder: Path, tensors: dict,
+                            train_state: dict) -> None:
+    """Write a checkpoint's files into the existing folder: tensors with
+    DCP (every process, collectively), then, by the first process,
+    train_state and ``meta.json``, each file fsynced. tensors' values may
+    be sharded (DTensors)."""
+    with _quiet_in_one_process():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
+    if _main():
+        torch.save(train_state, folder / TRAIN_STATE)
+        meta = {"step": train_state.get("step"),
+                "tensors": sorted(tensors), "format": "torch.distributed"
+                ".checkpoint, plus train_state.pt"}
+        (folder / META).write_text(json.dumps(meta))
+        for path in folder.iterdir():
+            _fsync(path)
+        _fsync(folder)
+
+
+def save_checkpoint(folder: Path, step: int, tensors: dict,
+                    train_state: dict, keep: int) -> Path:
+    """Write the checkpoint of step and keep the newest ``keep``. Every
+    process calls it; only the first one's train_state is written."""
     name = f"{PREFIX}{step:07d}"
-    for stale in folder.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    temporary = folder / f".tmp-{name}"
-    temporary.mkdir()
-    torch.save(state, temporary / STATE)
-    meta = {"step": step, "files": [STATE]}
-    (temporary / "meta.json").write_text(json.dumps(meta))
-    for path in temporary.iterdir():
-        _fsync(path)
-    _fsync(temporary)
-    final = folder / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(temporary, final)
-    _fsync(folder)
-    _write_pointer(folder, name)
-    for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    temporary, final = folder / f".tmp-{name}", folder / name
+    if _main():
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        temporary.mkdir()
+    _barrier()
+    write_checkpoint_folder(temporary, tensors, train_state)
+    if _main():
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(temporary, final)
+        _fsync(folder)
+        _write_pointer(folder, name)
+        for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
@@ -72,17 +139,67 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     if not pointer.is_file():
         return None
     path = folder / pointer.read_text().strip()
-    if not (path / STATE).is_file():
-        raise UserError(f"{pointer} names {path}, which holds no {STATE}; "
-                        "the checkpoint folder was changed by hand")
+    if not (path / META).is_file():
+        raise UserError(f"{pointer} names {path}, which holds no complete "
+                        f"checkpoint (no {META}); the checkpoint folder was "
+                        "changed by hand")
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint's state onto the CPU."""
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / META).is_file()
+
+
+def _unreadable(path: Path, error: BaseException) -> UserError:
+    if isinstance(error, dcp.CheckpointException) and error.failures:
+        # The first failing process's (exception, traceback), rather than
+        # the list of ranks.
+        error, _ = next(iter(error.failures.values()))
+    return UserError(f"cannot read checkpoint {path}: "
+                     f"{str(error).splitlines()[0]}")
+
+
+def read_train_state(path: Path) -> dict:
+    """A checkpoint's train_state (everything but the tensors)."""
     try:
-        return torch.load(path / STATE, map_location="cpu",
+        return torch.load(path / TRAIN_STATE, map_location="cpu",
                           weights_only=True)
-    except Exception as error:
-        raise UserError(f"cannot read checkpoint {path / STATE}: "
-                        f"{str(error).splitlines()[0]}") from None
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from None
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The whole (unsharded) shape of each tensor in a checkpoint, by its
+    flattened name (``model.<parameter name>``, ...)."""
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from None
+    return {name: tuple(item.size)
+            for name, item in metadata.state_dict_metadata.items()
+            if isinstance(item, TensorStorageMetadata)}
+
+
+def load_sharded(path: Path, tensors: dict) -> None:
+    """Fill tensors (a state dict laid out as this process holds it,
+    sharded or not) from a checkpoint, in place; every process calls it.
+    """
+    tensor_shapes(path)  # a damaged index fails here, plainly
+    try:
+        with _quiet_in_one_process():
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(path))
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A whole checkpoint in one process, on the CPU, unsharded: its
+    train_state's entries plus its tensors (``model``, ``optimizer``)."""
+    state = read_train_state(path)
+    tensor_shapes(path)  # a damaged index fails here, plainly
+    try:
+        with _quiet_in_one_process():
+            tensors = _load_state_dict_from_keys(checkpoint_id=path)
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from None
+    return state | tensors

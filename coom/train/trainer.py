@@ -49,8 +49,10 @@ from coom.parallel.mesh import World, local_device, start_world
 from coom.parallel.parallelize import parallelize
 from coom.train.checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
+    load_sharded,
+    read_train_state,
     save_checkpoint,
+    tensor_shapes,
 )
 from coom.train.metrics import MetricsWriter, run_info
 from coom.train.optimizer import (
@@ -133,12 +135,16 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _check_same_model(model: torch.nn.Module, state: dict, path: Path):
-    ours = model.state_dict()
-    theirs = state["model"]
+def _check_same_model(model: torch.nn.Module, path: Path):
+    """The checkpoint's weights have the model's names and whole shapes.
+    """
+    ours = {name: tuple(tensor.shape)
+            for name, tensor in model.state_dict().items()}
+    theirs = {name.removeprefix("model."): shape
+              for name, shape in tensor_shapes(path).items()
+              if name.startswith("model.")}
     for name in sorted(set(ours) | set(theirs)):
-        here = tuple(ours[name].shape) if name in ours else "absent"
-        there = tuple(theirs[name].shape) if name in theirs else "absent"
+        here, there = ours.get(name, "absent"), theirs.get(name, "absent")
         if here != there:
             raise UserError(
                 f"checkpoint {path} holds a different model: {name} is "
@@ -223,32 +229,35 @@ class Trainer:
             return "this run's random tokens (data.synthetic)"
         return str(self.tokenizer.path)
 
-    def state(self) -> dict:
-        """Everything a checkpoint holds, with whole (unsharded) tensors,
-        so that a run resumes at any layout. Every process takes part;
-        under torchrun only the first one gets the tensors."""
+    def tensors(self) -> dict:
+        """The weights and optimizer moments as this process holds them
+        (its shards under FSDP or tensor parallelism), named as in the
+        single-device model: what checkpoints save and load with DCP."""
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
+
+    def train_state(self) -> dict:
+        """Everything else a checkpoint holds."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        model, optimizer = get_state_dict(
-            self.model, self.optimizer, options=self._state_options())
         return {"step": self.step, "consumed_samples": self.consumed_samples,
-                "model": model, "optimizer": optimizer, "rng": rng,
-                "tokenizer_sha256": self._tokenizer_sha256(),
+                "rng": rng, "tokenizer_sha256": self._tokenizer_sha256(),
                 "config": self.config.to_dict()}
 
     def restore(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        _check_same_model(self.model, state, path)
+        state = read_train_state(path)
+        _check_same_model(self.model, path)
         if state["tokenizer_sha256"] != self._tokenizer_sha256():
             raise UserError(
                 f"checkpoint {path} was trained with another tokenizer "
                 f"than {self._tokenizer_label()}; set data.tokenizer to the "
                 "run's tokenizer")
+        tensors = self.tensors()
+        load_sharded(path, tensors)
         set_state_dict(self.model, self.optimizer,
-                       model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"],
-                       options=self._state_options())
+                       model_state_dict=tensors["model"],
+                       optim_state_dict=tensors["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -269,13 +278,9 @@ class Trainer:
                 f"checkpoint.init_from {path} was trained with another "
                 f"tokenizer than {self._tokenizer_label()}; set "
                 "data.tokenizer to its tokenizer.json")
+        # Every process holds the whole weights; each keeps its shards.
         set_model_state_dict(self.model, weights.state,
-                             options=self._state_options())
-
-    def _state_options(self) -> StateDictOptions:
-        """Whole tensors, on the CPU, when the model is sharded."""
-        sharded = self.world.mesh is not None
-        return StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
+                             options=StateDictOptions(full_state_dict=True))
 
     def _losses(self, batch: Batch, tokens_in_step: int,
                 with_mtp: bool) -> list[torch.Tensor]:
@@ -367,11 +372,9 @@ class Trainer:
         return total / train.eval_iters
 
     def save(self) -> None:
-        state = self.state()
-        if self.world.main:
-            save_checkpoint(self.run_dir / "checkpoints", self.step, state,
-                            self.config.checkpoint.keep)
-        self.world.barrier()
+        save_checkpoint(self.run_dir / "checkpoints", self.step,
+                        self.tensors(), self.train_state(),
+                        self.config.checkpoint.keep)
 
     def _progress(self) -> tqdm:
         return tqdm(total=self.config.train.steps, initial=self.step,

@@ -27,6 +27,7 @@ import sys
 import pytest
 import torch
 
+from coom.train.checkpoint import load_checkpoint
 from tests.kernels import relative_error
 
 STEPS = 5
@@ -58,8 +59,7 @@ def _losses(run_dir) -> list[float]:
 
 
 def _state(run_dir, step: int) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:07d}"
-                      / "state.pt", weights_only=False)
+    return load_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}")
 
 
 def _first_moments(state: dict) -> dict:

@@ -10,58 +10,79 @@ from coom.errors import UserError
 from coom.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    load_sharded,
+    read_train_state,
     save_checkpoint,
+    tensor_shapes,
 )
 
 
-def _state(step: int) -> dict:
-    return {"step": step, "weights": torch.full((64, 64), float(step))}
+def _tensors(step: int) -> dict:
+    return {"weights": torch.full((64, 64), float(step))}
+
+
+def _save(folder, step: int) -> None:
+    save_checkpoint(folder, step, _tensors(step), {"step": step}, keep=2)
 
 
 def test_save_and_load_round_trip(tmp_path):
     folder = tmp_path / "checkpoints"
     assert latest_checkpoint(folder) is None
-    save_checkpoint(folder, 5, _state(5), keep=2)
+    _save(folder, 5)
     path = latest_checkpoint(folder)
     assert path.name == "step_0000005"
     state = load_checkpoint(path)
-    assert state["step"] == 5
-    assert torch.equal(state["weights"], _state(5)["weights"])
+    assert state["step"] == read_train_state(path)["step"] == 5
+    assert torch.equal(state["weights"], _tensors(5)["weights"])
+    assert tensor_shapes(path) == {"weights": (64, 64)}
+
+
+def test_sharded_load_fills_in_place(tmp_path):
+    _save(tmp_path, 3)
+    tensors = {"weights": torch.zeros(64, 64)}
+    load_sharded(latest_checkpoint(tmp_path), tensors)
+    assert torch.equal(tensors["weights"], _tensors(3)["weights"])
 
 
 def test_only_the_newest_are_kept(tmp_path):
     for step in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, step, _state(step), keep=2)
+        _save(tmp_path, step)
     kept = sorted(p.name for p in tmp_path.glob("step_*"))
     assert kept == ["step_0000003", "step_0000004"]
     assert latest_checkpoint(tmp_path).name == "step_0000004"
 
 
-# Each point is where the writer of step 2 dies with SIGKILL.
+# Each point is where the writer of step 2 dies with SIGKILL: a function
+# (module:attribute) it calls while saving.
 KILL_POINTS = {
-    "while writing the state": "torch.save",
-    "before the rename": "os.rename",
-    "before the pointer moves": "os.replace",
+    "while writing the tensors":
+        "torch.distributed.checkpoint.filesystem:FileSystemWriter."
+        "write_data",
+    "while writing the train state": "torch:save",
+    "before the rename": "os:rename",
+    "before the pointer moves": "os:replace",
 }
 
 WRITER = textwrap.dedent("""
-    import os, signal, sys
+    import importlib, os, signal, sys
     import torch
     from coom.train import checkpoint
-    folder, target = sys.argv[1], sys.argv[2]
-    state = lambda step: {"step": step, "weights": torch.ones(512, 512)}
-    checkpoint.save_checkpoint(checkpoint.Path(folder), 1, state(1), 2)
-    module, name = target.split(".")
-    owner = torch if module == "torch" else os
-    real = getattr(owner, name)
+    folder, target = checkpoint.Path(sys.argv[1]), sys.argv[2]
+    tensors = {"weights": torch.ones(512, 512)}
+    checkpoint.save_checkpoint(folder, 1, tensors, {"step": 1}, 2)
+    module, attribute = target.split(":")
+    *path, name = attribute.split(".")
+    owner = importlib.import_module(module)
+    for part in path:
+        owner = getattr(owner, part)
     def die(*args, **kwargs):
-        if module == "torch":
-            # leave a partly written file behind, as a real crash would
-            with open(args[1], "wb") as partial:
-                partial.write(b"PK\\x03\\x04 half a checkpoint")
+        # leave a partly written file behind, as a real crash would
+        temporary = folder / ".tmp-step_0000002"
+        if temporary.exists():
+            (temporary / "partial").write_bytes(b"PK\\x03\\x04 half")
         os.kill(os.getpid(), signal.SIGKILL)
     setattr(owner, name, die)
-    checkpoint.save_checkpoint(checkpoint.Path(folder), 2, state(2), 2)
+    checkpoint.save_checkpoint(folder, 2, tensors, {"step": 2}, 2)
 """)
 
 
@@ -76,20 +97,23 @@ def test_writer_killed_mid_write_leaves_previous_loadable(tmp_path, point):
     assert path.name == "step_0000001"
     assert load_checkpoint(path)["step"] == 1
     # the next save cleans the debris and moves on
-    save_checkpoint(folder, 3, _state(3), keep=2)
+    _save(folder, 3)
     assert latest_checkpoint(folder).name == "step_0000003"
     assert not list(folder.glob(".tmp-*"))
 
 
 def test_pointer_to_a_missing_checkpoint_is_reported(tmp_path):
-    save_checkpoint(tmp_path, 1, _state(1), keep=2)
+    _save(tmp_path, 1)
     (tmp_path / "latest").write_text("step_0000009\n")
     with pytest.raises(UserError, match="step_0000009"):
         latest_checkpoint(tmp_path)
 
 
-def test_unreadable_state_is_reported(tmp_path):
-    path = save_checkpoint(tmp_path, 1, _state(1), keep=2)
-    (path / "state.pt").write_bytes(b"garbage")
+@pytest.mark.parametrize("damaged", ["train_state.pt", ".metadata",
+                                     "__0_0.distcp"])
+def test_unreadable_files_are_reported(tmp_path, damaged):
+    _save(tmp_path, 1)
+    path = latest_checkpoint(tmp_path)
+    (path / damaged).write_bytes(b"garbage")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         load_checkpoint(path)
