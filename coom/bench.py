@@ -5,7 +5,8 @@ recipe's data), runs warm-up steps, then times the measured steps with the
 device synchronised around them, and reports tokens/s, model FLOPs
 utilisation (analytic training FLOPs per token, ``coom.models.info``) over
 the GPU's dense bf16 peak and over a measured matmul ceiling, peak memory,
-and on GPUs energy per token from NVML's counter.
+and energy per token from the meters that can be read here (GPU: NVML's
+counter; CPU packages: RAPL; ``coom.energy.meter``).
 """
 import json
 import statistics
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from coom.config import RunConfig
-from coom.energy.nvml import GpuEnergyMeter
+from coom.energy.meter import LABELS, open_meter
+from coom.energy.nvml import enforced_power_limit
 from coom.models.info import model_info
 from coom.train.trainer import Trainer
 
@@ -91,7 +93,7 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
         _synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        meter = GpuEnergyMeter(device)
+        meter = open_meter(device, machine_leader=True)
         seconds, losses = [], []
         for _ in range(steps):
             started = time.perf_counter()
@@ -99,7 +101,7 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
             _synchronize(device)
             seconds.append(time.perf_counter() - started)
             losses.append(metrics["loss"])
-        joules = meter.joules()
+        joules = meter.read()
     config = trainer.config
     tokens = config.train.global_batch_size * config.data.seq_length
     info = model_info(config.model, config.data.seq_length)
@@ -112,6 +114,8 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
         "global_batch_size": config.train.global_batch_size,
         "seq_length": config.data.seq_length,
         "compile": config.train.compile,
+        "kernels": config.train.kernels,
+        "fp8_recipe": config.fp8.recipe,
         "steps": steps, "warmup": warmup,
         "step_seconds_median": statistics.median(seconds),
         "tokens_per_s": tokens_per_s,
@@ -129,9 +133,18 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
         result["mfu_of_matmul_ceiling"] = achieved / ceiling
         result["peak_memory_gib"] = \
             torch.cuda.max_memory_allocated(device) / 2 ** 30
-    if joules is not None:
-        result["joules_per_token"] = joules / (tokens * steps)
-        result["average_watts"] = joules / sum(seconds)
+    if joules:
+        total = sum(joules.values())
+        result["joules_per_token"] = total / (tokens * steps)
+        result["average_watts"] = total / sum(seconds)
+        result["joules_per_token_by_source"] = {
+            source: value / (tokens * steps)
+            for source, value in joules.items()}
+    else:
+        result["energy_unmetered"] = meter.reasons
+    limit = enforced_power_limit(device) if device.type == "cuda" else None
+    if limit is not None:
+        result["power_limit_w"] = limit
     return result
 
 
@@ -156,11 +169,16 @@ def describe(result: dict) -> str:
         lines.append(f"peak memory       {result['peak_memory_gib']:.1f} "
                      "GiB")
     if "joules_per_token" in result:
+        sources = ", ".join(
+            f"{LABELS[source]} {value:.4f}" for source, value in
+            result["joules_per_token_by_source"].items())
         lines.append(f"energy            {result['joules_per_token']:.4f} "
-                     f"J per token ({result['average_watts']:.0f} W)")
+                     f"J per token ({result['average_watts']:.0f} W; "
+                     f"{sources})")
     else:
-        lines.append("energy            not measured (no GPU energy "
-                     "counter)")
+        reasons = "; ".join(f"{LABELS[source]}: {reason}" for source,
+                            reason in result["energy_unmetered"].items())
+        lines.append(f"energy            not measured ({reasons})")
     lines.append(f"loss              {result['loss_first']:.3f} -> "
                  f"{result['loss_last']:.3f}")
     return "\n".join(lines)

@@ -81,6 +81,7 @@ def cmd_train(args) -> int:
     else:
         print(f"stopped at step {trainer.step} ({outcome}) with a "
               f"checkpoint; continue with: coom train --resume {run_dir}")
+    print(trainer.energy.summary())
     return 0
 
 
@@ -178,11 +179,49 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_energy_sweep(args) -> int:
+    from coom.bench import write_result
+    from coom.config import load_config
+    from coom.energy import sweep
+    if not 0 <= args.eta <= 1:
+        raise UserError(f"--eta must lie in [0, 1], got {args.eta}")
+    if args.max_power is not None and args.max_power <= 0:
+        raise UserError("--max-power must be positive (watts)")
+    recipe = args.recipe or "tiny"
+    out = Path(args.recipe_out
+               or f"energy-sweep-{Path(recipe).stem}.yaml")
+    if out.exists():
+        raise UserError(f"--recipe-out {out} already exists; name another "
+                        "file or remove it")
+    config = load_config(recipe, args.overrides)
+    axes = sweep.parse_axes(args.vary, recipe, args.overrides) \
+        if args.vary else sweep.default_axes(config)
+    rows = sweep.run_sweep(recipe, args.overrides, axes, args.grid,
+                           args.steps, args.warmup, args.real_data)
+    choice = sweep.choose(rows, args.eta, args.max_power)
+    print(sweep.describe_sweep(rows, choice))
+    if choice is not None:
+        out.write_text(sweep.recipe_text(recipe, args.overrides, choice,
+                                         rows[0]))
+        print(f"best setting written to {out}; train with: coom train "
+              f"{out}")
+    if args.out:
+        front = [sweep.label(r["overrides"]) for r in choice.front] \
+            if choice else []
+        best = sweep.label(choice.best["overrides"]) if choice else None
+        write_result({"recipe": recipe, "eta": args.eta, "front": front,
+                      "best": best, "candidates": rows}, Path(args.out))
+        print(f"figures written to {args.out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from coom.bench import describe, run_bench, write_result
     from coom.config import load_config
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
+    if args.energy_sweep:
+        return cmd_energy_sweep(args)
     config = load_config(args.recipe or "tiny", args.overrides)
     result = run_bench(config, args.steps, args.warmup, args.real_data)
     result["recipe"] = args.recipe or "tiny"
@@ -301,6 +340,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on the recipe's data, not random tokens")
     bench.add_argument("--out", metavar="FILE",
                        help="also write the figures as JSON")
+    sweep = bench.add_argument_group(
+        "energy sweep", "--energy-sweep measures J/token and tokens/s for "
+        "candidate settings (micro-batch size, compile, kernels, FP8; "
+        "never hardware settings), prints their Pareto front and writes "
+        "the one of least Zeus cost, eta * energy + (1 - eta) * "
+        "max_power * time, as a recipe (docs/energy.md)")
+    sweep.add_argument("--energy-sweep", action="store_true",
+                       help="sweep settings instead of one measurement")
+    sweep.add_argument("--vary", nargs="+", action="extend", default=[],
+                       metavar="KEY=V1,V2",
+                       help="a setting and its values to try, e.g. "
+                       "train.micro_batch_size=2,4,8 (default: "
+                       "micro-batch size halved and doubled, and on GPUs "
+                       "compile, kernels and FP8 flipped)")
+    sweep.add_argument("--grid", action="store_true",
+                       help="try every combination, not one setting at a "
+                       "time")
+    sweep.add_argument("--eta", type=float, default=0.5,
+                       help="weight of energy against time, 0 to 1 "
+                       "(default: 0.5)")
+    sweep.add_argument("--max-power", type=float, metavar="WATTS",
+                       help="price of time in the cost (default: NVML's "
+                       "power limit)")
+    sweep.add_argument("--recipe-out", metavar="FILE",
+                       help="where to write the best setting (default: "
+                       "energy-sweep-RECIPE.yaml); never overwritten")
     bench.set_defaults(handler=cmd_bench)
 
     report = commands.add_parser(

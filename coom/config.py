@@ -407,6 +407,12 @@ class TrainConfig:
     """Checkpoint and exit once the step is a multiple of this, keeping the
     schedule of the full run (for time-sliced jobs)."""
 
+    exit_duration_in_mins: Optional[float] = None
+    """Checkpoint and exit after the first step that ends this many minutes
+    after the trainer started (Megatron: exit_duration_in_mins), for jobs
+    with a wall-clock limit; the time of one step and one checkpoint must
+    fit in what the job has left."""
+
     compile: bool = False
     """Compile each transformer block with ``torch.compile`` (as
     torchtitan does); the first steps then take longer."""
@@ -425,6 +431,8 @@ class TrainConfig:
                  f"micro_batch_size {self.micro_batch_size}")
         if self.exit_interval is not None:
             _positive(self, "exit_interval")
+        if self.exit_duration_in_mins is not None:
+            _positive(self, "exit_duration_in_mins")
 
 
 @dataclass
@@ -494,8 +502,12 @@ class ParallelConfig:
     not built yet."""
 
     expert: int = 1
-    """Expert parallel degree (Megatron: expert_model_parallel_size). Not
-    supported yet: must be 1."""
+    """Expert parallel degree (Megatron: expert_model_parallel_size): the
+    routed experts split by expert over this many processes, which send
+    each other their token copies with all-to-alls. They are taken from
+    data_parallel_shard, which it must divide; the experts shard (FSDP)
+    over the rest of the data-parallel processes. Not yet with tensor
+    parallelism or FP8."""
 
     pipeline: int = 1
     """Pipeline parallel degree (Megatron: pipeline_model_parallel_size).
@@ -510,11 +522,19 @@ class ParallelConfig:
         _require(self.data_parallel_shard == -1
                  or self.data_parallel_shard > 0, "data_parallel_shard",
                  "must be positive, or -1 for the rest of the world size")
-        for name in ("expert", "pipeline", "context"):
+        for name in ("pipeline", "context"):
             _require(getattr(self, name) == 1, name,
                      "is not supported yet: COOM parallelises over data "
-                     "(data_parallel_replicate, data_parallel_shard) and "
-                     "tensor only")
+                     "(data_parallel_replicate, data_parallel_shard), "
+                     "tensor and expert only")
+        shard, expert = self.data_parallel_shard, self.expert
+        _require(shard == -1 or shard % expert == 0, "expert",
+                 f"{expert} does not divide data_parallel_shard {shard}; "
+                 "expert-parallel processes are taken from "
+                 "data_parallel_shard's")
+        _require(expert == 1 or self.tensor == 1, "expert",
+                 "expert parallelism does not run with tensor parallelism "
+                 "yet; set tensor=1 or expert=1")
 
 
 @dataclass
@@ -558,6 +578,54 @@ class LoggingConfig:
 
 
 @dataclass
+class EnergyConfig:
+    """Energy accounting, the energy budget and the opt-in power-limit
+    search (``coom/energy``, ``docs/energy.md``). Energy is metered
+    wherever a meter is readable: GPUs through NVML, CPU packages through
+    RAPL."""
+
+    grid_gco2_per_kwh: float = 480.0
+    """Carbon intensity of the electricity, in grams of CO2-equivalent per
+    kWh, for the co2e_kg metric. The default is the world's average
+    generation in 2023 (Ember, Global Electricity Review 2024); set your
+    grid's."""
+
+    budget_kwh: Optional[float] = None
+    """Checkpoint and exit after the first step at which the run has used
+    this many kWh, summed over all processes and metered sources and over
+    resumed attempts. It needs a readable meter."""
+
+    power_control: bool = False
+    """Search the GPUs' power limits during the first steps and keep the
+    one of least Zeus cost, restoring the original limit at exit. It
+    changes hardware settings and needs administrator rights; off unless
+    asked for. Not exercised on real GPUs in COOM's development."""
+
+    power_control_eta: float = 0.5
+    """Zeus's eta for the power-limit search: 1 minimises energy alone, 0
+    time alone."""
+
+    power_limits: list[float] = field(default_factory=list)
+    """Power limits to try, in watts; empty: from the GPU's highest to its
+    lowest limit in 25 W steps."""
+
+    power_control_steps: int = 5
+    """Measured training steps per power limit (after three warm-up steps
+    of the run and one settling step per limit)."""
+
+    def __post_init__(self):
+        _require(self.grid_gco2_per_kwh >= 0, "grid_gco2_per_kwh",
+                 "must be >= 0")
+        if self.budget_kwh is not None:
+            _positive(self, "budget_kwh")
+        _require(0 <= self.power_control_eta <= 1, "power_control_eta",
+                 f"must lie in [0, 1], got {self.power_control_eta}")
+        _require(all(w > 0 for w in self.power_limits), "power_limits",
+                 "every limit must be positive")
+        _positive(self, "power_control_steps")
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a run."""
 
@@ -570,6 +638,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def __post_init__(self):
         tensor = self.parallel.tensor
@@ -584,6 +653,7 @@ class RunConfig:
         _require(tensor == 1 or self.fp8.recipe == "off", "parallel.tensor",
                  "tensor parallelism does not run FP8 products yet; set "
                  "fp8.recipe=off or parallel.tensor=1")
+        self._check_expert_parallel()
         _require(not self.data.synthetic or self.model.vocab_size is not None,
                  "model.vocab_size", "must be set for data.synthetic")
         _require(self.data.seq_length <= self.model.max_position_embeddings,
@@ -599,6 +669,18 @@ class RunConfig:
         _require(decay is None or self.schedule.lr_warmup_iters + decay
                  <= self.train.steps, "schedule.lr_wsd_decay_iters",
                  "warmup plus decay exceeds train.steps")
+
+    def _check_expert_parallel(self):
+        expert, experts = self.parallel.expert, self.model.n_routed_experts
+        if expert == 1:
+            return
+        _require(experts % expert == 0 and experts > 0,
+                 "model.n_routed_experts", f"{experts} routed experts do "
+                 f"not split over parallel.expert {expert}; make it a "
+                 f"positive multiple of {expert}")
+        _require(self.fp8.recipe == "off", "parallel.expert",
+                 "expert parallelism does not run FP8 products yet; set "
+                 "fp8.recipe=off or parallel.expert=1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -63,7 +63,7 @@ def test_off_reads_as_a_word_not_a_boolean():
     ("data.split='99'", "data.split", "validation"),
     ("data.split=99", "data.split", "must be str"),
     ("model=3", "model", "must be a mapping"),
-    ("parallel.expert=2", "parallel.expert", "not supported yet"),
+    ("parallel.pipeline=2", "parallel.pipeline", "not supported yet"),
     ("parallel.tensor=3", "model.num_attention_heads", "does not split"),
     ("parallel.data_parallel_shard=0", "parallel.data_parallel_shard",
      "or -1"),
@@ -71,6 +71,26 @@ def test_off_reads_as_a_word_not_a_boolean():
 def test_bad_values_name_the_field(override, field, words):
     with pytest.raises(ConfigError) as caught:
         load_config("tiny", [override])
+    assert caught.value.name == field
+    message = str(caught.value)
+    assert words in message and field in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (["parallel.expert=3"], "model.n_routed_experts", "do not split"),
+    (["parallel.expert=2", "model.n_routed_experts=0"],
+     "model.n_routed_experts", "positive multiple"),
+    (["parallel.expert=2", "parallel.data_parallel_shard=3"],
+     "parallel.expert", "does not divide data_parallel_shard"),
+    (["parallel.expert=2", "parallel.tensor=2"], "parallel.expert",
+     "tensor parallelism"),
+    (["parallel.expert=2", "fp8.recipe=blockwise"], "parallel.expert",
+     "FP8"),
+])
+def test_impossible_expert_parallelism_is_refused(overrides, field, words):
+    with pytest.raises(ConfigError) as caught:
+        load_config("tiny", overrides)
     assert caught.value.name == field
     message = str(caught.value)
     assert words in message and field in message

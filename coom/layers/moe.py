@@ -1,14 +1,17 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts.
 
 The layer runs in phases, as Megatron-Core splits it, so that a dispatcher
-for expert parallelism can later slot in between them:
+for expert parallelism slots in between them from outside:
 
 1. route: the router scores every expert in float32 and picks
    ``num_experts_per_tok`` of them per token, optionally only from the
    ``topk_group`` best of ``n_group`` groups;
 2. permute: token copies are sorted by expert;
 3. experts: one grouped SwiGLU over the sorted copies (``torch._grouped_mm``
-   on a GPU, a loop over the groups elsewhere), nothing dropped;
+   on a GPU, a loop over the groups elsewhere), nothing dropped. Under
+   expert parallelism (``coom.parallel.expert``) hooks around this call
+   dispatch the copies to the processes that hold their experts, and
+   bring the results back;
 4. combine: each copy is weighted and summed back into its token.
 
 On GPUs the routing after the router matmul runs the Triton kernel of
@@ -30,6 +33,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional
 
 from coom.config import ModelConfig
@@ -108,17 +112,25 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_cd: torch.Tensor,
                 counts_e: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of rows sorted by expert, counts_e rows per expert."""
+        """SwiGLU of rows sorted by expert, counts_e rows per expert.
+
+        Parallelism applied from outside may have made the weights
+        DTensors split by expert; the rows and counts are then those of
+        this process's experts, which its local weights hold.
+        """
+        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w
+                      for w in (self.w1, self.w3, self.w2))
+
         def products(a_cd, *weights_eod):
             if self.fp8 is None:
                 return [grouped_matmul(a_cd, weight_eod, counts_e)
                         for weight_eod in weights_eod]
             return fp8_grouped_linear(a_cd, weights_eod, counts_e, self.fp8)
 
-        gate, up = products(x_cd, self.w1, self.w3)
+        gate, up = products(x_cd, w1, w3)
         gated = swiglu(gate, up) if use_kernels(gate) \
             else swiglu_reference(gate, up)
-        (out,) = products(gated, self.w2)
+        (out,) = products(gated, w2)
         return out
 
 

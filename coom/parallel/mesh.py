@@ -11,6 +11,14 @@ parallel group is neighbouring ranks (one machine). The data-parallel
 rank of a process, which picks its share of each global batch, runs over
 both data-parallel dimensions; the processes of a tensor-parallel group
 see the same data.
+
+Expert parallelism borrows its processes from data_parallel_shard, as
+torchtitan does: they see different tokens, and exchange them. With
+``expert`` > 1 a second view of the same processes splits dp_shard into
+"dp_shard_out" x "ep", the expert-parallel group innermost (neighbouring
+ranks, whose all-to-alls are the busiest traffic). The dense parameters
+keep the first view; the routed experts split by expert over "ep" and
+shard over "dp_shard_out" (with "dp_replicate", HSDP).
 """
 import os
 from dataclasses import dataclass
@@ -24,6 +32,9 @@ from coom.config import ParallelConfig
 from coom.errors import UserError
 
 DATA_PARALLEL = ("dp_replicate", "dp_shard")
+EXPERT = "ep"
+EXPERT_SHARD = "dp_shard_out"
+"""The part of dp_shard outside the expert-parallel group."""
 TENSOR = "tp"
 
 
@@ -60,6 +71,11 @@ def degrees(config: ParallelConfig, world: int) -> dict[str, int]:
             f"{replicate * shard * tensor} processes, but {world} were "
             "started; make the degrees multiply to the number of processes "
             "(or set data_parallel_shard=-1)")
+    if shard % config.expert:
+        raise UserError(
+            f"config section parallel: expert {config.expert} does not "
+            f"divide data_parallel_shard {shard}; expert-parallel "
+            "processes are taken from data_parallel_shard's")
     return {"dp_replicate": replicate, "dp_shard": shard, TENSOR: tensor}
 
 
@@ -71,6 +87,10 @@ class World:
     size: int
     mesh: Optional[DeviceMesh]
     """None in a world of one."""
+
+    expert_mesh: Optional[DeviceMesh] = None
+    """The view of mesh whose dp_shard is split into dp_shard_out x ep,
+    under expert parallelism; None without."""
 
     @property
     def main(self) -> bool:
@@ -96,6 +116,13 @@ class World:
     def tensor_size(self) -> int:
         return 1 if self.mesh is None else self.mesh[TENSOR].size()
 
+    @property
+    def expert_size(self) -> int:
+        """Processes the routed experts are split over."""
+        if self.expert_mesh is None:
+            return 1
+        return self.expert_mesh[EXPERT].size()
+
     def data_mesh(self) -> DeviceMesh:
         """The mesh FSDP shards over: both data-parallel dimensions
         (HSDP) when data_parallel_replicate > 1, else data_parallel_shard
@@ -103,6 +130,14 @@ class World:
         if self.mesh["dp_replicate"].size() > 1:
             return self.mesh[DATA_PARALLEL]
         return self.mesh["dp_shard"]
+
+    def expert_data_mesh(self) -> DeviceMesh:
+        """The mesh FSDP shards the routed experts over: data_mesh less
+        the expert-parallel dimension, which splits them by expert. It
+        may be of one process."""
+        if self.mesh["dp_replicate"].size() > 1:
+            return self.expert_mesh["dp_replicate", EXPERT_SHARD]
+        return self.expert_mesh[EXPERT_SHARD]
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """tensor summed over the data-parallel processes (those that see
@@ -130,4 +165,8 @@ def start_world(config: ParallelConfig, device: torch.device) -> World:
             backend="nccl" if device.type == "cuda" else "gloo")
     mesh = init_device_mesh(device.type, tuple(shape.values()),
                             mesh_dim_names=tuple(shape))
-    return World(dist.get_rank(), size, mesh)
+    expert = config.expert
+    experts = None if expert == 1 else mesh._unflatten(
+        "dp_shard", (shape["dp_shard"] // expert, expert),
+        (EXPERT_SHARD, EXPERT))
+    return World(dist.get_rank(), size, mesh, experts)

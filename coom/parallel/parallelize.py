@@ -12,17 +12,26 @@ applied from outside the model as torchtitan does, in this order:
    routed experts stay whole on every process; the gradient of the
    rotary key part of ``wkv_a``'s output, which every process's heads
    share, is summed over the group.
-2. FSDP2 (``fully_shard``) over the data-parallel dimensions, on each
+2. Expert parallelism (``coom.parallel.expert``) over the "ep"
+   dimension: each MoE layer's routed experts split by expert, their
+   token copies sent to them and back with all-to-alls.
+3. FSDP2 (``fully_shard``) over the data-parallel dimensions, on each
    block (main and MTP) and then on the whole model: each block's
    parameters are gathered just before it runs and its gradients
    reduce-scattered just after; the model's own parameters (embedding,
    head) are gathered by ``features`` and ``features_with_mtp``. With
-   data_parallel_replicate > 1 the mesh has two dimensions (HSDP).
+   data_parallel_replicate > 1 the mesh has two dimensions (HSDP). Under
+   expert parallelism the routed experts are sharded first, on their own,
+   over the data-parallel dimensions less "ep".
 
 FSDP averages gradients over the data-parallel processes; each process's
 loss is its share of the global batch's mean, so the trainer scales what
 it differentiates by the number of data-parallel processes
 (``coom.train.trainer``) and the average is the single-process gradient.
+A routed expert's gradient has already been summed over its
+expert-parallel group by the all-to-alls' backward, and FSDP sums it over
+the rest, so it is divided by all the data-parallel processes too, not
+by the processes that shard it.
 """
 import torch
 from torch import nn
@@ -37,7 +46,8 @@ from torch.distributed.tensor.parallel import (
 
 from coom.layers.mlp import SwiGLU
 from coom.layers.moe import MoE
-from coom.parallel.mesh import TENSOR, World
+from coom.parallel.expert import expert_parallel
+from coom.parallel.mesh import EXPERT, EXPERT_SHARD, TENSOR, World
 
 
 def _feed_forward_plan(prefix: str) -> dict:
@@ -78,6 +88,21 @@ def _sum_rope_key_gradient(mesh: DeviceMesh, latent_width: int):
     return hook
 
 
+def _shard_experts(moe_layers: list[MoE], world: World) -> None:
+    """FSDP on each layer's expert-parallel routed experts, before their
+    block's, which then leaves them out. Their mesh may be of one
+    process: FSDP then only divides the gradient, which it must."""
+    mesh = world.expert_data_mesh()
+    for moe in moe_layers:
+        fully_shard(moe.experts, mesh=mesh)
+        moe.experts.set_gradient_divide_factor(world.data_size)
+        # A divide factor asks for NCCL's PREMUL_SUM, which gloo lacks:
+        # sum, then divide. Not over one process, where FSDP divides by
+        # the factor already and would divide twice (torch 2.13).
+        if world.expert_mesh[EXPERT_SHARD].size() > 1:
+            moe.experts.set_force_sum_reduction_for_comms(True)
+
+
 def parallelize(model: nn.Module, world: World) -> nn.Module:
     """model spread over world's mesh, in place; unchanged in a world of
     one."""
@@ -91,6 +116,11 @@ def parallelize(model: nn.Module, world: World) -> nn.Module:
             block.attention.wkv_a.register_forward_hook(
                 _sum_rope_key_gradient(mesh, block.attention.kv_norm
                                        .weight.shape[0]))
+    if world.expert_size > 1:
+        moe_layers = list(model.moe_layers().values())
+        for moe in moe_layers:
+            expert_parallel(moe.experts, world.expert_mesh[EXPERT])
+        _shard_experts(moe_layers, world)
     if world.data_size > 1:
         mesh = world.data_mesh()
         for module in [*blocks, model]:

@@ -27,8 +27,36 @@ def _plot(path: Path, title: str, ylabel: str, series: dict) -> None:
 
 
 def _series(records: list[dict], key: str) -> tuple[list, list]:
-    chosen = [r for r in records if key in r]
+    chosen = [r for r in records if r.get(key) is not None]
     return [r["step"] for r in chosen], [r[key] for r in chosen]
+
+
+def _plot_energy(out: Path, records: list[dict]) -> None:
+    """Energy plots, for runs that metered it."""
+    if not _series(records, "energy_kwh")[0]:
+        return
+    _plot(out / "joules_per_token.png", "Energy per token",
+          "J/token (training steps, all processes)",
+          {"J/token": _series(records, "joules_per_token")})
+    sources = {"total": _series(records, "energy_kwh")}
+    sources |= {name: _series(records, f"energy_{name}_kwh")
+                for name in ("gpu", "cpu")}
+    _plot(out / "energy_kwh.png", "Energy used", "kWh (cumulative)",
+          {name: series for name, series in sources.items()
+           if series[0]})
+
+
+def _energy_line(records: list[dict], config: dict) -> str:
+    kwh = _series(records, "energy_kwh")[1]
+    if not kwh:
+        return "- energy: not measured"
+    grid = config.get("energy", {}).get("grid_gco2_per_kwh")
+    per_token = _series(records, "joules_per_token")[1]
+    mean = (f", {sum(per_token) / len(per_token):.4g} J/token (mean of "
+            "the records)") if per_token else ""
+    co2e = _series(records, "co2e_kg")[1][-1]
+    return (f"- energy: {kwh[-1]:.4g} kWh, {co2e:.4g} kg CO2e at {grid} "
+            f"g/kWh{mean}")
 
 
 def write_report(run_dir: Path) -> Path:
@@ -52,6 +80,7 @@ def write_report(run_dir: Path) -> Path:
     if _series(records, "moe_max_vio")[0]:
         _plot(out / "max_vio.png", "Expert load imbalance", "MaxVio",
               {"mean over MoE layers": _series(records, "moe_max_vio")})
+    _plot_energy(out, records)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     valid = _series(records, "val_loss")[1]
     speeds = _series(records, "tokens_per_s")[1]
@@ -64,11 +93,13 @@ def write_report(run_dir: Path) -> Path:
         f"- mean tokens/s: {sum(speeds) / len(speeds):,.0f}",
         f"- model: {config['model']['num_layers']} layers, hidden "
         f"{config['model']['hidden_size']}, vocabulary "
-        f"{config['model']['vocab_size']}", "",
+        f"{config['model']['vocab_size']}",
+        _energy_line(records, config), "",
         "![loss](loss.png)", "![tokens/s](tokens_per_s.png)",
         "![learning rate](lr.png)", ""]
-    if (out / "max_vio.png").exists():
-        lines.insert(-1, "![MaxVio](max_vio.png)")
+    for name in ("max_vio", "joules_per_token", "energy_kwh"):
+        if (out / f"{name}.png").exists():
+            lines.insert(-1, f"![{name}]({name}.png)")
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     return summary

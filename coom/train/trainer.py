@@ -9,7 +9,9 @@ batch, since samples are addressed by index) and the random generators.
 So a resumed run repeats the uninterrupted one bit for bit on the CPU.
 
 SIGINT and SIGTERM do not kill the loop: they are noted, the current step
-finishes, a checkpoint is written and the run exits cleanly.
+finishes, a checkpoint is written and the run exits cleanly. A time or
+energy budget (``train.exit_duration_in_mins``, ``energy.budget_kwh``;
+``coom.energy.ledger``) ends the run the same way.
 
 Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
@@ -36,6 +38,7 @@ from coom.config import RunConfig, TrainConfig, save_config
 from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
+from coom.energy.ledger import EnergyLedger
 from coom.errors import UserError
 from coom.fp8.convert import check_hardware, convert_to_fp8
 from coom.interop.weights import differences, read_weights
@@ -169,6 +172,10 @@ class Trainer:
         check_hardware(config.fp8, self.device)
         torch.manual_seed(config.train.seed)
         train = config.train
+        self.energy = EnergyLedger(
+            config.energy, self.device, self.world.main,
+            train.global_batch_size * config.data.seq_length,
+            train.exit_duration_in_mins)
         kernels.set_enabled(train.kernels)
         if config.data.synthetic:
             self.tokenizer, self.config = None, config
@@ -243,7 +250,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"step": self.step, "consumed_samples": self.consumed_samples,
                 "rng": rng, "tokenizer_sha256": self._tokenizer_sha256(),
-                "config": self.config.to_dict()}
+                "config": self.config.to_dict(),
+                "energy": self.energy.state_dict()}
 
     def restore(self, path: Path) -> None:
         state = read_train_state(path)
@@ -263,6 +271,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
+        self.energy.load_state_dict(state.get("energy"))
 
     def initialise_from(self, path: str) -> None:
         """Load the model weights of another run or model folder."""
@@ -396,7 +405,8 @@ class Trainer:
         metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard,
                                 enabled=self.world.main)
         try:
-            with StopRequest() as stop, self._progress() as bar:
+            with StopRequest() as stop, self._progress() as bar, \
+                    self.energy:
                 return self._loop(metrics, stop, bar)
         finally:
             metrics.close()
@@ -407,12 +417,16 @@ class Trainer:
         tokens_per_step = config.train.global_batch_size \
             * config.data.seq_length
         seconds, steps = 0.0, 0
+        if self.energy.stop_reason:
+            return self.energy.stop_reason
         if self.step == 0:
             metrics.write({"step": 0, "val_loss": self.evaluate(self.valid)})
+            self.energy.end_phase("eval")
         while self.step < config.train.steps:
             started = time.perf_counter()
             step_metrics = self.train_step()
             step_seconds = time.perf_counter() - started
+            self.energy.end_phase("step")
             seconds, steps = seconds + step_seconds, steps + 1
             done = self.step == config.train.steps
             record = {"step": self.step, **step_metrics,
@@ -420,19 +434,22 @@ class Trainer:
                       "consumed_samples": self.consumed_samples}
             if self.step % config.train.eval_interval == 0 or done:
                 record["val_loss"] = self.evaluate(self.valid)
+                self.energy.end_phase("eval")
+            over_budget = self.energy.step_done()
             if "val_loss" in record or done \
                     or self.step % config.logging.log_interval == 0:
-                metrics.write(record)
+                metrics.write(record | self.energy.metrics())
                 seconds, steps = 0.0, 0
             bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
                             tok_s=f"{tokens_per_step / step_seconds:,.0f}")
             bar.update(1)
-            stopping = stop.signal_name or (
+            stopping = stop.signal_name or over_budget or (
                 config.train.exit_interval
                 and self.step % config.train.exit_interval == 0)
             if done or stopping \
                     or self.step % config.checkpoint.interval == 0:
                 self.save()
+                self.energy.end_phase("checkpoint")
             if stopping:
-                return stop.signal_name or "exit_interval"
+                return stop.signal_name or over_budget or "exit_interval"
         return "done"
