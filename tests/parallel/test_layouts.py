@@ -50,8 +50,12 @@ def _coom(processes: int, *arguments: str) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={processes}", "-m", "coom"]
     environment = os.environ | {"OMP_NUM_THREADS": "1"}
-    subprocess.run([*launcher, *arguments], check=True, env=environment,
-                   capture_output=True, timeout=300)
+    try:
+        subprocess.run([*launcher, *arguments], check=True, env=environment,
+                       capture_output=True, text=True, timeout=300)
+    except subprocess.CalledProcessError as error:
+        error.add_note(f"stderr, last lines:\n{error.stderr[-4000:]}")
+        raise
 
 
 def _train(run_dir, processes: int, *overrides: str) -> None:
@@ -121,7 +125,7 @@ def test_matches_one_process(single, tmp_path, processes, overrides):
 def test_degrees_must_multiply_to_the_processes(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as caught:
         _train(tmp_path, 2, "parallel.data_parallel_shard=4")
-    assert b"were started" in caught.value.stderr
+    assert "were started" in caught.value.stderr
 
 
 @pytest.mark.parametrize("saved, resumed", [
