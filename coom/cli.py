@@ -70,11 +70,14 @@ def cmd_train(args) -> int:
         run_dir = _new_run_dir(args)
     from coom.train.trainer import Trainer
     trainer = Trainer(config, run_dir)
+    try:
+        if trainer.world.main:
+            print(f"training in {run_dir}")
+        outcome = trainer.run()
+    finally:
+        trainer.world.close()
     if not trainer.world.main:
-        trainer.run()
         return 0
-    print(f"training in {run_dir}")
-    outcome = trainer.run()
     if outcome == "done":
         print(f"finished {trainer.step} steps; summary and plots: "
               f"coom report {run_dir}")
@@ -342,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write the figures as JSON")
     sweep = bench.add_argument_group(
         "energy sweep", "--energy-sweep measures J/token and tokens/s for "
-        "candidate settings (micro-batch size, compile, kernels, FP8; "
+        "candidate settings (micro-batch size, recomputation, compile, "
+        "kernels, FP8; "
         "never hardware settings), prints their Pareto front and writes "
         "the one of least Zeus cost, eta * energy + (1 - eta) * "
         "max_power * time, as a recipe (docs/energy.md)")
@@ -353,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a setting and its values to try, e.g. "
                        "train.micro_batch_size=2,4,8 (default: "
                        "micro-batch size halved and doubled, and on GPUs "
-                       "compile, kernels and FP8 flipped)")
+                       "recomputation, compile, kernels and FP8 flipped)")
     sweep.add_argument("--grid", action="store_true",
                        help="try every combination, not one setting at a "
                        "time")

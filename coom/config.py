@@ -417,6 +417,14 @@ class TrainConfig:
     """Compile each transformer block with ``torch.compile`` (as
     torchtitan does); the first steps then take longer."""
 
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation per transformer block, trading compute for
+    memory (Megatron: recompute_granularity; torchtitan:
+    activation_checkpoint.mode): 'full' keeps only each block's input and
+    runs its forward again in the backward; 'selective' keeps the outputs
+    of matrix products, attention and collectives and recomputes the
+    element-wise work around them (``coom/parallel/recompute.py``)."""
+
     kernels: bool = True
     """Run COOM's fused Triton kernels on GPUs (``coom/kernels``); false
     runs the plain PyTorch references everywhere. CPUs always run the

@@ -3,11 +3,11 @@ settings that leave the hardware's own settings alone.
 
 The candidates change how a step is computed, not what it trains on:
 the micro-batch size (the global batch, and so the optimisation, stays),
-``torch.compile``, COOM's Triton kernels and FP8 (where the GPU has FP8
-units; FP8 changes the numerics slightly, docs/fp8.md). COOM has no
-activation checkpointing yet, so it is not among them. On a CPU only the
-micro-batch size varies by default: there are no kernels or FP8 units,
-and compiling takes longer than the sweep.
+activation recomputation (``train.recompute``), ``torch.compile``,
+COOM's Triton kernels and FP8 (where the GPU has FP8 units; FP8 changes
+the numerics slightly, docs/fp8.md). On a CPU only the micro-batch size
+varies by default: there are no kernels or FP8 units, compiling takes
+longer than the sweep, and recomputation saves memory, not energy.
 
 By default each setting is changed alone from the recipe's, a handful of
 candidates; ``--grid`` tries every combination. Each is measured as
@@ -53,6 +53,7 @@ def default_axes(config: RunConfig) -> dict[str, list[str]]:
     axes = {"train.micro_batch_size": [str(s) for s in sizes]}
     device = resolve_device(train.device)
     if device.type == "cuda":
+        axes["train.recompute"] = ["none", "selective"]
         axes["train.compile"] = ["false", "true"]
         axes["train.kernels"] = ["true", "false"]
         if torch.cuda.get_device_capability(device) >= (9, 0):

@@ -152,6 +152,13 @@ class World:
         if self.mesh is not None:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group, once the run is over. A process that
+        exits with gloo's threads still running can abort at exit
+        ("terminate called without an active exception")."""
+        if self.mesh is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def start_world(config: ParallelConfig, device: torch.device) -> World:
     """Join torchrun's process group (once) and build the mesh; a world

@@ -50,6 +50,7 @@ from coom.layers.mla import preferred_attention
 from coom.models import Transformer
 from coom.parallel.mesh import World, local_device, start_world
 from coom.parallel.parallelize import parallelize
+from coom.parallel.recompute import recompute_blocks
 from coom.train.checkpoint import (
     latest_checkpoint,
     load_sharded,
@@ -204,6 +205,7 @@ class Trainer:
         self.model.to_empty(device=self.device)
         self.model.init_weights()
         convert_to_fp8(self.model, config.fp8)
+        recompute_blocks(self.model, train.recompute)
         if train.compile:
             self.model.compile_blocks()
         parallelize(self.model, self.world)

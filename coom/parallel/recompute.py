@@ -1,0 +1,99 @@
+"""Activation recomputation (activation checkpointing): blocks that keep
+fewer activations for the backward and recompute the rest, trading
+compute for memory. Applied from outside the model with PyTorch's
+non-reentrant ``torch.utils.checkpoint``, to the parts of each
+transformer block (main and MTP) that hold most of its activations:
+MLA attention, and the dense feed-forward or the MoE layer's routed and
+shared experts. The norms, the residual adds, the router and the token
+permutation stay outside: the router counts the routed load for the
+expert bias, state that must change once per forward and that
+``torch.compile`` cannot trace inside a checkpoint, and under expert
+parallelism dispatch and combine (hooks around the experts) are not
+repeated.
+
+- ``full``: a part keeps only its input; its whole forward runs again in
+  the backward (Megatron: recompute_granularity=full, torchtitan:
+  activation_checkpoint.mode=full);
+- ``selective``: a part keeps the outputs of its matrix products,
+  attention and collectives, and recomputes the cheap element-wise work
+  around them (rotary embedding, the latent norms, SwiGLU's gating), as
+  torchtitan's per-op selective mode does.
+
+What a block computes is unchanged, so losses, gradients and routed
+loads are those of a run without recomputation.
+"""
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+from coom.fp8 import ops as fp8_ops
+from coom.layers.moe import MoE
+
+GRANULARITIES = ("none", "selective", "full")
+
+
+def _saved_ops() -> set:
+    """The ops whose outputs selective recomputation keeps."""
+    aten = torch.ops.aten
+    functional = torch.ops._c10d_functional
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default,
+           aten._scaled_mm.default, aten._grouped_mm.default,
+           aten._scaled_dot_product_flash_attention.default,
+           aten._scaled_dot_product_efficient_attention.default,
+           aten._scaled_dot_product_cudnn_attention.default,
+           functional.all_to_all_single.default,
+           functional.reduce_scatter_tensor.default,
+           functional.all_reduce.default}
+    return ops | {op._opoverload for op in (
+        fp8_ops.scaled_mm, fp8_ops.grouped_mm, fp8_ops.grouped_mm_wgrad)}
+
+
+def _policy(saved: set, context, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in saved:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recomputed(forward, granularity: str):
+    """forward, run under checkpoint when gradients are being recorded
+    (not in evaluation or decoding, where nothing is kept anyway)."""
+    options = {"use_reentrant": False}
+    if granularity == "selective":
+        options["context_fn"] = partial(create_selective_checkpoint_contexts,
+                                        partial(_policy, _saved_ops()))
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, **options, **kwargs)
+    return run
+
+
+def _heavy_parts(block: nn.Module) -> list[nn.Module]:
+    """A block's attention, and its dense feed-forward or its MoE's
+    experts (routed, shared)."""
+    if isinstance(block.mlp, MoE):
+        experts = [block.mlp.experts, block.mlp.shared_experts]
+        return [block.attention, *filter(None, experts)]
+    return [block.attention, block.mlp]
+
+
+def recompute_blocks(model: nn.Module, granularity: str) -> None:
+    """Recompute the heavy parts of each of model's blocks
+    (``model.blocks()``) in the backward at granularity none (nothing
+    changes), selective or full; in place. Parameter names are unchanged
+    (no wrapper module)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown recompute granularity {granularity!r}; "
+                         f"expected one of {', '.join(GRANULARITIES)}")
+    if granularity == "none":
+        return
+    for block in model.blocks():
+        for part in _heavy_parts(block):
+            part.forward = _recomputed(part.forward, granularity)

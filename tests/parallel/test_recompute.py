@@ -1,0 +1,119 @@
+"""Activation recomputation: the same losses, gradients and MoE loads as
+without it; the blocks' activations left to checkpoint; which ops run
+again. (Peak memory on a GPU: docs/benchmarks.md.)"""
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.nn import functional
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from coom.config import load_config
+from coom.models import Transformer
+from coom.parallel.recompute import recompute_blocks
+
+# The tiny recipe's model (MLA, a dense block, MoE blocks with shared
+# experts, one MTP depth) at 2 blocks and a small vocabulary.
+MODEL = load_config("tiny", ["model.vocab_size=256",
+                             "model.num_layers=2"]).model
+
+
+@contextmanager
+def _counting_saved_bytes(counter: list):
+    """Adds the bytes of every tensor autograd keeps for the backward."""
+    def pack(tensor):
+        counter[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def _train_step(model: Transformer, tokens_bs: torch.Tensor):
+    """Losses, gradients, routed loads and the bytes kept for the
+    backward of one forward and backward."""
+    saved = [0]
+    with _counting_saved_bytes(saved):
+        logits = model.forward_with_mtp(tokens_bs, tokens_bs)
+        losses = [functional.cross_entropy(x.flatten(0, 1),
+                                           tokens_bs[:, depth:].flatten())
+                  for depth, x in enumerate(logits)]
+    (sum(losses) + model.aux_loss()).backward()
+    gradients = {name: parameter.grad
+                 for name, parameter in model.named_parameters()}
+    loads = [moe.tokens_per_expert.clone()
+             for moe in model.moe_layers().values()]
+    return losses, gradients, loads, saved[0]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    model = Transformer(MODEL)
+    model.init_weights()
+    tokens_bs = torch.randint(0, MODEL.vocab_size, (2, 32))
+    return model, tokens_bs, _train_step(copy.deepcopy(model), tokens_bs)
+
+
+@pytest.mark.parametrize("granularity", ["selective", "full"])
+def test_same_results_fewer_saved_tensors(reference, granularity):
+    model, tokens_bs, (losses, gradients, loads, saved) = reference
+    model = copy.deepcopy(model)
+    recompute_blocks(model, granularity)
+    ours, our_gradients, our_loads, our_saved = _train_step(model,
+                                                            tokens_bs)
+    assert [loss.item() for loss in ours] == \
+        [loss.item() for loss in losses]
+    for name, gradient in gradients.items():
+        assert torch.equal(our_gradients[name], gradient), name
+    # Recomputed forwards do not count their tokens again.
+    for our_load, load in zip(our_loads, loads):
+        assert torch.equal(our_load, load)
+    # Inside the blocks checkpoint keeps what it needs itself, so what
+    # autograd saves is only the rest of the model's.
+    print(f"\n{granularity}: autograd saves {our_saved / 2**20:.2f} MiB "
+          f"outside checkpoint, against {saved / 2**20:.2f} MiB without")
+    assert our_saved < saved
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the matrix products and the other ops that run."""
+
+    def __init__(self):
+        super().__init__()
+        self.products = self.others = 0
+
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+        if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                  torch.ops.aten.bmm.default):
+            self.products += 1
+        else:
+            self.others += 1
+        return op(*args, **(kwargs or {}))
+
+
+def _count_ops(model: Transformer, granularity: str, tokens_bs):
+    model = copy.deepcopy(model)
+    recompute_blocks(model, granularity)
+    with _OpCounter() as counter:
+        _train_step(model, tokens_bs)
+    return counter.products, counter.others
+
+
+def test_selective_recomputes_all_but_the_products(reference):
+    """Full recomputation runs the blocks' matrix products again in the
+    backward; selective keeps them and reruns only the rest."""
+    model, tokens_bs, _ = reference
+    none, selective, full = (_count_ops(model, granularity, tokens_bs)
+                             for granularity in ("none", "selective",
+                                                 "full"))
+    print(f"\nproducts, other ops: none {none}, selective {selective}, "
+          f"full {full}")
+    assert selective[0] == none[0] < full[0]
+    assert none[1] < selective[1]
+
+
+def test_unknown_granularity_is_refused(reference):
+    with pytest.raises(ValueError, match="selective"):
+        recompute_blocks(reference[0], "some")
