@@ -5,9 +5,11 @@ millijoules) and return to zero past their range. The difference of two
 reads is exact as long as the counter wrapped at most once in between,
 so a counter is read at every phase boundary of a run (each step), far
 more often than its shortest wrap period (RAPL: about 262 kJ, some
-twenty minutes for a CPU package at 200 W; NVML: 64 bits, never).
+twenty minutes for a CPU package at 200 W; NVML: 64 bits, never). A
+phase longer than that (preparing a large corpus before the first step)
+under-counts the CPU packages by whole ranges.
 """
-from typing import Callable
+from typing import Callable, Optional
 
 
 class WrappingCounter:
@@ -17,11 +19,14 @@ class WrappingCounter:
         read: returns the counter's raw value.
         joules_per_unit: 1e-6 for microjoules, 1e-3 for millijoules.
         wrap: the number of units after which the counter is back at
-            zero (its largest value plus one).
+            zero (its largest value plus one); None for a counter that
+            never wraps (NVML's 64 bits), whose read going backwards is a
+            reset (a driver reload, a GPU reset): that interval counts
+            nothing, rather than 2^64 units.
     """
 
     def __init__(self, read: Callable[[], int], joules_per_unit: float,
-                 wrap: int):
+                 wrap: Optional[int]):
         self._read = read
         self._joules_per_unit = joules_per_unit
         self._wrap = wrap
@@ -33,7 +38,7 @@ class WrappingCounter:
         now = self._read()
         step = now - self._last
         if step < 0:
-            step += self._wrap
+            step = 0 if self._wrap is None else step + self._wrap
         self._last = now
         self._units += step
         return self._units * self._joules_per_unit

@@ -322,7 +322,8 @@ class EnergyLedger:
     def state_dict(self) -> dict:
         """What a checkpoint keeps: joules so far, by source, phase and
         in total."""
-        return {"joules": self._joules_so_far()}
+        # Unmetered now, the earlier attempts' energy is kept as it was.
+        return {"joules": self._joules_so_far() or dict(self._before)}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         """Continue from a checkpoint's energy (None: none recorded)."""

@@ -20,8 +20,6 @@ import torch
 from coom.energy.counter import NoMeterError, WrappingCounter
 from coom.errors import UserError
 
-NVML_COUNTER_WRAP = 2 ** 64
-
 
 def _nvml():
     """pynvml, initialised (initialising again is harmless)."""
@@ -57,7 +55,7 @@ def gpu_energy_counter(device: torch.device) -> WrappingCounter:
         handle = _handle(nvml, device)
         return WrappingCounter(
             lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle), 1e-3,
-            NVML_COUNTER_WRAP)
+            wrap=None)
     except nvml.NVMLError as error:
         raise NoMeterError(f"NVML energy counter: {error}") from None
 

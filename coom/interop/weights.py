@@ -43,7 +43,7 @@ def _existing(*paths: Path) -> Optional[Path]:
 
 
 def _from_checkpoint(folder: Path) -> Weights:
-    state = load_checkpoint(folder)
+    state = load_checkpoint(folder, keys={"model"})
     config = state["config"]
     named = config.get("data", {}).get("tokenizer")
     tokenizer = _existing(*([Path(named)] if named else []),

@@ -92,6 +92,9 @@ class World:
     """The view of mesh whose dp_shard is split into dp_shard_out x ep,
     under expert parallelism; None without."""
 
+    device: Optional[torch.device] = None
+    """Where this process's collectives put their tensors."""
+
     @property
     def main(self) -> bool:
         """Whether this process writes the run's files."""
@@ -152,6 +155,16 @@ class World:
         if self.mesh is not None:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether flag holds on any process of the run; every process
+        takes part. Decisions that lead to collectives (stopping, with a
+        checkpoint every process writes) must be the same everywhere."""
+        if self.mesh is None:
+            return flag
+        votes = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return bool(votes.item())
+
     def close(self) -> None:
         """Leave the process group, once the run is over. A process that
         exits with gloo's threads still running can abort at exit
@@ -176,4 +189,4 @@ def start_world(config: ParallelConfig, device: torch.device) -> World:
     experts = None if expert == 1 else mesh._unflatten(
         "dp_shard", (shape["dp_shard"] // expert, expert),
         (EXPERT_SHARD, EXPERT))
-    return World(dist.get_rank(), size, mesh, experts)
+    return World(dist.get_rank(), size, mesh, experts, device)

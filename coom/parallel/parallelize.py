@@ -97,8 +97,10 @@ def _shard_experts(moe_layers: list[MoE], world: World) -> None:
         fully_shard(moe.experts, mesh=mesh)
         moe.experts.set_gradient_divide_factor(world.data_size)
         # A divide factor asks for NCCL's PREMUL_SUM, which gloo lacks:
-        # sum, then divide. Not over one process, where FSDP divides by
-        # the factor already and would divide twice (torch 2.13).
+        # sum, then divide (the same on NCCL, one more pass). Not when
+        # the experts' reduce-scatter group is one process: FSDP then
+        # divides by the factor itself, and would divide twice (torch
+        # 2.13; measured by the ep2 layout test).
         if world.expert_mesh[EXPERT_SHARD].size() > 1:
             moe.experts.set_force_sum_reduction_for_comms(True)
 

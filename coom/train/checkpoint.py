@@ -192,14 +192,15 @@ def load_sharded(path: Path, tensors: dict) -> None:
         raise _unreadable(path, error) from None
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, keys: Optional[set[str]] = None) -> dict:
     """A whole checkpoint in one process, on the CPU, unsharded: its
-    train_state's entries plus its tensors (``model``, ``optimizer``)."""
+    train_state's entries plus its tensors (``model``, ``optimizer``), or
+    only those named (``{"model"}`` for the weights alone)."""
     state = read_train_state(path)
     tensor_shapes(path)  # a damaged index fails here, plainly
     try:
         with _quiet_in_one_process():
-            tensors = _load_state_dict_from_keys(checkpoint_id=path)
+            tensors = _load_state_dict_from_keys(keys, checkpoint_id=path)
     except _READ_ERRORS as error:
         raise _unreadable(path, error) from None
     return state | tensors

@@ -445,7 +445,11 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
                             tok_s=f"{tokens_per_step / step_seconds:,.0f}")
             bar.update(1)
-            stopping = stop.signal_name or over_budget or (
+            # A signal reaches each process at its own moment; all stop
+            # after the same step, or their collectives would wait for
+            # ever.
+            signalled = self.world.any(stop.signal_name is not None)
+            stopping = signalled or over_budget or (
                 config.train.exit_interval
                 and self.step % config.train.exit_interval == 0)
             if done or stopping \
@@ -453,5 +457,7 @@ class Trainer:
                 self.save()
                 self.energy.end_phase("checkpoint")
             if stopping:
-                return stop.signal_name or over_budget or "exit_interval"
+                if signalled:
+                    return stop.signal_name or "a signal to another process"
+                return over_budget or "exit_interval"
         return "done"

@@ -152,3 +152,19 @@ def test_an_energy_budget_without_a_meter_is_refused():
     with pytest.raises(UserError, match="energy.budget_kwh"):
         with _ledger(fake_meter(()), budget_kwh=1.0):
             pass
+
+
+def test_a_resume_without_a_meter_keeps_the_earlier_energy():
+    """Resumed where no meter is readable, the next checkpoint still holds
+    what the earlier attempt measured."""
+    meter, clock = fake_meter(), Clock()
+    first = _ledger(meter, clock)
+    with first:
+        _phase(first, meter, clock, "step", 500.0, 1.0)
+        first.step_done()
+    resumed = _ledger(fake_meter(()))
+    resumed.load_state_dict(first.state_dict())
+    with resumed:
+        resumed.step_done()
+    assert resumed.metrics() == {"energy_kwh": None}
+    assert resumed.state_dict() == first.state_dict()

@@ -4,7 +4,7 @@ import torch
 
 from coom.energy.counter import NoMeterError, WrappingCounter
 from coom.energy.meter import open_meter
-from coom.energy.nvml import NVML_COUNTER_WRAP, gpu_energy_counter
+from coom.energy.nvml import gpu_energy_counter
 from coom.energy.rapl import package_counters
 
 
@@ -29,11 +29,17 @@ def test_counter_adds_the_range_when_it_wraps():
         assert counter.joules() == pytest.approx(total * 1e-6)
 
 
-def test_counter_of_64_bits_wraps_like_nvml():
-    register = Register(NVML_COUNTER_WRAP - 5)
-    counter = WrappingCounter(register, 1e-3, NVML_COUNTER_WRAP)
-    register.value = 10
-    assert counter.joules() == pytest.approx(15e-3)
+def test_a_counter_that_never_wraps_counts_a_reset_as_nothing():
+    """NVML's 64-bit counter going backwards is a driver reload or GPU
+    reset, not a wrap of 2^64 millijoules."""
+    register = Register(5_000)
+    counter = WrappingCounter(register, 1e-3, wrap=None)
+    register.value = 7_000
+    assert counter.joules() == pytest.approx(2.0)
+    register.value = 300  # reset
+    assert counter.joules() == pytest.approx(2.0)
+    register.value = 1_300
+    assert counter.joules() == pytest.approx(3.0)
 
 
 def _zone(root, name, label, energy=None, largest=None):
