@@ -186,6 +186,8 @@ def cmd_energy_sweep(args) -> int:
     from coom.bench import write_result
     from coom.config import load_config
     from coom.energy import sweep
+    if args.eta is None:
+        args.eta = 0.5
     if not 0 <= args.eta <= 1:
         raise UserError(f"--eta must lie in [0, 1], got {args.eta}")
     if args.max_power is not None and args.max_power <= 0:
@@ -225,6 +227,13 @@ def cmd_bench(args) -> int:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
     if args.energy_sweep:
         return cmd_energy_sweep(args)
+    given = [option for option, value in (
+        ("--vary", args.vary), ("--grid", args.grid),
+        ("--eta", args.eta is not None), ("--max-power", args.max_power),
+        ("--recipe-out", args.recipe_out)) if value]
+    if given:
+        raise UserError(f"{', '.join(given)} belong to --energy-sweep; add "
+                        "it, or leave them out")
     config = load_config(args.recipe or "tiny", args.overrides)
     result = run_bench(config, args.steps, args.warmup, args.real_data)
     result["recipe"] = args.recipe or "tiny"
@@ -361,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="store_true",
                        help="try every combination, not one setting at a "
                        "time")
-    sweep.add_argument("--eta", type=float, default=0.5,
+    sweep.add_argument("--eta", type=float,
                        help="weight of energy against time, 0 to 1 "
                        "(default: 0.5)")
     sweep.add_argument("--max-power", type=float, metavar="WATTS",

@@ -44,3 +44,8 @@ def test_synthetic_batches_depend_only_on_their_start():
 def test_synthetic_data_needs_a_vocabulary_size():
     with pytest.raises(ConfigError, match="model.vocab_size"):
         load_config("tiny", ["data.synthetic=true"])
+
+
+def test_sweep_options_without_the_sweep_are_refused(capsys):
+    assert main(["bench", "tiny", "--eta", "0.3"]) == 2
+    assert "--eta belong to --energy-sweep" in capsys.readouterr().err

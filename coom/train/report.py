@@ -51,12 +51,18 @@ def _energy_line(records: list[dict], config: dict) -> str:
     if not kwh:
         return "- energy: not measured"
     grid = config.get("energy", {}).get("grid_gco2_per_kwh")
-    per_token = _series(records, "joules_per_token")[1]
-    mean = (f", {sum(per_token) / len(per_token):.4g} J/token (mean of "
-            "the records)") if per_token else ""
+    at = f" at {grid} g/kWh" if grid is not None else ""
     co2e = _series(records, "co2e_kg")[1][-1]
-    return (f"- energy: {kwh[-1]:.4g} kWh, {co2e:.4g} kg CO2e at {grid} "
-            f"g/kWh{mean}")
+    line = f"- energy: {kwh[-1]:.4g} kWh, {co2e:.4g} kg CO2e{at}"
+    steps, step_kwh = _series(records, "energy_step_kwh")
+    train, data = config.get("train", {}), config.get("data", {})
+    if step_kwh and train.get("global_batch_size") and \
+            data.get("seq_length"):
+        # The training steps' energy over their tokens, earlier attempts
+        # included: a mean weighted by steps, unlike one of the records.
+        tokens = steps[-1] * train["global_batch_size"] * data["seq_length"]
+        line += f", {step_kwh[-1] * 3.6e6 / tokens:.4g} J/token in steps"
+    return line
 
 
 def write_report(run_dir: Path) -> Path:

@@ -71,7 +71,8 @@ def test_energy_budget_checkpoints_and_stops(hungry_gpu, tmp_path, capsys):
     assert records[-1]["energy_kwh"] > records[stopped - 1]["energy_kwh"]
 
     assert main(["report", str(run)]) == 0
-    assert "- energy: " in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "- energy: " in said and "J/token in steps" in said
     for name in ("joules_per_token.png", "energy_kwh.png"):
         assert (run / "report" / name).stat().st_size > 0
 
