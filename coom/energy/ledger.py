@@ -197,10 +197,10 @@ class EnergyLedger:
             raise UserError("config field energy.budget_kwh: no energy "
                             "meter is readable here (see the line above), "
                             "so the budget cannot be kept; unset it")
-        if self.config.power_control:
-            self._start_search()
         if self._before:  # resumed: the budget may be spent already
             self.stop_reason = self._energy_budget_reached()
+        if self.config.power_control and self.stop_reason is None:
+            self._start_search()
         return self
 
     def __exit__(self, kind, error, trace) -> None:

@@ -58,11 +58,6 @@ def _main() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 @contextlib.contextmanager
 def _quiet_in_one_process():
     """DCP warns each time it runs without a process group; one process
@@ -89,6 +84,27 @@ def _write_pointer(folder: Path, name: str) -> None:
     _fsync(folder)
 
 
+def _on_first_process(work) -> None:
+    """Run work on the first process, in place of a barrier: every
+    process learns whether it failed, so that none waits for ever on a
+    process that stopped with an error (disk full, permissions)."""
+    error = None
+    if _main():
+        try:
+            work()
+        except Exception as caught:
+            error = caught
+    if _distributed():
+        outcome = [None if error is None
+                   else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None and error is None:
+            raise UserError(f"saving the checkpoint failed on the first "
+                            f"process: {outcome[0]}")
+    if error is not None:
+        raise error
+
+
 def write_checkpoint_folder(folder: Path, tensors: dict,
                             train_state: dict) -> None:
     """Write a checkpoint's files into the existing folder: tensors with
@@ -97,7 +113,8 @@ def write_checkpoint_folder(folder: Path, tensors: dict,
     be sharded (DTensors)."""
     with _quiet_in_one_process():
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
-    if _main():
+
+    def write_the_rest():
         torch.save(train_state, folder / TRAIN_STATE)
         meta = {"step": train_state.get("step"),
                 "tensors": sorted(tensors), "format": "torch.distributed"
@@ -106,6 +123,7 @@ def write_checkpoint_folder(folder: Path, tensors: dict,
         for path in folder.iterdir():
             _fsync(path)
         _fsync(folder)
+    _on_first_process(write_the_rest)
 
 
 def save_checkpoint(folder: Path, step: int, tensors: dict,
@@ -114,14 +132,14 @@ def save_checkpoint(folder: Path, step: int, tensors: dict,
     process calls it; only the first one's train_state is written."""
     name = f"{PREFIX}{step:07d}"
     temporary, final = folder / f".tmp-{name}", folder / name
-    if _main():
+
+    def prepare():
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         temporary.mkdir()
-    _barrier()
-    write_checkpoint_folder(temporary, tensors, train_state)
-    if _main():
+
+    def publish():
         if final.exists():
             shutil.rmtree(final)
         os.rename(temporary, final)
@@ -129,7 +147,9 @@ def save_checkpoint(folder: Path, step: int, tensors: dict,
         _write_pointer(folder, name)
         for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _on_first_process(prepare)
+    write_checkpoint_folder(temporary, tensors, train_state)
+    _on_first_process(publish)
     return final
 
 

@@ -1,3 +1,4 @@
+import os
 import signal
 import subprocess
 import sys
@@ -117,3 +118,40 @@ def test_unreadable_files_are_reported(tmp_path, damaged):
     (path / damaged).write_bytes(b"garbage")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         load_checkpoint(path)
+
+
+FAILING_SAVE = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from coom.errors import UserError
+    from coom.train import checkpoint
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if rank == 0:
+        def full_disk(*args):
+            raise OSError(28, "No space left on device")
+        checkpoint._write_pointer = full_disk
+    try:
+        checkpoint.save_checkpoint(checkpoint.Path(sys.argv[1]), 1,
+                                   {"w": torch.ones(4)}, {"step": 1}, 2)
+    except (OSError, UserError) as error:
+        print(f"rank {rank}: {error}", flush=True)
+        sys.exit(3)
+""")
+
+
+def test_a_save_that_fails_on_the_first_process_stops_them_all(tmp_path):
+    """The first process alone writes the pointer; when that fails the
+    others hear of it rather than wait in a barrier for ever."""
+    script = tmp_path / "save.py"
+    script.write_text(FAILING_SAVE)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         "--nproc-per-node=2", str(script), str(tmp_path / "checkpoints")],
+        capture_output=True, text=True, timeout=120,
+        env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "rank 0: [Errno 28] No space left on device" in result.stdout
+    assert ("rank 1: saving the checkpoint failed on the first process: "
+            "OSError") in result.stdout
