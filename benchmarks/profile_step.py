@@ -3,7 +3,8 @@
 Builds the same trainer as `coom bench` (random tokens), runs warm-up
 steps, profiles one step with torch.profiler and prints the GPU kernels
 that take the most time, grouped into matmuls, attention, Triton kernels
-and the rest, against the step's wall time.
+and the rest, against the step's wall time; then the CPU-side ops that
+take the most of the host's time.
 
 Run on the device machine from the repository root:
 
@@ -80,6 +81,17 @@ def main() -> None:
     print(f"\ntop {args.top} kernels:")
     for event in events[:args.top]:
         print(f"  {event.self_device_time_total / 1e3:8.2f} ms "
+              f"{event.count:5d}x  {event.key[:100]}")
+    # Where the CPU spends the step: when the GPU waits (busy well under
+    # 100%), the ops that launch its work are here.
+    host = [event for event in prof.key_averages()
+            if event.device_type == torch.autograd.DeviceType.CPU]
+    host.sort(key=lambda event: event.self_cpu_time_total, reverse=True)
+    total_us = sum(event.self_cpu_time_total for event in host)
+    print(f"\nCPU: {total_us / 1e3:.1f} ms of ops' own time; top "
+          f"{args.top}:")
+    for event in host[:args.top]:
+        print(f"  {event.self_cpu_time_total / 1e3:8.2f} ms "
               f"{event.count:5d}x  {event.key[:100]}")
 
 
