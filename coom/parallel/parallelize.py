@@ -123,7 +123,11 @@ def parallelize(model: nn.Module, world: World) -> nn.Module:
         for moe in moe_layers:
             expert_parallel(moe.experts, world.expert_mesh[EXPERT])
         _shard_experts(moe_layers, world)
-    if world.data_size > 1:
+    # FSDP even over one data-parallel process (tensor parallelism alone):
+    # every parameter is then a DTensor, which the fused optimizer needs
+    # (it cannot mix them with plain tensors), and the optimizer's state
+    # has the same form at every layout.
+    if world.mesh is not None:
         mesh = world.data_mesh()
         for module in [*blocks, model]:
             fully_shard(module, mesh=mesh)

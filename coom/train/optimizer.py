@@ -14,7 +14,9 @@ from coom.config import OptimizerConfig, ScheduleConfig
 def build_optimizer(model: nn.Module,
                     config: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW that decays matrices and embeddings but not norm scales; the
-    fused implementation on GPUs."""
+    fused implementation on GPUs, the multi-tensor (foreach) one on CPUs:
+    both take a group's tensors in one call, so CPU tests see what GPUs
+    do (a group must not mix DTensors and plain tensors)."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
@@ -24,7 +26,8 @@ def build_optimizer(model: nn.Module,
     on_gpu = any(parameter.is_cuda for parameter in decay)
     return torch.optim.AdamW(
         groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps, fused=on_gpu or None)
+        eps=config.adam_eps, fused=on_gpu or None,
+        foreach=None if on_gpu else True)
 
 
 def _decay(fraction: float, style: str) -> float:
