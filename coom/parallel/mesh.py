@@ -14,10 +14,10 @@ see the same data.
 
 Expert parallelism borrows its processes from data_parallel_shard, as
 torchtitan does: they see different tokens, and exchange them. With
-``expert`` > 1 a second view of the same processes splits dp_shard into
+``expert`` > 1 a second mesh over the same processes splits dp_shard into
 "dp_shard_out" x "ep", the expert-parallel group innermost (neighbouring
 ranks, whose all-to-alls are the busiest traffic). The dense parameters
-keep the first view; the routed experts split by expert over "ep" and
+keep the first mesh; the routed experts split by expert over "ep" and
 shard over "dp_shard_out" (with "dp_replicate", HSDP).
 """
 import os
@@ -186,7 +186,14 @@ def start_world(config: ParallelConfig, device: torch.device) -> World:
     mesh = init_device_mesh(device.type, tuple(shape.values()),
                             mesh_dim_names=tuple(shape))
     expert = config.expert
-    experts = None if expert == 1 else mesh._unflatten(
-        "dp_shard", (shape["dp_shard"] // expert, expert),
-        (EXPERT_SHARD, EXPERT))
+    experts = None
+    if expert > 1:
+        # A second mesh over the same ranks, in the same order, with
+        # dp_shard split; its own process groups. (DeviceMesh._unflatten
+        # would share the first mesh's, but torch 2.11 lacks this use.)
+        split = {"dp_replicate": shape["dp_replicate"],
+                 EXPERT_SHARD: shape["dp_shard"] // expert, EXPERT: expert,
+                 TENSOR: shape[TENSOR]}
+        experts = init_device_mesh(device.type, tuple(split.values()),
+                                   mesh_dim_names=tuple(split))
     return World(dist.get_rank(), size, mesh, experts, device)
