@@ -1,13 +1,11 @@
 """The dispatcher: its reordering of received rows against a loop, and
 a round trip over two processes."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import torch
 
 from coom.parallel.expert import _expert_order
+from tests.launch import check, launch
 
 
 def test_received_rows_reorder_by_local_expert_then_source():
@@ -64,9 +62,6 @@ def test_dispatch_and_combine_over_two_processes(tmp_path):
     then source, and come back to their own place with their gradient."""
     script = tmp_path / "round_trip.py"
     script.write_text(ROUND_TRIP)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         "--nproc-per-node=2", str(script)], capture_output=True, text=True,
-        timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(2, str(script), timeout=120)
+    check(result)
     assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout

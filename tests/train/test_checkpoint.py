@@ -1,4 +1,3 @@
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from coom.train.checkpoint import (
     save_checkpoint,
     tensor_shapes,
 )
+from tests.launch import launch
 
 
 def _tensors(step: int) -> dict:
@@ -146,11 +146,8 @@ def test_a_save_that_fails_on_the_first_process_stops_them_all(tmp_path):
     others hear of it rather than wait in a barrier for ever."""
     script = tmp_path / "save.py"
     script.write_text(FAILING_SAVE)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         "--nproc-per-node=2", str(script), str(tmp_path / "checkpoints")],
-        capture_output=True, text=True, timeout=120,
-        env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = launch(2, str(script), str(tmp_path / "checkpoints"),
+                    timeout=120)
     assert result.returncode != 0
     assert "rank 0: [Errno 28] No space left on device" in result.stdout
     assert ("rank 1: saving the checkpoint failed on the first process: "
