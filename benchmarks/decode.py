@@ -110,17 +110,17 @@ def latent_run(model, batch: int, context: int) -> tuple[float, int]:
 
 
 def per_head_run(model, batch: int, context: int) -> tuple[float, int]:
-    originals = [block.attention for block in model.layers]
+    originals = [block.attention for block in model.layers.values()]
     try:
-        for block in model.layers:
+        for block in model.layers.values():
             block.attention = PerHeadAttention(
                 block.attention, batch, context + STEPS + 3, context)
-        attention = [block.attention for block in model.layers]
+        attention = [block.attention for block in model.layers.values()]
         per_position = sum(a.keys[:, :, 0].nbytes + a.values[:, :, 0].nbytes
                            for a in attention) // batch
         rate = decode_rate(model, batch, model)
     finally:
-        for block, original in zip(model.layers, originals):
+        for block, original in zip(model.layers.values(), originals):
             block.attention = original
     return rate, per_position
 

@@ -518,23 +518,49 @@ class ParallelConfig:
     parallelism or FP8."""
 
     pipeline: int = 1
-    """Pipeline parallel degree (Megatron: pipeline_model_parallel_size).
-    Not supported yet: must be 1."""
+    """Pipeline parallel degree (Megatron: pipeline_model_parallel_size):
+    the blocks cut into stages that run on this many processes, each
+    global batch's micro-batches flowing through them
+    (``coom/parallel/pipeline.py``). Not yet with tensor or expert
+    parallelism, nor with a tied embedding and head."""
+
+    pipeline_schedule: Literal[
+        "1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS",
+        "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"] = "1F1B"
+    """The order in which stages run their micro-batches' forwards and
+    backwards (torch.distributed.pipelining's schedules). 1F1B and GPipe
+    give each process one stage; the others give it
+    pipeline_stages_per_process, looped (Interleaved1F1B, LoopedBFS,
+    InterleavedZeroBubble) or in a V (ZBVZeroBubble, DualPipeV:
+    DeepSeek-V3's DualPipe, whose first process also holds the last
+    stage)."""
+
+    pipeline_stages_per_process: int = 2
+    """Stages each process holds under the multi-stage schedules (2 for
+    the V-shaped ones); ignored by 1F1B and GPipe."""
 
     context: int = 1
     """Context parallel degree, reserved: must be 1."""
 
     def __post_init__(self):
         _positive(self, "data_parallel_replicate", "tensor", "expert",
-                  "pipeline", "context")
+                  "pipeline", "pipeline_stages_per_process", "context")
         _require(self.data_parallel_shard == -1
                  or self.data_parallel_shard > 0, "data_parallel_shard",
                  "must be positive, or -1 for the rest of the world size")
-        for name in ("pipeline", "context"):
-            _require(getattr(self, name) == 1, name,
-                     "is not supported yet: COOM parallelises over data "
-                     "(data_parallel_replicate, data_parallel_shard), "
-                     "tensor and expert only")
+        _require(self.context == 1, "context",
+                 "is not supported yet: COOM parallelises over data "
+                 "(data_parallel_replicate, data_parallel_shard), tensor, "
+                 "expert and pipeline only")
+        _require(self.pipeline == 1 or self.tensor == self.expert == 1,
+                 "pipeline", "pipeline parallelism does not run with "
+                 "tensor or expert parallelism yet; set tensor=1 and "
+                 "expert=1, or pipeline=1")
+        _require(self.pipeline_stages_per_process == 2 or
+                 self.pipeline_schedule not in ("ZBVZeroBubble",
+                                                "DualPipeV"),
+                 "pipeline_stages_per_process", "must be 2 for the "
+                 f"V-shaped schedule {self.pipeline_schedule}")
         shard, expert = self.data_parallel_shard, self.expert
         _require(shard == -1 or shard % expert == 0, "expert",
                  f"{expert} does not divide data_parallel_shard {shard}; "
@@ -543,6 +569,13 @@ class ParallelConfig:
         _require(expert == 1 or self.tensor == 1, "expert",
                  "expert parallelism does not run with tensor parallelism "
                  "yet; set tensor=1 or expert=1")
+
+    @property
+    def pipeline_stages(self) -> int:
+        """Stages the blocks are cut into."""
+        if self.pipeline_schedule in ("1F1B", "GPipe"):
+            return self.pipeline
+        return self.pipeline * self.pipeline_stages_per_process
 
 
 @dataclass
@@ -662,6 +695,7 @@ class RunConfig:
                  "tensor parallelism does not run FP8 products yet; set "
                  "fp8.recipe=off or parallel.tensor=1")
         self._check_expert_parallel()
+        self._check_pipeline()
         _require(not self.data.synthetic or self.model.vocab_size is not None,
                  "model.vocab_size", "must be set for data.synthetic")
         _require(self.data.seq_length <= self.model.max_position_embeddings,
@@ -689,6 +723,20 @@ class RunConfig:
         _require(self.fp8.recipe == "off", "parallel.expert",
                  "expert parallelism does not run FP8 products yet; set "
                  "fp8.recipe=off or parallel.expert=1")
+
+    def _check_pipeline(self):
+        parallel, model = self.parallel, self.model
+        if parallel.pipeline == 1:
+            return
+        stages = parallel.pipeline_stages
+        _require(stages <= model.num_layers, "parallel.pipeline",
+                 f"{stages} stages ({parallel.pipeline_schedule}) need at "
+                 f"least as many blocks, but model.num_layers is "
+                 f"{model.num_layers}")
+        _require(not model.share_embeddings_and_output_weights,
+                 "parallel.pipeline", "a tied embedding and output head "
+                 "(model.share_embeddings_and_output_weights) does not run "
+                 "under pipeline parallelism yet")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -63,7 +63,7 @@ def test_off_reads_as_a_word_not_a_boolean():
     ("data.split='99'", "data.split", "validation"),
     ("data.split=99", "data.split", "must be str"),
     ("model=3", "model", "must be a mapping"),
-    ("parallel.pipeline=2", "parallel.pipeline", "not supported yet"),
+    ("parallel.context=2", "parallel.context", "not supported yet"),
     ("parallel.tensor=3", "model.num_attention_heads", "does not split"),
     ("parallel.data_parallel_shard=0", "parallel.data_parallel_shard",
      "or -1"),
@@ -87,8 +87,17 @@ def test_bad_values_name_the_field(override, field, words):
      "tensor parallelism"),
     (["parallel.expert=2", "fp8.recipe=blockwise"], "parallel.expert",
      "FP8"),
+    (["parallel.pipeline=2", "parallel.tensor=2"], "parallel.pipeline",
+     "tensor or expert"),
+    (["parallel.pipeline_schedule=ZBVZeroBubble",
+      "parallel.pipeline_stages_per_process=3"],
+     "parallel.pipeline_stages_per_process", "must be 2"),
+    (["parallel.pipeline=3", "parallel.pipeline_schedule=DualPipeV"],
+     "parallel.pipeline", "6 stages"),
+    (["parallel.pipeline=2", "model.share_embeddings_and_output_weights=true"],
+     "parallel.pipeline", "tied"),
 ])
-def test_impossible_expert_parallelism_is_refused(overrides, field, words):
+def test_impossible_parallelism_is_refused(overrides, field, words):
     with pytest.raises(ConfigError) as caught:
         load_config("tiny", overrides)
     assert caught.value.name == field

@@ -95,7 +95,7 @@ def convert_to_fp8(model: nn.Module, config: FP8Config) -> int:
     keep = set(range(config.high_precision_first_layers)) | set(range(
         layers - config.high_precision_last_layers, layers))
     converted = sum(_convert(block, recipe, config.experts)
-                    for index, block in enumerate(model.layers)
-                    if index not in keep)
+                    for key, block in model.layers.items()
+                    if int(key) not in keep)
     return converted + sum(_convert(module, recipe, config.experts)
                            for module in model.mtp)

@@ -26,6 +26,29 @@ from coom.layers.norm import RMSNorm
 from coom.layers.rope import RotaryEmbedding
 
 
+def ahead_embeddings(embed: nn.Embedding, labels_bs: torch.Tensor,
+                     depths: int) -> list[torch.Tensor]:
+    """What each MTP depth k reads besides the hidden state: the embedding
+    of the tokens k places ahead, (b, s - k, d)."""
+    length = labels_bs.shape[1]
+    return [embed(labels_bs[:, depth - 1:length - 1])
+            for depth in range(1, depths + 1)]
+
+
+def head_features(h_bsd: torch.Tensor, aheads: list[torch.Tensor],
+                  norm: RMSNorm, mtp: nn.ModuleList,
+                  rope: RotaryEmbedding) -> list[torch.Tensor]:
+    """What the output head reads, from the last block's output: the
+    normalised hidden state of the main model (b, s, d) and of each MTP
+    depth k (b, s - k, d), given ``ahead_embeddings``."""
+    outputs = [norm(h_bsd)]
+    length = h_bsd.shape[1]
+    for depth, (module, ahead_bsd) in enumerate(zip(mtp, aheads), start=1):
+        h_bsd = module(h_bsd[:, :length - depth], ahead_bsd, rope)
+        outputs.append(module.norm(h_bsd))
+    return outputs
+
+
 class Transformer(nn.Module):
     """Token ids (b, s) to next-token logits (b, s, v), plus the logits of
     the Multi-Token Prediction depths when training asks for them.
@@ -42,8 +65,11 @@ class Transformer(nn.Module):
         self.config = config
         self.rope = RotaryEmbedding(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            Block(config, index) for index in range(config.num_layers))
+        # Keyed by index, so that pipeline parallelism can drop the blocks
+        # of other stages and keep the names of the rest.
+        self.layers = nn.ModuleDict(
+            {str(index): Block(config, index)
+             for index in range(config.num_layers)})
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         # A tied head reads the embedding in forward rather than sharing
         # its Parameter: a shared Parameter comes apart in to_empty.
@@ -61,7 +87,7 @@ class Transformer(nn.Module):
         std = self.config.init_method_std
         self.rope.init_weights()
         nn.init.normal_(self.embed.weight, std=std)
-        for block in [*self.layers, *self.mtp]:
+        for block in [*self.layers.values(), *self.mtp]:
             block.init_weights(std, self.config.num_layers)
         self.norm.init_weights()
         if self.head is not None:
@@ -70,7 +96,7 @@ class Transformer(nn.Module):
     def blocks(self) -> list[Block]:
         """The transformer blocks: the main stack's, then each MTP
         depth's."""
-        return [*self.layers, *(module.block for module in self.mtp)]
+        return [*self.layers.values(), *(module.block for module in self.mtp)]
 
     def compile_blocks(self) -> None:
         """Compile each block (main and MTP) with ``torch.compile``; the
@@ -81,7 +107,10 @@ class Transformer(nn.Module):
     def moe_layers(self) -> dict[int, MoE]:
         """The MoE feed-forwards, by block index (MTP depths follow the
         main blocks, as in the checkpoint layout)."""
-        return {index: block.mlp for index, block in enumerate(self.blocks())
+        blocks = {int(key): block for key, block in self.layers.items()}
+        blocks |= {self.config.num_layers + depth: module.block
+                   for depth, module in enumerate(self.mtp)}
+        return {index: block.mlp for index, block in blocks.items()
                 if isinstance(block.mlp, MoE)}
 
     def aux_loss(self) -> torch.Tensor:
@@ -122,8 +151,8 @@ class Transformer(nn.Module):
         holds theirs afterwards.
         """
         h_bsd = self.embed(tokens_bs)
-        for index, block in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.layer(index)
+        for key, block in self.layers.items():
+            layer_cache = None if cache is None else cache.layer(int(key))
             h_bsd = block(h_bsd, self.rope, layer_cache)
         if cache is not None:
             cache.advance(tokens_bs.shape[1])
@@ -139,17 +168,11 @@ class Transformer(nn.Module):
 
     def features_with_mtp(self, tokens_bs: torch.Tensor,
                           labels_bs: torch.Tensor) -> list[torch.Tensor]:
-        """What the output head reads: the normalised last hidden state of
-        the main model (b, s, d) and of each MTP depth k (b, s - k, d),
-        whose targets are labels_bs[:, k:]."""
-        h_bsd = self.hidden(tokens_bs)
-        outputs = [self.norm(h_bsd)]
-        length = tokens_bs.shape[1]
-        for depth, module in enumerate(self.mtp, start=1):
-            ahead_bsd = self.embed(labels_bs[:, depth - 1:length - 1])
-            h_bsd = module(h_bsd[:, :length - depth], ahead_bsd, self.rope)
-            outputs.append(module.norm(h_bsd))
-        return outputs
+        """``head_features`` of tokens_bs; depth k's targets are
+        labels_bs[:, k:]."""
+        aheads = ahead_embeddings(self.embed, labels_bs, len(self.mtp))
+        return head_features(self.hidden(tokens_bs), aheads, self.norm,
+                             self.mtp, self.rope)
 
     def forward_with_mtp(self, tokens_bs: torch.Tensor,
                          labels_bs: torch.Tensor) -> list[torch.Tensor]:

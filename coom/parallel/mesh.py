@@ -5,12 +5,12 @@ the device mesh.
 WORLD_SIZE, RANK and LOCAL_RANK set; a plain ``coom train`` is a world of
 one and never touches torch.distributed. The process group uses NCCL on
 GPUs and gloo on CPUs. The mesh has one named dimension per kind of
-parallelism: data_parallel_replicate ("dp_replicate") outermost, then
-data_parallel_shard ("dp_shard"), then tensor ("tp"), so that a tensor
-parallel group is neighbouring ranks (one machine). The data-parallel
-rank of a process, which picks its share of each global batch, runs over
-both data-parallel dimensions; the processes of a tensor-parallel group
-see the same data.
+parallelism: pipeline ("pp") outermost, then data_parallel_replicate
+("dp_replicate"), data_parallel_shard ("dp_shard") and tensor ("tp"), so
+that a tensor parallel group is neighbouring ranks (one machine). The
+data-parallel rank of a process, which picks its share of each global
+batch, runs over both data-parallel dimensions; the processes of a
+tensor-parallel group, and a pipeline's stages, see the same data.
 
 Expert parallelism borrows its processes from data_parallel_shard, as
 torchtitan does: they see different tokens, and exchange them. With
@@ -32,6 +32,7 @@ from coom.config import ParallelConfig
 from coom.errors import UserError
 
 DATA_PARALLEL = ("dp_replicate", "dp_shard")
+PIPELINE = "pp"
 EXPERT = "ep"
 EXPERT_SHARD = "dp_shard_out"
 """The part of dp_shard outside the expert-parallel group."""
@@ -55,28 +56,29 @@ def local_device(device: torch.device) -> torch.device:
 def degrees(config: ParallelConfig, world: int) -> dict[str, int]:
     """Size of each mesh dimension, data_parallel_shard's -1 filled in;
     their product must be the world size."""
-    replicate, shard, tensor = config.data_parallel_replicate, \
-        config.data_parallel_shard, config.tensor
+    pipeline, replicate, shard, tensor = config.pipeline, \
+        config.data_parallel_replicate, config.data_parallel_shard, \
+        config.tensor
+    others = f"pipeline {pipeline} x data_parallel_replicate {replicate} " \
+        f"x tensor {tensor}"
     if shard == -1:
-        if world % (replicate * tensor):
-            raise UserError(
-                f"config section parallel: data_parallel_replicate "
-                f"{replicate} x tensor {tensor} does not divide the {world} "
-                "processes")
-        shard = world // (replicate * tensor)
-    if replicate * shard * tensor != world:
+        if world % (pipeline * replicate * tensor):
+            raise UserError(f"config section parallel: {others} does not "
+                            f"divide the {world} processes")
+        shard = world // (pipeline * replicate * tensor)
+    if pipeline * replicate * shard * tensor != world:
         raise UserError(
-            f"config section parallel: data_parallel_replicate "
-            f"{replicate} x data_parallel_shard {shard} x tensor {tensor} = "
-            f"{replicate * shard * tensor} processes, but {world} were "
-            "started; make the degrees multiply to the number of processes "
-            "(or set data_parallel_shard=-1)")
+            f"config section parallel: {others} x data_parallel_shard "
+            f"{shard} = {pipeline * replicate * shard * tensor} processes, "
+            f"but {world} were started; make the degrees multiply to the "
+            "number of processes (or set data_parallel_shard=-1)")
     if shard % config.expert:
         raise UserError(
             f"config section parallel: expert {config.expert} does not "
             f"divide data_parallel_shard {shard}; expert-parallel "
             "processes are taken from data_parallel_shard's")
-    return {"dp_replicate": replicate, "dp_shard": shard, TENSOR: tensor}
+    return {PIPELINE: pipeline, "dp_replicate": replicate,
+            "dp_shard": shard, TENSOR: tensor}
 
 
 @dataclass
@@ -105,8 +107,9 @@ class World:
         """Index of this process's share of each global batch."""
         if self.mesh is None:
             return 0
-        replicate, shard, _ = self.mesh.get_coordinate()
-        return replicate * self.mesh["dp_shard"].size() + shard
+        return self.mesh["dp_replicate"].get_local_rank() \
+            * self.mesh["dp_shard"].size() \
+            + self.mesh["dp_shard"].get_local_rank()
 
     @property
     def data_size(self) -> int:
@@ -118,6 +121,16 @@ class World:
     @property
     def tensor_size(self) -> int:
         return 1 if self.mesh is None else self.mesh[TENSOR].size()
+
+    @property
+    def pipeline_size(self) -> int:
+        """Processes the pipeline's stages are spread over."""
+        return 1 if self.mesh is None else self.mesh[PIPELINE].size()
+
+    @property
+    def pipeline_rank(self) -> int:
+        return 0 if self.mesh is None else \
+            self.mesh[PIPELINE].get_local_rank()
 
     @property
     def expert_size(self) -> int:
@@ -149,6 +162,12 @@ class World:
             for name in DATA_PARALLEL:
                 if self.mesh[name].size() > 1:
                     dist.all_reduce(tensor, group=self.mesh[name].get_group())
+        return tensor
+
+    def pipeline_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor summed over the pipeline's processes, in place."""
+        if self.pipeline_size > 1:
+            dist.all_reduce(tensor, group=self.mesh[PIPELINE].get_group())
         return tensor
 
     def barrier(self) -> None:
@@ -191,7 +210,8 @@ def start_world(config: ParallelConfig, device: torch.device) -> World:
         # A second mesh over the same ranks, in the same order, with
         # dp_shard split; its own process groups. (DeviceMesh._unflatten
         # would share the first mesh's, but torch 2.11 lacks this use.)
-        split = {"dp_replicate": shape["dp_replicate"],
+        split = {PIPELINE: shape[PIPELINE],
+                 "dp_replicate": shape["dp_replicate"],
                  EXPERT_SHARD: shape["dp_shard"] // expert, EXPERT: expert,
                  TENSOR: shape[TENSOR]}
         experts = init_device_mesh(device.type, tuple(split.values()),

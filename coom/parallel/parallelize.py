@@ -33,6 +33,8 @@ expert-parallel group by the all-to-alls' backward, and FSDP sums it over
 the rest, so it is divided by all the data-parallel processes too, not
 by the processes that shard it.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -105,9 +107,12 @@ def _shard_experts(moe_layers: list[MoE], world: World) -> None:
             moe.experts.set_force_sum_reduction_for_comms(True)
 
 
-def parallelize(model: nn.Module, world: World) -> nn.Module:
+def parallelize(model: nn.Module, world: World,
+                stages: Optional[list[nn.Module]] = None) -> nn.Module:
     """model spread over world's mesh, in place; unchanged in a world of
-    one."""
+    one. Under pipeline parallelism model holds this process's parts and
+    stages (``coom.parallel.pipeline``) run them: each stage, rather than
+    the model, is then an FSDP root."""
     if world.mesh is None:
         return model
     blocks = model.blocks()
@@ -127,12 +132,17 @@ def parallelize(model: nn.Module, world: World) -> nn.Module:
     # every parameter is then a DTensor, which the fused optimizer needs
     # (it cannot mix them with plain tensors), and the optimizer's state
     # has the same form at every layout.
-    if world.mesh is not None:
+    # (Not under pipeline parallelism alone: torch's zero-bubble schedules
+    # compute the weight gradients after FSDP has reduced them, and lose
+    # them, measured on torch 2.13; the optimizer then sees only plain
+    # tensors.)
+    if not (stages and world.data_size == 1):
         mesh = world.data_mesh()
-        for module in [*blocks, model]:
+        for module in [*blocks, *(stages or [model])]:
             fully_shard(module, mesh=mesh)
         # The trainer runs the model through these rather than forward;
         # the root's parameters stay gathered until the backward.
-        for method in ("features", "features_with_mtp"):
-            register_fsdp_forward_method(model, method)
+        if not stages:
+            for method in ("features", "features_with_mtp"):
+                register_fsdp_forward_method(model, method)
     return model

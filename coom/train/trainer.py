@@ -42,14 +42,11 @@ from coom.energy.ledger import EnergyLedger
 from coom.errors import UserError
 from coom.fp8.convert import check_hardware, convert_to_fp8
 from coom.interop.weights import differences, read_weights
-from coom.kernels.cross_entropy import (
-    linear_cross_entropy,
-    linear_cross_entropy_reference,
-)
 from coom.layers.mla import preferred_attention
 from coom.models import Transformer
 from coom.parallel.mesh import World, local_device, start_world
 from coom.parallel.parallelize import parallelize
+from coom.parallel.pipeline import Pipeline
 from coom.parallel.recompute import recompute_blocks
 from coom.train.checkpoint import (
     latest_checkpoint,
@@ -58,6 +55,7 @@ from coom.train.checkpoint import (
     save_checkpoint,
     tensor_shapes,
 )
+from coom.train.loss import token_losses
 from coom.train.metrics import MetricsWriter, run_info
 from coom.train.optimizer import (
     build_optimizer,
@@ -111,11 +109,12 @@ def _check_batch_split(train: TrainConfig, world: World) -> None:
             f"{train.micro_batch_size}; make it a multiple of {share}")
 
 
-def _clip_gradients(parameters, clip: float) -> torch.Tensor:
+def _clip_gradients(parameters, clip: float, world: World) -> torch.Tensor:
     """Scale the gradients down to norm clip (0: never) and return their
     norm before. torch's norm takes gradients of one kind at a time, so
     plain gradients and those sharded on each mesh (DTensor: FSDP's, and
-    FSDP x TP's) are summed apart, a sharded norm over all its shards."""
+    FSDP x TP's) are summed apart, a sharded norm over all its shards,
+    and those of the pipeline's other stages are added to them."""
     groups = {}
     for parameter in parameters:
         if parameter.grad is not None:
@@ -125,6 +124,7 @@ def _clip_gradients(parameters, clip: float) -> torch.Tensor:
              for group in groups.values()]
     norm = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n
                         for n in norms]).norm()
+    norm = world.pipeline_sum(norm.square()).sqrt()
     if clip:
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, clip, norm)
@@ -139,11 +139,9 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _check_same_model(model: torch.nn.Module, path: Path):
-    """The checkpoint's weights have the model's names and whole shapes.
-    """
-    ours = {name: tuple(tensor.shape)
-            for name, tensor in model.state_dict().items()}
+def _check_same_model(ours: dict[str, tuple], path: Path):
+    """The checkpoint's weights have the model's names and whole shapes
+    (ours: name to shape)."""
     theirs = {name.removeprefix("model."): shape
               for name, shape in tensor_shapes(path).items()
               if name.startswith("model.")}
@@ -154,6 +152,12 @@ def _check_same_model(model: torch.nn.Module, path: Path):
                 f"checkpoint {path} holds a different model: {name} is "
                 f"{there} there and {here} in this config; resume with "
                 "the model settings it was trained with")
+
+
+def _stack(batches: list[Batch]) -> Batch:
+    """Micro-batches as one batch."""
+    return Batch(*(torch.cat([getattr(batch, key) for batch in batches])
+                   for key in ("tokens", "labels", "loss_mask")))
 
 
 class Trainer:
@@ -208,7 +212,19 @@ class Trainer:
         recompute_blocks(self.model, train.recompute)
         if train.compile:
             self.model.compile_blocks()
-        parallelize(self.model, self.world)
+        self.model_shapes = {name: tuple(tensor.shape) for name, tensor
+                             in self.model.state_dict().items()}
+        self.pipeline = None
+        if self.world.pipeline_size > 1:
+            self.pipeline = Pipeline(
+                self.model, self.world, config.parallel,
+                train.global_batch_size // train.micro_batch_size
+                // self.world.data_size,
+                (train.micro_batch_size, config.data.seq_length))
+        parallelize(self.model, self.world,
+                    self.pipeline and self.pipeline.stages)
+        if self.pipeline is not None:
+            self.pipeline.build_schedule()
         self.optimizer = build_optimizer(self.model, self.config.optimizer)
         self.step = 0
         self.consumed_samples = 0
@@ -257,7 +273,7 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         state = read_train_state(path)
-        _check_same_model(self.model, path)
+        _check_same_model(self.model_shapes, path)
         if state["tokenizer_sha256"] != self._tokenizer_sha256():
             raise UserError(
                 f"checkpoint {path} was trained with another tokenizer "
@@ -289,36 +305,57 @@ class Trainer:
                 f"checkpoint.init_from {path} was trained with another "
                 f"tokenizer than {self._tokenizer_label()}; set "
                 "data.tokenizer to its tokenizer.json")
-        # Every process holds the whole weights; each keeps its shards.
-        set_model_state_dict(self.model, weights.state,
+        # Every process holds the whole weights; each keeps its shards
+        # (and under pipeline parallelism its stages').
+        ours = self.model.state_dict().keys()
+        state = {name: tensor for name, tensor in weights.state.items()
+                 if name in ours}
+        set_model_state_dict(self.model, state,
                              options=StateDictOptions(full_state_dict=True))
+
+    def _compute(self) -> contextlib.ExitStack:
+        """The context forwards run in: autocast to the run's precision,
+        the preferred attention kernel."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(_autocast(self.device,
+                                      self.config.train.precision))
+        stack.enter_context(preferred_attention())
+        return stack
 
     def _losses(self, batch: Batch, tokens_in_step: int,
                 with_mtp: bool) -> list[torch.Tensor]:
-        """Language-model loss of batch, then (with_mtp) each MTP depth's.
-
-        Each is summed over its tokens and divided by the tokens the step
-        has at that depth, so micro-batch losses add up to the mean.
-        """
+        """Language-model loss of batch, then (with_mtp) each MTP depth's
+        (``coom.train.loss``)."""
         batch = batch.to(self.device)
-        loss = linear_cross_entropy if kernels.use_kernels(batch.tokens) \
-            else linear_cross_entropy_reference
-        length = batch.tokens.shape[1]
-        losses = []
-        with _autocast(self.device, self.config.train.precision), \
-                preferred_attention():
+        with self._compute():
             features = self.model.features_with_mtp(
                 batch.tokens, batch.labels) if with_mtp \
                 else [self.model.features(batch.tokens)]
-            for depth, x_bsd in enumerate(features):
-                share = (length - depth) / length
-                scale_t = batch.loss_mask[:, depth:].flatten() \
-                    / (tokens_in_step * share)
-                losses.append(loss(x_bsd.flatten(0, 1),
-                                   self.model.head_weight(),
-                                   batch.labels[:, depth:].flatten(),
-                                   scale_t))
-        return losses
+            return token_losses(features, self.model.head_weight(),
+                                batch.labels, batch.loss_mask,
+                                tokens_in_step)
+
+    def _accumulate(self, batches: list[Batch], tokens: int,
+                    micro_batches: int, mtp_weight: float) -> torch.Tensor:
+        """Forward and backward of each of this process's micro-batches;
+        returns the sums of the language-model loss, the MTP depths'
+        mean and the auxiliary losses."""
+        depths = self.config.model.mtp_num_layers
+        # Sums stay on the device until the step ends: a .item() per
+        # micro-batch would stall the GPU's queue.
+        sums = torch.zeros(3, device=self.device)
+        for batch in batches:
+            main, *mtp = self._losses(batch, tokens, with_mtp=depths > 0)
+            aux = self.model.aux_loss() / micro_batches
+            objective = main + aux
+            mtp_mean = sum(mtp) / depths if mtp else torch.zeros(())
+            if mtp:
+                objective = objective + mtp_weight * mtp_mean
+            # FSDP averages over the data-parallel processes (parallelize)
+            (objective * self.world.data_size).backward()
+            sums += torch.stack([main, mtp_mean.to(main), aux.to(main)
+                                 ]).detach()
+        return sums
 
     def train_step(self) -> dict:
         """One optimizer step over a global batch; returns its metrics."""
@@ -339,25 +376,19 @@ class Trainer:
         share = micro_batches // self.world.data_size
         first = self.consumed_samples \
             + self.world.data_rank * share * train.micro_batch_size
-        # Sums stay on the device until the step ends: a .item() per
-        # micro-batch would stall the GPU's queue.
-        sums = torch.zeros(3, device=self.device)
-        for index in range(share):
-            main, *mtp = self._losses(
-                self.samples.batch(first + index * train.micro_batch_size),
-                tokens, with_mtp=depths > 0)
-            aux = self.model.aux_loss() / micro_batches
-            objective = main + aux
-            mtp_mean = sum(mtp) / depths if mtp else torch.zeros(())
-            if mtp:
-                objective = objective + mtp_weight * mtp_mean
-            # FSDP averages over the data-parallel processes (parallelize)
-            (objective * self.world.data_size).backward()
-            sums += torch.stack([main, mtp_mean.to(main), aux.to(main)
-                                 ]).detach()
+        batches = [self.samples.batch(first + index * train.micro_batch_size)
+                   for index in range(share)]
+        if self.pipeline is not None:
+            with self._compute():
+                sums = self.pipeline.step(
+                    _stack(batches).to(self.device), tokens, micro_batches,
+                    self.world.data_size, mtp_weight)
+        else:
+            sums = self._accumulate(batches, tokens, micro_batches,
+                                    mtp_weight)
         self.consumed_samples += train.global_batch_size
         norm = _clip_gradients(self.model.parameters(),
-                               self.config.optimizer.clip_grad)
+                               self.config.optimizer.clip_grad, self.world)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         total, mtp_total, aux_total = self.world.all_reduce(sums).tolist()
@@ -375,12 +406,17 @@ class Trainer:
     def evaluate(self, samples: Samples) -> float:
         self.model.eval()
         train = self.config.train
-        tokens = train.micro_batch_size * self.config.data.seq_length
-        total = sum(self._losses(samples.batch(i * train.micro_batch_size),
-                                 tokens, with_mtp=False)[0].item()
-                    for i in range(train.eval_iters))
+        batches = [samples.batch(i * train.micro_batch_size)
+                   for i in range(train.eval_iters)]
+        if self.pipeline is not None:
+            with self._compute():
+                mean = self.pipeline.evaluate(batches)
+        else:
+            tokens = train.micro_batch_size * self.config.data.seq_length
+            mean = sum(self._losses(batch, tokens, with_mtp=False)[0].item()
+                       for batch in batches) / len(batches)
         self.model.train()
-        return total / train.eval_iters
+        return mean
 
     def save(self) -> None:
         save_checkpoint(self.run_dir / "checkpoints", self.step,

@@ -64,9 +64,9 @@ def test_fp8_units_take_whole_tiles_only():
                    qk_nope_head_dim=64, v_head_dim=128, ffn_hidden_size=256,
                    moe_intermediate_size=128)
     convert_to_fp8(model, FP8Config(recipe="blockwise"))
-    assert type(model.layers[0].attention.wkv_a) is nn.Linear
-    assert isinstance(model.layers[0].attention.wq_a, FP8Linear)
-    assert isinstance(model.layers[0].mlp.w1, FP8Linear)
+    assert type(model.layers["0"].attention.wkv_a) is nn.Linear
+    assert isinstance(model.layers["0"].attention.wq_a, FP8Linear)
+    assert isinstance(model.layers["0"].mlp.w1, FP8Linear)
 
 
 def test_keeps_first_and_last_blocks_and_experts_when_asked():

@@ -20,7 +20,7 @@ def test_meta_build_then_init_gives_finite_weights():
     model = _model()
     for name, parameter in model.named_parameters():
         assert torch.isfinite(parameter).all(), name
-    assert torch.equal(model.layers[0].mlp_norm.weight, torch.ones(32))
+    assert torch.equal(model.layers["0"].mlp_norm.weight, torch.ones(32))
     logits = model(torch.randint(0, 97, (3, 17)))
     assert logits.shape == (3, 17, 97)
 
@@ -33,7 +33,7 @@ def test_init_is_seeded():
 
 def test_output_projections_are_scaled_down():
     model = _model(init_method_std=0.5)
-    block = model.layers[0]
+    block = model.layers["0"]
     assert block.attention.wq.weight.std() > 0.4
     assert block.attention.wo.weight.std() < 0.3
     assert block.mlp.w2.weight.std() < 0.3

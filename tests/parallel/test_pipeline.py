@@ -1,0 +1,113 @@
+"""Pipeline parallelism: the stage split, the placement of stages on
+processes, the auxiliary losses' gradient, and runs under torchrun on
+gloo of the tiny model (4 blocks, MoE and MTP) with every schedule
+offered, against one process, as in ``test_layouts``."""
+import pytest
+import torch
+
+from coom.config import ParallelConfig
+from coom.parallel.pipeline import (
+    AuxLossGradient,
+    split_layers,
+    stages_of_process,
+)
+from tests.launch import check, launch
+from tests.parallel.test_layouts import (
+    STEPS,
+    _close,
+    _first_moments,
+    _losses,
+    _state,
+    _train,
+)
+
+FOUR_BLOCKS = "model.num_layers=4"
+
+
+def test_stages_take_consecutive_blocks_the_first_ones_the_remainder():
+    assert split_layers(4, 4) == [[0], [1], [2], [3]]
+    assert split_layers(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize("schedule, rank, expected", [
+    ("1F1B", 1, [1]),
+    ("Interleaved1F1B", 0, [0, 2]),
+    ("Interleaved1F1B", 1, [1, 3]),
+    ("DualPipeV", 0, [0, 3]),
+    ("ZBVZeroBubble", 1, [1, 2]),
+])
+def test_stages_of_each_process(schedule, rank, expected):
+    parallel = ParallelConfig(pipeline=2, pipeline_schedule=schedule)
+    assert stages_of_process(parallel, rank) == expected
+
+
+def test_auxiliary_loss_gradient_joins_the_backward():
+    x = torch.randn(3, requires_grad=True)
+    weight = torch.tensor(2.0, requires_grad=True)
+    y = AuxLossGradient.apply(x, 0.5 * weight ** 2)
+    assert torch.equal(y, x)
+    (3 * y).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 3.0))
+    assert weight.grad.item() == 2.0
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    check(_train(run_dir, 1, FOUR_BLOCKS))
+    return run_dir
+
+
+@pytest.mark.parametrize("processes, overrides", [
+    (2, ["parallel.pipeline_schedule=1F1B"]),
+    (2, ["parallel.pipeline_schedule=GPipe"]),
+    (2, ["parallel.pipeline_schedule=Interleaved1F1B"]),
+    (2, ["parallel.pipeline_schedule=LoopedBFS"]),
+    (2, ["parallel.pipeline_schedule=InterleavedZeroBubble"]),
+    (2, ["parallel.pipeline_schedule=ZBVZeroBubble"]),
+    (2, ["parallel.pipeline_schedule=DualPipeV"]),
+    (4, ["parallel.pipeline_schedule=Interleaved1F1B",
+         "parallel.data_parallel_shard=2"]),
+], ids=["1f1b", "gpipe", "interleaved1f1b", "loopedbfs",
+        "interleavedzerobubble", "zbv", "dualpipev", "fsdp2xinterleaved"])
+def test_matches_one_process(single, tmp_path, processes, overrides):
+    """Losses of 5 steps within 1e-5, gradients of step 1 within 1e-5
+    and weights after 5 steps within 1e-3 (``test_layouts`` says why)."""
+    check(_train(tmp_path, processes, FOUR_BLOCKS, "parallel.pipeline=2",
+                 *overrides))
+    expected, losses = _losses(single), _losses(tmp_path)
+    assert len(losses) == len(expected) == STEPS
+    for ours, reference in zip(losses, expected):
+        assert abs(ours - reference) <= 1e-5 * abs(reference)
+    for step, key, bound in [(1, "optimizer", 1e-5),
+                             (STEPS, "model", 1e-3)]:
+        expected, ours = _state(single, step), _state(tmp_path, step)
+        if key == "optimizer":
+            expected, ours = _first_moments(expected), _first_moments(ours)
+        else:
+            expected, ours = expected[key], ours[key]
+        assert ours.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert _close(ours[name], tensor, bound), (step, name)
+
+
+def test_zero_bubble_with_data_parallelism_is_refused(tmp_path):
+    result = _train(tmp_path, 4, FOUR_BLOCKS, "parallel.pipeline=2",
+                    "parallel.pipeline_schedule=DualPipeV")
+    assert result.returncode != 0
+    assert "DualPipeV does not run with data parallelism" in result.stderr
+
+
+def test_resumes_without_the_pipeline(single, tmp_path):
+    """Saved by a pipeline of two processes (each writing its stages'
+    tensors), resumed by one: the last steps match."""
+    check(_train(tmp_path, 2, FOUR_BLOCKS, "parallel.pipeline=2",
+                 "parallel.pipeline_schedule=DualPipeV",
+                 "train.exit_interval=3"))
+    assert len(_losses(tmp_path)) == 3
+    check(launch(1, "train", "--resume", str(tmp_path), "--set",
+                 "parallel.pipeline=1", "train.exit_interval=null"))
+    losses, expected = _losses(tmp_path), _losses(single)
+    assert len(losses) == STEPS
+    for ours, reference in zip(losses[3:], expected[3:]):
+        assert abs(ours - reference) <= 1e-5 * abs(reference)
