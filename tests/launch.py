@@ -3,8 +3,10 @@ alone or under torchrun.
 
 A torchrun process on gloo has, very rarely, died at SIGABRT with
 "terminate called without an active exception" from C++ and no Python
-error: twice in CI-sized runs of the whole suite on 2 cores, never in
-65 launches of the same command in a loop. Such a launch runs once more,
+error: three times in runs of the whole suite on 2 cores, never in 65
+launches of the same command in a loop. Once faulthandler caught it in a
+script that left its process group to interpreter exit, with no Python
+frame on the stack: at exit, in C++. Such a launch runs once more,
 with a warning that carries the first attempt's output; any other
 failure, and a second abort, stays a failure. Every process runs with
 ``faulthandler`` on, so an abort prints each thread's Python stack into

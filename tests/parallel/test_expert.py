@@ -54,6 +54,9 @@ ROUND_TRIP = textwrap.dedent("""
     y_cd.sum().backward()
     assert torch.equal(x_cd.grad, torch.full_like(x_cd, 2.0))
     print(f"rank {rank} ok", flush=True)
+    # Left to interpreter exit, gloo's threads abort the process at
+    # times ("terminate called without an active exception").
+    dist.destroy_process_group()
 """)
 
 
