@@ -73,6 +73,25 @@ def _close(ours: torch.Tensor, expected: torch.Tensor, bound: float):
     return relative_error(ours, expected) < bound
 
 
+def assert_matches(single, run_dir) -> None:
+    """run_dir's losses, first gradients and last weights are single's,
+    within the module docstring's bounds."""
+    expected, losses = _losses(single), _losses(run_dir)
+    assert len(losses) == len(expected) == STEPS
+    for ours, reference in zip(losses, expected):
+        assert abs(ours - reference) <= 1e-5 * abs(reference)
+    for step, key, bound in [(1, "optimizer", 1e-5),
+                             (STEPS, "model", 1e-3)]:
+        expected, ours = _state(single, step), _state(run_dir, step)
+        if key == "optimizer":
+            expected, ours = _first_moments(expected), _first_moments(ours)
+        else:
+            expected, ours = expected[key], ours[key]
+        assert ours.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert _close(ours[name], tensor, bound), (step, name)
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
@@ -94,20 +113,7 @@ def single(tmp_path_factory):
         "fsdp2xep2", "replicate2xep2"])
 def test_matches_one_process(single, tmp_path, processes, overrides):
     check(_train(tmp_path, processes, *overrides))
-    expected, losses = _losses(single), _losses(tmp_path)
-    assert len(losses) == len(expected) == STEPS
-    for ours, reference in zip(losses, expected):
-        assert abs(ours - reference) <= 1e-5 * abs(reference)
-    for step, key, bound in [(1, "optimizer", 1e-5),
-                             (STEPS, "model", 1e-3)]:
-        expected, ours = _state(single, step), _state(tmp_path, step)
-        if key == "optimizer":
-            expected, ours = _first_moments(expected), _first_moments(ours)
-        else:
-            expected, ours = expected[key], ours[key]
-        assert ours.keys() == expected.keys()
-        for name, tensor in expected.items():
-            assert _close(ours[name], tensor, bound), (step, name)
+    assert_matches(single, tmp_path)
 
 
 def test_degrees_must_multiply_to_the_processes(tmp_path):

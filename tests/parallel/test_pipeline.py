@@ -14,11 +14,9 @@ from coom.parallel.pipeline import (
 from tests.launch import check, launch
 from tests.parallel.test_layouts import (
     STEPS,
-    _close,
-    _first_moments,
     _losses,
-    _state,
     _train,
+    assert_matches,
 )
 
 FOUR_BLOCKS = "model.num_layers=4"
@@ -75,20 +73,7 @@ def test_matches_one_process(single, tmp_path, processes, overrides):
     and weights after 5 steps within 1e-3 (``test_layouts`` says why)."""
     check(_train(tmp_path, processes, FOUR_BLOCKS, "parallel.pipeline=2",
                  *overrides))
-    expected, losses = _losses(single), _losses(tmp_path)
-    assert len(losses) == len(expected) == STEPS
-    for ours, reference in zip(losses, expected):
-        assert abs(ours - reference) <= 1e-5 * abs(reference)
-    for step, key, bound in [(1, "optimizer", 1e-5),
-                             (STEPS, "model", 1e-3)]:
-        expected, ours = _state(single, step), _state(tmp_path, step)
-        if key == "optimizer":
-            expected, ours = _first_moments(expected), _first_moments(ours)
-        else:
-            expected, ours = expected[key], ours[key]
-        assert ours.keys() == expected.keys()
-        for name, tensor in expected.items():
-            assert _close(ours[name], tensor, bound), (step, name)
+    assert_matches(single, tmp_path)
 
 
 def test_zero_bubble_with_data_parallelism_is_refused(tmp_path):
