@@ -49,7 +49,7 @@ from coom.models.transformer import (
     head_features,
 )
 from coom.parallel.mesh import PIPELINE, World
-from coom.train.loss import token_losses
+from coom.train.loss import micro_batch_objective, token_losses
 
 ZERO_BUBBLE = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 """Schedules that split each backward into input and weight gradients."""
@@ -120,9 +120,10 @@ class Stage(nn.Module):
         self.head = model.head if last else None
         self.mtp = model.mtp if last else None
         self.scales = scales
-        self.sums = torch.zeros(3)
-        """Of the step so far: the language-model loss, the MTP depths'
-        mean and the auxiliary losses."""
+        self.sums = None
+        """Of the step so far (``Pipeline.step`` starts them): the
+        language-model loss, the MTP depths' mean and the auxiliary
+        losses."""
 
     def _aux_loss(self) -> torch.Tensor:
         blocks = list(self.layers.values())
@@ -151,7 +152,6 @@ class Stage(nn.Module):
         if self.last:
             return self._objective(h_bsd, aheads, labels_bs, mask_bs)
         aux = self._aux_loss().to(h_bsd.device)
-        self.sums = self.sums.to(h_bsd.device)
         self.sums[2] += aux.detach()
         h_bsd = AuxLossGradient.apply(
             h_bsd, aux * self.scales["data_size"])
@@ -161,16 +161,13 @@ class Stage(nn.Module):
     def _objective(self, h_bsd, aheads, labels_bs, mask_bs) -> torch.Tensor:
         features = head_features(h_bsd, aheads, self.norm, self.mtp,
                                  self.rope)
-        main, *mtp = token_losses(features, self.head.weight, labels_bs,
-                                  mask_bs, self.scales["tokens"])
-        aux = self._aux_loss().to(main)
-        objective = main + aux
-        mtp_mean = sum(mtp) / len(mtp) if mtp else torch.zeros_like(main)
-        if mtp:
-            objective = objective + self.scales["mtp_weight"] * mtp_mean
-        self.sums = self.sums.to(main.device)
-        self.sums += torch.stack([main, mtp_mean, aux]).detach()
-        return (objective * self.scales["data_size"]).view(1)
+        objective, parts = micro_batch_objective(
+            token_losses(features, self.head.weight, labels_bs, mask_bs,
+                         self.scales["tokens"]),
+            self._aux_loss(), self.scales["mtp_weight"],
+            self.scales["data_size"])
+        self.sums += parts
+        return objective.view(1)
 
 
 def _identity_loss(output: torch.Tensor, target) -> torch.Tensor:

@@ -40,3 +40,23 @@ def token_losses(features: list[torch.Tensor], head_vd: torch.Tensor,
         losses.append(loss(x_bsd.flatten(0, 1), head_vd,
                            labels_bs[:, depth:].flatten(), scale_t))
     return losses
+
+
+def micro_batch_objective(losses: list[torch.Tensor], aux: torch.Tensor,
+                          mtp_weight: float, data_size: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a micro-batch differentiates, from its ``token_losses`` and
+    its share of the auxiliary losses, and (detached) its language-model
+    loss, MTP depths' mean and auxiliary loss for the step's sums.
+
+    The objective is multiplied by the data-parallel processes, since
+    FSDP averages their gradients (``coom.parallel.parallelize``).
+    """
+    main, *mtp = losses
+    aux = aux.to(main)
+    objective = main + aux
+    mtp_mean = sum(mtp) / len(mtp) if mtp else torch.zeros_like(main)
+    if mtp:
+        objective = objective + mtp_weight * mtp_mean
+    parts = torch.stack([main, mtp_mean, aux]).detach()
+    return objective * data_size, parts

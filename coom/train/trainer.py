@@ -55,7 +55,7 @@ from coom.train.checkpoint import (
     save_checkpoint,
     tensor_shapes,
 )
-from coom.train.loss import token_losses
+from coom.train.loss import micro_batch_objective, token_losses
 from coom.train.metrics import MetricsWriter, run_info
 from coom.train.optimizer import (
     build_optimizer,
@@ -345,16 +345,12 @@ class Trainer:
         # micro-batch would stall the GPU's queue.
         sums = torch.zeros(3, device=self.device)
         for batch in batches:
-            main, *mtp = self._losses(batch, tokens, with_mtp=depths > 0)
-            aux = self.model.aux_loss() / micro_batches
-            objective = main + aux
-            mtp_mean = sum(mtp) / depths if mtp else torch.zeros(())
-            if mtp:
-                objective = objective + mtp_weight * mtp_mean
-            # FSDP averages over the data-parallel processes (parallelize)
-            (objective * self.world.data_size).backward()
-            sums += torch.stack([main, mtp_mean.to(main), aux.to(main)
-                                 ]).detach()
+            objective, parts = micro_batch_objective(
+                self._losses(batch, tokens, with_mtp=depths > 0),
+                self.model.aux_loss() / micro_batches, mtp_weight,
+                self.world.data_size)
+            objective.backward()
+            sums += parts
         return sums
 
     def train_step(self) -> dict:
