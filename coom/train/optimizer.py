@@ -11,6 +11,12 @@ from torch import nn
 from coom.config import OptimizerConfig, ScheduleConfig
 
 
+def decays(parameter: torch.Tensor) -> bool:
+    """Whether weight decay applies: to matrices and embeddings, not to
+    norm scales."""
+    return parameter.dim() >= 2
+
+
 def build_optimizer(model: nn.Module,
                     config: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW that decays matrices and embeddings but not norm scales; the
@@ -20,7 +26,7 @@ def build_optimizer(model: nn.Module,
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+            (decay if decays(parameter) else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     on_gpu = any(parameter.is_cuda for parameter in decay)
