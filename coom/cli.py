@@ -74,6 +74,9 @@ def cmd_train(args) -> int:
         if trainer.world.main:
             print(f"training in {run_dir}")
         outcome = trainer.run()
+        while outcome == "growth":
+            trainer = Trainer(config, run_dir, trainer.world)
+            outcome = trainer.run()
     finally:
         trainer.world.close()
     if not trainer.world.main:

@@ -666,6 +666,48 @@ class EnergyConfig:
         _positive(self, "power_control_steps")
 
 
+GROWTH_OPERATORS = ("depth", "mtp", "width", "add_experts", "split_experts",
+                    "upcycle")
+"""The operators of ``coom.growth`` (docs/growth.md)."""
+
+
+@dataclass
+class GrowthStep:
+    """One growth of the model during a run."""
+
+    step: int = 0
+    """The optimizer step after which the model grows."""
+
+    op: str = ""
+    """The growth operator: one of GROWTH_OPERATORS."""
+
+    args: dict = field(default_factory=dict)
+    """The operator's arguments, e.g. {num_layers: 8}."""
+
+    def __post_init__(self):
+        _positive(self, "step")
+        _require(self.op in GROWTH_OPERATORS, "op",
+                 f"must be one of {', '.join(GROWTH_OPERATORS)}; got "
+                 f"{self.op!r}")
+
+
+@dataclass
+class GrowthConfig:
+    """Progressive model expansion (``coom/growth``, ``docs/growth.md``):
+    the model grows in flight, keeping what it computes."""
+
+    schedule: list[GrowthStep] = field(default_factory=list)
+    """Growths in step order; several at one step apply in list order.
+    Each is a mapping {step, op, args}, e.g. {step: 100, op: depth, args:
+    {num_layers: 8}}. The recipe's model section is the model before the
+    first."""
+
+    def __post_init__(self):
+        steps = [entry.step for entry in self.schedule]
+        _require(steps == sorted(steps), "schedule",
+                 f"steps must not decrease; got {steps}")
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run."""
@@ -680,6 +722,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
 
     def __post_init__(self):
         tensor = self.parallel.tensor
@@ -707,6 +750,11 @@ class RunConfig:
                  "schedule.lr_warmup_iters",
                  f"{self.schedule.lr_warmup_iters} exceeds train.steps "
                  f"{self.train.steps}")
+        last = max((entry.step for entry in self.growth.schedule),
+                   default=0)
+        _require(last < self.train.steps, "growth.schedule",
+                 f"a growth at step {last} must come before the run's "
+                 f"last step ({self.train.steps})")
         decay = self.schedule.lr_wsd_decay_iters
         _require(decay is None or self.schedule.lr_warmup_iters + decay
                  <= self.train.steps, "schedule.lr_wsd_decay_iters",
@@ -762,7 +810,10 @@ def _check_type(value, annotation, name: str):
     if origin is list:
         _require(isinstance(value, list), name,
                  f"must be a list, got {value!r}")
-        return [_check_type(v, args[0], name) for v in value]
+        return [_check_type(v, args[0], f"{name}[{index}]")
+                for index, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, f"{name}.")
     if annotation is float and isinstance(value, str):
         try:
             return float(value)

@@ -22,6 +22,7 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -41,9 +42,12 @@ from coom.data.synthetic import SyntheticSamples
 from coom.energy.ledger import EnergyLedger
 from coom.errors import UserError
 from coom.fp8.convert import check_hardware, convert_to_fp8
+from coom.growth.operators import describe
+from coom.growth.schedule import catch_up, due
 from coom.interop.weights import differences, read_weights
 from coom.layers.mla import preferred_attention
 from coom.models import Transformer
+from coom.models.info import model_info
 from coom.parallel.mesh import World, local_device, start_world
 from coom.parallel.parallelize import parallelize
 from coom.parallel.pipeline import Pipeline
@@ -163,16 +167,23 @@ def _stack(batches: list[Batch]) -> Batch:
 class Trainer:
     """Trains config's model in run_dir, from its latest checkpoint if any.
 
+    The model is the one growth.schedule gives at that checkpoint's step
+    (``coom.growth.schedule``): a trainer runs until the next growth, and
+    the next trainer grows the checkpoint and goes on.
+
     Args:
         config: the run config; model.vocab_size may be None and is then
             taken from the tokenizer.
         run_dir: the run directory (created by the caller).
+        world: the processes of the run, when a trainer before this one
+            started them.
     """
 
-    def __init__(self, config: RunConfig, run_dir: Path):
+    def __init__(self, config: RunConfig, run_dir: Path,
+                 world: Optional[World] = None):
         self.run_dir = run_dir
         self.device = local_device(resolve_device(config.train.device))
-        self.world = start_world(config.parallel, self.device)
+        self.world = world or start_world(config.parallel, self.device)
         _check_batch_split(config.train, self.world)
         check_hardware(config.fp8, self.device)
         torch.manual_seed(config.train.seed)
@@ -204,6 +215,14 @@ class Trainer:
                 prepared, self.config.data, train.seed,
                 train.micro_batch_size, train.steps * train.global_batch_size,
                 train.eval_iters * train.micro_batch_size)
+        self.recipe = self.config
+        self.config, self.grown = catch_up(self.recipe,
+                                           run_dir / "checkpoints")
+        self.model_info = model_info(self.config.model,
+                                     config.data.seq_length)
+        self.flops_per_step = self.model_info.training_flops_per_token \
+            * train.global_batch_size * config.data.seq_length
+        self.flops = 0.0
         with torch.device("meta"):
             self.model = Transformer(self.config.model)
         self.model.to_empty(device=self.device)
@@ -267,7 +286,8 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"step": self.step, "consumed_samples": self.consumed_samples,
-                "rng": rng, "tokenizer_sha256": self._tokenizer_sha256(),
+                "train_flops": self.flops, "rng": rng,
+                "tokenizer_sha256": self._tokenizer_sha256(),
                 "config": self.config.to_dict(),
                 "energy": self.energy.state_dict()}
 
@@ -289,6 +309,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
+        self.flops = state.get("train_flops", 0.0)
         self.energy.load_state_dict(state.get("energy"))
 
     def initialise_from(self, path: str) -> None:
@@ -383,6 +404,7 @@ class Trainer:
             sums = self._accumulate(batches, tokens, micro_batches,
                                     mtp_weight)
         self.consumed_samples += train.global_batch_size
+        self.flops += self.flops_per_step
         norm = _clip_gradients(self.model.parameters(),
                                self.config.optimizer.clip_grad, self.world)
         self.optimizer.step()
@@ -433,17 +455,29 @@ class Trainer:
         elif self.config.checkpoint.init_from:
             self.initialise_from(self.config.checkpoint.init_from)
         if self.world.main:
-            save_config(self.config, self.run_dir / "config.yaml")
+            save_config(self.recipe, self.run_dir / "config.yaml")
             info = json.dumps(run_info(), indent=1)
             (self.run_dir / "run_info.json").write_text(info)
         metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard,
                                 enabled=self.world.main)
+        if self.grown:
+            self._note_growth(metrics)
         try:
             with StopRequest() as stop, self._progress() as bar, \
                     self.energy:
                 return self._loop(metrics, stop, bar)
         finally:
             metrics.close()
+
+    def _note_growth(self, metrics: MetricsWriter) -> None:
+        growth = [describe(entry.op, entry.args) for entry in self.grown]
+        parameters = self.model_info.total_params
+        if self.world.main:
+            tqdm.write(f"grew the model after step {self.step}: "
+                       f"{'; '.join(growth)} (now {parameters:,} "
+                       "parameters)")
+        metrics.write({"step": self.step, "growth": growth,
+                       "total_params": parameters})
 
     def _loop(self, metrics: MetricsWriter, stop: StopRequest,
               bar: tqdm) -> str:
@@ -465,7 +499,8 @@ class Trainer:
             done = self.step == config.train.steps
             record = {"step": self.step, **step_metrics,
                       "tokens_per_s": steps * tokens_per_step / seconds,
-                      "consumed_samples": self.consumed_samples}
+                      "consumed_samples": self.consumed_samples,
+                      "train_flops": self.flops}
             if self.step % config.train.eval_interval == 0 or done:
                 record["val_loss"] = self.evaluate(self.valid)
                 self.energy.end_phase("eval")
@@ -484,7 +519,8 @@ class Trainer:
             stopping = signalled or over_budget or (
                 config.train.exit_interval
                 and self.step % config.train.exit_interval == 0)
-            if done or stopping \
+            growing = bool(due(config.growth.schedule, self.step))
+            if done or stopping or growing \
                     or self.step % config.checkpoint.interval == 0:
                 self.save()
                 self.energy.end_phase("checkpoint")
@@ -492,4 +528,6 @@ class Trainer:
                 if signalled:
                     return stop.signal_name or "a signal to another process"
                 return over_budget or "exit_interval"
+            if growing:
+                return "growth"
         return "done"

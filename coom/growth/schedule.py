@@ -1,0 +1,129 @@
+"""Growth in flight: ``growth.schedule`` applied to a run's checkpoints.
+
+The recipe's model section is the model before any growth, and the
+schedule says what it becomes after each step, so the model at any step
+is a pure function of the recipe (``model_at``). A growth step goes
+through a checkpoint:
+
+1. the trainer finishes the step, saves its checkpoint ``step_N`` and
+   stops (the loop's outcome is ``"growth"``);
+2. the next trainer finds that checkpoint one growth behind the
+   schedule; the first process loads it whole, applies the step's
+   operators to the weights and the optimizer moments, and publishes
+   ``step_N-grown`` as the latest checkpoint (atomically, like every
+   checkpoint), while the others wait;
+3. that trainer builds the grown model, parallelises it for the run's
+   layout, and resumes from the grown checkpoint, which reshards.
+
+A run stopped anywhere (even between steps 1 and 2) resumes the same
+way, and continues as the uninterrupted run would: the step, the data
+position, the random generators and the learning-rate schedule carry on
+from the checkpoint; only the model is bigger. The new weights are drawn
+from ``train.seed`` plus the step.
+"""
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from coom.config import GrowthStep, ModelConfig, RunConfig
+from coom.errors import UserError
+from coom.growth.operators import grow, grown_config
+from coom.models import Transformer
+from coom.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    on_first_process,
+    read_train_state,
+    save_checkpoint,
+)
+
+GROWN = "-grown"
+"""Suffix of the checkpoint that holds a step's grown model."""
+
+
+def model_at(model: ModelConfig, schedule: list[GrowthStep],
+             step: int) -> ModelConfig:
+    """The model after step: model grown by every entry up to step."""
+    for entry in schedule:
+        if entry.step <= step:
+            model = grown_config(model, entry.op, entry.args)
+    return model
+
+
+def due(schedule: list[GrowthStep], step: int) -> list[GrowthStep]:
+    """The growths that follow step."""
+    return [entry for entry in schedule if entry.step == step]
+
+
+def check_schedule(config: RunConfig) -> None:
+    """Refuse a schedule whose operators or grown models do not fit the
+    run, before any work: every grown model must make a valid run."""
+    model = config.model
+    for index, entry in enumerate(config.growth.schedule):
+        try:
+            model = grown_config(model, entry.op, entry.args)
+            replace(config, model=model)
+        except UserError as error:
+            raise UserError(f"config field growth.schedule[{index}] "
+                            f"(step {entry.step}): {error}") from None
+
+
+def grow_checkpoint(path: Path, entries: list[GrowthStep], seed: int,
+                    keep: int) -> Path:
+    """Apply entries to the checkpoint at path and publish the result
+    beside it as the latest checkpoint, by this process alone."""
+    state = load_checkpoint(path)
+    model = ModelConfig(**state["config"]["model"])
+    weights, optimizer = state.pop("model"), state.pop("optimizer")
+    for offset, entry in enumerate(entries):
+        grown = grow(model, weights, optimizer, entry.op, entry.args,
+                     seed + offset)
+        model, weights, optimizer = grown.config, grown.weights, \
+            grown.optimizer
+    state["config"] = state["config"] | {"model": asdict(model)}
+    return save_checkpoint(path.parent, state["step"],
+                           {"model": weights, "optimizer": optimizer},
+                           state, keep, suffix=GROWN, alone=True)
+
+
+def _shapes(config: ModelConfig) -> dict[str, tuple]:
+    """The model's tensor shapes by name: what tells a grown model from
+    the one before (fields that shape nothing may change on resume)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(tensor.shape)
+            for name, tensor in model.state_dict().items()}
+
+
+def catch_up(config: RunConfig, checkpoints: Path
+             ) -> tuple[RunConfig, list[GrowthStep]]:
+    """config with the model of the run's latest checkpoint, and the
+    growths applied to reach it now. When that checkpoint is one growth
+    behind the schedule, the first process grows it first (every process
+    calls this, and all wait for it)."""
+    schedule = config.growth.schedule
+    if not schedule:
+        return config, []
+    check_schedule(config)
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        return config, []
+    state = read_train_state(latest)
+    step = state["step"]
+    stored = _shapes(ModelConfig(**state["config"]["model"]))
+    expected = model_at(config.model, schedule, step)
+    entries = []
+    if stored != _shapes(expected):
+        entries = due(schedule, step)
+        before = model_at(config.model, schedule, step - 1)
+        if stored != _shapes(before) or not entries:
+            raise UserError(
+                f"checkpoint {latest} holds a model that growth.schedule "
+                f"does not give at step {step}; resume with the recipe "
+                "(model section and growth schedule) the run was started "
+                "with")
+        on_first_process(lambda: grow_checkpoint(
+            latest, entries, config.train.seed + step,
+            config.checkpoint.keep))
+    return replace(config, model=expected), entries
