@@ -141,6 +141,16 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_grow(args) -> int:
+    from coom.growth.offline import grow_folder, parse_op
+    ops = [parse_op(words) for words in args.op]
+    recipe = grow_folder(Path(args.source), Path(args.out), ops, args.seed,
+                         args.overwrite)
+    print(f"wrote {args.out}; train the grown model with: coom train "
+          f"{recipe}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -313,6 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true",
                          help="replace OUT if it exists")
     convert.set_defaults(handler=cmd_convert)
+
+    grow = commands.add_parser(
+        "grow", help="grow a model offline, keeping what it computes",
+        description="Apply growth operators (docs/growth.md) to a model "
+        "and write it as a checkpoint folder with a recipe that trains "
+        "it. To grow while training, use the recipe's growth.schedule.")
+    grow.add_argument("source", metavar="SOURCE",
+                      help="run directory, checkpoint folder or Hugging "
+                      "Face folder")
+    grow.add_argument("out", metavar="OUT", help="folder to write")
+    grow.add_argument("--op", nargs="+", action="append", required=True,
+                      metavar="WORD", help="an operator and its arguments, "
+                      "e.g. --op depth num_layers=8; repeat to apply "
+                      "several in order")
+    grow.add_argument("--seed", type=int, default=0,
+                      help="seed of the new weights")
+    grow.add_argument("--overwrite", action="store_true",
+                      help="replace OUT if it exists")
+    grow.set_defaults(handler=cmd_grow)
 
     generate = commands.add_parser(
         "generate", help="sample text from a model",

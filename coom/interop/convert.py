@@ -17,7 +17,7 @@ import yaml
 
 from coom.errors import UserError
 from coom.interop.hf import save_hf
-from coom.interop.weights import read_weights
+from coom.interop.weights import Weights, read_weights
 from coom.train.checkpoint import write_checkpoint_folder
 
 
@@ -43,13 +43,11 @@ def to_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
     return out
 
 
-def from_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
-    """Import the Hugging Face folder source as a COOM checkpoint folder
-    out with a recipe that trains from it; returns the recipe's path."""
-    if not (source / "config.json").is_file():
-        raise UserError(f"{source} is not a Hugging Face model folder (no "
-                        "config.json)")
-    weights = read_weights(source)
+def write_model_folder(weights: Weights, out: Path, overwrite: bool,
+                       comment: str) -> Path:
+    """Write weights as a COOM checkpoint folder out (with the tokenizer
+    when there is one) and a recipe that trains from it; returns the
+    recipe's path."""
     _empty_folder(out, overwrite)
     model = dataclasses.asdict(weights.config)
     data = {}
@@ -57,11 +55,22 @@ def from_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
         shutil.copyfile(weights.tokenizer, out / "tokenizer.json")
         data["tokenizer"] = str((out / "tokenizer.json").resolve())
     write_checkpoint_folder(out, {"model": weights.state},
-                            {"config": {"model": model, "data": data}})
+                            {"config": {"model": model, "data": data},
+                             "tokenizer_sha256": weights.tokenizer_sha256})
     recipe = {"model": model, "data": data,
               "checkpoint": {"init_from": str(out.resolve())}}
     path = out / "recipe.yaml"
-    path.write_text(
-        f"# Continues training the model imported from {source}.\n"
-        + yaml.safe_dump(recipe, sort_keys=False))
+    path.write_text(f"# {comment}\n"
+                    + yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def from_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
+    """Import the Hugging Face folder source as a COOM checkpoint folder
+    out with a recipe that trains from it; returns the recipe's path."""
+    if not (source / "config.json").is_file():
+        raise UserError(f"{source} is not a Hugging Face model folder (no "
+                        "config.json)")
+    return write_model_folder(
+        read_weights(source), out, overwrite,
+        f"Continues training the model imported from {source}.")

@@ -216,7 +216,7 @@ def test_errors_print_one_line_without_traceback(small_run, tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["--help"], ["train", "--help"], ["data", "--help"],
-    ["data", "prepare", "--help"], ["report", "--help"]])
+    ["data", "prepare", "--help"], ["report", "--help"], ["grow", "--help"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as caught:
         main(argv)
