@@ -89,6 +89,7 @@ def write_report(run_dir: Path) -> Path:
     _plot_energy(out, records)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     valid = _series(records, "val_loss")[1]
+    growth = [record for record in records if "growth" in record]
     speeds = _series(records, "tokens_per_s")[1]
     lines = [
         f"# Run {run_dir.name}", "",
@@ -97,10 +98,13 @@ def write_report(run_dir: Path) -> Path:
         f"- validation loss: first {valid[0]:.4f}, last {valid[-1]:.4f}, "
         f"best {min(valid):.4f}" if valid else "- validation loss: none",
         f"- mean tokens/s: {sum(speeds) / len(speeds):,.0f}",
-        f"- model: {config['model']['num_layers']} layers, hidden "
+        f"- model{' before growth' if growth else ''}: "
+        f"{config['model']['num_layers']} layers, hidden "
         f"{config['model']['hidden_size']}, vocabulary "
         f"{config['model']['vocab_size']}",
-        _energy_line(records, config), "",
+        _energy_line(records, config),
+        *(f"- grown after step {r['step']}: {'; '.join(r['growth'])}"
+          for r in growth), "",
         "![loss](loss.png)", "![tokens/s](tokens_per_s.png)",
         "![learning rate](lr.png)", ""]
     for name in ("max_vio", "joules_per_token", "energy_kwh"):

@@ -223,6 +223,7 @@ class Trainer:
         self.flops_per_step = self.model_info.training_flops_per_token \
             * train.global_batch_size * config.data.seq_length
         self.flops = 0.0
+        self.seconds = 0.0
         with torch.device("meta"):
             self.model = Transformer(self.config.model)
         self.model.to_empty(device=self.device)
@@ -286,7 +287,8 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"step": self.step, "consumed_samples": self.consumed_samples,
-                "train_flops": self.flops, "rng": rng,
+                "train_flops": self.flops, "train_seconds": self.seconds,
+                "rng": rng,
                 "tokenizer_sha256": self._tokenizer_sha256(),
                 "config": self.config.to_dict(),
                 "energy": self.energy.state_dict()}
@@ -310,6 +312,7 @@ class Trainer:
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
         self.flops = state.get("train_flops", 0.0)
+        self.seconds = state.get("train_seconds", 0.0)
         self.energy.load_state_dict(state.get("energy"))
 
     def initialise_from(self, path: str) -> None:
@@ -494,13 +497,15 @@ class Trainer:
             started = time.perf_counter()
             step_metrics = self.train_step()
             step_seconds = time.perf_counter() - started
+            self.seconds += step_seconds
             self.energy.end_phase("step")
             seconds, steps = seconds + step_seconds, steps + 1
             done = self.step == config.train.steps
             record = {"step": self.step, **step_metrics,
                       "tokens_per_s": steps * tokens_per_step / seconds,
                       "consumed_samples": self.consumed_samples,
-                      "train_flops": self.flops}
+                      "train_flops": self.flops,
+                      "train_seconds": self.seconds}
             if self.step % config.train.eval_interval == 0 or done:
                 record["val_loss"] = self.evaluate(self.valid)
                 self.energy.end_phase("eval")

@@ -56,6 +56,9 @@ def test_growth_in_flight_resumes_exactly_and_keeps_the_function(
             for key in ("loss", "grad_norm", "val_loss", "train_flops",
                         "consumed_samples", "growth"):
                 assert ours.get(key) == theirs.get(key), (key, ours["step"])
+    assert main(["report", str(straight)]) == 0
+    summary = (straight / "report" / "summary.md").read_text()
+    assert "grown after step 2: depth num_layers=3" in summary
     flops = [r["train_flops"] for r in expected[1:]]
     steps = [b - a for a, b in zip([0.0] + flops, flops)]
     assert steps[0] == steps[1] < steps[2] == steps[3] < steps[4]
