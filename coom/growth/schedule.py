@@ -8,10 +8,11 @@ through a checkpoint:
 1. the trainer finishes the step, saves its checkpoint ``step_N`` and
    stops (the loop's outcome is ``"growth"``);
 2. the next trainer finds that checkpoint one growth behind the
-   schedule; the first process loads it whole, applies the step's
-   operators to the weights and the optimizer moments, and publishes
-   ``step_N-grown`` as the latest checkpoint (atomically, like every
-   checkpoint), while the others wait;
+   schedule; every process loads it whole on the CPU and applies the
+   step's operators to the weights and the optimizer moments (the same
+   on each: the new weights are drawn from one seed), and together they
+   publish ``step_N-grown`` as the latest checkpoint (atomically, like
+   every checkpoint; DCP writes each tensor once);
 3. that trainer builds the grown model, parallelises it for the run's
    layout, and resumes from the grown checkpoint, which reshards.
 
@@ -33,7 +34,6 @@ from coom.models import Transformer
 from coom.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    on_first_process,
     read_train_state,
     save_checkpoint,
 )
@@ -72,7 +72,8 @@ def check_schedule(config: RunConfig) -> None:
 def grow_checkpoint(path: Path, entries: list[GrowthStep], seed: int,
                     keep: int) -> Path:
     """Apply entries to the checkpoint at path and publish the result
-    beside it as the latest checkpoint, by this process alone."""
+    beside it as the latest checkpoint; every process of the run calls
+    it."""
     state = load_checkpoint(path)
     model = ModelConfig(**state["config"]["model"])
     weights, optimizer = state.pop("model"), state.pop("optimizer")
@@ -84,7 +85,7 @@ def grow_checkpoint(path: Path, entries: list[GrowthStep], seed: int,
     state["config"] = state["config"] | {"model": asdict(model)}
     return save_checkpoint(path.parent, state["step"],
                            {"model": weights, "optimizer": optimizer},
-                           state, keep, suffix=GROWN, alone=True)
+                           state, keep, suffix=GROWN)
 
 
 def _shapes(config: ModelConfig) -> dict[str, tuple]:
@@ -100,8 +101,8 @@ def catch_up(config: RunConfig, checkpoints: Path
              ) -> tuple[RunConfig, list[GrowthStep]]:
     """config with the model of the run's latest checkpoint, and the
     growths applied to reach it now. When that checkpoint is one growth
-    behind the schedule, the first process grows it first (every process
-    calls this, and all wait for it)."""
+    behind the schedule, it is grown first (every process calls this).
+    """
     schedule = config.growth.schedule
     if not schedule:
         return config, []
@@ -123,7 +124,6 @@ def catch_up(config: RunConfig, checkpoints: Path
                 f"does not give at step {step}; resume with the recipe "
                 "(model section and growth schedule) the run was started "
                 "with")
-        on_first_process(lambda: grow_checkpoint(
-            latest, entries, config.train.seed + step,
-            config.checkpoint.keep))
+        grow_checkpoint(latest, entries, config.train.seed + step,
+                        config.checkpoint.keep)
     return replace(config, model=expected), entries

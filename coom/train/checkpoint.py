@@ -84,7 +84,7 @@ def _write_pointer(folder: Path, name: str) -> None:
     _fsync(folder)
 
 
-def on_first_process(work) -> None:
+def _on_first_process(work) -> None:
     """Run work on the first process, in place of a barrier: every
     process learns whether it failed, so that none waits for ever on a
     process that stopped with an error (disk full, permissions)."""
@@ -105,20 +105,14 @@ def on_first_process(work) -> None:
         raise error
 
 
-def _alone(work) -> None:
-    work()
-
-
 def write_checkpoint_folder(folder: Path, tensors: dict,
-                            train_state: dict, alone: bool = False) -> None:
+                            train_state: dict) -> None:
     """Write a checkpoint's files into the existing folder: tensors with
-    DCP (every process, collectively, unless alone: this process by
-    itself, whole tensors), then, by the first process, train_state and
-    ``meta.json``, each file fsynced. tensors' values may be sharded
-    (DTensors)."""
+    DCP (every process, collectively), then, by the first process,
+    train_state and ``meta.json``, each file fsynced. tensors' values may
+    be sharded (DTensors)."""
     with _quiet_in_one_process():
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder),
-                 no_dist=alone)
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
 
     def write_the_rest():
         torch.save(train_state, folder / TRAIN_STATE)
@@ -129,18 +123,15 @@ def write_checkpoint_folder(folder: Path, tensors: dict,
         for path in folder.iterdir():
             _fsync(path)
         _fsync(folder)
-    (_alone if alone else on_first_process)(write_the_rest)
+    _on_first_process(write_the_rest)
 
 
 def save_checkpoint(folder: Path, step: int, tensors: dict,
-                    train_state: dict, keep: int, suffix: str = "",
-                    alone: bool = False) -> Path:
+                    train_state: dict, keep: int, suffix: str = "") -> Path:
     """Write the checkpoint of step (named ``step_NNNNNNN`` plus suffix)
-    and keep the newest ``keep``. Every process calls it, and only the
-    first one's train_state is written; or, alone, one process writes
-    all of it."""
+    and keep the newest ``keep``. Every process calls it; only the first
+    one's train_state is written."""
     name = f"{PREFIX}{step:07d}{suffix}"
-    run = _alone if alone else on_first_process
     temporary, final = folder / f".tmp-{name}", folder / name
 
     def prepare():
@@ -157,9 +148,9 @@ def save_checkpoint(folder: Path, step: int, tensors: dict,
         _write_pointer(folder, name)
         for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    run(prepare)
-    write_checkpoint_folder(temporary, tensors, train_state, alone)
-    run(publish)
+    _on_first_process(prepare)
+    write_checkpoint_folder(temporary, tensors, train_state)
+    _on_first_process(publish)
     return final
 
 
