@@ -86,7 +86,8 @@ def plot(out: Path, name: str, path: Path, result: dict) -> None:
     for run in ("scratch", name):
         records = _evaluations(out / run)
         axis.plot([r["train_flops"] for r in records],
-                  [r["val_loss"] for r in records], marker="o", label=run)
+                  [r["val_loss"] for r in records], marker="o",
+                  label="from scratch" if run == "scratch" else "grown")
     for event in result["growth"]:
         flops = next(r["train_flops"] for r in read_metrics(out / name)
                      if r["step"] == event["step"] and "train_flops" in r)
