@@ -50,7 +50,7 @@ def _train(run_dir, processes: int, *overrides: str):
                   *overrides, before_retry=lambda: shutil.rmtree(run_dir))
 
 
-def _losses(run_dir) -> list[float]:
+def logged_losses(run_dir) -> list[float]:
     with open(run_dir / "metrics.jsonl") as file:
         records = [json.loads(line) for line in file]
     return [record["loss"] for record in records if "loss" in record]
@@ -76,7 +76,7 @@ def _close(ours: torch.Tensor, expected: torch.Tensor, bound: float):
 def assert_matches(single, run_dir) -> None:
     """run_dir's losses, first gradients and last weights are single's,
     within the module docstring's bounds."""
-    expected, losses = _losses(single), _losses(run_dir)
+    expected, losses = logged_losses(single), logged_losses(run_dir)
     assert len(losses) == len(expected) == STEPS
     for ours, reference in zip(losses, expected):
         assert abs(ours - reference) <= 1e-5 * abs(reference)
@@ -135,13 +135,13 @@ def test_resumes_at_another_layout(single, tmp_path, saved, resumed):
     split by expert (each process writes its own; DCP reshards)."""
     processes, overrides = saved
     check(_train(tmp_path, processes, *overrides, "train.exit_interval=3"))
-    assert len(_losses(tmp_path)) == 3
+    assert len(logged_losses(tmp_path)) == 3
     processes, overrides = resumed
     # A second attempt resumes from the first one's last checkpoint, but
     # logs the steps after it again: the count of losses below fails it.
     check(launch(processes, "train", "--resume", str(tmp_path), "--set",
                  *overrides, "train.exit_interval=null"))
-    losses, expected = _losses(tmp_path), _losses(single)
+    losses, expected = logged_losses(tmp_path), logged_losses(single)
     assert len(losses) == STEPS
     for ours, reference in zip(losses[3:], expected[3:]):
         assert abs(ours - reference) <= 1e-5 * abs(reference)

@@ -14,9 +14,9 @@ from coom.parallel.pipeline import (
 from tests.launch import check, launch
 from tests.parallel.test_layouts import (
     STEPS,
-    _losses,
     _train,
     assert_matches,
+    logged_losses,
 )
 
 FOUR_BLOCKS = "model.num_layers=4"
@@ -89,10 +89,10 @@ def test_resumes_without_the_pipeline(single, tmp_path):
     check(_train(tmp_path, 2, FOUR_BLOCKS, "parallel.pipeline=2",
                  "parallel.pipeline_schedule=DualPipeV",
                  "train.exit_interval=3"))
-    assert len(_losses(tmp_path)) == 3
+    assert len(logged_losses(tmp_path)) == 3
     check(launch(1, "train", "--resume", str(tmp_path), "--set",
                  "parallel.pipeline=1", "train.exit_interval=null"))
-    losses, expected = _losses(tmp_path), _losses(single)
+    losses, expected = logged_losses(tmp_path), logged_losses(single)
     assert len(losses) == STEPS
     for ours, reference in zip(losses[3:], expected[3:]):
         assert abs(ours - reference) <= 1e-5 * abs(reference)
