@@ -3,7 +3,7 @@ model needs to reach the from-scratch model's final validation loss.
 
 Usage: python3 benchmarks/growth.py RECIPE --out DIR --start "model.X=.."
 --schedule "[{step: .., op: .., args: {..}}]" [--set ...] [--grown-set
-...] [--name NAME] [--plot FILE]
+...] [--name NAME ...] [--plot FILE]
 
 It trains RECIPE (with --set) from scratch in DIR/scratch, and the same
 recipe (plus --grown-set, e.g. more steps) from the smaller --start
@@ -13,7 +13,8 @@ the first evaluation at which the grown run's validation loss is at or
 below the scratch run's final one, and prints the training FLOPs,
 seconds and energy (where metered) each run spent to get there. --only
 runs one of the two (several grown variants can share one scratch run)
-or neither (analyse).
+or neither (analyse: then --name may list several grown runs, which the
+plot draws together).
 """
 import argparse
 import json
@@ -81,20 +82,26 @@ def analyse(out: Path, name: str) -> dict:
     return result
 
 
-def plot(out: Path, name: str, path: Path, result: dict) -> None:
+def plot(out: Path, results: dict, path: Path) -> None:
+    """Validation loss against training FLOPs: scratch and each grown run
+    (results by folder name), a dotted line at each growth."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for run in ("scratch", name):
+    runs = [("scratch", "from scratch")] + [
+        (name, f"grown ({name})") for name in results]
+    for run, label in runs:
         records = _evaluations(out / run)
-        axis.plot([r["train_flops"] for r in records],
-                  [r["val_loss"] for r in records], marker="o",
-                  label="from scratch" if run == "scratch" else "grown")
-    for event in result["growth"]:
-        flops = next(r["train_flops"] for r in read_metrics(out / name)
-                     if r["step"] == event["step"] and "train_flops" in r)
-        axis.axvline(flops, color="gray", linestyle=":", linewidth=1)
-    axis.axhline(result["target_val_loss"], color="gray", linewidth=0.8)
+        line, = axis.plot([r["train_flops"] for r in records],
+                          [r["val_loss"] for r in records], marker="o",
+                          markersize=3, label=label)
+        for event in results.get(run, {}).get("growth", []):
+            flops = next(r["train_flops"] for r in read_metrics(out / run)
+                         if r["step"] == event["step"] and "train_flops" in r)
+            axis.axvline(flops, color=line.get_color(), linestyle=":",
+                         linewidth=1)
+    target = next(iter(results.values()))["target_val_loss"]
+    axis.axhline(target, color="gray", linewidth=0.8)
     axis.set(xlabel="training FLOPs", ylabel="validation loss",
-             title="grown (dotted: growth) vs from scratch")
+             title="grown (dotted: growths) vs from scratch")
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -113,26 +120,31 @@ def main() -> None:
                         help="the grown run's growth.schedule (YAML)")
     parser.add_argument("--grown-set", nargs="*", default=[],
                         help="overrides of the grown run only")
-    parser.add_argument("--name", default="grown",
-                        help="the grown run's folder in --out")
+    parser.add_argument("--name", nargs="+", default=["grown"],
+                        help="the grown run's folder in --out (several "
+                        "for analyse)")
     parser.add_argument("--only", choices=["scratch", "grown", "analyse"])
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.only in (None, "scratch"):
         _train(args.recipe, args.out / "scratch", args.overrides)
+    if args.only != "analyse" and len(args.name) != 1:
+        parser.error("training a grown run takes one --name")
     if args.only in (None, "grown"):
-        _train(args.recipe, args.out / args.name,
+        _train(args.recipe, args.out / args.name[0],
                args.overrides + args.grown_set + shlex.split(args.start)
                + [f"growth.schedule={args.schedule}"])
     if args.only not in (None, "analyse"):
         return
-    result = analyse(args.out, args.name)
-    print(json.dumps(result, indent=1))
+    results = {name: analyse(args.out, name) for name in args.name}
+    text = json.dumps(results if len(results) > 1 else results[args.name[0]],
+                      indent=1)
+    print(text)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        args.json.write_text(text + "\n")
     if args.plot:
-        plot(args.out, args.name, args.plot, result)
+        plot(args.out, results, args.plot)
 
 
 if __name__ == "__main__":
