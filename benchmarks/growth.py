@@ -37,7 +37,9 @@ from coom.train.metrics import read_metrics  # noqa: E402
 
 def _train(recipe: str, run_dir: Path, overrides: list[str]) -> None:
     command = [sys.executable, "-m", "coom", "train", recipe, "--run-dir",
-               str(run_dir), "--overwrite", "--set", *overrides]
+               str(run_dir), "--overwrite"]
+    if overrides:
+        command += ["--set", *overrides]
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
 
@@ -127,10 +129,10 @@ def main() -> None:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.only in (None, "scratch"):
-        _train(args.recipe, args.out / "scratch", args.overrides)
     if args.only != "analyse" and len(args.name) != 1:
         parser.error("training a grown run takes one --name")
+    if args.only in (None, "scratch"):
+        _train(args.recipe, args.out / "scratch", args.overrides)
     if args.only in (None, "grown"):
         _train(args.recipe, args.out / args.name[0],
                args.overrides + args.grown_set + shlex.split(args.start)
