@@ -552,10 +552,6 @@ class ParallelConfig:
                  "is not supported yet: COOM parallelises over data "
                  "(data_parallel_replicate, data_parallel_shard), tensor, "
                  "expert and pipeline only")
-        _require(self.pipeline == 1 or self.tensor == self.expert == 1,
-                 "pipeline", "pipeline parallelism does not run with "
-                 "tensor or expert parallelism yet; set tensor=1 and "
-                 "expert=1, or pipeline=1")
         _require(self.pipeline_stages_per_process == 2 or
                  self.pipeline_schedule not in ("ZBVZeroBubble",
                                                 "DualPipeV"),
@@ -566,9 +562,6 @@ class ParallelConfig:
                  f"{expert} does not divide data_parallel_shard {shard}; "
                  "expert-parallel processes are taken from "
                  "data_parallel_shard's")
-        _require(expert == 1 or self.tensor == 1, "expert",
-                 "expert parallelism does not run with tensor parallelism "
-                 "yet; set tensor=1 or expert=1")
 
     @property
     def pipeline_stages(self) -> int:

@@ -136,7 +136,7 @@ def parallelize(model: nn.Module, world: World,
     # compute the weight gradients after FSDP has reduced them, and lose
     # them, measured on torch 2.13; the optimizer then sees only plain
     # tensors.)
-    if not (stages and world.data_size == 1):
+    if not (stages and world.data_size == world.tensor_size == 1):
         mesh = world.data_mesh()
         for module in [*blocks, *(stages or [model])]:
             fully_shard(module, mesh=mesh)

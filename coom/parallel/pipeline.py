@@ -194,13 +194,14 @@ class Pipeline:
     def __init__(self, model: Transformer, world: World,
                  parallel: ParallelConfig, micro_batches: int,
                  micro_batch_shape: tuple[int, int]):
-        if parallel.pipeline_schedule in ZERO_BUBBLE and world.data_size > 1:
+        if parallel.pipeline_schedule in ZERO_BUBBLE and (
+                world.data_size > 1 or world.tensor_size > 1):
             raise UserError(
                 f"config field parallel.pipeline_schedule: "
                 f"{parallel.pipeline_schedule} does not run with data "
-                "parallelism yet (its weight gradients come after FSDP has "
-                "reduced them); use 1F1B or Interleaved1F1B, or no data "
-                "parallelism")
+                "or tensor parallelism yet (both wrap the stages in FSDP, "
+                "and its weight gradients come after FSDP has reduced "
+                "them); use 1F1B or Interleaved1F1B, or neither")
         self.world = world
         self.parallel = parallel
         self.micro_batches = micro_batches

@@ -1,7 +1,7 @@
 """Data, tensor and expert parallelism under torchrun, on gloo: FSDP2,
 HSDP, tensor-parallel, FSDP x TP and expert-parallel runs (alone, under
-FSDP and under HSDP) of the tiny model give the single process's losses
-and weights.
+FSDP, under HSDP and with TP), and pipelines with TP or EP in each stage,
+of the tiny model give the single process's losses and weights.
 
 Each run trains 5 steps in float32 on random tokens, from the same seed,
 with the same global batch (4 sequences, micro-batches of 1): one
@@ -109,8 +109,11 @@ def single(tmp_path_factory):
     (2, ["parallel.expert=2"]),
     (4, ["parallel.expert=2"]),
     (4, ["parallel.data_parallel_replicate=2", "parallel.expert=2"]),
+    (4, ["parallel.tensor=2", "parallel.expert=2"]),
+    (4, ["parallel.pipeline=2", "parallel.tensor=2"]),
+    (4, ["parallel.pipeline=2", "parallel.expert=2"]),
 ], ids=["fsdp2", "replicate2", "hsdp2x2", "tp2", "fsdp2xtp2", "ep2",
-        "fsdp2xep2", "replicate2xep2"])
+        "fsdp2xep2", "replicate2xep2", "ep2xtp2", "pp2xtp2", "pp2xep2"])
 def test_matches_one_process(single, tmp_path, processes, overrides):
     check(_train(tmp_path, processes, *overrides))
     assert_matches(single, tmp_path)

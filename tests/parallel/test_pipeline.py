@@ -76,11 +76,15 @@ def test_matches_one_process(single, tmp_path, processes, overrides):
     assert_matches(single, tmp_path)
 
 
-def test_zero_bubble_with_data_parallelism_is_refused(tmp_path):
+@pytest.mark.parametrize("other", ["parallel.data_parallel_shard=2",
+                                   "parallel.tensor=2"])
+def test_zero_bubble_with_data_or_tensor_parallelism_is_refused(tmp_path,
+                                                                other):
     result = _train(tmp_path, 4, FOUR_BLOCKS, "parallel.pipeline=2",
-                    "parallel.pipeline_schedule=DualPipeV")
+                    "parallel.pipeline_schedule=DualPipeV", other)
     assert result.returncode != 0
-    assert "DualPipeV does not run with data parallelism" in result.stderr
+    assert "DualPipeV does not run with data or tensor parallelism" \
+        in result.stderr
 
 
 def test_resumes_without_the_pipeline(single, tmp_path):
