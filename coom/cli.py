@@ -151,6 +151,24 @@ def cmd_grow(args) -> int:
     return 0
 
 
+def cmd_experts_rebalance(args) -> int:
+    from coom.parallel.rebalance import rebalance_run
+    run_dir = Path(args.run_dir)
+    plans = rebalance_run(run_dir, args.ranks, args.dry_run)
+    print(f"busiest of {args.ranks} expert-parallel ranks over the mean, "
+          "by MoE layer (measured load):")
+    for plan in plans:
+        print(f"  layer {plan.index}: {plan.before:.3f} -> "
+              f"{plan.after:.3f}")
+    if args.dry_run:
+        print("dry run: nothing written")
+    else:
+        print(f"experts renumbered in the latest checkpoint of {run_dir}; "
+              f"continue with: coom train --resume {run_dir} --set "
+              f"parallel.expert={args.ranks}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -412,6 +430,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where to write the best setting (default: "
                        "energy-sweep-RECIPE.yaml); never overwritten")
     bench.set_defaults(handler=cmd_bench)
+
+    experts = commands.add_parser(
+        "experts", help="expert placement",
+        description="Expert commands.").add_subparsers(
+            dest="experts_command", required=True)
+    rebalance = experts.add_parser(
+        "rebalance", help="renumber a run's experts to balance expert "
+        "parallelism",
+        description="Plan a placement of each MoE layer's routed experts "
+        "on the expert-parallel ranks from the load the run measured "
+        "since its last rebalance, and apply it to the run's latest "
+        "checkpoint by renumbering the experts (nothing the model "
+        "computes changes). The run then resumes from the renumbered "
+        "checkpoint (docs/distributed.md).")
+    rebalance.add_argument("run_dir", metavar="RUN_DIR",
+                           help="a run directory written by coom train")
+    rebalance.add_argument("--ranks", type=int, required=True,
+                           help="expert-parallel ranks to balance "
+                           "(parallel.expert of the resumed run)")
+    rebalance.add_argument("--dry-run", action="store_true",
+                           help="report the plan, write nothing")
+    rebalance.set_defaults(handler=cmd_experts_rebalance)
 
     report = commands.add_parser(
         "report", help="plot and summarise a run",

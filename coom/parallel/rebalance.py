@@ -1,0 +1,158 @@
+"""``coom experts rebalance``: a run's expert placement planned from the
+load it measured, applied to its latest checkpoint.
+
+Expert parallelism over R ranks puts expert i on rank i // (e / R). Under
+a skewed load some ranks then get far more tokens than others. Which
+expert is called i is arbitrary, though: renumbering a layer's routed
+experts (their weights, router rows, router biases and Adam moments
+together) changes nothing the model computes, only which rank holds
+which expert. So a placement without redundant copies
+(``coom.parallel.placement.plan_placement``) is applied by renumbering
+each MoE layer's experts in its slot order, at a checkpoint boundary:
+
+1. the per-expert load of each MoE layer is summed over the run's logged
+   steps since the last rebalance (``moe_load_layerN`` in metrics.jsonl);
+2. each layer's placement over ``ranks`` is planned from it;
+3. the latest checkpoint is loaded whole, renumbered, and published as
+   ``step_N-rebalanced``, the run's latest; ``coom train --resume``
+   continues from it, at any layout.
+
+Under group-limited routing (``model.n_group`` > 1) an expert's number
+fixes its group, so renumbering would change the routing; it is refused.
+Redundant copies of hot experts need the dispatcher to spread a hot
+expert's tokens over its replicas, which expert parallelism does not do
+yet.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from coom.config import ModelConfig
+from coom.errors import UserError
+from coom.parallel.placement import identity_placement, plan_placement
+from coom.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from coom.train.metrics import MetricsWriter, read_metrics
+
+REBALANCED = "-rebalanced"
+"""Suffix of the checkpoint that holds a step's renumbered experts."""
+ROUTED = ("router.weight", "router.bias", "experts.w1", "experts.w3",
+          "experts.w2")
+"""A MoE layer's tensors whose first dimension is the routed expert."""
+
+
+@dataclass
+class LayerPlan:
+    """One MoE layer's renumbering: new expert j is old ``order[j]``."""
+
+    index: int
+    order: list[int]
+    before: float
+    """Busiest rank's load over the mean, experts as numbered now."""
+    after: float
+
+
+def measured_loads(run_dir: Path, step: int) -> dict[int, torch.Tensor]:
+    """Each MoE layer's load (by block index) summed over the logged
+    steps up to step and after the last rebalance."""
+    records = [record for record in read_metrics(run_dir)
+               if record["step"] <= step]
+    since = max((record["step"] for record in records
+                 if "rebalance" in record), default=0)
+    loads = {}
+    for record in records:
+        if record["step"] <= since:
+            continue
+        for key, value in record.items():
+            if key.startswith("moe_load_layer"):
+                index = int(key.removeprefix("moe_load_layer"))
+                load = torch.tensor(value, dtype=torch.float64)
+                loads[index] = loads.get(index, 0) + load
+    return loads
+
+
+def moe_prefix(config: ModelConfig, index: int) -> str:
+    """State-dict prefix of block index's MoE (MTP depths follow the main
+    blocks, as ``Transformer.moe_layers`` numbers them)."""
+    if index < config.num_layers:
+        return f"layers.{index}.mlp."
+    return f"mtp.{index - config.num_layers}.block.mlp."
+
+
+def plan_layers(config: ModelConfig, loads: dict[int, torch.Tensor],
+                ranks: int) -> list[LayerPlan]:
+    """A renumbering per measured MoE layer that balances ranks."""
+    experts = config.n_routed_experts
+    if config.n_group > 1:
+        raise UserError(
+            f"model.n_group is {config.n_group}: under group-limited "
+            "routing an expert's number fixes its group, so experts "
+            "cannot be renumbered")
+    if ranks < 1 or experts % ranks:
+        raise UserError(f"--ranks {ranks} must divide the {experts} "
+                        "routed experts")
+    if not loads:
+        raise UserError("metrics.jsonl holds no expert load "
+                        "(moe_load_layerN) since the last rebalance; train "
+                        "some steps first")
+    plans = []
+    for index, load in sorted(loads.items()):
+        placement = plan_placement(load, ranks)
+        plans.append(LayerPlan(
+            index, list(placement.slot_expert),
+            identity_placement(experts, ranks).imbalance(load),
+            placement.imbalance(load)))
+    return plans
+
+
+def renumber(tensors: dict, prefix: str, order: list[int]) -> None:
+    """tensors (a state dict, or an optimizer's per-parameter state)
+    with the routed experts under prefix renumbered, in place."""
+    index = torch.tensor(order)
+    for name in ROUTED:
+        key = prefix + name
+        if key not in tensors:
+            continue
+        value = tensors[key]
+        if isinstance(value, dict):
+            tensors[key] = {moment: tensor.index_select(0, index)
+                            if tensor.dim() else tensor
+                            for moment, tensor in value.items()}
+        else:
+            tensors[key] = value.index_select(0, index)
+
+
+def rebalance_run(run_dir: Path, ranks: int,
+                  dry_run: bool = False) -> list[LayerPlan]:
+    """Plan from run_dir's measured loads and, unless dry_run, publish
+    its latest checkpoint renumbered as the run's latest."""
+    checkpoints = run_dir / "checkpoints"
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        raise UserError(f"{run_dir} has no checkpoint to rebalance")
+    state = load_checkpoint(latest)
+    config = ModelConfig(**state["config"]["model"])
+    step = state["step"]
+    plans = plan_layers(config, measured_loads(run_dir, step), ranks)
+    if dry_run:
+        return plans
+    weights, optimizer = state.pop("model"), state.pop("optimizer")
+    for plan in plans:
+        prefix = moe_prefix(config, plan.index)
+        renumber(weights, prefix, plan.order)
+        renumber(optimizer["state"], prefix, plan.order)
+    keep = state["config"]["checkpoint"]["keep"]
+    save_checkpoint(checkpoints, step,
+                    {"model": weights, "optimizer": optimizer}, state, keep,
+                    suffix=REBALANCED)
+    writer = MetricsWriter(run_dir, tensorboard=False)
+    writer.write({"step": step, "rebalance": {
+        "ranks": ranks,
+        "layers": {plan.index: [plan.before, plan.after]
+                   for plan in plans}}})
+    writer.close()
+    return plans

@@ -1,0 +1,141 @@
+"""``coom experts rebalance``: renumbering a run's experts by a planned
+placement changes nothing the model computes, balances the measured load
+per rank, and the run resumes from the renumbered checkpoint (in one
+process and under expert parallelism) as if nothing happened."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from coom.config import ModelConfig
+from coom.errors import UserError
+from coom.models import Transformer
+from coom.parallel.rebalance import (
+    measured_loads,
+    moe_prefix,
+    plan_layers,
+    renumber,
+)
+from coom.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_train_state,
+)
+from tests.growth.test_operators import CONFIGS, _outputs, _trained_like
+from tests.launch import check, launch
+from tests.parallel.test_layouts import STEPS, _train, logged_losses
+
+
+def _renumbered(model: Transformer, orders: dict[int, list[int]]):
+    state = {name: tensor.clone() for name, tensor
+             in model.state_dict().items()}
+    for index, order in orders.items():
+        renumber(state, moe_prefix(model.config, index), order)
+    other = _trained_like(model.config, seed=1)
+    other.load_state_dict(state)
+    return other
+
+
+def test_renumbering_keeps_logits_and_renumbers_the_load():
+    model = _trained_like(CONFIGS["v3"])
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 97, (2, 16), generator=generator)
+    labels = torch.randint(0, 97, (2, 16), generator=generator)
+    orders = {index: torch.randperm(4, generator=generator).tolist()
+              for index in model.moe_layers()}
+    assert sorted(orders) == [1, 2, 3]  # two main blocks and the MTP's
+    other = _renumbered(model, orders)
+    (logits, loss), (ours, our_loss) = (_outputs(model, tokens, labels),
+                                        _outputs(other, tokens, labels))
+    for expected, got in zip(logits, ours):
+        assert (got - expected).norm() <= 1e-6 * expected.norm()
+    assert abs(our_loss - loss) <= 1e-6 * loss
+    for index, order in orders.items():
+        before = model.moe_layers()[index].finish_step()
+        after = other.moe_layers()[index].finish_step()
+        assert torch.equal(after, before[order])
+
+
+def test_plan_balances_a_skewed_load_and_refuses_what_it_cannot():
+    config = CONFIGS["groups"]
+    plain = replace(config, n_group=1, topk_group=1)
+    load = torch.tensor([40.0, 30, 20, 10, 5, 3, 1, 1])
+    (plan,) = plan_layers(plain, {1: load}, ranks=2)
+    assert sorted(plan.order) == list(range(8))
+    # Ranks hold experts 0-3 and 4-7: 100 and 10 against a mean of 55;
+    # the best 4 + 4 split is 56 and 54.
+    assert plan.before == pytest.approx(100 / 55)
+    assert plan.after == pytest.approx(56 / 55)
+    with pytest.raises(UserError, match="group-limited"):
+        plan_layers(config, {1: load}, ranks=2)
+    with pytest.raises(UserError, match="must divide"):
+        plan_layers(plain, {1: load}, ranks=3)
+    with pytest.raises(UserError, match="no expert load"):
+        plan_layers(plain, {}, ranks=2)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    check(_train(run_dir, 1))
+    return run_dir
+
+
+@pytest.mark.parametrize("processes, layout", [
+    (1, []), (2, ["parallel.expert=2"])], ids=["one", "ep2"])
+def test_run_resumes_from_the_renumbered_checkpoint(single, tmp_path,
+                                                    processes, layout):
+    """Stopped after step 3, rebalanced for 2 ranks, resumed: steps 4 and
+    5 give the uninterrupted run's losses, and the measured load of the
+    resumed steps is renumbered."""
+    check(_train(tmp_path, 1, "train.exit_interval=3"))
+    dry = launch(1, "experts", "rebalance", str(tmp_path), "--ranks", "2",
+                 "--dry-run")
+    check(dry)
+    assert "nothing written" in dry.stdout
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000003"
+    result = launch(1, "experts", "rebalance", str(tmp_path), "--ranks",
+                    "2")
+    check(result)
+    assert "layer 1:" in result.stdout
+    latest = latest_checkpoint(tmp_path / "checkpoints")
+    assert latest.name == "step_0000003-rebalanced"
+    plans = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")
+             if "rebalance" in line]
+    assert len(plans) == 1
+    orders = {}
+    for key in plans[0]["rebalance"]["layers"]:
+        before, after = plans[0]["rebalance"]["layers"][key]
+        assert after <= before
+    # The renumbering, read back from the router rows it moved.
+    old = load_checkpoint(tmp_path / "checkpoints" / "step_0000003",
+                          {"model"})["model"]
+    new = load_checkpoint(latest, {"model"})["model"]
+    for name, tensor in new.items():
+        if name.endswith("router.weight"):
+            rows = [int((old[name] == row).all(-1).nonzero()) for row in
+                    tensor]
+            orders[name.removesuffix("router.weight")] = rows
+    assert any(order != sorted(order) for order in orders.values())
+    check(launch(processes, "train", "--resume", str(tmp_path), "--set",
+                 "train.exit_interval=null", *layout))
+    losses, expected = logged_losses(tmp_path), logged_losses(single)
+    assert len(losses) == STEPS
+    for ours, reference in zip(losses[3:], expected[3:]):
+        assert abs(ours - reference) <= 1e-5 * abs(reference)
+    config = ModelConfig(**read_train_state(latest)["config"]["model"])
+    loads = measured_loads(tmp_path, STEPS)
+    assert len(loads) == len(orders)
+    for index, load in loads.items():
+        order = orders[moe_prefix(config, index)]
+        assert torch.equal(load, _load_after(single, index, 3)[order])
+
+
+def _load_after(run_dir, index: int, step: int) -> torch.Tensor:
+    """Layer index's load summed over the logged steps after step."""
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return sum(torch.tensor(record[f"moe_load_layer{index}"],
+                            dtype=torch.float64)
+               for record in records if record["step"] > step
+               and f"moe_load_layer{index}" in record)
