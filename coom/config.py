@@ -539,6 +539,13 @@ class ParallelConfig:
     """Stages each process holds under the multi-stage schedules (2 for
     the V-shaped ones); ignored by 1F1B and GPipe."""
 
+    sequence_parallel: bool = False
+    """With tensor > 1, also split the residual stream between the main
+    blocks' sublayers by sequence over the tensor-parallel group
+    (Megatron's sequence parallelism): its norms and activations take
+    1 / tensor of the memory. data.seq_length must then split over
+    tensor."""
+
     context: int = 1
     """Context parallel degree, reserved: must be 1."""
 
@@ -552,6 +559,10 @@ class ParallelConfig:
                  "is not supported yet: COOM parallelises over data "
                  "(data_parallel_replicate, data_parallel_shard), tensor, "
                  "expert and pipeline only")
+        _require(self.pipeline == 1 or not self.sequence_parallel,
+                 "sequence_parallel", "does not run under pipeline "
+                 "parallelism yet; set pipeline=1 or sequence_parallel="
+                 "false")
         _require(self.pipeline_stages_per_process == 2 or
                  self.pipeline_schedule not in ("ZBVZeroBubble",
                                                 "DualPipeV"),
@@ -727,6 +738,10 @@ class RunConfig:
         _require(shared % tensor == 0, "model.moe_intermediate_size",
                  f"the shared experts' {shared} hidden units do not split "
                  f"over parallel.tensor {tensor}")
+        _require(not self.parallel.sequence_parallel
+                 or self.data.seq_length % tensor == 0, "data.seq_length",
+                 f"{self.data.seq_length} does not split over "
+                 f"parallel.tensor {tensor} (parallel.sequence_parallel)")
         _require(tensor == 1 or self.fp8.recipe == "off", "parallel.tensor",
                  "tensor parallelism does not run FP8 products yet; set "
                  "fp8.recipe=off or parallel.tensor=1")

@@ -170,6 +170,12 @@ class World:
             dist.all_reduce(tensor, group=self.mesh[PIPELINE].get_group())
         return tensor
 
+    def tensor_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor summed over the tensor-parallel group, in place."""
+        if self.tensor_size > 1:
+            dist.all_reduce(tensor, group=self.mesh[TENSOR].get_group())
+        return tensor
+
     def barrier(self) -> None:
         if self.mesh is not None:
             dist.barrier()

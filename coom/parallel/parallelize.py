@@ -12,6 +12,17 @@ applied from outside the model as torchtitan does, in this order:
    routed experts stay whole on every process; the gradient of the
    rotary key part of ``wkv_a``'s output, which every process's heads
    share, is summed over the group.
+   With sequence parallelism (Megatron's), the residual stream between
+   the main blocks' sublayers is split by sequence over the group too:
+   each process keeps and normalises its own positions; a sublayer
+   gathers the sequence on entry (attention and feed-forward read every
+   position) and its row-wise product reduce-scatters rather than
+   all-reduces on exit. The routed experts and router, whole on every
+   process, read the gathered sequence and keep their positions of the
+   output. The first block splits the embedding's output, the last block
+   gathers its own, so the head, MTP modules and losses are unchanged.
+   The norms' gradients then are partial per process, and the trainer
+   sums them over the group (``sequence_parallel_parameters``).
 2. Expert parallelism (``coom.parallel.expert``) over the "ep"
    dimension: each MoE layer's routed experts split by expert, their
    token copies sent to them and back with all-to-alls.
@@ -39,9 +50,12 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
     RowwiseParallel,
     parallelize_module,
 )
@@ -69,6 +83,65 @@ def _tensor_plan(block: nn.Module) -> dict:
     elif isinstance(block.mlp, MoE) and block.mlp.shared_experts is not None:
         plan |= _feed_forward_plan("mlp.shared_experts")
     return plan
+
+
+SEQUENCE = Shard(1)
+"""Placement of a (b, s, d) activation split by sequence."""
+BLOCK_INPUTS = 3
+"""A block's and its attention's arguments: x, rope, cache."""
+
+
+def _gathered_on_entry(arguments: int) -> PrepareModuleInput:
+    """A sublayer whose first argument arrives split by sequence and is
+    gathered whole."""
+    rest = (None,) * (arguments - 1)
+    return PrepareModuleInput(input_layouts=(SEQUENCE, *rest),
+                              desired_input_layouts=(Replicate(), *rest),
+                              use_local_output=True)
+
+
+def _sequence_parallel_plan(block: nn.Module) -> dict:
+    """_tensor_plan with the block's residual stream split by sequence."""
+    plan = _tensor_plan(block)
+    plan["attention"] = _gathered_on_entry(BLOCK_INPUTS)
+    plan["attention.wo"] = RowwiseParallel(output_layouts=SEQUENCE)
+    if isinstance(block.mlp, SwiGLU):
+        plan["mlp"] = _gathered_on_entry(1)
+        plan["mlp.w2"] = RowwiseParallel(output_layouts=SEQUENCE)
+    else:
+        # Router and routed experts are whole on every process: the
+        # output is whole, and each keeps its positions of it.
+        plan["mlp"] = PrepareModuleInputOutput(
+            input_layouts=(SEQUENCE,), desired_input_layouts=(Replicate(),),
+            use_local_input=True, output_layouts=(Replicate(),),
+            desired_output_layouts=(SEQUENCE,))
+    return plan
+
+
+def _split_stream_ends(first: nn.Module, last: nn.Module, mesh) -> None:
+    """The first block splits its input by sequence, the last gathers its
+    output (one block may be both)."""
+    rest = (None,) * (BLOCK_INPUTS - 1)
+    split = dict(input_layouts=(Replicate(), *rest),
+                 desired_input_layouts=(SEQUENCE, *rest))
+    gather = dict(output_layouts=(SEQUENCE,),
+                  desired_output_layouts=(Replicate(),))
+    if first is last:
+        parallelize_module(first, mesh, PrepareModuleInputOutput(
+            **split, use_local_input=True, **gather))
+        return
+    parallelize_module(first, mesh,
+                       PrepareModuleInput(**split, use_local_output=True))
+    parallelize_module(last, mesh, PrepareModuleOutput(**gather))
+
+
+def sequence_parallel_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters whose gradients each tensor-parallel process holds
+    only its positions' part of under sequence parallelism: the main
+    blocks' norms, which read the split residual stream."""
+    return [parameter for block in model.layers.values()
+            for norm in (block.attention_norm, block.mlp_norm)
+            for parameter in norm.parameters()]
 
 
 def _sum_gradient_over(mesh: DeviceMesh, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +181,8 @@ def _shard_experts(moe_layers: list[MoE], world: World) -> None:
 
 
 def parallelize(model: nn.Module, world: World,
-                stages: Optional[list[nn.Module]] = None) -> nn.Module:
+                stages: Optional[list[nn.Module]] = None,
+                sequence_parallel: bool = False) -> nn.Module:
     """model spread over world's mesh, in place; unchanged in a world of
     one. Under pipeline parallelism model holds this process's parts and
     stages (``coom.parallel.pipeline``) run them: each stage, rather than
@@ -118,11 +192,16 @@ def parallelize(model: nn.Module, world: World,
     blocks = model.blocks()
     if world.tensor_size > 1:
         mesh = world.mesh[TENSOR]
+        main = list(model.layers.values()) if sequence_parallel else []
         for block in blocks:
-            parallelize_module(block, mesh, _tensor_plan(block))
+            plan = _sequence_parallel_plan(block) if block in main \
+                else _tensor_plan(block)
+            parallelize_module(block, mesh, plan)
             block.attention.wkv_a.register_forward_hook(
                 _sum_rope_key_gradient(mesh, block.attention.kv_norm
                                        .weight.shape[0]))
+        if main:
+            _split_stream_ends(main[0], main[-1], mesh)
     if world.expert_size > 1:
         moe_layers = list(model.moe_layers().values())
         for moe in moe_layers:

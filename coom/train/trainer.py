@@ -49,7 +49,10 @@ from coom.layers.mla import preferred_attention
 from coom.models import Transformer
 from coom.models.info import model_info
 from coom.parallel.mesh import World, local_device, start_world
-from coom.parallel.parallelize import parallelize
+from coom.parallel.parallelize import (
+    parallelize,
+    sequence_parallel_parameters,
+)
 from coom.parallel.pipeline import Pipeline
 from coom.parallel.recompute import recompute_blocks
 from coom.train.checkpoint import (
@@ -242,7 +245,8 @@ class Trainer:
                 // self.world.data_size,
                 (train.micro_batch_size, config.data.seq_length))
         parallelize(self.model, self.world,
-                    self.pipeline and self.pipeline.stages)
+                    self.pipeline and self.pipeline.stages,
+                    config.parallel.sequence_parallel)
         if self.pipeline is not None:
             self.pipeline.build_schedule()
         self.optimizer = build_optimizer(self.model, self.config.optimizer)
@@ -408,6 +412,13 @@ class Trainer:
                                     mtp_weight)
         self.consumed_samples += train.global_batch_size
         self.flops += self.flops_per_step
+        if self.config.parallel.sequence_parallel:
+            for parameter in sequence_parallel_parameters(self.model):
+                if parameter.grad is not None:
+                    grad = parameter.grad
+                    self.world.tensor_sum(grad.to_local()
+                                          if isinstance(grad, DTensor)
+                                          else grad)
         norm = _clip_gradients(self.model.parameters(),
                                self.config.optimizer.clip_grad, self.world)
         self.optimizer.step()
