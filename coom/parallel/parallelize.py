@@ -8,10 +8,13 @@ applied from outside the model as torchtitan does, in this order:
    feed-forwards split their hidden units (``w1``, ``w3`` column-wise,
    ``w2`` row-wise). A row-wise product all-reduces its output, so every
    process of the group holds the whole activation between them.
-   Embedding, head, norms, MLA's latent projection ``wkv_a``, router and
-   routed experts stay whole on every process; the gradient of the
-   rotary key part of ``wkv_a``'s output, which every process's heads
-   share, is summed over the group.
+   The embedding and output head split by vocabulary: a process looks
+   up the tokens of its rows (the group sums the embeddings) and
+   computes its rows' logits, whose cross-entropy sums over the group
+   (``coom.parallel.vocab``). Norms, MLA's latent projection ``wkv_a``,
+   router and routed experts stay whole on every process; the gradient
+   of the rotary key part of ``wkv_a``'s output, which every process's
+   heads share, is summed over the group.
    With sequence parallelism (Megatron's), the residual stream between
    the main blocks' sublayers is split by sequence over the group too:
    each process keeps and normalises its own positions; a sublayer
@@ -202,6 +205,10 @@ def parallelize(model: nn.Module, world: World,
                                        .weight.shape[0]))
         if main:
             _split_stream_ends(main[0], main[-1], mesh)
+        vocabulary = {name: plan for name, plan in (
+            ("embed", RowwiseParallel(input_layouts=Replicate())),
+            ("head", ColwiseParallel())) if getattr(model, name, None)}
+        parallelize_module(model, mesh, vocabulary)
     if world.expert_size > 1:
         moe_layers = list(model.moe_layers().values())
         for moe in moe_layers:

@@ -9,12 +9,14 @@ Tensor names end in their shape: b micro-batch; s sequence; d width; v
 vocabulary.
 """
 import torch
+from torch.distributed.tensor import DTensor
 
 from coom import kernels
 from coom.kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
 )
+from coom.parallel.vocab import vocab_parallel_cross_entropy
 
 
 def token_losses(features: list[torch.Tensor], head_vd: torch.Tensor,
@@ -26,12 +28,15 @@ def token_losses(features: list[torch.Tensor], head_vd: torch.Tensor,
         features: what the head reads, the main model's (b, s, d) and
             each MTP depth k's (b, s - k, d), whose targets are
             labels_bs[:, k:].
-        head_vd: the output head's weight.
+        head_vd: the output head's weight, whole or (tensor
+            parallelism) split by vocabulary.
         labels_bs, mask_bs: the micro-batch's targets and loss mask.
         tokens_in_step: tokens of the step at depth 0.
     """
     loss = linear_cross_entropy if kernels.use_kernels(labels_bs) \
         else linear_cross_entropy_reference
+    if isinstance(head_vd, DTensor):  # split by vocabulary
+        loss = vocab_parallel_cross_entropy
     length = labels_bs.shape[1]
     losses = []
     for depth, x_bsd in enumerate(features):
