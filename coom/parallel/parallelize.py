@@ -36,7 +36,9 @@ applied from outside the model as torchtitan does, in this order:
    head) are gathered by ``features`` and ``features_with_mtp``. With
    data_parallel_replicate > 1 the mesh has two dimensions (HSDP). Under
    expert parallelism the routed experts are sharded first, on their own,
-   over the data-parallel dimensions less "ep".
+   over the data-parallel dimensions less "ep". Under pipeline
+   parallelism the stages take the whole model's place, and under its
+   zero-bubble schedules each stage is one unit (no block is).
 
 FSDP averages gradients over the data-parallel processes; each process's
 loss is its share of the global batch's mean, so the trainer scales what
@@ -63,10 +65,12 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from coom.config import ParallelConfig
 from coom.layers.mlp import SwiGLU
 from coom.layers.moe import MoE
 from coom.parallel.expert import expert_parallel
 from coom.parallel.mesh import EXPERT, EXPERT_SHARD, TENSOR, World
+from coom.parallel.pipeline import ZERO_BUBBLE
 
 
 def _feed_forward_plan(prefix: str) -> dict:
@@ -183,9 +187,8 @@ def _shard_experts(moe_layers: list[MoE], world: World) -> None:
             moe.experts.set_force_sum_reduction_for_comms(True)
 
 
-def parallelize(model: nn.Module, world: World,
-                stages: Optional[list[nn.Module]] = None,
-                sequence_parallel: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, world: World, parallel: ParallelConfig,
+                stages: Optional[list[nn.Module]] = None) -> nn.Module:
     """model spread over world's mesh, in place; unchanged in a world of
     one. Under pipeline parallelism model holds this process's parts and
     stages (``coom.parallel.pipeline``) run them: each stage, rather than
@@ -195,7 +198,8 @@ def parallelize(model: nn.Module, world: World,
     blocks = model.blocks()
     if world.tensor_size > 1:
         mesh = world.mesh[TENSOR]
-        main = list(model.layers.values()) if sequence_parallel else []
+        main = list(model.layers.values()) \
+            if parallel.sequence_parallel else []
         for block in blocks:
             plan = _sequence_parallel_plan(block) if block in main \
                 else _tensor_plan(block)
@@ -218,13 +222,17 @@ def parallelize(model: nn.Module, world: World,
     # every parameter is then a DTensor, which the fused optimizer needs
     # (it cannot mix them with plain tensors), and the optimizer's state
     # has the same form at every layout.
-    # (Not under pipeline parallelism alone: torch's zero-bubble schedules
-    # compute the weight gradients after FSDP has reduced them, and lose
-    # them, measured on torch 2.13; the optimizer then sees only plain
-    # tensors.)
+    # (Not under pipeline parallelism alone, where it has nothing to
+    # shard; the optimizer then sees only plain tensors.) Under the
+    # zero-bubble schedules each stage is one FSDP unit: torch 2.13 runs
+    # their split backward's weight half after an inner unit (a block)
+    # has reduced its gradients, which then miss some micro-batches
+    # (measured: the last stage's blocks, under DualPipeV).
     if not (stages and world.data_size == world.tensor_size == 1):
         mesh = world.data_mesh()
-        for module in [*blocks, *(stages or [model])]:
+        units = [] if stages and parallel.pipeline_schedule in ZERO_BUBBLE \
+            else blocks
+        for module in [*units, *(stages or [model])]:
             fully_shard(module, mesh=mesh)
         # The trainer runs the model through these rather than forward;
         # the root's parameters stay gathered until the backward.

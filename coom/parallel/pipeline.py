@@ -194,14 +194,6 @@ class Pipeline:
     def __init__(self, model: Transformer, world: World,
                  parallel: ParallelConfig, micro_batches: int,
                  micro_batch_shape: tuple[int, int]):
-        if parallel.pipeline_schedule in ZERO_BUBBLE and (
-                world.data_size > 1 or world.tensor_size > 1):
-            raise UserError(
-                f"config field parallel.pipeline_schedule: "
-                f"{parallel.pipeline_schedule} does not run with data "
-                "or tensor parallelism yet (both wrap the stages in FSDP, "
-                "and its weight gradients come after FSDP has reduced "
-                "them); use 1F1B or Interleaved1F1B, or neither")
         self.world = world
         self.parallel = parallel
         self.micro_batches = micro_batches
@@ -263,8 +255,17 @@ class Pipeline:
         schedule = get_schedule_class(self.parallel.pipeline_schedule)
         if issubclass(schedule, PipelineScheduleSingle):
             (stages,) = stages
-        self.schedule = schedule(stages, self.micro_batches,
-                                 loss_fn=_identity_loss, scale_grads=False)
+        try:
+            self.schedule = schedule(stages, self.micro_batches,
+                                     loss_fn=_identity_loss,
+                                     scale_grads=False)
+        except ValueError as error:  # torch's checks of the micro-batches
+            raise UserError(
+                f"config field parallel.pipeline_schedule: {error} (each "
+                f"data-parallel process runs {self.micro_batches} "
+                "micro-batches a step: train.global_batch_size / "
+                "train.micro_batch_size / data-parallel processes)"
+            ) from None
 
     def _run(self, batch: Batch) -> None:
         args = (batch.tokens,) if self.has_first else ()

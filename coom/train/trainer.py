@@ -244,9 +244,8 @@ class Trainer:
                 train.global_batch_size // train.micro_batch_size
                 // self.world.data_size,
                 (train.micro_batch_size, config.data.seq_length))
-        parallelize(self.model, self.world,
-                    self.pipeline and self.pipeline.stages,
-                    config.parallel.sequence_parallel)
+        parallelize(self.model, self.world, config.parallel,
+                    self.pipeline and self.pipeline.stages)
         if self.pipeline is not None:
             self.pipeline.build_schedule()
         self.optimizer = build_optimizer(self.model, self.config.optimizer)

@@ -66,8 +66,11 @@ def single(tmp_path_factory):
     (2, ["parallel.pipeline_schedule=DualPipeV"]),
     (4, ["parallel.pipeline_schedule=Interleaved1F1B",
          "parallel.data_parallel_shard=2"]),
+    (4, ["parallel.pipeline_schedule=InterleavedZeroBubble",
+         "parallel.data_parallel_shard=2"]),
 ], ids=["1f1b", "gpipe", "interleaved1f1b", "loopedbfs",
-        "interleavedzerobubble", "zbv", "dualpipev", "fsdp2xinterleaved"])
+        "interleavedzerobubble", "zbv", "dualpipev", "fsdp2xinterleaved",
+        "fsdp2xinterleavedzerobubble"])
 def test_matches_one_process(single, tmp_path, processes, overrides):
     """Losses of 5 steps within 1e-5, gradients of step 1 within 1e-5
     and weights after 5 steps within 1e-3 (``test_layouts`` says why)."""
@@ -76,15 +79,28 @@ def test_matches_one_process(single, tmp_path, processes, overrides):
     assert_matches(single, tmp_path)
 
 
-@pytest.mark.parametrize("other", ["parallel.data_parallel_shard=2",
-                                   "parallel.tensor=2"])
-def test_zero_bubble_with_data_or_tensor_parallelism_is_refused(tmp_path,
-                                                                other):
+def test_zero_bubble_under_tensor_parallelism(tmp_path):
+    """ZBVZeroBubble with TP 2 in each stage gives TP 2's losses. (Not
+    compared with one process: on these 4 blocks TP 2 itself leaves one
+    process's losses by 1.3e-5 at step 5, a near-tie in the routing that
+    falls the other way; docs/distributed.md.)"""
+    tensor = tmp_path / "tp2"
+    check(_train(tensor, 2, FOUR_BLOCKS, "parallel.tensor=2"))
+    check(_train(tmp_path / "zbv", 4, FOUR_BLOCKS, "parallel.tensor=2",
+                 "parallel.pipeline=2",
+                 "parallel.pipeline_schedule=ZBVZeroBubble"))
+    assert_matches(tensor, tmp_path / "zbv")
+
+
+def test_too_few_micro_batches_are_refused_plainly(tmp_path):
+    """DualPipeV needs a micro-batch per stage on each data-parallel
+    process: 2 processes of the 4 take 2 of the 4 micro-batches."""
     result = _train(tmp_path, 4, FOUR_BLOCKS, "parallel.pipeline=2",
-                    "parallel.pipeline_schedule=DualPipeV", other)
+                    "parallel.pipeline_schedule=DualPipeV")
     assert result.returncode != 0
-    assert "DualPipeV does not run with data or tensor parallelism" \
+    assert "coom: error: config field parallel.pipeline_schedule" \
         in result.stderr
+    assert "runs 2 micro-batches a step" in result.stderr
 
 
 def test_resumes_without_the_pipeline(single, tmp_path):
