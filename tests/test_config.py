@@ -87,8 +87,6 @@ def test_bad_values_name_the_field(override, field, words):
      "FP8"),
     (["parallel.tensor=2", "fp8.recipe=blockwise"], "parallel.tensor",
      "FP8"),
-    (["parallel.sequence_parallel=true", "parallel.pipeline=2"],
-     "parallel.sequence_parallel", "pipeline"),
     (["parallel.tensor=2", "parallel.sequence_parallel=true",
       "data.seq_length=63"], "data.seq_length", "does not split"),
     (["parallel.pipeline_schedule=ZBVZeroBubble",

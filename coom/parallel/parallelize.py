@@ -23,7 +23,8 @@ applied from outside the model as torchtitan does, in this order:
    all-reduces on exit. The routed experts and router, whole on every
    process, read the gathered sequence and keep their positions of the
    output. The first block splits the embedding's output, the last block
-   gathers its own, so the head, MTP modules and losses are unchanged.
+   gathers its own (each pipeline stage's, under pipeline parallelism),
+   so the head, MTP modules, losses and stages' exchanges are unchanged.
    The norms' gradients then are partial per process, and the trainer
    sums them over the group (``sequence_parallel_parameters``).
 2. Expert parallelism (``coom.parallel.expert``) over the "ep"
@@ -207,8 +208,11 @@ def parallelize(model: nn.Module, world: World, parallel: ParallelConfig,
             block.attention.wkv_a.register_forward_hook(
                 _sum_rope_key_gradient(mesh, block.attention.kv_norm
                                        .weight.shape[0]))
-        if main:
-            _split_stream_ends(main[0], main[-1], mesh)
+        # Each stage (or the whole model) splits and gathers the stream
+        # at its ends.
+        for part in (stages or [model]) if main else []:
+            part_blocks = list(part.layers.values())
+            _split_stream_ends(part_blocks[0], part_blocks[-1], mesh)
         vocabulary = {name: plan for name, plan in (
             ("embed", RowwiseParallel(input_layouts=Replicate())),
             ("head", ColwiseParallel())) if getattr(model, name, None)}

@@ -142,7 +142,7 @@ class Stage(nn.Module):
         else:
             h_bsd, *aheads = inputs
         for block in self.layers.values():
-            h_bsd = block(h_bsd, self.rope)
+            h_bsd = block(h_bsd, self.rope, None)
         if not self.training:
             if not self.last:
                 return h_bsd, *aheads

@@ -115,9 +115,11 @@ def single(tmp_path_factory):
     (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     (4, ["parallel.tensor=2", "parallel.sequence_parallel=true",
          "parallel.expert=2"]),
+    (4, ["parallel.tensor=2", "parallel.sequence_parallel=true",
+         "parallel.pipeline=2"]),
 ], ids=["fsdp2", "replicate2", "hsdp2x2", "tp2", "fsdp2xtp2", "ep2",
         "fsdp2xep2", "replicate2xep2", "ep2xtp2", "pp2xtp2", "pp2xep2",
-        "sp2", "ep2xsp2"])
+        "sp2", "ep2xsp2", "pp2xsp2"])
 def test_matches_one_process(single, tmp_path, processes, overrides):
     check(_train(tmp_path, processes, *overrides))
     assert_matches(single, tmp_path)
