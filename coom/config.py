@@ -772,9 +772,6 @@ class RunConfig:
                  "model.n_routed_experts", f"{experts} routed experts do "
                  f"not split over parallel.expert {expert}; make it a "
                  f"positive multiple of {expert}")
-        _require(self.fp8.recipe == "off", "parallel.expert",
-                 "expert parallelism does not run FP8 products yet; set "
-                 "fp8.recipe=off or parallel.expert=1")
 
     def _check_pipeline(self):
         parallel, model = self.parallel, self.model

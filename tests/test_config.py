@@ -83,8 +83,6 @@ def test_bad_values_name_the_field(override, field, words):
      "model.n_routed_experts", "positive multiple"),
     (["parallel.expert=2", "parallel.data_parallel_shard=3"],
      "parallel.expert", "does not divide data_parallel_shard"),
-    (["parallel.expert=2", "fp8.recipe=blockwise"], "parallel.expert",
-     "FP8"),
     (["parallel.tensor=2", "fp8.recipe=blockwise"], "parallel.tensor",
      "FP8"),
     (["parallel.tensor=2", "parallel.sequence_parallel=true",
