@@ -152,7 +152,7 @@ def cmd_grow(args) -> int:
 
 
 def cmd_experts_rebalance(args) -> int:
-    from coom.parallel.rebalance import rebalance_run
+    from coom.parallel.rebalance import REBALANCED, rebalance_run
     run_dir = Path(args.run_dir)
     plans = rebalance_run(run_dir, args.ranks, args.dry_run)
     print(f"busiest of {args.ranks} expert-parallel ranks over the mean, "
@@ -163,9 +163,9 @@ def cmd_experts_rebalance(args) -> int:
     if args.dry_run:
         print("dry run: nothing written")
     else:
-        print(f"experts renumbered in the latest checkpoint of {run_dir}; "
-              f"continue with: coom train --resume {run_dir} --set "
-              f"parallel.expert={args.ranks}")
+        print(f"wrote the latest checkpoint renumbered as the run's "
+              f"latest (step_N{REBALANCED}); continue with: coom train "
+              f"--resume {run_dir} --set parallel.expert={args.ranks}")
     return 0
 
 

@@ -559,6 +559,10 @@ class ParallelConfig:
                  "is not supported yet: COOM parallelises over data "
                  "(data_parallel_replicate, data_parallel_shard), tensor, "
                  "expert and pipeline only")
+        _require(self.tensor > 1 or not self.sequence_parallel,
+                 "sequence_parallel", "splits the sequence over the "
+                 "tensor-parallel processes; set tensor > 1 or "
+                 "sequence_parallel=false")
         _require(self.pipeline_stages_per_process == 2 or
                  self.pipeline_schedule not in ("ZBVZeroBubble",
                                                 "DualPipeV"),

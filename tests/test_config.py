@@ -87,6 +87,8 @@ def test_bad_values_name_the_field(override, field, words):
      "FP8"),
     (["parallel.tensor=2", "parallel.sequence_parallel=true",
       "data.seq_length=63"], "data.seq_length", "does not split"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel",
+     "tensor > 1"),
     (["parallel.pipeline_schedule=ZBVZeroBubble",
       "parallel.pipeline_stages_per_process=3"],
      "parallel.pipeline_stages_per_process", "must be 2"),

@@ -26,7 +26,7 @@ applied from outside the model as torchtitan does, in this order:
    gathers its own (each pipeline stage's, under pipeline parallelism),
    so the head, MTP modules, losses and stages' exchanges are unchanged.
    The norms' gradients then are partial per process, and the trainer
-   sums them over the group (``sequence_parallel_parameters``).
+   sums them over the group (``sum_sequence_parallel_gradients``).
 2. Expert parallelism (``coom.parallel.expert``) over the "ep"
    dimension: each MoE layer's routed experts split by expert, their
    token copies sent to them and back with all-to-alls.
@@ -143,13 +143,19 @@ def _split_stream_ends(first: nn.Module, last: nn.Module, mesh) -> None:
     parallelize_module(last, mesh, PrepareModuleOutput(**gather))
 
 
-def sequence_parallel_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters whose gradients each tensor-parallel process holds
-    only its positions' part of under sequence parallelism: the main
-    blocks' norms, which read the split residual stream."""
-    return [parameter for block in model.layers.values()
-            for norm in (block.attention_norm, block.mlp_norm)
-            for parameter in norm.parameters()]
+def sum_sequence_parallel_gradients(model: nn.Module, world: World
+                                    ) -> None:
+    """After the backward under sequence parallelism: the gradients of
+    the main blocks' norms, each process's from its own positions of the
+    split stream, summed over the tensor-parallel group (Megatron does
+    the same)."""
+    for block in model.layers.values():
+        for norm in (block.attention_norm, block.mlp_norm):
+            for parameter in norm.parameters():
+                grad = parameter.grad
+                if grad is not None:
+                    world.tensor_sum(grad.to_local()
+                                     if isinstance(grad, DTensor) else grad)
 
 
 def _sum_gradient_over(mesh: DeviceMesh, x: torch.Tensor) -> torch.Tensor:
@@ -199,24 +205,27 @@ def parallelize(model: nn.Module, world: World, parallel: ParallelConfig,
     blocks = model.blocks()
     if world.tensor_size > 1:
         mesh = world.mesh[TENSOR]
-        main = list(model.layers.values()) \
+        # The main blocks split the stream; MTP's read the whole sequence.
+        split_blocks = list(model.layers.values()) \
             if parallel.sequence_parallel else []
         for block in blocks:
-            plan = _sequence_parallel_plan(block) if block in main \
+            plan = _sequence_parallel_plan(block) if block in split_blocks \
                 else _tensor_plan(block)
             parallelize_module(block, mesh, plan)
             block.attention.wkv_a.register_forward_hook(
                 _sum_rope_key_gradient(mesh, block.attention.kv_norm
                                        .weight.shape[0]))
-        # Each stage (or the whole model) splits and gathers the stream
-        # at its ends.
-        for part in (stages or [model]) if main else []:
-            part_blocks = list(part.layers.values())
-            _split_stream_ends(part_blocks[0], part_blocks[-1], mesh)
-        vocabulary = {name: plan for name, plan in (
-            ("embed", RowwiseParallel(input_layouts=Replicate())),
-            ("head", ColwiseParallel())) if getattr(model, name, None)}
-        parallelize_module(model, mesh, vocabulary)
+        if split_blocks:
+            # Each stage (or the whole model) splits and gathers the
+            # stream at its own ends.
+            for part in stages or [model]:
+                ends = list(part.layers.values())
+                _split_stream_ends(ends[0], ends[-1], mesh)
+        by_vocabulary = {"embed": RowwiseParallel(input_layouts=Replicate()),
+                         "head": ColwiseParallel()}
+        parallelize_module(model, mesh, {
+            name: style for name, style in by_vocabulary.items()
+            if getattr(model, name, None) is not None})
     if world.expert_size > 1:
         moe_layers = list(model.moe_layers().values())
         for moe in moe_layers:

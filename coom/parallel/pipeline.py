@@ -194,6 +194,15 @@ class Pipeline:
     def __init__(self, model: Transformer, world: World,
                  parallel: ParallelConfig, micro_batches: int,
                  micro_batch_shape: tuple[int, int]):
+        if parallel.pipeline_schedule in ZERO_BUBBLE and \
+                world.expert_size > 1:
+            raise UserError(
+                f"config field parallel.pipeline_schedule: "
+                f"{parallel.pipeline_schedule} does not run with expert "
+                "parallelism yet (the routed experts are FSDP units of "
+                "their own, which reduce their gradients before these "
+                "schedules compute them); use 1F1B or Interleaved1F1B, or "
+                "parallel.expert=1")
         self.world = world
         self.parallel = parallel
         self.micro_batches = micro_batches

@@ -54,15 +54,18 @@ class LayerPlan:
     before: float
     """Busiest rank's load over the mean, experts as numbered now."""
     after: float
+    """The same, renumbered."""
 
 
 def measured_loads(run_dir: Path, step: int) -> dict[int, torch.Tensor]:
     """Each MoE layer's load (by block index) summed over the logged
-    steps up to step and after the last rebalance."""
+    steps up to step and after the last rebalance or growth (either
+    renumbers experts or blocks)."""
     records = [record for record in read_metrics(run_dir)
                if record["step"] <= step]
     since = max((record["step"] for record in records
-                 if "rebalance" in record), default=0)
+                 if "rebalance" in record or "growth" in record),
+                default=0)
     loads = {}
     for record in records:
         if record["step"] <= since:

@@ -51,7 +51,7 @@ from coom.models.info import model_info
 from coom.parallel.mesh import World, local_device, start_world
 from coom.parallel.parallelize import (
     parallelize,
-    sequence_parallel_parameters,
+    sum_sequence_parallel_gradients,
 )
 from coom.parallel.pipeline import Pipeline
 from coom.parallel.recompute import recompute_blocks
@@ -412,12 +412,7 @@ class Trainer:
         self.consumed_samples += train.global_batch_size
         self.flops += self.flops_per_step
         if self.config.parallel.sequence_parallel:
-            for parameter in sequence_parallel_parameters(self.model):
-                if parameter.grad is not None:
-                    grad = parameter.grad
-                    self.world.tensor_sum(grad.to_local()
-                                          if isinstance(grad, DTensor)
-                                          else grad)
+            sum_sequence_parallel_gradients(self.model, self.world)
         norm = _clip_gradients(self.model.parameters(),
                                self.config.optimizer.clip_grad, self.world)
         self.optimizer.step()
