@@ -1,0 +1,72 @@
+"""FP8 against bf16 over a long run of the `small` preset: three runs of
+the same seed and data (bf16, FP8 blockwise, bf16 with PyTorch's kernels
+for the spread between two bf16 runs), one after another, each resumed
+where it stopped. One device call holds about 8 minutes of a run, so
+each call starts or resumes the unfinished runs within its --minutes and
+stops them with a checkpoint (``train.exit_duration_in_mins``); the next
+call, on the same machine (the runs live in --out), goes on.
+
+Usage: python3 benchmarks/fp8_loss_runs.py [--out /dev/shm] [--steps 2000]
+[--batch 4] [--minutes 9.2]; then ``python3 benchmarks/fp8_loss_curves.py
+OUT/bf16 OUT/fp8 --plot PLOT``.
+"""
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from coom.train.metrics import read_metrics
+
+RUNS = {"bf16": [], "fp8": ["fp8.recipe=blockwise"],
+        "bf16k": ["train.kernels=false"]}
+SAVE_MARGIN_S = 75
+"""Time a run needs after its budget to finish its step and save."""
+
+
+def _last_step(run_dir: Path) -> int:
+    if not (run_dir / "metrics.jsonl").is_file():
+        return 0
+    return max((record["step"] for record in read_metrics(run_dir)),
+               default=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/dev/shm"))
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--minutes", type=float, default=9.2,
+                        help="this call's time for all runs")
+    args = parser.parse_args()
+    deadline = time.monotonic() + 60 * args.minutes
+    common = [f"train.steps={args.steps}",
+              f"train.micro_batch_size={args.batch}",
+              f"train.global_batch_size={args.batch}",
+              "train.compile=true", "train.eval_interval=100",
+              "logging.log_interval=5", "logging.progress_bar=false",
+              "logging.tensorboard=false", "checkpoint.interval=100000",
+              "checkpoint.keep=1"]
+    for name, extra in RUNS.items():
+        run_dir = args.out / name
+        if _last_step(run_dir) == args.steps:
+            print(f"{name}: done", flush=True)
+            continue
+        left = deadline - time.monotonic() - SAVE_MARGIN_S
+        if left < 60:
+            print(f"{name}: not started, {left:.0f} s left", flush=True)
+            break
+        budget = f"train.exit_duration_in_mins={left / 60:.2f}"
+        if (run_dir / "config.yaml").is_file():
+            command = ["--resume", str(run_dir), "--set", budget]
+        else:
+            command = ["small", "--run-dir", str(run_dir), "--set",
+                       *common, *extra, budget]
+        print(f"{name}: from step {_last_step(run_dir)}", flush=True)
+        subprocess.run([sys.executable, "-m", "coom", "train", *command],
+                       check=True)
+        print(f"{name}: at step {_last_step(run_dir)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
