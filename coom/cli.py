@@ -75,7 +75,8 @@ def cmd_train(args) -> int:
             print(f"training in {run_dir}")
         outcome = trainer.run()
         while outcome == "growth":
-            trainer = Trainer(config, run_dir, trainer.world)
+            trainer = Trainer(config, run_dir, trainer.world,
+                              trainer.energy.job_started)
             outcome = trainer.run()
     finally:
         trainer.world.close()

@@ -139,6 +139,10 @@ class EnergyLedger:
         reduce: sums a list of floats over all processes.
         power_limits: makes the PowerLimits of device for the search.
         clock: seconds, for phases and the time budget.
+        job_started: the clock when this process's job began, if before
+            this ledger (after a growth, the previous trainer's
+            ``job_started``): the time budget counts from it, and the
+            meters, announced then, are not announced again.
     """
 
     def __init__(self, config: EnergyConfig, device: torch.device,
@@ -146,7 +150,8 @@ class EnergyLedger:
                  exit_duration_in_mins: Optional[float] = None, meter=None,
                  reduce: Optional[Callable] = None,
                  power_limits: Callable = NvmlPowerLimits,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 job_started: Optional[float] = None):
         self.config = config
         self._device = device
         self._main = main
@@ -154,7 +159,8 @@ class EnergyLedger:
         self._seconds_left = None if exit_duration_in_mins is None \
             else exit_duration_in_mins * 60
         self._clock = clock
-        self._started = clock()
+        self._announce = job_started is None
+        self.job_started = clock() if job_started is None else job_started
         self.meter = meter or open_meter(device, first_on_machine())
         self._reduce = reduce or partial(sum_over_processes, device=device)
         self._power_limits = power_limits
@@ -183,7 +189,7 @@ class EnergyLedger:
 
     def _sum(self) -> None:
         out_of_time = self._seconds_left is not None \
-            and self._clock() - self._started >= self._seconds_left
+            and self._clock() - self.job_started >= self._seconds_left
         self.local.values["out_of_time"] = float(out_of_time)
         self.totals = Totals.from_list(self._reduce(self.local.to_list()))
 
@@ -191,7 +197,7 @@ class EnergyLedger:
         self.end_phase("setup")
         self._sum()
         self._recorded = self.totals
-        if self._main:
+        if self._main and self._announce:
             _say(coverage(self.totals, self.meter.reasons))
         if self.config.budget_kwh is not None and not self.totals.metered():
             raise UserError("config field energy.budget_kwh: no energy "

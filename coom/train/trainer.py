@@ -180,10 +180,13 @@ class Trainer:
         run_dir: the run directory (created by the caller).
         world: the processes of the run, when a trainer before this one
             started them.
+        job_started: when that trainer's job began (its energy ledger's
+            ``job_started``), for the time budget.
     """
 
     def __init__(self, config: RunConfig, run_dir: Path,
-                 world: Optional[World] = None):
+                 world: Optional[World] = None,
+                 job_started: Optional[float] = None):
         self.run_dir = run_dir
         self.device = local_device(resolve_device(config.train.device))
         self.world = world or start_world(config.parallel, self.device)
@@ -194,7 +197,7 @@ class Trainer:
         self.energy = EnergyLedger(
             config.energy, self.device, self.world.main,
             train.global_batch_size * config.data.seq_length,
-            train.exit_duration_in_mins)
+            train.exit_duration_in_mins, job_started=job_started)
         kernels.set_enabled(train.kernels)
         if config.data.synthetic:
             self.tokenizer, self.config = None, config

@@ -148,6 +148,25 @@ def test_time_budget_stops_after_the_step_that_passes_it():
         assert "train.exit_duration_in_mins=1 passed" in ledger.step_done()
 
 
+def test_a_trainer_after_growth_keeps_the_job_clock_and_stays_quiet(
+        capsys):
+    """The next trainer of the same job (after a growth) counts the time
+    budget from the job's start and does not announce the meters again."""
+    meter, clock = fake_meter(), Clock()
+    first = _ledger(meter, clock, minutes=1.0)
+    with first:
+        _phase(first, meter, clock, "step", 1.0, 50.0)
+        assert first.step_done() is None
+    assert "metered" in capsys.readouterr().err
+    second = EnergyLedger(EnergyConfig(), CPU, True, TOKENS, 1.0,
+                          meter=meter, clock=clock,
+                          job_started=first.job_started)
+    with second:
+        _phase(second, meter, clock, "step", 1.0, 11.0)
+        assert "train.exit_duration_in_mins=1 passed" in second.step_done()
+    assert "metered" not in capsys.readouterr().err
+
+
 def test_an_energy_budget_without_a_meter_is_refused():
     with pytest.raises(UserError, match="energy.budget_kwh"):
         with _ledger(fake_meter(()), budget_kwh=1.0):

@@ -33,11 +33,13 @@ def _logits(checkpoint, tokens) -> torch.Tensor:
 
 
 def test_growth_in_flight_resumes_exactly_and_keeps_the_function(
-        small_run, tmp_path):
+        small_run, tmp_path, capsys):
     overrides = small_run + [SCHEDULE, "checkpoint.keep=10"]
     straight, early, late = (tmp_path / name
                              for name in ("straight", "early", "late"))
     assert _train(straight, overrides) == 0
+    # The meters are announced once, not again by each grown trainer.
+    assert capsys.readouterr().err.count("energy: GPUs") == 1
     # Stopped with step 2's checkpoint saved and not yet grown, and
     # stopped after step 3, between the two growths.
     assert _train(early, overrides + ["train.exit_interval=2"]) == 0
