@@ -410,9 +410,8 @@ class TrainConfig:
     exit_duration_in_mins: Optional[float] = None
     """Checkpoint and exit after the first step that ends this many minutes
     after the job started, growths included (Megatron:
-    exit_duration_in_mins), for jobs
-    with a wall-clock limit; the time of one step and one checkpoint must
-    fit in what the job has left."""
+    exit_duration_in_mins), for jobs with a wall-clock limit; the time of
+    one step and one checkpoint must fit in what the job has left."""
 
     compile: bool = False
     """Compile each transformer block with ``torch.compile`` (as
