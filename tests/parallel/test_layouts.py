@@ -92,13 +92,6 @@ def assert_matches(single, run_dir) -> None:
             assert _close(ours[name], tensor, bound), (step, name)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("single")
-    check(_train(run_dir, 1))
-    return run_dir
-
-
 @pytest.mark.parametrize("processes, overrides", [
     (2, ["parallel.data_parallel_shard=2"]),
     (2, ["parallel.data_parallel_replicate=2",

@@ -80,13 +80,6 @@ def test_plan_balances_a_skewed_load_and_refuses_what_it_cannot():
         plan_layers(plain, {}, ranks=2)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("single")
-    check(_train(run_dir, 1))
-    return run_dir
-
-
 @pytest.mark.parametrize("processes, layout", [
     (1, []), (2, ["parallel.expert=2"])], ids=["one", "ep2"])
 def test_run_resumes_from_the_renumbered_checkpoint(single, tmp_path,
