@@ -155,18 +155,25 @@ def cmd_grow(args) -> int:
 def cmd_experts_rebalance(args) -> int:
     from coom.parallel.rebalance import REBALANCED, rebalance_run
     run_dir = Path(args.run_dir)
-    plans = rebalance_run(run_dir, args.ranks, args.dry_run)
+    plans = rebalance_run(run_dir, args.ranks, args.redundant,
+                          args.dry_run)
     print(f"busiest of {args.ranks} expert-parallel ranks over the mean, "
           "by MoE layer (measured load):")
     for plan in plans:
+        fetched = ""
+        if plan.placement is not None:
+            fetched = (f" ({plan.fetched()} of {plan.placement.slots} "
+                       "slots fetch their weights from another rank)")
         print(f"  layer {plan.index}: {plan.before:.3f} -> "
-              f"{plan.after:.3f}")
+              f"{plan.after:.3f}{fetched}")
     if args.dry_run:
         print("dry run: nothing written")
     else:
-        print(f"wrote the latest checkpoint renumbered as the run's "
-              f"latest (step_N{REBALANCED}); continue with: coom train "
-              f"--resume {run_dir} --set parallel.expert={args.ranks}")
+        placed = ", with the copies' placement," if args.redundant else ""
+        print(f"wrote the latest checkpoint renumbered{placed} as the "
+              f"run's latest (step_N{REBALANCED}); continue with: coom "
+              f"train --resume {run_dir} --set "
+              f"parallel.expert={args.ranks}")
     return 0
 
 
@@ -442,14 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Plan a placement of each MoE layer's routed experts "
         "on the expert-parallel ranks from the load the run measured "
         "since its last rebalance, and apply it to the run's latest "
-        "checkpoint by renumbering the experts (nothing the model "
-        "computes changes). The run then resumes from the renumbered "
-        "checkpoint (docs/distributed.md).")
+        "checkpoint by renumbering the experts, with --redundant also "
+        "placing copies of hot experts (nothing the model computes "
+        "changes). The run then resumes from the rebalanced checkpoint "
+        "(docs/distributed.md).")
     rebalance.add_argument("run_dir", metavar="RUN_DIR",
                            help="a run directory written by coom train")
     rebalance.add_argument("--ranks", type=int, required=True,
                            help="expert-parallel ranks to balance "
                            "(parallel.expert of the resumed run)")
+    rebalance.add_argument("--redundant", type=int, default=0,
+                           metavar="N",
+                           help="extra expert slots per MoE layer for "
+                           "copies of hot experts, a multiple of --ranks "
+                           "(default 0: renumbering only)")
     rebalance.add_argument("--dry-run", action="store_true",
                            help="report the plan, write nothing")
     rebalance.set_defaults(handler=cmd_experts_rebalance)

@@ -505,24 +505,26 @@ class ParallelConfig:
     tensor: int = 1
     """Tensor parallel degree (Megatron: tensor_model_parallel_size): MLA's
     query, key-value and output projections and the dense and shared
-    expert feed-forwards split by heads and hidden units; embedding, head,
-    norms, router and routed experts replicated. Sequence parallelism is
-    not built yet."""
+    expert feed-forwards split by heads and hidden units, the embedding
+    and output head by vocabulary; norms, router and routed experts
+    replicated (see sequence_parallel). Not yet with FP8."""
 
     expert: int = 1
     """Expert parallel degree (Megatron: expert_model_parallel_size): the
     routed experts split by expert over this many processes, which send
     each other their token copies with all-to-alls. They are taken from
     data_parallel_shard, which it must divide; the experts shard (FSDP)
-    over the rest of the data-parallel processes. Not yet with tensor
-    parallelism or FP8."""
+    over the rest of the data-parallel processes. ``coom experts
+    rebalance`` plans which rank holds which expert, with optional copies
+    of hot ones."""
 
     pipeline: int = 1
     """Pipeline parallel degree (Megatron: pipeline_model_parallel_size):
     the blocks cut into stages that run on this many processes, each
     global batch's micro-batches flowing through them
-    (``coom/parallel/pipeline.py``). Not yet with tensor or expert
-    parallelism, nor with a tied embedding and head."""
+    (``coom/parallel/pipeline.py``), each stage with its own tensor or
+    expert parallelism if asked. Not yet with a tied embedding and head,
+    nor with expert parallelism under the zero-bubble schedules."""
 
     pipeline_schedule: Literal[
         "1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS",

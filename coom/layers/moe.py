@@ -104,6 +104,10 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(shape))
         self.w2 = nn.Parameter(torch.empty(shape[0], shape[2], shape[1]))
         self.fp8: Optional[FP8Recipe] = None
+        # Set by expert parallelism (``coom.parallel.expert``): it moves
+        # the rows, and gives the weights of the slots they are sorted
+        # by.
+        self.dispatcher = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
@@ -116,10 +120,13 @@ class GroupedExperts(nn.Module):
 
         Parallelism applied from outside may have made the weights
         DTensors split by expert; the rows and counts are then those of
-        this process's experts, which its local weights hold.
+        this process's expert slots, which its dispatcher gives the
+        weights of.
         """
         w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w
                       for w in (self.w1, self.w3, self.w2))
+        if self.dispatcher is not None:
+            w1, w3, w2 = self.dispatcher.slot_weights(w1, w3, w2)
 
         def products(a_cd, *weights_eod):
             if self.fp8 is None:

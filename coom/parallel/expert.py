@@ -19,6 +19,18 @@ with PyTorch's ``distribute_module``:
 - after, ``AllToAll.combine`` undoes both, and the MoE layer weighs and
   sums the copies as in one process.
 
+With a placement (``coom.parallel.placement``, applied by ``place``)
+each process holds ``slots_per_rank`` expert slots instead of its own l
+experts, and a hot expert may have a copy in several processes' slots.
+Dispatch then first spreads each expert's copies evenly over its
+replicas (``physical_slots``) and sorts them by slot; the rest is the
+same, slots in place of experts. Each forward, ``slot_weights`` fetches
+every slot's weights from the process that owns its expert, with one
+more all-to-all; its backward sends each replica's gradient back to the
+owner, which sums them. So the weights, their gradients and the
+optimizer stay as without a placement, and so does what the model
+computes.
+
 The all-to-alls are ``all_to_all_single_autograd``: the backward is the
 reverse exchange, so each expert's weight gradient is the sum over the
 tokens of every process of its group, and the gradient of each copy
@@ -27,10 +39,12 @@ faster one (DeepEP) needs: anything with the same ``dispatch`` and
 ``combine`` fits.
 
 Tensor names end in their shape: c token copies this process routed;
-r copies it received; e routed experts; l experts per process (e / ep);
-p processes of the group; d model width.
+r copies it received; e routed experts; s the group's expert slots
+(its experts, or a placement's slots); l slots per process (e / ep
+without a placement); p processes of the group; d model width.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -45,6 +59,12 @@ from torch.distributed.tensor import (
     distribute_tensor,
 )
 
+from coom.layers.moe import MoE
+from coom.parallel.placement import Placement, PlacementError, physical_slots
+
+PLACEMENT = "expert_placement"
+"""Train-state key of a placement with copies (``place_experts``)."""
+
 
 @dataclass
 class Dispatched:
@@ -57,12 +77,22 @@ class Dispatched:
     """Rows received from each."""
 
     order_r: torch.Tensor
-    """Row i of the expert-ordered rows is received row order_r[i]."""
+    """Row i of the slot-ordered rows is received row order_r[i]."""
+
+    order_c: Optional[torch.Tensor]
+    """With a placement: row i sent is routed copy order_c[i]."""
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes order."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return inverse
 
 
 def _expert_order(counts_pl: torch.Tensor, rows: int) -> torch.Tensor:
     """Received rows (as many as counts_pl sums to), grouped by source
-    process p then local expert l, reordered by l then p: the received
+    process p then local slot l, reordered by l then p: the received
     row each position takes."""
     starts_pl = counts_pl.flatten().cumsum(0).view_as(counts_pl) - counts_pl
     counts_lp, starts_lp = counts_pl.T.flatten(), starts_pl.T.flatten()
@@ -74,41 +104,136 @@ def _expert_order(counts_pl: torch.Tensor, rows: int) -> torch.Tensor:
                                                        output_size=rows)
 
 
+@dataclass(frozen=True)
+class WeightRoutes:
+    """How one process's slots get their weights under a placement:
+    process o owns experts [o * l, (o + 1) * l), l = e / ranks."""
+
+    send_rows: list[int]
+    """Own experts' rows to send, grouped by destination process."""
+
+    sent: list[int]
+    """Rows sent to each process."""
+
+    received: list[int]
+    """Rows received from each process (owner)."""
+
+    slot_rows: list[int]
+    """Slot j's weights are received row slot_rows[j]."""
+
+    @classmethod
+    def plan(cls, placement: Placement, rank: int) -> "WeightRoutes":
+        owned = placement.experts // placement.ranks
+        width = placement.slots_per_rank
+
+        def slots_of(process):
+            return placement.slot_expert[process * width:
+                                         (process + 1) * width]
+
+        send_rows, sent = [], []
+        for process in range(placement.ranks):
+            rows = [expert % owned for expert in slots_of(process)
+                    if expert // owned == rank]
+            send_rows += rows
+            sent.append(len(rows))
+        mine = slots_of(rank)
+        # Rows arrive by owner, each owner's in slot order.
+        arrival = sorted(range(width), key=lambda j: (mine[j] // owned, j))
+        received = [sum(expert // owned == owner for expert in mine)
+                    for owner in range(placement.ranks)]
+        return cls(send_rows, sent, received,
+                   _inverse(torch.tensor(arrival)).tolist())
+
+
 class AllToAll:
     """Dispatch and combine with all-to-alls over one mesh dimension.
 
     Args:
         mesh: the expert-parallel mesh (one dimension).
+        experts: the routed experts of the layer.
     """
 
-    def __init__(self, mesh: DeviceMesh):
+    def __init__(self, mesh: DeviceMesh, experts: int):
         self.group = mesh.get_group()
         self.size = mesh.size()
+        self.rank = mesh.get_local_rank()
+        self.experts = experts
+        self.placement: Optional[Placement] = None
+        self.routes: Optional[WeightRoutes] = None
+
+    def place(self, placement: Optional[Placement]) -> None:
+        """From the next forward, send copies to placement's slots and
+        fetch each slot's weights from its expert's owner; None: each
+        process runs its own experts."""
+        if placement is not None and (placement.ranks != self.size
+                                      or placement.experts != self.experts):
+            raise PlacementError(
+                f"placement: planned for {placement.experts} experts on "
+                f"{placement.ranks} ranks, but this layer has "
+                f"{self.experts} experts on {self.size} ranks")
+        self.placement = placement
+        self.routes = None if placement is None \
+            else WeightRoutes.plan(placement, self.rank)
+
+    def _to_slots(self, counts_e: torch.Tensor, copies: int):
+        """Counts per slot (s,) and the copies' order by slot."""
+        placement = self.placement
+        experts_c = torch.repeat_interleave(
+            torch.arange(self.experts, device=counts_e.device), counts_e,
+            output_size=copies)
+        slots_c = physical_slots(placement, experts_c, self.rank)
+        counts_s = torch.zeros(placement.slots, dtype=counts_e.dtype,
+                               device=counts_e.device)
+        counts_s.scatter_add_(0, slots_c, torch.ones_like(slots_c))
+        return counts_s, slots_c.argsort(stable=True)
 
     def dispatch(self, x_cd: torch.Tensor, counts_e: torch.Tensor):
         """Copies sorted by expert, counts_e per (global) expert, to this
-        process's experts: returns their rows sorted by local expert,
-        the count per local expert (l,) and what combine needs."""
+        process's slots: returns their rows sorted by local slot, the
+        count per local slot (l,) and what combine needs."""
         with torch.no_grad():
-            # Counts per (destination, local expert) in; per (source,
-            # local expert) out.
+            counts_s, order_c = counts_e, None
+            if self.placement is not None:
+                counts_s, order_c = self._to_slots(counts_e, len(x_cd))
+            # Counts per (destination, local slot) in; per (source, local
+            # slot) out.
             counts_pl = all_to_all_single(
-                counts_e, None, None, self.group).view(self.size, -1)
-            sent = counts_e.view(self.size, -1).sum(1).tolist()
+                counts_s, None, None, self.group).view(self.size, -1)
+            sent = counts_s.view(self.size, -1).sum(1).tolist()
             received = counts_pl.sum(1).tolist()
             order_r = _expert_order(counts_pl, sum(received))
+        if order_c is not None:
+            x_cd = x_cd[order_c]
         x_rd = all_to_all_single_autograd(x_cd, received, sent, self.group)
         return x_rd[order_r], counts_pl.sum(0), \
-            Dispatched(sent, received, order_r)
+            Dispatched(sent, received, order_r, order_c)
 
     def combine(self, y_rd: torch.Tensor, state: Dispatched) -> torch.Tensor:
         """The experts' output rows (in dispatch's order) back to the
         processes and rows their copies came from."""
-        unordered_r = torch.empty_like(state.order_r)
-        unordered_r[state.order_r] = torch.arange(
-            len(unordered_r), device=unordered_r.device)
-        return all_to_all_single_autograd(y_rd[unordered_r], state.sent,
-                                          state.received, self.group)
+        y_cd = all_to_all_single_autograd(y_rd[_inverse(state.order_r)],
+                                          state.sent, state.received,
+                                          self.group)
+        if state.order_c is None:
+            return y_cd
+        return y_cd[_inverse(state.order_c)]
+
+    def slot_weights(self, *weights_l: torch.Tensor) -> tuple:
+        """This process's experts' weights (l, ...) each, as those of its
+        slots: fetched from their owners under a placement, else as
+        they are."""
+        if self.routes is None:
+            return weights_l
+        routes, device = self.routes, weights_l[0].device
+        flat = torch.cat([weight.flatten(1) for weight in weights_l], 1)
+        sent_rows = flat[torch.tensor(routes.send_rows, dtype=torch.long,
+                                      device=device)]
+        arrived = all_to_all_single_autograd(sent_rows, routes.received,
+                                             routes.sent, self.group)
+        slots = arrived[torch.tensor(routes.slot_rows, device=device)]
+        sizes = [weight[0].numel() for weight in weights_l]
+        return tuple(part.view(-1, *weight.shape[1:]) for part, weight
+                     in zip(slots.split(sizes, 1), weights_l))
 
 
 def _shard_by_expert(name: str, module: nn.Module, mesh: DeviceMesh):
@@ -119,8 +244,10 @@ def _shard_by_expert(name: str, module: nn.Module, mesh: DeviceMesh):
 
 def expert_parallel(experts: nn.Module, mesh: DeviceMesh) -> None:
     """Split a ``GroupedExperts`` by expert over mesh, and wrap its
-    forward in dispatch and combine; in place."""
-    dispatcher = AllToAll(mesh)
+    forward in dispatch and combine; in place. Its ``dispatcher``
+    becomes the ``AllToAll`` that does both."""
+    dispatcher = AllToAll(mesh, experts.w1.shape[0])
+    experts.dispatcher = dispatcher
     # A forward's dispatch state, until its combine.
     pending = []
 
@@ -133,3 +260,28 @@ def expert_parallel(experts: nn.Module, mesh: DeviceMesh) -> None:
         return dispatcher.combine(y_rd, pending.pop())
 
     distribute_module(experts, mesh, _shard_by_expert, dispatch, combine)
+
+
+def place_experts(moe_layers: dict[int, MoE],
+                  placements: dict) -> Optional[str]:
+    """Apply placements ({"ranks": R, "layers": {block index: slot
+    expert ids}}, as ``coom experts rebalance --redundant`` saves them)
+    to the expert-parallel MoE layers of this process; returns why they
+    do not fit this run (then nothing changes), or None."""
+    ranks, layers = placements["ranks"], placements["layers"]
+    plans = {}
+    for index, moe in moe_layers.items():
+        dispatcher = moe.experts.dispatcher
+        if dispatcher is None or dispatcher.size != ranks:
+            return (f"planned for {ranks} expert-parallel ranks, this run "
+                    f"has {dispatcher.size if dispatcher else 1}")
+        if index not in layers:
+            return f"no placement for MoE block {index}"
+        try:
+            plans[index] = Placement(layers[index], ranks,
+                                     dispatcher.experts)
+        except PlacementError as error:
+            return f"block {index}: {error}"
+    for index, placement in plans.items():
+        moe_layers[index].experts.dispatcher.place(placement)
+    return None

@@ -262,6 +262,54 @@ def plan_placement(load_e: torch.Tensor, ranks: int,
                      ranks, experts)
 
 
+def local_numbering(placement: Placement) -> list[int]:
+    """A renumbering of the experts (new expert j is old ``order[j]``)
+    under which rank r owns experts [r * l, (r + 1) * l), l = e / ranks,
+    and most of each rank's slots hold experts it owns: their weights
+    then need not travel. Greedily: an expert with one copy is owned
+    where that copy is, when the rank has room; then those with several,
+    by the rank of theirs owning fewest; the rest fill the ranks with
+    room.
+    """
+    ranks, experts = placement.ranks, placement.experts
+    if experts % ranks:
+        raise PlacementError(
+            f"ranks: {ranks} must divide the {experts} experts")
+    per_rank = experts // ranks
+    held = [set(placement.slot_expert[rank * placement.slots_per_rank:
+                                      (rank + 1) * placement.slots_per_rank])
+            for rank in range(ranks)]
+    replicas = placement.replicas().tolist()
+    owned = [[] for _ in range(ranks)]
+    owner = {}
+    for single in (True, False):
+        for expert in range(experts):
+            if expert in owner or (replicas[expert] == 1) != single:
+                continue
+            room = [rank for rank in range(ranks)
+                    if expert in held[rank] and len(owned[rank]) < per_rank]
+            if room:
+                rank = min(room, key=lambda rank: len(owned[rank]))
+                owner[expert] = rank
+                owned[rank].append(expert)
+    for expert in range(experts):
+        if expert not in owner:
+            rank = min(range(ranks), key=lambda rank: len(owned[rank]))
+            owner[expert] = rank
+            owned[rank].append(expert)
+    return [expert for experts_of_rank in owned
+            for expert in sorted(experts_of_rank)]
+
+
+def renumbered(placement: Placement, order: Sequence[int]) -> Placement:
+    """placement with its experts renumbered: new expert j is old
+    ``order[j]``."""
+    new_id = {old: new for new, old in enumerate(order)}
+    return Placement(tuple(new_id[expert]
+                           for expert in placement.slot_expert),
+                     placement.ranks, placement.experts)
+
+
 def apply_placement(experts: GroupedExperts, placement: Placement
                     ) -> dict[str, torch.Tensor]:
     """The routed experts' weights per physical slot, gathered from their
@@ -272,13 +320,16 @@ def apply_placement(experts: GroupedExperts, placement: Placement
             for name in ("w1", "w3", "w2")}
 
 
-def physical_slots(placement: Placement,
-                   experts_tk: torch.Tensor) -> torch.Tensor:
+def physical_slots(placement: Placement, experts_tk: torch.Tensor,
+                   first_replica: int = 0) -> torch.Tensor:
     """The physical slot of each token copy (t, k), from its logical
     expert experts_tk (t, k).
 
     The copies sent to one expert, in token order, take its replicas in
-    turn, so replicas' token counts differ by at most one.
+    turn from replica ``first_replica`` (modulo their number), so
+    replicas' token counts differ by at most one. Processes that start
+    at different replicas (their rank) spread their leftover copies
+    over the replicas too.
     """
     flat_c = experts_tk.flatten()
     device = flat_c.device
@@ -288,6 +339,7 @@ def physical_slots(placement: Placement,
     nth_c = torch.empty_like(flat_c)
     nth_c[order_c] = (torch.arange(flat_c.numel(), device=device)
                       - starts_e[flat_c[order_c]])
-    replica_c = nth_c % placement.replicas(device)[flat_c]
+    replica_c = (nth_c + first_replica) \
+        % placement.replicas(device)[flat_c]
     slots_c = placement.replica_slots(device)[flat_c, replica_c]
     return slots_c.view_as(experts_tk)

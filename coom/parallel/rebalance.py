@@ -17,20 +17,37 @@ each MoE layer's experts in its slot order, at a checkpoint boundary:
    ``step_N-rebalanced``, the run's latest; ``coom train --resume``
    continues from it, at any layout.
 
+With ``redundant`` copies per layer the placement has more slots than
+experts, which renumbering alone cannot express: the experts are
+renumbered so that each rank owns most of the experts its slots hold
+(``local_numbering``), and the slots, in the new numbers, are saved in
+the checkpoint's train state (``expert_placement``). A resume with
+expert parallelism over the same ranks applies them
+(``coom.parallel.expert.place_experts``): each slot's weights are then
+fetched from their owner every step, and the owners' weights, gradients
+and optimizer state stay as they are. A resume at another layout leaves
+them unused.
+
 Under group-limited routing (``model.n_group`` > 1) an expert's number
-fixes its group, so renumbering would change the routing; it is refused.
-Redundant copies of hot experts need the dispatcher to spread a hot
-expert's tokens over its replicas, which expert parallelism does not do
-yet.
+fixes its group, so renumbering would change the routing: only a
+placement with copies applies there, with the experts' numbers kept.
 """
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from coom.config import ModelConfig
 from coom.errors import UserError
-from coom.parallel.placement import identity_placement, plan_placement
+from coom.parallel.expert import PLACEMENT
+from coom.parallel.placement import (
+    Placement,
+    identity_placement,
+    local_numbering,
+    plan_placement,
+    renumbered,
+)
 from coom.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -47,14 +64,25 @@ ROUTED = ("router.weight", "router.bias", "experts.w1", "experts.w3",
 
 @dataclass
 class LayerPlan:
-    """One MoE layer's renumbering: new expert j is old ``order[j]``."""
+    """One MoE layer's renumbering, new expert j is old ``order[j]``,
+    and with copies its placement in the new numbers."""
 
     index: int
     order: list[int]
     before: float
     """Busiest rank's load over the mean, experts as numbered now."""
     after: float
-    """The same, renumbered."""
+    """The same, placed."""
+    placement: Optional[Placement] = None
+
+    def fetched(self) -> int:
+        """Slots whose weights their rank does not own."""
+        if self.placement is None:
+            return 0
+        owned = self.placement.experts // self.placement.ranks
+        width = self.placement.slots_per_rank
+        return sum(expert // owned != slot // width for slot, expert
+                   in enumerate(self.placement.slot_expert))
 
 
 def measured_loads(run_dir: Path, step: int) -> dict[int, torch.Tensor]:
@@ -87,14 +115,16 @@ def moe_prefix(config: ModelConfig, index: int) -> str:
 
 
 def plan_layers(config: ModelConfig, loads: dict[int, torch.Tensor],
-                ranks: int) -> list[LayerPlan]:
-    """A renumbering per measured MoE layer that balances ranks."""
+                ranks: int, redundant: int = 0) -> list[LayerPlan]:
+    """A renumbering per measured MoE layer that balances ranks, with a
+    placement of ``redundant`` extra copies if asked for."""
     experts = config.n_routed_experts
-    if config.n_group > 1:
+    keep_numbers = config.n_group > 1
+    if keep_numbers and not redundant:
         raise UserError(
             f"model.n_group is {config.n_group}: under group-limited "
             "routing an expert's number fixes its group, so experts "
-            "cannot be renumbered")
+            "cannot be renumbered; place copies with --redundant")
     if ranks < 1 or experts % ranks:
         raise UserError(f"--ranks {ranks} must divide the {experts} "
                         "routed experts")
@@ -104,11 +134,17 @@ def plan_layers(config: ModelConfig, loads: dict[int, torch.Tensor],
                         "some steps first")
     plans = []
     for index, load in sorted(loads.items()):
-        placement = plan_placement(load, ranks)
-        plans.append(LayerPlan(
-            index, list(placement.slot_expert),
-            identity_placement(experts, ranks).imbalance(load),
-            placement.imbalance(load)))
+        placement = plan_placement(load, ranks, redundant)
+        before = identity_placement(experts, ranks).imbalance(load)
+        if not redundant:
+            plans.append(LayerPlan(index, list(placement.slot_expert),
+                                   before, placement.imbalance(load)))
+            continue
+        order = list(range(experts)) if keep_numbers \
+            else local_numbering(placement)
+        plans.append(LayerPlan(index, order, before,
+                               placement.imbalance(load),
+                               renumbered(placement, order)))
     return plans
 
 
@@ -129,10 +165,11 @@ def renumber(tensors: dict, prefix: str, order: list[int]) -> None:
             tensors[key] = value.index_select(0, index)
 
 
-def rebalance_run(run_dir: Path, ranks: int,
+def rebalance_run(run_dir: Path, ranks: int, redundant: int = 0,
                   dry_run: bool = False) -> list[LayerPlan]:
     """Plan from run_dir's measured loads and, unless dry_run, publish
-    its latest checkpoint renumbered as the run's latest."""
+    its latest checkpoint renumbered (and with copies, placed) as the
+    run's latest."""
     checkpoints = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoints)
     if latest is None:
@@ -140,7 +177,8 @@ def rebalance_run(run_dir: Path, ranks: int,
     state = load_checkpoint(latest)
     config = ModelConfig(**state["config"]["model"])
     step = state["step"]
-    plans = plan_layers(config, measured_loads(run_dir, step), ranks)
+    plans = plan_layers(config, measured_loads(run_dir, step), ranks,
+                        redundant)
     if dry_run:
         return plans
     weights, optimizer = state.pop("model"), state.pop("optimizer")
@@ -148,13 +186,18 @@ def rebalance_run(run_dir: Path, ranks: int,
         prefix = moe_prefix(config, plan.index)
         renumber(weights, prefix, plan.order)
         renumber(optimizer["state"], prefix, plan.order)
+    # This replaces an earlier placement, which names the experts by
+    # their old numbers.
+    state[PLACEMENT] = {"ranks": ranks, "layers": {
+        plan.index: list(plan.placement.slot_expert) for plan in plans}} \
+        if redundant else None
     keep = state["config"]["checkpoint"]["keep"]
     save_checkpoint(checkpoints, step,
                     {"model": weights, "optimizer": optimizer}, state, keep,
                     suffix=REBALANCED)
     writer = MetricsWriter(run_dir, tensorboard=False)
     writer.write({"step": step, "rebalance": {
-        "ranks": ranks,
+        "ranks": ranks, "redundant": redundant,
         "layers": {plan.index: [plan.before, plan.after]
                    for plan in plans}}})
     writer.close()

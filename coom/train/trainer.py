@@ -48,6 +48,7 @@ from coom.interop.weights import differences, read_weights
 from coom.layers.mla import preferred_attention
 from coom.models import Transformer
 from coom.models.info import model_info
+from coom.parallel.expert import PLACEMENT, place_experts
 from coom.parallel.mesh import World, local_device, start_world
 from coom.parallel.parallelize import (
     parallelize,
@@ -252,6 +253,7 @@ class Trainer:
         if self.pipeline is not None:
             self.pipeline.build_schedule()
         self.optimizer = build_optimizer(self.model, self.config.optimizer)
+        self.expert_placement = None
         self.step = 0
         self.consumed_samples = 0
 
@@ -297,7 +299,8 @@ class Trainer:
                 "rng": rng,
                 "tokenizer_sha256": self._tokenizer_sha256(),
                 "config": self.config.to_dict(),
-                "energy": self.energy.state_dict()}
+                "energy": self.energy.state_dict(),
+                PLACEMENT: self.expert_placement}
 
     def restore(self, path: Path) -> None:
         state = read_train_state(path)
@@ -320,6 +323,24 @@ class Trainer:
         self.flops = state.get("train_flops", 0.0)
         self.seconds = state.get("train_seconds", 0.0)
         self.energy.load_state_dict(state.get("energy"))
+        self._place_experts(state.get(PLACEMENT), path)
+
+    def _place_experts(self, placement: Optional[dict], path: Path):
+        """Apply a checkpoint's expert placement (``coom experts
+        rebalance --redundant``) where this run's layout can use it."""
+        if not placement:
+            return
+        problem = place_experts(self.model.moe_layers(), placement)
+        if problem is None:
+            self.expert_placement = placement
+            message = (f"expert placement of {path.name}: "
+                       f"{len(placement['layers'])} MoE layers with "
+                       "redundant copies")
+        else:
+            message = (f"expert placement of {path.name} left unused "
+                       f"({problem}); experts stay on their owners")
+        if self.world.main:
+            tqdm.write(message)
 
     def initialise_from(self, path: str) -> None:
         """Load the model weights of another run or model folder."""

@@ -36,7 +36,7 @@ ROUND_TRIP = textwrap.dedent("""
     counts_e = torch.tensor(counts[rank])
     x_cd = (100 * rank + torch.arange(int(counts_e.sum()))).float()
     x_cd = x_cd[:, None].repeat(1, 3).requires_grad_()
-    dispatcher = AllToAll(mesh)
+    dispatcher = AllToAll(mesh, experts=4)
     x_rd, counts_l, state = dispatcher.dispatch(x_cd, counts_e)
     # Local expert j of this process is global expert 2 * rank + j: its
     # rows, from source 0 then source 1, in each source's order.
@@ -65,6 +65,87 @@ def test_dispatch_and_combine_over_two_processes(tmp_path):
     then source, and come back to their own place with their gradient."""
     script = tmp_path / "round_trip.py"
     script.write_text(ROUND_TRIP)
+    result = launch(2, str(script), timeout=120)
+    check(result)
+    assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout
+
+
+PLACED = textwrap.dedent("""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from coom.parallel.expert import AllToAll
+    from coom.parallel.placement import Placement
+
+    mesh = init_device_mesh("cpu", (2,))
+    rank = dist.get_rank()
+    # 4 experts; process 0 owns 0 and 1, process 1 owns 2 and 3. Slots:
+    # process 0 runs experts 0, 1, 3 and process 1 experts 2, 3, 0, so
+    # experts 0 and 3 have a replica on each process.
+    placement = Placement((0, 1, 3, 2, 3, 0), ranks=2, experts=4)
+    counts = [[3, 1, 0, 4], [1, 5, 2, 3]]
+    counts_e = torch.tensor(counts[rank])
+    rows = int(counts_e.sum())
+    x_cd = (100 * rank + torch.arange(rows)).double()[:, None]
+    x_cd.requires_grad_()
+    # Each expert multiplies by its own weight, 10 * expert + 1.
+    w_l = torch.tensor([[10.0 * (2 * rank + j) + 1] for j in range(2)],
+                       dtype=torch.double, requires_grad=True)
+    dispatcher = AllToAll(mesh, experts=4)
+    dispatcher.place(placement)
+    x_rd, counts_l, state = dispatcher.dispatch(x_cd, counts_e)
+    (w_slots,) = dispatcher.slot_weights(w_l)
+    slot_experts = placement.slot_expert[3 * rank:3 * rank + 3]
+    assert w_slots[:, 0].tolist() == [10.0 * e + 1 for e in slot_experts]
+    # Every row a slot receives was routed to its expert.
+    expert_of = {}
+    for source in range(2):
+        position = 0
+        for expert, count in enumerate(counts[source]):
+            for _ in range(count):
+                expert_of[100 * source + position] = expert
+                position += 1
+    starts = [0, *counts_l.cumsum(0).tolist()]
+    for slot, expert in enumerate(slot_experts):
+        got = x_rd[starts[slot]:starts[slot + 1], 0].tolist()
+        assert all(expert_of[int(value)] == expert for value in got), (
+            rank, slot, got)
+    # Replicas of an expert share its copies within one: each process
+    # splits its own copies so, starting at the replica of its rank.
+    all_counts = [torch.zeros_like(counts_l) for _ in range(2)]
+    dist.all_gather(all_counts, counts_l)
+    per_slot = torch.cat(all_counts).tolist()
+    for expert in range(4):
+        shares = [per_slot[s] for s, e in enumerate(placement.slot_expert)
+                  if e == expert]
+        assert sum(shares) == counts[0][expert] + counts[1][expert]
+        assert max(shares) - min(shares) <= 1, (expert, shares)
+    y_rd = x_rd * w_slots.repeat_interleave(counts_l, dim=0)
+    y_cd = dispatcher.combine(y_rd, state)
+    expected = torch.tensor([[10.0 * expert_of[100 * rank + i] + 1]
+                             for i in range(rows)], dtype=torch.double)
+    assert torch.equal(y_cd, x_cd * expected)
+    y_cd.sum().backward()
+    assert torch.equal(x_cd.grad, expected)
+    # An expert's weight gradient sums its rows over its replicas, on
+    # the process that owns it.
+    sums = [0.0] * 4
+    for value, expert in expert_of.items():
+        sums[expert] += value
+    assert w_l.grad[:, 0].tolist() == sums[2 * rank:2 * rank + 2], (
+        rank, w_l.grad)
+    print(f"rank {rank} ok", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_placed_dispatch_spreads_replicas_and_fetches_weights(tmp_path):
+    """Under a placement with copies, each slot gets its expert's copies
+    (replicas of one expert within one of each other) and weights, the
+    outputs return in place, and each replica's weight gradient reaches
+    the expert's owner."""
+    script = tmp_path / "placed.py"
+    script.write_text(PLACED)
     result = launch(2, str(script), timeout=120)
     check(result)
     assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout

@@ -11,6 +11,7 @@ import torch
 from coom.config import ModelConfig
 from coom.errors import UserError
 from coom.models import Transformer
+from coom.parallel.expert import PLACEMENT, place_experts
 from coom.parallel.rebalance import (
     measured_loads,
     moe_prefix,
@@ -80,13 +81,38 @@ def test_plan_balances_a_skewed_load_and_refuses_what_it_cannot():
         plan_layers(plain, {}, ranks=2)
 
 
-@pytest.mark.parametrize("processes, layout", [
-    (1, []), (2, ["parallel.expert=2"])], ids=["one", "ep2"])
-def test_run_resumes_from_the_renumbered_checkpoint(single, tmp_path,
-                                                    processes, layout):
-    """Stopped after step 3, rebalanced for 2 ranks, resumed: steps 4 and
-    5 give the uninterrupted run's losses, and the measured load of the
-    resumed steps is renumbered."""
+def test_plan_with_copies_keeps_owned_experts_local():
+    """With 2 copies over 2 ranks the experts are renumbered so that only
+    the copies' slots fetch weights from the other rank; under
+    group-limited routing the numbers stay and the copies still
+    balance."""
+    config = CONFIGS["groups"]
+    plain = replace(config, n_group=1, topk_group=1)
+    load = torch.tensor([40.0, 30, 20, 10, 5, 3, 1, 1])
+    for model, fetched in ((plain, 2), (config, 5)):
+        (plan,) = plan_layers(model, {1: load}, ranks=2, redundant=2)
+        placement = plan.placement
+        assert placement.slots == 10 and sorted(plan.order) == list(range(8))
+        for rank in range(2):
+            slots = placement.slot_expert[5 * rank:5 * rank + 5]
+            assert len(set(slots)) == 5
+        # The two hottest experts (old 0 and 1) have a copy on each rank.
+        hot = [plan.order.index(0), plan.order.index(1)]
+        assert placement.replicas()[hot].tolist() == [2, 2]
+        assert plan.fetched() == fetched
+        assert plan.after < plan.before
+    assert plan.order == list(range(8))
+
+
+@pytest.mark.parametrize("processes, layout, redundant", [
+    (1, [], 0), (2, ["parallel.expert=2"], 0),
+    (2, ["parallel.expert=2"], 2)], ids=["one", "ep2", "ep2-copies"])
+def test_run_resumes_from_the_rebalanced_checkpoint(single, tmp_path,
+                                                    processes, layout,
+                                                    redundant):
+    """Stopped after step 3, rebalanced for 2 ranks (with 2 copies per
+    layer or none), resumed: steps 4 and 5 give the uninterrupted run's
+    losses, and the measured load of the resumed steps is renumbered."""
     check(_train(tmp_path, 1, "train.exit_interval=3"))
     dry = launch(1, "experts", "rebalance", str(tmp_path), "--ranks", "2",
                  "--dry-run")
@@ -94,11 +120,18 @@ def test_run_resumes_from_the_renumbered_checkpoint(single, tmp_path,
     assert "nothing written" in dry.stdout
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000003"
     result = launch(1, "experts", "rebalance", str(tmp_path), "--ranks",
-                    "2")
+                    "2", "--redundant", str(redundant))
     check(result)
     assert "layer 1:" in result.stdout
     latest = latest_checkpoint(tmp_path / "checkpoints")
     assert latest.name == "step_0000003-rebalanced"
+    placement = read_train_state(latest)[PLACEMENT]
+    if redundant:
+        assert placement["ranks"] == 2
+        assert all(len(slots) == 8 + redundant
+                   for slots in placement["layers"].values())
+    else:
+        assert placement is None
     plans = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")
              if "rebalance" in line]
     assert len(plans) == 1
@@ -116,8 +149,13 @@ def test_run_resumes_from_the_renumbered_checkpoint(single, tmp_path,
                     tensor]
             orders[name.removesuffix("router.weight")] = rows
     assert any(order != sorted(order) for order in orders.values())
-    check(launch(processes, "train", "--resume", str(tmp_path), "--set",
-                 "train.exit_interval=null", *layout))
+    resumed = launch(processes, "train", "--resume", str(tmp_path),
+                     "--set", "train.exit_interval=null", *layout)
+    check(resumed)
+    assert ("expert placement of step_0000003-rebalanced: "
+            in resumed.stdout) == bool(redundant)
+    final = tmp_path / "checkpoints" / f"step_{STEPS:07d}"
+    assert read_train_state(final)[PLACEMENT] == placement
     losses, expected = logged_losses(tmp_path), logged_losses(single)
     assert len(losses) == STEPS
     for ours, reference in zip(losses[3:], expected[3:]):
@@ -137,3 +175,15 @@ def _load_after(run_dir, index: int, step: int) -> torch.Tensor:
                             dtype=torch.float64)
                for record in records if record["step"] > step
                and f"moe_load_layer{index}" in record)
+
+
+def test_a_placement_for_other_ranks_is_left_unused():
+    """Without expert parallelism (or over another number of ranks) a
+    saved placement does not apply, and says why; nothing changes."""
+    model = _trained_like(CONFIGS["v3"])
+    layers = model.moe_layers()
+    placement = {"ranks": 2, "layers": {
+        index: [0, 1, 2, 0, 2, 3] for index in layers}}
+    problem = place_experts(layers, placement)
+    assert problem == "planned for 2 expert-parallel ranks, this run has 1"
+    assert all(moe.experts.dispatcher is None for moe in layers.values())
