@@ -70,25 +70,30 @@ def cmd_train(args) -> int:
         run_dir = _new_run_dir(args)
     from coom.train.trainer import Trainer
     trainer = Trainer(config, run_dir)
+    world = trainer.world
     try:
-        if trainer.world.main:
+        if world.main:
             print(f"training in {run_dir}")
         outcome = trainer.run()
         while outcome == "growth":
-            trainer = Trainer(config, run_dir, trainer.world,
+            trainer = Trainer(config, run_dir, world,
                               trainer.energy.job_started)
             outcome = trainer.run()
+        step, energy = trainer.step, trainer.energy.summary()
     finally:
-        trainer.world.close()
-    if not trainer.world.main:
+        # Free the model, optimizer and their process groups before the
+        # world closes (``World.close``).
+        del trainer
+        world.close()
+    if not world.main:
         return 0
     if outcome == "done":
-        print(f"finished {trainer.step} steps; summary and plots: "
+        print(f"finished {step} steps; summary and plots: "
               f"coom report {run_dir}")
     else:
-        print(f"stopped at step {trainer.step} ({outcome}) with a "
+        print(f"stopped at step {step} ({outcome}) with a "
               f"checkpoint; continue with: coom train --resume {run_dir}")
-    print(trainer.energy.summary())
+    print(energy)
     return 0
 
 

