@@ -66,7 +66,13 @@ def main() -> None:
         end.record()
         torch.cuda.synchronize()
     step_ms = start.elapsed_time(end)
-    events = [event for event in prof.key_averages()
+    # Ranges such as the optimizer's "Optimizer.step#..." span kernels
+    # on the GPU's timeline too: counted, they would count those twice.
+    annotations = {event.name for event in prof.events()
+                   if event.is_user_annotation}
+    averages = [event for event in prof.key_averages()
+                if event.key not in annotations]
+    events = [event for event in averages
               if event.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda event: event.self_device_time_total,
                 reverse=True)
@@ -84,7 +90,7 @@ def main() -> None:
               f"{event.count:5d}x  {event.key[:100]}")
     # Where the CPU spends the step: when the GPU waits (busy well under
     # 100%), the ops that launch its work are here.
-    host = [event for event in prof.key_averages()
+    host = [event for event in averages
             if event.device_type == torch.autograd.DeviceType.CPU]
     host.sort(key=lambda event: event.self_cpu_time_total, reverse=True)
     total_us = sum(event.self_cpu_time_total for event in host)
