@@ -41,6 +41,11 @@ pipelined, only where the compiler can prove 16-byte alignment: in
 at multiples of 128 columns, of rows 128 j long, and are whole (zeros
 past the group's rows, which add nothing), whatever the counts.
 
+Launches go through ``torch.library.wrap_triton``, so that
+``torch.compile`` traces them inside ``coom.fp8.ops``'s ``triton_op``
+ops and inductor launches (and autotunes) the kernels from its own
+generated code.
+
 Tensor names end in their shape: t rows; k summed columns; n output
 columns; e groups (experts); h ceil(k / 128) column tiles; g ceil(n /
 128) row blocks of a weight; j row tiles of the weight gradient's
@@ -49,6 +54,7 @@ operands (``max_group_tiles``); c = 128 j columns of their values.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from coom.fp8.scaling import TILE
 
@@ -255,11 +261,11 @@ def grouped_fp8_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
                 * triton.cdiv(n, meta["block_n"]),)
     launch, config = _kernel_and_config(_grouped_kernel, _grouped_tuned,
                                         a_values_tk.is_cuda)
-    launch[grid](a_values_tk, a_scales_th, b_values_enk, b_scales_egh,
-                 counts_e, out_tn, t, n, k, groups, *a_scales_th.stride(),
-                 *b_scales_egh.stride(), even_k=k % TILE == 0,
-                 groups_pow2=triton.next_power_of_2(groups), block_k=TILE,
-                 **config)
+    wrap_triton(launch)[grid](
+        a_values_tk, a_scales_th, b_values_enk, b_scales_egh, counts_e,
+        out_tn, t, n, k, groups, *a_scales_th.stride(),
+        *b_scales_egh.stride(), even_k=k % TILE == 0,
+        groups_pow2=triton.next_power_of_2(groups), block_k=TILE, **config)
     return out_tn
 
 
@@ -295,9 +301,9 @@ def grouped_fp8_mm_wgrad(a_values_nc: torch.Tensor,
                 * triton.cdiv(k, meta["block_n"]),)
     launch, config = _kernel_and_config(_wgrad_kernel, _wgrad_tuned,
                                         a_values_nc.is_cuda)
-    launch[grid](a_values_nc, a_scales_nj, b_values_kc, b_scales_kj,
-                 counts_e, out_enk, n, k, c // TILE, groups,
-                 *a_scales_nj.stride(), *b_scales_kj.stride(),
-                 groups_pow2=triton.next_power_of_2(groups), tile=TILE,
-                 **config)
+    wrap_triton(launch)[grid](
+        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e,
+        out_enk, n, k, c // TILE, groups, *a_scales_nj.stride(),
+        *b_scales_kj.stride(), groups_pow2=triton.next_power_of_2(groups),
+        tile=TILE, **config)
     return out_enk
