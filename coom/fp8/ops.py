@@ -40,7 +40,7 @@ def quantize_rows_and_transpose(
     scales_mh, values_kc, scales_kj)."""
     (values_mk, scales_mh), (values_kc, scales_kj) = \
         fp8_quantize.quantize_rows_and_transpose(x_mk, power_of_two,
-                                                 counts_e)
+                                                 counts_e, traceable=True)
     return values_mk, scales_mh, values_kc, scales_kj
 
 
@@ -49,7 +49,8 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (..., n, k) in 128 x 128 blocks: (values (..., n, k), scales
     (..., g, h), values of w^T (..., k, n))."""
-    return fp8_quantize.quantize_blocks(w, power_of_two, transpose=True)
+    return fp8_quantize.quantize_blocks(w, power_of_two, transpose=True,
+                                        traceable=True)
 
 
 @torch.library.triton_op("coom::fp8_grouped_mm", mutates_args=())
@@ -60,7 +61,7 @@ def grouped_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
     """Rows of group e times b[e]^T, blockwise scaled."""
     return fp8_grouped_gemm.grouped_fp8_mm(
         a_values_tk, a_scales_th, b_values_enk, b_scales_egh.contiguous(),
-        counts_e, out_dtype)
+        counts_e, out_dtype, traceable=True)
 
 
 @torch.library.triton_op("coom::fp8_grouped_mm_wgrad", mutates_args=())
@@ -70,7 +71,8 @@ def grouped_mm_wgrad(a_values_nc: torch.Tensor, a_scales_nj: torch.Tensor,
     """Per group e, a's columns of e times b's columns of e transposed,
     both tile-padded: (e, n, k) float32."""
     return fp8_grouped_gemm.grouped_fp8_mm_wgrad(
-        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e)
+        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e,
+        traceable=True)
 
 
 @torch.library.custom_op("coom::fp8_scaled_mm", mutates_args=())

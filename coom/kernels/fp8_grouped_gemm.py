@@ -41,10 +41,10 @@ pipelined, only where the compiler can prove 16-byte alignment: in
 at multiples of 128 columns, of rows 128 j long, and are whole (zeros
 past the group's rows, which add nothing), whatever the counts.
 
-Launches go through ``torch.library.wrap_triton``, so that
-``torch.compile`` traces them inside ``coom.fp8.ops``'s ``triton_op``
-ops and inductor launches (and autotunes) the kernels from its own
-generated code.
+With ``traceable`` the launches go through ``torch.library.wrap_triton``
+(``coom.kernels.launcher``), so that ``torch.compile`` traces them inside
+``coom.fp8.ops``'s ``triton_op`` ops and inductor launches (and
+autotunes) the kernels from its own generated code.
 
 Tensor names end in their shape: t rows; k summed columns; n output
 columns; e groups (experts); h ceil(k / 128) column tiles; g ceil(n /
@@ -54,9 +54,9 @@ operands (``max_group_tiles``); c = 128 j columns of their values.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from coom.fp8.scaling import TILE
+from coom.kernels import launcher
 
 # Timed by the autotuner for each (n, k) on first use; not yet measured
 # here. The promotion keeps each step's dot result apart from the
@@ -242,7 +242,8 @@ def _require_contiguous(**tensors) -> None:
 def grouped_fp8_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
                    b_values_enk: torch.Tensor, b_scales_egh: torch.Tensor,
                    counts_e: torch.Tensor,
-                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.bfloat16,
+                   traceable: bool = False) -> torch.Tensor:
     """(t, n): each group's rows of a @ b[e]^T, with a = a_values * its 1
     x 128 tile scales and b[e] = b_values[e] * its 128 x 128 block scales.
 
@@ -261,7 +262,7 @@ def grouped_fp8_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
                 * triton.cdiv(n, meta["block_n"]),)
     launch, config = _kernel_and_config(_grouped_kernel, _grouped_tuned,
                                         a_values_tk.is_cuda)
-    wrap_triton(launch)[grid](
+    launcher(launch, traceable)[grid](
         a_values_tk, a_scales_th, b_values_enk, b_scales_egh, counts_e,
         out_tn, t, n, k, groups, *a_scales_th.stride(),
         *b_scales_egh.stride(), even_k=k % TILE == 0,
@@ -273,8 +274,8 @@ def grouped_fp8_mm_wgrad(a_values_nc: torch.Tensor,
                          a_scales_nj: torch.Tensor,
                          b_values_kc: torch.Tensor,
                          b_scales_kj: torch.Tensor, counts_e: torch.Tensor,
-                         out_dtype: torch.dtype = torch.float32
-                         ) -> torch.Tensor:
+                         out_dtype: torch.dtype = torch.float32,
+                         traceable: bool = False) -> torch.Tensor:
     """(e, n, k): for each group, the sum over its rows of a[:, row]
     b[:, row]^T, i.e. dW_e = dy_e^T x_e with a = dy^T and b = x^T; zeros
     for groups without rows.
@@ -301,7 +302,7 @@ def grouped_fp8_mm_wgrad(a_values_nc: torch.Tensor,
                 * triton.cdiv(k, meta["block_n"]),)
     launch, config = _kernel_and_config(_wgrad_kernel, _wgrad_tuned,
                                         a_values_nc.is_cuda)
-    wrap_triton(launch)[grid](
+    launcher(launch, traceable)[grid](
         a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e,
         out_enk, n, k, c // TILE, groups, *a_scales_nj.stride(),
         *b_scales_kj.stride(), groups_pow2=triton.next_power_of_2(groups),

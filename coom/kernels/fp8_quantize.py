@@ -14,10 +14,10 @@ conversion to float8e4nv scrambles some float32 tiles on the GPU (pairs
 of columns swapped), and its interpreter rounds half up. Transposed
 copies are transposed in float32 and stored along their rows.
 
-The launches go through ``torch.library.wrap_triton``, so that
-``torch.compile`` traces them when ``coom.fp8.ops`` calls these
-functions inside its ``triton_op`` ops: inductor then launches the
-kernels from its own generated code.
+With ``traceable`` the launches go through ``torch.library.wrap_triton``
+(``coom.kernels.launcher``), so that ``torch.compile`` traces them inside
+``coom.fp8.ops``'s ``triton_op`` ops: inductor then launches the kernels
+from its own generated code.
 
 The layouts:
 
@@ -49,7 +49,6 @@ weight row blocks.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from coom.fp8.scaling import (
     E4M3,
@@ -58,6 +57,7 @@ from coom.fp8.scaling import (
     group_tile_starts,
     max_group_tiles,
 )
+from coom.kernels import launcher
 
 # 4 warps: with one division per group (not per entry) the activation
 # kernel ran fastest at 4 on an H100 at the small preset's sizes, the
@@ -227,7 +227,7 @@ def _group_tile_rows(counts_e: torch.Tensor,
 
 
 def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
-               counts_e: torch.Tensor | None):
+               counts_e: torch.Tensor | None, traceable: bool = False):
     """((values_mk, scales_mh), (values_kc, scales_kj)); the second pair
     only with transpose."""
     m, k = x_mk.shape
@@ -251,7 +251,7 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
         # Ungrouped, the kernel reads no tile rows: x stands in for them.
         starts_j, ends_j = (_group_tile_rows(counts_e, row_tiles)
                             if grouped else (x_mk, x_mk))
-        wrap_triton(_row_tiles_kernel)[(row_tiles, column_tiles)](
+        launcher(_row_tiles_kernel, traceable)[(row_tiles, column_tiles)](
             x_mk, values_mk, scales_hm, values_kc, scales_jk, starts_j,
             ends_j, m, k, *x_mk.stride(), transpose=transpose,
             grouped=grouped, power_of_two=power_of_two, tile=TILE,
@@ -268,7 +268,7 @@ def quantize_rows(x_mk: torch.Tensor, power_of_two: bool = False
 
 def quantize_rows_and_transpose(
         x_mk: torch.Tensor, power_of_two: bool = False,
-        counts_e: torch.Tensor | None = None
+        counts_e: torch.Tensor | None = None, traceable: bool = False
 ) -> tuple[tuple[torch.Tensor, torch.Tensor],
            tuple[torch.Tensor, torch.Tensor]]:
     """((values (m, k), scales (m, h)), (values (k, c), scales (k, j)))
@@ -280,11 +280,12 @@ def quantize_rows_and_transpose(
     them j = ``max_group_tiles(m, e)`` and c = 128 j, tile-padded. Both
     scales are stored outer-dim-major: strides (1, m) and (1, k).
     """
-    return _row_tiles(x_mk, power_of_two, True, counts_e)
+    return _row_tiles(x_mk, power_of_two, True, counts_e, traceable)
 
 
 def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,
-                    transpose: bool = False) -> tuple[torch.Tensor, ...]:
+                    transpose: bool = False,
+                    traceable: bool = False) -> tuple[torch.Tensor, ...]:
     """(E4M3 values (..., n, k), float32 scales (..., g, h)) of w (n, k)
     or (e, n, k) in 128 x 128 blocks, each matrix on its own:
     ``quantize(w, Grouping(128, 128))``. With transpose, a third output:
@@ -299,7 +300,8 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,
     values_ekn = (torch.empty(e, k, n, device=w.device, dtype=E4M3)
                   if transpose else values_enk)
     if w_enk.numel():
-        wrap_triton(_blocks_kernel)[(e, row_blocks, column_blocks)](
+        grid = (e, row_blocks, column_blocks)
+        launcher(_blocks_kernel, traceable)[grid](
             w_enk, values_enk, scales_egh, values_ekn, n, k, *w_enk.stride(),
             transpose=transpose, power_of_two=power_of_two, tile=TILE,
             num_warps=NUM_WARPS)
