@@ -1,16 +1,22 @@
 """The FP8 Triton kernels, and cuBLAS's scaled product, as
 ``torch.library`` ops.
 
-The kernels' ops are ``triton_op``: eager calls run the kernels
-directly, and ``torch.compile`` traces through them (their allocations
-and index arithmetic become graph nodes, each launch a node of its own)
-so that inductor launches the kernels from its generated code, without a
-Python op and Triton's launcher on every call: the FP8 step was waiting
-on the host (``docs/benchmarks.md``). Their fake (meta) implementations
-are the functions themselves, traced on fake tensors.
+The quantisation and weight-gradient ops are ``triton_op``: eager calls
+run the kernels directly, and ``torch.compile`` traces through them
+(their allocations and index arithmetic become graph nodes, each launch
+a node of its own) so that inductor launches the kernels from its
+generated code, without a Python op and Triton's launcher on every call:
+the FP8 step was waiting on the host (``docs/benchmarks.md``). Their
+fake (meta) implementations are the functions themselves, traced on fake
+tensors.
 
-cuBLAS's scaled product is a ``custom_op``, which inductor keeps whole,
-rather than lowering ``torch._scaled_mm`` to a template of its own.
+The other two are ``custom_op``, which inductor keeps whole: the grouped
+product of the forward and input gradient, whose autotuned configs
+include a register cap (maxnreg) that inductor's own autotuning of a
+traced kernel drops (torch 2.13's source; traced, its 66 launches per
+step of the ``small`` preset took 22.0 ms of an H100 against 19.5 ms
+whole), and cuBLAS's scaled product, which inductor would otherwise
+lower to a template of its own.
 
 The kernels are ``coom.kernels.fp8_quantize`` and
 ``coom.kernels.fp8_grouped_gemm``; this file only wraps them. Scales
@@ -53,7 +59,7 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool
                                         traceable=True)
 
 
-@torch.library.triton_op("coom::fp8_grouped_mm", mutates_args=())
+@torch.library.custom_op("coom::fp8_grouped_mm", mutates_args=())
 def grouped_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
                b_values_enk: torch.Tensor, b_scales_egh: torch.Tensor,
                counts_e: torch.Tensor, out_dtype: torch.dtype
@@ -61,7 +67,14 @@ def grouped_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
     """Rows of group e times b[e]^T, blockwise scaled."""
     return fp8_grouped_gemm.grouped_fp8_mm(
         a_values_tk, a_scales_th, b_values_enk, b_scales_egh.contiguous(),
-        counts_e, out_dtype, traceable=True)
+        counts_e, out_dtype)
+
+
+@grouped_mm.register_fake
+def _(a_values_tk, a_scales_th, b_values_enk, b_scales_egh, counts_e,
+      out_dtype):
+    return a_values_tk.new_empty(a_values_tk.shape[0],
+                                 b_values_enk.shape[1], dtype=out_dtype)
 
 
 @torch.library.triton_op("coom::fp8_grouped_mm_wgrad", mutates_args=())

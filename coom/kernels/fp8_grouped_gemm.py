@@ -41,10 +41,11 @@ pipelined, only where the compiler can prove 16-byte alignment: in
 at multiples of 128 columns, of rows 128 j long, and are whole (zeros
 past the group's rows, which add nothing), whatever the counts.
 
-With ``traceable`` the launches go through ``torch.library.wrap_triton``
-(``coom.kernels.launcher``), so that ``torch.compile`` traces them inside
-``coom.fp8.ops``'s ``triton_op`` ops and inductor launches (and
-autotunes) the kernels from its own generated code.
+With ``traceable`` the weight gradient's launch goes through
+``torch.library.wrap_triton`` (``coom.kernels.launcher``), so that
+``torch.compile`` traces it inside ``coom.fp8.ops``'s ``triton_op`` op
+and inductor launches (and autotunes) the kernel from its own generated
+code. ``grouped_fp8_mm`` stays a whole op there (``coom.fp8.ops``).
 
 Tensor names end in their shape: t rows; k summed columns; n output
 columns; e groups (experts); h ceil(k / 128) column tiles; g ceil(n /
@@ -242,8 +243,7 @@ def _require_contiguous(**tensors) -> None:
 def grouped_fp8_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
                    b_values_enk: torch.Tensor, b_scales_egh: torch.Tensor,
                    counts_e: torch.Tensor,
-                   out_dtype: torch.dtype = torch.bfloat16,
-                   traceable: bool = False) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(t, n): each group's rows of a @ b[e]^T, with a = a_values * its 1
     x 128 tile scales and b[e] = b_values[e] * its 128 x 128 block scales.
 
@@ -262,11 +262,11 @@ def grouped_fp8_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
                 * triton.cdiv(n, meta["block_n"]),)
     launch, config = _kernel_and_config(_grouped_kernel, _grouped_tuned,
                                         a_values_tk.is_cuda)
-    launcher(launch, traceable)[grid](
-        a_values_tk, a_scales_th, b_values_enk, b_scales_egh, counts_e,
-        out_tn, t, n, k, groups, *a_scales_th.stride(),
-        *b_scales_egh.stride(), even_k=k % TILE == 0,
-        groups_pow2=triton.next_power_of_2(groups), block_k=TILE, **config)
+    launch[grid](a_values_tk, a_scales_th, b_values_enk, b_scales_egh,
+                 counts_e, out_tn, t, n, k, groups, *a_scales_th.stride(),
+                 *b_scales_egh.stride(), even_k=k % TILE == 0,
+                 groups_pow2=triton.next_power_of_2(groups), block_k=TILE,
+                 **config)
     return out_tn
 
 

@@ -1,6 +1,6 @@
 """The FP8 products under ``torch.compile``, on a GPU only (kernels run
 by Triton's interpreter cannot be traced): inductor traces the
-quantisation and grouped GEMM ops (``triton_op``) and launches their
+quantisation and weight-gradient ops (``triton_op``) and launches their
 kernels from its own code, with eager's results bit for bit."""
 import pytest
 import torch
@@ -59,8 +59,9 @@ def test_compiled_products_match_eager_and_launch_kernels_inline():
     for ours, ref in zip(compiled, eager):
         assert torch.equal(ours, ref)
     code = "\n".join(sources)
-    assert "_row_tiles_kernel" in code and "_grouped_kernel" in code
-    assert "_blocks_kernel" in code and "_wgrad_kernel" in code
+    for kernel in ("_row_tiles_kernel", "_blocks_kernel", "_wgrad_kernel"):
+        assert kernel in code
     for op in ("fp8_quantize_rows_and_transpose", "fp8_quantize_blocks",
-               "fp8_grouped_mm"):
+               "fp8_grouped_mm_wgrad"):
         assert f"coom.{op}" not in code
+    assert "coom.fp8_grouped_mm.default" in code  # kept whole
