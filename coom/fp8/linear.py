@@ -25,6 +25,7 @@ the CPU tests check the numerics with.
 Tensor names end in their shape: m tokens; k input width; n output width.
 """
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -174,29 +175,41 @@ def _scaled_product(a, b, out_dtype: torch.dtype,
 
 
 class _FP8Linear(torch.autograd.Function):
-    """The three products on FP8 matrix units (``torch._scaled_mm``)."""
+    """The three products on FP8 matrix units (``torch._scaled_mm``), of
+    one x with one or more weights: x is quantised once for all of them
+    (a feed-forward's gate and up products), and its FP8 x^T kept once
+    for their weight gradients."""
 
     @staticmethod
-    def forward(ctx, x_mk, weight_nk, recipe, out_dtype):
+    def forward(ctx, x_mk, recipe, out_dtype, *weights_nk):
+        blockwise = recipe.scaling == "blockwise"
         x_rows, x_columns = _quantize_activation(x_mk, recipe)
-        weight_rows, weight_columns = _quantize_weight(weight_nk, recipe)
-        ctx.save_for_backward(*x_columns, *weight_columns)
+        outputs, weights_columns = [], []
+        for weight_nk in weights_nk:
+            weight_rows, weight_columns = _quantize_weight(weight_nk, recipe)
+            weights_columns += weight_columns
+            outputs.append(_scaled_product(x_rows, weight_rows, out_dtype,
+                                           blockwise))
+        ctx.save_for_backward(*x_columns, *weights_columns)
         ctx.recipe, ctx.x_dtype = recipe, x_mk.dtype
-        return _scaled_product(x_rows, weight_rows, out_dtype,
-                               recipe.scaling == "blockwise")
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, dy_mn):
-        x_values_km, x_scales, weight_values_kn, weight_scales = \
-            ctx.saved_tensors
-        dy_rows, dy_columns = _quantize_activation(dy_mn.contiguous(),
-                                                   ctx.recipe)
+    def backward(ctx, *dys_mn):
+        x_values_km, x_scales, *weights_columns = ctx.saved_tensors
         blockwise = ctx.recipe.scaling == "blockwise"
-        dx_mk = _scaled_product(dy_rows, (weight_values_kn, weight_scales),
-                                ctx.x_dtype, blockwise)
-        dweight_nk = _scaled_product(dy_columns, (x_values_km, x_scales),
-                                     torch.float32, blockwise)
-        return dx_mk, dweight_nk, None, None
+        dx_mk, dweights_nk = None, []
+        for dy_mn, weight_values_kn, weight_scales in zip(
+                dys_mn, weights_columns[::2], weights_columns[1::2]):
+            dy_rows, dy_columns = _quantize_activation(dy_mn.contiguous(),
+                                                       ctx.recipe)
+            dx = _scaled_product(dy_rows, (weight_values_kn, weight_scales),
+                                 ctx.x_dtype, blockwise)
+            dx_mk = dx if dx_mk is None else dx_mk + dx
+            dweights_nk.append(_scaled_product(
+                dy_columns, (x_values_km, x_scales), torch.float32,
+                blockwise))
+        return dx_mk, None, None, *dweights_nk
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -207,17 +220,27 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(device) else x.dtype
 
 
-def fp8_linear(x: torch.Tensor, weight_nk: torch.Tensor,
-               recipe: FP8Recipe) -> torch.Tensor:
-    """x @ weight^T with FP8 products, in ``output_dtype(x)``."""
+def fp8_linears(x: torch.Tensor, weights_nk: Sequence[torch.Tensor],
+                recipe: FP8Recipe) -> tuple[torch.Tensor, ...]:
+    """x @ weight^T for each of weights_nk with FP8 products (x quantised
+    once for all of them), in ``output_dtype(x)``."""
     dtype, x_mk = output_dtype(x), x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
         if recipe.emulate:
-            y_mn = _EmulatedFP8Linear.apply(
-                x_mk, weight_nk, recipe.scaling, recipe.power_of_two)
+            ys_mn = [_EmulatedFP8Linear.apply(x_mk, weight_nk,
+                                              recipe.scaling,
+                                              recipe.power_of_two)
+                     for weight_nk in weights_nk]
         else:
-            y_mn = _FP8Linear.apply(x_mk, weight_nk, recipe, dtype)
-    return y_mn.to(dtype).view(*x.shape[:-1], weight_nk.shape[0])
+            ys_mn = _FP8Linear.apply(x_mk, recipe, dtype, *weights_nk)
+    return tuple(y_mn.to(dtype).view(*x.shape[:-1], weight_nk.shape[0])
+                 for y_mn, weight_nk in zip(ys_mn, weights_nk))
+
+
+def fp8_linear(x: torch.Tensor, weight_nk: torch.Tensor,
+               recipe: FP8Recipe) -> torch.Tensor:
+    """x @ weight^T with FP8 products, in ``output_dtype(x)``."""
+    return fp8_linears(x, [weight_nk], recipe)[0]
 
 
 class FP8Linear(nn.Linear):

@@ -1,8 +1,22 @@
 """The FP8 Triton kernels, and cuBLAS's scaled product, as
-``torch.library`` ops, so that ``torch.compile`` keeps each call whole
-(rather than lowering ``torch._scaled_mm`` to a template of its own); each
-has a fake (meta) implementation with the real outputs' shapes and
-strides.
+``torch.library`` ops.
+
+The quantisation and weight-gradient ops are ``triton_op``: eager calls
+run the kernels directly, and ``torch.compile`` traces through them
+(their allocations and index arithmetic become graph nodes, each launch
+a node of its own) so that inductor launches the kernels from its
+generated code, without a Python op and Triton's launcher on every call:
+the FP8 step was waiting on the host (``docs/benchmarks.md``). Their
+fake (meta) implementations are the functions themselves, traced on fake
+tensors.
+
+The other two are ``custom_op``, which inductor keeps whole: the grouped
+product of the forward and input gradient, whose autotuned configs
+include a register cap (maxnreg) that inductor's own autotuning of a
+traced kernel drops (torch 2.13's source; traced, its 66 launches per
+step of the ``small`` preset took 22.0 ms of an H100 against 19.5 ms
+whole), and cuBLAS's scaled product, which inductor would otherwise
+lower to a template of its own.
 
 The kernels are ``coom.kernels.fp8_quantize`` and
 ``coom.kernels.fp8_grouped_gemm``; this file only wraps them. Scales
@@ -17,17 +31,11 @@ experts; n weight rows; g weight row blocks.
 from typing import Optional
 
 import torch
-import triton
 
-from coom.fp8.scaling import E4M3, TILE, max_group_tiles
 from coom.kernels import fp8_grouped_gemm, fp8_quantize
 
 
-def _outer_major(rows: int, columns: int, like: torch.Tensor):
-    return like.new_empty(columns, rows, dtype=torch.float32).t()
-
-
-@torch.library.custom_op("coom::fp8_quantize_rows_and_transpose",
+@torch.library.triton_op("coom::fp8_quantize_rows_and_transpose",
                          mutates_args=())
 def quantize_rows_and_transpose(
         x_mk: torch.Tensor, power_of_two: bool,
@@ -38,39 +46,17 @@ def quantize_rows_and_transpose(
     scales_mh, values_kc, scales_kj)."""
     (values_mk, scales_mh), (values_kc, scales_kj) = \
         fp8_quantize.quantize_rows_and_transpose(x_mk, power_of_two,
-                                                 counts_e)
+                                                 counts_e, traceable=True)
     return values_mk, scales_mh, values_kc, scales_kj
 
 
-@quantize_rows_and_transpose.register_fake
-def _(x_mk, power_of_two, counts_e=None):
-    m, k = x_mk.shape
-    if counts_e is None:
-        tiles, columns = triton.cdiv(m, TILE), m
-    else:
-        tiles = max_group_tiles(m, len(counts_e))
-        columns = tiles * TILE
-    return (x_mk.new_empty(m, k, dtype=E4M3),
-            _outer_major(m, triton.cdiv(k, TILE), x_mk),
-            x_mk.new_empty(k, columns, dtype=E4M3),
-            _outer_major(k, tiles, x_mk))
-
-
-@torch.library.custom_op("coom::fp8_quantize_blocks", mutates_args=())
+@torch.library.triton_op("coom::fp8_quantize_blocks", mutates_args=())
 def quantize_blocks(w: torch.Tensor, power_of_two: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (..., n, k) in 128 x 128 blocks: (values (..., n, k), scales
     (..., g, h), values of w^T (..., k, n))."""
-    return fp8_quantize.quantize_blocks(w, power_of_two, transpose=True)
-
-
-@quantize_blocks.register_fake
-def _(w, power_of_two):
-    *batch, n, k = w.shape
-    return (w.new_empty(w.shape, dtype=E4M3),
-            w.new_empty(*batch, triton.cdiv(n, TILE), triton.cdiv(k, TILE),
-                        dtype=torch.float32),
-            w.new_empty(*batch, k, n, dtype=E4M3))
+    return fp8_quantize.quantize_blocks(w, power_of_two, transpose=True,
+                                        traceable=True)
 
 
 @torch.library.custom_op("coom::fp8_grouped_mm", mutates_args=())
@@ -91,20 +77,15 @@ def _(a_values_tk, a_scales_th, b_values_enk, b_scales_egh, counts_e,
                                  b_values_enk.shape[1], dtype=out_dtype)
 
 
-@torch.library.custom_op("coom::fp8_grouped_mm_wgrad", mutates_args=())
+@torch.library.triton_op("coom::fp8_grouped_mm_wgrad", mutates_args=())
 def grouped_mm_wgrad(a_values_nc: torch.Tensor, a_scales_nj: torch.Tensor,
                      b_values_kc: torch.Tensor, b_scales_kj: torch.Tensor,
                      counts_e: torch.Tensor) -> torch.Tensor:
     """Per group e, a's columns of e times b's columns of e transposed,
     both tile-padded: (e, n, k) float32."""
     return fp8_grouped_gemm.grouped_fp8_mm_wgrad(
-        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e)
-
-
-@grouped_mm_wgrad.register_fake
-def _(a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e):
-    return a_values_nc.new_empty(len(counts_e), a_values_nc.shape[0],
-                                 b_values_kc.shape[0], dtype=torch.float32)
+        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e,
+        traceable=True)
 
 
 @torch.library.custom_op("coom::fp8_scaled_mm", mutates_args=())

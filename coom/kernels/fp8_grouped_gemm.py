@@ -41,6 +41,12 @@ pipelined, only where the compiler can prove 16-byte alignment: in
 at multiples of 128 columns, of rows 128 j long, and are whole (zeros
 past the group's rows, which add nothing), whatever the counts.
 
+With ``traceable`` the weight gradient's launch goes through
+``torch.library.wrap_triton`` (``coom.kernels.launcher``), so that
+``torch.compile`` traces it inside ``coom.fp8.ops``'s ``triton_op`` op
+and inductor launches (and autotunes) the kernel from its own generated
+code. ``grouped_fp8_mm`` stays a whole op there (``coom.fp8.ops``).
+
 Tensor names end in their shape: t rows; k summed columns; n output
 columns; e groups (experts); h ceil(k / 128) column tiles; g ceil(n /
 128) row blocks of a weight; j row tiles of the weight gradient's
@@ -51,6 +57,7 @@ import triton
 import triton.language as tl
 
 from coom.fp8.scaling import TILE
+from coom.kernels import launcher
 
 # Timed by the autotuner for each (n, k) on first use; not yet measured
 # here. The promotion keeps each step's dot result apart from the
@@ -267,8 +274,8 @@ def grouped_fp8_mm_wgrad(a_values_nc: torch.Tensor,
                          a_scales_nj: torch.Tensor,
                          b_values_kc: torch.Tensor,
                          b_scales_kj: torch.Tensor, counts_e: torch.Tensor,
-                         out_dtype: torch.dtype = torch.float32
-                         ) -> torch.Tensor:
+                         out_dtype: torch.dtype = torch.float32,
+                         traceable: bool = False) -> torch.Tensor:
     """(e, n, k): for each group, the sum over its rows of a[:, row]
     b[:, row]^T, i.e. dW_e = dy_e^T x_e with a = dy^T and b = x^T; zeros
     for groups without rows.
@@ -295,9 +302,9 @@ def grouped_fp8_mm_wgrad(a_values_nc: torch.Tensor,
                 * triton.cdiv(k, meta["block_n"]),)
     launch, config = _kernel_and_config(_wgrad_kernel, _wgrad_tuned,
                                         a_values_nc.is_cuda)
-    launch[grid](a_values_nc, a_scales_nj, b_values_kc, b_scales_kj,
-                 counts_e, out_enk, n, k, c // TILE, groups,
-                 *a_scales_nj.stride(), *b_scales_kj.stride(),
-                 groups_pow2=triton.next_power_of_2(groups), tile=TILE,
-                 **config)
+    launcher(launch, traceable)[grid](
+        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e,
+        out_enk, n, k, c // TILE, groups, *a_scales_nj.stride(),
+        *b_scales_kj.stride(), groups_pow2=triton.next_power_of_2(groups),
+        tile=TILE, **config)
     return out_enk

@@ -9,10 +9,15 @@ quantises. All arithmetic is float32; the two divisions use
 ``tl.math.div_rn`` because Triton's ``/`` on float32 lowers to an
 approximate division on NVIDIA GPUs, and the reference divides with IEEE
 rounding. The E4M3 bytes are built from the float32 bits with integer
-operations and stored as uint8: Triton 3.6's own conversion to
-float8e4nv scrambles some float32 tiles on the GPU (pairs of columns
-swapped), and its interpreter rounds half up. Transposed copies are
-transposed in float32 and stored along their rows.
+operations and stored through uint8 pointers: Triton 3.6's own
+conversion to float8e4nv scrambles some float32 tiles on the GPU (pairs
+of columns swapped), and its interpreter rounds half up. Transposed
+copies are transposed in float32 and stored along their rows.
+
+With ``traceable`` the launches go through ``torch.library.wrap_triton``
+(``coom.kernels.launcher``), so that ``torch.compile`` traces them inside
+``coom.fp8.ops``'s ``triton_op`` ops: inductor then launches the kernels
+from its own generated code.
 
 The layouts:
 
@@ -52,6 +57,7 @@ from coom.fp8.scaling import (
     group_tile_starts,
     max_group_tiles,
 )
+from coom.kernels import launcher
 
 # 4 warps: with one division per group (not per entry) the activation
 # kernel ran fastest at 4 on an H100 at the small preset's sizes, the
@@ -112,11 +118,20 @@ def _quantize(x, reciprocal):
 
 
 @triton.jit
+def _bytes(values_ptr):
+    """An E4M3 tensor's pointer as the uint8 one ``_quantize``'s bytes
+    are stored through."""
+    return values_ptr.to(tl.pointer_type(tl.uint8))
+
+
+@triton.jit
 def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_kc_ptr,
                       scales_jk_ptr, starts_ptr, ends_ptr, m, k, stride_m,
                       stride_k, transpose: tl.constexpr,
                       grouped: tl.constexpr, power_of_two: tl.constexpr,
                       tile: tl.constexpr):
+    values_mk_ptr, values_kc_ptr = _bytes(values_mk_ptr), \
+        _bytes(values_kc_ptr)
     row_tile = tl.program_id(0).to(tl.int64)
     column_tile = tl.program_id(1).to(tl.int64)
     if grouped:
@@ -165,6 +180,7 @@ def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_kc_ptr,
 def _blocks_kernel(w_ptr, values_ptr, scales_ptr, values_t_ptr, n, k,
                    stride_e, stride_n, stride_k, transpose: tl.constexpr,
                    power_of_two: tl.constexpr, tile: tl.constexpr):
+    values_ptr, values_t_ptr = _bytes(values_ptr), _bytes(values_t_ptr)
     matrix = tl.program_id(0).to(tl.int64)
     row_block = tl.program_id(1).to(tl.int64)
     column_block = tl.program_id(2).to(tl.int64)
@@ -190,11 +206,6 @@ def _blocks_kernel(w_ptr, values_ptr, scales_ptr, values_t_ptr, n, k,
                  _quantize(tl.trans(w), reciprocal), mask=mask_t)
 
 
-def _bytes(values: torch.Tensor) -> torch.Tensor:
-    """E4M3 values as the uint8 the kernels write (``_quantize``)."""
-    return values.view(torch.uint8)
-
-
 def _group_tile_rows(counts_e: torch.Tensor,
                      tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(first row, end row) of each row tile, int64 (j,), when each group
@@ -216,7 +227,7 @@ def _group_tile_rows(counts_e: torch.Tensor,
 
 
 def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
-               counts_e: torch.Tensor | None):
+               counts_e: torch.Tensor | None, traceable: bool = False):
     """((values_mk, scales_mh), (values_kc, scales_kj)); the second pair
     only with transpose."""
     m, k = x_mk.shape
@@ -237,11 +248,12 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
         scales_jk = (torch.empty if m else torch.ones)(row_tiles, k,
                                                        **float32)
     if x_mk.numel():
+        # Ungrouped, the kernel reads no tile rows: x stands in for them.
         starts_j, ends_j = (_group_tile_rows(counts_e, row_tiles)
-                            if grouped else (scales_hm, scales_hm))
-        _row_tiles_kernel[(row_tiles, column_tiles)](
-            x_mk, _bytes(values_mk), scales_hm, _bytes(values_kc), scales_jk,
-            starts_j, ends_j, m, k, *x_mk.stride(), transpose=transpose,
+                            if grouped else (x_mk, x_mk))
+        launcher(_row_tiles_kernel, traceable)[(row_tiles, column_tiles)](
+            x_mk, values_mk, scales_hm, values_kc, scales_jk, starts_j,
+            ends_j, m, k, *x_mk.stride(), transpose=transpose,
             grouped=grouped, power_of_two=power_of_two, tile=TILE,
             num_warps=NUM_WARPS)
     return (values_mk, scales_hm.t()), (values_kc, scales_jk.t())
@@ -256,7 +268,7 @@ def quantize_rows(x_mk: torch.Tensor, power_of_two: bool = False
 
 def quantize_rows_and_transpose(
         x_mk: torch.Tensor, power_of_two: bool = False,
-        counts_e: torch.Tensor | None = None
+        counts_e: torch.Tensor | None = None, traceable: bool = False
 ) -> tuple[tuple[torch.Tensor, torch.Tensor],
            tuple[torch.Tensor, torch.Tensor]]:
     """((values (m, k), scales (m, h)), (values (k, c), scales (k, j)))
@@ -268,11 +280,12 @@ def quantize_rows_and_transpose(
     them j = ``max_group_tiles(m, e)`` and c = 128 j, tile-padded. Both
     scales are stored outer-dim-major: strides (1, m) and (1, k).
     """
-    return _row_tiles(x_mk, power_of_two, True, counts_e)
+    return _row_tiles(x_mk, power_of_two, True, counts_e, traceable)
 
 
 def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,
-                    transpose: bool = False) -> tuple[torch.Tensor, ...]:
+                    transpose: bool = False,
+                    traceable: bool = False) -> tuple[torch.Tensor, ...]:
     """(E4M3 values (..., n, k), float32 scales (..., g, h)) of w (n, k)
     or (e, n, k) in 128 x 128 blocks, each matrix on its own:
     ``quantize(w, Grouping(128, 128))``. With transpose, a third output:
@@ -287,9 +300,9 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,
     values_ekn = (torch.empty(e, k, n, device=w.device, dtype=E4M3)
                   if transpose else values_enk)
     if w_enk.numel():
-        _blocks_kernel[(e, row_blocks, column_blocks)](
-            w_enk, _bytes(values_enk), scales_egh, _bytes(values_ekn), n, k,
-            *w_enk.stride(),
+        grid = (e, row_blocks, column_blocks)
+        launcher(_blocks_kernel, traceable)[grid](
+            w_enk, values_enk, scales_egh, values_ekn, n, k, *w_enk.stride(),
             transpose=transpose, power_of_two=power_of_two, tile=TILE,
             num_warps=NUM_WARPS)
     batch = w.shape[:-2]

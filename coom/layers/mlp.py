@@ -1,13 +1,15 @@
 """The SwiGLU feed-forward block.
 
 On GPUs the gating ``silu(w1 x) * w3 x`` runs the fused Triton kernel of
-``coom.kernels.swiglu``.
+``coom.kernels.swiglu``. Once w1 and w3 run in FP8 (``coom.fp8.convert``)
+their products share one quantisation of x.
 """
 import math
 
 import torch
 from torch import nn
 
+from coom.fp8.linear import FP8Linear, fp8_linears
 from coom.kernels import use_kernels
 from coom.kernels.swiglu import swiglu, swiglu_reference
 
@@ -31,8 +33,18 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.w3.weight, std=std)
         nn.init.normal_(self.w2.weight, std=std / math.sqrt(2 * num_layers))
 
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor,
+                                                    torch.Tensor]:
+        """(w1 x, w3 x); from one FP8 copy of x where both are FP8
+        linears of one recipe."""
+        w1, w3 = self.w1, self.w3
+        if isinstance(w1, FP8Linear) and isinstance(w3, FP8Linear) \
+                and w1.recipe == w3.recipe:
+            return fp8_linears(x, [w1.weight, w3.weight], w1.recipe)
+        return w1(x), w3(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w1(x), self.w3(x)
+        gate, up = self.gate_and_up(x)
         if use_kernels(gate):
             return self.w2(swiglu(gate, up))
         return self.w2(swiglu_reference(gate, up))

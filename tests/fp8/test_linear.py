@@ -11,7 +11,7 @@ output's) for bf16.
 import pytest
 import torch
 
-from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linear
+from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linear, fp8_linears
 from coom.fp8.scaling import E4M3, RECIPES
 from tests.fp8 import run_product
 from tests.kernels import relative_error
@@ -90,3 +90,29 @@ def test_fp8_units_match_the_emulation(recipe, tokens, k, n):
     print(f"{recipe} {tokens}x{k}x{n}: units vs emulation y/dx/dW "
           f"{', '.join(f'{e:.2e}' for e in errors)}")
     assert max(errors) < 2 ** -11
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="FP8 matrix units: run by .ci/gpu-tests")
+def test_weights_sharing_one_quantisation_of_x():
+    """Two weights on one x (a feed-forward's gate and up products): the
+    same outputs and gradients as two separate products, from one FP8
+    copy of x^T saved for the backward."""
+    generator = torch.Generator().manual_seed(2)
+    x, gate, up, dy_gate, dy_up = (
+        torch.randn(*shape, generator=generator).cuda()
+        for shape in [(256, 512), (384, 512), (384, 512), (256, 384),
+                      (256, 384)])
+    recipe = FP8Recipe("blockwise")
+    leaves = [t.clone().requires_grad_() for t in (x, gate, up)]
+    pair = fp8_linears(leaves[0], leaves[1:], recipe)
+    saved = pair[0].grad_fn.next_functions[0][0].saved_tensors
+    assert sum(t.dtype == E4M3 for t in saved) == 3
+    torch.autograd.backward(pair, [dy_gate, dy_up])
+    singles = [run_product(lambda a, b: fp8_linear(a, b, recipe), x,
+                           weight, dy)
+               for weight, dy in [(gate, dy_gate), (up, dy_up)]]
+    for y, leaf, single in zip(pair, leaves[1:], singles):
+        assert torch.equal(y, single[0])
+        assert torch.equal(leaf.grad, single[2])
+    assert torch.equal(leaves[0].grad, singles[0][1] + singles[1][1])

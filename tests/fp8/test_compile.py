@@ -1,0 +1,67 @@
+"""The FP8 products under ``torch.compile``, on a GPU only (kernels run
+by Triton's interpreter cannot be traced): inductor traces the
+quantisation and weight-gradient ops (``triton_op``) and launches their
+kernels from its own code, with eager's results bit for bit."""
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from coom.fp8.grouped import fp8_grouped_linear
+from coom.fp8.linear import FP8Recipe, fp8_linear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="inductor's GPU code: run by "
+                                       ".ci/gpu-tests")
+
+COUNTS = [0, 130, 5, 61]
+RECIPE = FP8Recipe("blockwise")
+
+
+def _products(x_cd, weight_dd, w1_eid, w3_eid, w2_edi, counts_e):
+    """A dense FP8 linear, then the experts' three grouped products, with
+    nothing but the products in between (no rounding that inductor could
+    fuse away)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h_cd = fp8_linear(x_cd, weight_dd, RECIPE)
+        gate_ci, up_ci = fp8_grouped_linear(h_cd, [w1_eid, w3_eid],
+                                            counts_e, RECIPE)
+        (out_cd,) = fp8_grouped_linear(gate_ci, [w2_edi], counts_e, RECIPE)
+    return out_cd, up_ci
+
+
+def _run(products, tensors, counts_e, dys):
+    """Outputs, then the gradients of every input, for those output
+    gradients."""
+    leaves = [tensor.clone().requires_grad_() for tensor in tensors]
+    outputs = products(*leaves, counts_e)
+    torch.autograd.backward(outputs, dys)
+    return [*outputs, *(leaf.grad for leaf in leaves)]
+
+
+def test_compiled_products_match_eager_and_launch_kernels_inline():
+    generator = torch.Generator().manual_seed(0)
+    rows, d, i = sum(COUNTS), 256, 128
+
+    def normal(*shape, fan_in=1):
+        return (torch.randn(*shape, generator=generator)
+                / fan_in ** 0.5).cuda()
+    tensors = [normal(rows, d), normal(d, d, fan_in=d),
+               normal(len(COUNTS), i, d, fan_in=d),
+               normal(len(COUNTS), i, d, fan_in=d),
+               normal(len(COUNTS), d, i, fan_in=i)]
+    dys = [normal(rows, d).bfloat16(), normal(rows, i).bfloat16()]
+    counts_e = torch.tensor(COUNTS).cuda()
+    eager = _run(_products, tensors, counts_e, dys)
+    torch._dynamo.reset()
+    compiled, sources = run_and_get_code(
+        _run, torch.compile(_products, fullgraph=True), tensors, counts_e,
+        dys)
+    for ours, ref in zip(compiled, eager):
+        assert torch.equal(ours, ref)
+    code = "\n".join(sources)
+    for kernel in ("_row_tiles_kernel", "_blocks_kernel", "_wgrad_kernel"):
+        assert kernel in code
+    for op in ("fp8_quantize_rows_and_transpose", "fp8_quantize_blocks",
+               "fp8_grouped_mm_wgrad"):
+        assert f"coom.{op}" not in code
+    assert "coom.fp8_grouped_mm.default" in code  # kept whole
