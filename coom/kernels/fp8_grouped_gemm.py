@@ -193,7 +193,7 @@ def _wgrad_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, counts_ptr,
     # The group's first tile: 128 columns from a multiple of 128, of rows
     # 128 j long. Rows of a and b past n and k wrap around (loads stay in
     # bounds); the store drops them.
-    stride_c = tl.multiple_of(row_tiles.to(tl.int64) * tile, tile)
+    stride_c = tl.multiple_of(tl.cast(row_tiles, tl.int64) * tile, tile)
     offs_c = first_tile.to(tl.int64) * tile + tl.arange(0, tile)
     offs_c = tl.max_contiguous(tl.multiple_of(offs_c, tile), tile)
     a_ptrs = (a_ptr + (rows_m % n).to(tl.int64)[:, None] * stride_c
