@@ -43,7 +43,7 @@ r copies it received; e routed experts; s the group's expert slots
 (its experts, or a placement's slots); l slots per process (e / ep
 without a placement); p processes of the group; d model width.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -109,7 +109,7 @@ class WeightRoutes:
     """How one process's slots get their weights under a placement:
     process o owns experts [o * l, (o + 1) * l), l = e / ranks."""
 
-    send_rows: list[int]
+    send_rows: torch.Tensor
     """Own experts' rows to send, grouped by destination process."""
 
     sent: list[int]
@@ -118,7 +118,7 @@ class WeightRoutes:
     received: list[int]
     """Rows received from each process (owner)."""
 
-    slot_rows: list[int]
+    slot_rows: torch.Tensor
     """Slot j's weights are received row slot_rows[j]."""
 
     @classmethod
@@ -141,8 +141,12 @@ class WeightRoutes:
         arrival = sorted(range(width), key=lambda j: (mine[j] // owned, j))
         received = [sum(expert // owned == owner for expert in mine)
                     for owner in range(placement.ranks)]
-        return cls(send_rows, sent, received,
-                   _inverse(torch.tensor(arrival)).tolist())
+        return cls(torch.tensor(send_rows, dtype=torch.long), sent,
+                   received, _inverse(torch.tensor(arrival)))
+
+    def to(self, device: torch.device) -> "WeightRoutes":
+        return replace(self, send_rows=self.send_rows.to(device),
+                       slot_rows=self.slot_rows.to(device))
 
 
 class AllToAll:
@@ -224,13 +228,14 @@ class AllToAll:
         they are."""
         if self.routes is None:
             return weights_l
-        routes, device = self.routes, weights_l[0].device
-        flat = torch.cat([weight.flatten(1) for weight in weights_l], 1)
-        sent_rows = flat[torch.tensor(routes.send_rows, dtype=torch.long,
-                                      device=device)]
+        if self.routes.send_rows.device != weights_l[0].device:
+            self.routes = self.routes.to(weights_l[0].device)
+        routes = self.routes
+        sent_rows = torch.cat([weight[routes.send_rows].flatten(1)
+                               for weight in weights_l], 1)
         arrived = all_to_all_single_autograd(sent_rows, routes.received,
                                              routes.sent, self.group)
-        slots = arrived[torch.tensor(routes.slot_rows, device=device)]
+        slots = arrived[routes.slot_rows]
         sizes = [weight[0].numel() for weight in weights_l]
         return tuple(part.view(-1, *weight.shape[1:]) for part, weight
                      in zip(slots.split(sizes, 1), weights_l))
