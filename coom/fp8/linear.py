@@ -222,8 +222,9 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
 
 def fp8_linears(x: torch.Tensor, weights_nk: Sequence[torch.Tensor],
                 recipe: FP8Recipe) -> tuple[torch.Tensor, ...]:
-    """x @ weight^T for each of weights_nk with FP8 products (x quantised
-    once for all of them), in ``output_dtype(x)``."""
+    """x @ weight^T for each of weights_nk with FP8 products, in
+    ``output_dtype(x)``. On FP8 units x is quantised once for all of
+    them; emulated, once per weight (the same values)."""
     dtype, x_mk = output_dtype(x), x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
         if recipe.emulate:

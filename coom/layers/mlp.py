@@ -36,7 +36,10 @@ class SwiGLU(nn.Module):
     def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor,
                                                     torch.Tensor]:
         """(w1 x, w3 x); from one FP8 copy of x where both are FP8
-        linears of one recipe."""
+        linears of one recipe. That path reads their weights directly,
+        past any hooks on w1 and w3: it relies on FP8 not running under
+        tensor parallelism (refused by the config), whose hooks split
+        them."""
         w1, w3 = self.w1, self.w3
         if isinstance(w1, FP8Linear) and isinstance(w3, FP8Linear) \
                 and w1.recipe == w3.recipe:

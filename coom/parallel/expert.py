@@ -60,7 +60,11 @@ from torch.distributed.tensor import (
 )
 
 from coom.layers.moe import MoE
-from coom.parallel.placement import Placement, PlacementError, physical_slots
+from coom.parallel.placement import (
+    Placement,
+    PlacementError,
+    spread_over_replicas,
+)
 
 PLACEMENT = "expert_placement"
 """Train-state key of a placement with copies (``place_experts``)."""
@@ -164,6 +168,7 @@ class AllToAll:
         self.experts = experts
         self.placement: Optional[Placement] = None
         self.routes: Optional[WeightRoutes] = None
+        self.tables: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def place(self, placement: Optional[Placement]) -> None:
         """From the next forward, send copies to placement's slots and
@@ -178,14 +183,19 @@ class AllToAll:
         self.placement = placement
         self.routes = None if placement is None \
             else WeightRoutes.plan(placement, self.rank)
+        # The placement's replicas and replica slots, on the device.
+        self.tables = None
 
     def _to_slots(self, counts_e: torch.Tensor, copies: int):
         """Counts per slot (s,) and the copies' order by slot."""
-        placement = self.placement
+        placement, device = self.placement, counts_e.device
+        if self.tables is None or self.tables[0].device != device:
+            self.tables = (placement.replicas(device),
+                           placement.replica_slots(device))
         experts_c = torch.repeat_interleave(
-            torch.arange(self.experts, device=counts_e.device), counts_e,
+            torch.arange(self.experts, device=device), counts_e,
             output_size=copies)
-        slots_c = physical_slots(placement, experts_c, self.rank)
+        slots_c = spread_over_replicas(experts_c, *self.tables, self.rank)
         counts_s = torch.zeros(placement.slots, dtype=counts_e.dtype,
                                device=counts_e.device)
         counts_s.scatter_add_(0, slots_c, torch.ones_like(slots_c))

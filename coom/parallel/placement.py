@@ -32,10 +32,12 @@ bound.
 
 A placement is applied at a checkpoint boundary and changes nothing the
 model computes. The router still picks logical experts; ``physical_slots``
-sends each token copy to one replica of its expert, and ``apply_placement``
-gathers each slot's weights from its expert, so every copy meets the same
-weights as before. The gather is differentiable: an expert's gradient is
-the sum of its replicas' gradients.
+sends each token copy to one replica of its expert, and each slot gets
+its expert's weights, so every copy meets the same weights as before:
+under expert parallelism ``coom.parallel.expert`` fetches them from the
+expert's owner, and in one process ``apply_placement`` gathers them (the
+tests' model of a placement). Either is differentiable: an expert's
+gradient is the sum of its replicas' gradients.
 
 Tensor names end in their shape: e logical experts; p physical slots
 (ranks * slots_per_rank); r ranks; m the most replicas of one expert; t
@@ -266,7 +268,7 @@ def local_numbering(placement: Placement) -> list[int]:
     """A renumbering of the experts (new expert j is old ``order[j]``)
     under which rank r owns experts [r * l, (r + 1) * l), l = e / ranks,
     and most of each rank's slots hold experts it owns: their weights
-    then need not travel. Greedily: an expert with one copy is owned
+    then stay on the rank. Greedily: an expert with one copy is owned
     where that copy is, when the rank has room; then those with several,
     by the rank of theirs owning fewest; the rest fill the ranks with
     room.
@@ -331,15 +333,24 @@ def physical_slots(placement: Placement, experts_tk: torch.Tensor,
     at different replicas (their rank) spread their leftover copies
     over the replicas too.
     """
-    flat_c = experts_tk.flatten()
-    device = flat_c.device
-    order_c = flat_c.argsort(stable=True)
-    counts_e = torch.bincount(flat_c, minlength=placement.experts)
+    device = experts_tk.device
+    return spread_over_replicas(
+        experts_tk.flatten(), placement.replicas(device),
+        placement.replica_slots(device), first_replica
+    ).view_as(experts_tk)
+
+
+def spread_over_replicas(experts_c: torch.Tensor, replicas_e: torch.Tensor,
+                         replica_slots_em: torch.Tensor,
+                         first_replica: int) -> torch.Tensor:
+    """``physical_slots`` of flat copies, from a placement's
+    ``replicas()`` and ``replica_slots()`` (which a caller may keep)."""
+    order_c = experts_c.argsort(stable=True)
+    counts_e = torch.bincount(experts_c, minlength=len(replicas_e))
     starts_e = counts_e.cumsum(0) - counts_e
-    nth_c = torch.empty_like(flat_c)
-    nth_c[order_c] = (torch.arange(flat_c.numel(), device=device)
-                      - starts_e[flat_c[order_c]])
-    replica_c = (nth_c + first_replica) \
-        % placement.replicas(device)[flat_c]
-    slots_c = placement.replica_slots(device)[flat_c, replica_c]
-    return slots_c.view_as(experts_tk)
+    nth_c = torch.empty_like(experts_c)
+    nth_c[order_c] = (torch.arange(experts_c.numel(),
+                                   device=experts_c.device)
+                      - starts_e[experts_c[order_c]])
+    replica_c = (nth_c + first_replica) % replicas_e[experts_c]
+    return replica_slots_em[experts_c, replica_c]

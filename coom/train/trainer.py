@@ -327,18 +327,25 @@ class Trainer:
 
     def _place_experts(self, placement: Optional[dict], path: Path):
         """Apply a checkpoint's expert placement (``coom experts
-        rebalance --redundant``) where this run's layout can use it."""
+        rebalance --redundant``) where this run's layout can use it; it
+        stays in the checkpoints either way, for a resume at the layout
+        it was planned for."""
         if not placement:
             return
-        problem = place_experts(self.model.moe_layers(), placement)
-        if problem is None:
-            self.expert_placement = placement
-            message = (f"expert placement of {path.name}: "
-                       f"{len(placement['layers'])} MoE layers with "
-                       "redundant copies")
-        else:
+        self.expert_placement = placement
+        layers = self.model.moe_layers()
+        problem = place_experts(layers, placement)
+        # Every process (each pipeline stage) uses it, or none does.
+        if self.world.any(problem is not None):
+            for moe in layers.values():
+                if moe.experts.dispatcher is not None:
+                    moe.experts.dispatcher.place(None)
+            problem = problem or "another process's layers do not fit it"
             message = (f"expert placement of {path.name} left unused "
                        f"({problem}); experts stay on their owners")
+        else:
+            message = (f"expert placement of {path.name}: redundant "
+                       "copies in every MoE layer")
         if self.world.main:
             tqdm.write(message)
 
