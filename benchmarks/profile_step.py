@@ -1,6 +1,7 @@
 """Where a training step of the `small` preset spends its GPU time.
 
-Builds the same trainer as `coom bench` (random tokens), runs warm-up
+Builds the same trainer as `coom bench` (random tokens, or the recipe's
+data with --real-data), runs warm-up
 steps, profiles one step with torch.profiler and prints the GPU kernels
 that take the most time, grouped into matmuls, attention, Triton kernels
 and the rest, against the step's wall time; then the CPU-side ops that
@@ -50,11 +51,13 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], dest="overrides")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--real-data", action="store_true",
+                        help="the recipe's data instead of random tokens")
     args = parser.parse_args()
     config = load_config(args.recipe, args.overrides)
     config = bench_config(config, steps=1, warmup=args.warmup,
-                          real_data=False)
-    trainer = Trainer(config, Path(tempfile.mkdtemp()) / "run")
+                          real_data=args.real_data)
+    trainer = Trainer(config, Path(tempfile.mkdtemp()))
     for _ in range(args.warmup):
         trainer.train_step()
     torch.cuda.synchronize()

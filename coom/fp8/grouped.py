@@ -16,7 +16,12 @@ from collections.abc import Sequence
 import torch
 
 from coom.fp8 import ops
-from coom.fp8.linear import FP8Recipe, _EmulatedFP8Linear, output_dtype
+from coom.fp8.linear import (
+    FP8Recipe,
+    _EmulatedFP8Linear,
+    needs_grad,
+    output_dtype,
+)
 
 
 def _emulated(x_cd: torch.Tensor, weight_eod: torch.Tensor,
@@ -28,6 +33,23 @@ def _emulated(x_cd: torch.Tensor, weight_eod: torch.Tensor,
         for e, chunk in enumerate(chunks)])
 
 
+def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
+             out_dtype: torch.dtype, weights_eod: Sequence[torch.Tensor]):
+    """Each expert's rows times its weights, x quantised once: (outputs,
+    the FP8 x^T and each weight's K-major copy and scales that the
+    backward multiplies)."""
+    x_values, x_scales, x_values_t, x_scales_t = \
+        ops.quantize_rows_and_transpose(x_cd, power_of_two, counts_e)
+    outputs, saved = [], [x_values_t, x_scales_t]
+    for weight_eod in weights_eod:
+        values, scales, values_t = ops.quantize_blocks(weight_eod,
+                                                       power_of_two)
+        saved += [values_t, scales]
+        outputs.append(ops.grouped_mm(x_values, x_scales, values, scales,
+                                      counts_e, out_dtype))
+    return tuple(outputs), saved
+
+
 class _FP8GroupedLinear(torch.autograd.Function):
     """The three grouped products in COOM's Triton kernels, blockwise:
     forward and input gradient with 1 x 128 tiles against 128 x 128
@@ -37,20 +59,13 @@ class _FP8GroupedLinear(torch.autograd.Function):
     weight gradients read."""
 
     @staticmethod
-    def forward(ctx, x_cd, counts_e, recipe, out_dtype, *weights_eod):
-        power_of_two = recipe.power_of_two
-        x_values, x_scales, x_values_t, x_scales_t = \
-            ops.quantize_rows_and_transpose(x_cd, power_of_two, counts_e)
-        outputs, weights_t = [], []
-        for weight_eod in weights_eod:
-            values, scales, values_t = ops.quantize_blocks(weight_eod,
-                                                           power_of_two)
-            weights_t += [values_t, scales]
-            outputs.append(ops.grouped_mm(x_values, x_scales, values,
-                                          scales, counts_e, out_dtype))
+    def forward(ctx, x_cd, counts_e, power_of_two, out_dtype, *weights_eod):
+        outputs, saved = _forward(x_cd, counts_e, power_of_two, out_dtype,
+                                  weights_eod)
+        x_values_t, x_scales_t, *weights_t = saved
         ctx.save_for_backward(x_values_t, x_scales_t, counts_e, *weights_t)
         ctx.power_of_two, ctx.x_dtype = power_of_two, x_cd.dtype
-        return tuple(outputs)
+        return outputs
 
     @staticmethod
     def backward(ctx, *dys_co):
@@ -83,5 +98,9 @@ def fp8_grouped_linear(x_cd: torch.Tensor,
             return tuple(_emulated(x_cd, weight_eod, counts_e,
                                    recipe).to(dtype)
                          for weight_eod in weights_eod)
-        return _FP8GroupedLinear.apply(x_cd, counts_e, recipe, dtype,
-                                       *weights_eod)
+        if needs_grad(x_cd, *weights_eod):
+            return _FP8GroupedLinear.apply(x_cd, counts_e,
+                                           recipe.power_of_two, dtype,
+                                           *weights_eod)
+        return _forward(x_cd, counts_e, recipe.power_of_two, dtype,
+                        weights_eod)[0]

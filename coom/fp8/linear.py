@@ -92,28 +92,30 @@ class _EmulatedFP8Linear(torch.autograd.Function):
                 None, None)
 
 
-def _quantize_activation(x_mk: torch.Tensor, recipe: FP8Recipe):
+def _quantize_activation(x_mk: torch.Tensor, scaling: str,
+                         power_of_two: bool):
     """((values, scales) of x, (values, scales) of x^T), each in the
     recipe's activation grouping along its rows."""
-    if recipe.scaling == "blockwise":
+    if scaling == "blockwise":
         values, scales, values_t, scales_t = \
-            ops.quantize_rows_and_transpose(x_mk, recipe.power_of_two)
+            ops.quantize_rows_and_transpose(x_mk, power_of_two)
         return (values, scales), (values_t, scales_t)
-    activation, _ = groupings(recipe.scaling)
-    return (quantize(x_mk, activation, recipe.power_of_two),
-            quantize(x_mk.T, activation, recipe.power_of_two))
+    activation, _ = groupings(scaling)
+    return (quantize(x_mk, activation, power_of_two),
+            quantize(x_mk.T, activation, power_of_two))
 
 
-def _quantize_weight(weight_nk: torch.Tensor, recipe: FP8Recipe):
+def _quantize_weight(weight_nk: torch.Tensor, scaling: str,
+                     power_of_two: bool):
     """((values, scales) of W, (values, scales) of W^T) in the recipe's
     weight grouping."""
-    if recipe.scaling == "blockwise":
+    if scaling == "blockwise":
         values, scales, values_t = ops.quantize_blocks(weight_nk,
-                                                       recipe.power_of_two)
+                                                       power_of_two)
         return (values, scales), (values_t, scales.transpose(-2, -1))
-    _, weight = groupings(recipe.scaling)
-    return (quantize(weight_nk, weight, recipe.power_of_two),
-            quantize(weight_nk.T, weight, recipe.power_of_two))
+    _, weight = groupings(scaling)
+    return (quantize(weight_nk, weight, power_of_two),
+            quantize(weight_nk.T, weight, power_of_two))
 
 
 def _scales_for_scaled_mm(values: torch.Tensor,
@@ -174,42 +176,60 @@ def _scaled_product(a, b, out_dtype: torch.dtype,
         _scales_for_scaled_mm(b_values_nk, b_scales).t(), out_dtype)
 
 
+def _forward(x_mk: torch.Tensor, scaling: str, power_of_two: bool,
+             out_dtype: torch.dtype, weights_nk: Sequence[torch.Tensor]):
+    """x @ weight^T for each weight on FP8 matrix units, x quantised once:
+    (outputs, the FP8 x^T and each W^T that the backward multiplies)."""
+    blockwise = scaling == "blockwise"
+    x_rows, x_columns = _quantize_activation(x_mk, scaling, power_of_two)
+    outputs, columns = [], [*x_columns]
+    for weight_nk in weights_nk:
+        weight_rows, weight_columns = _quantize_weight(weight_nk, scaling,
+                                                       power_of_two)
+        columns += weight_columns
+        outputs.append(_scaled_product(x_rows, weight_rows, out_dtype,
+                                       blockwise))
+    return tuple(outputs), columns
+
+
 class _FP8Linear(torch.autograd.Function):
     """The three products on FP8 matrix units (``torch._scaled_mm``), of
     one x with one or more weights: x is quantised once for all of them
     (a feed-forward's gate and up products), and its FP8 x^T kept once
-    for their weight gradients."""
+    for their weight gradients. The recipe comes as plain values (its
+    scaling and power_of_two), which ``torch.compile`` traces in every
+    grad mode."""
 
     @staticmethod
-    def forward(ctx, x_mk, recipe, out_dtype, *weights_nk):
-        blockwise = recipe.scaling == "blockwise"
-        x_rows, x_columns = _quantize_activation(x_mk, recipe)
-        outputs, weights_columns = [], []
-        for weight_nk in weights_nk:
-            weight_rows, weight_columns = _quantize_weight(weight_nk, recipe)
-            weights_columns += weight_columns
-            outputs.append(_scaled_product(x_rows, weight_rows, out_dtype,
-                                           blockwise))
-        ctx.save_for_backward(*x_columns, *weights_columns)
-        ctx.recipe, ctx.x_dtype = recipe, x_mk.dtype
-        return tuple(outputs)
+    def forward(ctx, x_mk, scaling, power_of_two, out_dtype, *weights_nk):
+        outputs, columns = _forward(x_mk, scaling, power_of_two, out_dtype,
+                                    weights_nk)
+        ctx.save_for_backward(*columns)
+        ctx.scaling, ctx.power_of_two = scaling, power_of_two
+        ctx.x_dtype = x_mk.dtype
+        return outputs
 
     @staticmethod
     def backward(ctx, *dys_mn):
         x_values_km, x_scales, *weights_columns = ctx.saved_tensors
-        blockwise = ctx.recipe.scaling == "blockwise"
+        blockwise = ctx.scaling == "blockwise"
         dx_mk, dweights_nk = None, []
         for dy_mn, weight_values_kn, weight_scales in zip(
                 dys_mn, weights_columns[::2], weights_columns[1::2]):
-            dy_rows, dy_columns = _quantize_activation(dy_mn.contiguous(),
-                                                       ctx.recipe)
+            dy_rows, dy_columns = _quantize_activation(
+                dy_mn.contiguous(), ctx.scaling, ctx.power_of_two)
             dx = _scaled_product(dy_rows, (weight_values_kn, weight_scales),
                                  ctx.x_dtype, blockwise)
             dx_mk = dx if dx_mk is None else dx_mk + dx
             dweights_nk.append(_scaled_product(
                 dy_columns, (x_values_km, x_scales), torch.float32,
                 blockwise))
-        return dx_mk, None, None, *dweights_nk
+        return dx_mk, None, None, None, *dweights_nk
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a product of these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -232,8 +252,16 @@ def fp8_linears(x: torch.Tensor, weights_nk: Sequence[torch.Tensor],
                                               recipe.scaling,
                                               recipe.power_of_two)
                      for weight_nk in weights_nk]
+        elif needs_grad(x_mk, *weights_nk):
+            ys_mn = _FP8Linear.apply(x_mk, recipe.scaling,
+                                     recipe.power_of_two, dtype, *weights_nk)
         else:
-            ys_mn = _FP8Linear.apply(x_mk, recipe, dtype, *weights_nk)
+            # Without the autograd.Function: nothing is kept, and
+            # torch.compile's no-grad handling of one is never involved
+            # (on torch 2.11 it failed, and the whole block then fell back
+            # to eager for the rest of the run).
+            ys_mn, _ = _forward(x_mk, recipe.scaling, recipe.power_of_two,
+                                dtype, weights_nk)
     return tuple(y_mn.to(dtype).view(*x.shape[:-1], weight_nk.shape[0])
                  for y_mn, weight_nk in zip(ys_mn, weights_nk))
 

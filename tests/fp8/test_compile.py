@@ -7,7 +7,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from coom.fp8.grouped import fp8_grouped_linear
-from coom.fp8.linear import FP8Recipe, fp8_linear
+from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="inductor's GPU code: run by "
@@ -38,7 +38,9 @@ def _run(products, tensors, counts_e, dys):
     return [*outputs, *(leaf.grad for leaf in leaves)]
 
 
-def test_compiled_products_match_eager_and_launch_kernels_inline():
+def _inputs():
+    """x, a dense weight, the experts' w1, w3, w2, output gradients and
+    counts."""
     generator = torch.Generator().manual_seed(0)
     rows, d, i = sum(COUNTS), 256, 128
 
@@ -50,7 +52,11 @@ def test_compiled_products_match_eager_and_launch_kernels_inline():
                normal(len(COUNTS), i, d, fan_in=d),
                normal(len(COUNTS), d, i, fan_in=i)]
     dys = [normal(rows, d).bfloat16(), normal(rows, i).bfloat16()]
-    counts_e = torch.tensor(COUNTS).cuda()
+    return tensors, dys, torch.tensor(COUNTS).cuda()
+
+
+def test_compiled_products_match_eager_and_launch_kernels_inline():
+    tensors, dys, counts_e = _inputs()
     eager = _run(_products, tensors, counts_e, dys)
     torch._dynamo.reset()
     compiled, sources = run_and_get_code(
@@ -65,3 +71,39 @@ def test_compiled_products_match_eager_and_launch_kernels_inline():
                "fp8_grouped_mm_wgrad"):
         assert f"coom.{op}" not in code
     assert "coom.fp8_grouped_mm.default" in code  # kept whole
+
+
+class _Products(torch.nn.Module):
+    """``_products`` as a model holds them: weights are parameters, and
+    the recipe an attribute of the layers."""
+
+    def __init__(self, weight_dd, w1_eid, w3_eid, w2_edi):
+        super().__init__()
+        self.linear = FP8Linear(*weight_dd.shape, RECIPE, device="cuda")
+        self.linear.weight.data.copy_(weight_dd)
+        self.experts = torch.nn.ParameterList([w1_eid, w3_eid, w2_edi])
+        self.recipe = RECIPE
+
+    def forward(self, x_cd, counts_e):
+        w1_eid, w3_eid, w2_edi = self.experts
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            h_cd = self.linear(x_cd)
+            gate_ci, up_ci = fp8_grouped_linear(h_cd, [w1_eid, w3_eid],
+                                                counts_e, self.recipe)
+            (out_cd,) = fp8_grouped_linear(gate_ci, [w2_edi], counts_e,
+                                           self.recipe)
+        return out_cd, up_ci
+
+
+def test_compiled_products_trace_whole_without_grad():
+    """Evaluation runs the products under no_grad, where they are traced
+    whole too: a failure there once made torch.compile run every block
+    eagerly for the rest of the run, training included."""
+    (x_cd, *weights), _, counts_e = _inputs()
+    model = _Products(*weights)
+    with torch.no_grad():
+        eager = model(x_cd, counts_e)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)(x_cd, counts_e)
+    for ours, ref in zip(compiled, eager):
+        assert torch.equal(ours, ref)
