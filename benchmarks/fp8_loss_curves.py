@@ -1,10 +1,12 @@
-"""Compare two training runs' losses (bf16 and FP8) and plot them.
+"""Compare training runs' losses (bf16, FP8, and optionally a second bf16
+run for the spread between two bf16 runs) and plot them.
 
-Usage: python3 benchmarks/fp8_loss_curves.py BF16_RUN FP8_RUN --plot
-docs/fp8_loss.png, where each run is a run directory (or a folder with
-its metrics.jsonl). Prints the final validation losses, the mean
-training loss over the last --window logged steps, and the relative
-differences of FP8 against bf16.
+Usage: python3 benchmarks/fp8_loss_curves.py BF16_RUN FP8_RUN [--spread
+BF16_RUN_2] --plot docs/fp8_loss.png, where each run is a run directory
+(or a folder with its metrics.jsonl). Runs may have stopped at
+different steps: each is compared with bf16 at the last evaluation both
+reached, and over the last --window logged steps both reached. Prints
+those losses and the relative differences against bf16.
 """
 import argparse
 import statistics
@@ -18,9 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (needs the backend first)
 from coom.train.metrics import read_metrics  # noqa: E402
 
 
-def _series(records: list[dict], key: str):
-    points = [(r["step"], r[key]) for r in records if key in r]
-    return [s for s, _ in points], [v for _, v in points]
+def _series(records: list[dict], key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in records if r.get(key) is not None}
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -28,34 +29,60 @@ def _smooth(values: list[float], window: int) -> list[float]:
             for i in range(len(values))]
 
 
+def compare(bf16: list[dict], other: list[dict], window: int) -> dict:
+    """Losses of both runs at the last evaluation both reached, and the
+    mean training loss over the last window logged steps both reached."""
+    valid = [_series(run, "val_loss") for run in (bf16, other)]
+    train = [_series(run, "loss") for run in (bf16, other)]
+    step = max(set(valid[0]) & set(valid[1]))
+    logged = sorted(set(train[0]) & set(train[1]))[-window:]
+    return {"step": step, "logged": (logged[0], logged[-1]),
+            "val": [series[step] for series in valid],
+            "train": [statistics.fmean(series[s] for s in logged)
+                      for series in train]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bf16", type=Path)
     parser.add_argument("fp8", type=Path)
+    parser.add_argument("--spread", type=Path,
+                        help="a second bf16 run (other rounding)")
     parser.add_argument("--plot", type=Path, required=True)
     parser.add_argument("--window", type=int, default=100,
-                        help="logged steps averaged for the final loss")
+                        help="logged steps averaged for the training loss")
     args = parser.parse_args()
     runs = {"bf16": read_metrics(args.bf16), "fp8": read_metrics(args.fp8)}
-    figure, (train_axis, valid_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    final = {}
+    if args.spread:
+        runs["bf16 (second run)"] = read_metrics(args.spread)
+    figure, (train_axis, valid_axis, ratio_axis) = plt.subplots(
+        1, 3, figsize=(15, 4))
+    reference = _series(runs["bf16"], "val_loss")
     for name, records in runs.items():
-        steps, losses = _series(records, "loss")
-        valid_steps, valid = _series(records, "val_loss")
-        final[name] = (statistics.fmean(losses[-args.window:]), valid[-1])
-        train_axis.plot(steps, _smooth(losses, 20), label=name)
-        valid_axis.plot(valid_steps, valid, marker="o", label=name)
-        print(f"{name}: {steps[-1]} steps, training loss (mean of last "
-              f"{args.window} logged) {final[name][0]:.4f}, final "
-              f"validation loss {final[name][1]:.4f}")
-    for index, label in enumerate(["training", "validation"]):
-        bf16, fp8 = final["bf16"][index], final["fp8"][index]
-        print(f"{label}: FP8 - bf16 = {fp8 - bf16:+.4f} "
-              f"({(fp8 - bf16) / bf16:+.3%} relative)")
+        train, valid = _series(records, "loss"), _series(records, "val_loss")
+        train_axis.plot(list(train), _smooth(list(train.values()), 20),
+                        label=name)
+        valid_axis.plot(list(valid), list(valid.values()), marker="o",
+                        label=name)
+        shared = [step for step in valid if step in reference and step]
+        ratio_axis.plot(shared, [100 * (valid[s] / reference[s] - 1)
+                                 for s in shared], marker="o", label=name)
+        print(f"{name}: {max(train)} steps")
+    for name, records in list(runs.items())[1:]:
+        result = compare(runs["bf16"], records, args.window)
+        first, last = result["logged"]
+        for label, (ref, ours) in (
+                (f"validation at step {result['step']}", result["val"]),
+                (f"training, mean of steps {first}-{last}",
+                 result["train"])):
+            print(f"{name} vs bf16, {label}: {ours:.4f} vs {ref:.4f} "
+                  f"({(ours - ref) / ref:+.3%} relative)")
     train_axis.set(title="training loss (moving mean of 20)", xlabel="step",
                    ylabel="loss")
     valid_axis.set(title="validation loss", xlabel="step")
-    for axis in (train_axis, valid_axis):
+    ratio_axis.set(title="validation loss against bf16's", xlabel="step",
+                   ylabel="difference (%)")
+    for axis in (train_axis, valid_axis, ratio_axis):
         axis.legend()
         axis.grid(alpha=0.3)
     figure.tight_layout()

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import yaml
+from torch._dynamo.utils import counters
 
 from coom.cli import main
 from coom.data.tokenizer import train_bpe
@@ -106,6 +107,28 @@ def test_expert_bias_balances_the_load(small_run, tmp_path):
     print(f"MaxVio over the last 10 of 40 steps: bias on "
           f"{max_vio['true']:.3f}, off {max_vio['false']:.3f}")
     assert max_vio["true"] < 0.5 * max_vio["false"]
+
+
+def test_compiled_dense_run_traces_whole_blocks_and_matches_eager(
+        small_run, tmp_path):
+    """With train.compile, each block is one graph from its first call
+    (the step-0 evaluation, under no_grad) on; a graph break there can
+    make torch.compile give the block up for the whole run. Dense blocks
+    only: on CPUs the routed experts' products loop over the experts
+    (``coom.layers.moe``), which breaks the graph by design."""
+    dense = ["model.n_routed_experts=0"]
+    losses = {}
+    for compile_ in ("false", "true"):
+        torch._dynamo.reset()
+        counters.clear()
+        run = tmp_path / compile_
+        assert _train(run, small_run + dense
+                      + [f"train.compile={compile_}"]) == 0
+        losses[compile_] = [r["loss"] for r in read_metrics(run)
+                            if "loss" in r]
+        assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] > 0
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
 
 def test_gradient_accumulation_matches_one_micro_batch(small_run, tmp_path):
