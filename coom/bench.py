@@ -1,12 +1,16 @@
 """``coom bench``: time a recipe's training steps.
 
 It builds the recipe's trainer (on random tokens unless asked for the
-recipe's data), runs warm-up steps, then times the measured steps with the
-device synchronised around them, and reports tokens/s, model FLOPs
+recipe's data), evaluates once as ``coom train`` does at step 0 (so that
+``torch.compile`` first meets the model under no_grad, as in a run), runs
+warm-up steps, then times the measured steps with the device
+synchronised around them, and reports tokens/s, model FLOPs
 utilisation (analytic training FLOPs per token, ``coom.models.info``) over
 the GPU's dense bf16 peak and over a measured matmul ceiling, peak memory,
-and energy per token from the meters that can be read here (GPU: NVML's
-counter; CPU packages: RAPL; ``coom.energy.meter``).
+energy per token from the meters that can be read here (GPU: NVML's
+counter; CPU packages: RAPL; ``coom.energy.meter``), and, compiled, the
+graph breaks torch.compile met: each one leaves part of a block to
+eager PyTorch.
 """
 import json
 import statistics
@@ -16,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from coom.config import RunConfig
 from coom.energy.meter import LABELS, open_meter
@@ -59,6 +64,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _graph_breaks() -> int:
+    """Graph breaks torch.compile has met in this process so far."""
+    return sum(counters["graph_break"].values())
+
+
 def bench_config(config: RunConfig, steps: int, warmup: int,
                  real_data: bool) -> RunConfig:
     """config set up for timing: enough steps, no evaluation, and random
@@ -86,8 +96,10 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
     """Train warmup + steps steps of config and return the figures."""
     config = bench_config(config, steps, warmup, real_data)
     with tempfile.TemporaryDirectory() as run_dir:
+        breaks = _graph_breaks()
         trainer = Trainer(config, Path(run_dir))
         device = trainer.device
+        trainer.evaluate(trainer.valid)
         for _ in range(warmup):
             trainer.train_step()
         _synchronize(device)
@@ -102,6 +114,7 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
             seconds.append(time.perf_counter() - started)
             losses.append(metrics["loss"])
         joules = meter.read()
+        breaks = _graph_breaks() - breaks
     config = trainer.config
     tokens = config.train.global_batch_size * config.data.seq_length
     info = model_info(config.model, config.data.seq_length)
@@ -123,6 +136,8 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
         "achieved_tflops": achieved / 1e12,
         "loss_first": losses[0], "loss_last": losses[-1],
     }
+    if config.train.compile:
+        result["graph_breaks"] = breaks
     peak = _peak_flops(device)
     if peak is not None:
         result["mfu"] = achieved / peak
@@ -179,6 +194,10 @@ def describe(result: dict) -> str:
         reasons = "; ".join(f"{LABELS[source]}: {reason}" for source,
                             reason in result["energy_unmetered"].items())
         lines.append(f"energy            not measured ({reasons})")
+    if "graph_breaks" in result:
+        lines.append(f"graph breaks      {result['graph_breaks']}"
+                     + (" (TORCH_LOGS=graph_breaks shows where)"
+                        if result["graph_breaks"] else ""))
     lines.append(f"loss              {result['loss_first']:.3f} -> "
                  f"{result['loss_last']:.3f}")
     return "\n".join(lines)

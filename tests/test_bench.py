@@ -27,6 +27,20 @@ def test_bench_command_reports_and_writes_figures(tmp_path, capsys):
     assert torch.isfinite(torch.tensor(result["loss_last"]))
 
 
+def test_compiled_bench_counts_graph_breaks(tmp_path):
+    """A compiled dense model is traced whole, from the evaluation the
+    bench runs first (as a run does) on; the routed experts' CPU loop
+    breaks the graph (``coom.layers.moe``), and the bench says so."""
+    breaks = {}
+    for name, experts in (("dense", "0"), ("moe", "8")):
+        out = tmp_path / f"{name}.json"
+        assert main(["bench", "--steps", "1", "--warmup", "1", "--out",
+                     str(out), "--set", *MODEL, "train.compile=true",
+                     f"model.n_routed_experts={experts}"]) == 0
+        breaks[name] = json.loads(out.read_text())["graph_breaks"]
+    assert breaks["dense"] == 0 and breaks["moe"] > 0
+
+
 def test_bench_refuses_no_steps(capsys):
     assert main(["bench", "--steps", "0", "--set", *MODEL]) == 2
     assert "--steps" in capsys.readouterr().err
