@@ -34,8 +34,11 @@ def compare(bf16: list[dict], other: list[dict], window: int) -> dict:
     mean training loss over the last window logged steps both reached."""
     valid = [_series(run, "val_loss") for run in (bf16, other)]
     train = [_series(run, "loss") for run in (bf16, other)]
-    step = max(set(valid[0]) & set(valid[1]))
+    shared = set(valid[0]) & set(valid[1])
     logged = sorted(set(train[0]) & set(train[1]))[-window:]
+    if not shared or not logged:
+        raise SystemExit("the runs share no evaluation or logged step")
+    step = max(shared)
     return {"step": step, "logged": (logged[0], logged[-1]),
             "val": [series[step] for series in valid],
             "train": [statistics.fmean(series[s] for s in logged)

@@ -49,6 +49,13 @@ def _last_step(run_dir: Path) -> int:
                default=0)
 
 
+def _copy_metrics(run_dir: Path, folder, name: str) -> None:
+    """run_dir's metrics.jsonl to folder/NAME.jsonl, if both exist."""
+    if folder is not None and (run_dir / "metrics.jsonl").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "metrics.jsonl", folder / f"{name}.jsonl")
+
+
 def write_corpus(folders: list[Path], out: Path) -> Path:
     """Every .py file under folders as one .jsonl document each, in an
     order fixed by a hash of its path (so validation samples the whole);
@@ -108,6 +115,7 @@ def main() -> None:
         extra, run_dir = RUNS[name], args.out / name
         if _last_step(run_dir) == args.steps:
             print(f"{name}: done", flush=True)
+            _copy_metrics(run_dir, args.metrics, name)
             continue
         left = deadline - time.monotonic() - SAVE_MARGIN_S
         if left < 60:
@@ -120,13 +128,12 @@ def main() -> None:
             command = ["small", "--run-dir", str(run_dir), "--set",
                        *common, *extra, budget]
         print(f"{name}: from step {_last_step(run_dir)}", flush=True)
-        subprocess.run([sys.executable, "-m", "coom", "train", *command],
-                       check=True)
+        try:
+            subprocess.run([sys.executable, "-m", "coom", "train",
+                            *command], check=True)
+        finally:
+            _copy_metrics(run_dir, args.metrics, name)
         print(f"{name}: at step {_last_step(run_dir)}", flush=True)
-        if args.metrics:
-            args.metrics.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run_dir / "metrics.jsonl",
-                            args.metrics / f"{name}.jsonl")
 
 
 if __name__ == "__main__":

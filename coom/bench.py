@@ -9,8 +9,8 @@ utilisation (analytic training FLOPs per token, ``coom.models.info``) over
 the GPU's dense bf16 peak and over a measured matmul ceiling, peak memory,
 energy per token from the meters that can be read here (GPU: NVML's
 counter; CPU packages: RAPL; ``coom.energy.meter``), and, compiled, the
-graph breaks torch.compile met: each one leaves part of a block to
-eager PyTorch.
+graph breaks torch.compile met and the frames it gave up whole: each
+leaves part of a block, or all of it, to eager PyTorch.
 """
 import json
 import statistics
@@ -64,15 +64,18 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _graph_breaks() -> int:
-    """Graph breaks torch.compile has met in this process so far."""
-    return sum(counters["graph_break"].values())
+def _compile_misses() -> tuple[int, int]:
+    """What torch.compile has left to eager PyTorch in this process so
+    far: (graph breaks, frames it gave up whole)."""
+    frames = counters["frames"]
+    return (sum(counters["graph_break"].values()),
+            frames["total"] - frames["ok"])
 
 
 def bench_config(config: RunConfig, steps: int, warmup: int,
                  real_data: bool) -> RunConfig:
-    """config set up for timing: enough steps, no evaluation, and random
-    tokens unless real_data."""
+    """config set up for timing: enough steps, no evaluation within them,
+    and random tokens unless real_data."""
     total = steps + warmup
     config = replace(
         config,
@@ -96,7 +99,7 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
     """Train warmup + steps steps of config and return the figures."""
     config = bench_config(config, steps, warmup, real_data)
     with tempfile.TemporaryDirectory() as run_dir:
-        breaks = _graph_breaks()
+        misses = _compile_misses()
         trainer = Trainer(config, Path(run_dir))
         device = trainer.device
         trainer.evaluate(trainer.valid)
@@ -114,7 +117,8 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
             seconds.append(time.perf_counter() - started)
             losses.append(metrics["loss"])
         joules = meter.read()
-        breaks = _graph_breaks() - breaks
+        misses = [now - before for now, before
+                  in zip(_compile_misses(), misses)]
     config = trainer.config
     tokens = config.train.global_batch_size * config.data.seq_length
     info = model_info(config.model, config.data.seq_length)
@@ -137,7 +141,7 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
         "loss_first": losses[0], "loss_last": losses[-1],
     }
     if config.train.compile:
-        result["graph_breaks"] = breaks
+        result["graph_breaks"], result["frames_left_eager"] = misses
     peak = _peak_flops(device)
     if peak is not None:
         result["mfu"] = achieved / peak
@@ -195,9 +199,11 @@ def describe(result: dict) -> str:
                             reason in result["energy_unmetered"].items())
         lines.append(f"energy            not measured ({reasons})")
     if "graph_breaks" in result:
-        lines.append(f"graph breaks      {result['graph_breaks']}"
-                     + (" (TORCH_LOGS=graph_breaks shows where)"
-                        if result["graph_breaks"] else ""))
+        misses = result["graph_breaks"] + result["frames_left_eager"]
+        lines.append(f"torch.compile     {result['graph_breaks']} graph "
+                     f"breaks, {result['frames_left_eager']} frames left "
+                     "eager" + (" (TORCH_LOGS=graph_breaks shows where)"
+                                if misses else ""))
     lines.append(f"loss              {result['loss_first']:.3f} -> "
                  f"{result['loss_last']:.3f}")
     return "\n".join(lines)

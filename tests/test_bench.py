@@ -6,6 +6,8 @@ import torch
 from coom.cli import main
 from coom.config import ConfigError, load_config
 from coom.data.synthetic import SyntheticSamples
+from coom.layers.block import Block
+from coom.train.trainer import Trainer
 
 MODEL = ["model.hidden_size=32", "model.num_layers=2",
          "model.num_attention_heads=2", "model.ffn_hidden_size=64",
@@ -27,18 +29,31 @@ def test_bench_command_reports_and_writes_figures(tmp_path, capsys):
     assert torch.isfinite(torch.tensor(result["loss_last"]))
 
 
-def test_compiled_bench_counts_graph_breaks(tmp_path):
-    """A compiled dense model is traced whole, from the evaluation the
-    bench runs first (as a run does) on; the routed experts' CPU loop
-    breaks the graph (``coom.layers.moe``), and the bench says so."""
-    breaks = {}
-    for name, experts in (("dense", "0"), ("moe", "8")):
-        out = tmp_path / f"{name}.json"
-        assert main(["bench", "--steps", "1", "--warmup", "1", "--out",
-                     str(out), "--set", *MODEL, "train.compile=true",
-                     f"model.n_routed_experts={experts}"]) == 0
-        breaks[name] = json.loads(out.read_text())["graph_breaks"]
-    assert breaks["dense"] == 0 and breaks["moe"] > 0
+def test_compiled_bench_evaluates_first_and_counts_graph_breaks(
+        tmp_path, monkeypatch):
+    """The bench evaluates once before its steps, as a run does; a
+    compiled dense model is traced whole from there on, and a graph
+    break in the blocks shows in the figures."""
+    evaluations = []
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, samples: (
+        evaluations.append(self.step) or evaluate(self, samples)))
+    dense = [*MODEL, "train.compile=true", "model.n_routed_experts=0"]
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--steps", "1", "--warmup", "1", "--out",
+                 str(out), "--set", *dense]) == 0
+    result = json.loads(out.read_text())
+    assert evaluations == [0]
+    assert result["graph_breaks"] == result["frames_left_eager"] == 0
+    forward = Block.forward
+
+    def broken(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(Block, "forward", broken)
+    assert main(["bench", "--steps", "1", "--warmup", "1", "--out",
+                 str(out), "--set", *dense]) == 0
+    assert json.loads(out.read_text())["graph_breaks"] > 0
 
 
 def test_bench_refuses_no_steps(capsys):

@@ -197,8 +197,8 @@ class _FP8Linear(torch.autograd.Function):
     one x with one or more weights: x is quantised once for all of them
     (a feed-forward's gate and up products), and its FP8 x^T kept once
     for their weight gradients. The recipe comes as plain values (its
-    scaling and power_of_two), which ``torch.compile`` traces in every
-    grad mode."""
+    scaling and power_of_two), not as the FP8Recipe: torch 2.11's
+    tracing of the Function under no_grad failed on the dataclass."""
 
     @staticmethod
     def forward(ctx, x_mk, scaling, power_of_two, out_dtype, *weights_nk):

@@ -79,7 +79,9 @@ class _Products(torch.nn.Module):
 
     def __init__(self, weight_dd, w1_eid, w3_eid, w2_edi):
         super().__init__()
-        self.linear = FP8Linear(*weight_dd.shape, RECIPE, device="cuda")
+        out_features, in_features = weight_dd.shape
+        self.linear = FP8Linear(in_features, out_features, RECIPE,
+                                device="cuda")
         self.linear.weight.data.copy_(weight_dd)
         self.experts = torch.nn.ParameterList([w1_eid, w3_eid, w2_edi])
         self.recipe = RECIPE
@@ -96,14 +98,22 @@ class _Products(torch.nn.Module):
 
 
 def test_compiled_products_trace_whole_without_grad():
-    """Evaluation runs the products under no_grad, where they are traced
-    whole too: a failure there once made torch.compile run every block
-    eagerly for the rest of the run, training included."""
-    (x_cd, *weights), _, counts_e = _inputs()
+    """Evaluation runs the products under no_grad before training runs
+    them with gradients, on the same compiled model: both traced whole
+    (a failure under no_grad once made torch.compile run every block
+    eagerly for the rest of the run, training included), with eager's
+    values."""
+    (x_cd, *weights), dys, counts_e = _inputs()
     model = _Products(*weights)
     with torch.no_grad():
         eager = model(x_cd, counts_e)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True)(x_cd, counts_e)
-    for ours, ref in zip(compiled, eager):
+    eager_grad = model(x_cd, counts_e)
+    torch._dynamo.reset()
+    compiled_model = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        compiled = compiled_model(x_cd, counts_e)
+    compiled_grad = compiled_model(x_cd, counts_e)
+    torch.autograd.backward(compiled_grad, dys)
+    for ours, ref, with_grad in zip(compiled, eager, eager_grad):
         assert torch.equal(ours, ref)
+        assert torch.equal(ours, with_grad.detach())

@@ -79,6 +79,23 @@ def test_kernels_keep_autocast_dtype_and_save_fp8():
     assert saved[0].shape == (128, tiles * TILE)  # x^T, tile-padded
 
 
+def test_products_without_grad_equal_those_with_grad():
+    """Under no_grad (evaluation, generation) the products run without
+    the autograd.Function: the same values in the same dtype."""
+    x, weight, _ = _inputs(128, 128)
+    x, weight = x.to(DEVICE), weight.to(DEVICE)
+    counts = torch.tensor(COUNTS, device=DEVICE)
+    recipe = FP8Recipe("blockwise")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        (with_grad,) = fp8_grouped_linear(x.clone().requires_grad_(),
+                                          [weight], counts, recipe)
+        with torch.no_grad():
+            (without,) = fp8_grouped_linear(x, [weight], counts, recipe)
+    assert with_grad.grad_fn is not None and without.grad_fn is None
+    assert without.dtype == torch.bfloat16
+    assert torch.equal(without, with_grad.detach())
+
+
 def test_weights_sharing_one_quantisation_of_x():
     """Two weights on one x (the experts' gate and up products): the same
     outputs and gradients as two separate products, from one FP8 copy of

@@ -65,6 +65,28 @@ def test_module_keeps_shapes_and_autocast_dtype():
         FP8Recipe("e5m2")
 
 
+@pytest.mark.parametrize("recipe", [
+    pytest.param(recipe, marks=pytest.mark.skipif(
+        recipe == "blockwise" and not torch.cuda.is_available(),
+        reason="blockwise torch._scaled_mm needs a GPU"))
+    for recipe in RECIPES])
+def test_products_without_grad_equal_those_with_grad(recipe):
+    """Under no_grad (evaluation, generation) the products on FP8 units
+    run without the autograd.Function: the same values, dtype and
+    shape."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(3)
+    layer = FP8Linear(256, 128, FP8Recipe(recipe), device=device)
+    x = torch.randn(2, 64, 256, generator=generator).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with_grad = layer(x)
+        with torch.no_grad():
+            without = layer(x)
+    assert with_grad.grad_fn is not None and without.grad_fn is None
+    assert without.dtype == torch.bfloat16 and without.shape == (2, 64, 128)
+    assert torch.equal(without, with_grad.detach())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="FP8 matrix units: run by .ci/gpu-tests")
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -127,6 +127,7 @@ def test_compiled_dense_run_traces_whole_blocks_and_matches_eager(
         losses[compile_] = [r["loss"] for r in read_metrics(run)
                             if "loss" in r]
         assert not counters["graph_break"]
+        assert counters["frames"]["ok"] == counters["frames"]["total"]
     assert counters["stats"]["unique_graphs"] > 0
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
