@@ -1,12 +1,13 @@
-"""Compare training runs' losses (bf16, FP8, and optionally a second bf16
-run for the spread between two bf16 runs) and plot them.
+"""Compare training runs' losses (bf16, FP8, and any more runs, such as
+a second bf16 run for the spread between two bf16 runs) and plot them.
 
-Usage: python3 benchmarks/fp8_loss_curves.py BF16_RUN FP8_RUN [--spread
-BF16_RUN_2] --plot docs/fp8_loss.png, where each run is a run directory
-(or a folder with its metrics.jsonl). Runs may have stopped at
-different steps: each is compared with bf16 at the last evaluation both
-reached, and over the last --window logged steps both reached. Prints
-those losses and the relative differences against bf16.
+Usage: python3 benchmarks/fp8_loss_curves.py BF16_RUN FP8_RUN [RUN ...]
+[--spread BF16_RUN_2] --plot docs/fp8_loss.png, where each run is a run
+directory (or a folder with its metrics.jsonl), named in the plot by
+its folder's name. Runs may have stopped at different steps: each is
+compared with the first (bf16) at the last evaluation both reached, and
+over the last --window logged steps both reached. Prints those losses
+and the relative differences against the first run.
 """
 import argparse
 import statistics
@@ -47,20 +48,25 @@ def compare(bf16: list[dict], other: list[dict], window: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bf16", type=Path)
-    parser.add_argument("fp8", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+",
+                        help="the bf16 run first, then the others")
     parser.add_argument("--spread", type=Path,
                         help="a second bf16 run (other rounding)")
     parser.add_argument("--plot", type=Path, required=True)
     parser.add_argument("--window", type=int, default=100,
                         help="logged steps averaged for the training loss")
     args = parser.parse_args()
-    runs = {"bf16": read_metrics(args.bf16), "fp8": read_metrics(args.fp8)}
+    if len(args.runs) + bool(args.spread) < 2:
+        parser.error("give at least two runs")
+    runs = {folder.name: read_metrics(folder) for folder in args.runs}
+    if len(runs) < len(args.runs):
+        parser.error("two runs share a folder name")
     if args.spread:
         runs["bf16 (second run)"] = read_metrics(args.spread)
+    base, *_ = runs
     figure, (train_axis, valid_axis, ratio_axis) = plt.subplots(
         1, 3, figsize=(15, 4))
-    reference = _series(runs["bf16"], "val_loss")
+    reference = _series(runs[base], "val_loss")
     for name, records in runs.items():
         train, valid = _series(records, "loss"), _series(records, "val_loss")
         train_axis.plot(list(train), _smooth(list(train.values()), 20),
@@ -72,18 +78,18 @@ def main() -> None:
                                  for s in shared], marker="o", label=name)
         print(f"{name}: {max(train)} steps")
     for name, records in list(runs.items())[1:]:
-        result = compare(runs["bf16"], records, args.window)
+        result = compare(runs[base], records, args.window)
         first, last = result["logged"]
         for label, (ref, ours) in (
                 (f"validation at step {result['step']}", result["val"]),
                 (f"training, mean of steps {first}-{last}",
                  result["train"])):
-            print(f"{name} vs bf16, {label}: {ours:.4f} vs {ref:.4f} "
+            print(f"{name} vs {base}, {label}: {ours:.4f} vs {ref:.4f} "
                   f"({(ours - ref) / ref:+.3%} relative)")
     train_axis.set(title="training loss (moving mean of 20)", xlabel="step",
                    ylabel="loss")
     valid_axis.set(title="validation loss", xlabel="step")
-    ratio_axis.set(title="validation loss against bf16's", xlabel="step",
+    ratio_axis.set(title=f"validation loss against {base}'s", xlabel="step",
                    ylabel="difference (%)")
     for axis in (train_axis, valid_axis, ratio_axis):
         axis.legend()

@@ -13,17 +13,19 @@ under the given folders instead (the device's torch environment and
 /usr/lib/python3/dist-packages: 25,866 files, 396 MB of text), written
 once as OUT/corpus/python.jsonl, one document per file.
 
-``--runs`` picks some of the runs (all three by default), for instance
-to add runs beside one kept from an earlier machine: the corpus, written
-in a fixed order, and the tokenizer trained on it come out the same.
+``--runs`` picks some of the runs (the three by default; RUNS lists
+more), for instance to add runs beside one kept from an earlier
+machine: the corpus, written in a fixed order, and the tokenizer trained
+on it come out the same.
 The script copies each run's metrics.jsonl to --metrics after every
 run, so what a call leaves behind is kept where the runs are lost with
 the machine.
 
 Usage: python3 benchmarks/fp8_loss_runs.py [--out /dev/shm] [--steps 2000]
-[--batch 4] [--minutes 9.2] [--corpus DIR ...] [--runs NAME ...]
-[--metrics DIR]; then ``python3 benchmarks/fp8_loss_curves.py OUT/bf16
-OUT/fp8 --spread OUT/bf16k --plot PLOT``.
+[--batch 4] [--accumulate 1] [--eval-interval 100] [--minutes 9.2]
+[--corpus DIR ...] [--runs NAME ...] [--metrics DIR]; then
+``python3 benchmarks/fp8_loss_curves.py OUT/bf16 OUT/fp8 --spread
+OUT/bf16k --plot PLOT``.
 """
 import argparse
 import hashlib
@@ -37,7 +39,13 @@ from pathlib import Path
 from coom.train.metrics import read_metrics
 
 RUNS = {"bf16": [], "fp8": ["fp8.recipe=blockwise"],
-        "bf16k": ["train.kernels=false"]}
+        "bf16k": ["train.kernels=false"],
+        "bf16-again": [],
+        "fp8-bf16-experts": ["fp8.recipe=blockwise", "fp8.experts=false"]}
+"""The runs by name: the three of the comparison, then a repeat of bf16
+(how far one configuration drifts from itself, where the GPU's sums are
+not deterministic) and FP8 with the routed experts left in bf16."""
+DEFAULT_RUNS = ["bf16", "fp8", "bf16k"]
 SAVE_MARGIN_S = 75
 """Time a run needs after its budget to finish its step and save."""
 
@@ -86,14 +94,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/dev/shm"))
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4,
+                        help="sequences per micro-batch")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="micro-batches per step")
+    parser.add_argument("--eval-interval", type=int, default=100)
     parser.add_argument("--minutes", type=float, default=9.2,
                         help="this call's time for all runs")
     parser.add_argument("--corpus", type=Path, nargs="+",
                         help="train on the .py files under these folders "
                         "instead of the default corpus")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS),
-                        default=list(RUNS))
+                        default=DEFAULT_RUNS)
     parser.add_argument("--metrics", type=Path,
                         help="copy each run's metrics.jsonl here, as "
                         "NAME.jsonl")
@@ -106,8 +118,9 @@ def main() -> None:
                 f"data.cache_dir={args.out / 'cache'}"]
     common = [f"train.steps={args.steps}",
               f"train.micro_batch_size={args.batch}",
-              f"train.global_batch_size={args.batch}",
-              "train.compile=true", "train.eval_interval=100",
+              f"train.global_batch_size={args.batch * args.accumulate}",
+              "train.compile=true",
+              f"train.eval_interval={args.eval_interval}",
               "logging.log_interval=5", "logging.progress_bar=false",
               "logging.tensorboard=false", "checkpoint.interval=100000",
               "checkpoint.keep=1", *data]
