@@ -34,17 +34,26 @@ def _emulated(x_cd: torch.Tensor, weight_eod: torch.Tensor,
 
 
 def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
-             out_dtype: torch.dtype, weights_eod: Sequence[torch.Tensor]):
+             out_dtype: torch.dtype, weights_eod: Sequence[torch.Tensor],
+             backward: bool):
     """Each expert's rows times its weights, x quantised once: (outputs,
     the FP8 x^T and each weight's K-major copy and scales that the
-    backward multiplies)."""
-    x_values, x_scales, x_values_t, x_scales_t = \
-        ops.quantize_rows_and_transpose(x_cd, power_of_two, counts_e)
-    outputs, saved = [], [x_values_t, x_scales_t]
+    backward multiplies). Without backward, those are not made and the
+    list is empty."""
+    saved = []
+    if backward:
+        x_values, x_scales, *saved = ops.quantize_rows_and_transpose(
+            x_cd, power_of_two, counts_e)
+    else:
+        x_values, x_scales = ops.quantize_rows(x_cd, power_of_two)
+    outputs = []
     for weight_eod in weights_eod:
-        values, scales, values_t = ops.quantize_blocks(weight_eod,
-                                                       power_of_two)
-        saved += [values_t, scales]
+        if backward:
+            values, scales, values_t = ops.quantize_blocks_and_transpose(
+                weight_eod, power_of_two)
+            saved += [values_t, scales]
+        else:
+            values, scales = ops.quantize_blocks(weight_eod, power_of_two)
         outputs.append(ops.grouped_mm(x_values, x_scales, values, scales,
                                       counts_e, out_dtype))
     return tuple(outputs), saved
@@ -61,7 +70,7 @@ class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_cd, counts_e, power_of_two, out_dtype, *weights_eod):
         outputs, saved = _forward(x_cd, counts_e, power_of_two, out_dtype,
-                                  weights_eod)
+                                  weights_eod, backward=True)
         x_values_t, x_scales_t, *weights_t = saved
         ctx.save_for_backward(x_values_t, x_scales_t, counts_e, *weights_t)
         ctx.power_of_two, ctx.x_dtype = power_of_two, x_cd.dtype
@@ -103,4 +112,4 @@ def fp8_grouped_linear(x_cd: torch.Tensor,
                                            recipe.power_of_two, dtype,
                                            *weights_eod)
         return _forward(x_cd, counts_e, recipe.power_of_two, dtype,
-                        weights_eod)[0]
+                        weights_eod, backward=False)[0]

@@ -93,29 +93,36 @@ class _EmulatedFP8Linear(torch.autograd.Function):
 
 
 def _quantize_activation(x_mk: torch.Tensor, scaling: str,
-                         power_of_two: bool):
+                         power_of_two: bool, transpose: bool):
     """((values, scales) of x, (values, scales) of x^T), each in the
-    recipe's activation grouping along its rows."""
+    recipe's activation grouping along its rows; x^T's are None without
+    transpose."""
     if scaling == "blockwise":
+        if not transpose:
+            return ops.quantize_rows(x_mk, power_of_two), None
         values, scales, values_t, scales_t = \
             ops.quantize_rows_and_transpose(x_mk, power_of_two)
         return (values, scales), (values_t, scales_t)
     activation, _ = groupings(scaling)
     return (quantize(x_mk, activation, power_of_two),
-            quantize(x_mk.T, activation, power_of_two))
+            quantize(x_mk.T, activation, power_of_two) if transpose
+            else None)
 
 
 def _quantize_weight(weight_nk: torch.Tensor, scaling: str,
-                     power_of_two: bool):
+                     power_of_two: bool, transpose: bool):
     """((values, scales) of W, (values, scales) of W^T) in the recipe's
-    weight grouping."""
+    weight grouping; W^T's are None without transpose."""
     if scaling == "blockwise":
-        values, scales, values_t = ops.quantize_blocks(weight_nk,
-                                                       power_of_two)
+        if not transpose:
+            return ops.quantize_blocks(weight_nk, power_of_two), None
+        values, scales, values_t = ops.quantize_blocks_and_transpose(
+            weight_nk, power_of_two)
         return (values, scales), (values_t, scales.transpose(-2, -1))
     _, weight = groupings(scaling)
     return (quantize(weight_nk, weight, power_of_two),
-            quantize(weight_nk.T, weight, power_of_two))
+            quantize(weight_nk.T, weight, power_of_two) if transpose
+            else None)
 
 
 def _scales_for_scaled_mm(values: torch.Tensor,
@@ -177,16 +184,20 @@ def _scaled_product(a, b, out_dtype: torch.dtype,
 
 
 def _forward(x_mk: torch.Tensor, scaling: str, power_of_two: bool,
-             out_dtype: torch.dtype, weights_nk: Sequence[torch.Tensor]):
+             out_dtype: torch.dtype, weights_nk: Sequence[torch.Tensor],
+             backward: bool):
     """x @ weight^T for each weight on FP8 matrix units, x quantised once:
-    (outputs, the FP8 x^T and each W^T that the backward multiplies)."""
+    (outputs, the FP8 x^T and each W^T that the backward multiplies).
+    Without backward, those are not made and the list is empty."""
     blockwise = scaling == "blockwise"
-    x_rows, x_columns = _quantize_activation(x_mk, scaling, power_of_two)
-    outputs, columns = [], [*x_columns]
+    x_rows, x_columns = _quantize_activation(x_mk, scaling, power_of_two,
+                                             backward)
+    outputs, columns = [], list(x_columns) if backward else []
     for weight_nk in weights_nk:
-        weight_rows, weight_columns = _quantize_weight(weight_nk, scaling,
-                                                       power_of_two)
-        columns += weight_columns
+        weight_rows, weight_columns = _quantize_weight(
+            weight_nk, scaling, power_of_two, backward)
+        if backward:
+            columns += weight_columns
         outputs.append(_scaled_product(x_rows, weight_rows, out_dtype,
                                        blockwise))
     return tuple(outputs), columns
@@ -203,7 +214,7 @@ class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_mk, scaling, power_of_two, out_dtype, *weights_nk):
         outputs, columns = _forward(x_mk, scaling, power_of_two, out_dtype,
-                                    weights_nk)
+                                    weights_nk, backward=True)
         ctx.save_for_backward(*columns)
         ctx.scaling, ctx.power_of_two = scaling, power_of_two
         ctx.x_dtype = x_mk.dtype
@@ -217,7 +228,8 @@ class _FP8Linear(torch.autograd.Function):
         for dy_mn, weight_values_kn, weight_scales in zip(
                 dys_mn, weights_columns[::2], weights_columns[1::2]):
             dy_rows, dy_columns = _quantize_activation(
-                dy_mn.contiguous(), ctx.scaling, ctx.power_of_two)
+                dy_mn.contiguous(), ctx.scaling, ctx.power_of_two,
+                transpose=True)
             dx = _scaled_product(dy_rows, (weight_values_kn, weight_scales),
                                  ctx.x_dtype, blockwise)
             dx_mk = dx if dx_mk is None else dx_mk + dx
@@ -256,12 +268,12 @@ def fp8_linears(x: torch.Tensor, weights_nk: Sequence[torch.Tensor],
             ys_mn = _FP8Linear.apply(x_mk, recipe.scaling,
                                      recipe.power_of_two, dtype, *weights_nk)
         else:
-            # Without the autograd.Function: nothing is kept, and
-            # torch.compile's no-grad handling of one is never involved
-            # (on torch 2.11 it failed, and the whole block then fell back
-            # to eager for the rest of the run).
+            # Without the autograd.Function: nothing is made or kept for
+            # a backward, and torch.compile's no-grad handling of one is
+            # never involved (on torch 2.11 it failed, and the whole
+            # block then fell back to eager for the rest of the run).
             ys_mn, _ = _forward(x_mk, recipe.scaling, recipe.power_of_two,
-                                dtype, weights_nk)
+                                dtype, weights_nk, backward=False)
     return tuple(y_mn.to(dtype).view(*x.shape[:-1], weight_nk.shape[0])
                  for y_mn, weight_nk in zip(ys_mn, weights_nk))
 

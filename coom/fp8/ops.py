@@ -50,9 +50,27 @@ def quantize_rows_and_transpose(
     return values_mk, scales_mh, values_kc, scales_kj
 
 
+@torch.library.triton_op("coom::fp8_quantize_rows", mutates_args=())
+def quantize_rows(x_mk: torch.Tensor, power_of_two: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in 1 x 128 tiles, for a product that keeps nothing for a
+    backward: (values_mk, scales_mh)."""
+    return fp8_quantize.quantize_rows(x_mk, power_of_two, traceable=True)
+
+
 @torch.library.triton_op("coom::fp8_quantize_blocks", mutates_args=())
 def quantize_blocks(w: torch.Tensor, power_of_two: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (..., n, k) in 128 x 128 blocks, for a product that keeps
+    nothing for a backward: (values (..., n, k), scales (..., g, h))."""
+    return fp8_quantize.quantize_blocks(w, power_of_two, traceable=True)
+
+
+@torch.library.triton_op("coom::fp8_quantize_blocks_and_transpose",
+                         mutates_args=())
+def quantize_blocks_and_transpose(
+        w: torch.Tensor, power_of_two: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (..., n, k) in 128 x 128 blocks: (values (..., n, k), scales
     (..., g, h), values of w^T (..., k, n))."""
     return fp8_quantize.quantize_blocks(w, power_of_two, transpose=True,

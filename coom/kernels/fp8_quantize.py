@@ -259,11 +259,12 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
     return (values_mk, scales_hm.t()), (values_kc, scales_jk.t())
 
 
-def quantize_rows(x_mk: torch.Tensor, power_of_two: bool = False
+def quantize_rows(x_mk: torch.Tensor, power_of_two: bool = False,
+                  traceable: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(E4M3 values (m, k), float32 scales (m, h) with strides (1, m)) of
     x in 1 x 128 tiles: ``quantize(x, Grouping(1, 128))``."""
-    return _row_tiles(x_mk, power_of_two, False, None)[0]
+    return _row_tiles(x_mk, power_of_two, False, None, traceable)[0]
 
 
 def quantize_rows_and_transpose(

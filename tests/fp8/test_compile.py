@@ -67,7 +67,8 @@ def test_compiled_products_match_eager_and_launch_kernels_inline():
     code = "\n".join(sources)
     for kernel in ("_row_tiles_kernel", "_blocks_kernel", "_wgrad_kernel"):
         assert kernel in code
-    for op in ("fp8_quantize_rows_and_transpose", "fp8_quantize_blocks",
+    for op in ("fp8_quantize_rows_and_transpose",
+               "fp8_quantize_blocks_and_transpose",
                "fp8_grouped_mm_wgrad"):
         assert f"coom.{op}" not in code
     assert "coom.fp8_grouped_mm.default" in code  # kept whole

@@ -4,6 +4,7 @@ the interpreter on CPU) against the emulation."""
 import pytest
 import torch
 
+from coom.fp8 import ops
 from coom.fp8.grouped import fp8_grouped_linear
 from coom.fp8.linear import FP8Recipe, fp8_linear
 from coom.fp8.scaling import TILE, max_group_tiles
@@ -79,18 +80,34 @@ def test_kernels_keep_autocast_dtype_and_save_fp8():
     assert saved[0].shape == (128, tiles * TILE)  # x^T, tile-padded
 
 
-def test_products_without_grad_equal_those_with_grad():
+def test_products_without_grad_equal_those_with_grad(monkeypatch):
     """Under no_grad (evaluation, generation) the products run without
-    the autograd.Function: the same values in the same dtype."""
+    the autograd.Function, and without the transposed FP8 copies only a
+    backward reads: the same values in the same dtype."""
     x, weight, _ = _inputs(128, 128)
     x, weight = x.to(DEVICE), weight.to(DEVICE)
     counts = torch.tensor(COUNTS, device=DEVICE)
     recipe = FP8Recipe("blockwise")
+    transposing = []
+
+    def spy(name):
+        op = getattr(ops, name)
+
+        def recording(*args):
+            transposing.append(name)
+            return op(*args)
+        monkeypatch.setattr(ops, name, recording)
+
+    spy("quantize_rows_and_transpose")
+    spy("quantize_blocks_and_transpose")
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         (with_grad,) = fp8_grouped_linear(x.clone().requires_grad_(),
                                           [weight], counts, recipe)
+        assert transposing == ["quantize_rows_and_transpose",
+                               "quantize_blocks_and_transpose"]
         with torch.no_grad():
             (without,) = fp8_grouped_linear(x, [weight], counts, recipe)
+        assert len(transposing) == 2
     assert with_grad.grad_fn is not None and without.grad_fn is None
     assert without.dtype == torch.bfloat16
     assert torch.equal(without, with_grad.detach())

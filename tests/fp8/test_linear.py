@@ -11,6 +11,7 @@ output's) for bf16.
 import pytest
 import torch
 
+from coom.fp8 import linear, ops
 from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linear, fp8_linears
 from coom.fp8.scaling import E4M3, RECIPES
 from tests.fp8 import run_product
@@ -65,23 +66,51 @@ def test_module_keeps_shapes_and_autocast_dtype():
         FP8Recipe("e5m2")
 
 
+def _record_quantised_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """Spy on the products' quantisations: the shape of each operand they
+    quantise, a transposed copy as (k, m) beside its (m, k)."""
+    shapes = []
+
+    def spy(function, transposes):
+        def recording(tensor, *args):
+            shapes.append(tuple(tensor.shape))
+            if transposes:
+                shapes.append(tuple(tensor.shape[::-1]))
+            return function(tensor, *args)
+        return recording
+
+    monkeypatch.setattr(linear, "quantize", spy(linear.quantize, False))
+    for name, transposes in (("quantize_rows", False),
+                             ("quantize_blocks", False),
+                             ("quantize_rows_and_transpose", True),
+                             ("quantize_blocks_and_transpose", True)):
+        monkeypatch.setattr(ops, name, spy(getattr(ops, name), transposes))
+    return shapes
+
+
 @pytest.mark.parametrize("recipe", [
     pytest.param(recipe, marks=pytest.mark.skipif(
         recipe == "blockwise" and not torch.cuda.is_available(),
         reason="blockwise torch._scaled_mm needs a GPU"))
     for recipe in RECIPES])
-def test_products_without_grad_equal_those_with_grad(recipe):
+def test_products_without_grad_equal_those_with_grad(recipe, monkeypatch):
     """Under no_grad (evaluation, generation) the products on FP8 units
-    run without the autograd.Function: the same values, dtype and
-    shape."""
+    run without the autograd.Function, and without the FP8 x^T and W^T
+    only a backward reads: the same values, dtype and shape."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(3)
     layer = FP8Linear(256, 128, FP8Recipe(recipe), device=device)
     x = torch.randn(2, 64, 256, generator=generator).to(device)
+    quantised = _record_quantised_shapes(monkeypatch)
     with torch.autocast(device, dtype=torch.bfloat16):
         with_grad = layer(x)
+        # x and W are (128, 256); their transposes (256, 128).
+        assert sorted(quantised) == [(128, 256), (128, 256), (256, 128),
+                                     (256, 128)]
+        quantised.clear()
         with torch.no_grad():
             without = layer(x)
+        assert quantised == [(128, 256), (128, 256)]
     assert with_grad.grad_fn is not None and without.grad_fn is None
     assert without.dtype == torch.bfloat16 and without.shape == (2, 64, 128)
     assert torch.equal(without, with_grad.detach())
