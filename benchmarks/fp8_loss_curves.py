@@ -1,13 +1,13 @@
 """Compare training runs' losses (bf16, FP8, and any more runs, such as
 a second bf16 run for the spread between two bf16 runs) and plot them.
 
-Usage: python3 benchmarks/fp8_loss_curves.py BF16_RUN FP8_RUN [RUN ...]
-[--spread BF16_RUN_2] --plot docs/fp8_loss.png, where each run is a run
-directory (or a folder with its metrics.jsonl), named in the plot by
-its folder's name. Runs may have stopped at different steps: each is
-compared with the first (bf16) at the last evaluation both reached, and
-over the last --window logged steps both reached. Prints those losses
-and the relative differences against the first run.
+Usage: python3 benchmarks/fp8_loss_curves.py BF16_RUN [RUN ...]
+[--spread BF16_RUN_2] --plot docs/fp8_loss.png, two runs at least, where
+each run is a run directory (or a folder with its metrics.jsonl), named
+in the plot by its folder's name. Runs may have stopped at different
+steps: each is compared with the first (bf16) at the last evaluation
+both reached, and over the last --window logged steps both reached.
+Prints those losses and the relative differences against the first run.
 """
 import argparse
 import statistics

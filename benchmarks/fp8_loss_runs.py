@@ -19,7 +19,9 @@ machine: the corpus, written in a fixed order, and the tokenizer trained
 on it come out the same.
 The script copies each run's metrics.jsonl to --metrics after every
 run, so what a call leaves behind is kept where the runs are lost with
-the machine.
+the machine. A run is resumed whenever OUT/NAME holds one: --steps,
+--batch, --accumulate and --eval-interval apply only when a run
+starts, so runs of other settings need another --out.
 
 Usage: python3 benchmarks/fp8_loss_runs.py [--out /dev/shm] [--steps 2000]
 [--batch 4] [--accumulate 1] [--eval-interval 100] [--minutes 9.2]

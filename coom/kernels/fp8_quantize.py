@@ -238,7 +238,6 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
     float32 = dict(device=x_mk.device, dtype=torch.float32)
     values_mk = torch.empty(m, k, device=x_mk.device, dtype=E4M3)
     scales_hm = torch.empty(column_tiles, m, **float32)
-    values_kc, scales_jk = values_mk, scales_hm
     if transpose:
         # Without rows no program runs, and every tile is unused: zeros,
         # scale 1.
@@ -247,6 +246,12 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
             dtype=E4M3)
         scales_jk = (torch.empty if m else torch.ones)(row_tiles, k,
                                                        **float32)
+    else:
+        # The kernel writes no x^T. It gets empty stand-ins rather than
+        # its other outputs again: torch.compile's analysis of what a
+        # traced kernel writes must not see one tensor twice.
+        values_kc = torch.empty(0, 0, device=x_mk.device, dtype=E4M3)
+        scales_jk = torch.empty(0, 0, **float32)
     if x_mk.numel():
         # Ungrouped, the kernel reads no tile rows: x stands in for them.
         starts_j, ends_j = (_group_tile_rows(counts_e, row_tiles)
@@ -298,8 +303,9 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,
     values_enk = torch.empty(e, n, k, device=w.device, dtype=E4M3)
     scales_egh = torch.empty(e, row_blocks, column_blocks, device=w.device,
                              dtype=torch.float32)
-    values_ekn = (torch.empty(e, k, n, device=w.device, dtype=E4M3)
-                  if transpose else values_enk)
+    # An empty stand-in without transpose, as in _row_tiles.
+    values_ekn = torch.empty((e, k, n) if transpose else (0,),
+                             device=w.device, dtype=E4M3)
     if w_enk.numel():
         grid = (e, row_blocks, column_blocks)
         launcher(_blocks_kernel, traceable)[grid](

@@ -103,7 +103,8 @@ def test_compiled_products_trace_whole_without_grad():
     them with gradients, on the same compiled model: both traced whole
     (a failure under no_grad once made torch.compile run every block
     eagerly for the rest of the run, training included), with eager's
-    values."""
+    values; under no_grad inductor launches the quantisations without
+    transposed copies from its own code too."""
     (x_cd, *weights), dys, counts_e = _inputs()
     model = _Products(*weights)
     with torch.no_grad():
@@ -112,7 +113,13 @@ def test_compiled_products_trace_whole_without_grad():
     torch._dynamo.reset()
     compiled_model = torch.compile(model, fullgraph=True)
     with torch.no_grad():
-        compiled = compiled_model(x_cd, counts_e)
+        compiled, sources = run_and_get_code(compiled_model, x_cd,
+                                             counts_e)
+    code = "\n".join(sources)
+    for kernel in ("_row_tiles_kernel", "_blocks_kernel"):
+        assert kernel in code
+    for op in ("fp8_quantize_rows", "fp8_quantize_blocks"):
+        assert f"coom.{op}" not in code  # traced, not called
     compiled_grad = compiled_model(x_cd, counts_e)
     torch.autograd.backward(compiled_grad, dys)
     for ours, ref, with_grad in zip(compiled, eager, eager_grad):

@@ -93,9 +93,9 @@ def test_products_without_grad_equal_those_with_grad(monkeypatch):
     def spy(name):
         op = getattr(ops, name)
 
-        def recording(*args):
+        def recording(*args, **kwargs):
             transposing.append(name)
-            return op(*args)
+            return op(*args, **kwargs)
         monkeypatch.setattr(ops, name, recording)
 
     spy("quantize_rows_and_transpose")

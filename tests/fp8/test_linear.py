@@ -72,11 +72,11 @@ def _record_quantised_shapes(monkeypatch) -> list[tuple[int, ...]]:
     shapes = []
 
     def spy(function, transposes):
-        def recording(tensor, *args):
+        def recording(tensor, *args, **kwargs):
             shapes.append(tuple(tensor.shape))
             if transposes:
                 shapes.append(tuple(tensor.shape[::-1]))
-            return function(tensor, *args)
+            return function(tensor, *args, **kwargs)
         return recording
 
     monkeypatch.setattr(linear, "quantize", spy(linear.quantize, False))
@@ -99,20 +99,20 @@ def test_products_without_grad_equal_those_with_grad(recipe, monkeypatch):
     only a backward reads: the same values, dtype and shape."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(3)
-    layer = FP8Linear(256, 128, FP8Recipe(recipe), device=device)
+    layer = FP8Linear(256, 384, FP8Recipe(recipe), device=device)
     x = torch.randn(2, 64, 256, generator=generator).to(device)
     quantised = _record_quantised_shapes(monkeypatch)
     with torch.autocast(device, dtype=torch.bfloat16):
         with_grad = layer(x)
-        # x and W are (128, 256); their transposes (256, 128).
-        assert sorted(quantised) == [(128, 256), (128, 256), (256, 128),
-                                     (256, 128)]
+        x_mk, w_nk, x_km, w_kn = (128, 256), (384, 256), (256, 128), \
+            (256, 384)
+        assert quantised == [x_mk, x_km, w_nk, w_kn]
         quantised.clear()
         with torch.no_grad():
             without = layer(x)
-        assert quantised == [(128, 256), (128, 256)]
+        assert quantised == [x_mk, w_nk]
     assert with_grad.grad_fn is not None and without.grad_fn is None
-    assert without.dtype == torch.bfloat16 and without.shape == (2, 64, 128)
+    assert without.dtype == torch.bfloat16 and without.shape == (2, 64, 384)
     assert torch.equal(without, with_grad.detach())
 
 
