@@ -17,9 +17,11 @@ once as OUT/corpus/python.jsonl, one document per file.
 more), for instance to add runs beside one kept from an earlier
 machine: the corpus, written in a fixed order, and the tokenizer trained
 on it come out the same.
-The script copies each run's metrics.jsonl to --metrics after every
-run, so what a call leaves behind is kept where the runs are lost with
-the machine. A run is resumed whenever OUT/NAME holds one: --steps,
+
+The script copies each run's metrics.jsonl to --metrics (as
+NAME/metrics.jsonl, a folder fp8_loss_curves.py takes as a run) after
+every run, so what a call leaves behind is kept where the runs are lost
+with the machine. A run is resumed whenever OUT/NAME holds one: --steps,
 --batch, --accumulate and --eval-interval apply only when a run
 starts, so runs of other settings need another --out.
 
@@ -60,10 +62,12 @@ def _last_step(run_dir: Path) -> int:
 
 
 def _copy_metrics(run_dir: Path, folder, name: str) -> None:
-    """run_dir's metrics.jsonl to folder/NAME.jsonl, if both exist."""
+    """run_dir's metrics.jsonl to folder/NAME/metrics.jsonl (a folder
+    that fp8_loss_curves.py reads as a run), if both exist."""
     if folder is not None and (run_dir / "metrics.jsonl").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / "metrics.jsonl", folder / f"{name}.jsonl")
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "metrics.jsonl",
+                        folder / name / "metrics.jsonl")
 
 
 def write_corpus(folders: list[Path], out: Path) -> Path:
@@ -110,7 +114,7 @@ def main() -> None:
                         default=DEFAULT_RUNS)
     parser.add_argument("--metrics", type=Path,
                         help="copy each run's metrics.jsonl here, as "
-                        "NAME.jsonl")
+                        "NAME/metrics.jsonl")
     args = parser.parse_args()
     deadline = time.monotonic() + 60 * args.minutes
     data = []
