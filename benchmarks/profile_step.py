@@ -1,7 +1,8 @@
 """Where a training step of the `small` preset spends its GPU time.
 
 Builds the same trainer as `coom bench` (random tokens, or the recipe's
-data with --real-data), runs warm-up
+data with --real-data), evaluates once as `coom bench` and a run do
+(under torch.compile that decides what gets traced), runs warm-up
 steps, profiles one step with torch.profiler and prints the GPU kernels
 that take the most time, grouped into matmuls, attention, Triton kernels
 and the rest, against the step's wall time; then the CPU-side ops that
@@ -58,6 +59,7 @@ def main() -> None:
     config = bench_config(config, steps=1, warmup=args.warmup,
                           real_data=args.real_data)
     trainer = Trainer(config, Path(tempfile.mkdtemp()))
+    trainer.evaluate(trainer.valid)
     for _ in range(args.warmup):
         trainer.train_step()
     torch.cuda.synchronize()
