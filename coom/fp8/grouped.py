@@ -42,8 +42,9 @@ def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
     list is empty."""
     saved = []
     if backward:
-        x_values, x_scales, *saved = ops.quantize_rows_and_transpose(
-            x_cd, power_of_two, counts_e)
+        x_values, x_scales, x_values_t, x_scales_t = (
+            ops.quantize_rows_and_transpose(x_cd, power_of_two, counts_e))
+        saved.extend([x_values_t, x_scales_t])
     else:
         x_values, x_scales = ops.quantize_rows(x_cd, power_of_two)
     outputs = []
@@ -51,7 +52,7 @@ def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
         if backward:
             values, scales, values_t = ops.quantize_blocks_and_transpose(
                 weight_eod, power_of_two)
-            saved += [values_t, scales]
+            saved.extend([values_t, scales])
         else:
             values, scales = ops.quantize_blocks(weight_eod, power_of_two)
         outputs.append(ops.grouped_mm(x_values, x_scales, values, scales,
