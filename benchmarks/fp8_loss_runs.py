@@ -27,7 +27,7 @@ starts, so runs of other settings need another --out.
 
 Usage: python3 benchmarks/fp8_loss_runs.py [--out /dev/shm] [--steps 2000]
 [--batch 4] [--accumulate 1] [--eval-interval 100] [--minutes 9.2]
-[--corpus DIR ...] [--runs NAME ...] [--metrics DIR]; then
+[--corpus DIR ...] [--runs NAME ...] [--seed N] [--metrics DIR]; then
 ``python3 benchmarks/fp8_loss_curves.py OUT/bf16 OUT/fp8 --spread
 OUT/bf16k --plot PLOT``.
 """
@@ -112,6 +112,9 @@ def main() -> None:
                         "instead of the default corpus")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS),
                         default=DEFAULT_RUNS)
+    parser.add_argument("--seed", type=int,
+                        help="train.seed of every run (initialisation and "
+                        "data order), its runs named NAME-seedSEED")
     parser.add_argument("--metrics", type=Path,
                         help="copy each run's metrics.jsonl here, as "
                         "NAME/metrics.jsonl")
@@ -130,8 +133,11 @@ def main() -> None:
               "logging.log_interval=5", "logging.progress_bar=false",
               "logging.tensorboard=false", "checkpoint.interval=100000",
               "checkpoint.keep=1", *data]
-    for name in args.runs:
-        extra, run_dir = RUNS[name], args.out / name
+    if args.seed is not None:
+        common.append(f"train.seed={args.seed}")
+    for run in args.runs:
+        name = run if args.seed is None else f"{run}-seed{args.seed}"
+        extra, run_dir = RUNS[run], args.out / name
         if _last_step(run_dir) == args.steps:
             print(f"{name}: done", flush=True)
             _copy_metrics(run_dir, args.metrics, name)
