@@ -2,12 +2,15 @@
 a second bf16 run for the spread between two bf16 runs) and plot them.
 
 Usage: python3 benchmarks/fp8_loss_curves.py BF16_RUN [RUN ...]
-[--spread BF16_RUN_2] --plot docs/fp8_loss.png, two runs at least, where
-each run is a run directory (or a folder with its metrics.jsonl), named
-in the plot by its folder's name. Runs may have stopped at different
-steps: each is compared with the first (bf16) at the last evaluation
-both reached, and over the last --window logged steps both reached.
-Prints those losses and the relative differences against the first run.
+[--group BF16_RUN RUN ...] ... [--spread BF16_RUN_2] --plot
+docs/fp8_loss.png, two runs at least, where each run is a run directory
+(or a folder with its metrics.jsonl), named in the plot by its folder's
+name. Each run is compared with the first run of its group: the
+positional runs are one group, each --group another (for instance the
+bf16 and FP8 runs of another seed, whose validation samples differ).
+Runs may have stopped at different steps: each is compared at the last
+evaluation both reached, and over the last --window logged steps both
+reached. Prints those losses and the relative differences.
 """
 import argparse
 import statistics
@@ -46,39 +49,20 @@ def compare(bf16: list[dict], other: list[dict], window: int) -> dict:
                       for series in train]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+",
-                        help="the bf16 run first, then the others")
-    parser.add_argument("--spread", type=Path,
-                        help="a second bf16 run (other rounding)")
-    parser.add_argument("--plot", type=Path, required=True)
-    parser.add_argument("--window", type=int, default=100,
-                        help="logged steps averaged for the training loss")
-    args = parser.parse_args()
-    if len(args.runs) + bool(args.spread) < 2:
-        parser.error("give at least two runs")
-    runs = {folder.name: read_metrics(folder) for folder in args.runs}
-    if len(runs) < len(args.runs):
-        parser.error("two runs share a folder name")
-    if args.spread:
-        runs["bf16 (second run)"] = read_metrics(args.spread)
-    base, *_ = runs
-    figure, (train_axis, valid_axis, ratio_axis) = plt.subplots(
-        1, 3, figsize=(15, 4))
-    reference = _series(runs[base], "val_loss")
-    for name, records in runs.items():
-        train, valid = _series(records, "loss"), _series(records, "val_loss")
-        train_axis.plot(list(train), _smooth(list(train.values()), 20),
-                        label=name)
-        valid_axis.plot(list(valid), list(valid.values()), marker="o",
-                        label=name)
-        shared = [step for step in valid if step in reference and step]
-        ratio_axis.plot(shared, [100 * (valid[s] / reference[s] - 1)
-                                 for s in shared], marker="o", label=name)
-        print(f"{name}: {max(train)} steps")
-    for name, records in list(runs.items())[1:]:
-        result = compare(runs[base], records, args.window)
+def _read_runs(folders: list[Path], names: set) -> dict[str, list]:
+    runs = {}
+    for folder in folders:
+        if folder.name in names:
+            raise SystemExit(f"two runs share the folder name {folder.name}")
+        names.add(folder.name)
+        runs[folder.name] = read_metrics(folder)
+    return runs
+
+
+def _print_comparisons(group: dict[str, list], window: int) -> None:
+    base, *others = group
+    for name in others:
+        result = compare(group[base], group[name], window)
         first, last = result["logged"]
         for label, (ref, ours) in (
                 (f"validation at step {result['step']}", result["val"]),
@@ -86,11 +70,55 @@ def main() -> None:
                  result["train"])):
             print(f"{name} vs {base}, {label}: {ours:.4f} vs {ref:.4f} "
                   f"({(ours - ref) / ref:+.3%} relative)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+",
+                        help="the bf16 run first, then the others")
+    parser.add_argument("--group", type=Path, nargs="+", action="append",
+                        default=[], help="another set of runs, its bf16 "
+                        "run first, compared with that one")
+    parser.add_argument("--spread", type=Path,
+                        help="a second bf16 run (other rounding)")
+    parser.add_argument("--plot", type=Path, required=True)
+    parser.add_argument("--window", type=int, default=100,
+                        help="logged steps averaged for the training loss")
+    args = parser.parse_args()
+    names = set()
+    groups = [_read_runs(folders, names)
+              for folders in (args.runs, *args.group)]
+    if args.spread:
+        groups[0]["bf16 (second run)"] = read_metrics(args.spread)
+    if any(len(group) < 2 for group in groups):
+        parser.error("give at least two runs in each group")
+    figure, (train_axis, valid_axis, ratio_axis) = plt.subplots(
+        1, 3, figsize=(15, 4))
+    for group in groups:
+        base, *_ = group
+        reference = _series(group[base], "val_loss")
+        for name, records in group.items():
+            train = _series(records, "loss")
+            valid = _series(records, "val_loss")
+            train_axis.plot(list(train), _smooth(list(train.values()), 20),
+                            label=name)
+            valid_axis.plot(list(valid), list(valid.values()), marker="o",
+                            label=name)
+            print(f"{name}: {max(train)} steps")
+            if name == base:
+                continue
+            shared = [step for step in valid if step in reference and step]
+            ratio_axis.plot(shared, [100 * (valid[s] / reference[s] - 1)
+                                     for s in shared], marker="o",
+                            label=f"{name} vs {base}")
+    for group in groups:
+        _print_comparisons(group, args.window)
+    ratio_axis.axhline(0, color="black", linewidth=0.8)
     train_axis.set(title="training loss (moving mean of 20)", xlabel="step",
                    ylabel="loss")
     valid_axis.set(title="validation loss", xlabel="step")
-    ratio_axis.set(title=f"validation loss against {base}'s", xlabel="step",
-                   ylabel="difference (%)")
+    ratio_axis.set(title="validation loss against the group's first run",
+                   xlabel="step", ylabel="difference (%)")
     for axis in (train_axis, valid_axis, ratio_axis):
         axis.legend()
         axis.grid(alpha=0.3)
