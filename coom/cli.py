@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from coom.errors import UserError
@@ -80,6 +81,11 @@ def cmd_train(args) -> int:
                               trainer.energy.job_started)
             outcome = trainer.run()
         step, energy = trainer.step, trainer.energy.summary()
+    except BaseException as error:
+        # The traceback's frames (Trainer.run's among them) would keep
+        # the trainer alive through the collection in world.close().
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         # Free the model, optimizer and their process groups before the
         # world closes (``World.close``).

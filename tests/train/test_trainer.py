@@ -1,9 +1,11 @@
 """Integration tests: short real runs through the ``coom`` command."""
+import gc
 import json
 import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -12,8 +14,10 @@ from torch._dynamo.utils import counters
 
 from coom.cli import main
 from coom.data.tokenizer import train_bpe
+from coom.parallel.mesh import World
 from coom.train.checkpoint import latest_checkpoint, load_checkpoint
 from coom.train.metrics import read_metrics
+from coom.train.trainer import Trainer
 
 
 def _train(run_dir, overrides, *extra) -> int:
@@ -175,6 +179,28 @@ def _fails_cleanly(capsys, argv, *words) -> None:
     assert err.startswith("coom: error:")
     for word in words:
         assert word in err, err
+
+
+def test_a_failing_run_frees_its_trainer_before_the_world_closes(
+        small_run, tmp_path, monkeypatch):
+    """World.close collects garbage so that no process group is left to
+    the interpreter's exit; the exception's traceback must not keep the
+    trainer (its model, their process groups) alive through it."""
+    trainers, alive_at_close = [], []
+
+    def failing_run(self):
+        trainers.append(weakref.ref(self))
+        raise RuntimeError("a failure inside the run")
+
+    def close(self):
+        gc.collect()
+        alive_at_close.append(trainers[0]() is not None)
+
+    monkeypatch.setattr(Trainer, "run", failing_run)
+    monkeypatch.setattr(World, "close", close)
+    with pytest.raises(RuntimeError, match="a failure inside the run"):
+        _train(tmp_path / "run", small_run)
+    assert alive_at_close == [False]
 
 
 def test_existing_run_directory_is_refused(small_run, tmp_path, capsys):
