@@ -180,8 +180,12 @@ def cmd_experts_rebalance(args) -> int:
     if args.dry_run:
         print("dry run: nothing written")
     else:
-        placed = ", with the copies' placement," if args.redundant else ""
-        print(f"wrote the latest checkpoint renumbered{placed} as the "
+        changed = [] if all(plan.order == sorted(plan.order)
+                            for plan in plans) else ["renumbered"]
+        if args.redundant:
+            changed.append("with the copies' placement")
+        changes = "".join(f"{change}, " for change in changed)
+        print(f"wrote the latest checkpoint {changes}as the "
               f"run's latest (step_N{REBALANCED}); continue with: coom "
               f"train --resume {run_dir} --set "
               f"parallel.expert={args.ranks}")

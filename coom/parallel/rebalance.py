@@ -70,7 +70,8 @@ class LayerPlan:
     index: int
     order: list[int]
     before: float
-    """Busiest rank's load over the mean, experts as numbered now."""
+    """Busiest rank's load over the mean, as the run places its experts
+    now (``placement_in_force``)."""
     after: float
     """The same, placed."""
     placement: Optional[Placement] = None
@@ -114,10 +115,23 @@ def moe_prefix(config: ModelConfig, index: int) -> str:
     return f"mtp.{index - config.num_layers}.block.mlp."
 
 
+def placement_in_force(placed: Optional[dict], experts: int, ranks: int,
+                       index: int) -> Placement:
+    """The slots a resume over ranks gives layer index's experts: those of
+    the checkpoint's placement (``placed``, its ``expert_placement``) if
+    it was planned for as many ranks, else expert i on rank i // (experts
+    / ranks)."""
+    if placed and placed["ranks"] == ranks and index in placed["layers"]:
+        return Placement(placed["layers"][index], ranks, experts)
+    return identity_placement(experts, ranks)
+
+
 def plan_layers(config: ModelConfig, loads: dict[int, torch.Tensor],
-                ranks: int, redundant: int = 0) -> list[LayerPlan]:
+                ranks: int, redundant: int = 0,
+                placed: Optional[dict] = None) -> list[LayerPlan]:
     """A renumbering per measured MoE layer that balances ranks, with a
-    placement of ``redundant`` extra copies if asked for."""
+    placement of ``redundant`` extra copies if asked for; the load before
+    it is measured on the checkpoint's placement ``placed``, if any."""
     experts = config.n_routed_experts
     keep_numbers = config.n_group > 1
     if keep_numbers and not redundant:
@@ -135,7 +149,8 @@ def plan_layers(config: ModelConfig, loads: dict[int, torch.Tensor],
     plans = []
     for index, load in sorted(loads.items()):
         placement = plan_placement(load, ranks, redundant)
-        before = identity_placement(experts, ranks).imbalance(load)
+        before = placement_in_force(placed, experts, ranks,
+                                    index).imbalance(load)
         if not redundant:
             plans.append(LayerPlan(index, list(placement.slot_expert),
                                    before, placement.imbalance(load)))
@@ -178,7 +193,7 @@ def rebalance_run(run_dir: Path, ranks: int, redundant: int = 0,
     config = ModelConfig(**state["config"]["model"])
     step = state["step"]
     plans = plan_layers(config, measured_loads(run_dir, step), ranks,
-                        redundant)
+                        redundant, state.get(PLACEMENT))
     if dry_run:
         return plans
     weights, optimizer = state.pop("model"), state.pop("optimizer")

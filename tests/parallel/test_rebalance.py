@@ -12,6 +12,7 @@ from coom.config import ModelConfig
 from coom.errors import UserError
 from coom.models import Transformer
 from coom.parallel.expert import PLACEMENT, place_experts
+from coom.parallel.placement import identity_placement
 from coom.parallel.rebalance import (
     measured_loads,
     moe_prefix,
@@ -104,6 +105,24 @@ def test_plan_with_copies_keeps_owned_experts_local():
     assert plan.order == list(range(8))
 
 
+def test_the_load_before_is_measured_on_the_placement_in_force():
+    """A second rebalance compares with the copies' placement the first
+    one saved, when it was planned for as many ranks; otherwise with
+    expert i on rank i // (e / R)."""
+    config = replace(CONFIGS["groups"], n_group=1, topk_group=1)
+    load = torch.tensor([40.0, 30, 20, 10, 5, 3, 1, 1])
+    (first,) = plan_layers(config, {1: load}, ranks=2, redundant=2)
+    # The same load, in the numbers the first rebalance gave the experts.
+    load = load[first.order]
+    placed = {"ranks": 2, "layers": {1: list(first.placement.slot_expert)}}
+    (again,) = plan_layers(config, {1: load}, 2, 2, placed)
+    assert again.before == pytest.approx(first.after)
+    assert again.before < identity_placement(8, 2).imbalance(load)
+    for other in ({**placed, "ranks": 4}, {"ranks": 2, "layers": {}}, None):
+        (plain,) = plan_layers(config, {1: load}, 2, 2, other)
+        assert plain.before == identity_placement(8, 2).imbalance(load)
+
+
 @pytest.mark.parametrize("processes, layout, redundant", [
     (1, [], 0), (2, ["parallel.expert=2"], 0),
     (2, ["parallel.expert=2"], 2)], ids=["one", "ep2", "ep2-copies"])
@@ -123,6 +142,7 @@ def test_run_resumes_from_the_rebalanced_checkpoint(single, tmp_path,
                     "2", "--redundant", str(redundant))
     check(result)
     assert "layer 1:" in result.stdout
+    assert "wrote the latest checkpoint renumbered, " in result.stdout
     latest = latest_checkpoint(tmp_path / "checkpoints")
     assert latest.name == "step_0000003-rebalanced"
     placement = read_train_state(latest)[PLACEMENT]
