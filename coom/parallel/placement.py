@@ -154,18 +154,21 @@ def identity_placement(experts: int, ranks: int) -> Placement:
     return Placement(tuple(range(experts)), ranks, experts)
 
 
-def _replicate(load: Sequence[float], redundant: int,
-               ranks: int) -> list[int]:
+def _replicate(load: Sequence[float], redundant: int, ranks: int,
+               hottest: bool = True) -> list[int]:
     """Copies per expert after the extra ones went, one at a time, to the
-    highest load per copy (at most ``ranks`` copies each)."""
+    highest load per copy (with hottest false, the lowest), at most
+    ``ranks`` copies each."""
+    sign = -1 if hottest else 1
     copies = [1] * len(load)
-    heap = [(-value, expert) for expert, value in enumerate(load)]
+    heap = [(sign * value, expert) for expert, value in enumerate(load)]
     heapq.heapify(heap)
     for _ in range(redundant):
         _, expert = heapq.heappop(heap)
         copies[expert] += 1
         if copies[expert] < ranks:
-            heapq.heappush(heap, (-load[expert] / copies[expert], expert))
+            heapq.heappush(heap,
+                           (sign * load[expert] / copies[expert], expert))
     return copies
 
 
@@ -229,6 +232,16 @@ def _refine(load: Sequence[float], copies: Sequence[int],
         rank_load[other] += moved
 
 
+def _placement(load: Sequence[float], copies: Sequence[int],
+               ranks: int) -> Placement:
+    """The copies assigned to ranks and refined."""
+    held = _refine(load, copies,
+                   _assign(load, copies, ranks, sum(copies) // ranks))
+    return Placement(tuple(expert for experts_of_rank in held
+                           for expert in sorted(experts_of_rank)),
+                     ranks, len(load))
+
+
 def plan_placement(load_e: torch.Tensor, ranks: int,
                    redundant: int = 0) -> Placement:
     """A placement of e experts plus ``redundant`` extra copies of hot ones
@@ -236,7 +249,8 @@ def plan_placement(load_e: torch.Tensor, ranks: int,
 
     (e + redundant) must be divisible by ranks, and redundant at most
     e * (ranks - 1), since no expert gets more copies than there are
-    ranks.
+    ranks. The copies go to the hottest experts, or where that balances
+    worse, to the coldest.
     """
     if load_e.dim() != 1:
         raise PlacementError(
@@ -256,12 +270,17 @@ def plan_placement(load_e: torch.Tensor, ranks: int,
             f"{experts * (ranks - 1)}; an expert has at most one copy per "
             f"rank")
     load = load_e.double().tolist()
-    copies = _replicate(load, redundant, ranks)
-    held = _refine(load, copies,
-                   _assign(load, copies, ranks, slots // ranks))
-    return Placement(tuple(expert for experts_of_rank in held
-                           for expert in sorted(experts_of_rank)),
-                     ranks, experts)
+    hot = _placement(load, _replicate(load, redundant, ranks), ranks)
+    if not redundant:
+        return hot
+    # The copies take slots, so a rank holds fewer experts: under a load
+    # that no expert dominates, copies of the coldest experts (next to no
+    # load to split, as if there were none) can balance better.
+    cold = _placement(load, _replicate(load, redundant, ranks, False),
+                      ranks)
+    if cold.imbalance(load_e) < hot.imbalance(load_e) * (1 - 1e-12):
+        return cold
+    return hot
 
 
 def local_numbering(placement: Placement) -> list[int]:

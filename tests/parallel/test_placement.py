@@ -96,6 +96,19 @@ def test_copies_go_to_hot_experts_at_most_one_per_rank():
     assert identity_placement(4, 2).imbalance(torch.zeros(4)) == 1.0
 
 
+def test_copies_go_to_the_coldest_where_the_hottest_balance_worse():
+    """Copies take slots: here the two hottest experts' copies leave each
+    rank too few slots to even out the rest (57 against 53, 1.036), worse
+    than no copies (56 against 54); copies of the coldest two do as well
+    as none."""
+    load_e = torch.tensor([40, 30, 20, 10, 5, 3, 1, 1])
+    plain = plan_placement(load_e, ranks=2).imbalance(load_e)
+    placement = plan_placement(load_e, ranks=2, redundant=2)
+    assert plain == 56 / 55
+    assert placement.imbalance(load_e) == plain
+    assert placement.replicas().tolist() == [1, 1, 1, 1, 1, 1, 2, 2]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: plan_placement(torch.ones(64), 8, redundant=3),
      "67 slots must be divisible by ranks 8"),

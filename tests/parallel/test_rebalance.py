@@ -89,7 +89,7 @@ def test_plan_with_copies_keeps_owned_experts_local():
     balance."""
     config = CONFIGS["groups"]
     plain = replace(config, n_group=1, topk_group=1)
-    load = torch.tensor([40.0, 30, 20, 10, 5, 3, 1, 1])
+    load = torch.tensor([70.0, 30, 20, 10, 5, 3, 1, 1])
     for model, fetched in ((plain, 2), (config, 5)):
         (plan,) = plan_layers(model, {1: load}, ranks=2, redundant=2)
         placement = plan.placement
@@ -110,7 +110,7 @@ def test_the_load_before_is_measured_on_the_placement_in_force():
     one saved, when it was planned for as many ranks; otherwise with
     expert i on rank i // (e / R)."""
     config = replace(CONFIGS["groups"], n_group=1, topk_group=1)
-    load = torch.tensor([40.0, 30, 20, 10, 5, 3, 1, 1])
+    load = torch.tensor([70.0, 30, 20, 10, 5, 3, 1, 1])
     (first,) = plan_layers(config, {1: load}, ranks=2, redundant=2)
     # The same load, in the numbers the first rebalance gave the experts.
     load = load[first.order]
