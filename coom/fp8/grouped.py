@@ -40,6 +40,8 @@ def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
     the FP8 x^T and each weight's K-major copy and scales that the
     backward multiplies). Without backward, those are not made and the
     list is empty."""
+    # Built with extend, not starred unpacking and +=: dynamo traces a
+    # starred target as a tuple, and tuple += list breaks the graph.
     saved = []
     if backward:
         x_values, x_scales, x_values_t, x_scales_t = (
