@@ -14,8 +14,8 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/python -m pycodestyle --max-line-length=79 coom tests
-	$(BIN)/python -m ruff check coom tests
+	$(BIN)/python -m pycodestyle --max-line-length=79 coom tests benchmarks
+	$(BIN)/python -m ruff check coom tests benchmarks
 
 # torch is pinned first so pip takes the local CPU wheel instead of
 # downloading the CUDA build; the rest follows pyproject.toml.

@@ -4,13 +4,23 @@ Builds the same trainer as `coom bench` (random tokens, or the recipe's
 data with --real-data), evaluates once as `coom bench` and a run do
 (under torch.compile that decides what gets traced), runs warm-up
 steps, profiles one step with torch.profiler and prints the GPU kernels
-that take the most time, grouped into matmuls, attention, Triton kernels
-and the rest, against the step's wall time; then the CPU-side ops that
-take the most of the host's time.
+that take the most time, grouped into matmuls, attention, Triton kernels,
+NCCL's collectives and the rest, against the step's wall time; then the
+CPU-side ops that take the most of the host's time.
 
 Run on the device machine from the repository root:
 
     python3 benchmarks/profile_step.py --set train.compile=true
+
+Under torchrun each process profiles its own step and the first one
+prints, for instance the all-to-all share under expert parallelism:
+
+    torchrun --nproc-per-node 2 benchmarks/profile_step.py \
+        --set parallel.expert=2
+
+NCCL's kernels also spin while they wait for the other processes, and
+run on their own streams beside the computation, so their share is an
+upper bound on the time communication costs the step.
 """
 import argparse
 import tempfile
@@ -25,6 +35,9 @@ from coom.config import load_config
 from coom.train.trainer import Trainer
 
 CATEGORIES = (
+    # NCCL runs all-to-alls, and pipeline sends, as grouped send/recv.
+    ("all-to-all, send/recv (nccl)", ("sendrecv",)),
+    ("other collectives (nccl)", ("nccl",)),
     ("grouped matmul (cutlass)", ("cutlass",)),
     ("matmul (cublas)", ("gemm", "nvjet", "xmma")),
     ("attention (cudnn)", ("cudnn", "flash", "fmha")),
@@ -71,6 +84,15 @@ def main() -> None:
         end.record()
         torch.cuda.synchronize()
     step_ms = start.elapsed_time(end)
+    world = trainer.world
+    if world.main:
+        report(prof, step_ms, args.top)
+    del trainer
+    world.close()
+
+
+def report(prof, step_ms: float, top: int) -> None:
+    """Print the profiled step's GPU kernels and host ops."""
     # Ranges such as the optimizer's "Optimizer.step#..." span kernels
     # on the GPU's timeline too: counted, they would count those twice.
     annotations = {event.name for event in prof.events()
@@ -89,8 +111,8 @@ def main() -> None:
         by_category[category(event.key)] += event.self_device_time_total
     for label, us in sorted(by_category.items(), key=lambda item: -item[1]):
         print(f"  {label:26s} {us / 1e3:8.1f} ms {us / total_us:6.1%}")
-    print(f"\ntop {args.top} kernels:")
-    for event in events[:args.top]:
+    print(f"\ntop {top} kernels:")
+    for event in events[:top]:
         print(f"  {event.self_device_time_total / 1e3:8.2f} ms "
               f"{event.count:5d}x  {event.key[:100]}")
     # Where the CPU spends the step: when the GPU waits (busy well under
@@ -100,8 +122,8 @@ def main() -> None:
     host.sort(key=lambda event: event.self_cpu_time_total, reverse=True)
     total_us = sum(event.self_cpu_time_total for event in host)
     print(f"\nCPU: {total_us / 1e3:.1f} ms of ops' own time; top "
-          f"{args.top}:")
-    for event in host[:args.top]:
+          f"{top}:")
+    for event in host[:top]:
         print(f"  {event.self_cpu_time_total / 1e3:8.2f} ms "
               f"{event.count:5d}x  {event.key[:100]}")
 
