@@ -121,17 +121,14 @@ class Transformer(nn.Module):
     def finish_step(self) -> dict:
         """After an optimizer step: move expert biases, and return each MoE
         block's load statistics for the step's metrics."""
-        metrics, max_vios = {}, []
+        metrics = {}
         for index, moe in self.moe_layers().items():
             load = moe.finish_step()
-            max_vio = (load.max() / load.mean() - 1).item()
-            max_vios.append(max_vio)
-            metrics[f"moe_max_vio_layer{index}"] = max_vio
+            metrics[f"moe_max_vio_layer{index}"] = \
+                (load.max() / load.mean() - 1).item()
             metrics[f"moe_dead_experts_layer{index}"] = int(
                 (load == 0).sum())
             metrics[f"moe_load_layer{index}"] = load.int().tolist()
-        if max_vios:
-            metrics["moe_max_vio"] = sum(max_vios) / len(max_vios)
         return metrics
 
     def head_weight(self) -> torch.Tensor:

@@ -171,6 +171,16 @@ class World:
             dist.all_reduce(tensor, group=self.mesh[PIPELINE].get_group())
         return tensor
 
+    def pipeline_gather(self, value) -> list:
+        """value (any picklable object) of each process of this one's
+        pipeline, by pipeline rank."""
+        if self.pipeline_size == 1:
+            return [value]
+        values = [None] * self.pipeline_size
+        dist.all_gather_object(values, value,
+                               group=self.mesh[PIPELINE].get_group())
+        return values
+
     def tensor_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """tensor summed over the tensor-parallel group, in place."""
         if self.tensor_size > 1:

@@ -455,9 +455,23 @@ class Trainer:
         metrics = {"loss": total, "lr": lr, "grad_norm": norm.item()}
         if depths:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
-        if self.model.moe_layers():
+        moe = self._moe_metrics()
+        if moe:  # some stage holds MoE blocks
             metrics["aux_loss"] = aux_total
-        return metrics | self.model.finish_step()
+        return metrics | moe
+
+    def _moe_metrics(self) -> dict:
+        """Each MoE block's load statistics of the step, gathered from
+        every stage of the pipeline, and the mean of their max
+        violations."""
+        metrics = {}
+        for stage in self.world.pipeline_gather(self.model.finish_step()):
+            metrics |= stage
+        max_vios = [value for key, value in metrics.items()
+                    if key.startswith("moe_max_vio_layer")]
+        if max_vios:
+            metrics["moe_max_vio"] = sum(max_vios) / len(max_vios)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, samples: Samples) -> float:

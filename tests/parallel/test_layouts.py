@@ -50,10 +50,14 @@ def _train(run_dir, processes: int, *overrides: str):
                   *overrides, before_retry=lambda: shutil.rmtree(run_dir))
 
 
-def logged_losses(run_dir) -> list[float]:
+def _logged_steps(run_dir) -> list[dict]:
     with open(run_dir / "metrics.jsonl") as file:
         records = [json.loads(line) for line in file]
-    return [record["loss"] for record in records if "loss" in record]
+    return [record for record in records if "loss" in record]
+
+
+def logged_losses(run_dir) -> list[float]:
+    return [record["loss"] for record in _logged_steps(run_dir)]
 
 
 def _state(run_dir, step: int) -> dict:
@@ -75,7 +79,10 @@ def _close(ours: torch.Tensor, expected: torch.Tensor, bound: float):
 
 def assert_matches(single, run_dir) -> None:
     """run_dir's losses, first gradients and last weights are single's,
-    within the module docstring's bounds."""
+    within the module docstring's bounds, and it logs what single logs
+    (every MoE block's load, whichever process holds the block)."""
+    assert [record.keys() for record in _logged_steps(run_dir)] == \
+        [record.keys() for record in _logged_steps(single)]
     expected, losses = logged_losses(single), logged_losses(run_dir)
     assert len(losses) == len(expected) == STEPS
     for ours, reference in zip(losses, expected):
