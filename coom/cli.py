@@ -4,6 +4,8 @@ Heavy modules are imported inside each command, so ``coom --help`` is
 instant and tokenizer worker processes start light.
 """
 import argparse
+import json
+import math
 import os
 import shutil
 import sys
@@ -112,6 +114,56 @@ def cmd_data_prepare(args) -> int:
           f"({prepared.tokenizer.vocab_size} tokens)")
     for prefix in prepared.prefixes:
         print(f"dataset: {prefix}.bin / .idx")
+    return 0
+
+
+def _checkpoint_to_evaluate(run_dir: Path, step) -> Path:
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    from coom.train.checkpoint import is_checkpoint, latest_checkpoint
+    folder = run_dir / "checkpoints"
+    if step is None:
+        path = latest_checkpoint(folder)
+        if path is None:
+            raise UserError(f"{run_dir} holds no checkpoint yet")
+        return path
+    path = folder / f"step_{step:07d}"
+    if not is_checkpoint(path):
+        kept = sorted(p.name for p in folder.glob("step_*")
+                      if is_checkpoint(p))
+        raise UserError(f"{run_dir} holds no checkpoint of step {step}; "
+                        f"it holds {', '.join(kept) or 'none'}")
+    return path
+
+
+def cmd_eval(args) -> int:
+    from coom.config import load_config
+    run_dir = Path(args.run_dir)
+    path = _checkpoint_to_evaluate(run_dir, args.step)
+    config = load_config(str(run_dir / "config.yaml"), args.overrides)
+    from coom.train.trainer import Trainer
+    trainer = Trainer(config, run_dir)
+    world = trainer.world
+    try:
+        trainer.restore(path)
+        loss = trainer.evaluate(trainer.valid)
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        del trainer
+        world.close()
+    if not world.main:
+        return 0
+    train = config.train
+    print(f"{path}: validation loss {loss:.4f} (perplexity "
+          f"{math.exp(loss):.2f}) over {train.eval_iters} micro-batches of "
+          f"{train.micro_batch_size} x {config.data.seq_length} tokens")
+    if args.out:
+        Path(args.out).write_text(json.dumps(
+            {"checkpoint": str(path), "val_loss": loss,
+             "overrides": args.overrides}) + "\n")
+        print(f"written to {args.out}")
     return 0
 
 
@@ -481,6 +533,25 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance.add_argument("--dry-run", action="store_true",
                            help="report the plan, write nothing")
     rebalance.set_defaults(handler=cmd_experts_rebalance)
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a run's checkpoint",
+        description="Evaluate a checkpoint of RUN_DIR (its latest unless "
+        "--step) on the run's validation data, with the run's config plus "
+        "any --set (fp8.recipe=off, say, to see what FP8 changes; "
+        "train.eval_iters for more of the validation data), as Megatron's "
+        "--skip-train does. The run itself is not changed. Runs under "
+        "torchrun too.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR",
+                          help="a run directory written by coom train")
+    evaluate.add_argument("--step", type=int, metavar="N",
+                          help="the checkpoint of step N")
+    evaluate.add_argument("--set", dest="overrides", nargs="+",
+                          action="extend", default=[],
+                          metavar="KEY=VALUE", help=SET_HELP)
+    evaluate.add_argument("--out", metavar="FILE",
+                          help="also write the loss as JSON to FILE")
+    evaluate.set_defaults(handler=cmd_eval)
 
     report = commands.add_parser(
         "report", help="plot and summarise a run",
