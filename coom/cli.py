@@ -63,6 +63,26 @@ def _new_run_dir(args) -> Path:
     return run_dir
 
 
+def _with_trainer(make_trainer, work):
+    """work(trainer)'s result and the run's world, closed: the trainer
+    (and any that work made) is freed first, so that the model, the
+    optimizer and their process groups are gone before the world
+    leaves its process group (``World.close``), also when work fails.
+    make_trainer builds it here, so that no caller holds it."""
+    trainer = make_trainer()
+    world = trainer.world
+    try:
+        return work(trainer), world
+    except BaseException as error:
+        # The traceback's frames (work's among them) would keep the
+        # trainer alive through the collection in world.close().
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        del trainer
+        world.close()
+
+
 def cmd_train(args) -> int:
     from coom.config import load_config
     if args.resume:
@@ -72,27 +92,19 @@ def cmd_train(args) -> int:
         config = load_config(args.recipe or "tiny", args.overrides)
         run_dir = _new_run_dir(args)
     from coom.train.trainer import Trainer
-    trainer = Trainer(config, run_dir)
-    world = trainer.world
-    try:
-        if world.main:
+
+    def train(trainer):
+        if trainer.world.main:
             print(f"training in {run_dir}")
         outcome = trainer.run()
         while outcome == "growth":
-            trainer = Trainer(config, run_dir, world,
+            trainer = Trainer(config, run_dir, trainer.world,
                               trainer.energy.job_started)
             outcome = trainer.run()
-        step, energy = trainer.step, trainer.energy.summary()
-    except BaseException as error:
-        # The traceback's frames (Trainer.run's among them) would keep
-        # the trainer alive through the collection in world.close().
-        traceback.clear_frames(error.__traceback__)
-        raise
-    finally:
-        # Free the model, optimizer and their process groups before the
-        # world closes (``World.close``).
-        del trainer
-        world.close()
+        return outcome, trainer.step, trainer.energy.summary()
+
+    (outcome, step, energy), world = _with_trainer(
+        lambda: Trainer(config, run_dir), train)
     if not world.main:
         return 0
     if outcome == "done":
@@ -142,17 +154,12 @@ def cmd_eval(args) -> int:
     path = _checkpoint_to_evaluate(run_dir, args.step)
     config = load_config(str(run_dir / "config.yaml"), args.overrides)
     from coom.train.trainer import Trainer
-    trainer = Trainer(config, run_dir)
-    world = trainer.world
-    try:
+
+    def evaluate(trainer):
         trainer.restore(path)
-        loss = trainer.evaluate(trainer.valid)
-    except BaseException as error:
-        traceback.clear_frames(error.__traceback__)
-        raise
-    finally:
-        del trainer
-        world.close()
+        return trainer.evaluate(trainer.valid)
+
+    loss, world = _with_trainer(lambda: Trainer(config, run_dir), evaluate)
     if not world.main:
         return 0
     train = config.train
