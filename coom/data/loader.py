@@ -12,12 +12,7 @@ from pathlib import Path
 import torch
 
 from coom.config import DataConfig
-from coom.data.megatron import (
-    BlendedMegatronDatasetBuilder,
-    GPTDataset,
-    GPTDatasetConfig,
-    IndexedDataset,
-)
+from coom.data import megatron
 from coom.data.prepare import PreparedData
 from coom.errors import UserError
 
@@ -57,7 +52,7 @@ def _tokens_per_split(prefix: str, split_matrix) -> list[int]:
     """Tokens in the train and validation document ranges of prefix."""
     # The lengths are a view of the index's memory map, which closes when
     # the dataset object is collected: keep it alive while reading them.
-    dataset = IndexedDataset(prefix, multimodal=False)
+    dataset = megatron.IndexedDataset(prefix, multimodal=False)
     lengths = dataset.sequence_lengths
     tokens = []
     for begin, end in split_matrix[:2]:
@@ -77,7 +72,7 @@ def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
     cache = None
     if torch.distributed.is_initialized():
         cache = str(Path(config.cache_dir) / "indices")
-    dataset_config = GPTDatasetConfig(
+    dataset_config = megatron.GPTDatasetConfig(
         random_seed=seed, sequence_length=config.seq_length,
         blend=(prepared.prefixes, None), split=config.split,
         tokenizer=prepared.tokenizer, reset_position_ids=False,
@@ -96,9 +91,9 @@ def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
     if weights is None and len(sizes) > 1:
         weights = [float(train) for train, _ in sizes]
     dataset_config.blend = (prepared.prefixes, weights)
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True,
-        dataset_config)
+    builder = megatron.BlendedMegatronDatasetBuilder(
+        megatron.GPTDataset, [train_samples, valid_samples, 0],
+        lambda: True, dataset_config)
     train, valid, _ = builder.build()
     return (Samples(train, micro_batch_size),
             Samples(valid, micro_batch_size))

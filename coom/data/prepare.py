@@ -25,8 +25,8 @@ import tokenizers
 from tqdm import tqdm
 
 from coom.config import DataConfig
+from coom.data import megatron
 from coom.data.corpus import default_corpus_files, read_documents, source_files
-from coom.data.megatron import DType, IndexedDataset, IndexedDatasetBuilder
 from coom.data.tokenizer import Tokenizer, train_bpe
 from coom.errors import UserError
 
@@ -133,8 +133,8 @@ def _tasks(source: TextSource, text_key: str) -> Iterator[list[str]]:
 def _write_indexed(source: TextSource, tokenizer: Tokenizer,
                    config: DataConfig, prefix: Path) -> int:
     """Tokenize source into prefix.bin/.idx; returns the document count."""
-    builder = IndexedDatasetBuilder(
-        f"{prefix}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    dtype = megatron.DType.optimal_dtype(tokenizer.vocab_size)
+    builder = megatron.IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     encode = functools.partial(_encode, str(tokenizer.path), tokenizer.eod)
     has_jsonl = any(f.suffix == ".jsonl" for f in source.files)
     total = None if has_jsonl else len(source.files)
@@ -180,7 +180,8 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
         if not Path(prefix + suffix).is_file():
             raise UserError(f"data.paths: {prefix}{suffix} is missing")
     try:
-        dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
+        dataset = megatron.IndexedDataset(prefix, multimodal=False,
+                                          mmap=True)
         index = dataset.index
         lengths, pointers = index.sequence_lengths, index.sequence_pointers
     except Exception as error:
