@@ -9,7 +9,8 @@ attention, which are not matrix products of weights. On FP8 matrix
 units (cuBLAS) a linear converts only when its widths are whole
 128-column tiles (blockwise) or multiples of 16 (rowwise, tensorwise), as
 torchao filters them too: in the ``small`` preset that keeps MLA's
-576-wide latent projection (wkv_a) in bf16. Weights stay the same
+576-wide latent projection (wkv_a) in bf16. The routed experts follow the
+same rule. Weights stay the same
 Parameters: names, values and checkpoints do not change.
 """
 import torch
@@ -57,13 +58,13 @@ def _fp8_copy(linear: nn.Linear, recipe: FP8Recipe) -> FP8Linear:
     return converted
 
 
-def _fits_fp8_units(linear: nn.Linear, recipe: FP8Recipe) -> bool:
-    """Whether cuBLAS's FP8 products take the linear's widths: whole
-    128-column tiles for blockwise scaling, multiples of 16 otherwise.
-    Emulation takes any width."""
+def _fits_fp8_units(widths: tuple[int, int], recipe: FP8Recipe) -> bool:
+    """Whether the FP8 products take a layer's input and output widths:
+    whole 128-column tiles for blockwise scaling, multiples of 16
+    otherwise (cuBLAS; COOM's grouped kernels need 16 too). Emulation
+    takes any width."""
     multiple = TILE if recipe.scaling == "blockwise" else 16
-    return recipe.emulate or (linear.in_features % multiple == 0
-                              and linear.out_features % multiple == 0)
+    return recipe.emulate or all(width % multiple == 0 for width in widths)
 
 
 def _convert(module: nn.Module, recipe: FP8Recipe, experts: bool) -> int:
@@ -72,11 +73,13 @@ def _convert(module: nn.Module, recipe: FP8Recipe, experts: bool) -> int:
     converted = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:
-            if _fits_fp8_units(child, recipe):
+            if _fits_fp8_units((child.in_features, child.out_features),
+                               recipe):
                 setattr(module, name, _fp8_copy(child, recipe))
                 converted += 1
         elif isinstance(child, GroupedExperts):
-            if experts:
+            if experts and _fits_fp8_units(tuple(child.w1.shape[1:]),
+                                           recipe):
                 child.fp8 = recipe
                 converted += 1
         else:

@@ -1,7 +1,7 @@
 """The FP8 Triton kernels, and cuBLAS's scaled product, as
 ``torch.library`` ops.
 
-The quantisation and weight-gradient ops are ``triton_op``: eager calls
+The quantisation ops are ``triton_op``: eager calls
 run the kernels directly, and ``torch.compile`` traces through them
 (their allocations and index arithmetic become graph nodes, each launch
 a node of its own) so that inductor launches the kernels from its
@@ -10,13 +10,15 @@ the FP8 step was waiting on the host (``docs/benchmarks.md``). Their
 fake (meta) implementations are the functions themselves, traced on fake
 tensors.
 
-The other two are ``custom_op``, which inductor keeps whole: the grouped
-product of the forward and input gradient, whose autotuned configs
-include a register cap (maxnreg) that inductor's own autotuning of a
-traced kernel drops (torch 2.13's source; traced, its 66 launches per
-step of the ``small`` preset took 22.0 ms of an H100 against 19.5 ms
-whole), and cuBLAS's scaled product, which inductor would otherwise
-lower to a template of its own.
+The products are ``custom_op``, which inductor keeps whole: the grouped
+products, whose autotuned configs include a register cap (maxnreg) that
+inductor's own autotuning of a traced kernel drops (torch 2.13's source;
+traced, the forward's and input gradient's 66 launches per step of the
+``small`` preset took 22.0 ms of an H100 against 19.5 ms whole), and
+whose TMA descriptors need Triton's allocator set in the launching
+thread (``coom.kernels.fp8_grouped_gemm``), which inductor's launches
+would not do; and cuBLAS's scaled product, which inductor would
+otherwise lower to a template of its own.
 
 The kernels are ``coom.kernels.fp8_quantize`` and
 ``coom.kernels.fp8_grouped_gemm``; this file only wraps them. Scales
@@ -95,15 +97,20 @@ def _(a_values_tk, a_scales_th, b_values_enk, b_scales_egh, counts_e,
                                  b_values_enk.shape[1], dtype=out_dtype)
 
 
-@torch.library.triton_op("coom::fp8_grouped_mm_wgrad", mutates_args=())
+@torch.library.custom_op("coom::fp8_grouped_mm_wgrad", mutates_args=())
 def grouped_mm_wgrad(a_values_nc: torch.Tensor, a_scales_nj: torch.Tensor,
                      b_values_kc: torch.Tensor, b_scales_kj: torch.Tensor,
                      counts_e: torch.Tensor) -> torch.Tensor:
     """Per group e, a's columns of e times b's columns of e transposed,
     both tile-padded: (e, n, k) float32."""
     return fp8_grouped_gemm.grouped_fp8_mm_wgrad(
-        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e,
-        traceable=True)
+        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e)
+
+
+@grouped_mm_wgrad.register_fake
+def _(a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e):
+    return a_values_nc.new_empty(len(counts_e), a_values_nc.shape[0],
+                                 b_values_kc.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("coom::fp8_scaled_mm", mutates_args=())

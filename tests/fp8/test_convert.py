@@ -56,17 +56,21 @@ def test_converts_block_products_but_not_embedding_head_or_router():
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
-def test_fp8_units_take_whole_tiles_only():
+@pytest.mark.parametrize("expert_width", [128, 144])
+def test_fp8_units_take_whole_tiles_only(expert_width):
     """Without emulation, MLA's latent projection (32 + 64 rope = 96
-    wide here, 576 in the small preset) keeps its precision."""
+    wide here, 576 in the small preset) keeps its precision, and so do
+    experts of a width that is not whole tiles."""
     model = _model(hidden_size=128, kv_lora_rank=32, qk_rope_head_dim=64,
                    q_lora_rank=128, num_attention_heads=1,
                    qk_nope_head_dim=64, v_head_dim=128, ffn_hidden_size=256,
-                   moe_intermediate_size=128)
+                   moe_intermediate_size=expert_width)
     convert_to_fp8(model, FP8Config(recipe="blockwise"))
     assert type(model.layers["0"].attention.wkv_a) is nn.Linear
     assert isinstance(model.layers["0"].attention.wq_a, FP8Linear)
     assert isinstance(model.layers["0"].mlp.w1, FP8Linear)
+    experts = model.layers["1"].mlp.experts
+    assert (experts.fp8 is not None) == (expert_width % 128 == 0)
 
 
 def test_keeps_first_and_last_blocks_and_experts_when_asked():

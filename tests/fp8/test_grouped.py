@@ -50,7 +50,7 @@ def test_emulation_is_one_fp8_linear_per_expert(scaling):
     assert not ours[2][0].any()  # the expert without rows
 
 
-@pytest.mark.parametrize("k, n", [(200, 136), (256, 128)])
+@pytest.mark.parametrize("k, n", [(208, 144), (256, 128)])
 def test_kernels_match_the_emulation(k, n):
     """Same roundings, different summation: float32 agreement in the
     interpreter; Hopper's FP8 tensor cores sum each 128 products with

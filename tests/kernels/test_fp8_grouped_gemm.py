@@ -56,7 +56,7 @@ def _operands(counts, k, n, seed):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("counts", COUNTS + [[61]])
-@pytest.mark.parametrize("k, n", [(200, 136), (256, 128)])
+@pytest.mark.parametrize("k, n", [(208, 136), (256, 128)])
 def test_grouped_fp8_mm_against_float64(counts, k, n, out_dtype):
     operands, a_ref, b_ref = _operands(counts, k, n, seed=k + n)
     counts_e = torch.tensor(counts, device=DEVICE)
@@ -69,6 +69,22 @@ def test_grouped_fp8_mm_against_float64(counts, k, n, out_dtype):
             assert relative_error(out[rows:rows + count].cpu(),
                                   ref) < FP8_BOUND[out_dtype]
         rows += count
+
+
+def test_grouped_fp8_mm_refuses_rows_tma_cannot_load():
+    """TMA loads rows of a multiple of 16 bytes, from 16-byte
+    boundaries."""
+    operands, _, _ = _operands([3, 5], 200, 64, seed=0)
+    counts_e = torch.tensor([3, 5], device=DEVICE)
+    with pytest.raises(ValueError, match="a_values_tk .* 200"):
+        grouped_fp8_mm(*operands, counts_e)
+    a_values, a_scales, b_values, b_scales = _operands([3, 5], 256, 64,
+                                                       seed=0)[0]
+    shifted = a_values.new_empty(a_values.numel() + 8)[8:]
+    shifted.copy_(a_values.flatten())
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        grouped_fp8_mm(shifted.view(a_values.shape), a_scales, b_values,
+                       b_scales, counts_e)
 
 
 def test_grouped_fp8_mm_of_no_rows():
