@@ -243,6 +243,13 @@ def _descriptor_memory(device: torch.device, size: int, alignment: int,
     return torch.empty(size, dtype=torch.int8, device=device)
 
 
+def tuned_configs() -> dict[str, dict]:
+    """The autotuner's picks so far, per kernel and key (n, k, dtypes)."""
+    return {name: {key: str(config) for key, config in tuned.cache.items()}
+            for name, tuned in (("grouped_fp8_mm", _grouped_tuned),
+                                ("grouped_fp8_mm_wgrad", _wgrad_tuned))}
+
+
 def _require_tma_operands(**tensors) -> None:
     """Contiguous, starting on a 16-byte boundary, rows of a multiple of
     16 bytes: what the TMA descriptors need."""
