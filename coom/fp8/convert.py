@@ -10,8 +10,8 @@ units (cuBLAS) a linear converts only when its widths are whole
 128-column tiles (blockwise) or multiples of 16 (rowwise, tensorwise), as
 torchao filters them too: in the ``small`` preset that keeps MLA's
 576-wide latent projection (wkv_a) in bf16. The routed experts follow the
-same rule. Weights stay the same
-Parameters: names, values and checkpoints do not change.
+same rule. Weights stay the same Parameters: names, values and
+checkpoints do not change.
 """
 import torch
 from torch import nn
