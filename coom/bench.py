@@ -20,13 +20,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch._dynamo.utils import counters
 
 from coom.config import RunConfig
 from coom.energy.meter import LABELS, open_meter
 from coom.energy.nvml import enforced_power_limit
 from coom.models.info import model_info
-from coom.train.trainer import Trainer
+from coom.train.trainer import Trainer, compile_misses
 
 # Dense bf16 peaks (no sparsity) of GPUs, in FLOP/s, by name.
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12,
@@ -64,14 +63,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _compile_misses() -> tuple[int, int]:
-    """What torch.compile has left to eager PyTorch in this process so
-    far: (graph breaks, frames it gave up whole)."""
-    frames = counters["frames"]
-    return (sum(counters["graph_break"].values()),
-            frames["total"] - frames["ok"])
-
-
 def bench_config(config: RunConfig, steps: int, warmup: int,
                  real_data: bool) -> RunConfig:
     """config set up for timing: enough steps, no evaluation within them,
@@ -99,7 +90,7 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
     """Train warmup + steps steps of config and return the figures."""
     config = bench_config(config, steps, warmup, real_data)
     with tempfile.TemporaryDirectory() as run_dir:
-        misses = _compile_misses()
+        misses = compile_misses()
         trainer = Trainer(config, Path(run_dir))
         device = trainer.device
         trainer.evaluate(trainer.valid)
@@ -118,7 +109,7 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
             losses.append(metrics["loss"])
         joules = meter.read()
         misses = [now - before for now, before
-                  in zip(_compile_misses(), misses)]
+                  in zip(compile_misses(), misses)]
     config = trainer.config
     tokens = config.train.global_batch_size * config.data.seq_length
     info = model_info(config.model, config.data.seq_length)

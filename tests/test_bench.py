@@ -7,6 +7,7 @@ from coom.cli import main
 from coom.config import ConfigError, load_config
 from coom.data.synthetic import SyntheticSamples
 from coom.layers.block import Block
+from coom.train.metrics import read_metrics
 from coom.train.trainer import Trainer
 
 MODEL = ["model.hidden_size=32", "model.num_layers=2",
@@ -54,6 +55,38 @@ def test_compiled_bench_evaluates_first_and_counts_graph_breaks(
     assert main(["bench", "--steps", "1", "--warmup", "1", "--out",
                  str(out), "--set", *dense]) == 0
     assert json.loads(out.read_text())["graph_breaks"] > 0
+
+
+def test_compiled_run_warns_of_graph_breaks_and_logs_them(
+        tmp_path, monkeypatch, capsys):
+    """``coom train`` logs what torch.compile left to eager PyTorch after
+    its first step, and warns when it left anything."""
+    args = [*MODEL, "train.compile=true", "model.n_routed_experts=0",
+            "data.synthetic=true", "train.steps=2",
+            "schedule.lr_warmup_iters=1", "train.eval_iters=1",
+            "logging.tensorboard=false", "logging.progress_bar=false"]
+
+    def compile_records(run_dir):
+        return [record for record in read_metrics(run_dir)
+                if "compile_graph_breaks" in record]
+    assert main(["train", "--run-dir", str(tmp_path / "whole"), "--set",
+                 *args]) == 0
+    (record,) = compile_records(tmp_path / "whole")
+    assert record["step"] == 1
+    assert record["compile_graph_breaks"] == 0
+    assert record["compile_frames_left_eager"] == 0
+    assert "graph breaks" not in capsys.readouterr().out
+    forward = Block.forward
+
+    def broken(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(Block, "forward", broken)
+    assert main(["train", "--run-dir", str(tmp_path / "broken"), "--set",
+                 *args]) == 0
+    (record,) = compile_records(tmp_path / "broken")
+    assert record["compile_graph_breaks"] > 0
+    assert "warning: torch.compile left" in capsys.readouterr().out
 
 
 def test_bench_refuses_no_steps(capsys):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch._dynamo.utils import counters
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -168,6 +169,14 @@ def _stack(batches: list[Batch]) -> Batch:
                    for key in ("tokens", "labels", "loss_mask")))
 
 
+def compile_misses() -> tuple[int, int]:
+    """What torch.compile has left to eager PyTorch in this process so
+    far: (graph breaks, frames it gave up whole)."""
+    frames = counters["frames"]
+    return (sum(counters["graph_break"].values()),
+            frames["total"] - frames["ok"])
+
+
 class Trainer:
     """Trains config's model in run_dir, from its latest checkpoint if any.
 
@@ -237,8 +246,10 @@ class Trainer:
         self.model.init_weights()
         convert_to_fp8(self.model, config.fp8)
         recompute_blocks(self.model, train.recompute)
+        self.compile_misses_before = None
         if train.compile:
             self.model.compile_blocks()
+            self.compile_misses_before = compile_misses()
         self.model_shapes = {name: tuple(tensor.shape) for name, tensor
                              in self.model.state_dict().items()}
         self.pipeline = None
@@ -532,6 +543,20 @@ class Trainer:
         metrics.write({"step": self.step, "growth": growth,
                        "total_params": parameters})
 
+    def _report_compile_misses(self, metrics: MetricsWriter) -> None:
+        """Log what torch.compile left to eager PyTorch up to the end of
+        this process's first step (its evaluation included), and warn
+        when it left anything: that part of the model runs slower."""
+        breaks, frames = (now - before for now, before in zip(
+            compile_misses(), self.compile_misses_before))
+        metrics.write({"step": self.step, "compile_graph_breaks": breaks,
+                       "compile_frames_left_eager": frames})
+        if (breaks or frames) and self.world.main:
+            tqdm.write(f"warning: torch.compile left {breaks} graph "
+                       f"breaks and {frames} frames to eager PyTorch, "
+                       "which runs them slower; TORCH_LOGS=graph_breaks "
+                       "shows where")
+
     def _loop(self, metrics: MetricsWriter, stop: StopRequest,
               bar: tqdm) -> str:
         config = self.config
@@ -543,10 +568,14 @@ class Trainer:
         if self.step == 0:
             metrics.write({"step": 0, "val_loss": self.evaluate(self.valid)})
             self.energy.end_phase("eval")
+        first_step = self.step + 1
         while self.step < config.train.steps:
             started = time.perf_counter()
             step_metrics = self.train_step()
             step_seconds = time.perf_counter() - started
+            if self.step == first_step \
+                    and self.compile_misses_before is not None:
+                self._report_compile_misses(metrics)
             self.seconds += step_seconds
             self.energy.end_phase("step")
             seconds, steps = seconds + step_seconds, steps + 1
