@@ -22,7 +22,7 @@ SET_HELP = ("override config fields, e.g. --set train.steps=200 "
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "recipe", nargs="?", default=None,
-        help="recipe name in configs/ (tiny, ...) or a YAML file; "
+        help="recipe name (tiny, small, ...) or a YAML file; "
         "default: tiny")
     parser.add_argument("--set", dest="overrides", nargs="+",
                         action="extend", default=[], metavar="KEY=VALUE",

@@ -26,7 +26,7 @@ import yaml
 
 from coom.errors import UserError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 class ConfigError(UserError):
@@ -873,7 +873,7 @@ def _apply_override(tree: dict, assignment: str) -> None:
 
 
 def recipe_path(recipe: str) -> Path:
-    """Resolve a recipe name (configs/NAME.yaml) or a path to a YAML file."""
+    """Resolve a recipe name (coom/recipes/NAME.yaml) or a YAML path."""
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
