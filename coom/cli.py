@@ -11,9 +11,10 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
-from coom.errors import UserError
+from coom.errors import Adjusted, UserError
 
 SET_HELP = ("override config fields, e.g. --set train.steps=200 "
             "model.hidden_size=256 (values are YAML)")
@@ -570,8 +571,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _recipe_after_set(args) -> None:
+    """Take the recipe back from --set, whose list swallows a recipe name
+    written after it (coom train --set train.steps=4 tiny)."""
+    overrides = getattr(args, "overrides", [])
+    if (getattr(args, "recipe", "") is None and overrides
+            and "=" not in overrides[-1]):
+        args.recipe = overrides.pop()
+
+
+def _show_adjusted(message, category, filename, lineno, file=None,
+                   line=None):
+    """Warnings print as one coom line on the first process only; other
+    warnings keep Python's form."""
+    if not issubclass(category, Adjusted):
+        return _python_showwarning(message, category, filename, lineno,
+                                   file, line)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"coom: warning: {message}", file=sys.stderr)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _recipe_after_set(args)
+    warnings.showwarning = _show_adjusted
     try:
         return args.handler(args)
     except UserError as error:

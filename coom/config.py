@@ -18,13 +18,14 @@ import inspect
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 
-from coom.errors import UserError
+from coom.errors import Adjusted, UserError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -756,10 +757,15 @@ class RunConfig:
                  f"{self.data.seq_length} exceeds "
                  f"model.max_position_embeddings "
                  f"{self.model.max_position_embeddings}")
-        _require(self.schedule.lr_warmup_iters <= self.train.steps,
-                 "schedule.lr_warmup_iters",
-                 f"{self.schedule.lr_warmup_iters} exceeds train.steps "
-                 f"{self.train.steps}")
+        if self.schedule.lr_warmup_iters > self.train.steps:
+            # A recipe's warmup is sized for its own length; a short trial
+            # run of it warms up over the whole run instead of failing.
+            warnings.warn(Adjusted(
+                f"schedule.lr_warmup_iters {self.schedule.lr_warmup_iters} "
+                f"exceeds train.steps {self.train.steps}; warming up over "
+                f"all {self.train.steps} steps"), stacklevel=2)
+            self.schedule = dataclasses.replace(
+                self.schedule, lr_warmup_iters=self.train.steps)
         last = max((entry.step for entry in self.growth.schedule),
                    default=0)
         _require(last < self.train.steps, "growth.schedule",
@@ -869,7 +875,11 @@ def _apply_override(tree: dict, assignment: str) -> None:
     for section in sections:
         node = node.setdefault(section, {})
         _require(isinstance(node, dict), key, "is not a section")
-    node[leaf] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[leaf] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(key.strip(), f"--set value {text!r} is not valid "
+                          f"YAML ({_first_line(error)})") from None
 
 
 def recipe_path(recipe: str) -> Path:
@@ -880,11 +890,17 @@ def recipe_path(recipe: str) -> Path:
             raise UserError(f"recipe file {path} does not exist")
         return path
     path = RECIPE_DIR / f"{recipe}.yaml"
-    if not path.is_file():
+    if path.parent != RECIPE_DIR or not path.is_file():
         names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
         raise UserError(f"unknown recipe '{recipe}'; known recipes: "
                         f"{', '.join(names)}, or give a path to a .yaml file")
     return path
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of error's message, or its type when it has none."""
+    lines = str(error).splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _merged(base: dict, changes: dict) -> dict:
@@ -902,10 +918,16 @@ def _read_recipe(recipe: str, seen: tuple = ()) -> dict:
     path = recipe_path(recipe)
     _require(path not in seen, "base", f"recipe {path} includes itself")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte "
+                        f"{error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise UserError(f"recipe {path} cannot be read: "
+                        f"{error.strerror}") from None
     except yaml.YAMLError as error:
         raise UserError(f"recipe {path} is not valid YAML: "
-                        f"{str(error).splitlines()[0]}") from None
+                        f"{_first_line(error)}") from None
     _require(isinstance(tree, dict), "recipe", f"{path} is not a mapping")
     base = tree.pop("base", None)
     if base is None:

@@ -10,3 +10,8 @@ class UserError(Exception):
 
     The message names the field or file and says how to fix it.
     """
+
+
+class Adjusted(UserWarning):
+    """A value COOM changed to one that works, such as a warmup longer
+    than the run; the CLI prints it as one ``coom: warning:`` line."""

@@ -1,7 +1,7 @@
 import pytest
 
 from coom.config import ConfigError, RunConfig, load_config
-from coom.errors import UserError
+from coom.errors import Adjusted, UserError
 
 
 def test_tiny_recipe_loads_with_documented_values():
@@ -55,7 +55,8 @@ def test_off_reads_as_a_word_not_a_boolean():
     ("model.qk_rope_head_dim=15", "model.qk_rope_head_dim", "even"),
     ("train.global_batch_size=20", "train.global_batch_size",
      "not a multiple"),
-    ("train.steps=10", "schedule.lr_warmup_iters", "exceeds train.steps"),
+    ("schedule.lr_wsd_decay_iters=290", "schedule.lr_wsd_decay_iters",
+     "exceeds train.steps"),
     ("data.seq_length=4096", "data.seq_length", "exceeds"),
     ("optimizer.min_lr=1.0", "optimizer.min_lr", "must lie in"),
     ("model.hidden_size=-8", "model.hidden_size", "must be positive"),
@@ -75,6 +76,13 @@ def test_bad_values_name_the_field(override, field, words):
     message = str(caught.value)
     assert words in message and field in message
     assert "\n" not in message
+
+
+def test_a_short_run_warms_up_over_its_whole_length():
+    with pytest.warns(Adjusted, match="lr_warmup_iters 30 exceeds "
+                      "train.steps 4; warming up over all 4 steps"):
+        config = load_config("tiny", ["train.steps=4"])
+    assert config.schedule.lr_warmup_iters == 4
 
 
 @pytest.mark.parametrize("overrides, field, words", [
