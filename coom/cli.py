@@ -263,6 +263,7 @@ def cmd_generate(args) -> int:
     if args.speculative and args.temperature != 0:
         raise UserError("--speculative decodes greedily; add "
                         "--temperature 0")
+    generate.check_sampling(args.temperature, args.top_p)
     weights = read_weights(args.source)
     if weights.tokenizer is None:
         raise UserError(f"{args.source} comes with no tokenizer.json to "

@@ -100,8 +100,14 @@ class Totals:
             self.values["processes"], 1.0)
 
 
+def unmetered(reasons: dict[str, str]) -> str:
+    """Why no source is metered, in a few words."""
+    return "; ".join(reasons.values()) or "no readable meter"
+
+
 def coverage(totals: Totals, reasons: dict[str, str]) -> str:
-    """The line a run prints once about what it meters."""
+    """The line a run prints once about what it meters, when it meters
+    anything (an unmetered run says so once, in its summary)."""
     count = totals.values
     parts = []
     for source, whole in (("gpu", count["processes"]),
@@ -115,8 +121,6 @@ def coverage(totals: Totals, reasons: dict[str, str]) -> str:
         else:
             reason = reasons.get(source, "read by another process")
             parts.append(f"{LABELS[source]} not metered ({reason})")
-    if not totals.metered():
-        parts.append("energy is recorded as null")
     return "energy: " + "; ".join(parts)
 
 
@@ -197,12 +201,14 @@ class EnergyLedger:
         self.end_phase("setup")
         self._sum()
         self._recorded = self.totals
-        if self._main and self._announce:
+        metered = self.totals.metered()
+        if self._main and self._announce and metered:
             _say(coverage(self.totals, self.meter.reasons))
-        if self.config.budget_kwh is not None and not self.totals.metered():
+        if self.config.budget_kwh is not None and not metered:
             raise UserError("config field energy.budget_kwh: no energy "
-                            "meter is readable here (see the line above), "
-                            "so the budget cannot be kept; unset it")
+                            "meter is readable here ("
+                            f"{unmetered(self.meter.reasons)}), so the "
+                            "budget cannot be kept; unset it")
         if self._before:  # resumed: the budget may be spent already
             self.stop_reason = self._energy_budget_reached()
         if self.config.power_control and self.stop_reason is None:
@@ -310,8 +316,8 @@ class EnergyLedger:
         """The console's line about the run's energy."""
         so_far = self._joules_so_far()
         if not so_far:
-            return ("energy: not measured (no readable meter; "
-                    "docs/energy.md says what is needed)")
+            return (f"energy: not measured ({unmetered(self.meter.reasons)}"
+                    "; docs/energy.md)")
         kwh = so_far["total"] / JOULES_PER_KWH
         sources = ", ".join(f"{LABELS[s].split()[0]} "
                             f"{so_far[s] / JOULES_PER_KWH:.3g}"

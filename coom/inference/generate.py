@@ -60,6 +60,15 @@ def _check(model: Transformer, prompt: list[int],
         raise UserError(f"prompt token ids must lie in [0, {vocab})")
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Refuse settings that sample nothing or a distorted distribution."""
+    if not temperature >= 0:
+        raise UserError(f"temperature must be 0 (greedy) or positive, got "
+                        f"{temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top-p must lie in (0, 1], got {top_p}")
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -67,6 +76,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int,
              absorbed: bool = True) -> Generation:
     """Continue prompt by up to max_new_tokens tokens (fewer at stop)."""
     _check(model, prompt, max_new_tokens)
+    check_sampling(temperature, top_p)
     device = model.embed.weight.device
     generator = torch.Generator(device).manual_seed(seed)
     cache = DecodingCache(model.config, model.config.num_layers, 1,

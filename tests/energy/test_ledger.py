@@ -99,11 +99,10 @@ def test_unmetered_run_records_null_and_says_so_once(capsys):
             ledger.end_phase("step")
             assert ledger.step_done() is None
             assert ledger.metrics() == {"energy_kwh": None}
-    said = capsys.readouterr().err
-    assert said.count("energy:") == 1
-    assert "energy is recorded as null" in said
-    assert "not on this test machine" in said
-    assert ledger.summary().startswith("energy: not measured")
+    assert "energy" not in capsys.readouterr().err
+    summary = ledger.summary()
+    assert summary.startswith("energy: not measured (")
+    assert "not on this test machine" in summary and len(summary) < 100
     assert ledger.state_dict() == {"joules": {}}
 
 

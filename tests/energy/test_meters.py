@@ -71,7 +71,7 @@ def test_no_meter_on_a_cpu_without_rapl(tmp_path):
                        powercap=tmp_path)
     assert meter.metered == () and meter.read() == {}
     assert "no GPU" in meter.reasons["gpu"]
-    assert "intel-rapl" in meter.reasons["cpu"]
+    assert meter.reasons["cpu"] == "no readable RAPL counter"
     with pytest.raises(NoMeterError, match="no GPU"):
         gpu_energy_counter(torch.device("cpu"))
 

@@ -104,6 +104,10 @@ def test_bad_requests_are_explained():
         generate(model, [61], 5)
     with pytest.raises(UserError, match="max_position_embeddings"):
         generate(model, PROMPT, 60)
+    with pytest.raises(UserError, match=r"top-p must lie in \(0, 1\]"):
+        generate(model, PROMPT, 5, temperature=1.0, top_p=0)
+    with pytest.raises(UserError, match="temperature must be 0"):
+        generate(model, PROMPT, 5, temperature=-1.0)
 
 
 def test_generate_command(small_run, tmp_path, capsys):
@@ -119,3 +123,6 @@ def test_generate_command(small_run, tmp_path, capsys):
     assert main(["generate", str(run), "--prompt", "x",
                  "--speculative"]) == 2
     assert "--temperature 0" in capsys.readouterr().err
+    assert main(["generate", str(run), "--prompt", "x", "--top-p",
+                 "0"]) == 2
+    assert "top-p must lie in" in capsys.readouterr().err
