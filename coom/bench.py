@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from coom.config import RunConfig
 from coom.energy.meter import LABELS, open_meter
@@ -89,14 +90,19 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
               real_data: bool = False) -> dict:
     """Train warmup + steps steps of config and return the figures."""
     config = bench_config(config, steps, warmup, real_data)
-    with tempfile.TemporaryDirectory() as run_dir:
+    # On a terminal a bar shows the steps, which on a CPU take minutes.
+    bar = tqdm(total=warmup + steps, desc="warm-up", unit="step",
+               disable=None)
+    with tempfile.TemporaryDirectory() as run_dir, bar:
         misses = compile_misses()
         trainer = Trainer(config, Path(run_dir))
         device = trainer.device
         trainer.evaluate(trainer.valid)
         for _ in range(warmup):
             trainer.train_step()
+            bar.update()
         _synchronize(device)
+        bar.set_description("timed")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         meter = open_meter(device, machine_leader=True)
@@ -107,6 +113,7 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
             _synchronize(device)
             seconds.append(time.perf_counter() - started)
             losses.append(metrics["loss"])
+            bar.update()
         joules = meter.read()
         misses = [now - before for now, before
                   in zip(compile_misses(), misses)]
@@ -158,6 +165,13 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
     return result
 
 
+def _rate(tflops: float) -> str:
+    """A FLOP rate in TFLOP/s, or GFLOP/s below one TFLOP/s (a CPU's)."""
+    if tflops >= 1:
+        return f"{tflops:.1f} TFLOP/s"
+    return f"{tflops * 1e3:.1f} GFLOP/s"
+
+
 def describe(result: dict) -> str:
     """The lines ``coom bench`` prints."""
     lines = [f"{result['device']}: batch {result['global_batch_size']} x "
@@ -167,7 +181,7 @@ def describe(result: dict) -> str:
              f"tokens/s          {result['tokens_per_s']:,.0f}",
              f"step time         {result['step_seconds_median'] * 1e3:.1f} "
              "ms (median)",
-             f"model FLOPs       {result['achieved_tflops']:.1f} TFLOP/s "
+             f"model FLOPs       {_rate(result['achieved_tflops'])} "
              f"({result['flops_per_token'] / 1e9:.3f} GFLOP per token)"]
     if "mfu" in result:
         lines.append(f"MFU               {result['mfu']:.1%} of "

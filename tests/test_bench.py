@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -28,6 +29,10 @@ def test_bench_command_reports_and_writes_figures(tmp_path, capsys):
     assert result["flops_per_token"] > 0
     assert "joules_per_token" not in result and "mfu" not in result
     assert torch.isfinite(torch.tensor(result["loss_last"]))
+    (rate,) = re.findall(r"model FLOPs +([\d.]+) GFLOP/s", printed)
+    assert float(rate) == pytest.approx(result["achieved_tflops"] * 1e3,
+                                        abs=0.05)
+    assert float(rate) > 0
 
 
 def test_compiled_bench_evaluates_first_and_counts_graph_breaks(
