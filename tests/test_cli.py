@@ -5,10 +5,12 @@ from coom.cli import main
 
 
 def _error_line(capsys) -> str:
+    """The one error line a failed command ends with (progress bars may
+    come before it)."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    (line,) = err.strip().splitlines()
-    assert line.startswith("coom: error: ")
+    (line,) = [line for line in err.splitlines() if "error" in line]
+    assert line.startswith("coom: error: ") and err.endswith(line + "\n")
     return line
 
 
@@ -43,3 +45,13 @@ def test_malformed_set_value_is_one_line(capsys):
     assert main(["model", "info", "tiny", "--set", "data.paths=[a"]) == 2
     line = _error_line(capsys)
     assert "data.paths" in line and "not valid YAML" in line
+
+
+@pytest.mark.parametrize("size", ["model.vocab_size=1099511627776",
+                                  "model.hidden_size=1048576"])
+def test_a_model_too_large_for_memory_is_one_line(size, small_run, tmp_path,
+                                                  capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--set",
+                 *small_run, size]) == 2
+    line = _error_line(capsys)
+    assert "config field model:" in line and "GiB free on cpu" in line

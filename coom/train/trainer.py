@@ -17,6 +17,7 @@ Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
 import contextlib
 import json
+import os
 import shutil
 import signal
 import time
@@ -116,6 +117,35 @@ def _check_batch_split(train: TrainConfig, world: World) -> None:
             f"{train.global_batch_size} does not split into "
             f"{world.data_size} data-parallel processes x micro_batch_size "
             f"{train.micro_batch_size}; make it a multiple of {share}")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the device can still allocate (on a CPU, Linux's estimate of
+    the memory available without swapping)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_fits(parameters: int, device: torch.device) -> None:
+    """Each process builds the whole model in float32 before it is split;
+    a model that cannot fit even that far is refused in one line rather
+    than by the allocator."""
+    needed, free = parameters * 4, free_memory(device)
+    if needed > free:
+        raise UserError(
+            f"config field model: its {parameters:,} parameters take "
+            f"{needed / 2**30:,.1f} GiB in float32, more than the "
+            f"{free / 2**30:,.1f} GiB free on {device}; make the model "
+            "smaller (model.vocab_size, hidden_size, num_layers, "
+            "n_routed_experts, ...)")
 
 
 def _clip_gradients(parameters, clip: float, world: World) -> torch.Tensor:
@@ -240,6 +270,8 @@ class Trainer:
             * train.global_batch_size * config.data.seq_length
         self.flops = 0.0
         self.seconds = 0.0
+        _check_fits(self.model_info.total_params
+                    + self.model_info.mtp_params, self.device)
         with torch.device("meta"):
             self.model = Transformer(self.config.model)
         self.model.to_empty(device=self.device)
