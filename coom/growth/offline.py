@@ -45,5 +45,6 @@ def grow_folder(source: Path, out: Path, ops: list[tuple[str, dict]],
         config, state = grown.config, grown.weights
     steps = "; ".join(describe(name, arguments) for name, arguments in ops)
     return write_model_folder(
-        replace(weights, config=config, state=state), out, overwrite,
+        replace(weights, config=config, state=state), source, out,
+        overwrite,
         f"The model of {source} grown by: {steps}.")

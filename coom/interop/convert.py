@@ -21,7 +21,13 @@ from coom.interop.weights import Weights, read_weights
 from coom.train.checkpoint import write_checkpoint_folder
 
 
-def _empty_folder(out: Path, overwrite: bool) -> None:
+def _empty_folder(out: Path, overwrite: bool, source: Path) -> None:
+    """Make out an empty folder, replacing what is there with overwrite,
+    but never source or a folder that holds it."""
+    target = out.resolve()
+    if target == source.resolve() or target in source.resolve().parents:
+        raise UserError(f"{out} holds the source {source}, which writing "
+                        "there would delete; name another folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to "
@@ -36,19 +42,19 @@ def _empty_folder(out: Path, overwrite: bool) -> None:
 def to_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the model in source as a Hugging Face folder out."""
     weights = read_weights(source)
-    _empty_folder(out, overwrite)
+    _empty_folder(out, overwrite, source)
     save_hf(weights.state, weights.config, out)
     if weights.tokenizer is not None:
         shutil.copyfile(weights.tokenizer, out / "tokenizer.json")
     return out
 
 
-def write_model_folder(weights: Weights, out: Path, overwrite: bool,
-                       comment: str) -> Path:
-    """Write weights as a COOM checkpoint folder out (with the tokenizer
-    when there is one) and a recipe that trains from it; returns the
-    recipe's path."""
-    _empty_folder(out, overwrite)
+def write_model_folder(weights: Weights, source: Path, out: Path,
+                       overwrite: bool, comment: str) -> Path:
+    """Write weights, read from source, as a COOM checkpoint folder out
+    (with the tokenizer when there is one) and a recipe that trains from
+    it; returns the recipe's path."""
+    _empty_folder(out, overwrite, source)
     model = dataclasses.asdict(weights.config)
     data = {}
     if weights.tokenizer is not None:
@@ -72,5 +78,5 @@ def from_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
         raise UserError(f"{source} is not a Hugging Face model folder (no "
                         "config.json)")
     return write_model_folder(
-        read_weights(source), out, overwrite,
+        read_weights(source), source, out, overwrite,
         f"Continues training the model imported from {source}.")

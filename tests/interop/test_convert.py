@@ -64,6 +64,17 @@ def test_existing_output_is_kept(small_run, tmp_path, capsys):
     assert main(["convert", "--to", "hf", str(run), str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
+    hf_dir = tmp_path / "hf"
+    assert main(["convert", "--to", "hf", str(run), str(hf_dir)]) == 0
+    for direction, source in (("--to", run), ("--from", hf_dir)):
+        for target in (source, tmp_path):  # itself, a folder above it
+            assert main(["convert", direction, "hf", str(source),
+                         str(target), "--overwrite"]) == 2
+            assert "would delete" in capsys.readouterr().err
+    assert main(["grow", str(run), str(run), "--op", "depth",
+                 "num_layers=3", "--overwrite"]) == 2
+    assert "would delete" in capsys.readouterr().err
+    assert coom.load_model(run) is not None
 
 
 @pytest.mark.parametrize("make, words", [
