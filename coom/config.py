@@ -109,11 +109,15 @@ class ModelConfig:
     """YaRN: rotations below which frequencies are interpolated."""
 
     mscale: float = 1.0
-    """YaRN: numerator coefficient of the cos/sin attention factor."""
+    """YaRN: numerator coefficient of the cos/sin attention factor. 0, as
+    transformers reads a config.json that leaves it out, makes that factor
+    0.1 ln(rotary_scaling_factor) + 1."""
 
     mscale_all_dim: float = 1.0
     """YaRN: coefficient of the softmax-scale correction (squared) and the
-    denominator of the cos/sin attention factor."""
+    denominator of the cos/sin attention factor. 0, as transformers reads
+    a config.json that leaves it out, turns the correction off and makes
+    that factor 0.1 ln(rotary_scaling_factor) + 1."""
 
     first_k_dense_replace: int = 1
     """Leading blocks that use a dense MLP instead of MoE."""
@@ -191,7 +195,8 @@ class ModelConfig:
         for name in ("vocab_size", "q_lora_rank"):
             if getattr(self, name) is not None:
                 _positive(self, name)
-        for name in ("qk_nope_head_dim", "mtp_num_layers"):
+        for name in ("qk_nope_head_dim", "mtp_num_layers", "mscale",
+                     "mscale_all_dim"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
         _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
                  f"{self.qk_rope_head_dim} must be even for rotary pairs")

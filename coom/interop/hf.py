@@ -181,13 +181,54 @@ def from_hf(hf_state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
+# Keys of rope_scaling (rope_parameters) that COOM computes as
+# transformers does.
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor",
+              "original_max_position_embeddings", "beta_fast", "beta_slow",
+              "mscale", "mscale_all_dim", "truncate"}
+
+
+def _rope_fields(hf: dict) -> dict:
+    """ModelConfig's rotary fields of a config.json's rope_scaling (or
+    transformers 5's rope_parameters), missing values read as transformers
+    reads them."""
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(key) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise UserError(f"config.json {key}.rope_type: COOM computes "
+                        f"default and yarn rotary embeddings, not '{kind}'")
+    unknown = sorted(set(rope) - _ROPE_KEYS)
+    if rope.get("truncate") is False:
+        unknown.append("truncate")
+    if unknown:
+        raise UserError(f"config.json {key}.{unknown[0]}: COOM does not "
+                        "compute it; remove it or convert the model "
+                        "another way")
+    fields = {"rotary_base": float(rope.get("rope_theta",
+                                            hf.get("rope_theta", 10000.0)))}
+    if kind == "yarn":
+        original = rope["original_max_position_embeddings"]
+        factor = rope.get("factor")
+        if factor is None:
+            factor = hf["max_position_embeddings"] / original
+        # transformers reads a missing or zero mscale or mscale_all_dim
+        # as 0, and 0 turns its part of the attention factor off.
+        fields.update(
+            rope_type="yarn", rotary_scaling_factor=float(factor),
+            original_max_position_embeddings=original,
+            beta_fast=float(rope.get("beta_fast") or 32),
+            beta_slow=float(rope.get("beta_slow") or 1),
+            mscale=float(rope.get("mscale") or 0),
+            mscale_all_dim=float(rope.get("mscale_all_dim") or 0))
+    return fields
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig of a DeepseekV3 config.json (transformers 4 or 5)."""
     if hf.get("model_type") != "deepseek_v3":
         raise UserError(f"config.json is a '{hf.get('model_type')}' model; "
                         "COOM reads deepseek_v3 checkpoints")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    yarn = rope.get("rope_type", rope.get("type")) == "yarn"
     dense = min(hf["first_k_dense_replace"], hf["num_hidden_layers"])
     moe = dense < hf["num_hidden_layers"]
     fields = {
@@ -201,8 +242,6 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         "qk_rope_head_dim": hf["qk_rope_head_dim"],
         "v_head_dim": hf["v_head_dim"],
         "max_position_embeddings": hf["max_position_embeddings"],
-        "rotary_base": float(rope.get("rope_theta",
-                                      hf.get("rope_theta", 10000.0))),
         "first_k_dense_replace": dense,
         "n_routed_experts": hf["n_routed_experts"] if moe else 0,
         "num_experts_per_tok": hf["num_experts_per_tok"],
@@ -216,16 +255,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         "share_embeddings_and_output_weights":
             hf.get("tie_word_embeddings", False),
         "mtp_num_layers": hf.get("num_nextn_predict_layers", 0),
+        **_rope_fields(hf),
     }
-    if yarn:
-        fields.update(
-            rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
-            original_max_position_embeddings=rope[
-                "original_max_position_embeddings"],
-            beta_fast=float(rope.get("beta_fast") or 32),
-            beta_slow=float(rope.get("beta_slow") or 1),
-            mscale=float(rope.get("mscale") or 1),
-            mscale_all_dim=float(rope.get("mscale_all_dim") or 1))
     return ModelConfig(**fields)
 
 

@@ -8,7 +8,9 @@ YaRN (arXiv 2309.00071) stretches a trained context by
 ``rotary_scaling_factor``: frequencies that turn fewer than ``beta_slow``
 times over the original context are divided by the factor, those turning
 more than ``beta_fast`` times are kept, with a linear ramp between; cos and
-sin are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+sin are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim),
+or by mscale(factor, 1) when either coefficient is 0, as transformers
+reads a config.json that leaves one out.
 
 On GPUs the rotation runs the Triton kernel of ``coom.kernels.rope``.
 
@@ -30,6 +32,15 @@ def yarn_mscale(factor: float, coefficient: float) -> float:
     if factor <= 1:
         return 1.0
     return 0.1 * coefficient * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(config: ModelConfig) -> float:
+    """YaRN's scale of cos and sin."""
+    factor = config.rotary_scaling_factor
+    if config.mscale and config.mscale_all_dim:
+        return (yarn_mscale(factor, config.mscale)
+                / yarn_mscale(factor, config.mscale_all_dim))
+    return yarn_mscale(factor, 1.0)
 
 
 def _yarn_inverse_frequencies(config: ModelConfig,
@@ -79,9 +90,7 @@ class RotaryEmbedding(nn.Module):
         scale = 1.0
         if config.rope_type == "yarn":
             inv_freq = _yarn_inverse_frequencies(config, inv_freq)
-            factor = config.rotary_scaling_factor
-            scale = yarn_mscale(factor, config.mscale) \
-                / yarn_mscale(factor, config.mscale_all_dim)
+            scale = yarn_attention_factor(config)
         positions = torch.arange(config.max_position_embeddings,
                                  device=device).double()
         angles = torch.outer(positions, inv_freq)

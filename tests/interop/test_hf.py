@@ -1,4 +1,5 @@
 """COOM against transformers' DeepseekV3ForCausalLM, both directions."""
+import json
 from dataclasses import replace
 
 import pytest
@@ -11,6 +12,7 @@ from transformers import (
 )
 
 from coom.config import ModelConfig
+from coom.errors import UserError
 from coom.interop.hf import hf_config, load_hf, save_hf
 from coom.models import Transformer
 
@@ -72,30 +74,43 @@ def test_coom_to_hf_gives_the_same_logits(name, tmp_path):
     assert (ours - theirs).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_hf_to_coom_gives_the_same_logits(name, tmp_path):
-    config = ModelConfig(**{**BASE, **CONFIGS[name]})
+def _random_hf(hf_config_json: dict) -> DeepseekV3ForCausalLM:
+    """transformers' model of a config.json, random weights of std 0.15
+    and norm scales around 1."""
     torch.manual_seed(2)
-    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_config(config)))
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_config_json))
     with torch.no_grad():
         for key, tensor in hf.state_dict().items():
             if "layernorm" in key or key.endswith("norm.weight"):
                 tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
             elif tensor.dtype.is_floating_point:
                 tensor.normal_(std=0.15)
-    hf.save_pretrained(tmp_path)
-    loaded_config, state = load_hf(tmp_path)
-    # transformers' model has no MTP layers, so none come back.
-    assert hf_config(loaded_config) == hf_config(
-        replace(config, mtp_num_layers=0))
+    hf.config._attn_implementation = "eager"
+    return hf.eval()
+
+
+def _import_matches(hf, folder) -> ModelConfig:
+    """Save hf to folder, import it, and check COOM's logits against it;
+    returns the imported config."""
+    hf.save_pretrained(folder)
+    loaded_config, state = load_hf(folder)
     model = Transformer(loaded_config)
     model.load_state_dict(state, strict=True)
     model.rope.init_weights()
-    hf.config._attn_implementation = "eager"
-    tokens = _tokens(config)
+    tokens = _tokens(loaded_config)
     with torch.no_grad():
-        ours, theirs = model.eval()(tokens), hf.eval()(tokens).logits
+        ours, theirs = model.eval()(tokens), hf(tokens).logits
     assert (ours - theirs).abs().max() <= 1e-4
+    return loaded_config
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_hf_to_coom_gives_the_same_logits(name, tmp_path):
+    config = ModelConfig(**{**BASE, **CONFIGS[name]})
+    loaded_config = _import_matches(_random_hf(hf_config(config)), tmp_path)
+    # transformers' model has no MTP layers, so none come back.
+    assert hf_config(loaded_config) == hf_config(
+        replace(config, mtp_num_layers=0))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -114,3 +129,55 @@ def test_round_trip_keeps_every_tensor(name, tmp_path):
         layer = f"model.layers.{config.num_layers + depth}."
         assert layer + "eh_proj.weight" in names
         assert layer + "shared_head.head.weight" in names
+
+
+MOE = {**BASE, "num_layers": 2, "n_routed_experts": 4,
+       "num_experts_per_tok": 2}
+YARN = {"rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 16}
+
+# config.json fields as a checkpoint may hold them, changed from what COOM
+# writes: each must load as transformers computes it and write back as the
+# same model.
+FIELDS = {
+    "yarn without mscale or mscale_all_dim": {"rope_scaling": YARN},
+    "yarn with mscale_all_dim 0": {
+        "rope_scaling": {**YARN, "mscale": 0.8, "mscale_all_dim": 0}},
+    "yarn with mscale only": {"rope_scaling": {**YARN, "mscale": 0.8}},
+    "yarn with mscale_all_dim only": {
+        "rope_scaling": {**YARN, "mscale_all_dim": 0.7}},
+}
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_config_fields_read_as_transformers_reads_them(name, tmp_path):
+    hf = _random_hf({**hf_config(ModelConfig(**MOE)), **FIELDS[name]})
+    config = _import_matches(hf, tmp_path / "in")
+    _, state = load_hf(tmp_path / "in")
+    save_hf(state, config, tmp_path / "out")
+    again = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", attn_implementation="eager",
+        dtype=torch.float32).eval()
+    theirs = again.state_dict()
+    for key, tensor in hf.state_dict().items():
+        assert torch.equal(theirs[key], tensor), key
+    tokens = _tokens(config)
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, hf(tokens).logits)
+
+
+# Fields whose value COOM does not compute: the import names the field.
+REFUSED = {
+    "rope_type": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    "attention_factor": {"rope_scaling": {**YARN, "attention_factor": 1.2}},
+    "truncate": {"rope_scaling": {**YARN, "truncate": False}},
+}
+
+
+@pytest.mark.parametrize("field", REFUSED)
+def test_config_fields_not_computed_are_refused(field, tmp_path):
+    config_json = {**hf_config(ModelConfig(**MOE)), **REFUSED[field]}
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    with pytest.raises(UserError, match=field) as error:
+        load_hf(tmp_path)
+    assert "\n" not in str(error.value)
