@@ -96,6 +96,11 @@ class ModelConfig:
     rope_type: Literal["rope", "yarn"] = "rope"
     """Plain RoPE, or YaRN's frequency interpolation for long contexts."""
 
+    rope_interleave: bool = True
+    """Rotate channel pairs (2i, 2i+1) of the rope part, as DeepSeek's
+    checkpoints lay them out; false pairs channel i with i + k/2 (k =
+    qk_rope_head_dim), as Hugging Face's rotate_half does."""
+
     rotary_scaling_factor: float = 1.0
     """YaRN: context extension factor (HF: rope_scaling.factor)."""
 

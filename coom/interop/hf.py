@@ -4,7 +4,7 @@ COOM's parameter names follow DeepSeek-V3's reference code (``wq_a``,
 ``wkv_b``); the Hugging Face checkpoint layout names the same tensors after
 their role (``q_a_proj``, ``kv_b_proj``) and stores routed experts one by
 one (``mlp.experts.{e}.gate_proj.weight``), as DeepSeek-V3's released
-checkpoint does. Rotary channels are paired the same way in both (HF's
+checkpoint does. COOM pairs rotary channels as the checkpoint says (HF's
 ``rope_interleave``), so every tensor maps across unchanged.
 """
 import json
@@ -84,7 +84,7 @@ def hf_config(config: ModelConfig) -> dict:
         "max_position_embeddings": config.max_position_embeddings,
         "rope_theta": config.rotary_base,
         "rope_scaling": rope_scaling,
-        "rope_interleave": True,
+        "rope_interleave": config.rope_interleave,
         "rms_norm_eps": config.layernorm_epsilon,
         "initializer_range": config.init_method_std,
         "tie_word_embeddings": config.share_embeddings_and_output_weights,
@@ -255,6 +255,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         "share_embeddings_and_output_weights":
             hf.get("tie_word_embeddings", False),
         "mtp_num_layers": hf.get("num_nextn_predict_layers", 0),
+        "rope_interleave": hf.get("rope_interleave", True),
         **_rope_fields(hf),
     }
     return ModelConfig(**fields)

@@ -1,8 +1,10 @@
 """Rotary position embedding (RoPE) with optional YaRN scaling.
 
 Channels (2i, 2i+1) of each head form one complex number that is rotated by
-position * theta_i, as in DeepSeek-V3's ``apply_rotary_emb``. MLA rotates
-only its ``qk_rope_head_dim`` channels.
+position * theta_i, as in DeepSeek-V3's ``apply_rotary_emb``. Without
+``rope_interleave``, channels (i, i + k/2) form it instead, as in
+Hugging Face's ``rotate_half``. MLA rotates only its ``qk_rope_head_dim``
+channels.
 
 YaRN (arXiv 2309.00071) stretches a trained context by
 ``rotary_scaling_factor``: frequencies that turn fewer than ``beta_slow``
@@ -100,6 +102,15 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x_bshk: torch.Tensor,
                 start: int = 0) -> torch.Tensor:
         """Rotate x (b, s, h, k) as positions start .. start + s - 1."""
+        if not self.config.rope_interleave:
+            # Halves to interleaved pairs and back: the rotation itself
+            # (and its kernel) knows one layout only.
+            pairs = x_bshk.unflatten(-1, (2, -1)).transpose(-2, -1)
+            rotated = self._rotate(pairs.flatten(-2), start)
+            return rotated.unflatten(-1, (-1, 2)).transpose(-2, -1).flatten(-2)
+        return self._rotate(x_bshk, start)
+
+    def _rotate(self, x_bshk: torch.Tensor, start: int) -> torch.Tensor:
         if use_kernels(x_bshk):
             return rotate(x_bshk, self.cos_sk, self.sin_sk, start)
         return rotate_reference(x_bshk, self.cos_sk, self.sin_sk, start)

@@ -146,6 +146,10 @@ FIELDS = {
     "yarn with mscale only": {"rope_scaling": {**YARN, "mscale": 0.8}},
     "yarn with mscale_all_dim only": {
         "rope_scaling": {**YARN, "mscale_all_dim": 0.7}},
+    "rope_interleave false": {"rope_interleave": False},
+    "rope_interleave false, yarn, low-rank queries": {
+        "rope_interleave": False, "q_lora_rank": 20,
+        "rope_scaling": {**YARN, "mscale": 0.8, "mscale_all_dim": 0.7}},
 }
 
 
