@@ -181,7 +181,9 @@ class ModelConfig:
     token further ahead (HF: num_nextn_predict_layers)."""
 
     layernorm_epsilon: float = 1e-6
-    """Epsilon of every RMSNorm (HF: rms_norm_eps)."""
+    """Epsilon of the blocks', MTP's and the final RMSNorms (HF:
+    rms_norm_eps); MLA's q and kv latent norms always use 1e-6, as
+    DeepSeek's and transformers' do."""
 
     init_method_std: float = 0.02
     """Standard deviation of the normal weight init (HF:

@@ -150,6 +150,9 @@ FIELDS = {
     "rope_interleave false, yarn, low-rank queries": {
         "rope_interleave": False, "q_lora_rank": 20,
         "rope_scaling": {**YARN, "mscale": 0.8, "mscale_all_dim": 0.7}},
+    "rms_norm_eps 0.05, low-rank queries": {
+        "rms_norm_eps": 0.05, "q_lora_rank": 20},
+    "rms_norm_eps 1e-5": {"rms_norm_eps": 1e-5},
 }
 
 
