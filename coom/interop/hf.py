@@ -224,11 +224,30 @@ def _rope_fields(hf: dict) -> dict:
     return fields
 
 
+# config.json fields that COOM computes for one value only, the one
+# DeepSeek's checkpoints hold.
+_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+
+
+def _refuse_fixed(hf: dict) -> None:
+    """Refuse, by name, a field that asks for what COOM does not compute."""
+    for name, value in _FIXED.items():
+        if hf.get(name, value) != value:
+            raise UserError(f"config.json {name}: COOM computes only "
+                            f"{json.dumps(value)}, not {json.dumps(hf[name])}")
+    heads = hf["num_attention_heads"]
+    if hf.get("num_key_value_heads") not in (None, heads):
+        raise UserError(f"config.json num_key_value_heads: MLA has one key "
+                        f"and value per head, so it must equal "
+                        f"num_attention_heads {heads}")
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig of a DeepseekV3 config.json (transformers 4 or 5)."""
     if hf.get("model_type") != "deepseek_v3":
         raise UserError(f"config.json is a '{hf.get('model_type')}' model; "
                         "COOM reads deepseek_v3 checkpoints")
+    _refuse_fixed(hf)
     dense = min(hf["first_k_dense_replace"], hf["num_hidden_layers"])
     moe = dense < hf["num_hidden_layers"]
     fields = {

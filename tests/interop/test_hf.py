@@ -175,6 +175,9 @@ def test_config_fields_read_as_transformers_reads_them(name, tmp_path):
 
 # Fields whose value COOM does not compute: the import names the field.
 REFUSED = {
+    "hidden_act": {"hidden_act": "gelu"},
+    "attention_bias": {"attention_bias": True},
+    "num_key_value_heads": {"num_key_value_heads": 1},
     "rope_type": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
     "attention_factor": {"rope_scaling": {**YARN, "attention_factor": 1.2}},
     "truncate": {"rope_scaling": {**YARN, "truncate": False}},
