@@ -116,6 +116,19 @@ def _block_to_hf(rest: str, tensor: torch.Tensor, prefix: str,
         raise KeyError(f"no Hugging Face name for {prefix}{rest}")
 
 
+def _empty_shared_experts(out: dict, config: ModelConfig) -> None:
+    """Shared experts of width 0 in every MoE layer of out: transformers
+    builds them so where n_shared_experts is 0, and looks for their
+    weights."""
+    dim = config.hidden_size
+    for name in [name for name in out if name.endswith(".mlp.gate.weight")]:
+        prefix = name.removesuffix("gate.weight") + "shared_experts."
+        empty = out[name].new_empty(0, dim)
+        out[prefix + "gate_proj.weight"] = empty
+        out[prefix + "up_proj.weight"] = empty
+        out[prefix + "down_proj.weight"] = empty.T
+
+
 def to_hf(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
     """COOM model state dict to Hugging Face names, experts unstacked and
     MTP depths as the layers after the last block."""
@@ -138,6 +151,8 @@ def to_hf(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
         prefix = f"model.layers.{config.num_layers + depth}."
         out[prefix + "embed_tokens.weight"] = state["embed.weight"]
         out[prefix + "shared_head.head.weight"] = head
+    if not config.n_shared_experts:
+        _empty_shared_experts(out, config)
     return out
 
 
@@ -167,6 +182,9 @@ def from_hf(hf_state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
                 out[prefix.removesuffix("block.") + mtp[rest]] = tensor
                 continue
         expert = _HF_EXPERT.match(rest)
+        if (rest.startswith("mlp.shared_experts.") and not tensor.numel()
+                and not config.n_shared_experts):
+            continue  # transformers' shared experts of width 0
         if expert:
             key = (prefix, roles[expert.group(2)])
             experts.setdefault(key, {})[int(expert.group(1))] = tensor

@@ -36,6 +36,8 @@ CONFIGS = {
         q_lora_rank=24, n_routed_experts=6, norm_topk_prob=False,
         share_embeddings_and_output_weights=True, mtp_num_layers=2),
     "moe with one MTP depth": dict(n_routed_experts=4, mtp_num_layers=1),
+    "moe without shared experts, one MTP depth": dict(
+        n_routed_experts=4, n_shared_experts=0, mtp_num_layers=1),
 }
 
 
@@ -153,6 +155,11 @@ FIELDS = {
     "rms_norm_eps 0.05, low-rank queries": {
         "rms_norm_eps": 0.05, "q_lora_rank": 20},
     "rms_norm_eps 1e-5": {"rms_norm_eps": 1e-5},
+    "n_shared_experts 0": {"n_shared_experts": 0},
+    "all of them, 2 groups pick 1": {
+        "rope_scaling": {**YARN, "mscale_all_dim": 1.0},
+        "rope_interleave": False, "rms_norm_eps": 1e-5,
+        "n_shared_experts": 0, "n_group": 2, "topk_group": 1},
 }
 
 
