@@ -79,13 +79,35 @@ class Router(nn.Module):
         return logits_te, scores_te, weights_tk, experts_tk
 
 
+# torch._grouped_mm reads operands whose row strides are multiples of 16
+# bytes (in bf16, widths that are multiples of 8) and refuses others.
+GROUPED_MM_ALIGNMENT = 16
+
+
+def grouped_mm(x_cd: torch.Tensor, weight_eod: torch.Tensor,
+               counts_e: torch.Tensor) -> torch.Tensor:
+    """x @ weight[e].T for each expert's consecutive rows of x, in one
+    torch._grouped_mm of x's dtype. Widths it cannot stride are padded
+    with zeros, which add nothing to the products, and the padding is
+    cut off the result."""
+    multiple = GROUPED_MM_ALIGNMENT // x_cd.element_size()
+    width = weight_eod.shape[1]
+    pad_in, pad_out = -x_cd.shape[1] % multiple, -width % multiple
+    weight_eod = weight_eod.to(x_cd.dtype)
+    if pad_in or pad_out:
+        x_cd = functional.pad(x_cd, (0, pad_in))
+        weight_eod = functional.pad(weight_eod, (0, pad_in, 0, pad_out))
+    offsets = counts_e.cumsum(0).to(torch.int32)
+    out_cd = torch._grouped_mm(x_cd, weight_eod.transpose(-2, -1),
+                               offs=offsets)
+    return out_cd[:, :width].contiguous()
+
+
 def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
                    counts_e: torch.Tensor) -> torch.Tensor:
     """x @ weight[e].T for each expert's consecutive rows of x."""
     if x_cd.is_cuda:
-        offsets = counts_e.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(
-            x_cd, weight_eod.to(x_cd.dtype).transpose(-2, -1), offs=offsets)
+        return grouped_mm(x_cd, weight_eod, counts_e)
     chunks = x_cd.split(counts_e.tolist())
     return torch.cat([chunk @ weight_eod[e].T
                       for e, chunk in enumerate(chunks)])
