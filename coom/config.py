@@ -157,6 +157,12 @@ class ModelConfig:
     topk_group: int = 1
     """Groups a token may choose experts from."""
 
+    topk_method: Literal["noaux_tc", "group_limited_greedy"] = "noaux_tc"
+    """How groups are ranked when n_group > 1, named as Hugging Face's
+    configs name them: noaux_tc by the sum of a group's two best selection
+    scores (DeepSeek-V3), group_limited_greedy by its best one
+    (DeepSeek-V2)."""
+
     moe_router_enable_expert_bias: bool = True
     """Auxiliary-loss-free balancing: a per-expert bias, added to the
     scores for selection only, moved after every optimizer step."""
@@ -223,9 +229,10 @@ class ModelConfig:
             _require(getattr(self, name) >= 0, name, "must be >= 0")
         _require(experts % groups == 0, "n_group",
                  f"{groups} does not divide n_routed_experts {experts}")
-        _require(groups == 1 or experts // groups >= 2, "n_group",
-                 "each group needs at least 2 experts (groups are ranked "
-                 "by their top-2 scores)")
+        _require(groups == 1 or experts // groups >= 2
+                 or self.topk_method == "group_limited_greedy", "n_group",
+                 "each group needs at least 2 experts (topk_method "
+                 "noaux_tc ranks groups by their top-2 scores)")
         _require(self.topk_group <= groups, "topk_group",
                  f"{self.topk_group} exceeds n_group {groups}")
         reachable = self.topk_group * (experts // groups)

@@ -5,7 +5,8 @@ for expert parallelism slots in between them from outside:
 
 1. route: the router scores every expert in float32 and picks
    ``num_experts_per_tok`` of them per token, optionally only from the
-   ``topk_group`` best of ``n_group`` groups;
+   ``topk_group`` best of ``n_group`` groups (ranked as ``topk_method``
+   says);
 2. permute: token copies are sorted by expert;
 3. experts: one grouped SwiGLU over the sorted copies (``torch._grouped_mm``
    on a GPU, a loop over the groups elsewhere), nothing dropped. Under
@@ -75,7 +76,8 @@ class Router(nn.Module):
         scores_te, weights_tk, experts_tk = select(
             logits_te, self.bias, config.num_experts_per_tok,
             config.scoring_func, config.n_group, config.topk_group,
-            config.norm_topk_prob, config.routed_scaling_factor)
+            config.topk_method, config.norm_topk_prob,
+            config.routed_scaling_factor)
         return logits_te, scores_te, weights_tk, experts_tk
 
 

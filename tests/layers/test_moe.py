@@ -34,13 +34,20 @@ def test_bias_steers_selection_but_not_the_weights():
     torch.testing.assert_close(weights, scores.gather(1, experts))
 
 
-def test_group_limited_routing_matches_brute_force():
-    router = _router()
+# Groups of two experts, ranked by both (DeepSeek-V3) or the best
+# (DeepSeek-V2).
+GROUP_RANKS = {"noaux_tc": lambda groups: groups.sum(-1),
+               "group_limited_greedy": lambda groups: groups.amax(-1)}
+
+
+@pytest.mark.parametrize("topk_method", GROUP_RANKS)
+def test_group_limited_routing_matches_brute_force(topk_method):
+    router = _router(topk_method=topk_method)
     x = torch.randn(200, 16)
     logits, scores, _, experts = router(x)
     torch.testing.assert_close(scores, logits.sigmoid())
     groups = scores.view(200, 4, 2)
-    best_groups = groups.sum(-1).topk(2, dim=-1).indices
+    best_groups = GROUP_RANKS[topk_method](groups).topk(2, dim=-1).indices
     for token in range(200):
         allowed = torch.cat([torch.arange(2 * g, 2 * g + 2)
                              for g in best_groups[token].tolist()])
