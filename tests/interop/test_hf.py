@@ -14,9 +14,14 @@ from transformers import (
     DeepseekV3ForCausalLM,
 )
 
-from coom.config import ModelConfig
+from coom.config import ModelConfig, load_config
 from coom.errors import UserError
-from coom.interop.hf import hf_config, load_hf, save_hf
+from coom.interop.hf import (
+    hf_config,
+    load_hf,
+    model_config_from_hf,
+    save_hf,
+)
 from coom.models import Transformer
 
 BASE = dict(vocab_size=96, hidden_size=48, num_layers=3,
@@ -269,3 +274,32 @@ def test_v2_export_refuses_an_expert_bias(tmp_path):
     with pytest.raises(UserError, match="moe_router_enable_expert_bias"):
         save_hf(state, config, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# Fields of the released config.json files (deepseek-ai on the Hugging
+# Face hub).
+PUBLISHED = {
+    "deepseek-v3-671b": {
+        "architectures": ["DeepseekV3ForCausalLM"], "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+        "n_routed_experts": 256, "num_experts_per_tok": 8,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True},
+    "deepseek-v2": {
+        "architectures": ["DeepseekV2ForCausalLM"], "scoring_func": "softmax",
+        "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3,
+        "n_routed_experts": 160, "num_experts_per_tok": 6,
+        "routed_scaling_factor": 16.0, "norm_topk_prob": False},
+    "deepseek-v2-lite": {
+        "architectures": ["DeepseekV2ForCausalLM"], "scoring_func": "softmax",
+        "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+        "n_routed_experts": 64, "num_experts_per_tok": 6, "q_lora_rank": None,
+        "routed_scaling_factor": 1.0, "norm_topk_prob": False},
+}
+
+
+@pytest.mark.parametrize("recipe", PUBLISHED)
+def test_published_architectures_export_their_config_json(recipe):
+    model = load_config(recipe).model
+    config_json = hf_config(model)
+    assert PUBLISHED[recipe].items() <= config_json.items()
+    assert hf_config(model_config_from_hf(config_json)) == config_json
