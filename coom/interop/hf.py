@@ -292,15 +292,12 @@ def _rope_fields(hf: dict) -> dict:
     fields = {"rotary_base": float(rope.get("rope_theta",
                                             hf.get("rope_theta", 10000.0)))}
     if kind == "yarn":
-        original = rope["original_max_position_embeddings"]
-        factor = rope.get("factor")
-        if factor is None:
-            factor = hf["max_position_embeddings"] / original
         # transformers reads a missing or zero mscale or mscale_all_dim
         # as 0, and 0 turns its part of the attention factor off.
         fields.update(
-            rope_type="yarn", rotary_scaling_factor=float(factor),
-            original_max_position_embeddings=original,
+            rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
+            original_max_position_embeddings=rope[
+                "original_max_position_embeddings"],
             beta_fast=float(rope.get("beta_fast") or 32),
             beta_slow=float(rope.get("beta_slow") or 1),
             mscale=float(rope.get("mscale") or 0),

@@ -234,6 +234,8 @@ REFUSED = {
     "attention_factor": {
         **V3_JSON, "rope_scaling": {**YARN, "attention_factor": 1.2}},
     "truncate": {**V3_JSON, "rope_scaling": {**YARN, "truncate": False}},
+    "factor": {**V3_JSON, "rope_scaling": {
+        "rope_type": "yarn", "original_max_position_embeddings": 16}},
     "topk_method": {**V2_JSON, "topk_method": "noaux_tc"},
     "norm_topk_prob": {**V2_JSON, "norm_topk_prob": True},
     "kv_lora_rank": {key: value for key, value in V3_JSON.items()
