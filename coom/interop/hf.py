@@ -331,9 +331,7 @@ def _routing_fields(hf: dict) -> dict:
     if hf["model_type"] == "deepseek_v3":
         return {"scoring_func": "sigmoid", "topk_method": "noaux_tc",
                 "n_group": hf["n_group"], "topk_group": hf["topk_group"],
-                "norm_topk_prob": hf["norm_topk_prob"],
-                "rope_interleave": hf.get("rope_interleave", True),
-                "mtp_num_layers": hf.get("num_nextn_predict_layers", 0)}
+                "norm_topk_prob": hf["norm_topk_prob"]}
     method = hf.get("topk_method", "greedy")
     if method not in ("greedy", "group_limited_greedy"):
         raise UserError(f"config.json topk_method: DeepseekV2 routes by "
@@ -353,6 +351,9 @@ def _model_fields(hf: dict) -> dict:
     """ModelConfig's fields of a config.json, but for rope and routing."""
     dense = min(hf["first_k_dense_replace"], hf["num_hidden_layers"])
     moe = dense < hf["num_hidden_layers"]
+    # DeepseekV2 pairs rotary channels (2i, 2i+1) whatever the key says.
+    interleave = (hf.get("rope_interleave", True)
+                  if hf["model_type"] == "deepseek_v3" else True)
     return {
         "vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
         "num_layers": hf["num_hidden_layers"],
@@ -375,6 +376,8 @@ def _model_fields(hf: dict) -> dict:
         "init_method_std": hf.get("initializer_range", 0.02),
         "share_embeddings_and_output_weights":
             hf.get("tie_word_embeddings", False),
+        "rope_interleave": interleave,
+        "mtp_num_layers": hf.get("num_nextn_predict_layers", 0),
     }
 
 
