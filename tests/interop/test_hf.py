@@ -50,6 +50,11 @@ CONFIGS = {
     "moe with one MTP depth": dict(n_routed_experts=4, mtp_num_layers=1),
     "moe without shared experts, one MTP depth": dict(
         n_routed_experts=4, n_shared_experts=0, mtp_num_layers=1),
+    "moe, rotate_half pairs, yarn with mscale_all_dim 0, eps 1e-5": dict(
+        n_routed_experts=4, q_lora_rank=20, rope_interleave=False,
+        rope_type="yarn", rotary_scaling_factor=4.0,
+        original_max_position_embeddings=16, mscale=0.8, mscale_all_dim=0.0,
+        layernorm_epsilon=1e-5),
     "v2, no groups (V2-Lite's greedy), 2 shared": dict(
         **V2, n_routed_experts=8, n_shared_experts=2),
     "v2, 4 groups pick 2 by their best, low-rank queries, yarn": dict(
