@@ -202,7 +202,8 @@ def router_benchmarks() -> None:
         logits = torch.randn(ROWS, experts, device="cuda",
                              requires_grad=True)
         bias = torch.randn(experts, device="cuda") * 0.01
-        settings = (bias, k, "sigmoid", groups, top_groups, True, 2.5)
+        settings = (bias, k, "sigmoid", groups, top_groups, "noaux_tc", True,
+                    2.5)
         for label, function in with_compiled(route, route_reference):
             forward, _ = timed(lambda: function(logits, *settings))
 

@@ -410,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert checkpoints to and from Hugging Face",
         description="--to hf: write a run's latest checkpoint (or a "
         "checkpoint folder) as a Hugging Face DeepseekV3 folder "
-        "(model.safetensors, config.json, tokenizer.json). --from hf: "
-        "import a Hugging Face DeepseekV3 folder as a COOM checkpoint "
+        "(DeepseekV2 for softmax routing; model.safetensors, config.json, "
+        "tokenizer.json). --from hf: import a Hugging Face DeepseekV3 or "
+        "DeepseekV2 folder as a COOM checkpoint "
         "folder with a recipe.yaml that continues training it.")
     direction = convert.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=["hf"],

@@ -97,6 +97,11 @@ class ModelConfig:
     rope_type: Literal["rope", "yarn"] = "rope"
     """Plain RoPE, or YaRN's frequency interpolation for long contexts."""
 
+    rope_interleave: bool = True
+    """Rotate channel pairs (2i, 2i+1) of the rope part, as DeepSeek's
+    checkpoints lay them out; false pairs channel i with i + k/2 (k =
+    qk_rope_head_dim), as Hugging Face's rotate_half does."""
+
     rotary_scaling_factor: float = 1.0
     """YaRN: context extension factor (HF: rope_scaling.factor)."""
 
@@ -110,11 +115,15 @@ class ModelConfig:
     """YaRN: rotations below which frequencies are interpolated."""
 
     mscale: float = 1.0
-    """YaRN: numerator coefficient of the cos/sin attention factor."""
+    """YaRN: numerator coefficient of the cos/sin attention factor. 0, as
+    transformers reads a config.json that leaves it out, makes that factor
+    0.1 ln(rotary_scaling_factor) + 1."""
 
     mscale_all_dim: float = 1.0
     """YaRN: coefficient of the softmax-scale correction (squared) and the
-    denominator of the cos/sin attention factor."""
+    denominator of the cos/sin attention factor. 0, as transformers reads
+    a config.json that leaves it out, turns the correction off and makes
+    that factor 0.1 ln(rotary_scaling_factor) + 1."""
 
     first_k_dense_replace: int = 1
     """Leading blocks that use a dense MLP instead of MoE."""
@@ -149,6 +158,12 @@ class ModelConfig:
     topk_group: int = 1
     """Groups a token may choose experts from."""
 
+    topk_method: Literal["noaux_tc", "group_limited_greedy"] = "noaux_tc"
+    """How groups are ranked when n_group > 1, named as Hugging Face's
+    configs name them: noaux_tc by the sum of a group's two best selection
+    scores (DeepSeek-V3), group_limited_greedy by its best one
+    (DeepSeek-V2)."""
+
     moe_router_enable_expert_bias: bool = True
     """Auxiliary-loss-free balancing: a per-expert bias, added to the
     scores for selection only, moved after every optimizer step."""
@@ -173,7 +188,9 @@ class ModelConfig:
     token further ahead (HF: num_nextn_predict_layers)."""
 
     layernorm_epsilon: float = 1e-6
-    """Epsilon of every RMSNorm (HF: rms_norm_eps)."""
+    """Epsilon of the blocks', MTP's and the final RMSNorms (HF:
+    rms_norm_eps); MLA's q and kv latent norms always use 1e-6, as
+    DeepSeek's and transformers' do."""
 
     init_method_std: float = 0.02
     """Standard deviation of the normal weight init (HF:
@@ -192,7 +209,8 @@ class ModelConfig:
         for name in ("vocab_size", "q_lora_rank"):
             if getattr(self, name) is not None:
                 _positive(self, name)
-        for name in ("qk_nope_head_dim", "mtp_num_layers"):
+        for name in ("qk_nope_head_dim", "mtp_num_layers", "mscale",
+                     "mscale_all_dim"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
         _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
                  f"{self.qk_rope_head_dim} must be even for rotary pairs")
@@ -212,9 +230,10 @@ class ModelConfig:
             _require(getattr(self, name) >= 0, name, "must be >= 0")
         _require(experts % groups == 0, "n_group",
                  f"{groups} does not divide n_routed_experts {experts}")
-        _require(groups == 1 or experts // groups >= 2, "n_group",
-                 "each group needs at least 2 experts (groups are ranked "
-                 "by their top-2 scores)")
+        _require(groups == 1 or experts // groups >= 2
+                 or self.topk_method == "group_limited_greedy", "n_group",
+                 "each group needs at least 2 experts (topk_method "
+                 "noaux_tc ranks groups by their top-2 scores)")
         _require(self.topk_group <= groups, "topk_group",
                  f"{self.topk_group} exceeds n_group {groups}")
         reachable = self.topk_group * (experts // groups)

@@ -128,6 +128,13 @@ def test_impossible_moe_routing_is_refused(overrides, field):
     assert caught.value.name == field
 
 
+def test_groups_of_one_expert_are_ranked_by_their_best():
+    config = load_config("tiny", ["model.n_routed_experts=6",
+                                  "model.n_group=6", "model.topk_group=3",
+                                  "model.topk_method=group_limited_greedy"])
+    assert config.model.n_group == 6
+
+
 def test_unknown_recipe_lists_known_ones():
     with pytest.raises(UserError, match="known recipes: .*tiny"):
         load_config("huge")

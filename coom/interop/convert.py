@@ -2,7 +2,8 @@
 
 ``to_hf`` writes ``model.safetensors``, ``config.json`` and the run's
 ``tokenizer.json``, a folder that ``transformers.AutoModelForCausalLM``
-loads as ``DeepseekV3ForCausalLM``. ``from_hf`` writes a COOM checkpoint
+loads as ``DeepseekV3ForCausalLM`` (``DeepseekV2ForCausalLM`` where experts
+are routed by softmax scores). ``from_hf`` writes a COOM checkpoint
 folder (the weights as training checkpoints hold them, and
 ``tokenizer.json``) and ``recipe.yaml``, a recipe whose model section is
 the imported model's and whose
@@ -16,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from coom.errors import UserError
-from coom.interop.hf import save_hf
+from coom.interop.hf import check_exportable, save_hf
 from coom.interop.weights import Weights, read_weights
 from coom.train.checkpoint import write_checkpoint_folder
 
@@ -42,6 +43,7 @@ def _empty_folder(out: Path, overwrite: bool, source: Path) -> None:
 def to_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the model in source as a Hugging Face folder out."""
     weights = read_weights(source)
+    check_exportable(weights.state, weights.config)
     _empty_folder(out, overwrite, source)
     save_hf(weights.state, weights.config, out)
     if weights.tokenizer is not None:

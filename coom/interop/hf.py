@@ -1,11 +1,17 @@
-"""Hugging Face ``DeepseekV3ForCausalLM`` layout: config and weight names.
+"""Hugging Face ``DeepseekV3ForCausalLM`` and ``DeepseekV2ForCausalLM``
+layouts: config and weight names.
 
 COOM's parameter names follow DeepSeek-V3's reference code (``wq_a``,
 ``wkv_b``); the Hugging Face checkpoint layout names the same tensors after
 their role (``q_a_proj``, ``kv_b_proj``) and stores routed experts one by
 one (``mlp.experts.{e}.gate_proj.weight``), as DeepSeek-V3's released
-checkpoint does. Rotary channels are paired the same way in both (HF's
+checkpoint does. COOM pairs rotary channels as the checkpoint says (HF's
 ``rope_interleave``), so every tensor maps across unchanged.
+
+DeepSeek-V2's layout is V3's without the routers' expert bias and MTP
+layers: softmax routing exports as V2, whose groups rank by their best
+expert (``topk_method``). Each config.json field is read as transformers
+computes it, or refused by name where COOM does not compute it.
 """
 import json
 import re
@@ -39,24 +45,68 @@ _EXPERTS = re.compile(r"mlp\.experts\.(w[123])$")
 _HF_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(\w+)\.weight$")
 
 
-def hf_config(config: ModelConfig) -> dict:
-    """config.json of the equivalent DeepseekV3ForCausalLM."""
-    if config.n_routed_experts and config.scoring_func != "sigmoid":
-        raise UserError("model.scoring_func: Hugging Face's DeepseekV3 "
-                        "routes with sigmoid scores only")
-    moe = config.n_routed_experts > 0
-    rope_scaling = None
-    if config.rope_type == "yarn":
-        rope_scaling = {
-            "type": "yarn", "rope_type": "yarn",
+def _is_v2(config: ModelConfig) -> bool:
+    """Whether config routes as DeepSeek-V2 does, with softmax scores:
+    Hugging Face's DeepseekV2 holds it, DeepseekV3 routes by sigmoid."""
+    return config.n_routed_experts > 0 and config.scoring_func == "softmax"
+
+
+def _refuse_unexportable(config: ModelConfig) -> None:
+    """Refuse, by field, what the Hugging Face model cannot hold."""
+    grouped = config.n_group > 1
+    if not _is_v2(config):
+        if grouped and config.topk_method != "noaux_tc":
+            raise UserError("model.topk_method: Hugging Face's DeepseekV3 "
+                            "ranks expert groups by noaux_tc only")
+        return
+    checks = [
+        (config.norm_topk_prob, "norm_topk_prob",
+         "does not normalise the top-k weights"),
+        (grouped and config.topk_method == "noaux_tc", "topk_method",
+         "ranks expert groups by group_limited_greedy only"),
+        (config.mtp_num_layers > 0, "mtp_num_layers", "has no MTP layers"),
+        (not config.rope_interleave, "rope_interleave",
+         "pairs rotary channels (2i, 2i+1) only")]
+    for wrong, name, reason in checks:
+        if wrong:
+            raise UserError(f"model.{name}: Hugging Face's DeepseekV2, "
+                            f"which softmax routing exports as, {reason}")
+
+
+def _rope_scaling(config: ModelConfig) -> dict | None:
+    if config.rope_type != "yarn":
+        return None
+    return {"type": "yarn", "rope_type": "yarn",
             "factor": config.rotary_scaling_factor,
             "original_max_position_embeddings":
                 config.original_max_position_embeddings,
             "beta_fast": config.beta_fast, "beta_slow": config.beta_slow,
             "mscale": config.mscale, "mscale_all_dim": config.mscale_all_dim}
+
+
+def _routing_config(config: ModelConfig) -> dict:
+    """config.json's architecture and routing fields."""
+    if _is_v2(config):
+        grouped = config.n_group > 1
+        return {"architectures": ["DeepseekV2ForCausalLM"],
+                "model_type": "deepseek_v2", "scoring_func": "softmax",
+                "topk_method": ("group_limited_greedy" if grouped
+                                else "greedy")}
+    return {"architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3", "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+            "rope_interleave": config.rope_interleave,
+            "num_nextn_predict_layers": config.mtp_num_layers}
+
+
+def hf_config(config: ModelConfig) -> dict:
+    """config.json of the equivalent Hugging Face model: a
+    DeepseekV3ForCausalLM, or a DeepseekV2ForCausalLM where experts are
+    routed by softmax scores."""
+    _refuse_unexportable(config)
+    moe = config.n_routed_experts > 0
     return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
+        **_routing_config(config),
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.ffn_hidden_size,
@@ -73,8 +123,6 @@ def hf_config(config: ModelConfig) -> dict:
         "n_group": config.n_group,
         "topk_group": config.topk_group,
         "norm_topk_prob": config.norm_topk_prob,
-        "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc",
         "q_lora_rank": config.q_lora_rank,
         "kv_lora_rank": config.kv_lora_rank,
         "qk_nope_head_dim": config.qk_nope_head_dim,
@@ -83,12 +131,10 @@ def hf_config(config: ModelConfig) -> dict:
         "hidden_act": "silu",
         "max_position_embeddings": config.max_position_embeddings,
         "rope_theta": config.rotary_base,
-        "rope_scaling": rope_scaling,
-        "rope_interleave": True,
+        "rope_scaling": _rope_scaling(config),
         "rms_norm_eps": config.layernorm_epsilon,
         "initializer_range": config.init_method_std,
         "tie_word_embeddings": config.share_embeddings_and_output_weights,
-        "num_nextn_predict_layers": config.mtp_num_layers,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "torch_dtype": "float32",
@@ -116,11 +162,39 @@ def _block_to_hf(rest: str, tensor: torch.Tensor, prefix: str,
         raise KeyError(f"no Hugging Face name for {prefix}{rest}")
 
 
+def _empty_shared_experts(out: dict, config: ModelConfig) -> None:
+    """Shared experts of width 0 in every MoE layer of out: transformers
+    builds them so where n_shared_experts is 0, and looks for their
+    weights."""
+    dim = config.hidden_size
+    for name in [name for name in out if name.endswith(".mlp.gate.weight")]:
+        prefix = name.removesuffix("gate.weight") + "shared_experts."
+        empty = out[name].new_empty(0, dim)
+        out[prefix + "gate_proj.weight"] = empty
+        out[prefix + "up_proj.weight"] = empty
+        out[prefix + "down_proj.weight"] = empty.T
+
+
+def _without_router_bias(state: dict) -> dict:
+    """state without the routers' expert biases, which DeepseekV2 has no
+    place for; refused unless they are all zero."""
+    biases = [name for name in state if name.endswith("mlp.router.bias")]
+    if any(state[name].any() for name in biases):
+        raise UserError("model.moe_router_enable_expert_bias: the routers' "
+                        "expert biases are not zero, and Hugging Face's "
+                        "DeepseekV2, which softmax routing exports as, has "
+                        "none")
+    return {name: tensor for name, tensor in state.items()
+            if name not in biases}
+
+
 def to_hf(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
     """COOM model state dict to Hugging Face names, experts unstacked and
     MTP depths as the layers after the last block."""
     out = {}
     head = state.get("head.weight", state["embed.weight"])
+    if _is_v2(config):
+        state = _without_router_bias(state)
     for name, tensor in state.items():
         if name in _TOP:
             out[_TOP[name]] = tensor
@@ -138,6 +212,8 @@ def to_hf(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
         prefix = f"model.layers.{config.num_layers + depth}."
         out[prefix + "embed_tokens.weight"] = state["embed.weight"]
         out[prefix + "shared_head.head.weight"] = head
+    if not config.n_shared_experts:
+        _empty_shared_experts(out, config)
     return out
 
 
@@ -167,6 +243,9 @@ def from_hf(hf_state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
                 out[prefix.removesuffix("block.") + mtp[rest]] = tensor
                 continue
         expert = _HF_EXPERT.match(rest)
+        if (rest.startswith("mlp.shared_experts.") and not tensor.numel()
+                and not config.n_shared_experts):
+            continue  # transformers' shared experts of width 0
         if expert:
             key = (prefix, roles[expert.group(2)])
             experts.setdefault(key, {})[int(expert.group(1))] = tensor
@@ -178,19 +257,104 @@ def from_hf(hf_state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
     for (prefix, role), by_expert in experts.items():
         out[f"{prefix}mlp.experts.{role}"] = torch.stack(
             [by_expert[e] for e in range(len(by_expert))])
+    # DeepseekV2 has no expert bias: its routing is COOM's with a zero
+    # one, as transformers starts a missing one.
+    for name in [name for name in out if name.endswith("router.weight")]:
+        out.setdefault(name.removesuffix("weight") + "bias",
+                       out[name].new_zeros(out[name].shape[0]))
     return out
 
 
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig of a DeepseekV3 config.json (transformers 4 or 5)."""
-    if hf.get("model_type") != "deepseek_v3":
-        raise UserError(f"config.json is a '{hf.get('model_type')}' model; "
-                        "COOM reads deepseek_v3 checkpoints")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    yarn = rope.get("rope_type", rope.get("type")) == "yarn"
+# Keys of rope_scaling (rope_parameters) that COOM computes as
+# transformers does.
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor",
+              "original_max_position_embeddings", "beta_fast", "beta_slow",
+              "mscale", "mscale_all_dim", "truncate"}
+
+
+def _rope_fields(hf: dict) -> dict:
+    """ModelConfig's rotary fields of a config.json's rope_scaling (or
+    transformers 5's rope_parameters), missing values read as transformers
+    reads them."""
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(key) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise UserError(f"config.json {key}.rope_type: COOM computes "
+                        f"default and yarn rotary embeddings, not '{kind}'")
+    unknown = sorted(set(rope) - _ROPE_KEYS)
+    if rope.get("truncate") is False:
+        unknown.append("truncate")
+    if unknown:
+        raise UserError(f"config.json {key}.{unknown[0]}: COOM does not "
+                        "compute it; remove it or convert the model "
+                        "another way")
+    fields = {"rotary_base": float(rope.get("rope_theta",
+                                            hf.get("rope_theta", 10000.0)))}
+    if kind == "yarn":
+        # transformers reads a missing or zero mscale or mscale_all_dim
+        # as 0, and 0 turns its part of the attention factor off.
+        fields.update(
+            rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
+            original_max_position_embeddings=rope[
+                "original_max_position_embeddings"],
+            beta_fast=float(rope.get("beta_fast") or 32),
+            beta_slow=float(rope.get("beta_slow") or 1),
+            mscale=float(rope.get("mscale") or 0),
+            mscale_all_dim=float(rope.get("mscale_all_dim") or 0))
+    return fields
+
+
+# config.json fields that COOM computes for one value only, the one
+# DeepSeek's checkpoints hold.
+_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+
+
+def _refuse_fixed(hf: dict) -> None:
+    """Refuse, by name, a field that asks for what COOM does not compute."""
+    for name, value in _FIXED.items():
+        if hf.get(name, value) != value:
+            raise UserError(f"config.json {name}: COOM computes only "
+                            f"{json.dumps(value)}, not {json.dumps(hf[name])}")
+    heads = hf["num_attention_heads"]
+    if hf.get("num_key_value_heads") not in (None, heads):
+        raise UserError(f"config.json num_key_value_heads: MLA has one key "
+                        f"and value per head, so it must equal "
+                        f"num_attention_heads {heads}")
+
+
+def _routing_fields(hf: dict) -> dict:
+    """ModelConfig's routing fields: DeepseekV3's sigmoid scores and
+    expert bias, or DeepseekV2's softmax scores, with groups as its
+    topk_method says and top-k weights never normalised (transformers
+    ignores its norm_topk_prob, so a true one is refused)."""
+    if hf["model_type"] == "deepseek_v3":
+        return {"scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                "n_group": hf["n_group"], "topk_group": hf["topk_group"],
+                "norm_topk_prob": hf["norm_topk_prob"]}
+    method = hf.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise UserError(f"config.json topk_method: DeepseekV2 routes by "
+                        f"greedy or group_limited_greedy, not '{method}'")
+    if hf.get("norm_topk_prob"):
+        raise UserError("config.json norm_topk_prob: transformers' "
+                        "DeepseekV2 never normalises the top-k weights; "
+                        "set it false")
+    grouped = method == "group_limited_greedy"
+    return {"scoring_func": "softmax", "topk_method": "group_limited_greedy",
+            "n_group": hf["n_group"] if grouped else 1,
+            "topk_group": hf["topk_group"] if grouped else 1,
+            "norm_topk_prob": False, "moe_router_enable_expert_bias": False}
+
+
+def _model_fields(hf: dict) -> dict:
+    """ModelConfig's fields of a config.json, but for rope and routing."""
     dense = min(hf["first_k_dense_replace"], hf["num_hidden_layers"])
     moe = dense < hf["num_hidden_layers"]
-    fields = {
+    # DeepseekV2 pairs rotary channels (2i, 2i+1) whatever the key says.
+    interleave = (hf.get("rope_interleave", True)
+                  if hf["model_type"] == "deepseek_v3" else True)
+    return {
         "vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
         "num_layers": hf["num_hidden_layers"],
         "num_attention_heads": hf["num_attention_heads"],
@@ -201,36 +365,47 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         "qk_rope_head_dim": hf["qk_rope_head_dim"],
         "v_head_dim": hf["v_head_dim"],
         "max_position_embeddings": hf["max_position_embeddings"],
-        "rotary_base": float(rope.get("rope_theta",
-                                      hf.get("rope_theta", 10000.0))),
         "first_k_dense_replace": dense,
         "n_routed_experts": hf["n_routed_experts"] if moe else 0,
-        "num_experts_per_tok": hf["num_experts_per_tok"],
+        # transformers leaves it None in dense DeepseekV2 configs.
+        "num_experts_per_tok": hf["num_experts_per_tok"] or 1,
         "n_shared_experts": hf["n_shared_experts"],
         "moe_intermediate_size": hf["moe_intermediate_size"],
-        "norm_topk_prob": hf["norm_topk_prob"],
         "routed_scaling_factor": float(hf["routed_scaling_factor"]),
-        "n_group": hf["n_group"], "topk_group": hf["topk_group"],
         "layernorm_epsilon": hf["rms_norm_eps"],
         "init_method_std": hf.get("initializer_range", 0.02),
         "share_embeddings_and_output_weights":
             hf.get("tie_word_embeddings", False),
+        "rope_interleave": interleave,
         "mtp_num_layers": hf.get("num_nextn_predict_layers", 0),
     }
-    if yarn:
-        fields.update(
-            rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
-            original_max_position_embeddings=rope[
-                "original_max_position_embeddings"],
-            beta_fast=float(rope.get("beta_fast") or 32),
-            beta_slow=float(rope.get("beta_slow") or 1),
-            mscale=float(rope.get("mscale") or 1),
-            mscale_all_dim=float(rope.get("mscale_all_dim") or 1))
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """ModelConfig of a DeepseekV3 or DeepseekV2 config.json
+    (transformers 4 or 5)."""
+    if hf.get("model_type") not in ("deepseek_v3", "deepseek_v2"):
+        raise UserError(f"config.json is a '{hf.get('model_type')}' model; "
+                        "COOM reads deepseek_v3 and deepseek_v2 checkpoints")
+    try:
+        _refuse_fixed(hf)
+        fields = {**_model_fields(hf), **_routing_fields(hf),
+                  **_rope_fields(hf)}
+    except KeyError as error:
+        raise UserError(f"config.json has no {error.args[0]}") from None
     return ModelConfig(**fields)
+
+
+def check_exportable(state: dict, config: ModelConfig) -> None:
+    """Refuse, by field, a model that no Hugging Face class can hold."""
+    hf_config(config)
+    if _is_v2(config):
+        _without_router_bias(state)
 
 
 def save_hf(state: dict, config: ModelConfig, folder: Path) -> None:
     """Write model.safetensors and config.json of a COOM model state."""
+    check_exportable(state, config)
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share memory: MTP layers hold
     # copies of the embedding and head, so every tensor is cloned.

@@ -6,7 +6,7 @@ Three kinds of folder hold a model:
 - a checkpoint folder: ``checkpoints/step_NNNNNNN`` of a run, or the
   folder ``coom convert --from hf`` writes;
 - a Hugging Face folder: ``config.json`` plus ``*.safetensors`` of a
-  ``DeepseekV3ForCausalLM``.
+  ``DeepseekV3ForCausalLM`` or ``DeepseekV2ForCausalLM``.
 """
 import dataclasses
 from dataclasses import dataclass

@@ -3,7 +3,9 @@
 Forward, per token, from float32 logits ``l`` over e experts: scores ``s =
 sigmoid(l)`` (or ``softmax(l)``); selection scores ``b = s + bias``; with
 n_group > 1 groups of consecutive experts, a group's score is the sum of
-its two best ``b``, and only the topk_group best groups stay selectable;
+its two best ``b`` (topk_method noaux_tc, DeepSeek-V3) or its best ``b``
+(group_limited_greedy, DeepSeek-V2), and only the topk_group best groups
+stay selectable;
 the k selectable experts of highest ``b`` are picked, best first, the
 lowest index winning ties (as ``torch.topk`` on distinct values). Their
 combine weights are the unbiased ``r_j = s[expert_j]``, normalised to
@@ -42,7 +44,8 @@ NUM_WARPS = 4
 def _route_kernel(logits_ptr, bias_ptr, scores_ptr, weights_ptr,
                   experts_ptr, tokens, experts, factor, k: tl.constexpr,
                   softmax: tl.constexpr, groups: tl.constexpr,
-                  topk_group: tl.constexpr, normalise: tl.constexpr,
+                  topk_group: tl.constexpr, group_max: tl.constexpr,
+                  normalise: tl.constexpr,
                   row_block: tl.constexpr, group_block: tl.constexpr,
                   size_block: tl.constexpr, k_block: tl.constexpr):
     # A tile (rows, groups, experts in a group); padded entries are -inf.
@@ -70,9 +73,12 @@ def _route_kernel(logits_ptr, bias_ptr, scores_ptr, weights_ptr,
     choice = tl.where(valid, scores + bias.to(tl.float32), -float("inf"))
     if groups > 1:
         first, index = tl.max(choice, axis=2, return_indices=True)
-        second = tl.max(tl.where(inner == index[:, :, None], -float("inf"),
-                                 choice), axis=2)
-        group_score = first + second
+        if group_max:
+            group_score = first
+        else:
+            second = tl.max(tl.where(inner == index[:, :, None],
+                                     -float("inf"), choice), axis=2)
+            group_score = first + second
         keep = tl.zeros([row_block, group_block], tl.int1)
         for _ in tl.static_range(topk_group):
             _, best = tl.max(group_score, axis=1, return_indices=True)
@@ -155,11 +161,12 @@ def _row_block(per_program: int, per_row: int) -> int:
 @torch.library.custom_op("coom::route", mutates_args=())
 def route_forward(logits_te: torch.Tensor, bias_e: torch.Tensor, k: int,
                   softmax: bool, n_group: int, topk_group: int,
-                  normalise: bool, factor: float
+                  normalise: bool, factor: float, group_max: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scores_te, weights_tk, experts_tk) from float32 logits: softmax
     or sigmoid scores, k experts per token from the topk_group best of
-    n_group groups, weights normalised or not, times factor."""
+    n_group groups (ranked by their best score if group_max, else by
+    their best two), weights normalised or not, times factor."""
     tokens, experts = logits_te.shape
     logits_te = logits_te.contiguous()
     scores_te = torch.empty_like(logits_te)
@@ -172,7 +179,8 @@ def route_forward(logits_te: torch.Tensor, bias_e: torch.Tensor, k: int,
         _route_kernel[(triton.cdiv(tokens, row_block),)](
             logits_te, bias_e, scores_te, weights_tk, experts_tk, tokens,
             experts, factor, k=k, softmax=softmax, groups=n_group,
-            topk_group=topk_group, normalise=normalise, row_block=row_block,
+            topk_group=topk_group, group_max=group_max, normalise=normalise,
+            row_block=row_block,
             group_block=group_block, size_block=size_block,
             k_block=triton.next_power_of_2(k),
             num_warps=min(row_block, NUM_WARPS))
@@ -181,7 +189,7 @@ def route_forward(logits_te: torch.Tensor, bias_e: torch.Tensor, k: int,
 
 @route_forward.register_fake
 def _(logits_te, bias_e, k, softmax, n_group, topk_group, normalise,
-      factor):
+      factor, group_max):
     tokens = logits_te.shape[0]
     return (torch.empty_like(logits_te), logits_te.new_empty(tokens, k),
             logits_te.new_empty(tokens, k, dtype=torch.int64))
@@ -225,7 +233,7 @@ def _backward(ctx, dscores_te, dweights_tk, _):
     dlogits_te = route_backward(dscores_te, dweights_tk, scores_te,
                                 experts_tk, ctx.softmax, ctx.normalise,
                                 ctx.factor)
-    return dlogits_te, None, None, None, None, None, None, None
+    return dlogits_te, None, None, None, None, None, None, None, None
 
 
 route_forward.register_autograd(_backward, setup_context=_setup)
@@ -233,7 +241,7 @@ route_forward.register_autograd(_backward, setup_context=_setup)
 
 def route(logits_te: torch.Tensor, bias_e: torch.Tensor,
           num_experts_per_tok: int, scoring_func: str, n_group: int,
-          topk_group: int, norm_topk_prob: bool,
+          topk_group: int, topk_method: str, norm_topk_prob: bool,
           routed_scaling_factor: float
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores (t, e), combine weights (t, k) and expert ids (t, k) of
@@ -241,13 +249,14 @@ def route(logits_te: torch.Tensor, bias_e: torch.Tensor,
     ModelConfig."""
     return route_forward(logits_te.float(), bias_e, num_experts_per_tok,
                          scoring_func == "softmax", n_group, topk_group,
-                         norm_topk_prob, routed_scaling_factor)
+                         norm_topk_prob, routed_scaling_factor,
+                         topk_method == "group_limited_greedy")
 
 
 def route_reference(logits_te: torch.Tensor, bias_e: torch.Tensor,
                     num_experts_per_tok: int, scoring_func: str,
-                    n_group: int, topk_group: int, norm_topk_prob: bool,
-                    routed_scaling_factor: float
+                    n_group: int, topk_group: int, topk_method: str,
+                    norm_topk_prob: bool, routed_scaling_factor: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same function in plain PyTorch."""
     if scoring_func == "softmax":
@@ -257,7 +266,10 @@ def route_reference(logits_te: torch.Tensor, bias_e: torch.Tensor,
     choice_te = scores_te + bias_e
     if n_group > 1:
         choice_tgx = choice_te.unflatten(-1, (n_group, -1))
-        group_scores_tg = choice_tgx.topk(2, dim=-1).values.sum(dim=-1)
+        if topk_method == "group_limited_greedy":
+            group_scores_tg = choice_tgx.amax(dim=-1)
+        else:
+            group_scores_tg = choice_tgx.topk(2, dim=-1).values.sum(dim=-1)
         best_tg = group_scores_tg.topk(topk_group, dim=-1).indices
         keep_tg = torch.zeros_like(group_scores_tg, dtype=torch.bool)
         keep_tg.scatter_(1, best_tg, True)

@@ -43,6 +43,10 @@ from coom.layers.rope import RotaryEmbedding, yarn_mscale
 PREFERRED_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                       SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# Epsilon of the q and kv latent norms: DeepSeek's reference code and
+# transformers fix it there, whatever the model's rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
 
 def preferred_attention():
     """Context in which scaled_dot_product_attention tries cuDNN first,
@@ -81,17 +85,16 @@ class MLA(nn.Module):
         super().__init__()
         self.config = config
         dim, heads = config.hidden_size, config.num_attention_heads
-        eps = config.layernorm_epsilon
         q_width = heads * config.qk_head_dim
         if config.q_lora_rank is None:
             self.wq = nn.Linear(dim, q_width, bias=False)
         else:
             self.wq_a = nn.Linear(dim, config.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(config.q_lora_rank, eps)
+            self.q_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = nn.Linear(config.q_lora_rank, q_width, bias=False)
         self.wkv_a = nn.Linear(
             dim, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(config.kv_lora_rank, eps)
+        self.kv_norm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(
             config.kv_lora_rank,
             heads * (config.qk_nope_head_dim + config.v_head_dim),

@@ -5,7 +5,8 @@ for expert parallelism slots in between them from outside:
 
 1. route: the router scores every expert in float32 and picks
    ``num_experts_per_tok`` of them per token, optionally only from the
-   ``topk_group`` best of ``n_group`` groups;
+   ``topk_group`` best of ``n_group`` groups (ranked as ``topk_method``
+   says);
 2. permute: token copies are sorted by expert;
 3. experts: one grouped SwiGLU over the sorted copies (``torch._grouped_mm``
    on a GPU, a loop over the groups elsewhere), nothing dropped. Under
@@ -75,17 +76,43 @@ class Router(nn.Module):
         scores_te, weights_tk, experts_tk = select(
             logits_te, self.bias, config.num_experts_per_tok,
             config.scoring_func, config.n_group, config.topk_group,
-            config.norm_topk_prob, config.routed_scaling_factor)
+            config.topk_method, config.norm_topk_prob,
+            config.routed_scaling_factor)
         return logits_te, scores_te, weights_tk, experts_tk
+
+
+# torch._grouped_mm reads operands whose row strides are multiples of 16
+# bytes (in bf16, widths that are multiples of 8) and refuses others: on
+# an H100 (2026-12-06) a bf16 MoE of hidden 70 or expert width 20 failed
+# unpadded, and padded it ran forward and backward with the error of an
+# aligned one.
+GROUPED_MM_ALIGNMENT = 16
+
+
+def grouped_mm(x_cd: torch.Tensor, weight_eod: torch.Tensor,
+               counts_e: torch.Tensor) -> torch.Tensor:
+    """x @ weight[e].T for each expert's consecutive rows of x, in one
+    torch._grouped_mm of x's dtype. Widths it cannot stride are padded
+    with zeros, which add nothing to the products, and the padding is
+    cut off the result."""
+    multiple = GROUPED_MM_ALIGNMENT // x_cd.element_size()
+    width = weight_eod.shape[1]
+    pad_in, pad_out = -x_cd.shape[1] % multiple, -width % multiple
+    weight_eod = weight_eod.to(x_cd.dtype)
+    if pad_in or pad_out:
+        x_cd = functional.pad(x_cd, (0, pad_in))
+        weight_eod = functional.pad(weight_eod, (0, pad_in, 0, pad_out))
+    offsets = counts_e.cumsum(0).to(torch.int32)
+    out_cd = torch._grouped_mm(x_cd, weight_eod.transpose(-2, -1),
+                               offs=offsets)
+    return out_cd[:, :width].contiguous()
 
 
 def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
                    counts_e: torch.Tensor) -> torch.Tensor:
     """x @ weight[e].T for each expert's consecutive rows of x."""
     if x_cd.is_cuda:
-        offsets = counts_e.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(
-            x_cd, weight_eod.to(x_cd.dtype).transpose(-2, -1), offs=offsets)
+        return grouped_mm(x_cd, weight_eod, counts_e)
     chunks = x_cd.split(counts_e.tolist())
     return torch.cat([chunk @ weight_eod[e].T
                       for e, chunk in enumerate(chunks)])

@@ -1,14 +1,18 @@
 """Rotary position embedding (RoPE) with optional YaRN scaling.
 
 Channels (2i, 2i+1) of each head form one complex number that is rotated by
-position * theta_i, as in DeepSeek-V3's ``apply_rotary_emb``. MLA rotates
-only its ``qk_rope_head_dim`` channels.
+position * theta_i, as in DeepSeek-V3's ``apply_rotary_emb``. Without
+``rope_interleave``, channels (i, i + k/2) form it instead, as in
+Hugging Face's ``rotate_half``. MLA rotates only its ``qk_rope_head_dim``
+channels.
 
 YaRN (arXiv 2309.00071) stretches a trained context by
 ``rotary_scaling_factor``: frequencies that turn fewer than ``beta_slow``
 times over the original context are divided by the factor, those turning
 more than ``beta_fast`` times are kept, with a linear ramp between; cos and
-sin are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+sin are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim),
+or by mscale(factor, 1) when either coefficient is 0, as transformers
+reads a config.json that leaves one out.
 
 On GPUs the rotation runs the Triton kernel of ``coom.kernels.rope``.
 
@@ -30,6 +34,15 @@ def yarn_mscale(factor: float, coefficient: float) -> float:
     if factor <= 1:
         return 1.0
     return 0.1 * coefficient * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(config: ModelConfig) -> float:
+    """YaRN's scale of cos and sin."""
+    factor = config.rotary_scaling_factor
+    if config.mscale and config.mscale_all_dim:
+        return (yarn_mscale(factor, config.mscale)
+                / yarn_mscale(factor, config.mscale_all_dim))
+    return yarn_mscale(factor, 1.0)
 
 
 def _yarn_inverse_frequencies(config: ModelConfig,
@@ -79,9 +92,7 @@ class RotaryEmbedding(nn.Module):
         scale = 1.0
         if config.rope_type == "yarn":
             inv_freq = _yarn_inverse_frequencies(config, inv_freq)
-            factor = config.rotary_scaling_factor
-            scale = yarn_mscale(factor, config.mscale) \
-                / yarn_mscale(factor, config.mscale_all_dim)
+            scale = yarn_attention_factor(config)
         positions = torch.arange(config.max_position_embeddings,
                                  device=device).double()
         angles = torch.outer(positions, inv_freq)
@@ -91,6 +102,15 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x_bshk: torch.Tensor,
                 start: int = 0) -> torch.Tensor:
         """Rotate x (b, s, h, k) as positions start .. start + s - 1."""
+        if not self.config.rope_interleave:
+            # Halves to interleaved pairs and back: the rotation itself
+            # (and its kernel) knows one layout only.
+            pairs = x_bshk.unflatten(-1, (2, -1)).transpose(-2, -1)
+            rotated = self._rotate(pairs.flatten(-2), start)
+            return rotated.unflatten(-1, (-1, 2)).transpose(-2, -1).flatten(-2)
+        return self._rotate(x_bshk, start)
+
+    def _rotate(self, x_bshk: torch.Tensor, start: int) -> torch.Tensor:
         if use_kernels(x_bshk):
             return rotate(x_bshk, self.cos_sk, self.sin_sk, start)
         return rotate_reference(x_bshk, self.cos_sk, self.sin_sk, start)

@@ -21,6 +21,9 @@ CONFIGS = {
                         rotary_scaling_factor=4.0,
                         original_max_position_embeddings=16,
                         mscale=0.8, mscale_all_dim=0.7),
+    "rotate_half pairs, yarn": dict(rope_interleave=False, rope_type="yarn",
+                                    rotary_scaling_factor=4.0,
+                                    original_max_position_embeddings=16),
 }
 
 

@@ -5,7 +5,11 @@ from transformers import AutoModelForCausalLM
 
 import coom
 from coom.cli import main
+from coom.config import ModelConfig
 from coom.errors import UserError
+from coom.interop.convert import write_model_folder
+from coom.interop.weights import Weights
+from coom.models import Transformer
 from coom.train.metrics import read_metrics
 
 
@@ -94,3 +98,27 @@ def test_synthetic_run_refuses_weights_of_a_tokenizer(small_run, tmp_path,
         f"checkpoint.init_from={run}", "data.synthetic=true",
         "model.vocab_size=512"]) == 2
     assert "data.synthetic" in capsys.readouterr().err
+
+
+def test_model_hugging_face_cannot_hold_leaves_the_output(tmp_path,
+                                                          capsys):
+    # Softmax routing exports as DeepseekV2, which has no expert bias.
+    config = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2,
+                         num_attention_heads=2, ffn_hidden_size=32,
+                         kv_lora_rank=8, qk_nope_head_dim=8,
+                         qk_rope_head_dim=4, v_head_dim=8,
+                         n_routed_experts=4, moe_intermediate_size=8,
+                         scoring_func="softmax", norm_topk_prob=False)
+    model = Transformer(config)
+    model.init_weights()
+    state = model.state_dict()
+    state["layers.1.mlp.router.bias"][0] = 0.5
+    source, out = tmp_path / "source", tmp_path / "out"
+    write_model_folder(Weights(config, state, None), source, False,
+                       "a softmax-routed model")
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert main(["convert", "--to", "hf", "--overwrite", str(source),
+                 str(out)]) == 2
+    assert "moe_router_enable_expert_bias" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"

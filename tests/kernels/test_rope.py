@@ -83,13 +83,15 @@ def test_rotate_passes_opcheck_and_compiles():
     assert torch.equal(x.grad, expected)
 
 
+@pytest.mark.parametrize("interleave", [True, False])
 def test_rotary_embedding_with_the_kernel_matches_the_reference(
-        monkeypatch):
+        monkeypatch, interleave):
     from coom.config import ModelConfig
     from coom.layers import rope
     config = ModelConfig(qk_rope_head_dim=16, max_position_embeddings=64,
                          rope_type="yarn", rotary_scaling_factor=4.0,
-                         original_max_position_embeddings=16)
+                         original_max_position_embeddings=16,
+                         rope_interleave=interleave)
     embedding = rope.RotaryEmbedding(config).to(DEVICE)
     embedding.init_weights()
     torch.manual_seed(2)

@@ -15,21 +15,29 @@ def _by_expert(weights_tk, experts_tk):
 
 SHAPES = [(5, 64, 6, 1, 1), (123, 8, 2, 4, 2), (123, 24, 3, 4, 2),
           (123, 64, 6, 4, 2), (1000, 8, 2, 1, 1)]
-CASES = [(*shape, scoring_func, norm_topk_prob) for shape in SHAPES
-         for scoring_func in ("sigmoid", "softmax")
+CASES = [(*shape, "noaux_tc", scoring_func, norm_topk_prob)
+         for shape in SHAPES for scoring_func in ("sigmoid", "softmax")
          for norm_topk_prob in (True, False)]
+# DeepSeek-V2's groups, ranked by their best expert, one expert each in
+# the last shape.
+V2_SHAPES = [(123, 8, 2, 4, 2), (123, 64, 6, 8, 3), (123, 8, 3, 8, 3)]
+CASES += [(*shape, "group_limited_greedy", scoring_func, False)
+          for shape in V2_SHAPES for scoring_func in ("sigmoid", "softmax")]
 
 
 @pytest.mark.parametrize(
-    "tokens, experts, k, n_group, topk_group, scoring_func, norm_topk_prob",
-    CASES + [(1000, 64, 6, 4, 2, "sigmoid", True)])
+    "tokens, experts, k, n_group, topk_group, topk_method, scoring_func, "
+    "norm_topk_prob",
+    CASES + [(1000, 64, 6, 4, 2, "noaux_tc", "sigmoid", True)])
 def test_route_forward_and_backward(tokens, experts, k, n_group, topk_group,
-                                    scoring_func, norm_topk_prob):
+                                    topk_method, scoring_func,
+                                    norm_topk_prob):
     torch.manual_seed(tokens * experts + k)
     logits = torch.randn(tokens, experts, device=DEVICE) * 2
     logits.requires_grad_()
     bias = torch.randn(experts, device=DEVICE) / experts
-    fields = (k, scoring_func, n_group, topk_group, norm_topk_prob, 2.5)
+    fields = (k, scoring_func, n_group, topk_group, topk_method,
+              norm_topk_prob, 2.5)
     scores, weights, chosen = route(logits, bias, *fields)
     assert scores.dtype == weights.dtype == torch.float32
     assert chosen.dtype == torch.int64 and chosen.shape == (tokens, k)
@@ -55,7 +63,8 @@ def test_route_forward_and_backward(tokens, experts, k, n_group, topk_group,
 def test_route_picks_the_best_first_and_the_lowest_index_on_ties():
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 1.0, -1.0]], device=DEVICE)
     bias = torch.zeros(6, device=DEVICE)
-    _, weights, chosen = route(logits, bias, 3, "sigmoid", 1, 1, False, 1.0)
+    _, weights, chosen = route(logits, bias, 3, "sigmoid", 1, 1, "noaux_tc",
+                               False, 1.0)
     assert chosen.tolist() == [[1, 3, 2]]
     torch.testing.assert_close(weights, logits.sigmoid()[:, [1, 3, 2]])
 
@@ -63,7 +72,7 @@ def test_route_picks_the_best_first_and_the_lowest_index_on_ties():
 def test_route_gradient_through_one_output_and_empty_input():
     logits = torch.randn(7, 8, device=DEVICE, requires_grad=True)
     bias = torch.zeros(8, device=DEVICE)
-    fields = (2, "softmax", 1, 1, False, 1.0)
+    fields = (2, "softmax", 1, 1, "noaux_tc", False, 1.0)
     route(logits, bias, *fields)[1].sum().backward()
     logits64 = logits.detach().double().requires_grad_()
     route_reference(logits64, bias.double(), *fields)[1].sum().backward()
@@ -78,4 +87,4 @@ def test_route_op_registration():
     logits = torch.randn(9, 8, device=DEVICE, requires_grad=True)
     bias = torch.randn(8, device=DEVICE) / 8
     torch.library.opcheck(route_forward,
-                          (logits, bias, 3, False, 4, 2, True, 2.5))
+                          (logits, bias, 3, False, 4, 2, True, 2.5, False))
