@@ -114,8 +114,8 @@ def test_model_hugging_face_cannot_hold_leaves_the_output(tmp_path,
     state = model.state_dict()
     state["layers.1.mlp.router.bias"][0] = 0.5
     source, out = tmp_path / "source", tmp_path / "out"
-    write_model_folder(Weights(config, state, None), source, False,
-                       "a softmax-routed model")
+    write_model_folder(Weights(config, state, None), tmp_path, source,
+                       False, "a softmax-routed model")
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     assert main(["convert", "--to", "hf", "--overwrite", str(source),
