@@ -14,11 +14,13 @@ expert (``topk_method``). Each config.json field is read as transformers
 computes it, or refused by name where COOM does not compute it.
 """
 import json
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from coom.config import ModelConfig
@@ -403,6 +405,12 @@ def check_exportable(state: dict, config: ModelConfig) -> None:
         _without_router_bias(state)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_hf(state: dict, config: ModelConfig, folder: Path) -> None:
     """Write model.safetensors and config.json of a COOM model state."""
     check_exportable(state, config)
@@ -411,10 +419,31 @@ def save_hf(state: dict, config: ModelConfig, folder: Path) -> None:
     # copies of the embedding and head, so every tensor is cloned.
     tensors = {name: tensor.detach().clone().contiguous()
                for name, tensor in to_hf(state, config).items()}
-    save_file(tensors, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    path = folder / "model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    # safetensors creates the file readable by its owner only; give it the
+    # permissions of the config.json beside it (the umask's).
+    path.chmod(0o666 & ~_umask())
     (folder / "config.json").write_text(
         json.dumps(hf_config(config), indent=2))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{path} holds no JSON object of config fields")
+    return hf
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path} cannot be read as safetensors ({error}); "
+                        "it may be cut short or of another format") from None
 
 
 def load_hf(folder: Path) -> tuple[ModelConfig, dict]:
@@ -423,13 +452,13 @@ def load_hf(folder: Path) -> tuple[ModelConfig, dict]:
     if not config_path.is_file():
         raise UserError(f"{folder} holds no config.json; give a Hugging "
                         "Face model folder")
-    config = model_config_from_hf(json.loads(config_path.read_text()))
+    config = model_config_from_hf(_read_json(config_path))
     hf_state = {}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder} holds no .safetensors files")
     for path in files:
-        hf_state.update(load_file(str(path)))
+        hf_state.update(_read_safetensors(path))
     state = from_hf(hf_state, config)
     if config.share_embeddings_and_output_weights:
         state.pop("head.weight", None)

@@ -53,6 +53,26 @@ def _from_checkpoint(folder: Path) -> Weights:
                    state.get("tokenizer_sha256"))
 
 
+def _check_shapes(config: ModelConfig, state: dict, folder: Path) -> None:
+    """Refuse weights that the model config.json describes cannot hold,
+    naming the first tensor that differs."""
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    for name in sorted(expected.keys() | state.keys()):
+        if name not in state:
+            problem = "is missing from the weights"
+        elif name not in expected:
+            problem = "is in the weights but not in the model"
+        elif state[name].shape != expected[name].shape:
+            problem = (f"has shape {tuple(state[name].shape)} in the "
+                       f"weights, {tuple(expected[name].shape)} in the "
+                       "model")
+        else:
+            continue
+        raise UserError(f"{folder}: config.json does not describe its "
+                        f"weights: {name} {problem}")
+
+
 def read_weights(path) -> Weights:
     """The model weights in a run, checkpoint or Hugging Face folder."""
     folder = Path(path)
@@ -68,6 +88,7 @@ def read_weights(path) -> Weights:
         return _from_checkpoint(folder)
     if (folder / "config.json").is_file():
         config, state = load_hf(folder)
+        _check_shapes(config, state, folder)
         return Weights(config, state, _existing(folder / "tokenizer.json"))
     raise UserError(f"{folder} holds no model: expected a run directory "
                     f"(checkpoints/), a checkpoint ({META}) or a Hugging "

@@ -14,6 +14,7 @@ from transformers import (
     DeepseekV3ForCausalLM,
 )
 
+from coom.cli import main
 from coom.config import ModelConfig, load_config
 from coom.errors import UserError
 from coom.interop.hf import (
@@ -310,3 +311,52 @@ def test_published_architectures_export_their_config_json(recipe):
     config_json = hf_config(model)
     assert PUBLISHED[recipe].items() <= config_json.items()
     assert hf_config(model_config_from_hf(config_json)) == config_json
+
+
+def test_model_safetensors_gets_the_permissions_of_config_json(tmp_path):
+    config = ModelConfig(**BASE)
+    save_hf(_coom_model(config).state_dict(), config, tmp_path)
+    mode = (tmp_path / "config.json").stat().st_mode
+    assert (tmp_path / "model.safetensors").stat().st_mode == mode
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{\"vocab_size\": 96,", "is not valid JSON"),
+    ("[1, 2]", "holds no JSON object"),
+])
+def test_corrupt_config_json_is_one_line(text, words, tmp_path):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(UserError, match=words) as error:
+        load_hf(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_cut_safetensors_is_one_line(tmp_path):
+    config = ModelConfig(**BASE)
+    save_hf(_coom_model(config).state_dict(), config, tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UserError, match="model.safetensors cannot be read"):
+        load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("moe_intermediate_size", 32, "does not describe its weights: "
+     "layers.1.mlp.experts.w1 has shape (4, 24, 48) in the weights, "
+     "(4, 32, 48) in the model"),
+    ("num_hidden_layers", 4, "does not describe its weights: "
+     "layers.3.attention.kv_norm.weight is missing from the weights"),
+    ("num_hidden_layers", 2, "unexpected tensor "
+     "model.layers.2.input_layernorm.weight"),
+])
+def test_config_json_that_does_not_fit_the_weights_is_refused(
+        field, value, words, tmp_path, capsys):
+    config = ModelConfig(**BASE, n_routed_experts=4)
+    source = tmp_path / "hf"
+    save_hf(_coom_model(config).state_dict(), config, source)
+    hf = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**hf, field: value}))
+    assert main(["convert", "--from", "hf", str(source),
+                 str(tmp_path / "out")]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
