@@ -208,8 +208,14 @@ def cmd_convert(args) -> int:
         print(f"wrote {out}: load it with transformers."
               "AutoModelForCausalLM.from_pretrained")
     else:
-        recipe = convert.from_hf(source, out, args.overwrite)
+        recipe, defaults = convert.from_hf(source, out, args.overwrite)
         print(f"wrote {out}; continue training with: coom train {recipe}")
+        if defaults:
+            fields = ", ".join(f"model.{name}={value}"
+                               for name, value in defaults.items())
+            print(f"{source}/config.json holds no COOM training settings; "
+                  f"the recipe takes COOM's defaults {fields} (change "
+                  "them with --set)")
     return 0
 
 

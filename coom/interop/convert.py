@@ -11,13 +11,19 @@ the imported model's and whose
 OUT/recipe.yaml`` continues training it.
 """
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import yaml
 
 from coom.errors import UserError
-from coom.interop.hf import check_exportable, save_hf
+from coom.interop.hf import (
+    TRAINING_FIELDS,
+    TRAINING_KEY,
+    check_exportable,
+    save_hf,
+)
 from coom.interop.weights import Weights, read_weights
 from coom.train.checkpoint import write_checkpoint_folder
 
@@ -73,12 +79,20 @@ def write_model_folder(weights: Weights, source: Path, out: Path,
     return path
 
 
-def from_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
+def from_hf(source: Path, out: Path,
+            overwrite: bool = False) -> tuple[Path, dict]:
     """Import the Hugging Face folder source as a COOM checkpoint folder
-    out with a recipe that trains from it; returns the recipe's path."""
+    out with a recipe that trains from it. Returns the recipe's path and
+    the training-only model fields that the folder did not carry (a
+    config.json that COOM did not write), which take COOM's defaults."""
     if not (source / "config.json").is_file():
         raise UserError(f"{source} is not a Hugging Face model folder (no "
                         "config.json)")
-    return write_model_folder(
-        read_weights(source), source, out, overwrite,
+    weights = read_weights(source)
+    carried = TRAINING_KEY in json.loads((source / "config.json").read_text())
+    defaults = {} if carried else {
+        name: getattr(weights.config, name) for name in TRAINING_FIELDS}
+    recipe = write_model_folder(
+        weights, source, out, overwrite,
         f"Continues training the model imported from {source}.")
+    return recipe, defaults

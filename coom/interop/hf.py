@@ -101,6 +101,14 @@ def _routing_config(config: ModelConfig) -> dict:
             "num_nextn_predict_layers": config.mtp_num_layers}
 
 
+# Model fields that steer training only, which no Hugging Face field
+# holds: config.json keeps them under TRAINING_KEY, so that a model
+# converted there and back trains on as before.
+TRAINING_FIELDS = ("moe_router_bias_update_rate", "moe_seq_aux_loss_coeff",
+                   "moe_aux_loss_coeff", "moe_z_loss_coeff")
+TRAINING_KEY = "coom_training"
+
+
 def hf_config(config: ModelConfig) -> dict:
     """config.json of the equivalent Hugging Face model: a
     DeepseekV3ForCausalLM, or a DeepseekV2ForCausalLM where experts are
@@ -140,6 +148,8 @@ def hf_config(config: ModelConfig) -> dict:
         "attention_bias": False,
         "attention_dropout": 0.0,
         "torch_dtype": "float32",
+        TRAINING_KEY: {name: getattr(config, name)
+                       for name in TRAINING_FIELDS},
     }
 
 
@@ -395,7 +405,19 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
                   **_rope_fields(hf)}
     except KeyError as error:
         raise UserError(f"config.json has no {error.args[0]}") from None
-    return ModelConfig(**fields)
+    return ModelConfig(**fields, **_training_fields(hf))
+
+
+def _training_fields(hf: dict) -> dict:
+    """The TRAINING_FIELDS a config.json written by COOM keeps."""
+    kept = hf.get(TRAINING_KEY, {})
+    unknown = set(kept) - set(TRAINING_FIELDS) if isinstance(
+        kept, dict) else {"(not a mapping)"}
+    if unknown:
+        raise UserError(f"config.json's {TRAINING_KEY} holds "
+                        f"{', '.join(sorted(unknown))}; it may hold "
+                        f"{', '.join(TRAINING_FIELDS)}")
+    return kept
 
 
 def check_exportable(state: dict, config: ModelConfig) -> None:

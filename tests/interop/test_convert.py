@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 import coom
 from coom.cli import main
-from coom.config import ModelConfig
+from coom.config import ModelConfig, load_config
 from coom.errors import UserError
 from coom.interop.convert import write_model_folder
 from coom.interop.weights import Weights
@@ -34,7 +34,11 @@ def test_run_to_hf_and_back_to_training(small_run, tmp_path, capsys):
     imported = tmp_path / "imported"
     assert main(["convert", "--from", "hf", str(hf_dir),
                  str(imported)]) == 0
-    assert "coom train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "coom train" in out and "COOM's defaults" not in out
+    # The tiny recipe's bias rate (not the default) survives the trip.
+    recipe = load_config(str(imported / "recipe.yaml"))
+    assert recipe.model.moe_router_bias_update_rate == 0.01
     again = coom.load_model(imported)
     for (name, mine), theirs in zip(ours.state_dict().items(),
                                     again.state_dict().values()):

@@ -360,3 +360,19 @@ def test_config_json_that_does_not_fit_the_weights_is_refused(
                  str(tmp_path / "out")]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_import_without_coom_training_settings_says_what_it_defaults(
+        tmp_path, capsys):
+    config = ModelConfig(**BASE, n_routed_experts=4,
+                         moe_router_bias_update_rate=0.01)
+    source = tmp_path / "hf"
+    save_hf(_coom_model(config).state_dict(), config, source)
+    hf = json.loads((source / "config.json").read_text())
+    assert hf.pop("coom_training")["moe_router_bias_update_rate"] == 0.01
+    (source / "config.json").write_text(json.dumps(hf))
+    assert main(["convert", "--from", "hf", str(source),
+                 str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "holds no COOM training settings" in out
+    assert "model.moe_router_bias_update_rate=0.001" in out
