@@ -114,9 +114,12 @@ def _worker_tokenizer(path: str) -> tokenizers.Tokenizer:
 
 
 def _encode(tokenizer_path: str, eod: int, documents: list[str]) -> list:
-    """Worker task: token ids of each document, end-of-document appended."""
+    """Worker task: token ids of each document, end-of-document appended
+    to those that have any (an empty document stays empty, as in
+    Megatron's preprocess_data.py)."""
     encodings = _worker_tokenizer(tokenizer_path).encode_batch(documents)
-    return [encoding.ids + [eod] for encoding in encodings]
+    return [encoding.ids + [eod] if encoding.ids else []
+            for encoding in encodings]
 
 
 def _tasks(source: TextSource, text_key: str) -> Iterator[list[str]]:
@@ -147,7 +150,8 @@ def _write_indexed(source: TextSource, tokenizer: Tokenizer,
                  dynamic_ncols=True) as bar:
         for encoded in pool.imap(encode, _tasks(source, config.text_key)):
             for ids in encoded:
-                builder.add_document(ids, [len(ids)])
+                # An empty document has no sequence, as Megatron writes it.
+                builder.add_document(ids, [len(ids)] if ids else [])
             count += len(encoded)
             bar.update(len(encoded))
     builder.finalize(f"{prefix}.idx")

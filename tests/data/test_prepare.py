@@ -1,6 +1,7 @@
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from coom.config import DataConfig
 from coom.data.corpus import read_documents, source_files
 from coom.data.loader import build_samples
-from coom.data.megatron import IndexedDataset, IndexedDatasetBuilder
+from coom.data.megatron import DType, IndexedDataset, IndexedDatasetBuilder
 from coom.data.prepare import prepare
 from coom.errors import UserError
 
@@ -36,8 +37,9 @@ def test_folder_of_txt_and_jsonl_becomes_an_indexed_dataset(
         prepared, corpus_dir):
     (prefix,) = prepared.prefixes
     tokenizer = prepared.tokenizer
+    # Empty files (some __init__.py) hold no sequence.
     expected = [d for f in source_files(corpus_dir)
-                for d in read_documents(f, "text")]
+                for d in read_documents(f, "text") if d]
     documents = _documents(prefix)
     assert len(documents) == len(expected)
     for ids, text in zip(documents, expected):
@@ -75,6 +77,34 @@ def test_jsonl_text_key(config, prepared, tmp_path):
     documents = _documents(prepare(mine).prefixes[0])
     decoded = [prepared.tokenizer.decode(d[:-1]) for d in documents]
     assert decoded == [r["body"] for r in rows]
+
+
+def _megatron_preprocessed(texts, tokenizer, prefix):
+    """What Megatron's tools/preprocess_data.py --append-eod writes for
+    texts: an end-of-document token after each document with tokens, an
+    empty document for one without."""
+    builder = IndexedDatasetBuilder(
+        f"{prefix}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    for text in texts:
+        ids = tokenizer.encode(text)
+        lengths = [len(ids) + 1] if ids else []
+        builder.add_document(ids + [tokenizer.eod] if ids else [], lengths)
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_empty_documents_are_written_as_megatron_writes_them(
+        config, prepared, tmp_path):
+    texts = ["first", "", "third document", ""]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    mine = replace(config, paths=[str(path)],
+                   tokenizer=str(prepared.tokenizer.path))
+    ours = prepare(mine).prefixes[0]
+    theirs = tmp_path / "megatron"
+    _megatron_preprocessed(texts, prepared.tokenizer, theirs)
+    for suffix in (".bin", ".idx"):
+        assert (Path(ours + suffix).read_bytes()
+                == Path(f"{theirs}{suffix}").read_bytes())
 
 
 @pytest.mark.parametrize("content, words", [
