@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from coom.config import DataConfig
 from coom.data import megatron
 from coom.data.corpus import default_corpus_files, read_documents, source_files
-from coom.data.tokenizer import Tokenizer, train_bpe
+from coom.data.tokenizer import END_OF_DOCUMENT, Tokenizer, train_bpe
 from coom.errors import UserError
 
 DOCUMENTS_PER_TASK = 64
@@ -52,6 +53,13 @@ class TextSource:
     def documents(self, text_key: str) -> Iterator[str]:
         for path in self.files:
             yield from read_documents(path, text_key, self.strict_utf8)
+
+    def document_count(self) -> int | None:
+        """How many documents there are, where that is known without
+        reading the files (a .jsonl holds one per line)."""
+        if any(path.suffix == ".jsonl" for path in self.files):
+            return None
+        return len(self.files)
 
 
 @dataclass
@@ -90,22 +98,28 @@ def _tokenizer(config: DataConfig, sources: list, cache: Path) -> Tokenizer:
         if not Path(config.tokenizer).is_file():
             raise UserError(f"data.tokenizer: {config.tokenizer} does not "
                             "exist")
-        return Tokenizer(Path(config.tokenizer))
+        return Tokenizer(Path(config.tokenizer), config.eod_token)
     texts = [s for s in sources if isinstance(s, TextSource)]
     if not texts:
         raise UserError("data.tokenizer: every source is a prepared "
                         "Megatron dataset, so give the tokenizer.json it "
                         "was made with")
     digest = hashlib.sha256(str(config.tokenizer_vocab_size).encode())
+    # Unset, it adds nothing, so tokenizers cached before it existed stay.
+    digest.update((config.eod_token or "").encode())
     for source in texts:
         digest.update(source.fingerprint(config.text_key).encode())
     path = cache / "tokenizers" / digest.hexdigest()[:16] / "tokenizer.json"
+    eod_token = config.eod_token or END_OF_DOCUMENT
     if path.is_file():
-        return Tokenizer(path)
+        return Tokenizer(path, eod_token)
     print(f"training a {config.tokenizer_vocab_size}-token byte-level BPE "
           f"on {', '.join(s.name for s in texts)}")
     documents = (d for s in texts for d in s.documents(config.text_key))
-    return train_bpe(documents, config.tokenizer_vocab_size, path)
+    counts = [s.document_count() for s in texts]
+    count = None if None in counts else sum(counts)
+    return train_bpe(documents, config.tokenizer_vocab_size, path,
+                     eod_token, count)
 
 
 @functools.lru_cache(maxsize=1)
@@ -122,9 +136,20 @@ def _encode(tokenizer_path: str, eod: int, documents: list[str]) -> list:
             for encoding in encodings]
 
 
-def _tasks(source: TextSource, text_key: str) -> Iterator[list[str]]:
+def _tasks(source: TextSource, text_key: str,
+           eod_token: str) -> Iterator[list[str]]:
+    """Batches of source's documents, warning once if a document holds
+    the end-of-document token's string, which the tokenizer turns into
+    the token itself and so splits the document there."""
     batch = []
+    warned = False
     for document in source.documents(text_key):
+        if not warned and eod_token in document:
+            tqdm.write(f"warning: a document of {source.name} holds the "
+                       f"end-of-document token '{eod_token}' as text; it "
+                       "will be split there (see data.eod_token)",
+                       file=sys.stderr)
+            warned = True
         batch.append(document)
         if len(batch) == DOCUMENTS_PER_TASK:
             yield batch
@@ -139,16 +164,15 @@ def _write_indexed(source: TextSource, tokenizer: Tokenizer,
     dtype = megatron.DType.optimal_dtype(tokenizer.vocab_size)
     builder = megatron.IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     encode = functools.partial(_encode, str(tokenizer.path), tokenizer.eod)
-    has_jsonl = any(f.suffix == ".jsonl" for f in source.files)
-    total = None if has_jsonl else len(source.files)
     count = 0
     # Spawned workers start clean: tokenizers' thread pool and torch's
     # OpenMP state are not fork-safe.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(config.num_workers) as pool, \
-            tqdm(total=total, unit="doc", desc=f"tokenizing {source.name}",
-                 dynamic_ncols=True) as bar:
-        for encoded in pool.imap(encode, _tasks(source, config.text_key)):
+    with (context.Pool(config.num_workers) as pool,
+          tqdm(total=source.document_count(), unit="doc",
+               desc=f"tokenizing {source.name}", dynamic_ncols=True) as bar):
+        tasks = _tasks(source, config.text_key, tokenizer.eod_token)
+        for encoded in pool.imap(encode, tasks):
             for ids in encoded:
                 # An empty document has no sequence, as Megatron writes it.
                 builder.add_document(ids, [len(ids)] if ids else [])
@@ -160,8 +184,11 @@ def _write_indexed(source: TextSource, tokenizer: Tokenizer,
 
 def _prepare_text(source: TextSource, tokenizer: Tokenizer,
                   config: DataConfig, cache: Path) -> str:
+    # The end-of-document token is part of the key: one tokenizer.json
+    # may be used with several.
     key = hashlib.sha256((source.fingerprint(config.text_key)
-                          + tokenizer.fingerprint).encode()).hexdigest()[:16]
+                          + tokenizer.fingerprint + tokenizer.eod_token
+                          ).encode()).hexdigest()[:16]
     folder = cache / "datasets" / f"{source.name}-{key}"
     prefix = folder / "tokens"
     if (folder / "manifest.json").is_file():

@@ -11,6 +11,7 @@ from coom.data.corpus import read_documents, source_files
 from coom.data.loader import build_samples
 from coom.data.megatron import DType, IndexedDataset, IndexedDatasetBuilder
 from coom.data.prepare import prepare
+from coom.data.tokenizer import train_bpe
 from coom.errors import UserError
 
 
@@ -163,6 +164,47 @@ def test_existing_megatron_blend_with_weights(config, prepared, tmp_path):
     batch = train.batch(0)
     assert batch.tokens.shape == (4, 16)
     assert (batch.tokens[:, 1:] == batch.labels[:, :-1]).all()
+
+
+def test_megatron_data_of_a_tokenizer_ending_documents_with_eos(
+        config, tmp_path):
+    """The end token of a Hugging Face tokenizer is its tokenizer_config's
+    eos_token, as for Megatron's preprocess_data.py."""
+    path = tmp_path / "tokenizer.json"
+    eos = train_bpe(["a few words of text"] * 10, 300, path, "</s>").eod
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    _write_megatron(tmp_path / "docs", [[5, 6, 7, eos]] * 20)
+    data = prepare(replace(config, paths=[str(tmp_path / "docs")],
+                           tokenizer=str(path)))
+    assert data.tokenizer.eod == eos
+
+
+def test_data_eod_token_ends_documents_of_a_trained_tokenizer(
+        config, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("notes to train a tokenizer on " * 20)
+    mine = replace(config, paths=[str(path)], eod_token="<|end|>",
+                   tokenizer_vocab_size=300)
+    data = prepare(mine)
+    (ids,) = _documents(data.prefixes[0])
+    assert data.tokenizer.hf.id_to_token(int(ids[-1])) == "<|end|>"
+    assert data.tokenizer.decode(ids[:-1]) == path.read_text()
+
+
+def test_end_of_document_text_in_a_document_warns_once(
+        config, prepared, tmp_path, capsys):
+    path = tmp_path / "records.jsonl"
+    texts = ["one <|endoftext|> two", "three <|endoftext|>", "four"]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    mine = replace(config, paths=[str(path)],
+                   tokenizer=str(prepared.tokenizer.path))
+    documents = _documents(prepare(mine).prefixes[0])
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "'<|endoftext|>'" in warnings[0]
+    eod = prepared.tokenizer.eod
+    assert list(documents[0]).count(eod) == 2
 
 
 def test_truncated_bin_is_refused(config, prepared, tmp_path):

@@ -246,6 +246,28 @@ def test_resume_with_another_model_shape_is_refused(small_run, tmp_path,
     assert latest_checkpoint(run / "checkpoints").name == "step_0000003"
 
 
+def test_run_with_a_tokenizer_that_ends_documents_with_eos(
+        small_run, tmp_path, capsys):
+    """A tokenizer_config.json names the end token; the run keeps only
+    tokenizer.json, so its config names the token for resume and
+    generate."""
+    folder = tmp_path / "llama"
+    train_bpe(["some text to tokenize"] * 50, 300,
+              folder / "tokenizer.json", "</s>")
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    run = tmp_path / "run"
+    assert _train(run, small_run + [f"data.tokenizer={folder}/tokenizer.json",
+                                    "train.exit_interval=3"]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["eod_token"] == "</s>"
+    assert main(["train", "--resume", str(run)]) == 0
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000006"
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "some",
+                 "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("some")
+
+
 def test_model_vocabulary_smaller_than_tokenizer_is_refused(
         small_run, tmp_path, capsys):
     _fails_cleanly(capsys, ["train", "--run-dir", str(tmp_path / "r"),
