@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import shutil
+import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ from coom.data.tokenizer import END_OF_DOCUMENT, Tokenizer, train_bpe
 from coom.errors import UserError
 
 DOCUMENTS_PER_TASK = 64
+
+# The head of a Megatron .idx: magic, version 1, dtype code, then the
+# sequence and document counts; int32 lengths, int64 pointers and int64
+# document indices follow.
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_HEAD = struct.Struct("<9sQBQQ")
 
 
 @dataclass
@@ -205,11 +212,38 @@ def _prepare_text(source: TextSource, tokenizer: Tokenizer,
     return str(prefix)
 
 
+def _index_problem(path: Path) -> str | None:
+    """What makes path no Megatron .idx, if anything.
+
+    Checked before Megatron reads it: an IndexedDataset that fails half
+    built fails again in its __del__, which prints a traceback after
+    COOM's own error.
+    """
+    with open(path, "rb") as file:
+        head = file.read(INDEX_HEAD.size)
+    if len(head) < INDEX_HEAD.size or not head.startswith(INDEX_MAGIC):
+        return "no Megatron index header"
+    _, version, code, sequences, documents = INDEX_HEAD.unpack(head)
+    if version != 1:
+        return f"index version {version}, not 1"
+    if code not in {dtype.value for dtype in megatron.DType}:
+        return f"unknown token type code {code}"
+    needed = INDEX_HEAD.size + sequences * 12 + documents * 8
+    if path.stat().st_size < needed:
+        return (f"{path.stat().st_size} bytes, but its {sequences} "
+                f"sequences and {documents} documents need {needed}")
+    return None
+
+
 def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
     """Refuse a missing, truncated or foreign-vocabulary .bin/.idx pair."""
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
             raise UserError(f"data.paths: {prefix}{suffix} is missing")
+    problem = _index_problem(Path(prefix + ".idx"))
+    if problem is not None:
+        raise UserError(f"{prefix}.idx is not a readable Megatron index "
+                        f"({problem})")
     try:
         dataset = megatron.IndexedDataset(prefix, multimodal=False,
                                           mmap=True)

@@ -1,5 +1,7 @@
+import gc
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -218,13 +220,47 @@ def test_truncated_bin_is_refused(config, prepared, tmp_path):
         prepare(mine)
 
 
-def test_corrupt_idx_is_refused(config, prepared, tmp_path):
-    prefix = tmp_path / "garbage"
+def _broken_index(index: bytes, case: str) -> bytes:
+    """index spoilt in one of the ways a .idx can be."""
+    if case == "garbage":
+        return b"not an index at all"
+    if case == "version":
+        return index[:9] + (2).to_bytes(8, "little") + index[17:]
+    if case == "dtype":
+        return index[:17] + bytes([99]) + index[18:]
+    return index[:-8]  # cut short
+
+
+@pytest.mark.parametrize("case, words", [
+    ("garbage", "no Megatron index header"), ("version", "version 2"),
+    ("dtype", "token type code 99"), ("cut", "need"),
+])
+def test_corrupt_idx_is_refused_in_one_line(config, prepared, tmp_path,
+                                            monkeypatch, case, words):
+    """Refused before Megatron reads it: a half-built IndexedDataset's
+    __del__ would print a traceback after COOM's error."""
+    prefix = tmp_path / "broken"
     _write_megatron(prefix, [[1, 2, 3, 0]] * 20)
-    (tmp_path / "garbage.idx").write_bytes(b"not an index at all")
+    index = tmp_path / "broken.idx"
+    index.write_bytes(_broken_index(index.read_bytes(), case))
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     mine = replace(config, paths=[str(prefix)],
                    tokenizer=str(prepared.tokenizer.path))
-    with pytest.raises(UserError, match="not a readable Megatron index"):
+    with pytest.raises(UserError, match=f"not a readable Megatron index "
+                       f"\\(.*{words}"):
+        prepare(mine)
+    gc.collect()
+    assert unraisable == []
+
+
+def test_idx_of_another_dataset_is_refused(config, prepared, tmp_path):
+    _write_megatron(tmp_path / "mine", [[1, 2, 3, 0]] * 20)
+    _write_megatron(tmp_path / "other", [[1, 2, 3, 4, 5, 0]] * 30)
+    (tmp_path / "other.idx").replace(tmp_path / "mine.idx")
+    mine = replace(config, paths=[str(tmp_path / "mine")],
+                   tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match="do not belong together"):
         prepare(mine)
 
 
