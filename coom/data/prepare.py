@@ -100,6 +100,17 @@ def _resolve(config: DataConfig) -> list:
     return sources
 
 
+def _make_cache_folder(folder: Path) -> None:
+    """Make folder inside data.cache_dir, refusing in one line if the
+    cache cannot be written (before any work goes into filling it)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"data.cache_dir: cannot write {folder} "
+                        f"({error.strerror}); set data.cache_dir to a "
+                        "writable folder") from None
+
+
 def _tokenizer(config: DataConfig, sources: list, cache: Path) -> Tokenizer:
     if config.tokenizer is not None:
         if not Path(config.tokenizer).is_file():
@@ -120,6 +131,7 @@ def _tokenizer(config: DataConfig, sources: list, cache: Path) -> Tokenizer:
     eod_token = config.eod_token or END_OF_DOCUMENT
     if path.is_file():
         return Tokenizer(path, eod_token)
+    _make_cache_folder(path.parent)
     print(f"training a {config.tokenizer_vocab_size}-token byte-level BPE "
           f"on {', '.join(s.name for s in texts)}")
     documents = (d for s in texts for d in s.documents(config.text_key))
@@ -202,7 +214,7 @@ def _prepare_text(source: TextSource, tokenizer: Tokenizer,
         return str(prefix)
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
+    _make_cache_folder(temporary)
     count = _write_indexed(source, tokenizer, config, temporary / "tokens")
     manifest = {"source": source.name, "documents": count,
                 "files": [str(f) for f in source.files],

@@ -129,6 +129,23 @@ def test_missing_source_is_refused(config):
         prepare(replace(config, paths=["/no/such/file.txt"]))
 
 
+@pytest.mark.parametrize("with_tokenizer", [False, True])
+def test_unwritable_cache_dir_is_refused(config, prepared, tmp_path,
+                                         with_tokenizer):
+    """Refused in one line before a tokenizer is trained or data is
+    tokenized into it."""
+    (tmp_path / "a_file").write_text("")
+    path = tmp_path / "notes.txt"
+    path.write_text("notes " * 30)
+    mine = replace(config, paths=[str(path)],
+                   cache_dir=str(tmp_path / "a_file" / "cache"))
+    if with_tokenizer:
+        mine = replace(mine, tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match="data.cache_dir: cannot write .*"
+                       "a_file/cache"):
+        prepare(mine)
+
+
 def test_invalid_utf8_is_refused(config, prepared, tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("café".encode("latin-1"))
