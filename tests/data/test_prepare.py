@@ -305,3 +305,29 @@ def test_too_little_validation_data_is_refused(config, prepared, tmp_path):
                    tokenizer=str(prepared.tokenizer.path))
     with pytest.raises(UserError, match="data.split"):
         build_samples(prepare(mine), mine, 1, 2, 10, 4)
+
+
+@pytest.mark.parametrize("train_samples, valid_samples, field", [
+    (16 * 10**15, 4, "train.steps asks for 16,000,000,000,000,000 training"),
+    (100, 10**12, "train.eval_iters asks for 1,000,000,000,000 validation"),
+])
+def test_more_samples_than_megatron_can_index_are_refused(
+        config, prepared, tmp_path, train_samples, valid_samples, field):
+    """Megatron would count the passes over the data one by one for
+    minutes, then run out of memory."""
+    _write_megatron(tmp_path / "small", [list(range(1, 40)) + [0]] * 20)
+    mine = replace(config, paths=[str(tmp_path / "small")], split="50,50,0",
+                   tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match=f"{field} samples: .* passes over "
+                       "the 400 .* tokens of .*small.*lower train"):
+        build_samples(prepare(mine), mine, 1, 2, train_samples,
+                      valid_samples)
+
+
+def test_many_passes_over_small_data_still_build(config, prepared,
+                                                 tmp_path):
+    _write_megatron(tmp_path / "small", [list(range(1, 40)) + [0]] * 20)
+    mine = replace(config, paths=[str(tmp_path / "small")], split="50,50,0",
+                   tokenizer=str(prepared.tokenizer.path))
+    train, _ = build_samples(prepare(mine), mine, 1, 2, 20_000, 4)
+    assert len(train) >= 20_000  # 800 passes over 400 tokens
