@@ -40,6 +40,11 @@ DOCUMENTS_PER_TASK = 64
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_HEAD = struct.Struct("<9sQBQQ")
 
+# Tokens of a .bin read at a time when checking it, and the seconds a
+# check takes before it shows a progress bar.
+SCAN_CHUNK = 1 << 26
+PROGRESS_DELAY_S = 1.0
+
 
 @dataclass
 class TextSource:
@@ -247,6 +252,21 @@ def _index_problem(path: Path) -> str | None:
     return None
 
 
+def _largest_token(path: str, dtype) -> int:
+    """The largest token id in a non-empty .bin, read in chunks behind a
+    progress bar: a large dataset takes minutes to read."""
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    largest = 0
+    with tqdm(total=tokens.nbytes, unit="B", unit_scale=True,
+              desc=f"checking {path}", delay=PROGRESS_DELAY_S,
+              dynamic_ncols=True) as bar:
+        for start in range(0, tokens.size, SCAN_CHUNK):
+            chunk = tokens[start:start + SCAN_CHUNK]
+            largest = max(largest, int(chunk.max()))
+            bar.update(chunk.nbytes)
+    return largest
+
+
 def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
     """Refuse a missing, truncated or foreign-vocabulary .bin/.idx pair."""
     for suffix in (".bin", ".idx"):
@@ -272,8 +292,7 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
         raise UserError(f"{prefix}.bin has {actual} bytes but {prefix}.idx "
                         f"describes {expected}: a file is truncated or the "
                         "two do not belong together")
-    tokens = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r")
-    largest = int(tokens.max()) if tokens.size else 0
+    largest = _largest_token(prefix + ".bin", index.dtype) if actual else 0
     if largest >= vocab_size:
         raise UserError(f"{prefix}.bin holds token id {largest} but the "
                         f"tokenizer has only {vocab_size} tokens; set "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from coom.config import DataConfig
+from coom.data import prepare as prepare_module
 from coom.data.corpus import read_documents, source_files
 from coom.data.loader import build_samples
 from coom.data.megatron import DType, IndexedDataset, IndexedDatasetBuilder
@@ -289,6 +290,20 @@ def test_token_ids_beyond_the_vocabulary_are_refused(config, prepared,
                    tokenizer=str(prepared.tokenizer.path))
     with pytest.raises(UserError, match="token id 60000"):
         prepare(mine)
+
+
+def test_checking_a_long_bin_shows_progress(config, prepared, tmp_path,
+                                            monkeypatch, capsys):
+    """Finding the largest token id reads the whole .bin, minutes for a
+    large dataset: a bar shows it past PROGRESS_DELAY_S."""
+    monkeypatch.setattr(prepare_module, "SCAN_CHUNK", 7)
+    monkeypatch.setattr(prepare_module, "PROGRESS_DELAY_S", 0)
+    _write_megatron(tmp_path / "long", [[5, 6, 7, 0]] * 19 + [[5, 999]])
+    mine = replace(config, paths=[str(tmp_path / "long")],
+                   tokenizer=str(prepared.tokenizer.path))
+    with pytest.raises(UserError, match="token id 999"):
+        prepare(mine)
+    assert "checking " in capsys.readouterr().err
 
 
 def test_megatron_only_sources_need_a_tokenizer(config, tmp_path):
