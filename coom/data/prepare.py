@@ -253,8 +253,8 @@ def _index_problem(path: Path) -> str | None:
 
 
 def _largest_token(path: str, dtype) -> int:
-    """The largest token id in a non-empty .bin, read in chunks behind a
-    progress bar: a large dataset takes minutes to read."""
+    """The largest token id in a .bin, read in chunks behind a progress
+    bar: a large dataset takes minutes to read."""
     tokens = np.memmap(path, dtype=dtype, mode="r")
     largest = 0
     with tqdm(total=tokens.nbytes, unit="B", unit_scale=True,
@@ -276,6 +276,10 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
     if problem is not None:
         raise UserError(f"{prefix}.idx is not a readable Megatron index "
                         f"({problem})")
+    # Megatron cannot map an empty file, and fails again in __del__.
+    if Path(prefix + ".bin").stat().st_size == 0:
+        raise UserError(f"{prefix}.bin is empty: the dataset holds no "
+                        "tokens; remove it from data.paths")
     try:
         dataset = megatron.IndexedDataset(prefix, multimodal=False,
                                           mmap=True)
@@ -292,7 +296,7 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
         raise UserError(f"{prefix}.bin has {actual} bytes but {prefix}.idx "
                         f"describes {expected}: a file is truncated or the "
                         "two do not belong together")
-    largest = _largest_token(prefix + ".bin", index.dtype) if actual else 0
+    largest = _largest_token(prefix + ".bin", index.dtype)
     if largest >= vocab_size:
         raise UserError(f"{prefix}.bin holds token id {largest} but the "
                         f"tokenizer has only {vocab_size} tokens; set "

@@ -306,6 +306,20 @@ def test_checking_a_long_bin_shows_progress(config, prepared, tmp_path,
     assert "checking " in capsys.readouterr().err
 
 
+def test_empty_megatron_dataset_is_refused_in_one_line(config, prepared,
+                                                       tmp_path,
+                                                       monkeypatch):
+    _write_megatron(tmp_path / "empty", [])
+    mine = replace(config, paths=[str(tmp_path / "empty")],
+                   tokenizer=str(prepared.tokenizer.path))
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(UserError, match="empty.bin is empty"):
+        prepare(mine)
+    gc.collect()
+    assert unraisable == []
+
+
 def test_megatron_only_sources_need_a_tokenizer(config, tmp_path):
     prefix = tmp_path / "only"
     _write_megatron(prefix, [[1, 2, 0]] * 20)
