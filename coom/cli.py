@@ -274,7 +274,7 @@ def cmd_generate(args) -> int:
     if weights.tokenizer is None:
         raise UserError(f"{args.source} comes with no tokenizer.json to "
                         "encode the prompt")
-    tokenizer = Tokenizer(weights.tokenizer)
+    tokenizer = Tokenizer(weights.tokenizer, weights.eod_token)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(weights, device, dtype)

@@ -275,6 +275,14 @@ class DataConfig:
     tokenizer_vocab_size: int = 8192
     """Vocabulary size of a tokenizer trained by COOM."""
 
+    eod_token: str | None = None
+    """The token written after each document (Megatron: the tokenizer's
+    eod). None takes the eos_token of the tokenizer_config.json beside
+    the tokenizer.json, as Megatron's preprocess_data.py does, and
+    otherwise <|endoftext|>, the one special token of a tokenizer trained
+    by COOM. A document whose text holds this token's string is split
+    there (a warning says so once)."""
+
     seq_length: int = 256
     """Tokens per training sample."""
 
@@ -297,6 +305,8 @@ class DataConfig:
         _positive(self, "tokenizer_vocab_size", "seq_length", "num_workers")
         _require(self.tokenizer_vocab_size >= 257, "tokenizer_vocab_size",
                  "must be at least 257 (256 bytes plus end-of-document)")
+        _require(self.eod_token != "", "eod_token",
+                 "must name a token; leave it unset for the tokenizer's own")
         if self.weights is not None:
             _require(len(self.weights) == len(self.paths), "weights",
                      f"has {len(self.weights)} entries but paths has "

@@ -6,6 +6,7 @@ no download. Each file is one document.
 """
 import hashlib
 import json
+import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,12 @@ from pathlib import Path
 from coom.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+
+# Where a .jsonl line ends: the newlines of Python's text files, which
+# Megatron's tools/preprocess_data.py reads. str.splitlines() would also
+# break at U+2028, U+2029 and U+0085, which json.dumps(ensure_ascii=False)
+# writes raw inside strings.
+JSONL_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def default_corpus_files() -> list[Path]:
@@ -67,8 +74,8 @@ def read_documents(path: Path, text_key: str,
     if path.suffix != ".jsonl":
         yield _read_text(path, strict)
         return
-    for number, line in enumerate(
-            _read_text(path, strict).splitlines(), start=1):
+    lines = JSONL_LINE_END.split(_read_text(path, strict))
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

@@ -6,6 +6,8 @@ exactly the same batches. Validation always uses the same first samples of
 the validation split, so its loss is comparable from one evaluation to the
 next.
 """
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,13 @@ from coom.config import DataConfig
 from coom.data import megatron
 from coom.data.prepare import PreparedData
 from coom.errors import UserError
+
+# Megatron counts the passes over a dataset that its samples need one at a
+# time in Python, then builds a document index of passes x documents and a
+# sample index: past a million passes, or indices larger than the
+# machine's memory, it runs for minutes or runs out of memory instead of
+# failing.
+MAX_EPOCHS = 10**6
 
 
 @dataclass
@@ -48,19 +57,54 @@ class Samples:
                        for key in ("tokens", "labels", "loss_mask")))
 
 
-def _tokens_per_split(prefix: str, split_matrix) -> list[int]:
-    """Tokens in the train and validation document ranges of prefix."""
+def _split_sizes(prefix: str, split_matrix) -> list[tuple[int, int]]:
+    """Tokens and documents in the train and validation document ranges
+    of prefix."""
     # The lengths are a view of the index's memory map, which closes when
     # the dataset object is collected: keep it alive while reading them.
     dataset = megatron.IndexedDataset(prefix, multimodal=False)
     lengths = dataset.sequence_lengths
-    tokens = []
+    sizes = []
     for begin, end in split_matrix[:2]:
         first = int(round(begin * len(lengths)))
         last = int(round(end * len(lengths)))
-        tokens.append(int(lengths[first:last].sum()))
+        sizes.append((int(lengths[first:last].sum()), last - first))
     del dataset
-    return tokens
+    return sizes
+
+
+def _check_index_size(prefix: str, split: str, field: str, samples: int,
+                      seq_length: int, tokens: int, documents: int) -> None:
+    """Refuse more samples of a split than Megatron can index."""
+    epochs = -(-(samples * seq_length + 1) // tokens)
+    # Megatron's document index passes through two int64 grids and an
+    # int32 copy; its sample and shuffle indices take 16 bytes a sample.
+    index_bytes = 20 * epochs * documents + 16 * samples
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if epochs > MAX_EPOCHS or index_bytes > memory:
+        raise UserError(
+            f"{field} asks for {samples:,} {split} samples: {epochs:,} "
+            f"passes over the {tokens:,} {split} tokens of {prefix}, "
+            f"indexed in {index_bytes / 2**30:,.1f} GiB (Megatron's "
+            f"indices allow {MAX_EPOCHS:,} passes and this machine's "
+            f"{memory / 2**30:,.0f} GiB): lower {field} or add data")
+
+
+def _check_blend_size(prefixes: list[str], weights: list[float],
+                      sizes: list, samples: list[int],
+                      seq_length: int) -> None:
+    """Refuse sample counts that some dataset of a blend cannot index."""
+    total = sum(weights)
+    for prefix, weight, splits in zip(prefixes, weights, sizes,
+                                      strict=True):
+        # Megatron's blend asks each dataset for 0.5% more than its share.
+        share = weight / total * (1.005 if len(prefixes) > 1 else 1)
+        for split, field, wanted, (tokens, documents) in zip(
+                ("training", "validation"),
+                ("train.steps", "train.eval_iters"), samples, splits,
+                strict=True):
+            _check_index_size(prefix, split, field, math.ceil(wanted * share),
+                              seq_length, tokens, documents)
 
 
 def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
@@ -78,9 +122,10 @@ def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
         tokenizer=prepared.tokenizer, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False, path_to_cache=cache)
-    sizes = [_tokens_per_split(p, dataset_config.split_matrix)
+    sizes = [_split_sizes(p, dataset_config.split_matrix)
              for p in prepared.prefixes]
-    for prefix, (train_tokens, valid_tokens) in zip(prepared.prefixes, sizes):
+    for prefix, ((train_tokens, _), (valid_tokens, _)) in zip(
+            prepared.prefixes, sizes, strict=True):
         if min(train_tokens, valid_tokens) <= config.seq_length:
             raise UserError(
                 f"{prefix}: data.split '{config.split}' leaves "
@@ -89,7 +134,9 @@ def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
                 f"{config.seq_length}: add data or change data.split")
     weights = prepared.weights
     if weights is None and len(sizes) > 1:
-        weights = [float(train) for train, _ in sizes]
+        weights = [float(train) for (train, _), _ in sizes]
+    _check_blend_size(prepared.prefixes, weights or [1.0], sizes,
+                      [train_samples, valid_samples], config.seq_length)
     dataset_config.blend = (prepared.prefixes, weights)
     builder = megatron.BlendedMegatronDatasetBuilder(
         megatron.GPTDataset, [train_samples, valid_samples, 0],

@@ -36,6 +36,9 @@ class Weights:
     state: dict
     tokenizer: Optional[Path]
     tokenizer_sha256: Optional[str] = None
+    eod_token: str | None = None
+    """The tokenizer's end-of-document token where the run named it
+    (data.eod_token)."""
 
 
 def _existing(*paths: Path) -> Optional[Path]:
@@ -50,7 +53,8 @@ def _from_checkpoint(folder: Path) -> Weights:
                           folder / "tokenizer.json",
                           folder.parent.parent / "tokenizer.json")
     return Weights(ModelConfig(**config["model"]), state["model"], tokenizer,
-                   state.get("tokenizer_sha256"))
+                   state.get("tokenizer_sha256"),
+                   config.get("data", {}).get("eod_token"))
 
 
 def _check_shapes(config: ModelConfig, state: dict, folder: Path) -> None:

@@ -301,8 +301,10 @@ class Trainer:
         self.consumed_samples = 0
 
     def _resolved(self, config: RunConfig) -> RunConfig:
-        """config with the tokenizer copied into the run and the model's
-        vocabulary size filled in, so that a resume finds both."""
+        """config with the tokenizer copied into the run, its
+        end-of-document token named (the copy leaves any
+        tokenizer_config.json behind) and the model's vocabulary size
+        filled in, so that a resume finds all three."""
         vocab = self.tokenizer.vocab_size
         size = config.model.vocab_size
         if size is not None and size < vocab:
@@ -315,7 +317,8 @@ class Trainer:
             shutil.copyfile(self.tokenizer.path, kept)
         return replace(config,
                        model=replace(config.model, vocab_size=size or vocab),
-                       data=replace(config.data, tokenizer=str(kept)))
+                       data=replace(config.data, tokenizer=str(kept),
+                                    eod_token=self.tokenizer.eod_token))
 
     def _tokenizer_sha256(self):
         return None if self.tokenizer is None else self.tokenizer.fingerprint

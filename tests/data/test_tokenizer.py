@@ -1,3 +1,8 @@
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from coom.data.tokenizer import END_OF_DOCUMENT, Tokenizer, train_bpe
@@ -60,3 +65,77 @@ def test_unreadable_tokenizer_is_refused(tmp_path):
     path.write_text("{ not json")
     with pytest.raises(UserError, match="cannot load tokenizer"):
         Tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def llama_style(tmp_path_factory):
+    """A tokenizer.json whose end token is </s>, named by the
+    tokenizer_config.json beside it, as Hugging Face models ship them."""
+    folder = tmp_path_factory.mktemp("llama")
+    train_bpe(MULTILINGUAL, 300, folder / "tokenizer.json", "</s>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": {"content": "</s>", "special": True}}))
+    return folder / "tokenizer.json"
+
+
+def test_end_of_document_is_the_declared_eos_token(llama_style):
+    tokenizer = Tokenizer(llama_style)
+    assert tokenizer.eod_token == "</s>"
+    assert tokenizer.hf.id_to_token(tokenizer.eod) == "</s>"
+
+
+def test_data_eod_token_overrides_the_declared_one(llama_style, tokenizer):
+    path = tokenizer.path.with_name("tokenizer_config.json")
+    path.write_text(json.dumps({"eos_token": "<eos>"}))
+    try:
+        named = Tokenizer(tokenizer.path, END_OF_DOCUMENT)
+        with pytest.raises(UserError, match="no '<eos>' token.*"
+                           "set data.eod_token"):
+            Tokenizer(tokenizer.path)
+    finally:
+        path.unlink()
+    assert named.hf.id_to_token(named.eod) == END_OF_DOCUMENT
+    with pytest.raises(UserError, match="no '<|endoftext|>' token"):
+        Tokenizer(llama_style, END_OF_DOCUMENT)
+
+
+def test_broken_tokenizer_config_is_refused(tmp_path, tokenizer):
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer.path.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text("{ not json")
+    with pytest.raises(UserError, match="tokenizer_config.json is not "
+                       "valid JSON"):
+        Tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_training_off_a_terminal_prints_nothing(tmp_path, capfd):
+    """tokenizers' bars leave blank lines on stdout when not drawn."""
+    train_bpe(MULTILINGUAL, 300, tmp_path / "tokenizer.json")
+    assert capfd.readouterr() == ("", "")
+
+
+def test_training_on_a_terminal_shows_progress(tmp_path):
+    script = ("import sys; from pathlib import Path; "
+              "from coom.data.tokenizer import train_bpe; "
+              "train_bpe(['some text'] * 50, 300, "
+              "Path(sys.argv[1]), count=50)")
+    leader, follower = os.openpty()
+    child = subprocess.Popen([sys.executable, "-c", script,
+                              str(tmp_path / "tokenizer.json")],
+                             stderr=follower)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # how Linux ends a closed terminal's output
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert child.wait() == 0
+    text = shown.decode(errors="replace")
+    assert "Pre-processing sequences" in text
+    assert "Compute merges" in text
+    # The known count of documents gives the first bar its total.
+    assert "/       50" in text

@@ -57,11 +57,13 @@ def test_run_writes_metrics_config_info_checkpoints_and_report(
 
 def test_training_lowers_the_validation_loss(small_run, tmp_path):
     run = tmp_path / "run"
-    # Half the documents validate, so that code (not only the multilingual
-    # lines at the end of the corpus) is in the validation split.
+    # About half the documents validate, so that code (not only the
+    # multilingual lines at the end of the corpus) is in the validation
+    # split: the last 14 of the 46 non-empty files and those lines (the
+    # empty files hold no document).
     longer = small_run + ["train.steps=30", "train.eval_interval=10",
                           "train.micro_batch_size=8",
-                          "train.global_batch_size=8", "data.split=50,50,0",
+                          "train.global_batch_size=8", "data.split=48,52,0",
                           "optimizer.lr=1e-2", "optimizer.min_lr=1e-3"]
     assert _train(run, longer) == 0
     valid = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
@@ -244,6 +246,28 @@ def test_resume_with_another_model_shape_is_refused(small_run, tmp_path,
                             f"data.tokenizer={other.path}"],
                    "another tokenizer")
     assert latest_checkpoint(run / "checkpoints").name == "step_0000003"
+
+
+def test_run_with_a_tokenizer_that_ends_documents_with_eos(
+        small_run, tmp_path, capsys):
+    """A tokenizer_config.json names the end token; the run keeps only
+    tokenizer.json, so its config names the token for resume and
+    generate."""
+    folder = tmp_path / "llama"
+    train_bpe(["some text to tokenize"] * 50, 300,
+              folder / "tokenizer.json", "</s>")
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    run = tmp_path / "run"
+    assert _train(run, small_run + [f"data.tokenizer={folder}/tokenizer.json",
+                                    "train.exit_interval=3"]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["eod_token"] == "</s>"
+    assert main(["train", "--resume", str(run)]) == 0
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000006"
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "some",
+                 "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("some")
 
 
 def test_model_vocabulary_smaller_than_tokenizer_is_refused(
