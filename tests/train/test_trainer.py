@@ -43,7 +43,7 @@ def test_run_writes_metrics_config_info_checkpoints_and_report(
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["vocab_size"] == 512
-    assert config["data"]["tokenizer"] == str(run / "tokenizer.json")
+    assert config["data"]["tokenizer"] == "tokenizer.json"
     info = json.loads((run / "run_info.json").read_text())
     assert info["versions"]["megatron-core"] == "0.16.1"
     assert info["git_sha"] and info["machine"]["cpu_count"]
@@ -89,6 +89,48 @@ def test_resumed_run_is_bitwise_equal_to_uninterrupted(small_run, tmp_path):
     for name in biases:
         assert final[0][name].abs().sum() > 0
         assert torch.equal(final[0][name], final[1][name])
+
+
+def test_a_moved_run_resumes_and_evaluates_from_another_folder(
+        small_run, tmp_path, monkeypatch):
+    """Launched from one folder with a relative --run-dir, stopped at
+    step 3 by a kill before its first pointer move (no ``latest``),
+    moved, then resumed and evaluated from elsewhere by its absolute
+    path."""
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    launch.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(launch)
+    assert _train("runs/r", small_run + ["train.exit_interval=3"]) == 0
+    (launch / "runs/r/checkpoints/latest").unlink()
+    moved = tmp_path / "moved"
+    (launch / "runs/r").rename(moved)
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", str(moved), "--out", "eval.json"]) == 0
+    assert json.loads((elsewhere / "eval.json").read_text())[
+        "checkpoint"] == str(moved / "checkpoints/step_0000003")
+    assert main(["train", "--resume", str(moved), "--set",
+                 "train.exit_interval=null"]) == 0
+    steps = [record["step"] for record in read_metrics(moved)]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
+    assert latest_checkpoint(moved / "checkpoints").name == "step_0000006"
+    info = json.loads((moved / "run_info.json").read_text())
+    assert len(info["resumes"]) == 1
+
+
+def test_a_run_killed_while_preparing_its_data_resumes(small_run,
+                                                       tmp_path,
+                                                       monkeypatch):
+    run = tmp_path / "run"
+
+    def killed(config):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("coom.train.trainer.prepare", killed)
+    assert _train(run, small_run) == 130
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000006"
+    assert [r["step"] for r in read_metrics(run)] == list(range(7))
 
 
 def test_expert_bias_balances_the_load(small_run, tmp_path):
