@@ -156,9 +156,24 @@ def _train_in(run_dir: Path, config) -> int:
               f"coom report {run_dir}")
     else:
         print(f"stopped at step {step} ({outcome}) with a "
-              f"checkpoint; continue with: coom train --resume {run_dir}")
+              f"checkpoint; continue with: {_relaunch()} --resume "
+              f"{run_dir}")
     print(energy)
     return 0
+
+
+def _relaunch() -> str:
+    """The command that continues this launch's run: under torchrun, one
+    that starts as many processes again."""
+    from coom.parallel.mesh import launched_world_size
+    processes = launched_world_size()
+    if processes == 1:
+        return "coom train"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    nodes = processes // per_node
+    spread = (f" --nnodes {nodes} (with this launch's rendezvous options)"
+              if nodes > 1 else "")
+    return f"torchrun{spread} --nproc-per-node {per_node} -m coom train"
 
 
 def cmd_data_prepare(args) -> int:
@@ -621,7 +636,9 @@ def main(argv=None) -> int:
     except UserError as error:
         if args.debug:
             raise
-        print(f"coom: error: {error}", file=sys.stderr)
+        # Under torchrun each process meets it; one line says it.
+        if _first_process():
+            print(f"coom: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("coom: interrupted", file=sys.stderr)

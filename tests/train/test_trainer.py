@@ -1,6 +1,9 @@
 """Integration tests: short real runs through the ``coom`` command."""
 import gc
+import glob
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from coom.parallel.mesh import World
 from coom.train.checkpoint import latest_checkpoint, load_checkpoint
 from coom.train.metrics import read_metrics
 from coom.train.trainer import Trainer
+from tests.launch import command, launch
 
 
 def _train(run_dir, overrides, *extra) -> int:
@@ -226,6 +230,79 @@ def test_sigterm_checkpoints_and_exits_cleanly(small_run, tmp_path):
     state = load_checkpoint(latest_checkpoint(run / "checkpoints"))
     assert state["step"] == read_metrics(run)[-1]["step"]
     assert state["step"] >= 3
+    assert "Traceback" not in err
+
+
+# A run of the tiny model on random tokens, cheap enough to launch
+# under torchrun.
+SYNTHETIC = ["train.device=cpu", "data.synthetic=true",
+             "model.vocab_size=512", "data.seq_length=32",
+             "model.num_layers=2", "model.hidden_size=32",
+             "model.num_attention_heads=2", "model.ffn_hidden_size=64",
+             "train.micro_batch_size=1", "train.global_batch_size=2",
+             "schedule.lr_warmup_iters=1", "logging.progress_bar=false",
+             "logging.tensorboard=false", "logging.log_interval=1"]
+
+
+BAD_LAYOUT = ("config field model.num_attention_heads: 2 does not split "
+              "over parallel.tensor 3")
+
+
+def test_a_bad_layout_under_torchrun_is_said_once(tmp_path):
+    """Every process meets it; the first says it. (What torchrun prints
+    of its processes' failure is its own.)"""
+    result = launch(2, "train", "tiny", "--run-dir", str(tmp_path),
+                    "--set", *SYNTHETIC, "parallel.tensor=3", timeout=300)
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("coom: error:")]
+    assert errors == [f"coom: error: {BAD_LAYOUT}"], result.stderr
+    assert re.search(r"exitcode\s*: 2 ", result.stderr)
+
+
+def test_the_other_processes_of_a_launch_exit_2_silently(
+        tmp_path, monkeypatch, capsys):
+    """torchrun stops the others once one has failed, so the launch
+    above cannot show each one's exit code."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _train(tmp_path, SYNTHETIC + ["parallel.tensor=3"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert _train(tmp_path, SYNTHETIC + ["parallel.tensor=3"]) == 2
+    assert capsys.readouterr().err == f"coom: error: {BAD_LAYOUT}\n"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for path in glob.glob(f"/proc/{pid}/task/*/children")
+            for child in open(path).read().split()]
+
+
+def test_sigterm_under_torchrun_checkpoints_exits_0_and_says_how_to_resume(
+        tmp_path):
+    """SIGTERM to each process (as a scheduler sends it): all stop after
+    one step, write its checkpoint and exit with 0, so torchrun does;
+    the resume it prints is a torchrun launch again."""
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        command(2, "train", "tiny", "--run-dir", str(run), "--set",
+                *SYNTHETIC, "train.steps=5000", "train.eval_interval=5000",
+                "checkpoint.interval=5000"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    for child in _children(process.pid):
+        os.kill(child, signal.SIGTERM)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err
+    step = read_metrics(run)[-1]["step"]
+    assert f"stopped at step {step} (SIGTERM)" in out
+    assert (f"continue with: torchrun --nproc-per-node 2 -m coom train "
+            f"--resume {run}") in out
+    assert latest_checkpoint(run / "checkpoints").name == f"step_{step:07d}"
     assert "Traceback" not in err
 
 
