@@ -157,6 +157,10 @@ def hold_lock(run_dir: Path) -> IO:
         file.close()
         raise UserError(f"run directory {run_dir} is in use by {holder}; "
                         "wait for it to end or stop it first") from None
+    except OSError:
+        # A file system without locks (some network ones): the run goes
+        # on unguarded rather than not at all.
+        return file
     file.seek(0)
     file.truncate()
     file.write(f"process {os.getpid()} on {platform.node()}\n")

@@ -1,5 +1,6 @@
 """A run directory's own files, its paths and its lock; none of these
 tests trains."""
+import errno
 import json
 import os
 
@@ -169,3 +170,12 @@ def test_a_read_only_run_is_refused_on_resume(tmp_path, capsys,
         mode != os.W_OK and writable(path, mode)))
     err = _one_error_line(capsys, ["train", "--resume", str(run)])
     assert f"cannot write in the run directory {run}" in err
+
+
+def test_a_file_system_without_locks_does_not_stop_the_run(tmp_path,
+                                                           monkeypatch):
+    def unsupported(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(run_files.fcntl, "flock", unsupported)
+    with hold_lock(tmp_path) as lock:
+        assert not lock.closed
