@@ -129,10 +129,16 @@ def _writing(path: Path):
         if not (isinstance(cause, OSError)
                 or "PytorchStreamWriter" in str(cause)):
             raise
-        if isinstance(cause, OSError) and cause.filename:
-            path = Path(cause.filename)
-        reason = (cause.strerror if isinstance(cause, OSError)
-                  and cause.strerror else _reason(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            path = Path(cause.filename or path)
+            reason = cause.strerror
+        else:
+            # torch.save does not say why; a full disk is the usual cause.
+            existing = next(folder for folder in path.parents
+                            if folder.exists())
+            free = shutil.disk_usage(existing).free
+            reason = (f"{_reason(cause).split('] . ')[-1]} ({free:,} bytes "
+                      "free on its disk)")
         raise WriteError(f"cannot write {path}: {reason}") from None
 
 

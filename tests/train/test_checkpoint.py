@@ -194,18 +194,21 @@ ENFORCE_FAIL = RuntimeError(
     "failed writing file data/0: file write failed")
 
 
-@pytest.mark.parametrize("target, failure, file", [
+@pytest.mark.parametrize("target, failure, file, reason", [
     ("torch.save", _saving_the_train_state_fails(ENFORCE_FAIL),
-     ".tmp-step_0000002/train_state.pt"),
+     ".tmp-step_0000002/train_state.pt",
+     "PytorchStreamWriter failed writing file data/0: file write failed ("),
     ("torch.distributed.checkpoint.filesystem._write_item", _no_space,
-     ".tmp-step_0000002")], ids=["train-state", "shards"])
+     ".tmp-step_0000002", "No space left on device;")],
+    ids=["train-state", "shards"])
 def test_a_failed_write_names_the_file_and_the_intact_checkpoint(
-        tmp_path, monkeypatch, target, failure, file):
+        tmp_path, monkeypatch, target, failure, file, reason):
     _save(tmp_path, 1)
     monkeypatch.setattr(target, failure)
     with pytest.raises(UserError) as caught:
         _save(tmp_path, 2)
-    assert str(caught.value).startswith(f"cannot write {tmp_path / file}: ")
+    assert str(caught.value).startswith(
+        f"cannot write {tmp_path / file}: {reason}")
     assert str(caught.value).endswith(
         "; the newest complete checkpoint, step_0000001, is intact")
     assert sorted(path.name for path in tmp_path.iterdir()) == [
