@@ -4,6 +4,7 @@ Heavy modules are imported inside each command, so ``coom --help`` is
 instant and tokenizer worker processes start light.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import IO
 
 from coom.errors import Adjusted, UserError
 
@@ -30,6 +32,12 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
                         help=SET_HELP)
 
 
+def _first_process() -> bool:
+    """Whether this is the first process of a torchrun launch, or the
+    only one: it alone writes the run directory's own files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _resume_dir(args) -> Path:
     if args.recipe or args.run_dir or args.overwrite:
         raise UserError("--resume takes the recipe and run directory from "
@@ -41,27 +49,41 @@ def _resume_dir(args) -> Path:
     return run_dir
 
 
-def _new_run_dir(args) -> Path:
-    """The new run's directory, created (or emptied with --overwrite) by
-    the first process only: under torchrun the others wait for it when
-    they join the process group."""
+def _new_run_dir(args) -> tuple[Path, IO | None]:
+    """The new run's directory, and its lock on the first process, which
+    alone creates it (or empties it with --overwrite): under torchrun
+    the others wait for it when they join the process group."""
     from coom.parallel.mesh import launched_world_size
+    from coom.train.run_dir import LOCK, hold_lock
     if launched_world_size() > 1 and not args.run_dir:
         raise UserError("a run launched with torchrun needs its directory "
                         "named: pass --run-dir DIR")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = Path(args.recipe or "tiny").stem
     run_dir = Path(args.run_dir or f"runs/{name}-{stamp}")
-    if os.environ.get("RANK", "0") != "0":
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not args.overwrite:
-            raise UserError(f"run directory {run_dir} already exists; pass "
-                            "--resume to continue it or --overwrite to "
-                            "replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    if not _first_process():
+        return run_dir, None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file; name a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the run directory {run_dir} "
+                        f"({error.strerror}); name a folder that can be "
+                        "made") from None
+    lock = hold_lock(run_dir)
+    kept = [path for path in run_dir.iterdir() if path.name != LOCK]
+    if kept and not args.overwrite:
+        lock.close()
+        raise UserError(f"run directory {run_dir} already exists; pass "
+                        "--resume to continue it or --overwrite to "
+                        "replace it")
+    for path in kept:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return run_dir, lock
 
 
 def _with_trainer(make_trainer, work):
@@ -86,12 +108,34 @@ def _with_trainer(make_trainer, work):
 
 def cmd_train(args) -> int:
     from coom.config import load_config
-    if args.resume:
-        run_dir = _resume_dir(args)
-        config = load_config(str(run_dir / "config.yaml"), args.overrides)
-    else:
-        config = load_config(args.recipe or "tiny", args.overrides)
-        run_dir = _new_run_dir(args)
+    from coom.train.run_dir import (
+        hold_lock,
+        read_config,
+        record_run_info,
+        write_config,
+    )
+    with contextlib.ExitStack() as held:
+        if args.resume:
+            run_dir = _resume_dir(args)
+            if _first_process():
+                held.enter_context(hold_lock(run_dir))
+            config = read_config(run_dir, args.overrides)
+        else:
+            config = load_config(args.recipe or "tiny", args.overrides)
+            run_dir, lock = _new_run_dir(args)
+            if lock is not None:
+                held.enter_context(lock)
+                # Before the data is prepared, so that a run killed
+                # then can be resumed.
+                write_config(run_dir, config)
+        if _first_process():
+            record_run_info(run_dir)
+        return _train_in(run_dir, config)
+
+
+def _train_in(run_dir: Path, config) -> int:
+    """Train config in run_dir, through its growths, and say how it
+    ended."""
     from coom.train.trainer import Trainer
 
     def train(trainer):
@@ -113,9 +157,24 @@ def cmd_train(args) -> int:
               f"coom report {run_dir}")
     else:
         print(f"stopped at step {step} ({outcome}) with a "
-              f"checkpoint; continue with: coom train --resume {run_dir}")
+              f"checkpoint; continue with: {_relaunch()} --resume "
+              f"{run_dir}")
     print(energy)
     return 0
+
+
+def _relaunch() -> str:
+    """The command that continues this launch's run: under torchrun, one
+    that starts as many processes again."""
+    from coom.parallel.mesh import launched_world_size
+    processes = launched_world_size()
+    if processes == 1:
+        return "coom train"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    nodes = processes // per_node
+    spread = (f" --nnodes {nodes} (with this launch's rendezvous options)"
+              if nodes > 1 else "")
+    return f"torchrun{spread} --nproc-per-node {per_node} -m coom train"
 
 
 def cmd_data_prepare(args) -> int:
@@ -150,10 +209,10 @@ def _checkpoint_to_evaluate(run_dir: Path, step) -> Path:
 
 
 def cmd_eval(args) -> int:
-    from coom.config import load_config
+    from coom.train.run_dir import read_config
     run_dir = Path(args.run_dir)
     path = _checkpoint_to_evaluate(run_dir, args.step)
-    config = load_config(str(run_dir / "config.yaml"), args.overrides)
+    config = read_config(run_dir, args.overrides)
     from coom.train.trainer import Trainer
 
     def evaluate(trainer):
@@ -611,7 +670,9 @@ def main(argv=None) -> int:
     except UserError as error:
         if args.debug:
             raise
-        print(f"coom: error: {error}", file=sys.stderr)
+        # Under torchrun each process meets it; one line says it.
+        if _first_process():
+            print(f"coom: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("coom: interrupted", file=sys.stderr)

@@ -973,13 +973,16 @@ def load_config(recipe: Optional[str] = None,
     """Load a recipe (and the recipe its ``base`` key names, which it
     changes), apply ``--set`` overrides, and validate the result."""
     tree = _read_recipe(recipe) if recipe is not None else {}
+    return config_from_tree(tree, overrides)
+
+
+def config_from_tree(tree: dict, overrides: list[str] | None = None
+                     ) -> RunConfig:
+    """The config of a recipe's tree (changed in place) with ``--set``
+    overrides applied, validated."""
     for assignment in overrides or []:
         _apply_override(tree, assignment)
     return _build(RunConfig, tree, "")
-
-
-def save_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _field_docstrings(cls) -> dict[str, str]:

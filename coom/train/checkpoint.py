@@ -16,9 +16,11 @@ It is written as ``.tmp-step_NNNNNNN``, every file and the folder are
 fsynced, then it is renamed into place, and only then does the
 ``latest`` pointer (itself replaced atomically) move to it. Older
 checkpoints beyond the ones kept are deleted after the pointer has moved.
-A process killed at any point therefore leaves either the old pointer and
-old checkpoint, or the new ones; leftover temporary folders are ignored
-and cleaned up by the next save.
+A process killed at any point therefore leaves the old checkpoint
+complete, and the new one either complete or in a temporary folder, which
+is ignored and cleaned up by the next save. The pointer is for people and
+other tools: a run resumes from its newest complete checkpoint, which a
+kill between the rename and the pointer's move leaves unnamed.
 
 Under torchrun every process calls ``save_checkpoint`` and
 ``load_sharded``; the folder must be one all processes see (one machine,
@@ -27,6 +29,7 @@ or a shared file system).
 import contextlib
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -105,24 +108,61 @@ def _on_first_process(work) -> None:
         raise error
 
 
+class WriteError(Exception):
+    """A checkpoint's file could not be written (disk full, permissions);
+    the message names it."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn a failure to write path into a WriteError naming the file
+    (or, for DCP's shards, the one the error names): torch.save's own
+    says only ``[enforce fail at inline_container.cc...]``."""
+    try:
+        yield
+    except (OSError, RuntimeError, dcp.CheckpointException) as error:
+        cause = error
+        if isinstance(error, dcp.CheckpointException) and error.failures:
+            cause, _ = next(iter(error.failures.values()))
+        # torch.save reports a failed write as its zip writer's
+        # RuntimeError; any other error is a bug, not the disk's.
+        if not (isinstance(cause, OSError)
+                or "PytorchStreamWriter" in str(cause)):
+            raise
+        if isinstance(cause, OSError) and cause.strerror:
+            path = Path(cause.filename or path)
+            reason = cause.strerror
+        else:
+            # torch.save does not say why; a full disk is the usual cause.
+            existing = next(folder for folder in path.parents
+                            if folder.exists())
+            free = shutil.disk_usage(existing).free
+            reason = (f"{_reason(cause).split('] . ')[-1]} ({free:,} bytes "
+                      "free on its disk)")
+        raise WriteError(f"cannot write {path}: {reason}") from None
+
+
 def write_checkpoint_folder(folder: Path, tensors: dict,
                             train_state: dict) -> None:
     """Write a checkpoint's files into the existing folder: tensors with
     DCP (every process, collectively), then, by the first process,
     train_state and ``meta.json``, each file fsynced. tensors' values may
     be sharded (DTensors)."""
-    with _quiet_in_one_process():
+    with _quiet_in_one_process(), _writing(folder):
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
 
     def write_the_rest():
-        torch.save(train_state, folder / TRAIN_STATE)
+        with _writing(folder / TRAIN_STATE):
+            torch.save(train_state, folder / TRAIN_STATE)
         meta = {"step": train_state.get("step"),
                 "tensors": sorted(tensors), "format": "torch.distributed"
                 ".checkpoint, plus train_state.pt"}
-        (folder / META).write_text(json.dumps(meta))
-        for path in folder.iterdir():
-            _fsync(path)
-        _fsync(folder)
+        with _writing(folder / META):
+            (folder / META).write_text(json.dumps(meta))
+        with _writing(folder):
+            for path in folder.iterdir():
+                _fsync(path)
+            _fsync(folder)
     _on_first_process(write_the_rest)
 
 
@@ -130,41 +170,73 @@ def save_checkpoint(folder: Path, step: int, tensors: dict,
                     train_state: dict, keep: int, suffix: str = "") -> Path:
     """Write the checkpoint of step (named ``step_NNNNNNN`` plus suffix)
     and keep the newest ``keep``. Every process calls it; only the first
-    one's train_state is written."""
+    one's train_state is written. A file that cannot be written ends in
+    a UserError naming it and the checkpoint left intact."""
     name = f"{PREFIX}{step:07d}{suffix}"
     temporary, final = folder / f".tmp-{name}", folder / name
 
     def prepare():
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        temporary.mkdir()
+        with _writing(temporary):
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            temporary.mkdir()
 
     def publish():
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(temporary, final)
-        _fsync(folder)
-        _write_pointer(folder, name)
+        with _writing(final):
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(temporary, final)
+            _fsync(folder)
+        with _writing(folder / LATEST):
+            _write_pointer(folder, name)
         for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _on_first_process(prepare)
-    write_checkpoint_folder(temporary, tensors, train_state)
-    _on_first_process(publish)
+    try:
+        _on_first_process(prepare)
+        write_checkpoint_folder(temporary, tensors, train_state)
+        _on_first_process(publish)
+    except WriteError as failure:
+        if _main():  # what was written would fill the disk further
+            shutil.rmtree(temporary, ignore_errors=True)
+        latest = latest_checkpoint(folder)
+        intact = (f"the newest complete checkpoint, {latest.name}, is "
+                  "intact" if latest else "no checkpoint was complete yet")
+        raise UserError(f"{failure}; {intact}") from None
     return final
 
 
-def latest_checkpoint(folder: Path) -> Optional[Path]:
-    """The checkpoint the ``latest`` pointer names, or None before any."""
-    pointer = folder / LATEST
-    if not pointer.is_file():
+def _step_of(path: Path) -> int | None:
+    """The step a checkpoint folder's name gives (``step_NNNNNNN``, then
+    any suffix), or None for another name."""
+    digits = re.match(rf"{PREFIX}(\d+)", path.name)
+    return int(digits[1]) if digits else None
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in folder, oldest first: by step, and a
+    step's plain checkpoint before those published beside it (grown,
+    rebalanced)."""
+    found = [(_step_of(path), path.name, path)
+             for path in folder.glob(f"{PREFIX}*")
+             if _step_of(path) is not None and is_checkpoint(path)]
+    return [path for *_, path in sorted(found)]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in folder, or None before any,
+    whatever the ``latest`` pointer says: a process killed after the
+    rename leaves the pointer behind, or none at all. Of several of one
+    step, the one the pointer names, else the last by name."""
+    kept = complete_checkpoints(folder)
+    if not kept:
         return None
-    path = folder / pointer.read_text().strip()
-    if not (path / META).is_file():
-        raise UserError(f"{pointer} names {path}, which holds no complete "
-                        f"checkpoint (no {META}); the checkpoint folder was "
-                        "changed by hand")
-    return path
+    newest = [path for path in kept if _step_of(path) == _step_of(kept[-1])]
+    pointer = folder / LATEST
+    named = (pointer.read_text(errors="replace").strip()
+             if pointer.is_file() else None)
+    return next((path for path in newest if path.name == named),
+                newest[-1])
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -176,8 +248,18 @@ def _unreadable(path: Path, error: BaseException) -> UserError:
         # The first failing process's (exception, traceback), rather than
         # the list of ranks.
         error, _ = next(iter(error.failures.values()))
-    return UserError(f"cannot read checkpoint {path}: "
-                     f"{str(error).splitlines()[0]}")
+    return UserError(f"cannot read checkpoint {path}: {_reason(error)}")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of error's message; a bare EOFError (a shard cut
+    short) has none."""
+    lines = str(error).strip().splitlines()
+    if lines:
+        return lines[0]
+    if isinstance(error, EOFError):
+        return "a file in it ends early (truncated, or partly copied)"
+    return type(error).__name__
 
 
 def read_train_state(path: Path) -> dict:

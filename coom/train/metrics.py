@@ -3,7 +3,8 @@
 ``metrics.jsonl`` holds one JSON object per logged step, appended and
 flushed as the run goes, so it survives a crash and a resumed run extends
 it. ``run_info.json`` records what produced the run: the git SHA of COOM,
-the package versions, the machine and the command line.
+the package versions, the machine and the command line
+(``coom.train.run_dir`` writes it).
 """
 import json
 import os
@@ -50,14 +51,34 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Records of metrics.jsonl; a resumed run's later records win."""
+    """Records of metrics.jsonl; a resumed run's later records win. A
+    line that holds no record (a process killed while writing it leaves
+    it cut short) is skipped with a warning naming it."""
     by_step = {}
-    with open(run_dir / "metrics.jsonl") as file:
-        for line in file:
-            if line.strip():
-                record = json.loads(line)
-                by_step.setdefault(record["step"], {}).update(record)
+    path = run_dir / "metrics.jsonl"
+    with open(path, errors="replace") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            record = _record(line)
+            if record is None:
+                print(f"warning: {path} line {number} holds no metrics "
+                      "record; skipped", file=sys.stderr)
+                continue
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[step] for step in sorted(by_step)]
+
+
+def _record(line: str) -> dict | None:
+    """The record a line of metrics.jsonl holds, or None."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"),
+                                                      int):
+        return None
+    return record
 
 
 def _git_sha() -> str:

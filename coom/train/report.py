@@ -73,8 +73,20 @@ def write_report(run_dir: Path) -> Path:
     records = read_metrics(run_dir)
     if not records:
         raise UserError(f"{run_dir}/metrics.jsonl holds no records yet")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    try:
+        out.mkdir(exist_ok=True)
+        return _write(out, records, config)
+    except OSError as error:
+        raise UserError(f"cannot write the report in {out} "
+                        f"({error.strerror or error}); make {run_dir} "
+                        "writable, or report on a copy of it") from None
+
+
+def _write(out: Path, records: list[dict], config: dict) -> Path:
+    """The report's files in out, the run's report folder."""
+    run_dir = out.parent
     _plot(out / "loss.png", "Loss", "cross-entropy (nats)",
           {"train": _series(records, "loss"),
            "validation": _series(records, "val_loss"),
@@ -87,7 +99,6 @@ def write_report(run_dir: Path) -> Path:
         _plot(out / "max_vio.png", "Expert load imbalance", "MaxVio",
               {"mean over MoE layers": _series(records, "moe_max_vio")})
     _plot_energy(out, records)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     valid = _series(records, "val_loss")[1]
     growth = [record for record in records if "growth" in record]
     speeds = _series(records, "tokens_per_s")[1]

@@ -1,11 +1,12 @@
 """The training loop.
 
 A run lives in one directory: ``config.yaml`` (the resolved config),
-``run_info.json``, ``metrics.jsonl``, TensorBoard events and
-``checkpoints/``. Everything that decides what the next step computes is
-in a checkpoint: weights, optimizer moments, the step (which fixes the
-learning rate), the number of samples consumed (which fixes the next
-batch, since samples are addressed by index) and the random generators.
+``run_info.json`` (``coom.train.run_dir``), ``metrics.jsonl``,
+TensorBoard events and ``checkpoints/``. Everything that decides what
+the next step computes is in a checkpoint: weights, optimizer moments,
+the step (which fixes the learning rate), the number of samples consumed
+(which fixes the next batch, since samples are addressed by index) and
+the random generators.
 So a resumed run repeats the uninterrupted one bit for bit on the CPU.
 
 SIGINT and SIGTERM do not kill the loop: they are noted, the current step
@@ -16,7 +17,6 @@ energy budget (``train.exit_duration_in_mins``, ``energy.budget_kwh``;
 Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from coom import kernels
-from coom.config import RunConfig, TrainConfig, save_config
+from coom.config import RunConfig, TrainConfig
 from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
@@ -66,12 +66,13 @@ from coom.train.checkpoint import (
     tensor_shapes,
 )
 from coom.train.loss import micro_batch_objective, token_losses
-from coom.train.metrics import MetricsWriter, run_info
+from coom.train.metrics import MetricsWriter
 from coom.train.optimizer import (
     build_optimizer,
     learning_rate,
     mtp_loss_weight,
 )
+from coom.train.run_dir import write_config
 
 
 class StopRequest:
@@ -554,9 +555,7 @@ class Trainer:
         elif self.config.checkpoint.init_from:
             self.initialise_from(self.config.checkpoint.init_from)
         if self.world.main:
-            save_config(self.recipe, self.run_dir / "config.yaml")
-            info = json.dumps(run_info(), indent=1)
-            (self.run_dir / "run_info.json").write_text(info)
+            write_config(self.run_dir, self.recipe)
         metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard,
                                 enabled=self.world.main)
         if self.grown:

@@ -1,3 +1,5 @@
+import errno
+import os
 import signal
 import subprocess
 import sys
@@ -5,9 +7,11 @@ import textwrap
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from coom.errors import UserError
 from coom.train.checkpoint import (
+    complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     load_sharded,
@@ -54,14 +58,15 @@ def test_only_the_newest_are_kept(tmp_path):
 
 
 # Each point is where the writer of step 2 dies with SIGKILL: a function
-# (module:attribute) it calls while saving.
+# (module:attribute) it calls while saving, and the checkpoint a resume
+# then takes: once renamed, step 2 is complete, pointer or not.
 KILL_POINTS = {
-    "while writing the tensors":
+    "while writing the tensors": (
         "torch.distributed.checkpoint.filesystem:FileSystemWriter."
-        "write_data",
-    "while writing the train state": "torch:save",
-    "before the rename": "os:rename",
-    "before the pointer moves": "os:replace",
+        "write_data", "step_0000001"),
+    "while writing the train state": ("torch:save", "step_0000001"),
+    "before the rename": ("os:rename", "step_0000001"),
+    "before the pointer moves": ("os:replace", "step_0000002"),
 }
 
 WRITER = textwrap.dedent("""
@@ -90,24 +95,48 @@ WRITER = textwrap.dedent("""
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_writer_killed_mid_write_leaves_previous_loadable(tmp_path, point):
     folder = tmp_path / "checkpoints"
+    target, expected = KILL_POINTS[point]
     result = subprocess.run(
-        [sys.executable, "-c", WRITER, str(folder), KILL_POINTS[point]],
+        [sys.executable, "-c", WRITER, str(folder), target],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr
     path = latest_checkpoint(folder)
-    assert path.name == "step_0000001"
-    assert load_checkpoint(path)["step"] == 1
+    assert path.name == expected
+    assert load_checkpoint(path)["step"] == int(expected[-1])
     # the next save cleans the debris and moves on
     _save(folder, 3)
     assert latest_checkpoint(folder).name == "step_0000003"
     assert not list(folder.glob(".tmp-*"))
 
 
-def test_pointer_to_a_missing_checkpoint_is_reported(tmp_path):
+def test_the_newest_complete_checkpoint_wins_over_the_pointer(tmp_path):
+    """A kill between the rename and the pointer's move leaves the
+    pointer one checkpoint behind, or absent before the first move."""
     _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    (tmp_path / "latest").write_text("step_0000001\n")
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+    (tmp_path / "latest").unlink()
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
     (tmp_path / "latest").write_text("step_0000009\n")
-    with pytest.raises(UserError, match="step_0000009"):
-        latest_checkpoint(tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+    (tmp_path / "step_0000003").mkdir()  # no meta.json: incomplete
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+
+
+def test_of_one_step_the_pointer_picks_among_its_checkpoints(tmp_path):
+    """A growth or a rebalance publishes a step's checkpoint again beside
+    it, with a suffix; the last published is the one to resume from."""
+    _save(tmp_path, 2)
+    save_checkpoint(tmp_path, 2, _tensors(2), {"step": 2}, keep=3,
+                    suffix="-rebalanced")
+    save_checkpoint(tmp_path, 2, _tensors(2), {"step": 2}, keep=3,
+                    suffix="-grown")
+    assert latest_checkpoint(tmp_path).name == "step_0000002-grown"
+    (tmp_path / "latest").unlink()
+    assert latest_checkpoint(tmp_path).name == "step_0000002-rebalanced"
+    assert [path.name for path in complete_checkpoints(tmp_path)] == [
+        "step_0000002", "step_0000002-grown", "step_0000002-rebalanced"]
 
 
 @pytest.mark.parametrize("damaged", ["train_state.pt", ".metadata",
@@ -118,6 +147,80 @@ def test_unreadable_files_are_reported(tmp_path, damaged):
     (path / damaged).write_bytes(b"garbage")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         load_checkpoint(path)
+
+
+def _model_and_optimizer() -> dict:
+    """A trained Linear's weights and AdamW state, as the trainer saves
+    them."""
+    model = torch.nn.Linear(16, 16)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
+    weights, moments = get_state_dict(model, optimizer)
+    return {"model": weights, "optimizer": moments}
+
+
+def test_a_truncated_shard_is_reported_in_one_line(tmp_path):
+    """DCP's reader fails on a shard cut short with an EOFError that has
+    no message."""
+    save_checkpoint(tmp_path, 1, _model_and_optimizer(), {"step": 1}, 2)
+    path = latest_checkpoint(tmp_path)
+    os.truncate(path / "__0_0.distcp", 1000)
+    with pytest.raises(UserError) as caught:
+        load_sharded(path, _model_and_optimizer())
+    assert str(caught.value) == (
+        f"cannot read checkpoint {path}: a file in it ends early "
+        "(truncated, or partly copied)")
+
+
+def _saving_the_train_state_fails(error: Exception):
+    """torch.save, raising error for train_state.pt (DCP uses it too)."""
+    save = torch.save
+
+    def failing(obj, path, *args, **kwargs):
+        if str(path).endswith("train_state.pt"):
+            raise error
+        return save(obj, path, *args, **kwargs)
+    return failing
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# What torch.save raises when the disk fills.
+ENFORCE_FAIL = RuntimeError(
+    "[enforce fail at inline_container.cc:664] . PytorchStreamWriter "
+    "failed writing file data/0: file write failed")
+
+
+@pytest.mark.parametrize("target, failure, file, reason", [
+    ("torch.save", _saving_the_train_state_fails(ENFORCE_FAIL),
+     ".tmp-step_0000002/train_state.pt",
+     "PytorchStreamWriter failed writing file data/0: file write failed ("),
+    ("torch.distributed.checkpoint.filesystem._write_item", _no_space,
+     ".tmp-step_0000002", "No space left on device;")],
+    ids=["train-state", "shards"])
+def test_a_failed_write_names_the_file_and_the_intact_checkpoint(
+        tmp_path, monkeypatch, target, failure, file, reason):
+    _save(tmp_path, 1)
+    monkeypatch.setattr(target, failure)
+    with pytest.raises(UserError) as caught:
+        _save(tmp_path, 2)
+    assert str(caught.value).startswith(
+        f"cannot write {tmp_path / file}: {reason}")
+    assert str(caught.value).endswith(
+        "; the newest complete checkpoint, step_0000001, is intact")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "latest", "step_0000001"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 1
+
+
+def test_a_bug_while_saving_keeps_its_traceback(tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.save", _saving_the_train_state_fails(
+        RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        _save(tmp_path, 1)
 
 
 FAILING_SAVE = textwrap.dedent("""
@@ -149,6 +252,9 @@ def test_a_save_that_fails_on_the_first_process_stops_them_all(tmp_path):
     result = launch(2, str(script), str(tmp_path / "checkpoints"),
                     timeout=120)
     assert result.returncode != 0
-    assert "rank 0: [Errno 28] No space left on device" in result.stdout
+    pointer = tmp_path / "checkpoints" / "latest"
+    assert (f"rank 0: cannot write {pointer}: No space left on device; the "
+            "newest complete checkpoint, step_0000001, is intact"
+            ) in result.stdout
     assert ("rank 1: saving the checkpoint failed on the first process: "
-            "OSError") in result.stdout
+            f"WriteError: cannot write {pointer}") in result.stdout

@@ -30,6 +30,9 @@ def test_gives_the_loss_the_run_logged_at_that_step(run, tmp_path):
     assert _evaluated(run, out, "--step", "3") == pytest.approx(
         logged[3], rel=1e-6)
     assert _evaluated(run, out) == pytest.approx(logged[6], rel=1e-6)
+    # A kill between step 6's rename and the pointer's move left this.
+    (run / "checkpoints" / "latest").write_text("step_0000003\n")
+    assert _evaluated(run, out) == pytest.approx(logged[6], rel=1e-6)
     assert (run / "metrics.jsonl").read_text() == before
 
 

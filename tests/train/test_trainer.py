@@ -1,6 +1,9 @@
 """Integration tests: short real runs through the ``coom`` command."""
 import gc
+import glob
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from coom.parallel.mesh import World
 from coom.train.checkpoint import latest_checkpoint, load_checkpoint
 from coom.train.metrics import read_metrics
 from coom.train.trainer import Trainer
+from tests.launch import command, launch
 
 
 def _train(run_dir, overrides, *extra) -> int:
@@ -43,7 +47,7 @@ def test_run_writes_metrics_config_info_checkpoints_and_report(
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["vocab_size"] == 512
-    assert config["data"]["tokenizer"] == str(run / "tokenizer.json")
+    assert config["data"]["tokenizer"] == "tokenizer.json"
     info = json.loads((run / "run_info.json").read_text())
     assert info["versions"]["megatron-core"] == "0.16.1"
     assert info["git_sha"] and info["machine"]["cpu_count"]
@@ -91,6 +95,48 @@ def test_resumed_run_is_bitwise_equal_to_uninterrupted(small_run, tmp_path):
     for name in biases:
         assert final[0][name].abs().sum() > 0
         assert torch.equal(final[0][name], final[1][name])
+
+
+def test_a_moved_run_resumes_and_evaluates_from_another_folder(
+        small_run, tmp_path, monkeypatch):
+    """Launched from one folder with a relative --run-dir, stopped at
+    step 3 by a kill before its first pointer move (no ``latest``),
+    moved, then resumed and evaluated from elsewhere by its absolute
+    path."""
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    launch.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(launch)
+    assert _train("runs/r", small_run + ["train.exit_interval=3"]) == 0
+    (launch / "runs/r/checkpoints/latest").unlink()
+    moved = tmp_path / "moved"
+    (launch / "runs/r").rename(moved)
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", str(moved), "--out", "eval.json"]) == 0
+    assert json.loads((elsewhere / "eval.json").read_text())[
+        "checkpoint"] == str(moved / "checkpoints/step_0000003")
+    assert main(["train", "--resume", str(moved), "--set",
+                 "train.exit_interval=null"]) == 0
+    steps = [record["step"] for record in read_metrics(moved)]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
+    assert latest_checkpoint(moved / "checkpoints").name == "step_0000006"
+    info = json.loads((moved / "run_info.json").read_text())
+    assert len(info["resumes"]) == 1
+
+
+def test_a_run_killed_while_preparing_its_data_resumes(small_run,
+                                                       tmp_path,
+                                                       monkeypatch):
+    run = tmp_path / "run"
+
+    def killed(config):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("coom.train.trainer.prepare", killed)
+    assert _train(run, small_run) == 130
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000006"
+    assert [r["step"] for r in read_metrics(run)] == list(range(7))
 
 
 def test_expert_bias_balances_the_load(small_run, tmp_path):
@@ -186,6 +232,79 @@ def test_sigterm_checkpoints_and_exits_cleanly(small_run, tmp_path):
     state = load_checkpoint(latest_checkpoint(run / "checkpoints"))
     assert state["step"] == read_metrics(run)[-1]["step"]
     assert state["step"] >= 3
+    assert "Traceback" not in err
+
+
+# A run of the tiny model on random tokens, cheap enough to launch
+# under torchrun.
+SYNTHETIC = ["train.device=cpu", "data.synthetic=true",
+             "model.vocab_size=512", "data.seq_length=32",
+             "model.num_layers=2", "model.hidden_size=32",
+             "model.num_attention_heads=2", "model.ffn_hidden_size=64",
+             "train.micro_batch_size=1", "train.global_batch_size=2",
+             "schedule.lr_warmup_iters=1", "logging.progress_bar=false",
+             "logging.tensorboard=false", "logging.log_interval=1"]
+
+
+BAD_LAYOUT = ("config field model.num_attention_heads: 2 does not split "
+              "over parallel.tensor 3")
+
+
+def test_a_bad_layout_under_torchrun_is_said_once(tmp_path):
+    """Every process meets it; the first says it. (What torchrun prints
+    of its processes' failure is its own.)"""
+    result = launch(2, "train", "tiny", "--run-dir", str(tmp_path),
+                    "--set", *SYNTHETIC, "parallel.tensor=3", timeout=300)
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("coom: error:")]
+    assert errors == [f"coom: error: {BAD_LAYOUT}"], result.stderr
+    assert re.search(r"exitcode\s*: 2 ", result.stderr)
+
+
+def test_the_other_processes_of_a_launch_exit_2_silently(
+        tmp_path, monkeypatch, capsys):
+    """torchrun stops the others once one has failed, so the launch
+    above cannot show each one's exit code."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _train(tmp_path, SYNTHETIC + ["parallel.tensor=3"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert _train(tmp_path, SYNTHETIC + ["parallel.tensor=3"]) == 2
+    assert capsys.readouterr().err == f"coom: error: {BAD_LAYOUT}\n"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for path in glob.glob(f"/proc/{pid}/task/*/children")
+            for child in open(path).read().split()]
+
+
+def test_sigterm_under_torchrun_checkpoints_exits_0_and_says_how_to_resume(
+        tmp_path):
+    """SIGTERM to each process (as a scheduler sends it): all stop after
+    one step, write its checkpoint and exit with 0, so torchrun does;
+    the resume it prints is a torchrun launch again."""
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        command(2, "train", "tiny", "--run-dir", str(run), "--set",
+                *SYNTHETIC, "train.steps=5000", "train.eval_interval=5000",
+                "checkpoint.interval=5000"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    for child in _children(process.pid):
+        os.kill(child, signal.SIGTERM)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err
+    step = read_metrics(run)[-1]["step"]
+    assert f"stopped at step {step} (SIGTERM)" in out
+    assert (f"continue with: torchrun --nproc-per-node 2 -m coom train "
+            f"--resume {run}") in out
+    assert latest_checkpoint(run / "checkpoints").name == f"step_{step:07d}"
     assert "Traceback" not in err
 
 
