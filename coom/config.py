@@ -516,6 +516,11 @@ class FP8Config:
                  f"emulated); set fp8.experts=false for {self.recipe}")
 
 
+ZERO_BUBBLE = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+"""Pipeline schedules that split each backward into input and weight
+gradients."""
+
+
 @dataclass
 class ParallelConfig:
     """How a run launched with torchrun spreads over its processes: the
@@ -600,6 +605,13 @@ class ParallelConfig:
                                                 "DualPipeV"),
                  "pipeline_stages_per_process", "must be 2 for the "
                  f"V-shaped schedule {self.pipeline_schedule}")
+        _require(self.pipeline == 1 or self.expert == 1
+                 or self.pipeline_schedule not in ZERO_BUBBLE,
+                 "pipeline_schedule", f"{self.pipeline_schedule} does not "
+                 "run with expert parallelism yet (the routed experts are "
+                 "FSDP units of their own, which reduce their gradients "
+                 "before these schedules compute them); use 1F1B or "
+                 "Interleaved1F1B, or parallel.expert=1")
         shard, expert = self.data_parallel_shard, self.expert
         _require(shard == -1 or shard % expert == 0, "expert",
                  f"{expert} does not divide data_parallel_shard {shard}; "

@@ -104,6 +104,9 @@ def test_a_short_run_warms_up_over_its_whole_length():
      "parallel.pipeline", "6 stages"),
     (["parallel.pipeline=2", "model.share_embeddings_and_output_weights=true"],
      "parallel.pipeline", "tied"),
+    (["parallel.pipeline=2", "parallel.expert=2",
+      "parallel.pipeline_schedule=InterleavedZeroBubble"],
+     "parallel.pipeline_schedule", "does not run with expert parallelism"),
 ])
 def test_impossible_parallelism_is_refused(overrides, field, words):
     with pytest.raises(ConfigError) as caught:

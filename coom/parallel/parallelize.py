@@ -66,12 +66,11 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from coom.config import ParallelConfig
+from coom.config import ZERO_BUBBLE, ParallelConfig
 from coom.layers.mlp import SwiGLU
 from coom.layers.moe import MoE
 from coom.parallel.expert import expert_parallel
 from coom.parallel.mesh import EXPERT, EXPERT_SHARD, TENSOR, World
-from coom.parallel.pipeline import ZERO_BUBBLE
 
 
 def _feed_forward_plan(prefix: str) -> dict:

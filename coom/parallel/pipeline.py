@@ -51,9 +51,6 @@ from coom.models.transformer import (
 from coom.parallel.mesh import PIPELINE, World
 from coom.train.loss import micro_batch_objective, token_losses
 
-ZERO_BUBBLE = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
-"""Schedules that split each backward into input and weight gradients."""
-
 
 def split_layers(num_layers: int, stages: int) -> list[list[int]]:
     """The block indices of each stage: consecutive, as even as can be,
@@ -194,15 +191,6 @@ class Pipeline:
     def __init__(self, model: Transformer, world: World,
                  parallel: ParallelConfig, micro_batches: int,
                  micro_batch_shape: tuple[int, int]):
-        if parallel.pipeline_schedule in ZERO_BUBBLE and \
-                world.expert_size > 1:
-            raise UserError(
-                f"config field parallel.pipeline_schedule: "
-                f"{parallel.pipeline_schedule} does not run with expert "
-                "parallelism yet (the routed experts are FSDP units of "
-                "their own, which reduce their gradients before these "
-                "schedules compute them); use 1F1B or Interleaved1F1B, or "
-                "parallel.expert=1")
         self.world = world
         self.parallel = parallel
         self.micro_batches = micro_batches

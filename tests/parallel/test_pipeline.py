@@ -92,14 +92,6 @@ def test_zero_bubble_under_tensor_parallelism(tmp_path):
     assert_matches(tensor, tmp_path / "zbv")
 
 
-def test_zero_bubble_with_expert_parallelism_is_refused(tmp_path):
-    result = _train(tmp_path, 4, FOUR_BLOCKS, "parallel.pipeline=2",
-                    "parallel.expert=2",
-                    "parallel.pipeline_schedule=InterleavedZeroBubble")
-    assert result.returncode != 0
-    assert "does not run with expert parallelism" in result.stderr
-
-
 def test_too_few_micro_batches_are_refused_plainly(tmp_path):
     """DualPipeV needs a micro-batch per stage (4) on each data-parallel
     process; with 2 of them, each takes 2 of the 4 micro-batches."""
