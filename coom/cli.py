@@ -654,7 +654,7 @@ def _show_adjusted(message, category, filename, lineno, file=None,
     if not issubclass(category, Adjusted):
         return _python_showwarning(message, category, filename, lineno,
                                    file, line)
-    if os.environ.get("RANK", "0") == "0":
+    if _first_process():
         print(f"coom: warning: {message}", file=sys.stderr)
 
 

@@ -944,6 +944,21 @@ def _first_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def read_yaml(path: Path):
+    """The YAML document in path (a recipe, a run's config.yaml), or one
+    line that says why it cannot be read."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}); "
+                        "save it as UTF-8") from None
+    except OSError as error:
+        raise UserError(f"{path} cannot be read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: "
+                        f"{_first_line(error)}") from None
+
+
 def _merged(base: dict, changes: dict) -> dict:
     """base with changes applied, sections merged key by key."""
     out = dict(base)
@@ -958,17 +973,7 @@ def _read_recipe(recipe: str, seen: tuple = ()) -> dict:
     """A recipe's tree, on top of the recipe its ``base`` key names."""
     path = recipe_path(recipe)
     _require(path not in seen, "base", f"recipe {path} includes itself")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as error:
-        raise UserError(f"recipe {path} is not UTF-8 text (byte "
-                        f"{error.start}); save it as UTF-8") from None
-    except OSError as error:
-        raise UserError(f"recipe {path} cannot be read: "
-                        f"{error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"recipe {path} is not valid YAML: "
-                        f"{_first_line(error)}") from None
+    tree = read_yaml(path) or {}
     _require(isinstance(tree, dict), "recipe", f"{path} is not a mapping")
     base = tree.pop("base", None)
     if base is None:

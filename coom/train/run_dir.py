@@ -27,7 +27,7 @@ from typing import IO
 
 import yaml
 
-from coom.config import RunConfig, config_from_tree
+from coom.config import RunConfig, config_from_tree, read_yaml
 from coom.errors import UserError
 from coom.train.metrics import run_info
 
@@ -104,12 +104,7 @@ def read_config(run_dir: Path, overrides: list[str] | None = None
     """The run's config plus ``--set`` overrides (whose paths are the
     user's, from the current folder)."""
     path = run_dir / CONFIG
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        reason = getattr(error, "strerror", None) or str(error)
-        raise UserError(f"cannot read {path}: "
-                        f"{reason.splitlines()[0]}") from None
+    tree = read_yaml(path)
     if not isinstance(tree, dict):
         raise UserError(f"{path} holds no config (it is empty or damaged); "
                         "restore it, or start the run again with "

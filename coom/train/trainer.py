@@ -120,7 +120,7 @@ def _check_batch_split(train: TrainConfig, world: World) -> None:
             f"{train.micro_batch_size}; make it a multiple of {share}")
 
 
-def free_memory(device: torch.device) -> int:
+def _free_memory(device: torch.device) -> int:
     """Bytes the device can still allocate (on a CPU, Linux's estimate of
     the memory available without swapping)."""
     if device.type == "cuda":
@@ -139,7 +139,7 @@ def _check_fits(parameters: int, device: torch.device) -> None:
     """Each process builds the whole model in float32 before it is split;
     a model that cannot fit even that far is refused in one line rather
     than by the allocator."""
-    needed, free = parameters * 4, free_memory(device)
+    needed, free = parameters * 4, _free_memory(device)
     if needed > free:
         raise UserError(
             f"config field model: its {parameters:,} parameters take "
