@@ -38,6 +38,11 @@ from typing import Optional
 
 import torch
 
+from coom.checkpoint.storage import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from coom.config import ModelConfig
 from coom.errors import UserError
 from coom.parallel.expert import PLACEMENT
@@ -47,11 +52,6 @@ from coom.parallel.placement import (
     local_numbering,
     plan_placement,
     renumbered,
-)
-from coom.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
 )
 from coom.train.metrics import MetricsWriter, read_metrics
 
