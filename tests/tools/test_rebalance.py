@@ -18,7 +18,7 @@ from coom.errors import UserError
 from coom.models import Transformer
 from coom.parallel.expert import PLACEMENT, place_experts
 from coom.parallel.placement import identity_placement
-from coom.parallel.rebalance import (
+from coom.tools.rebalance import (
     measured_loads,
     moe_prefix,
     plan_layers,
