@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from coom.errors import UserError
-from coom.inference.cache import DecodingCache
+from coom.layers.cache import DecodingCache
 from coom.models import Transformer
 
 
