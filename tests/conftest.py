@@ -60,10 +60,10 @@ def small_run(corpus_dir, tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def single(tmp_path_factory) -> Path:
     """The single-process run that the multi-process runs are compared
-    with (``tests/parallel/test_layouts.py``,
-    ``tests/tools/test_rebalance.py``; ``test_pipeline`` has its own, of 4
-    blocks), trained once for the session: each launch costs seconds of
-    process start-up on the 2-core CI machine."""
+    with (``tests/parallel/``, ``tests/tools/test_rebalance.py``;
+    ``test_pipeline`` has its own, of 4 blocks), trained once for the
+    session: each launch costs seconds of process start-up on the 2-core
+    CI machine."""
     run_dir = tmp_path_factory.mktemp("single")
     check(_train(run_dir, 1))
     return run_dir
