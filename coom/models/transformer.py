@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn import functional
 
 from coom.config import ModelConfig
-from coom.inference.cache import DecodingCache
 from coom.layers.block import Block
+from coom.layers.cache import DecodingCache
 from coom.layers.moe import MoE
 from coom.layers.mtp import MTPModule
 from coom.layers.norm import RMSNorm

@@ -23,7 +23,7 @@ With a placement (``coom.parallel.placement``, applied by ``place``)
 each process holds ``slots_per_rank`` expert slots instead of its own l
 experts, and a hot expert may have a copy in several processes' slots.
 Dispatch then first spreads each expert's copies evenly over its
-replicas (``physical_slots``) and sorts them by slot; the rest is the
+replicas (``spread_over_replicas``) and sorts them by slot; the rest is the
 same, slots in place of experts. Each forward, ``slot_weights`` fetches
 every slot's weights from the process that owns its expert, with one
 more all-to-all; its backward sends each replica's gradient back to the

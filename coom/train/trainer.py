@@ -37,6 +37,13 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from coom import kernels
+from coom.checkpoint.storage import (
+    latest_checkpoint,
+    load_sharded,
+    read_train_state,
+    save_checkpoint,
+    tensor_shapes,
+)
 from coom.config import RunConfig, TrainConfig
 from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
@@ -58,13 +65,6 @@ from coom.parallel.parallelize import (
 )
 from coom.parallel.pipeline import Pipeline
 from coom.parallel.recompute import recompute_blocks
-from coom.train.checkpoint import (
-    latest_checkpoint,
-    load_sharded,
-    read_train_state,
-    save_checkpoint,
-    tensor_shapes,
-)
 from coom.train.loss import micro_batch_objective, token_losses
 from coom.train.metrics import MetricsWriter
 from coom.train.optimizer import (

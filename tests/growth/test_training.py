@@ -5,10 +5,10 @@ schedule that cannot apply is refused before any work."""
 import pytest
 import torch
 
+from coom.checkpoint.storage import latest_checkpoint
 from coom.cli import main
 from coom.growth.schedule import GROWN
 from coom.interop.weights import build_model, read_weights
-from coom.train.checkpoint import latest_checkpoint
 from coom.train.metrics import read_metrics
 
 SCHEDULE = ("growth.schedule=["

@@ -8,21 +8,21 @@ from dataclasses import replace
 import pytest
 import torch
 
+from coom.checkpoint.storage import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_train_state,
+)
 from coom.config import ModelConfig
 from coom.errors import UserError
 from coom.models import Transformer
 from coom.parallel.expert import PLACEMENT, place_experts
 from coom.parallel.placement import identity_placement
-from coom.parallel.rebalance import (
+from coom.tools.rebalance import (
     measured_loads,
     moe_prefix,
     plan_layers,
     renumber,
-)
-from coom.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    read_train_state,
 )
 from tests.growth.test_operators import CONFIGS, _outputs, _trained_like
 from tests.launch import check, launch
