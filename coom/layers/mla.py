@@ -79,9 +79,10 @@ class MLA(nn.Module):
     Args:
         config: the model config (hidden_size, num_attention_heads, the
             q/kv ranks and head dimensions, the YaRN fields).
+        fused_kernels: let the latent norms call the fused op.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused_kernels: bool = True):
         super().__init__()
         self.config = config
         dim, heads = config.hidden_size, config.num_attention_heads
@@ -90,11 +91,13 @@ class MLA(nn.Module):
             self.wq = nn.Linear(dim, q_width, bias=False)
         else:
             self.wq_a = nn.Linear(dim, config.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.q_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS,
+                                  fused_kernels)
             self.wq_b = nn.Linear(config.q_lora_rank, q_width, bias=False)
         self.wkv_a = nn.Linear(
             dim, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_norm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS,
+                               fused_kernels)
         self.wkv_b = nn.Linear(
             config.kv_lora_rank,
             heads * (config.qk_nope_head_dim + config.v_head_dim),
