@@ -35,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from coom.config import ModelConfig
 from coom.layers.norm import RMSNorm
+from coom.layers.recompute import direct
 from coom.layers.rope import RotaryEmbedding, yarn_mscale
 
 # On Hopper, cuDNN's fused attention takes MLA's unequal head dimensions
@@ -103,6 +104,7 @@ class MLA(nn.Module):
             heads * (config.qk_nope_head_dim + config.v_head_dim),
             bias=False)
         self.wo = nn.Linear(heads * config.v_head_dim, dim, bias=False)
+        self.recompute = direct
         self.softmax_scale = config.qk_head_dim ** -0.5
         if config.rope_type == "yarn":
             self.softmax_scale *= yarn_mscale(
@@ -180,6 +182,11 @@ class MLA(nn.Module):
                 cache: Optional[LatentCache] = None) -> torch.Tensor:
         """Causal attention over x, or, given a cache, over the cached
         positions and x (whose latents the cache then holds too)."""
+        return self.recompute(self.attend, x_bsd, rope, cache)
+
+    def attend(self, x_bsd: torch.Tensor, rope: RotaryEmbedding,
+               cache: Optional[LatentCache]) -> torch.Tensor:
+        """What forward computes."""
         config = self.config
         start = 0 if cache is None else cache.start
         q_nope, q_pe = self.queries(x_bsd).split(

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from coom.kernels.swiglu import swiglu, swiglu_reference
+from coom.layers.recompute import direct
 
 
 class SwiGLU(nn.Module):
@@ -29,6 +30,7 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.recompute = direct
 
     def init_weights(self, std: float, num_layers: int) -> None:
         nn.init.normal_(self.w1.weight, std=std)
@@ -41,6 +43,10 @@ class SwiGLU(nn.Module):
         return self.w1(x), self.w3(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.recompute(self.feed_forward, x)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What forward computes."""
         gate, up = self.gate_and_up(x)
         gating = swiglu if self.fused_kernels else swiglu_reference
         return self.w2(gating(gate, up))

@@ -49,6 +49,7 @@ from coom.kernels.permute import (
 from coom.kernels.router import route, route_reference
 from coom.kernels.swiglu import swiglu, swiglu_reference
 from coom.layers.mlp import SwiGLU
+from coom.layers.recompute import direct
 
 
 class Router(nn.Module):
@@ -146,6 +147,7 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(shape))
         self.w3 = nn.Parameter(torch.empty(shape))
         self.w2 = nn.Parameter(torch.empty(shape[0], shape[2], shape[1]))
+        self.recompute = direct
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
@@ -163,6 +165,12 @@ class GroupedExperts(nn.Module):
         """SwiGLU of rows sorted by expert, counts_e rows for each of the
         experts whose weights are given (this module's own, or those of
         a process's expert slots)."""
+        return self.recompute(self.compute, x_cd, counts_e, w1, w3, w2)
+
+    def compute(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+                w1: torch.Tensor, w3: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+        """What run computes."""
         gate, up = self.products(x_cd, counts_e, w1, w3)
         gating = swiglu if self.fused_kernels else swiglu_reference
         (out,) = self.products(gating(gate, up), counts_e, w2)
