@@ -11,7 +11,6 @@ vocabulary.
 import torch
 from torch.distributed.tensor import DTensor
 
-from coom import kernels
 from coom.kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -21,7 +20,8 @@ from coom.parallel.vocab import vocab_parallel_cross_entropy
 
 def token_losses(features: list[torch.Tensor], head_vd: torch.Tensor,
                  labels_bs: torch.Tensor, mask_bs: torch.Tensor,
-                 tokens_in_step: int) -> list[torch.Tensor]:
+                 tokens_in_step: int,
+                 fused: bool = True) -> list[torch.Tensor]:
     """The language-model loss, then each MTP depth's.
 
     Args:
@@ -32,8 +32,9 @@ def token_losses(features: list[torch.Tensor], head_vd: torch.Tensor,
             parallelism) split by vocabulary.
         labels_bs, mask_bs: the micro-batch's targets and loss mask.
         tokens_in_step: tokens of the step at depth 0.
+        fused: the fused loss op rather than the reference.
     """
-    loss = linear_cross_entropy if kernels.use_kernels(labels_bs) \
+    loss = linear_cross_entropy if fused \
         else linear_cross_entropy_reference
     if isinstance(head_vd, DTensor):  # split by vocabulary
         loss = vocab_parallel_cross_entropy

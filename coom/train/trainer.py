@@ -36,7 +36,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from coom import kernels
 from coom.checkpoint.storage import (
     latest_checkpoint,
     load_sharded,
@@ -57,7 +56,7 @@ from coom.interop.weights import differences, read_weights
 from coom.layers.mla import preferred_attention
 from coom.models import Transformer
 from coom.models.info import model_info
-from coom.parallel.expert import PLACEMENT, place_experts
+from coom.parallel.expert import PLACEMENT, ExpertParallel, place_experts
 from coom.parallel.mesh import World, local_device, start_world
 from coom.parallel.parallelize import (
     parallelize,
@@ -239,7 +238,6 @@ class Trainer:
             config.energy, self.device, self.world.main,
             train.global_batch_size * config.data.seq_length,
             train.exit_duration_in_mins, job_started=job_started)
-        kernels.set_enabled(train.kernels)
         if config.data.synthetic:
             self.tokenizer, self.config = None, config
             self.samples, self.valid = (
@@ -274,7 +272,8 @@ class Trainer:
         _check_fits(self.model_info.total_params
                     + self.model_info.mtp_params, self.device)
         with torch.device("meta"):
-            self.model = Transformer(self.config.model)
+            self.model = Transformer(self.config.model,
+                                     fused_kernels=train.kernels)
         self.model.to_empty(device=self.device)
         self.model.init_weights()
         convert_to_fp8(self.model, config.fp8)
@@ -385,8 +384,8 @@ class Trainer:
         # Every process (each pipeline stage) uses it, or none does.
         if self.world.any(problem is not None):
             for moe in layers.values():
-                if moe.experts.dispatcher is not None:
-                    moe.experts.dispatcher.place(None)
+                if isinstance(moe.experts, ExpertParallel):
+                    moe.experts.place(None)
             problem = problem or "another process's layers do not fit it"
             message = (f"expert placement of {path.name} left unused "
                        f"({problem}); experts stay on their owners")
@@ -438,7 +437,7 @@ class Trainer:
                 else [self.model.features(batch.tokens)]
             return token_losses(features, self.model.head_weight(),
                                 batch.labels, batch.loss_mask,
-                                tokens_in_step)
+                                tokens_in_step, self.config.train.kernels)
 
     def _accumulate(self, batches: list[Batch], tokens: int,
                     micro_batches: int, mtp_weight: float) -> torch.Tensor:
