@@ -98,6 +98,11 @@ class World:
     device: Optional[torch.device] = None
     """Where this process's collectives put their tensors."""
 
+    owns_process_group: bool = False
+    """Whether start_world joined the process group, which close then
+    leaves; one joined before (a caller running several runs in one
+    launch) stays."""
+
     @property
     def main(self) -> bool:
         """Whether this process writes the run's files."""
@@ -213,17 +218,19 @@ class World:
         """
         if self.mesh is not None and dist.is_initialized():
             gc.collect()
-            dist.destroy_process_group()
+            if self.owns_process_group:
+                dist.destroy_process_group()
 
 
 def start_world(config: ParallelConfig, device: torch.device) -> World:
-    """Join torchrun's process group (once) and build the mesh; a world
-    of one without torchrun."""
+    """Join torchrun's process group (unless this process has joined it
+    already) and build the mesh; a world of one without torchrun."""
     size = launched_world_size()
     shape = degrees(config, size)
     if size == 1:
         return World(0, 1, None)
-    if not dist.is_initialized():
+    joining = not dist.is_initialized()
+    if joining:
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo")
     mesh = init_device_mesh(device.type, tuple(shape.values()),
@@ -240,4 +247,4 @@ def start_world(config: ParallelConfig, device: torch.device) -> World:
                  TENSOR: shape[TENSOR]}
         experts = init_device_mesh(device.type, tuple(split.values()),
                                    mesh_dim_names=tuple(split))
-    return World(dist.get_rank(), size, mesh, experts, device)
+    return World(dist.get_rank(), size, mesh, experts, device, joining)

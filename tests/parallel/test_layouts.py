@@ -30,7 +30,7 @@ import torch
 
 from coom.checkpoint.storage import load_checkpoint
 from tests.kernels import relative_error
-from tests.launch import check, launch
+from tests.launch import GroupedRuns, check, launch
 
 STEPS = 5
 ARGS = ["tiny", "--set", "train.device=cpu", "train.precision=fp32",
@@ -99,33 +99,43 @@ def assert_matches(single, run_dir) -> None:
             assert _close(ours[name], tensor, bound), (step, name)
 
 
-@pytest.mark.parametrize("processes, overrides", [
-    (2, ["parallel.data_parallel_shard=2"]),
-    (2, ["parallel.data_parallel_replicate=2",
-         "parallel.data_parallel_shard=1"]),
-    (4, ["parallel.data_parallel_replicate=2"]),
-    (2, ["parallel.tensor=2"]),
-    (4, ["parallel.tensor=2"]),
-    (2, ["parallel.expert=2"]),
-    (4, ["parallel.expert=2"]),
-    (4, ["parallel.data_parallel_replicate=2", "parallel.expert=2"]),
-    (4, ["parallel.tensor=2", "parallel.expert=2"]),
-    (4, ["parallel.pipeline=2", "parallel.tensor=2"]),
-    (4, ["parallel.pipeline=2", "parallel.expert=2"]),
-    (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    (4, ["parallel.tensor=2", "parallel.sequence_parallel=true",
-         "parallel.expert=2"]),
-    (4, ["parallel.tensor=2", "parallel.sequence_parallel=true",
-         "parallel.pipeline=2"]),
-], ids=["fsdp2", "replicate2", "hsdp2x2", "tp2", "fsdp2xtp2", "ep2",
-        "fsdp2xep2", "replicate2xep2", "ep2xtp2", "pp2xtp2", "pp2xep2",
-        "sp2", "ep2xsp2", "pp2xsp2"])
-def test_matches_one_process(single, tmp_path, processes, overrides):
-    check(_train(tmp_path, processes, *overrides))
-    assert_matches(single, tmp_path)
-
-
 FP8 = ["fp8.recipe=blockwise", "fp8.emulate=true"]
+
+LAYOUTS = {
+    "fsdp2": (2, ["parallel.data_parallel_shard=2"]),
+    "replicate2": (2, ["parallel.data_parallel_replicate=2",
+                       "parallel.data_parallel_shard=1"]),
+    "hsdp2x2": (4, ["parallel.data_parallel_replicate=2"]),
+    "tp2": (2, ["parallel.tensor=2"]),
+    "fsdp2xtp2": (4, ["parallel.tensor=2"]),
+    "ep2": (2, ["parallel.expert=2"]),
+    "fsdp2xep2": (4, ["parallel.expert=2"]),
+    "replicate2xep2": (4, ["parallel.data_parallel_replicate=2",
+                           "parallel.expert=2"]),
+    "ep2xtp2": (4, ["parallel.tensor=2", "parallel.expert=2"]),
+    "pp2xtp2": (4, ["parallel.pipeline=2", "parallel.tensor=2"]),
+    "pp2xep2": (4, ["parallel.pipeline=2", "parallel.expert=2"]),
+    "sp2": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "ep2xsp2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                    "parallel.expert=2"]),
+    "pp2xsp2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                    "parallel.pipeline=2"]),
+    "fp8-fsdp2": (2, [*FP8, "parallel.data_parallel_shard=2"]),
+    "fp8-pp2": (2, [*FP8, "parallel.pipeline=2"]),
+    "fp8-ep2": (2, [*FP8, "parallel.expert=2"]),
+}
+"""The layouts trained against one process: processes, overrides."""
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory) -> GroupedRuns:
+    return GroupedRuns(LAYOUTS, tmp_path_factory.mktemp("layouts"), ARGS)
+
+
+@pytest.mark.parametrize("name", [name for name in LAYOUTS
+                                  if not name.startswith("fp8")])
+def test_matches_one_process(single, layout_runs, name):
+    assert_matches(single, layout_runs.run_dir(name))
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +145,12 @@ def single_fp8(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("layout, experts_bound, others_bound", [
-    ("parallel.data_parallel_shard=2", 1e-5, 1e-5),
-    ("parallel.pipeline=2", 1e-5, 1e-5),
-    ("parallel.expert=2", 0.05, 1e-3),
-], ids=["fsdp2", "pp2", "ep2"])
-def test_fp8_matches_one_process(single_fp8, tmp_path, layout,
+@pytest.mark.parametrize("name, experts_bound, others_bound", [
+    ("fp8-fsdp2", 1e-5, 1e-5),
+    ("fp8-pp2", 1e-5, 1e-5),
+    ("fp8-ep2", 0.05, 1e-3),
+])
+def test_fp8_matches_one_process(single_fp8, layout_runs, name,
                                  experts_bound, others_bound):
     """Emulated blockwise FP8 on 2 processes against one: step 1's loss
     and gradients. Each process quantises what one process would, so
@@ -153,15 +163,15 @@ def test_fp8_matches_one_process(single_fp8, tmp_path, layout,
     float32 rounding that flips some FP8 roundings downstream (measured
     up to 2.4e-4). (Later steps are not compared: FP8 turns any such
     difference into a visible one within a few steps.)"""
-    check(_train(tmp_path, 2, *FP8, layout))
-    expected, losses = logged_losses(single_fp8), logged_losses(tmp_path)
+    run_dir = layout_runs.run_dir(name)
+    expected, losses = logged_losses(single_fp8), logged_losses(run_dir)
     assert abs(losses[0] - expected[0]) <= 1e-6 * expected[0]
     expected, ours = (_first_moments(_state(single_fp8, 1)),
-                      _first_moments(_state(tmp_path, 1)))
-    for name, tensor in expected.items():
-        bound = experts_bound if ".mlp.experts.w" in name \
+                      _first_moments(_state(run_dir, 1)))
+    for tensor_name, tensor in expected.items():
+        bound = experts_bound if ".mlp.experts.w" in tensor_name \
             else others_bound
-        assert _close(ours[name], tensor, bound), name
+        assert _close(ours[tensor_name], tensor, bound), tensor_name
 
 
 def test_degrees_must_multiply_to_the_processes(tmp_path):

@@ -11,8 +11,9 @@ from coom.parallel.pipeline import (
     split_layers,
     stages_of_process,
 )
-from tests.launch import check, launch
+from tests.launch import GroupedRuns, check, launch
 from tests.parallel.test_layouts import (
+    ARGS,
     STEPS,
     _train,
     assert_matches,
@@ -56,27 +57,35 @@ def single(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("processes, overrides", [
-    (2, ["parallel.pipeline_schedule=1F1B"]),
-    (2, ["parallel.pipeline_schedule=GPipe"]),
-    (2, ["parallel.pipeline_schedule=Interleaved1F1B"]),
-    (2, ["parallel.pipeline_schedule=LoopedBFS"]),
-    (2, ["parallel.pipeline_schedule=InterleavedZeroBubble"]),
-    (2, ["parallel.pipeline_schedule=ZBVZeroBubble"]),
-    (2, ["parallel.pipeline_schedule=DualPipeV"]),
-    (4, ["parallel.pipeline_schedule=Interleaved1F1B",
-         "parallel.data_parallel_shard=2"]),
-    (4, ["parallel.pipeline_schedule=InterleavedZeroBubble",
-         "parallel.data_parallel_shard=2"]),
-], ids=["1f1b", "gpipe", "interleaved1f1b", "loopedbfs",
-        "interleavedzerobubble", "zbv", "dualpipev", "fsdp2xinterleaved",
-        "fsdp2xinterleavedzerobubble"])
-def test_matches_one_process(single, tmp_path, processes, overrides):
+SCHEDULES = {
+    name: (processes, [FOUR_BLOCKS, "parallel.pipeline=2",
+                       f"parallel.pipeline_schedule={schedule}", *more])
+    for name, processes, schedule, more in [
+        ("1f1b", 2, "1F1B", []),
+        ("gpipe", 2, "GPipe", []),
+        ("interleaved1f1b", 2, "Interleaved1F1B", []),
+        ("loopedbfs", 2, "LoopedBFS", []),
+        ("interleavedzerobubble", 2, "InterleavedZeroBubble", []),
+        ("zbv", 2, "ZBVZeroBubble", []),
+        ("dualpipev", 2, "DualPipeV", []),
+        ("fsdp2xinterleaved", 4, "Interleaved1F1B",
+         ["parallel.data_parallel_shard=2"]),
+        ("fsdp2xinterleavedzerobubble", 4, "InterleavedZeroBubble",
+         ["parallel.data_parallel_shard=2"])]}
+"""Each schedule's run: processes, overrides."""
+
+
+@pytest.fixture(scope="module")
+def schedule_runs(tmp_path_factory) -> GroupedRuns:
+    return GroupedRuns(SCHEDULES, tmp_path_factory.mktemp("schedules"),
+                       ARGS)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_matches_one_process(single, schedule_runs, name):
     """Losses of 5 steps within 1e-5, gradients of step 1 within 1e-5
     and weights after 5 steps within 1e-3 (``test_layouts`` says why)."""
-    check(_train(tmp_path, processes, FOUR_BLOCKS, "parallel.pipeline=2",
-                 *overrides))
-    assert_matches(single, tmp_path)
+    assert_matches(single, schedule_runs.run_dir(name))
 
 
 def test_zero_bubble_under_tensor_parallelism(tmp_path):
