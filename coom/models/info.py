@@ -75,7 +75,7 @@ def model_info(config: ModelConfig, seq_length: int) -> ModelInfo:
     main = [model.embed, model.layers, model.norm]
     total, active, matmul = _counts(main, config)
     head = config.vocab_size * config.hidden_size
-    if model.head is not None:
+    if model.head.weight is not None:
         total += head
         active += head
     mtp_total, _, mtp_matmul = _counts(model.mtp, config)
