@@ -139,7 +139,7 @@ def test_overwrite_empties_the_run_but_keeps_its_lock(tmp_path, small_run,
     run = _a_run(tmp_path / "run")
     (run / "checkpoints").mkdir()
     seen = []
-    monkeypatch.setattr("coom.cli._train_in",
+    monkeypatch.setattr("coom.cli.train._train_in",
                         lambda run_dir, config: seen.append(
                             sorted(os.listdir(run_dir))) or 0)
     assert main(["train", "--run-dir", str(run), "--overwrite", "--set",

@@ -1,0 +1,13 @@
+"""``coom data prepare``: tokenize a recipe's data sources."""
+
+
+def cmd_data_prepare(args) -> int:
+    from coom.config import load_config
+    from coom.data.prepare import prepare
+    config = load_config(args.recipe or "tiny", args.overrides)
+    prepared = prepare(config.data)
+    print(f"tokenizer: {prepared.tokenizer.path} "
+          f"({prepared.tokenizer.vocab_size} tokens)")
+    for prefix in prepared.prefixes:
+        print(f"dataset: {prefix}.bin / .idx")
+    return 0

@@ -1,0 +1,183 @@
+"""``coom train`` and ``coom eval``: the commands that drive a Trainer
+over a run directory."""
+import contextlib
+import json
+import math
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import IO
+
+from coom.cli.torchrun import first_process, relaunch
+from coom.errors import UserError
+
+
+def _resume_dir(args) -> Path:
+    if args.recipe or args.run_dir or args.overwrite:
+        raise UserError("--resume takes the recipe and run directory from "
+                        "RUN_DIR; drop RECIPE, --run-dir and --overwrite")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no "
+                        "config.yaml)")
+    return run_dir
+
+
+def _new_run_dir(args) -> tuple[Path, IO | None]:
+    """The new run's directory, and its lock on the first process, which
+    alone creates it (or empties it with --overwrite): under torchrun
+    the others wait for it when they join the process group."""
+    from coom.parallel.mesh import launched_world_size
+    from coom.train.run_dir import LOCK, hold_lock
+    if launched_world_size() > 1 and not args.run_dir:
+        raise UserError("a run launched with torchrun needs its directory "
+                        "named: pass --run-dir DIR")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = Path(args.recipe or "tiny").stem
+    run_dir = Path(args.run_dir or f"runs/{name}-{stamp}")
+    if not first_process():
+        return run_dir, None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file; name a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the run directory {run_dir} "
+                        f"({error.strerror}); name a folder that can be "
+                        "made") from None
+    lock = hold_lock(run_dir)
+    kept = [path for path in run_dir.iterdir() if path.name != LOCK]
+    if kept and not args.overwrite:
+        lock.close()
+        raise UserError(f"run directory {run_dir} already exists; pass "
+                        "--resume to continue it or --overwrite to "
+                        "replace it")
+    for path in kept:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return run_dir, lock
+
+
+def _with_trainer(make_trainer, work):
+    """work(trainer)'s result and the run's world, closed: the trainer
+    (and any that work made) is freed first, so that the model, the
+    optimizer and their process groups are gone before the world
+    leaves its process group (``World.close``), also when work fails.
+    make_trainer builds it here, so that no caller holds it."""
+    trainer = make_trainer()
+    world = trainer.world
+    try:
+        return work(trainer), world
+    except BaseException as error:
+        # The traceback's frames (work's among them) would keep the
+        # trainer alive through the collection in world.close().
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        del trainer
+        world.close()
+
+
+def cmd_train(args) -> int:
+    from coom.config import load_config
+    from coom.train.run_dir import (
+        hold_lock,
+        read_config,
+        record_run_info,
+        write_config,
+    )
+    with contextlib.ExitStack() as held:
+        if args.resume:
+            run_dir = _resume_dir(args)
+            if first_process():
+                held.enter_context(hold_lock(run_dir))
+            config = read_config(run_dir, args.overrides)
+        else:
+            config = load_config(args.recipe or "tiny", args.overrides)
+            run_dir, lock = _new_run_dir(args)
+            if lock is not None:
+                held.enter_context(lock)
+                # Before the data is prepared, so that a run killed
+                # then can be resumed.
+                write_config(run_dir, config)
+        if first_process():
+            record_run_info(run_dir)
+        return _train_in(run_dir, config)
+
+
+def _train_in(run_dir: Path, config) -> int:
+    """Train config in run_dir, through its growths, and say how it
+    ended."""
+    from coom.train.trainer import Trainer
+
+    def train(trainer):
+        if trainer.world.main:
+            print(f"training in {run_dir}")
+        outcome = trainer.run()
+        while outcome == "growth":
+            trainer = Trainer(config, run_dir, trainer.world,
+                              trainer.energy.job_started)
+            outcome = trainer.run()
+        return outcome, trainer.step, trainer.energy.summary()
+
+    (outcome, step, energy), world = _with_trainer(
+        lambda: Trainer(config, run_dir), train)
+    if not world.main:
+        return 0
+    if outcome == "done":
+        print(f"finished {step} steps; summary and plots: "
+              f"coom report {run_dir}")
+    else:
+        print(f"stopped at step {step} ({outcome}) with a "
+              f"checkpoint; continue with: {relaunch()} --resume "
+              f"{run_dir}")
+    print(energy)
+    return 0
+
+
+def _checkpoint_to_evaluate(run_dir: Path, step) -> Path:
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    from coom.train.checkpoint import is_checkpoint, latest_checkpoint
+    folder = run_dir / "checkpoints"
+    if step is None:
+        path = latest_checkpoint(folder)
+        if path is None:
+            raise UserError(f"{run_dir} holds no checkpoint yet")
+        return path
+    path = folder / f"step_{step:07d}"
+    if not is_checkpoint(path):
+        kept = sorted(p.name for p in folder.glob("step_*")
+                      if is_checkpoint(p))
+        raise UserError(f"{run_dir} holds no checkpoint of step {step}; "
+                        f"it holds {', '.join(kept) or 'none'}")
+    return path
+
+
+def cmd_eval(args) -> int:
+    from coom.train.run_dir import read_config
+    run_dir = Path(args.run_dir)
+    path = _checkpoint_to_evaluate(run_dir, args.step)
+    config = read_config(run_dir, args.overrides)
+    from coom.train.trainer import Trainer
+
+    def evaluate(trainer):
+        trainer.restore(path)
+        return trainer.evaluate(trainer.valid)
+
+    loss, world = _with_trainer(lambda: Trainer(config, run_dir), evaluate)
+    if not world.main:
+        return 0
+    train = config.train
+    print(f"{path}: validation loss {loss:.4f} (perplexity "
+          f"{math.exp(loss):.2f}) over {train.eval_iters} micro-batches of "
+          f"{train.micro_batch_size} x {config.data.seq_length} tokens")
+    if args.out:
+        Path(args.out).write_text(json.dumps(
+            {"checkpoint": str(path), "val_loss": loss,
+             "overrides": args.overrides}) + "\n")
+        print(f"written to {args.out}")
+    return 0

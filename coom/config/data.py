@@ -1,0 +1,78 @@
+"""The data section: sources, tokenizer and samples."""
+from dataclasses import dataclass, field
+from typing import Optional
+
+from coom.config.checks import positive, require
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it becomes token samples."""
+
+    paths: list[str] = field(default_factory=list)
+    """Sources to train on. Each is a .txt file, a .jsonl file, a folder
+    (every .txt and .jsonl file under it), or the prefix of an existing
+    Megatron indexed dataset (PREFIX.bin and PREFIX.idx). Empty: the
+    embedded default corpus, the Python standard library's source."""
+
+    weights: Optional[list[float]] = None
+    """Blend weight of each entry of paths (Megatron's --data-path
+    weights). None weighs sources by their size."""
+
+    text_key: str = "text"
+    """Field holding the document text in .jsonl files."""
+
+    tokenizer: Optional[str] = None
+    """A Hugging Face tokenizer.json to use. None trains a byte-level BPE
+    on the sources."""
+
+    tokenizer_vocab_size: int = 8192
+    """Vocabulary size of a tokenizer trained by COOM."""
+
+    eod_token: str | None = None
+    """The token written after each document (Megatron: the tokenizer's
+    eod). None takes the eos_token of the tokenizer_config.json beside
+    the tokenizer.json, as Megatron's preprocess_data.py does, and
+    otherwise <|endoftext|>, the one special token of a tokenizer trained
+    by COOM. A document whose text holds this token's string is split
+    there (a warning says so once)."""
+
+    seq_length: int = 256
+    """Tokens per training sample."""
+
+    split: str = "98,2,0"
+    """Train, validation and test shares of the documents, as in
+    Megatron's --split."""
+
+    cache_dir: str = ".cache/coom"
+    """Folder for tokenizers, prepared datasets and sample indices; reused
+    while sources and tokenizer are unchanged."""
+
+    num_workers: int = 2
+    """Processes that tokenize the sources."""
+
+    synthetic: bool = False
+    """Train on uniformly random tokens instead of the sources, with no
+    tokenizer (for benchmarks); model.vocab_size must then be set."""
+
+    def __post_init__(self):
+        positive(self, "tokenizer_vocab_size", "seq_length", "num_workers")
+        require(self.tokenizer_vocab_size >= 257, "tokenizer_vocab_size",
+                "must be at least 257 (256 bytes plus end-of-document)")
+        require(self.eod_token != "", "eod_token",
+                "must name a token; leave it unset for the tokenizer's own")
+        if self.weights is not None:
+            require(len(self.weights) == len(self.paths), "weights",
+                    f"has {len(self.weights)} entries but paths has "
+                    f"{len(self.paths)}")
+            require(all(w > 0 for w in self.weights), "weights",
+                    "every weight must be positive")
+        shares = self.split.replace("/", ",").split(",")
+        try:
+            values = [float(s) for s in shares]
+        except ValueError:
+            values = []
+        require(1 <= len(values) <= 3 and all(v >= 0 for v in values)
+                and len(values) > 1 and values[1] > 0 and values[0] > 0,
+                "split", f"'{self.split}' must look like '98,2,0' with "
+                "positive train and validation shares")
