@@ -159,6 +159,9 @@ class Transformer(nn.Module):
         and the last block's output, afterwards.
         """
         if self.embed is not None:
+            if aheads:
+                raise TypeError("a model with its embedding takes the "
+                                "token ids alone as positional argument")
             h_bsd = self.embed(x)
             aheads = self._ahead_embeddings(labels_bs)
         else:
@@ -190,7 +193,7 @@ class Transformer(nn.Module):
             return []
         length = labels_bs.shape[1]
         return [self.embed(labels_bs[:, depth - 1:length - 1])
-                for depth in range(1, len(self.mtp) + 1)]
+                for depth in range(1, self.config.mtp_num_layers + 1)]
 
     def _features(self, h_bsd: torch.Tensor,
                   aheads: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -11,10 +11,11 @@ applied from outside the model as torchtitan does, in this order:
    The embedding and output head split by vocabulary: a process looks
    up the tokens of its rows (the group sums the embeddings) and
    computes its rows' logits, whose cross-entropy sums over the group
-   (the head is replaced by ``coom.parallel.vocab.VocabParallelHead``). Norms, MLA's latent projection ``wkv_a``,
-   router and routed experts stay whole on every process; the gradient
-   of the rotary key part of ``wkv_a``'s output, which every process's
-   heads share, is summed over the group.
+   (the head is replaced by ``coom.parallel.vocab.VocabParallelHead``).
+   Norms, MLA's latent projection ``wkv_a``, router and routed experts
+   stay whole on every process; the gradient of the rotary key part of
+   ``wkv_a``'s output, which every process's heads share, is summed over
+   the group.
    With sequence parallelism (Megatron's), the residual stream between
    the main blocks' sublayers is split by sequence over the group too:
    each process keeps and normalises its own positions; a sublayer
