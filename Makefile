@@ -16,6 +16,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/python -m pycodestyle --max-line-length=79 coom tests benchmarks
 	$(BIN)/python -m ruff check coom tests benchmarks
+	$(BIN)/lint-imports
 
 # torch is pinned first so pip takes the local CPU wheel instead of
 # downloading the CUDA build; the rest follows pyproject.toml.

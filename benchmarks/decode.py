@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional
 
 from coom.config import load_config
-from coom.inference.cache import DecodingCache
+from coom.layers.cache import DecodingCache
 from coom.layers.mla import MLA
 from coom.models import Transformer
 

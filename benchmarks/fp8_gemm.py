@@ -1,5 +1,5 @@
 """The experts' grouped products in blockwise FP8 (Triton,
-``coom.kernels.fp8_grouped_gemm``) against bf16 ``torch._grouped_mm``,
+``coom.fp8.grouped_gemm``) against bf16 ``torch._grouped_mm``,
 at the small preset's expert shapes: 64 experts x 1536 rows (98,304
 rows), products 1536 -> 1024 and 512 -> 1536.
 
@@ -24,6 +24,11 @@ import argparse
 import torch
 from triton.testing import do_bench_cudagraph
 
+from coom.fp8.grouped_gemm import (
+    grouped_fp8_mm,
+    grouped_fp8_mm_wgrad,
+    tuned_configs,
+)
 from coom.fp8.scaling import (
     TILE,
     Grouping,
@@ -31,11 +36,6 @@ from coom.fp8.scaling import (
     group_tile_starts,
     quantize,
     quantize_transposed,
-)
-from coom.kernels.fp8_grouped_gemm import (
-    grouped_fp8_mm,
-    grouped_fp8_mm_wgrad,
-    tuned_configs,
 )
 
 SHAPES = ((1536, 1024), (512, 1536))  # (k in, n out) of W (e, n, k)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from coom.bench import bench_config
 from coom.config import load_config
 from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linear
+from coom.tools.bench import bench_config
 from coom.train.trainer import Trainer
 
 PRODUCTS = ("y", "dx", "dW")

@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (needs the backend first)
 
-from coom.train.checkpoint import (  # noqa: E402
+from coom.checkpoint.storage import (  # noqa: E402
     latest_checkpoint,
     read_train_state,
 )

@@ -18,7 +18,7 @@ import argparse
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
-from coom.kernels import fp8_quantize
+from coom.fp8 import quantize as fp8_quantize
 from coom.kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from coom.bench import bench_config
 from coom.config import load_config
+from coom.tools.bench import bench_config
 from coom.train.trainer import Trainer
 
 CATEGORIES = (

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small multilingual corpus and a very small run.
+"""Shared fixtures: a small multilingual corpus, a very small run, and the
+single-process run that multi-process runs are compared with.
 
 Without a GPU, Triton kernels run in Triton's interpreter; the variable
 must be set before triton is first imported.
@@ -14,6 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from coom.data.corpus import default_corpus_files
+from tests.launch import check
+from tests.parallel.test_layouts import _train
 
 MULTILINGUAL = [
     "The quick brown fox jumps over the lazy dog. Größe, café, naïve.",
@@ -52,3 +55,15 @@ def small_run(corpus_dir, tmp_path_factory) -> list[str]:
         "checkpoint.interval=3", "logging.log_interval=1",
         "logging.tensorboard=false", "logging.progress_bar=false",
     ]
+
+
+@pytest.fixture(scope="session")
+def single(tmp_path_factory) -> Path:
+    """The single-process run that the multi-process runs are compared
+    with (``tests/parallel/``, ``tests/tools/test_rebalance.py``;
+    ``test_pipeline`` has its own, of 4 blocks), trained once for the
+    session: each launch costs seconds of process start-up on the 2-core
+    CI machine."""
+    run_dir = tmp_path_factory.mktemp("single")
+    check(_train(run_dir, 1))
+    return run_dir

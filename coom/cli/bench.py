@@ -6,9 +6,9 @@ from coom.errors import UserError
 
 
 def cmd_energy_sweep(args) -> int:
-    from coom.bench import write_result
     from coom.config import load_config
-    from coom.energy import sweep
+    from coom.tools import sweep
+    from coom.tools.bench import write_result
     if args.eta is None:
         args.eta = 0.5
     if not 0 <= args.eta <= 1:
@@ -44,8 +44,8 @@ def cmd_energy_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from coom.bench import describe, run_bench, write_result
     from coom.config import load_config
+    from coom.tools.bench import describe, run_bench, write_result
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
     if args.energy_sweep:

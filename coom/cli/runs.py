@@ -12,7 +12,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_experts_rebalance(args) -> int:
-    from coom.parallel.rebalance import REBALANCED, rebalance_run
+    from coom.tools.rebalance import REBALANCED, rebalance_run
     run_dir = Path(args.run_dir)
     plans = rebalance_run(run_dir, args.ranks, args.redundant,
                           args.dry_run)

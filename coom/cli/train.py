@@ -108,7 +108,7 @@ def _train_in(run_dir: Path, config) -> int:
 def _checkpoint_to_evaluate(run_dir: Path, step) -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    from coom.train.checkpoint import is_checkpoint, latest_checkpoint
+    from coom.checkpoint.storage import is_checkpoint, latest_checkpoint
     folder = run_dir / "checkpoints"
     if step is None:
         path = latest_checkpoint(folder)

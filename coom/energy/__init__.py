@@ -7,5 +7,7 @@
   with its budget.
 - ``tradeoff``: Zeus's cost and the Pareto front of energy and time.
 - ``power``: the opt-in search over GPU power limits.
-- ``sweep``: ``coom bench --energy-sweep``.
+
+``coom bench --energy-sweep`` is a tool above training
+(``coom.tools.sweep``).
 """

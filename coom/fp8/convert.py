@@ -10,8 +10,9 @@ units (cuBLAS) a linear converts only when its widths are whole
 128-column tiles (blockwise) or multiples of 16 (rowwise, tensorwise), as
 torchao filters them too: in the ``small`` preset that keeps MLA's
 576-wide latent projection (wkv_a) in bf16. The routed experts follow the
-same rule. Weights stay the same Parameters: names, values and
-checkpoints do not change.
+same rule. Converted layers are replaced (``coom.fp8.modules``) by FP8
+ones that hold the same Parameters: names, values and checkpoints do not
+change.
 """
 import torch
 from torch import nn
@@ -19,7 +20,9 @@ from torch import nn
 from coom.config import FP8Config
 from coom.errors import UserError
 from coom.fp8.linear import FP8Linear, FP8Recipe
+from coom.fp8.modules import FP8GroupedExperts, FP8SwiGLU, fp8_copy
 from coom.fp8.scaling import TILE
+from coom.layers.mlp import SwiGLU
 from coom.layers.moe import GroupedExperts
 
 
@@ -49,15 +52,6 @@ def check_hardware(config: FP8Config, device: torch.device) -> None:
         "in float32 (slow, for checking numerics), or fp8.recipe=off.")
 
 
-def _fp8_copy(linear: nn.Linear, recipe: FP8Recipe) -> FP8Linear:
-    if linear.bias is not None:
-        raise ValueError("FP8 linears have no bias")
-    converted = FP8Linear(linear.in_features, linear.out_features, recipe,
-                          device="meta")
-    converted.weight = linear.weight
-    return converted
-
-
 def _fits_fp8_units(widths: tuple[int, int], recipe: FP8Recipe) -> bool:
     """Whether the FP8 products take a layer's input and output widths:
     whole 128-column tiles for blockwise scaling, multiples of 16
@@ -68,22 +62,28 @@ def _fits_fp8_units(widths: tuple[int, int], recipe: FP8Recipe) -> bool:
 
 
 def _convert(module: nn.Module, recipe: FP8Recipe, experts: bool) -> int:
-    """Convert module's linears (and experts) in place; return how many
-    products converted."""
+    """Replace module's linears (and experts) by FP8 ones, in place;
+    return how many products converted. A SwiGLU whose w1 and w3 both
+    converted becomes an FP8SwiGLU, which quantises x once for both."""
     converted = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:
             if _fits_fp8_units((child.in_features, child.out_features),
                                recipe):
-                setattr(module, name, _fp8_copy(child, recipe))
+                setattr(module, name, fp8_copy(child, recipe))
                 converted += 1
-        elif isinstance(child, GroupedExperts):
+        elif type(child) is GroupedExperts:
             if experts and _fits_fp8_units(tuple(child.w1.shape[1:]),
                                            recipe):
-                child.fp8 = recipe
+                setattr(module, name,
+                        FP8GroupedExperts.replacing(child, recipe))
                 converted += 1
         else:
             converted += _convert(child, recipe, experts)
+            if type(child) is SwiGLU and all(
+                    isinstance(linear, FP8Linear)
+                    for linear in (child.w1, child.w3)):
+                setattr(module, name, FP8SwiGLU.replacing(child))
     return converted
 
 

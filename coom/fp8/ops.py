@@ -16,12 +16,12 @@ inductor's own autotuning of a traced kernel drops (torch 2.13's source;
 traced, the forward's and input gradient's 66 launches per step of the
 ``small`` preset took 22.0 ms of an H100 against 19.5 ms whole), and
 whose TMA descriptors need Triton's allocator set in the launching
-thread (``coom.kernels.fp8_grouped_gemm``), which inductor's launches
+thread (``coom.fp8.grouped_gemm``), which inductor's launches
 would not do; and cuBLAS's scaled product, which inductor would
 otherwise lower to a template of its own.
 
-The kernels are ``coom.kernels.fp8_quantize`` and
-``coom.kernels.fp8_grouped_gemm``; this file only wraps them. Scales
+The kernels are ``coom.fp8.quantize`` and
+``coom.fp8.grouped_gemm``; this file only wraps them. Scales
 of 1 x 128 tiles come back outer-dim-major (strides (1, rows)); x^T
 quantised in groups (experts) comes back tile-padded, 128 columns per
 row tile (``quantize_transposed``).
@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from coom.kernels import fp8_grouped_gemm, fp8_quantize
+from coom.fp8 import grouped_gemm, quantize
 
 
 @torch.library.triton_op("coom::fp8_quantize_rows_and_transpose",
@@ -46,9 +46,9 @@ def quantize_rows_and_transpose(
     """x in 1 x 128 tiles, and x^T in 1 x 128 tiles along m (each group
     of counts_e rows starting a new tile, tile-padded): (values_mk,
     scales_mh, values_kc, scales_kj)."""
-    (values_mk, scales_mh), (values_kc, scales_kj) = \
-        fp8_quantize.quantize_rows_and_transpose(x_mk, power_of_two,
-                                                 counts_e, traceable=True)
+    (values_mk, scales_mh), (values_kc, scales_kj) = (
+        quantize.quantize_rows_and_transpose(x_mk, power_of_two, counts_e,
+                                             traceable=True))
     return values_mk, scales_mh, values_kc, scales_kj
 
 
@@ -57,7 +57,7 @@ def quantize_rows(x_mk: torch.Tensor, power_of_two: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """x in 1 x 128 tiles, for a product that keeps nothing for a
     backward: (values_mk, scales_mh)."""
-    return fp8_quantize.quantize_rows(x_mk, power_of_two, traceable=True)
+    return quantize.quantize_rows(x_mk, power_of_two, traceable=True)
 
 
 @torch.library.triton_op("coom::fp8_quantize_blocks", mutates_args=())
@@ -65,7 +65,7 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., n, k) in 128 x 128 blocks, for a product that keeps
     nothing for a backward: (values (..., n, k), scales (..., g, h))."""
-    return fp8_quantize.quantize_blocks(w, power_of_two, traceable=True)
+    return quantize.quantize_blocks(w, power_of_two, traceable=True)
 
 
 @torch.library.triton_op("coom::fp8_quantize_blocks_and_transpose",
@@ -75,8 +75,8 @@ def quantize_blocks_and_transpose(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (..., n, k) in 128 x 128 blocks: (values (..., n, k), scales
     (..., g, h), values of w^T (..., k, n))."""
-    return fp8_quantize.quantize_blocks(w, power_of_two, transpose=True,
-                                        traceable=True)
+    return quantize.quantize_blocks(w, power_of_two, transpose=True,
+                                    traceable=True)
 
 
 @torch.library.custom_op("coom::fp8_grouped_mm", mutates_args=())
@@ -85,7 +85,7 @@ def grouped_mm(a_values_tk: torch.Tensor, a_scales_th: torch.Tensor,
                counts_e: torch.Tensor, out_dtype: torch.dtype
                ) -> torch.Tensor:
     """Rows of group e times b[e]^T, blockwise scaled."""
-    return fp8_grouped_gemm.grouped_fp8_mm(
+    return grouped_gemm.grouped_fp8_mm(
         a_values_tk, a_scales_th, b_values_enk, b_scales_egh.contiguous(),
         counts_e, out_dtype)
 
@@ -103,7 +103,7 @@ def grouped_mm_wgrad(a_values_nc: torch.Tensor, a_scales_nj: torch.Tensor,
                      counts_e: torch.Tensor) -> torch.Tensor:
     """Per group e, a's columns of e times b's columns of e transposed,
     both tile-padded: (e, n, k) float32."""
-    return fp8_grouped_gemm.grouped_fp8_mm_wgrad(
+    return grouped_gemm.grouped_fp8_mm_wgrad(
         a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e)
 
 

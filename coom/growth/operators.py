@@ -20,7 +20,7 @@ from coom.errors import UserError
 from coom.growth import depth, experts, width
 from coom.growth.tensors import KINDS, Tensors
 from coom.models import Transformer
-from coom.train.optimizer import decays
+from coom.models.info import decays
 
 MOMENTS = {"first": "exp_avg", "second": "exp_avg_sq"}
 

@@ -11,8 +11,9 @@ through a checkpoint:
    schedule; every process loads it whole on the CPU and applies the
    step's operators to the weights and the optimizer moments (the same
    on each: the new weights are drawn from one seed), and together they
-   publish ``step_N-grown`` as the latest checkpoint (atomically, like
-   every checkpoint; DCP writes each tensor once);
+   publish ``step_N-grown`` as the latest checkpoint
+   (``coom.checkpoint.transform``: atomically, like every checkpoint;
+   DCP writes each tensor once);
 3. that trainer builds the grown model, parallelises it for the run's
    layout, and resumes from the grown checkpoint, which reshards.
 
@@ -25,16 +26,12 @@ from ``train.seed`` plus the step.
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from coom.checkpoint.storage import latest_checkpoint, read_train_state
+from coom.checkpoint.transform import Whole, transform_checkpoint
 from coom.config import GrowthStep, ModelConfig, RunConfig
 from coom.errors import UserError
 from coom.growth.operators import grow, grown_config
 from coom.models.info import state_shapes
-from coom.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    read_train_state,
-    save_checkpoint,
-)
 
 GROWN = "-grown"
 """Suffix of the checkpoint that holds a step's grown model."""
@@ -72,18 +69,16 @@ def grow_checkpoint(path: Path, entries: list[GrowthStep], seed: int,
     """Apply entries to the checkpoint at path and publish the result
     beside it as the latest checkpoint; every process of the run calls
     it."""
-    state = load_checkpoint(path)
-    model = ModelConfig(**state["config"]["model"])
-    weights, optimizer = state.pop("model"), state.pop("optimizer")
-    for offset, entry in enumerate(entries):
-        grown = grow(model, weights, optimizer, entry.op, entry.args,
-                     seed + offset)
-        model, weights, optimizer = grown.config, grown.weights, \
-            grown.optimizer
-    state["config"] = state["config"] | {"model": asdict(model)}
-    return save_checkpoint(path.parent, state["step"],
-                           {"model": weights, "optimizer": optimizer},
-                           state, keep, suffix=GROWN)
+    def grow_all(whole: Whole) -> None:
+        config = whole.train_state["config"]
+        model = ModelConfig(**config["model"])
+        for offset, entry in enumerate(entries):
+            grown = grow(model, whole.weights, whole.optimizer, entry.op,
+                         entry.args, seed + offset)
+            model = grown.config
+            whole.weights, whole.optimizer = grown.weights, grown.optimizer
+        whole.train_state["config"] = config | {"model": asdict(model)}
+    return transform_checkpoint(path, grow_all, GROWN, keep)
 
 
 def catch_up(config: RunConfig, checkpoints: Path

@@ -1,1 +1,1 @@
-"""Inference: the compressed KV cache and sampling."""
+"""Inference: generation and sampling, with MTP speculative decoding."""

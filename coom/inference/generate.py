@@ -1,7 +1,7 @@
 """Sampling with the compressed KV cache, and MTP self-speculative decoding.
 
 Plain decoding feeds the prompt once, then one token per forward, each
-attending to the cached latents (see ``coom.inference.cache``).
+attending to the cached latents (see ``coom.layers.cache``).
 
 Self-speculative decoding (greedy only) uses the first MTP depth as the
 draft model, as DeepSeek-V3 suggests: from the main model's last hidden
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from coom.errors import UserError
-from coom.inference.cache import DecodingCache
+from coom.layers.cache import DecodingCache
 from coom.models import Transformer
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from coom.checkpoint.storage import write_checkpoint_folder
 from coom.errors import UserError
 from coom.interop.hf import (
     TRAINING_FIELDS,
@@ -25,7 +26,6 @@ from coom.interop.hf import (
     save_hf,
 )
 from coom.interop.weights import Weights, read_weights
-from coom.train.checkpoint import write_checkpoint_folder
 
 
 def _empty_folder(out: Path, overwrite: bool, source: Path) -> None:

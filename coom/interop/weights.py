@@ -15,16 +15,16 @@ from typing import Optional
 
 import torch
 
-from coom.config import ModelConfig
-from coom.errors import UserError
-from coom.interop.hf import load_hf
-from coom.models import Transformer
-from coom.train.checkpoint import (
+from coom.checkpoint.storage import (
     META,
     is_checkpoint,
     latest_checkpoint,
     load_checkpoint,
 )
+from coom.config import ModelConfig
+from coom.errors import UserError
+from coom.interop.hf import load_hf
+from coom.models import Transformer
 
 
 @dataclass

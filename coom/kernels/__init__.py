@@ -1,25 +1,15 @@
 """Fused Triton kernels, one file per op, each with a PyTorch reference.
 
 Each op is a ``torch.library.custom_op`` with a fake (meta) implementation
-and a registered backward, so ``torch.compile`` traces through it. Layers
-call an op's kernel when ``use_kernels(tensor)`` holds: by default on CUDA
-tensors, never on CPU ones (there the reference runs; tests run the kernels
-on CPU through Triton's interpreter, ``TRITON_INTERPRET=1``).
+and a registered backward, so ``torch.compile`` traces through it. Its
+default implementation launches the Triton kernel; its CPU kernel
+(``register_kernel("cpu")``) runs the reference, so that one op serves
+every device. Tests run the Triton kernels on the CPU through Triton's
+interpreter (``TRITON_INTERPRET=1``) by disabling the CPU kernel
+(``set_kernel_enabled``). Whether a model calls the ops at all, or the
+plain references, is decided when it is built (``fused_kernels``).
 """
 import torch
-
-_enabled = True
-
-
-def set_enabled(enabled: bool) -> None:
-    """Turn the fused kernels on or off for every layer (train.kernels)."""
-    global _enabled
-    _enabled = enabled
-
-
-def use_kernels(x: torch.Tensor) -> bool:
-    """Whether layers should run their fused kernel on x."""
-    return _enabled and x.is_cuda
 
 
 def launcher(kernel, traceable: bool):

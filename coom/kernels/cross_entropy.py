@@ -15,7 +15,8 @@ chunk's gradients of x and (accumulated in float32) of W, and the chunk's
 logits are freed. The forward therefore computes the gradients as well, as
 Liger-Kernel's fused loss does; the backward only multiplies them by the
 incoming gradient of the scalar loss. Peak memory is one chunk's logits
-plus the float32 weight gradient.
+plus the float32 weight gradient. On the CPU the same chunks run a plain
+PyTorch version of the per-row program.
 
 Tensor names end in their shape: t tokens; n tokens in a chunk; d width;
 v vocabulary.
@@ -77,6 +78,57 @@ def _accumulate(grad_vd: torch.Tensor, a_vn: torch.Tensor,
     return grad_vd.add_(a_vn @ b_nd)
 
 
+def _triton_rows(logits_nv: torch.Tensor, labels_n: torch.Tensor,
+                 scale_n: torch.Tensor, loss_n: torch.Tensor,
+                 gradients: bool) -> None:
+    vocab = logits_nv.shape[1]
+    _cross_entropy_kernel[(logits_nv.shape[0],)](
+        logits_nv, labels_n, scale_n, loss_n, vocab, logits_nv.stride(0),
+        write_gradient=gradients,
+        block=min(BLOCK, triton.next_power_of_2(vocab)))
+
+
+def _reference_rows(logits_nv: torch.Tensor, labels_n: torch.Tensor,
+                    scale_n: torch.Tensor, loss_n: torch.Tensor,
+                    gradients: bool) -> None:
+    """What the kernel does to a chunk, in plain PyTorch."""
+    z_nv = logits_nv.float()
+    lse_n = z_nv.logsumexp(-1)
+    loss_n.copy_(lse_n - z_nv.gather(1, labels_n[:, None]).squeeze(1))
+    if gradients:
+        gradient_nv = (z_nv - lse_n[:, None]).exp() * scale_n[:, None]
+        gradient_nv.scatter_add_(1, labels_n[:, None], -scale_n[:, None])
+        logits_nv.copy_(gradient_nv)
+
+
+def _chunked(x_td: torch.Tensor, weight_vd: torch.Tensor,
+             labels_t: torch.Tensor, scale_t: torch.Tensor,
+             compute_dtype: torch.dtype, rows: int, gradients: bool,
+             cross_entropy_rows
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused loss, chunk by chunk, cross_entropy_rows turning each
+    chunk's logits into losses (and gradients, in place)."""
+    tokens = x_td.shape[0]
+    x_td = x_td.contiguous()
+    weight_vd = weight_vd.to(compute_dtype)
+    labels_t = labels_t.contiguous()
+    scale_t = scale_t.float().contiguous()
+    loss_t = torch.empty(tokens, device=x_td.device, dtype=torch.float32)
+    grad_x_td = torch.empty_like(x_td) if gradients else x_td.new_empty(0)
+    grad_w_vd = (x_td.new_zeros(weight_vd.shape, dtype=torch.float32)
+                 if gradients else x_td.new_empty(0))
+    for start in range(0, tokens, rows):
+        end = min(start + rows, tokens)
+        x_nd = x_td[start:end].to(compute_dtype)
+        logits_nv = x_nd @ weight_vd.T
+        cross_entropy_rows(logits_nv, labels_t[start:end],
+                           scale_t[start:end], loss_t[start:end], gradients)
+        if gradients:
+            grad_x_td[start:end] = logits_nv @ weight_vd
+            grad_w_vd = _accumulate(grad_w_vd, logits_nv.T, x_nd)
+    return (loss_t * scale_t).sum(), grad_x_td, grad_w_vd
+
+
 @torch.library.custom_op("coom::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_forward(
         x_td: torch.Tensor, weight_vd: torch.Tensor, labels_t: torch.Tensor,
@@ -84,28 +136,14 @@ def linear_cross_entropy_forward(
         gradients: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dloss/dx, dloss/dW) with matmuls in compute_dtype, rows
     tokens at a time; without gradients the last two are empty."""
-    tokens, vocab = x_td.shape[0], weight_vd.shape[0]
-    x_td = x_td.contiguous()
-    weight_vd = weight_vd.to(compute_dtype)
-    labels_t = labels_t.contiguous()
-    scale_t = scale_t.float().contiguous()
-    loss_t = torch.empty(tokens, device=x_td.device, dtype=torch.float32)
-    grad_x_td = torch.empty_like(x_td) if gradients else x_td.new_empty(0)
-    grad_w_vd = x_td.new_zeros(weight_vd.shape, dtype=torch.float32) \
-        if gradients else x_td.new_empty(0)
-    for start in range(0, tokens, rows):
-        end = min(start + rows, tokens)
-        x_nd = x_td[start:end].to(compute_dtype)
-        logits_nv = x_nd @ weight_vd.T
-        _cross_entropy_kernel[(end - start,)](
-            logits_nv, labels_t[start:end], scale_t[start:end],
-            loss_t[start:end], vocab, logits_nv.stride(0),
-            write_gradient=gradients, block=min(BLOCK,
-                                                triton.next_power_of_2(vocab)))
-        if gradients:
-            grad_x_td[start:end] = logits_nv @ weight_vd
-            grad_w_vd = _accumulate(grad_w_vd, logits_nv.T, x_nd)
-    return (loss_t * scale_t).sum(), grad_x_td, grad_w_vd
+    return _chunked(x_td, weight_vd, labels_t, scale_t, compute_dtype, rows,
+                    gradients, _triton_rows)
+
+
+@linear_cross_entropy_forward.register_kernel("cpu")
+def _(x_td, weight_vd, labels_t, scale_t, compute_dtype, rows, gradients):
+    return _chunked(x_td, weight_vd, labels_t, scale_t, compute_dtype, rows,
+                    gradients, _reference_rows)
 
 
 @linear_cross_entropy_forward.register_fake

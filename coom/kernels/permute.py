@@ -12,7 +12,8 @@ tokens and nothing is written twice (no atomics):
 
 So a permute's backward is an unweighted unpermute, and an unpermute's
 backward a weighted permute. Each program handles a block of tokens, each
-as one block of the full width.
+as one block of the full width. On the CPU the ops run their references
+(and the unpermute's backward the same formulas in plain PyTorch).
 
 Tensor names end in their shape: t tokens; k copies per token; c copies
 (t * k); d width.
@@ -94,6 +95,11 @@ def permute(x_td: torch.Tensor, copy_tk: torch.Tensor) -> torch.Tensor:
     return x_cd
 
 
+@permute.register_kernel("cpu")
+def _(x_td, copy_tk):
+    return permute_reference(x_td, copy_tk)
+
+
 @permute.register_fake
 def _(x_td, copy_tk):
     return x_td.new_empty(copy_tk.numel(), x_td.shape[1])
@@ -114,6 +120,11 @@ def unpermute(y_cd: torch.Tensor, weights_tk: torch.Tensor | None,
     return out_td
 
 
+@unpermute.register_kernel("cpu")
+def _(y_cd, weights_tk, copy_tk):
+    return unpermute_reference(y_cd, weights_tk, copy_tk)
+
+
 @unpermute.register_fake
 def _(y_cd, weights_tk, copy_tk):
     return y_cd.new_empty(copy_tk.shape[0], y_cd.shape[1])
@@ -132,6 +143,16 @@ def unpermute_backward(dout_td: torch.Tensor, y_cd: torch.Tensor,
     _launch(_scatter_kernel, tokens, y_cd.shape[1], dout_td,
             weights_tk.contiguous(), copy_tk, y_cd, dy_cd, dweights_tk, k=k,
             weighted=True)
+    return dy_cd, dweights_tk.to(weights_tk.dtype)
+
+
+@unpermute_backward.register_kernel("cpu")
+def _(dout_td, y_cd, weights_tk, copy_tk):
+    dout_t1d = dout_td.float()[:, None]
+    dy_cd = torch.empty_like(y_cd)
+    dy_cd[copy_tk] = (dout_t1d * weights_tk[..., None].float()).to(
+        y_cd.dtype)
+    dweights_tk = (y_cd[copy_tk].float() * dout_t1d).sum(-1)
     return dy_cd, dweights_tk.to(weights_tk.dtype)
 
 
@@ -180,12 +201,17 @@ def copy_positions(order_c: torch.Tensor, k: int) -> torch.Tensor:
 def permute_reference(x_td: torch.Tensor,
                       copy_tk: torch.Tensor) -> torch.Tensor:
     """permute in plain PyTorch: a gather of each copy's token."""
-    order_c = copy_tk.flatten().argsort()
+    order_c = torch.empty_like(copy_tk).view(-1)
+    order_c[copy_tk.flatten()] = torch.arange(order_c.numel(),
+                                              device=order_c.device)
     return x_td[order_c // copy_tk.shape[1]]
 
 
-def unpermute_reference(y_cd: torch.Tensor, weights_tk: torch.Tensor,
+def unpermute_reference(y_cd: torch.Tensor,
+                        weights_tk: torch.Tensor | None,
                         copy_tk: torch.Tensor) -> torch.Tensor:
     """unpermute in plain PyTorch (float32 inside)."""
     y_tkd = y_cd[copy_tk].float()
-    return (y_tkd * weights_tk[..., None].float()).sum(1).to(y_cd.dtype)
+    if weights_tk is not None:
+        y_tkd = y_tkd * weights_tk[..., None].float()
+    return y_tkd.sum(1).to(y_cd.dtype)

@@ -6,7 +6,8 @@ float32 and stored in the input's dtype. Backward: with ``g = dy *
 weight`` and ``n = h * rstd``, ``dh = rstd * (g - n * mean(g * n))`` (plus
 the gradient reaching the residual sum), ``dweight = sum over rows of dy *
 n``. Each program handles a block of rows, so weight-gradient partial sums
-come one per program and are added up afterwards.
+come one per program and are added up afterwards. On the CPU both ops run
+the same formulas in plain PyTorch.
 
 Tensor names end in their shape: r rows; d width; p programs.
 """
@@ -98,6 +99,16 @@ def rms_norm_forward(x: torch.Tensor, residual: torch.Tensor | None,
     return y.view(x.shape), h, rstd
 
 
+@rms_norm_forward.register_kernel("cpu")
+def _(x, residual, weight, eps):
+    h32 = x.float() if residual is None else residual.float() + x.float()
+    rstd = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    dtype = x.dtype if residual is None else residual.dtype
+    y = (h32 * rstd * weight.float()).to(dtype)
+    h = x.new_empty(0) if residual is None else h32.to(dtype)
+    return y, h, rstd.flatten()
+
+
 @rms_norm_forward.register_fake
 def _(x, residual, weight, eps):
     rstd = x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
@@ -133,6 +144,20 @@ def rms_norm_backward(dy: torch.Tensor, dsum: torch.Tensor | None,
         partial_pd.zero_()
     dweight = partial_pd.sum(0).to(weight.dtype)
     return dh.view(h.shape), dweight
+
+
+@rms_norm_backward.register_kernel("cpu")
+def _(dy, dsum, h, weight, rstd):
+    width = h.shape[-1]
+    dy_rd = dy.reshape(-1, width).float()
+    normed_rd = h.reshape(-1, width).float() * rstd[:, None]
+    g_rd = dy_rd * weight.float()
+    dh_rd = rstd[:, None] * (
+        g_rd - normed_rd * (g_rd * normed_rd).mean(-1, keepdim=True))
+    if dsum is not None:
+        dh_rd = dh_rd + dsum.reshape(-1, width).float()
+    dweight = (dy_rd * normed_rd).sum(0)
+    return dh_rd.to(h.dtype).view(h.shape), dweight.to(weight.dtype)
 
 
 @rms_norm_backward.register_fake
@@ -180,3 +205,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor,
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (x32 * weight.float()).type_as(x)
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor,
+                           weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm in plain PyTorch."""
+    h = residual + x
+    return h, rms_norm_reference(h, weight, eps)

@@ -9,7 +9,8 @@ rotation by the negative angle, ``dx = dy (c - j s)``, the same kernel
 with s negated; the tables get no gradient. Each program rotates every
 head of a block of tokens, reading a token's cos and sin once for all its
 heads; the input may be a slice, its rows (tokens and heads) any distance
-apart (a copy is made when its channels are not contiguous).
+apart (a copy is made when its channels are not contiguous). On the CPU
+the op runs the reference.
 
 Tensor names end in their shape: b batch; s sequence; h heads; k rotated
 head dimension; t tokens (b * s).
@@ -57,15 +58,21 @@ def _rotate_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, tokens, seq_len, heads,
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _check_positions(x_bshk: torch.Tensor, cos_sk: torch.Tensor,
+                     start: int) -> None:
+    end = start + x_bshk.shape[1]
+    if end > cos_sk.shape[0]:
+        raise ValueError(f"positions up to {end} but tables of "
+                         f"{cos_sk.shape[0]}")
+
+
 @torch.library.custom_op("coom::rope_rotate", mutates_args=())
 def rotate(x_bshk: torch.Tensor, cos_sk: torch.Tensor, sin_sk: torch.Tensor,
            start: int, inverse: bool = False) -> torch.Tensor:
     """Rotate x (b, s, h, k) as positions start .. start + s - 1 (by the
     negative angles if inverse); the result is contiguous."""
+    _check_positions(x_bshk, cos_sk, start)
     batch, seq_len, heads, width = x_bshk.shape
-    if start + seq_len > cos_sk.shape[0]:
-        raise ValueError(f"positions up to {start + seq_len} but tables of "
-                         f"{cos_sk.shape[0]}")
     x_thk = x_bshk.flatten(0, 1)
     if x_thk.stride(-1) != 1:
         x_thk = x_thk.contiguous()
@@ -82,6 +89,13 @@ def rotate(x_bshk: torch.Tensor, cos_sk: torch.Tensor, sin_sk: torch.Tensor,
             inverse=inverse, token_block=token_block, head_block=head_block,
             pair_block=pair_block, num_warps=NUM_WARPS)
     return y_thk.view(x_bshk.shape)
+
+
+@rotate.register_kernel("cpu")
+def _(x_bshk, cos_sk, sin_sk, start, inverse=False):
+    _check_positions(x_bshk, cos_sk, start)
+    return rotate_reference(x_bshk, cos_sk, -sin_sk if inverse else sin_sk,
+                            start)
 
 
 @rotate.register_fake

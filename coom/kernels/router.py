@@ -22,7 +22,8 @@ r_i / (R + 1e-20))`` (``dr_j = f dw_j`` unnormalised) is added to
 ``ds[expert_j]``, then ``dl = ds s (1 - s)`` for sigmoid, ``dl = s (ds -
 sum(ds s))`` for softmax. One kernel does it all per block of tokens,
 reading the saved scores once, where a handful of PyTorch ops would each
-make a pass over (t, e).
+make a pass over (t, e). On the CPU the forward runs the reference and
+the backward the same formulas in plain PyTorch.
 
 Tensor names end in their shape: t tokens; e routed experts; k experts
 per token.
@@ -187,6 +188,15 @@ def route_forward(logits_te: torch.Tensor, bias_e: torch.Tensor, k: int,
     return scores_te, weights_tk, experts_tk
 
 
+@route_forward.register_kernel("cpu")
+def _(logits_te, bias_e, k, softmax, n_group, topk_group, normalise, factor,
+      group_max):
+    return route_reference(
+        logits_te, bias_e, k, "softmax" if softmax else "sigmoid", n_group,
+        topk_group, "group_limited_greedy" if group_max else "noaux_tc",
+        normalise, factor)
+
+
 @route_forward.register_fake
 def _(logits_te, bias_e, k, softmax, n_group, topk_group, normalise,
       factor, group_max):
@@ -214,6 +224,22 @@ def route_backward(dscores_te: torch.Tensor, dweights_tk: torch.Tensor,
             block=block, k_block=triton.next_power_of_2(k),
             num_warps=NUM_WARPS)
     return dlogits_te
+
+
+@route_backward.register_kernel("cpu")
+def _(dscores_te, dweights_tk, scores_te, experts_tk, softmax, normalise,
+      factor):
+    draw_tk = factor * dweights_tk
+    if normalise:
+        raw_tk = scores_te.gather(1, experts_tk)
+        total_t1 = raw_tk.sum(1, keepdim=True) + 1e-20
+        draw_tk = draw_tk / total_t1 - factor * (
+            dweights_tk * raw_tk).sum(1, keepdim=True) / total_t1.square()
+    dscores_te = dscores_te.scatter_add(1, experts_tk, draw_tk)
+    if softmax:
+        return scores_te * (
+            dscores_te - (dscores_te * scores_te).sum(1, keepdim=True))
+    return dscores_te * scores_te * (1.0 - scores_te)
 
 
 @route_backward.register_fake

@@ -5,7 +5,9 @@ Forward, elementwise: ``s = sigmoid(g) = 1 / (1 + exp(-g))``, ``y =
 g * s * u``, computed in float32 and stored in the input's dtype.
 Backward, recomputing s from the saved inputs: ``du = dy * g * s``, ``dg
 = dy * u * s * (1 + g * (1 - s))``, both written by one kernel. Each
-program handles one contiguous block of the flattened tensors.
+program handles one contiguous block of the flattened tensors. On the
+CPU the forward is the reference and the backward the same formulas in
+plain PyTorch.
 
 Tensor names end in their shape: n elements.
 """
@@ -60,6 +62,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y_n.view(gate.shape)
 
 
+@swiglu.register_kernel("cpu")
+def _(gate, up):
+    return swiglu_reference(gate, up)
+
+
 @swiglu.register_fake
 def _(gate, up):
     return gate.new_empty(gate.shape)
@@ -77,6 +84,14 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor,
             _flat(dy), gate_n, up_n, dgate_n, dup_n, numel,
             block=BLOCK, num_warps=NUM_WARPS)
     return dgate_n.view(gate.shape), dup_n.view(up.shape)
+
+
+@swiglu_backward.register_kernel("cpu")
+def _(dy, gate, up):
+    dy, g, u = dy.float(), gate.float(), up.float()
+    s = torch.sigmoid(g)
+    dgate = dy * u * s * (1.0 + g * (1.0 - s))
+    return dgate.to(gate.dtype), (dy * g * s).to(up.dtype)
 
 
 @swiglu_backward.register_fake

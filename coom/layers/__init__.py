@@ -1,1 +1,2 @@
-"""Building blocks of the model: norms, rotary embeddings, attention, MLPs."""
+"""Building blocks of the model: norms, rotary embeddings, attention, MLPs,
+and the compressed decoding cache their attention reads."""

@@ -21,18 +21,21 @@ class Block(nn.Module):
     Args:
         config: the model config.
         index: position of the block, which decides dense or MoE.
+        fused_kernels: let the layers call the fused ops
+            (``coom.kernels``) rather than their references.
     """
 
-    def __init__(self, config: ModelConfig, index: int):
+    def __init__(self, config: ModelConfig, index: int,
+                 fused_kernels: bool = True):
         super().__init__()
-        eps = config.layernorm_epsilon
-        self.attention_norm = RMSNorm(config.hidden_size, eps)
-        self.attention = MLA(config)
-        self.mlp_norm = RMSNorm(config.hidden_size, eps)
+        dim, eps = config.hidden_size, config.layernorm_epsilon
+        self.attention_norm = RMSNorm(dim, eps, fused_kernels)
+        self.attention = MLA(config, fused_kernels)
+        self.mlp_norm = RMSNorm(dim, eps, fused_kernels)
         if config.is_moe_layer(index):
-            self.mlp = MoE(config)
+            self.mlp = MoE(config, fused_kernels)
         else:
-            self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
+            self.mlp = SwiGLU(dim, config.ffn_hidden_size, fused_kernels)
 
     def init_weights(self, std: float, num_layers: int) -> None:
         self.attention_norm.init_weights()

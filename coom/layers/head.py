@@ -4,7 +4,8 @@ Given only features, the head returns logits. Given labels, it returns
 the sum over tokens of each token's cross-entropy times its weight,
 without keeping the logits whole: on GPUs the fused kernel of
 ``coom.kernels.cross_entropy``, elsewhere (or with the kernels off) the
-reference that materialises them. Tensor parallelism replaces the head
+reference that materialises them (``fused_kernels`` off). Tensor
+parallelism replaces the head
 by ``coom.parallel.vocab.VocabParallelHead``, whose loss sums over the
 vocabulary split across the group.
 
@@ -17,7 +18,6 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from coom.kernels import use_kernels
 from coom.kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -31,12 +31,16 @@ class OutputHead(nn.Module):
         width, vocab: the model's width and vocabulary size.
         tied: whether the embedding serves as the head, whose weight the
             model then passes in; otherwise the head holds its own.
+        fused_kernels: whether the loss runs the fused op or the plain
+            reference.
     """
 
-    def __init__(self, width: int, vocab: int, tied: bool):
+    def __init__(self, width: int, vocab: int, tied: bool,
+                 fused_kernels: bool = True):
         super().__init__()
         self.weight = None if tied else nn.Parameter(
             torch.empty(vocab, width))
+        self.fused_kernels = fused_kernels
 
     def init_weights(self, std: float) -> None:
         if self.weight is not None:
@@ -46,7 +50,7 @@ class OutputHead(nn.Module):
                       labels_t: torch.Tensor,
                       scale_t: torch.Tensor) -> torch.Tensor:
         """sum_t scale_t * cross_entropy(x_t @ weight^T, label_t)."""
-        loss = linear_cross_entropy if use_kernels(x_td) \
+        loss = linear_cross_entropy if self.fused_kernels \
             else linear_cross_entropy_reference
         return loss(x_td, weight_vd, labels_t, scale_t)
 

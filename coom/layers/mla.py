@@ -35,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from coom.config import ModelConfig
 from coom.layers.norm import RMSNorm
+from coom.layers.recompute import direct
 from coom.layers.rope import RotaryEmbedding, yarn_mscale
 
 # On Hopper, cuDNN's fused attention takes MLA's unequal head dimensions
@@ -79,9 +80,10 @@ class MLA(nn.Module):
     Args:
         config: the model config (hidden_size, num_attention_heads, the
             q/kv ranks and head dimensions, the YaRN fields).
+        fused_kernels: let the latent norms call the fused op.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused_kernels: bool = True):
         super().__init__()
         self.config = config
         dim, heads = config.hidden_size, config.num_attention_heads
@@ -90,16 +92,19 @@ class MLA(nn.Module):
             self.wq = nn.Linear(dim, q_width, bias=False)
         else:
             self.wq_a = nn.Linear(dim, config.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.q_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS,
+                                  fused_kernels)
             self.wq_b = nn.Linear(config.q_lora_rank, q_width, bias=False)
         self.wkv_a = nn.Linear(
             dim, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_norm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS,
+                               fused_kernels)
         self.wkv_b = nn.Linear(
             config.kv_lora_rank,
             heads * (config.qk_nope_head_dim + config.v_head_dim),
             bias=False)
         self.wo = nn.Linear(heads * config.v_head_dim, dim, bias=False)
+        self.recompute = direct
         self.softmax_scale = config.qk_head_dim ** -0.5
         if config.rope_type == "yarn":
             self.softmax_scale *= yarn_mscale(
@@ -177,6 +182,11 @@ class MLA(nn.Module):
                 cache: Optional[LatentCache] = None) -> torch.Tensor:
         """Causal attention over x, or, given a cache, over the cached
         positions and x (whose latents the cache then holds too)."""
+        return self.recompute(self.attend, x_bsd, rope, cache)
+
+    def attend(self, x_bsd: torch.Tensor, rope: RotaryEmbedding,
+               cache: Optional[LatentCache]) -> torch.Tensor:
+        """What forward computes."""
         config = self.config
         start = 0 if cache is None else cache.start
         q_nope, q_pe = self.queries(x_bsd).split(

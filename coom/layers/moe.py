@@ -1,7 +1,7 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts.
 
-The layer runs in phases, as Megatron-Core splits it, so that a dispatcher
-for expert parallelism slots in between them from outside:
+The layer runs in phases, as Megatron-Core splits it, so that expert
+parallelism slots in between them from outside:
 
 1. route: the router scores every expert in float32 and picks
    ``num_experts_per_tok`` of them per token, optionally only from the
@@ -9,16 +9,19 @@ for expert parallelism slots in between them from outside:
    says);
 2. permute: token copies are sorted by expert;
 3. experts: one grouped SwiGLU over the sorted copies (``torch._grouped_mm``
-   on a GPU, a loop over the groups elsewhere), nothing dropped. Under
-   expert parallelism (``coom.parallel.expert``) hooks around this call
-   dispatch the copies to the processes that hold their experts, and
-   bring the results back;
+   on a GPU, a loop over the groups elsewhere), nothing dropped. Expert
+   parallelism (``coom.parallel.expert``) replaces the experts with a
+   module that dispatches the copies to the processes that hold their
+   experts, runs its own, and brings the results back; FP8
+   (``coom.fp8.convert``) replaces them with one whose products run in
+   FP8;
 4. combine: each copy is weighted and summed back into its token.
 
-On GPUs the routing after the router matmul runs the Triton kernel of
-``coom.kernels.router``, permute and combine those of
+Built with ``fused_kernels``, the routing after the router matmul calls
+the op of ``coom.kernels.router``, permute and combine those of
 ``coom.kernels.permute``, and the experts' gating that of
-``coom.kernels.swiglu``.
+``coom.kernels.swiglu`` (each Triton on GPUs, its reference elsewhere);
+without, the plain references.
 
 Auxiliary-loss-free balancing (DeepSeek-V3) adds a per-expert ``bias`` to
 the scores for selection only; the combine weights use the unbiased
@@ -34,21 +37,23 @@ model width; e routed experts; k experts per token; g groups; i expert
 width; c token copies (t * k).
 """
 import math
-from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn import functional
 
 from coom.config import ModelConfig
-from coom.fp8.grouped import fp8_grouped_linear
-from coom.fp8.linear import FP8Recipe
-from coom.kernels import use_kernels
-from coom.kernels.permute import copy_positions, permute, unpermute
+from coom.kernels.permute import (
+    copy_positions,
+    permute,
+    permute_reference,
+    unpermute,
+    unpermute_reference,
+)
 from coom.kernels.router import route, route_reference
 from coom.kernels.swiglu import swiglu, swiglu_reference
 from coom.layers.mlp import SwiGLU
+from coom.layers.recompute import direct
 
 
 class Router(nn.Module):
@@ -56,11 +61,14 @@ class Router(nn.Module):
 
     Args:
         config: the model config (the MoE routing fields).
+        fused_kernels: call the fused routing op rather than the
+            reference.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused_kernels: bool = True):
         super().__init__()
         self.config = config
+        self.fused_kernels = fused_kernels
         experts = config.n_routed_experts
         self.weight = nn.Parameter(torch.empty(experts, config.hidden_size))
         self.register_buffer("bias", torch.empty(experts))
@@ -76,7 +84,7 @@ class Router(nn.Module):
         # In float32 even under autocast, which would run it in bf16.
         with torch.autocast(x_td.device.type, enabled=False):
             logits_te = functional.linear(x_td.float(), self.weight.float())
-        select = route if use_kernels(x_td) else route_reference
+        select = route if self.fused_kernels else route_reference
         scores_te, weights_tk, experts_tk = select(
             logits_te, self.bias, config.num_experts_per_tok,
             config.scoring_func, config.n_group, config.topk_group,
@@ -124,21 +132,26 @@ def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
 
 class GroupedExperts(nn.Module):
     """The routed experts' SwiGLU weights, stacked: w1, w3 (e, i, d) and
-    w2 (e, d, i). Their products run in FP8 once ``fp8`` is set (by
-    ``coom.fp8.convert``)."""
+    w2 (e, d, i). FP8 (``coom.fp8.convert``) and expert parallelism
+    (``coom.parallel.expert``) replace the module with ones that keep
+    these weights under the same names.
 
-    def __init__(self, config: ModelConfig):
+    Args:
+        config: the model config.
+        fused_kernels: call the fused gating op rather than the
+            reference.
+    """
+
+    def __init__(self, config: ModelConfig, fused_kernels: bool = True):
         super().__init__()
         shape = (config.n_routed_experts, config.moe_intermediate_size,
                  config.hidden_size)
+        self.config = config
+        self.fused_kernels = fused_kernels
         self.w1 = nn.Parameter(torch.empty(shape))
         self.w3 = nn.Parameter(torch.empty(shape))
         self.w2 = nn.Parameter(torch.empty(shape[0], shape[2], shape[1]))
-        self.fp8: Optional[FP8Recipe] = None
-        # Set by expert parallelism (``coom.parallel.expert``): it moves
-        # the rows, and gives the weights of the slots they are sorted
-        # by.
-        self.dispatcher = None
+        self.recompute = direct
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
@@ -147,29 +160,32 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_cd: torch.Tensor,
                 counts_e: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of rows sorted by expert, counts_e rows per expert.
+        """SwiGLU of rows sorted by expert, counts_e rows per expert."""
+        return self.run(x_cd, counts_e, self.w1, self.w3, self.w2)
 
-        Parallelism applied from outside may have made the weights
-        DTensors split by expert; the rows and counts are then those of
-        this process's expert slots, which its dispatcher gives the
-        weights of.
-        """
-        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w
-                      for w in (self.w1, self.w3, self.w2))
-        if self.dispatcher is not None:
-            w1, w3, w2 = self.dispatcher.slot_weights(w1, w3, w2)
+    def run(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+            w1: torch.Tensor, w3: torch.Tensor,
+            w2: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of rows sorted by expert, counts_e rows for each of the
+        experts whose weights are given (this module's own, or those of
+        a process's expert slots)."""
+        return self.recompute(self.compute, x_cd, counts_e, w1, w3, w2)
 
-        def products(a_cd, *weights_eod):
-            if self.fp8 is None:
-                return [grouped_matmul(a_cd, weight_eod, counts_e)
-                        for weight_eod in weights_eod]
-            return fp8_grouped_linear(a_cd, weights_eod, counts_e, self.fp8)
-
-        gate, up = products(x_cd, w1, w3)
-        gated = swiglu(gate, up) if use_kernels(gate) \
-            else swiglu_reference(gate, up)
-        (out,) = products(gated, w2)
+    def compute(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+                w1: torch.Tensor, w3: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+        """What run computes."""
+        gate, up = self.products(x_cd, counts_e, w1, w3)
+        gating = swiglu if self.fused_kernels else swiglu_reference
+        (out,) = self.products(gating(gate, up), counts_e, w2)
         return out
+
+    def products(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+                 *weights_eod: torch.Tensor) -> list[torch.Tensor]:
+        """x_e @ weight[e]^T for each expert's consecutive rows and each
+        of weights_eod."""
+        return [grouped_matmul(x_cd, weight_eod, counts_e)
+                for weight_eod in weights_eod]
 
 
 def balance_loss(scores_bse: torch.Tensor, experts_bsk: torch.Tensor,
@@ -219,18 +235,22 @@ class MoE(nn.Module):
 
     Args:
         config: the model config.
+        fused_kernels: call the fused ops (routing, permutation, gating)
+            rather than their references.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused_kernels: bool = True):
         super().__init__()
         self.config = config
-        self.router = Router(config)
-        self.experts = GroupedExperts(config)
+        self.fused_kernels = fused_kernels
+        self.router = Router(config, fused_kernels)
+        self.experts = GroupedExperts(config, fused_kernels)
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = SwiGLU(
                 config.hidden_size,
-                config.n_shared_experts * config.moe_intermediate_size)
+                config.n_shared_experts * config.moe_intermediate_size,
+                fused_kernels)
         self.register_buffer("tokens_per_expert",
                              torch.empty(config.n_routed_experts),
                              persistent=False)
@@ -290,25 +310,31 @@ class MoE(nn.Module):
                                           x_bsd.shape[:2])
                 self.aux_loss_sum += aux_loss.detach()
         order_c = experts_tk.flatten().argsort(stable=True)
-        k = self.config.num_experts_per_tok
+        copy_tk = copy_positions(order_c, self.config.num_experts_per_tok)
         # Autocast does not reach _grouped_mm, which takes only bf16 on
         # GPUs: cast as autocast would, before the copies are gathered.
         device = x_td.device.type
         if torch.is_autocast_enabled(device):
             x_td = x_td.to(torch.get_autocast_dtype(device))
-        if use_kernels(x_td):
-            copy_tk = copy_positions(order_c, k)
-            y_cd = self.experts(permute(x_td, copy_tk), counts_e)
-            out_td = unpermute(y_cd, weights_tk, copy_tk)
-        else:
-            token_c = order_c // k
-            y_cd = self.experts(x_td[token_c], counts_e)
-            y_cd = y_cd * weights_tk.flatten()[order_c, None].to(y_cd.dtype)
-            out_td = torch.zeros_like(x_td).index_add_(0, token_c,
-                                                       y_cd.to(x_td.dtype))
+        y_cd = self.experts(self.permute(x_td, copy_tk), counts_e)
+        out_td = self.combine(y_cd, weights_tk, copy_tk)
         if self.shared_experts is not None:
             out_td = out_td + self.shared_experts(x_td)
         if aux_loss is not None:
             out_td = AuxLossGradient.apply(out_td, aux_loss,
                                            self.aux_loss_scale)
         return out_td.view_as(x_bsd)
+
+    def permute(self, x_td: torch.Tensor,
+                copy_tk: torch.Tensor) -> torch.Tensor:
+        """Token t's row copied to rows copy_tk[t] (expert-sorted)."""
+        if self.fused_kernels:
+            return permute(x_td, copy_tk)
+        return permute_reference(x_td, copy_tk)
+
+    def combine(self, y_cd: torch.Tensor, weights_tk: torch.Tensor,
+                copy_tk: torch.Tensor) -> torch.Tensor:
+        """Each token's copies, weighted and summed back into it."""
+        if self.fused_kernels:
+            return unpermute(y_cd, weights_tk, copy_tk)
+        return unpermute_reference(y_cd, weights_tk, copy_tk)

@@ -29,16 +29,18 @@ class MTPModule(nn.Module):
         config: the model config.
         index: the block index it takes in the checkpoint layout
             (num_layers + depth - 1), which decides dense or MoE.
+        fused_kernels: let the layers call the fused ops.
     """
 
-    def __init__(self, config: ModelConfig, index: int):
+    def __init__(self, config: ModelConfig, index: int,
+                 fused_kernels: bool = True):
         super().__init__()
         dim, eps = config.hidden_size, config.layernorm_epsilon
-        self.enorm = RMSNorm(dim, eps)
-        self.hnorm = RMSNorm(dim, eps)
+        self.enorm = RMSNorm(dim, eps, fused_kernels)
+        self.hnorm = RMSNorm(dim, eps, fused_kernels)
         self.eh_proj = nn.Linear(2 * dim, dim, bias=False)
-        self.block = Block(config, index)
-        self.norm = RMSNorm(dim, eps)
+        self.block = Block(config, index, fused_kernels)
+        self.norm = RMSNorm(dim, eps, fused_kernels)
 
     def init_weights(self, std: float, num_layers: int) -> None:
         for norm in (self.enorm, self.hnorm, self.norm):

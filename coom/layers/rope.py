@@ -14,7 +14,9 @@ sin are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim),
 or by mscale(factor, 1) when either coefficient is 0, as transformers
 reads a config.json that leaves one out.
 
-On GPUs the rotation runs the Triton kernel of ``coom.kernels.rope``.
+Built with ``fused_kernels`` the rotation calls the op of
+``coom.kernels.rope`` (Triton on GPUs, the reference elsewhere), else the
+plain reference.
 
 Tensor names end in their shape: b batch; s sequence; h heads; k rotated
 head dimension.
@@ -25,7 +27,6 @@ import torch
 from torch import nn
 
 from coom.config import ModelConfig
-from coom.kernels import use_kernels
 from coom.kernels.rope import rotate, rotate_reference
 
 
@@ -71,11 +72,13 @@ class RotaryEmbedding(nn.Module):
     Args:
         config: the model config; reads qk_rope_head_dim,
             max_position_embeddings, rotary_base and the YaRN fields.
+        fused_kernels: call the fused op rather than the reference.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused_kernels: bool = True):
         super().__init__()
         self.config = config
+        self.fused_kernels = fused_kernels
         half = config.qk_rope_head_dim // 2
         positions = config.max_position_embeddings
         self.register_buffer("cos_sk", torch.empty(positions, half),
@@ -111,6 +114,5 @@ class RotaryEmbedding(nn.Module):
         return self._rotate(x_bshk, start)
 
     def _rotate(self, x_bshk: torch.Tensor, start: int) -> torch.Tensor:
-        if use_kernels(x_bshk):
-            return rotate(x_bshk, self.cos_sk, self.sin_sk, start)
-        return rotate_reference(x_bshk, self.cos_sk, self.sin_sk, start)
+        rotation = rotate if self.fused_kernels else rotate_reference
+        return rotation(x_bshk, self.cos_sk, self.sin_sk, start)

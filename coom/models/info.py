@@ -1,4 +1,5 @@
-"""What a model config costs: parameters, training FLOPs, KV cache bytes.
+"""What a model config costs: parameters, training FLOPs, KV cache bytes;
+and which parameters weight decay applies to.
 
 The counts are read off the model itself, built on the ``meta`` device (no
 memory is touched, so DeepSeek-V3 671B takes a second), rather than from a
@@ -104,6 +105,13 @@ def model_info(config: ModelConfig, seq_length: int) -> ModelInfo:
             config.kv_lora_rank + config.qk_rope_head_dim),
         mha_cache_values_per_token=config.num_layers * heads * (
             config.qk_head_dim + config.v_head_dim))
+
+
+def decays(parameter: torch.Tensor) -> bool:
+    """Whether weight decay applies to parameter: to matrices and
+    embeddings, not to norm scales. The optimizer's groups and the
+    optimizer state a growth carries both follow it."""
+    return parameter.dim() >= 2
 
 
 def _human(count: float) -> str:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from coom.config import ModelConfig
-from coom.inference.cache import DecodingCache
 from coom.layers.block import Block
+from coom.layers.cache import DecodingCache
 from coom.layers.head import OutputHead
 from coom.layers.moe import MoE
 from coom.layers.mtp import MTPModule
@@ -50,28 +50,33 @@ class Transformer(nn.Module):
     Args:
         config: the model section of the run config; vocab_size must be
             resolved (not None).
+        fused_kernels: let the layers call the fused ops
+            (``coom.kernels``: Triton on GPUs, the references elsewhere)
+            rather than the plain references (train.kernels).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused_kernels: bool = True):
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be resolved")
         self.config = config
-        self.rope = RotaryEmbedding(config)
+        self.rope = RotaryEmbedding(config, fused_kernels)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         # Keyed by index, so that pipeline parallelism can drop the blocks
         # of other stages and keep the names of the rest.
         self.layers = nn.ModuleDict(
-            {str(index): Block(config, index)
+            {str(index): Block(config, index, fused_kernels)
              for index in range(config.num_layers)})
-        self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon,
+                            fused_kernels)
         # A tied head reads the embedding's weight in forward rather than
         # sharing its Parameter: a shared Parameter comes apart in
         # to_empty.
         self.head = OutputHead(config.hidden_size, config.vocab_size,
-                               config.share_embeddings_and_output_weights)
+                               config.share_embeddings_and_output_weights,
+                               fused_kernels)
         self.mtp = nn.ModuleList(
-            MTPModule(config, config.num_layers + depth)
+            MTPModule(config, config.num_layers + depth, fused_kernels)
             for depth in range(config.mtp_num_layers))
 
     @torch.no_grad()

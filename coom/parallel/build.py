@@ -12,7 +12,6 @@ micro-batch and the balancer that moves their expert biases.
 """
 import torch
 
-from coom import kernels
 from coom.config import RunConfig
 from coom.fp8.convert import convert_to_fp8
 from coom.models import Transformer
@@ -33,9 +32,8 @@ def build_model(config: RunConfig, world: World,
                 device: torch.device) -> ParallelModel:
     """config's model, as this process runs it in world's layout."""
     train = config.train
-    kernels.set_enabled(train.kernels)
     with torch.device("meta"):
-        model = Transformer(config.model)
+        model = Transformer(config.model, fused_kernels=train.kernels)
     model.to_empty(device=device)
     model.init_weights()
     convert_to_fp8(model, config.fp8)

@@ -3,12 +3,13 @@ mesh dimension, and each MoE layer's token copies sent to the process
 that holds their expert and back.
 
 The MoE layer (``coom.layers.moe``) routes, permutes its token copies
-into expert order and calls ``GroupedExperts(x_cd, counts_e)``; it knows
-nothing of processes. ``expert_parallel`` wraps that call from outside,
-with PyTorch's ``distribute_module``:
+into expert order and calls its experts, ``experts(x_cd, counts_e)``; it
+knows nothing of processes. ``ExpertParallel`` replaces those experts
+from outside (``coom.parallel.parallelize``), and owns the rest:
 
-- the weights w1, w2, w3 become DTensors of ``Shard(0)`` over "ep":
-  process r of the group keeps experts [r * l, (r + 1) * l);
+- the weights w1, w2, w3 become DTensors of ``Shard(0)`` over "ep", under
+  the same names: process r of the group keeps experts [r * l, (r + 1) *
+  l);
 - before the experts run, ``AllToAll.dispatch`` sends each process the
   copies routed to its experts. The copies arrive sorted by expert, so
   the ones for each destination are already one contiguous block, and
@@ -16,6 +17,8 @@ with PyTorch's ``distribute_module``:
   are grouped by source process, then local expert; they are reordered
   to local expert, then source, so that each expert's rows are
   consecutive for the grouped product;
+- the replaced module runs this process's slots, given their (local)
+  weights;
 - after, ``AllToAll.combine`` undoes both, and the MoE layer weighs and
   sums the copies as in one process.
 
@@ -23,7 +26,7 @@ With a placement (``coom.parallel.placement``, applied by ``place``)
 each process holds ``slots_per_rank`` expert slots instead of its own l
 experts, and a hot expert may have a copy in several processes' slots.
 Dispatch then first spreads each expert's copies evenly over its
-replicas (``physical_slots``) and sorts them by slot; the rest is the
+replicas (``spread_over_replicas``) and sorts them by slot; the rest is the
 same, slots in place of experts. Each forward, ``slot_weights`` fetches
 every slot's weights from the process that owns its expert, with one
 more all-to-all; its backward sends each replica's gradient back to the
@@ -53,13 +56,9 @@ from torch.distributed._functional_collectives import (
     all_to_all_single_autograd,
 )
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import (
-    Shard,
-    distribute_module,
-    distribute_tensor,
-)
+from torch.distributed.tensor import Shard, distribute_tensor
 
-from coom.layers.moe import MoE
+from coom.layers.moe import GroupedExperts, MoE
 from coom.parallel.placement import (
     Placement,
     PlacementError,
@@ -251,30 +250,41 @@ class AllToAll:
                      in zip(slots.split(sizes, 1), weights_l))
 
 
-def _shard_by_expert(name: str, module: nn.Module, mesh: DeviceMesh):
-    for weight_name, weight in module.named_parameters(recurse=False):
-        module.register_parameter(weight_name, nn.Parameter(
-            distribute_tensor(weight, mesh, [Shard(0)])))
+class ExpertParallel(nn.Module):
+    """Routed experts split by expert over mesh, in place of a
+    ``GroupedExperts`` (or its FP8 replacement): its weights w1, w3, w2,
+    under the same names, become DTensors of ``Shard(0)``. The replaced
+    module, kept as ``local`` without weights of its own, runs this
+    process's slots with the weights it is given.
 
+    Args:
+        experts: the module replaced; its weights move here.
+        mesh: the expert-parallel mesh (one dimension).
+    """
 
-def expert_parallel(experts: nn.Module, mesh: DeviceMesh) -> None:
-    """Split a ``GroupedExperts`` by expert over mesh, and wrap its
-    forward in dispatch and combine; in place. Its ``dispatcher``
-    becomes the ``AllToAll`` that does both."""
-    dispatcher = AllToAll(mesh, experts.w1.shape[0])
-    experts.dispatcher = dispatcher
-    # A forward's dispatch state, until its combine.
-    pending = []
+    def __init__(self, experts: GroupedExperts, mesh: DeviceMesh):
+        super().__init__()
+        for name, weight in list(experts.named_parameters(recurse=False)):
+            delattr(experts, name)
+            self.register_parameter(name, nn.Parameter(
+                distribute_tensor(weight, mesh, [Shard(0)])))
+        self.local = experts
+        self.dispatcher = AllToAll(mesh, self.w1.shape[0])
 
-    def dispatch(module, inputs, device_mesh):
-        x_rd, counts_l, state = dispatcher.dispatch(*inputs)
-        pending.append(state)
-        return x_rd, counts_l
+    def forward(self, x_cd: torch.Tensor,
+                counts_e: torch.Tensor) -> torch.Tensor:
+        """The experts' SwiGLU of the copies sorted by expert, counts_e
+        per (global) expert, computed by the processes holding them."""
+        x_rd, counts_l, state = self.dispatcher.dispatch(x_cd, counts_e)
+        weights = self.dispatcher.slot_weights(
+            *(weight.to_local() for weight in (self.w1, self.w3, self.w2)))
+        return self.dispatcher.combine(
+            self.local.run(x_rd, counts_l, *weights), state)
 
-    def combine(module, y_rd, device_mesh):
-        return dispatcher.combine(y_rd, pending.pop())
-
-    distribute_module(experts, mesh, _shard_by_expert, dispatch, combine)
+    def place(self, placement: Optional[Placement]) -> None:
+        """From the next forward, run placement's slots (``AllToAll.place``;
+        None: each process runs its own experts)."""
+        self.dispatcher.place(placement)
 
 
 def place_experts(moe_layers: dict[int, MoE],
@@ -286,17 +296,19 @@ def place_experts(moe_layers: dict[int, MoE],
     ranks, layers = placements["ranks"], placements["layers"]
     plans = {}
     for index, moe in moe_layers.items():
-        dispatcher = moe.experts.dispatcher
-        if dispatcher is None or dispatcher.size != ranks:
+        size = 1
+        if isinstance(moe.experts, ExpertParallel):
+            size = moe.experts.dispatcher.size
+        if size != ranks:
             return (f"planned for {ranks} expert-parallel ranks, this run "
-                    f"has {dispatcher.size if dispatcher else 1}")
+                    f"has {size}")
         if index not in layers:
             return f"no placement for MoE block {index}"
         try:
             plans[index] = Placement(layers[index], ranks,
-                                     dispatcher.experts)
+                                     moe.experts.dispatcher.experts)
         except PlacementError as error:
             return f"block {index}: {error}"
     for index, placement in plans.items():
-        moe_layers[index].experts.dispatcher.place(placement)
+        moe_layers[index].experts.place(placement)
     return None

@@ -70,7 +70,7 @@ from torch.distributed.tensor.parallel import (
 from coom.config import ZERO_BUBBLE, ParallelConfig
 from coom.layers.mlp import SwiGLU
 from coom.layers.moe import MoE
-from coom.parallel.expert import expert_parallel
+from coom.parallel.expert import ExpertParallel
 from coom.parallel.mesh import EXPERT, EXPERT_SHARD, TENSOR, World
 from coom.parallel.vocab import VocabParallelHead
 
@@ -241,7 +241,8 @@ def parallelize(model: nn.Module, world: World, parallel: ParallelConfig,
     if world.expert_size > 1:
         moe_layers = list(model.moe_layers().values())
         for moe in moe_layers:
-            expert_parallel(moe.experts, world.expert_mesh[EXPERT])
+            moe.experts = ExpertParallel(moe.experts,
+                                         world.expert_mesh[EXPERT])
         _shard_experts(moe_layers, world)
     # FSDP even over one data-parallel process (tensor parallelism alone):
     # every parameter is then a DTensor, which the fused optimizer needs

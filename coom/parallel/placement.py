@@ -4,9 +4,9 @@ Under expert parallelism each of ``ranks`` ranks holds ``slots_per_rank``
 expert slots, and a rank's time per step follows the tokens its slots
 receive. The router's load is skewed, so the plain layout (expert i in
 slot i) leaves some ranks far busier than others. After DeepSeek's EPLB,
-the planner here reads the per-expert load measured in training (what
-``MoE.finish_step`` returns, summed over steps) and computes a placement
-in three steps:
+the planner here reads the per-expert load measured in training (the
+``moe_load_layer`` metrics that ``coom.parallel.balance`` logs, summed
+over steps) and computes a placement in three steps:
 
 1. replicate: ``redundant`` extra slots go, one at a time, to the expert
    with the highest load per replica, splitting its load evenly over its
@@ -31,18 +31,16 @@ holds the hottest expert, which carries at least that expert and the
 bound.
 
 A placement is applied at a checkpoint boundary and changes nothing the
-model computes. The router still picks logical experts; ``physical_slots``
-sends each token copy to one replica of its expert, and each slot gets
-its expert's weights, so every copy meets the same weights as before:
-under expert parallelism ``coom.parallel.expert`` fetches them from the
-expert's owner, and in one process ``apply_placement`` gathers them (the
-tests' model of a placement). Either is differentiable: an expert's
-gradient is the sum of its replicas' gradients.
+model computes. The router still picks logical experts;
+``spread_over_replicas`` sends each token copy to one replica of its
+expert, and each slot gets its expert's weights, which
+``coom.parallel.expert`` fetches from the expert's owner, so every copy
+meets the same weights as before. The fetch is differentiable: an
+expert's gradient is the sum of its replicas' gradients.
 
 Tensor names end in their shape: e logical experts; p physical slots
-(ranks * slots_per_rank); r ranks; m the most replicas of one expert; t
-tokens; k experts per token; c token copies (t * k); i expert width; d
-model width.
+(ranks * slots_per_rank); r ranks; m the most replicas of one expert; c
+token copies.
 """
 import heapq
 from dataclasses import dataclass
@@ -51,7 +49,6 @@ from typing import Sequence
 import torch
 
 from coom.errors import UserError
-from coom.layers.moe import GroupedExperts
 
 
 class PlacementError(UserError, ValueError):
@@ -331,39 +328,19 @@ def renumbered(placement: Placement, order: Sequence[int]) -> Placement:
                      placement.ranks, placement.experts)
 
 
-def apply_placement(experts: GroupedExperts, placement: Placement
-                    ) -> dict[str, torch.Tensor]:
-    """The routed experts' weights per physical slot, gathered from their
-    logical experts: w1, w3 (p, i, d) and w2 (p, d, i), the layout of a
-    ``GroupedExperts`` of ``placement.slots`` experts."""
-    index_p = placement.slot_expert_p(experts.w1.device)
-    return {name: getattr(experts, name).index_select(0, index_p)
-            for name in ("w1", "w3", "w2")}
-
-
-def physical_slots(placement: Placement, experts_tk: torch.Tensor,
-                   first_replica: int = 0) -> torch.Tensor:
-    """The physical slot of each token copy (t, k), from its logical
-    expert experts_tk (t, k).
-
-    The copies sent to one expert, in token order, take its replicas in
-    turn from replica ``first_replica`` (modulo their number), so
-    replicas' token counts differ by at most one. Processes that start
-    at different replicas (their rank) spread their leftover copies
-    over the replicas too.
-    """
-    device = experts_tk.device
-    return spread_over_replicas(
-        experts_tk.flatten(), placement.replicas(device),
-        placement.replica_slots(device), first_replica
-    ).view_as(experts_tk)
-
-
 def spread_over_replicas(experts_c: torch.Tensor, replicas_e: torch.Tensor,
                          replica_slots_em: torch.Tensor,
                          first_replica: int) -> torch.Tensor:
-    """``physical_slots`` of flat copies, from a placement's
-    ``replicas()`` and ``replica_slots()`` (which a caller may keep)."""
+    """The physical slot of each token copy, from its logical expert
+    experts_c (c,) and a placement's ``replicas()`` and
+    ``replica_slots()`` (which a caller may keep).
+
+    The copies sent to one expert, in order, take its replicas in turn
+    from replica ``first_replica`` (modulo their number), so replicas'
+    token counts differ by at most one. Processes that start at
+    different replicas (their rank) spread their leftover copies over
+    the replicas too.
+    """
     order_c = experts_c.argsort(stable=True)
     counts_e = torch.bincount(experts_c, minlength=len(replicas_e))
     starts_e = counts_e.cumsum(0) - counts_e

@@ -8,8 +8,23 @@ shared experts. The norms, the residual adds, the router and the token
 permutation stay outside: the router counts the routed load for the
 expert bias, state that must change once per forward and that
 ``torch.compile`` cannot trace inside a checkpoint, and under expert
-parallelism dispatch and combine (hooks around the experts) are not
-repeated.
+parallelism dispatch and combine are not repeated.
+
+How it is applied: each heavy part runs its computation through its
+``recompute`` field (``coom.layers.recompute``), which this module sets
+to a checkpointed call. The alternatives were worse. A wrapper module
+renames every parameter under it (``attention.module.wq_a``), which
+checkpoints, the optimizer's state and the interop names would see, or
+needs state-dict hooks to hide it; and it hides the part's type and
+attributes from the code that reads them. Replacing ``forward`` on the
+instance (what this module did before) bypasses the class's own
+method, so what runs is not what the code reads. With the field,
+parameter names and module types are unchanged, the class's forward
+runs, and the parts' hooks (tensor parallelism's) stay outside the
+checkpoint as before. Under expert parallelism ``ExpertParallel``
+(``coom.parallel.expert``) calls the replaced experts' ``run`` for its
+own slots, so the checkpoint holds their products only, never the
+all-to-alls around them.
 
 - ``full``: a part keeps only its input; its whole forward runs again in
   the backward (Megatron: recompute_granularity=full, torchtitan:
@@ -60,19 +75,20 @@ def _policy(saved: set, context, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _recomputed(forward, granularity: str):
-    """forward, run under checkpoint when gradients are being recorded
-    (not in evaluation or decoding, where nothing is kept anyway)."""
+def _recomputed(granularity: str):
+    """A part's ``recompute``: its computation, run under checkpoint when
+    gradients are being recorded (not in evaluation or decoding, where
+    nothing is kept anyway)."""
     options = {"use_reentrant": False}
     if granularity == "selective":
         options["context_fn"] = partial(create_selective_checkpoint_contexts,
                                         partial(_policy, _saved_ops()))
 
-    def run(*args, **kwargs):
+    def recompute(compute, *args):
         if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, **options, **kwargs)
-    return run
+            return compute(*args)
+        return checkpoint(compute, *args, **options)
+    return recompute
 
 
 def _heavy_parts(block: nn.Module) -> list[nn.Module]:
@@ -94,6 +110,7 @@ def recompute_blocks(model: nn.Module, granularity: str) -> None:
                          f"expected one of {', '.join(GRANULARITIES)}")
     if granularity == "none":
         return
+    recompute = _recomputed(granularity)
     for block in model.blocks():
         for part in _heavy_parts(block):
-            part.forward = _recomputed(part.forward, granularity)
+            part.recompute = recompute

@@ -1,1 +1,2 @@
-"""The training loop and what it writes: checkpoints, metrics, reports."""
+"""The training loop and what it writes: checkpoints (stored by
+``coom.checkpoint``), metrics, reports."""

@@ -9,12 +9,7 @@ import torch
 from torch import nn
 
 from coom.config import OptimizerConfig, ScheduleConfig
-
-
-def decays(parameter: torch.Tensor) -> bool:
-    """Whether weight decay applies: to matrices and embeddings, not to
-    norm scales."""
-    return parameter.dim() >= 2
+from coom.models.info import decays
 
 
 def build_optimizer(model: nn.Module,

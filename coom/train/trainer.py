@@ -34,6 +34,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
+from coom.checkpoint.storage import (
+    latest_checkpoint,
+    load_sharded,
+    read_train_state,
+    save_checkpoint,
+    tensor_shapes,
+)
 from coom.config import RunConfig, TrainConfig
 from coom.data.loader import Samples, build_samples
 from coom.data.prepare import prepare
@@ -46,15 +53,8 @@ from coom.growth.schedule import catch_up, due
 from coom.interop.weights import differences, read_weights
 from coom.models.info import model_info, state_shapes
 from coom.parallel.build import build_model
-from coom.parallel.expert import PLACEMENT, place_experts
+from coom.parallel.expert import PLACEMENT, ExpertParallel, place_experts
 from coom.parallel.mesh import World, local_device, start_world
-from coom.train.checkpoint import (
-    latest_checkpoint,
-    load_sharded,
-    read_train_state,
-    save_checkpoint,
-    tensor_shapes,
-)
 from coom.train.metrics import MetricsWriter
 from coom.train.optimizer import (
     build_optimizer,
@@ -326,8 +326,8 @@ class Trainer:
         # Every process (each pipeline stage) uses it, or none does.
         if self.world.any(problem is not None):
             for moe in layers.values():
-                if moe.experts.dispatcher is not None:
-                    moe.experts.dispatcher.place(None)
+                if isinstance(moe.experts, ExpertParallel):
+                    moe.experts.place(None)
             problem = problem or "another process's layers do not fit it"
             message = (f"expert placement of {path.name} left unused "
                        f"({problem}); experts stay on their owners")

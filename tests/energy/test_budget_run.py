@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from coom.checkpoint.storage import latest_checkpoint
 from coom.cli import main
 from coom.energy import ledger
 from coom.energy.ledger import JOULES_PER_KWH
 from coom.energy.meter import EnergyMeter
-from coom.train.checkpoint import latest_checkpoint
 
 ARGS = ["train.device=cpu", "train.precision=fp32", "train.steps=6",
         "train.micro_batch_size=1", "train.global_batch_size=2",

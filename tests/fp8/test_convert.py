@@ -9,7 +9,8 @@ from coom.config import FP8Config, ModelConfig
 from coom.errors import UserError
 from coom.fp8.convert import check_hardware, convert_to_fp8
 from coom.fp8.linear import FP8Linear
-from coom.layers.moe import GroupedExperts
+from coom.fp8.modules import FP8GroupedExperts, FP8SwiGLU
+from coom.layers.mlp import SwiGLU
 from coom.models import Transformer
 from coom.train.metrics import read_metrics
 from tests.kernels import relative_error
@@ -35,8 +36,7 @@ def _model(**overrides) -> Transformer:
 
 def _fp8_layers(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules()
-            if isinstance(module, FP8Linear)
-            or getattr(module, "fp8", None) is not None}
+            if isinstance(module, (FP8Linear, FP8GroupedExperts))}
 
 
 def test_converts_block_products_but_not_embedding_head_or_router():
@@ -51,6 +51,9 @@ def test_converts_block_products_but_not_embedding_head_or_router():
         ("layers.1", "layers.2", "mtp.0.block")}
     assert isinstance(model.embed, nn.Embedding)
     assert "mtp.0.eh_proj" in _fp8_layers(model)
+    # Feed-forwards whose w1 and w3 converted quantise x once for both.
+    assert all(isinstance(swiglu, FP8SwiGLU) for swiglu in (
+        model.layers["0"].mlp, model.layers["1"].mlp.shared_experts))
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], before[name]) for name in before)
@@ -70,7 +73,8 @@ def test_fp8_units_take_whole_tiles_only(expert_width):
     assert isinstance(model.layers["0"].attention.wq_a, FP8Linear)
     assert isinstance(model.layers["0"].mlp.w1, FP8Linear)
     experts = model.layers["1"].mlp.experts
-    assert (experts.fp8 is not None) == (expert_width % 128 == 0)
+    assert isinstance(experts, FP8GroupedExperts) == (
+        expert_width % 128 == 0)
 
 
 def test_keeps_first_and_last_blocks_and_experts_when_asked():
@@ -81,8 +85,9 @@ def test_keeps_first_and_last_blocks_and_experts_when_asked():
     converted = _fp8_layers(model)
     assert converted and all(name.startswith(("layers.1.", "mtp.0."))
                              for name in converted)
-    assert not any(isinstance(module, GroupedExperts) and module.fp8
+    assert not any(isinstance(module, FP8GroupedExperts)
                    for module in model.modules())
+    assert type(model.layers["0"].mlp) is SwiGLU
     assert convert_to_fp8(_model(), FP8Config()) == 0
 
 

@@ -7,11 +7,11 @@ import weakref
 import pytest
 import torch
 
+from coom.checkpoint.storage import latest_checkpoint
 from coom.cli import main
 from coom.growth.schedule import GROWN
 from coom.interop.weights import build_model, read_weights
 from coom.train import lifecycle
-from coom.train.checkpoint import latest_checkpoint
 from coom.train.metrics import read_metrics
 from coom.train.trainer import Trainer
 

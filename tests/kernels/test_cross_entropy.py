@@ -1,5 +1,7 @@
 """Fused linear + cross-entropy against a float64 reference (interpreted
 on CPU)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from coom.kernels.cross_entropy import (
     linear_cross_entropy_forward,
     linear_cross_entropy_reference,
 )
-from tests.kernels import DEVICE, relative_error
+from tests.kernels import DEVICE, OPS, relative_error
 
 
 def _inputs(tokens, vocab, width, seed=0):
@@ -97,23 +99,26 @@ def test_chunk_rows_bound_the_logits_held_at_once():
 
 
 def test_training_with_the_fused_loss_matches_the_reference(
-        small_run, tmp_path, monkeypatch):
+        small_run, tmp_path):
     """Main and MTP losses, gradients and validation loss of a short
-    float32 run with the fused loss (interpreted on CPU) equal the unfused
-    run's."""
-    from coom import kernels
+    float32 run with the fused kernels (interpreted on CPU for the loss,
+    the others' CPU kernels) equal the unfused run's."""
     from coom.cli import main
     from coom.train.metrics import read_metrics
 
-    def train(run_dir):
+    def train(run_dir, fused):
         assert main(["train", "tiny", "--run-dir", str(run_dir), "--set",
                      *small_run, "train.steps=3", "train.precision=fp32",
-                     "model.mtp_num_layers=1"]) == 0
+                     "model.mtp_num_layers=1",
+                     f"train.kernels={str(fused).lower()}"]) == 0
         return read_metrics(run_dir)
 
-    reference = train(tmp_path / "reference")
-    monkeypatch.setattr(kernels, "use_kernels", lambda tensor: True)
-    fused = train(tmp_path / "fused")
+    reference = train(tmp_path / "reference", False)
+    with contextlib.ExitStack() as stack:
+        for op in OPS:
+            if op is not cross_entropy.linear_cross_entropy_forward:
+                stack.enter_context(op.set_kernel_enabled("cpu", True))
+        fused = train(tmp_path / "fused", True)
     compared = 0
     for ours, theirs in zip(fused, reference):
         for key in ("loss", "mtp_loss", "grad_norm", "val_loss"):

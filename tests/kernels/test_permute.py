@@ -10,7 +10,12 @@ from coom.kernels.permute import (
     unpermute,
     unpermute_reference,
 )
-from tests.kernels import BOUND, DEVICE, relative_error
+from tests.kernels import (
+    BOUND,
+    DEVICE,
+    reference_and_fused,
+    relative_error,
+)
 
 
 def _routing(tokens: int, experts: int, k: int):
@@ -91,10 +96,10 @@ def test_op_registration():
 
 
 @pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
-def test_moe_with_kernels_matches_its_reference(monkeypatch, scoring_func):
+def test_moe_with_kernels_matches_its_reference(scoring_func):
     """The MoE layer, forward and backward with its auxiliary losses,
-    with the router and permutation kernels (interpreted on CPU) against
-    its reference path."""
+    with its kernels (router, permutation, gating; interpreted on CPU)
+    against its reference path."""
     from coom.config import ModelConfig
     from coom.layers import moe
     config = ModelConfig(hidden_size=32, n_routed_experts=8,
@@ -102,16 +107,17 @@ def test_moe_with_kernels_matches_its_reference(monkeypatch, scoring_func):
                          n_group=4, topk_group=2, routed_scaling_factor=2.5,
                          scoring_func=scoring_func, moe_aux_loss_coeff=0.1,
                          moe_seq_aux_loss_coeff=0.1, moe_z_loss_coeff=0.1)
+
+    def build(fused):
+        layer = moe.MoE(config, fused)
+        layer.init_weights(std=0.3)
+        with torch.no_grad():
+            layer.router.bias.normal_(std=0.05)
+        return layer
     torch.manual_seed(0)
-    layer = moe.MoE(config).to(DEVICE)
-    layer.init_weights(std=0.3)
-    with torch.no_grad():
-        layer.router.bias.normal_(std=0.05)
     x = torch.randn(3, 7, 32, device=DEVICE)
     results = []
-    for enabled in (False, True):
-        monkeypatch.setattr(moe, "use_kernels", lambda tensor: enabled)
-        layer.zero_grad()
+    for layer in reference_and_fused(build):
         x.grad = None
         x.requires_grad_()
         layer.aux_loss_sum.zero_()

@@ -3,7 +3,12 @@ import pytest
 import torch
 
 from coom.kernels.rmsnorm import add_rms_norm, rms_norm
-from tests.kernels import BOUND, DEVICE, relative_error
+from tests.kernels import (
+    BOUND,
+    DEVICE,
+    reference_and_fused,
+    relative_error,
+)
 
 
 def _reference(h, weight, eps):
@@ -63,23 +68,23 @@ def test_rms_norm_keeps_leading_dimensions_and_empty_input():
     assert rms_norm(x[:, :0], weight, 1e-6).shape == (2, 0, 16)
 
 
-def test_model_with_the_kernel_matches_the_reference(monkeypatch):
-    """The whole model, forward and backward, with the kernels in its
-    norms (interpreted on CPU) against its reference path."""
+def test_model_with_the_kernels_matches_the_reference():
+    """The whole model, forward and backward, with its kernels
+    (interpreted on CPU) against its reference path."""
     from coom.config import ModelConfig
-    from coom.layers import norm
     from coom.models import Transformer
     config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2,
                          num_attention_heads=2, ffn_hidden_size=48,
                          n_routed_experts=4, mtp_num_layers=1)
+
+    def build(fused):
+        model = Transformer(config, fused)
+        model.init_weights()
+        return model
     torch.manual_seed(0)
-    model = Transformer(config).to(DEVICE)
-    model.init_weights()
     tokens = torch.randint(0, 64, (2, 9), device=DEVICE)
     results = []
-    for enabled in (False, True):
-        monkeypatch.setattr(norm, "use_kernels", lambda x: enabled)
-        model.zero_grad()
+    for model in reference_and_fused(build):
         losses = model(tokens, labels_bs=tokens)
         losses.sum().backward()
         results.append([losses, *(p.grad for p in model.parameters())])

@@ -85,20 +85,19 @@ def test_rotate_passes_opcheck_and_compiles():
 
 @pytest.mark.parametrize("interleave", [True, False])
 def test_rotary_embedding_with_the_kernel_matches_the_reference(
-        monkeypatch, interleave):
+        interleave):
     from coom.config import ModelConfig
     from coom.layers import rope
     config = ModelConfig(qk_rope_head_dim=16, max_position_embeddings=64,
                          rope_type="yarn", rotary_scaling_factor=4.0,
                          original_max_position_embeddings=16,
                          rope_interleave=interleave)
-    embedding = rope.RotaryEmbedding(config).to(DEVICE)
-    embedding.init_weights()
     torch.manual_seed(2)
     q = torch.randn(2, 9, 3, 40, device=DEVICE, requires_grad=True)
     results = []
-    for enabled in (False, True):
-        monkeypatch.setattr(rope, "use_kernels", lambda x: enabled)
+    for fused in (False, True):
+        embedding = rope.RotaryEmbedding(config, fused).to(DEVICE)
+        embedding.init_weights()
         q.grad = None
         y = embedding(q[..., 24:], start=11)
         y.square().sum().backward()

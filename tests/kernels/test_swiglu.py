@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from coom.kernels.swiglu import swiglu
-from tests.kernels import BOUND, DEVICE, relative_error
+from tests.kernels import (
+    BOUND,
+    DEVICE,
+    reference_and_fused,
+    relative_error,
+)
 
 
 def _inputs(shape, dtype):
@@ -54,16 +59,17 @@ def test_swiglu_passes_opcheck_and_compiles():
     assert torch.equal(gate.grad, expected)
 
 
-def test_swiglu_layer_with_the_kernel_matches_the_reference(monkeypatch):
+def test_swiglu_layer_with_the_kernel_matches_the_reference():
     from coom.layers import mlp
     torch.manual_seed(0)
-    layer = mlp.SwiGLU(24, 40).to(DEVICE)
-    layer.init_weights(std=0.5, num_layers=2)
     x = torch.randn(3, 7, 24, device=DEVICE)
+
+    def build(fused):
+        layer = mlp.SwiGLU(24, 40, fused)
+        layer.init_weights(std=0.5, num_layers=2)
+        return layer
     results = []
-    for enabled in (False, True):
-        monkeypatch.setattr(mlp, "use_kernels", lambda x: enabled)
-        layer.zero_grad()
+    for layer in reference_and_fused(build):
         y = layer(x)
         y.square().mean().backward()
         results.append([y, *(p.grad for p in layer.parameters())])

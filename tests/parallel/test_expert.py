@@ -1,5 +1,6 @@
 """The dispatcher: its reordering of received rows against a loop, and
-a round trip over two processes."""
+a round trip over two processes; the expert-parallel replacement of the
+experts against the whole experts."""
 import textwrap
 
 import torch
@@ -153,6 +154,56 @@ def test_placed_dispatch_spreads_replicas_and_fetches_weights(tmp_path):
     the expert's owner."""
     script = tmp_path / "placed.py"
     script.write_text(PLACED)
+    result = launch(2, str(script), timeout=120)
+    check(result)
+    assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout
+
+
+REPLACED = textwrap.dedent("""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from coom.config import ModelConfig
+    from coom.layers.moe import GroupedExperts
+    from coom.parallel.expert import ExpertParallel
+
+    mesh = init_device_mesh("cpu", (2,))
+    rank = dist.get_rank()
+    config = ModelConfig(hidden_size=8, n_routed_experts=4,
+                         moe_intermediate_size=6)
+    torch.manual_seed(0)
+    whole = GroupedExperts(config)
+    whole.init_weights(std=0.3, out_std=0.2)
+    split = GroupedExperts(config)
+    split.load_state_dict(whole.state_dict())
+    split = ExpertParallel(split, mesh)
+    assert split.state_dict().keys() == whole.state_dict().keys()
+    assert not list(split.local.parameters())
+    torch.manual_seed(1 + rank)
+    counts_e = torch.randint(0, 5, (4,))
+    x_cd = torch.randn(int(counts_e.sum()), 8)
+    out, expected = split(x_cd, counts_e), whole(x_cd, counts_e)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for name in ("w1", "w3", "w2"):
+        grad = getattr(whole, name).grad
+        dist.all_reduce(grad)
+        torch.testing.assert_close(getattr(split, name).grad.full_tensor(),
+                                   grad)
+    print(f"rank {rank} ok", flush=True)
+    gc.collect()
+    dist.destroy_process_group()
+""")
+
+
+def test_expert_parallel_replaces_the_experts_under_their_names(tmp_path):
+    """The replacement keeps the weights' names, and computes what the
+    whole experts compute, gradients summed over the processes."""
+    script = tmp_path / "replaced.py"
+    script.write_text(REPLACED)
     result = launch(2, str(script), timeout=120)
     check(result)
     assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout

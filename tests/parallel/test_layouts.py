@@ -28,7 +28,7 @@ import shutil
 import pytest
 import torch
 
-from coom.train.checkpoint import load_checkpoint
+from coom.checkpoint.storage import load_checkpoint
 from tests.kernels import relative_error
 from tests.launch import check, launch
 

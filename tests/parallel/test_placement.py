@@ -10,10 +10,9 @@ from coom.layers.moe import GroupedExperts
 from coom.parallel.placement import (
     Placement,
     PlacementError,
-    apply_placement,
     identity_placement,
-    physical_slots,
     plan_placement,
+    spread_over_replicas,
 )
 
 EXPERTS, RANKS = 64, 8
@@ -141,11 +140,20 @@ def _skewed_routing(tokens: int) -> torch.Tensor:
     return draws_te.pow(torch.linspace(0.2, 3, 8)).topk(3).indices
 
 
+def _physical_slots(placement: Placement, experts_tk: torch.Tensor
+                    ) -> torch.Tensor:
+    """The slot (t, k) of each token copy, as one process's dispatch
+    spreads the copies of an expert over its replicas."""
+    return spread_over_replicas(
+        experts_tk.flatten(), placement.replicas(),
+        placement.replica_slots(), first_replica=0).view_as(experts_tk)
+
+
 def test_copies_of_an_expert_share_its_tokens_evenly():
     experts_tk = _skewed_routing(1001)
     placement = plan_placement(torch.bincount(experts_tk.flatten()),
                                ranks=4, redundant=4)
-    slots_tk = physical_slots(placement, experts_tk)
+    slots_tk = _physical_slots(placement, experts_tk)
     assert torch.equal(placement.slot_expert_p()[slots_tk], experts_tk)
     counts_p = torch.bincount(slots_tk.flatten(), minlength=12)
     for expert, row in enumerate(placement.replica_slots().tolist()):
@@ -190,9 +198,14 @@ def test_placement_leaves_outputs_and_gradients_unchanged():
     physical = GroupedExperts(ModelConfig(
         hidden_size=24, n_routed_experts=placement.slots,
         num_experts_per_tok=3, moe_intermediate_size=20))
+    # Each slot gets its expert's weights, as expert parallelism's
+    # slot_weights fetches them.
+    index_p = placement.slot_expert_p()
+    slot_weights = {name: getattr(logical, name).index_select(0, index_p)
+                    for name in ("w1", "w3", "w2")}
     out = _routed(physical, x_td, weights_tk,
-                  physical_slots(placement, ids_tk), placement.slots,
-                  apply_placement(logical, placement))
+                  _physical_slots(placement, ids_tk), placement.slots,
+                  slot_weights)
     out.square().sum().backward()
     error = ((out - expected).abs().max() / expected.abs().max()).item()
     assert error < 1e-6

@@ -114,3 +114,13 @@ def test_selective_recomputes_all_but_the_products(reference):
 def test_unknown_granularity_is_refused(reference):
     with pytest.raises(ValueError, match="selective"):
         recompute_blocks(reference[0], "some")
+
+
+def test_parameter_names_and_module_types_are_unchanged(reference):
+    """No wrapper module, and every module runs its class's forward."""
+    model = copy.deepcopy(reference[0])
+    before = {name: type(module) for name, module in model.named_modules()}
+    recompute_blocks(model, "full")
+    assert {name: type(module)
+            for name, module in model.named_modules()} == before
+    assert not any("forward" in vars(module) for module in model.modules())

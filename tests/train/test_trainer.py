@@ -15,11 +15,11 @@ import torch
 import yaml
 from torch._dynamo.utils import counters
 
+from coom.checkpoint.storage import latest_checkpoint, load_checkpoint
 from coom.cli import main
 from coom.config import load_config
 from coom.data.tokenizer import train_bpe
 from coom.parallel.mesh import World
-from coom.train.checkpoint import latest_checkpoint, load_checkpoint
 from coom.train.metrics import read_metrics
 from coom.train.trainer import Trainer
 from tests.launch import command, launch

@@ -4,7 +4,7 @@ import torch
 
 from coom.config import ModelConfig
 from coom.errors import UserError
-from coom.inference.cache import DecodingCache
+from coom.layers.cache import DecodingCache
 from coom.models import Transformer
 
 BASE = dict(vocab_size=89, hidden_size=48, num_layers=3,

@@ -29,10 +29,10 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from coom.bench import run_bench
 from coom.config import RunConfig, load_config
 from coom.energy.tradeoff import pareto_front, zeus_cost
 from coom.errors import UserError
+from coom.tools.bench import run_bench
 from coom.train.trainer import resolve_device
 
 Overrides = dict[str, str]

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from coom.errors import UserError
-from coom.train.checkpoint import (
+from coom.checkpoint.storage import (
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -19,6 +18,7 @@ from coom.train.checkpoint import (
     save_checkpoint,
     tensor_shapes,
 )
+from coom.errors import UserError
 from tests.launch import launch
 
 
@@ -72,10 +72,10 @@ KILL_POINTS = {
 WRITER = textwrap.dedent("""
     import importlib, os, signal, sys
     import torch
-    from coom.train import checkpoint
-    folder, target = checkpoint.Path(sys.argv[1]), sys.argv[2]
+    from coom.checkpoint import storage
+    folder, target = storage.Path(sys.argv[1]), sys.argv[2]
     tensors = {"weights": torch.ones(512, 512)}
-    checkpoint.save_checkpoint(folder, 1, tensors, {"step": 1}, 2)
+    storage.save_checkpoint(folder, 1, tensors, {"step": 1}, 2)
     module, attribute = target.split(":")
     *path, name = attribute.split(".")
     owner = importlib.import_module(module)
@@ -88,7 +88,7 @@ WRITER = textwrap.dedent("""
             (temporary / "partial").write_bytes(b"PK\\x03\\x04 half")
         os.kill(os.getpid(), signal.SIGKILL)
     setattr(owner, name, die)
-    checkpoint.save_checkpoint(folder, 2, tensors, {"step": 2}, 2)
+    storage.save_checkpoint(folder, 2, tensors, {"step": 2}, 2)
 """)
 
 
@@ -228,16 +228,16 @@ FAILING_SAVE = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     from coom.errors import UserError
-    from coom.train import checkpoint
+    from coom.checkpoint import storage
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if rank == 0:
         def full_disk(*args):
             raise OSError(28, "No space left on device")
-        checkpoint._write_pointer = full_disk
+        storage._write_pointer = full_disk
     try:
-        checkpoint.save_checkpoint(checkpoint.Path(sys.argv[1]), 1,
-                                   {"w": torch.ones(4)}, {"step": 1}, 2)
+        storage.save_checkpoint(storage.Path(sys.argv[1]), 1,
+                                {"w": torch.ones(4)}, {"step": 1}, 2)
     except (OSError, UserError) as error:
         print(f"rank {rank}: {error}", flush=True)
         sys.exit(3)

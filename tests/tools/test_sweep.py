@@ -4,11 +4,10 @@ import time
 
 import pytest
 
-from coom import bench
 from coom.cli import main
 from coom.config import load_config
-from coom.energy import sweep
 from coom.energy.meter import EnergyMeter
+from coom.tools import bench, sweep
 
 MODEL = ["model.hidden_size=32", "model.num_layers=2",
          "model.num_attention_heads=2", "model.ffn_hidden_size=64",

@@ -14,8 +14,9 @@ each MoE layer's experts in its slot order, at a checkpoint boundary:
    steps since the last rebalance (``moe_load_layerN`` in metrics.jsonl);
 2. each layer's placement over ``ranks`` is planned from it;
 3. the latest checkpoint is loaded whole, renumbered, and published as
-   ``step_N-rebalanced``, the run's latest; ``coom train --resume``
-   continues from it, at any layout.
+   ``step_N-rebalanced``, the run's latest
+   (``coom.checkpoint.transform``); ``coom train --resume`` continues
+   from it, at any layout.
 
 With ``redundant`` copies per layer the placement has more slots than
 experts, which renumbering alone cannot express: the experts are
@@ -38,6 +39,8 @@ from typing import Optional
 
 import torch
 
+from coom.checkpoint.storage import latest_checkpoint, read_train_state
+from coom.checkpoint.transform import Whole, transform_checkpoint
 from coom.config import ModelConfig
 from coom.errors import UserError
 from coom.parallel.expert import PLACEMENT
@@ -47,11 +50,6 @@ from coom.parallel.placement import (
     local_numbering,
     plan_placement,
     renumbered,
-)
-from coom.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
 )
 from coom.train.metrics import MetricsWriter, read_metrics
 
@@ -189,27 +187,29 @@ def rebalance_run(run_dir: Path, ranks: int, redundant: int = 0,
     latest = latest_checkpoint(checkpoints)
     if latest is None:
         raise UserError(f"{run_dir} has no checkpoint to rebalance")
-    state = load_checkpoint(latest)
+    state = read_train_state(latest)
     config = ModelConfig(**state["config"]["model"])
     step = state["step"]
     plans = plan_layers(config, measured_loads(run_dir, step), ranks,
                         redundant, state.get(PLACEMENT))
     if dry_run:
         return plans
-    weights, optimizer = state.pop("model"), state.pop("optimizer")
-    for plan in plans:
-        prefix = moe_prefix(config, plan.index)
-        renumber(weights, prefix, plan.order)
-        renumber(optimizer["state"], prefix, plan.order)
-    # This replaces an earlier placement, which names the experts by
-    # their old numbers.
-    state[PLACEMENT] = {"ranks": ranks, "layers": {
-        plan.index: list(plan.placement.slot_expert) for plan in plans}} \
-        if redundant else None
-    keep = state["config"]["checkpoint"]["keep"]
-    save_checkpoint(checkpoints, step,
-                    {"model": weights, "optimizer": optimizer}, state, keep,
-                    suffix=REBALANCED)
+
+    def renumber_experts(whole: Whole) -> None:
+        for plan in plans:
+            prefix = moe_prefix(config, plan.index)
+            renumber(whole.weights, prefix, plan.order)
+            renumber(whole.optimizer["state"], prefix, plan.order)
+        placement = None
+        if redundant:
+            placement = {"ranks": ranks, "layers": {
+                plan.index: list(plan.placement.slot_expert)
+                for plan in plans}}
+        # This replaces an earlier placement, which names the experts by
+        # their old numbers.
+        whole.train_state[PLACEMENT] = placement
+    transform_checkpoint(latest, renumber_experts, REBALANCED,
+                         state["config"]["checkpoint"]["keep"])
     writer = MetricsWriter(run_dir, tensorboard=False)
     writer.write({"step": step, "rebalance": {
         "ranks": ranks, "redundant": redundant,

@@ -9,6 +9,10 @@ and to float32's bound in the interpreter, which sums in float32."""
 import pytest
 import torch
 
+from coom.fp8.grouped_gemm import (
+    grouped_fp8_mm,
+    grouped_fp8_mm_wgrad,
+)
 from coom.fp8.scaling import (
     TILE,
     Grouping,
@@ -16,10 +20,6 @@ from coom.fp8.scaling import (
     group_tile_starts,
     quantize,
     quantize_transposed,
-)
-from coom.kernels.fp8_grouped_gemm import (
-    grouped_fp8_mm,
-    grouped_fp8_mm_wgrad,
 )
 from tests.kernels import BOUND, DEVICE, relative_error
 

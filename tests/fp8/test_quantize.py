@@ -4,6 +4,11 @@ for bit (interpreted on CPU).
 import pytest
 import torch
 
+from coom.fp8.quantize import (
+    quantize_blocks,
+    quantize_rows,
+    quantize_rows_and_transpose,
+)
 from coom.fp8.scaling import (
     E4M3,
     TILE,
@@ -11,11 +16,6 @@ from coom.fp8.scaling import (
     max_group_tiles,
     quantize,
     quantize_transposed,
-)
-from coom.kernels.fp8_quantize import (
-    quantize_blocks,
-    quantize_rows,
-    quantize_rows_and_transpose,
 )
 from tests.kernels import DEVICE
 

@@ -1,0 +1,85 @@
+"""The FP8 replacements of COOM's layers, which ``coom.fp8.convert``
+swaps in for the originals: the layers themselves know nothing of FP8.
+
+Each replacement subclasses the layer it replaces and holds the very
+Parameters (and child modules) of the original under the same names, so
+that state dicts, checkpoints and optimizer state do not change.
+"""
+import torch
+from torch import nn
+
+from coom.config import ModelConfig
+from coom.fp8.grouped import fp8_grouped_linear
+from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linears
+from coom.layers.mlp import SwiGLU
+from coom.layers.moe import GroupedExperts
+
+
+def adopt(replacement: nn.Module, original: nn.Module) -> nn.Module:
+    """replacement (built on the meta device), given original's own
+    parameters and children under their names."""
+    for name, parameter in original.named_parameters(recurse=False):
+        setattr(replacement, name, parameter)
+    for name, child in original.named_children():
+        setattr(replacement, name, child)
+    return replacement
+
+
+class FP8SwiGLU(SwiGLU):
+    """A SwiGLU whose w1 and w3 are FP8 linears of one recipe: their
+    products share one FP8 copy of x. That path reads their weights
+    directly, past any hooks on w1 and w3: it relies on FP8 not running
+    under tensor parallelism (refused by the config), whose hooks split
+    them."""
+
+    @classmethod
+    def replacing(cls, swiglu: SwiGLU) -> "FP8SwiGLU":
+        """The replacement of swiglu, whose w1 and w3 are FP8 linears."""
+        with torch.device("meta"):
+            replacement = cls(swiglu.w1.in_features, swiglu.w1.out_features,
+                              swiglu.fused_kernels)
+        return adopt(replacement, swiglu)
+
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor,
+                                                    torch.Tensor]:
+        return fp8_linears(x, [self.w1.weight, self.w3.weight],
+                           self.w1.recipe)
+
+
+class FP8GroupedExperts(GroupedExperts):
+    """Grouped experts whose products run in FP8 (``coom.fp8.grouped``).
+
+    Args:
+        config: the model config.
+        recipe: how the products run in FP8.
+        fused_kernels: as GroupedExperts.
+    """
+
+    def __init__(self, config: ModelConfig, recipe: FP8Recipe,
+                 fused_kernels: bool = True):
+        super().__init__(config, fused_kernels)
+        self.recipe = recipe
+
+    @classmethod
+    def replacing(cls, experts: GroupedExperts,
+                  recipe: FP8Recipe) -> "FP8GroupedExperts":
+        """The replacement of experts, with recipe's products."""
+        with torch.device("meta"):
+            replacement = cls(experts.config, recipe, experts.fused_kernels)
+        return adopt(replacement, experts)
+
+    def products(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+                 *weights_eod: torch.Tensor) -> list[torch.Tensor]:
+        return list(fp8_grouped_linear(x_cd, weights_eod, counts_e,
+                                       self.recipe))
+
+    def extra_repr(self) -> str:
+        return str(self.recipe)
+
+
+def fp8_copy(linear: nn.Linear, recipe: FP8Recipe) -> FP8Linear:
+    """The FP8 replacement of a bias-free linear."""
+    if linear.bias is not None:
+        raise ValueError("FP8 linears have no bias")
+    return adopt(FP8Linear(linear.in_features, linear.out_features, recipe,
+                           device="meta"), linear)
