@@ -2,12 +2,11 @@
 
 Given only features, the head returns logits. Given labels, it returns
 the sum over tokens of each token's cross-entropy times its weight,
-without keeping the logits whole: on GPUs the fused kernel of
-``coom.kernels.cross_entropy``, elsewhere (or with the kernels off) the
-reference that materialises them (``fused_kernels`` off). Tensor
-parallelism replaces the head
-by ``coom.parallel.vocab.VocabParallelHead``, whose loss sums over the
-vocabulary split across the group.
+without keeping the logits whole: the op of ``coom.kernels.cross_entropy``
+(Triton on GPUs, the same chunks in PyTorch on CPUs); with
+``fused_kernels`` off, the reference that materialises them. Tensor
+parallelism replaces the head by ``coom.parallel.vocab.VocabParallelHead``,
+whose loss sums over the vocabulary split across the group.
 
 Tensor names end in their shape: b batch; s sequence; d width; v
 vocabulary; t tokens (b * s).

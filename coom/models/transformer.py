@@ -61,7 +61,12 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be resolved")
         self.config = config
         self.rope = RotaryEmbedding(config, fused_kernels)
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given its weight, the embedding skips its own initialisation
+        # (init_weights draws it): on the meta device, drawing normal
+        # values imports torch._dynamo, a second of CPU.
+        self.embed = nn.Embedding(
+            config.vocab_size, config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size))
         # Keyed by index, so that pipeline parallelism can drop the blocks
         # of other stages and keep the names of the rest.
         self.layers = nn.ModuleDict(
