@@ -37,6 +37,7 @@ model width; e routed experts; k experts per token; g groups; i expert
 width; c token copies (t * k).
 """
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -210,6 +211,16 @@ def balance_loss(scores_bse: torch.Tensor, experts_bsk: torch.Tensor,
     return (fraction_be * normalised.mean(dim=1)).sum(-1).mean()
 
 
+def in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x as autocast would cast a matmul's input: autocast does not reach
+    _grouped_mm, which takes only bf16 on GPUs, so the routed tokens are
+    cast before their copies are gathered."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class AuxLossGradient(torch.autograd.Function):
     """Passes x through; its backward also gives aux_loss the gradient
     scale, as if scale * aux_loss were added to what is differentiated."""
@@ -275,6 +286,28 @@ class MoE(nn.Module):
         return bool(config.moe_z_loss_coeff or config.moe_seq_aux_loss_coeff
                     or config.moe_aux_loss_coeff)
 
+    def _counts(self, experts_tk: torch.Tensor) -> torch.Tensor:
+        """Token copies routed to each expert (e,)."""
+        # scatter_add rather than bincount: its size does not depend on
+        # the data, which torch.compile needs.
+        flat_c = experts_tk.flatten()
+        counts_e = flat_c.new_zeros(self.config.n_routed_experts)
+        return counts_e.scatter_add_(0, flat_c, torch.ones_like(flat_c))
+
+    def _balance(self, logits_te: torch.Tensor, scores_te: torch.Tensor,
+                 experts_tk: torch.Tensor, counts_e: torch.Tensor,
+                 shape: torch.Size) -> Optional[torch.Tensor]:
+        """In training: count the routed load, and return the weighted
+        auxiliary losses (None without any), whose sum it counts too."""
+        if not self.training:
+            return None
+        self.tokens_per_expert += counts_e
+        if not self.has_aux_loss:
+            return None
+        aux_loss = self._aux_loss(logits_te, scores_te, experts_tk, shape)
+        self.aux_loss_sum += aux_loss.detach()
+        return aux_loss
+
     def _aux_loss(self, logits_te: torch.Tensor, scores_te: torch.Tensor,
                   experts_tk: torch.Tensor,
                   shape: torch.Size) -> torch.Tensor:
@@ -297,25 +330,12 @@ class MoE(nn.Module):
     def forward(self, x_bsd: torch.Tensor) -> torch.Tensor:
         x_td = x_bsd.flatten(0, 1)
         logits_te, scores_te, weights_tk, experts_tk = self.router(x_td)
-        # scatter_add rather than bincount: its size does not depend on
-        # the data, which torch.compile needs.
-        flat_c = experts_tk.flatten()
-        counts_e = flat_c.new_zeros(self.config.n_routed_experts)
-        counts_e.scatter_add_(0, flat_c, torch.ones_like(flat_c))
-        aux_loss = None
-        if self.training:
-            self.tokens_per_expert += counts_e
-            if self.has_aux_loss:
-                aux_loss = self._aux_loss(logits_te, scores_te, experts_tk,
-                                          x_bsd.shape[:2])
-                self.aux_loss_sum += aux_loss.detach()
+        counts_e = self._counts(experts_tk)
+        aux_loss = self._balance(logits_te, scores_te, experts_tk,
+                                 counts_e, x_bsd.shape[:2])
         order_c = experts_tk.flatten().argsort(stable=True)
         copy_tk = copy_positions(order_c, self.config.num_experts_per_tok)
-        # Autocast does not reach _grouped_mm, which takes only bf16 on
-        # GPUs: cast as autocast would, before the copies are gathered.
-        device = x_td.device.type
-        if torch.is_autocast_enabled(device):
-            x_td = x_td.to(torch.get_autocast_dtype(device))
+        x_td = in_autocast_dtype(x_td)
         y_cd = self.experts(self.permute(x_td, copy_tk), counts_e)
         out_td = self.combine(y_cd, weights_tk, copy_tk)
         if self.shared_experts is not None:
