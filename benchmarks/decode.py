@@ -105,7 +105,7 @@ def latent_run(model, batch: int, context: int) -> tuple[float, int]:
     cache.latent.normal_()
     cache.rope_key.normal_()
     cache.length = context
-    rate = decode_rate(model, batch, lambda tokens: model(tokens, cache))
+    rate = decode_rate(model, batch, lambda tokens: model(tokens, cache=cache))
     return rate, cache.nbytes // (cache.length * batch)
 
 

@@ -33,13 +33,13 @@ VARIANTS = {
 def gradients(trainer: Trainer, sample: int) -> dict[str, torch.Tensor]:
     """Each parameter's gradient of the loss of the micro-batch at sample
     (language model and MTP, as the trainer weighs them)."""
-    config = trainer.config
-    tokens = config.train.micro_batch_size * config.data.seq_length
-    main, *mtp = trainer._losses(trainer.samples.batch(sample), tokens,
-                                 with_mtp=config.model.mtp_num_layers > 0)
-    loss = main + trainer.model.aux_loss()
-    if mtp:
-        loss = loss + 0.3 * sum(mtp) / len(mtp)
+    batch = trainer.samples.batch(sample).to(trainer.device)
+    with trainer.parallel.compute():
+        losses = trainer.model(batch.tokens, labels_bs=batch.labels,
+                               loss_mask_bs=batch.loss_mask)
+    # The MoE layers' auxiliary losses join the backward themselves.
+    main, mtp = losses[0], losses[1:]
+    loss = main + 0.3 * mtp.mean() if len(mtp) else main
     loss.backward()
     grads = {name: parameter.grad.float().clone()
              for name, parameter in trainer.model.named_parameters()
@@ -47,6 +47,7 @@ def gradients(trainer: Trainer, sample: int) -> dict[str, torch.Tensor]:
     trainer.model.zero_grad(set_to_none=True)
     for moe in trainer.model.moe_layers().values():
         moe.tokens_per_expert.zero_()  # no bias update between batches
+        moe.aux_loss_sum.zero_()
     return grads
 
 

@@ -8,13 +8,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 60
 
-# issue 26: rewritten by the forward/build work; remove once it lands.
-BEING_REWRITTEN = {
-    "coom/tools/bench.py",
-    "coom/kernels/router.py",
-    "coom/train/trainer.py",
-}
-
 
 def _offences(text: str, name: str) -> list[str]:
     """One line per way the source text of file name is too long: the
@@ -40,17 +33,8 @@ def _offences_of(name: str) -> list[str]:
 def test_no_file_or_function_is_too_long():
     names = [path.relative_to(ROOT).as_posix()
              for path in sorted((ROOT / "coom").rglob("*.py"))]
-    offences = [line for name in names if name not in BEING_REWRITTEN
-                for line in _offences_of(name)]
+    offences = [line for name in names for line in _offences_of(name)]
     assert not offences, "\n".join(offences)
-
-
-def test_files_being_rewritten_still_offend():
-    """An entry of BEING_REWRITTEN that is gone or has come within the
-    limits leaves the set."""
-    done = [name for name in sorted(BEING_REWRITTEN)
-            if not (ROOT / name).is_file() or not _offences_of(name)]
-    assert not done, f"remove from BEING_REWRITTEN: {', '.join(done)}"
 
 
 def test_the_limits_count_from_def_to_the_body_end():

@@ -5,7 +5,6 @@ import json
 import math
 import shutil
 import time
-import traceback
 from pathlib import Path
 from typing import IO
 
@@ -61,26 +60,6 @@ def _new_run_dir(args) -> tuple[Path, IO | None]:
     return run_dir, lock
 
 
-def _with_trainer(make_trainer, work):
-    """work(trainer)'s result and the run's world, closed: the trainer
-    (and any that work made) is freed first, so that the model, the
-    optimizer and their process groups are gone before the world
-    leaves its process group (``World.close``), also when work fails.
-    make_trainer builds it here, so that no caller holds it."""
-    trainer = make_trainer()
-    world = trainer.world
-    try:
-        return work(trainer), world
-    except BaseException as error:
-        # The traceback's frames (work's among them) would keep the
-        # trainer alive through the collection in world.close().
-        traceback.clear_frames(error.__traceback__)
-        raise
-    finally:
-        del trainer
-        world.close()
-
-
 def cmd_train(args) -> int:
     from coom.config import load_config
     from coom.train.run_dir import (
@@ -111,30 +90,18 @@ def cmd_train(args) -> int:
 def _train_in(run_dir: Path, config) -> int:
     """Train config in run_dir, through its growths, and say how it
     ended."""
-    from coom.train.trainer import Trainer
-
-    def train(trainer):
-        if trainer.world.main:
-            print(f"training in {run_dir}")
-        outcome = trainer.run()
-        while outcome == "growth":
-            trainer = Trainer(config, run_dir, trainer.world,
-                              trainer.energy.job_started)
-            outcome = trainer.run()
-        return outcome, trainer.step, trainer.energy.summary()
-
-    (outcome, step, energy), world = _with_trainer(
-        lambda: Trainer(config, run_dir), train)
-    if not world.main:
+    from coom.train.lifecycle import train_run
+    outcome = train_run(config, run_dir)
+    if not outcome.main:
         return 0
-    if outcome == "done":
-        print(f"finished {step} steps; summary and plots: "
+    if outcome.reason == "done":
+        print(f"finished {outcome.step} steps; summary and plots: "
               f"coom report {run_dir}")
     else:
-        print(f"stopped at step {step} ({outcome}) with a "
+        print(f"stopped at step {outcome.step} ({outcome.reason}) with a "
               f"checkpoint; continue with: {relaunch()} --resume "
               f"{run_dir}")
-    print(energy)
+    print(outcome.energy)
     return 0
 
 
@@ -162,14 +129,9 @@ def cmd_eval(args) -> int:
     run_dir = Path(args.run_dir)
     path = _checkpoint_to_evaluate(run_dir, args.step)
     config = read_config(run_dir, args.overrides)
-    from coom.train.trainer import Trainer
-
-    def evaluate(trainer):
-        trainer.restore(path)
-        return trainer.evaluate(trainer.valid)
-
-    loss, world = _with_trainer(lambda: Trainer(config, run_dir), evaluate)
-    if not world.main:
+    from coom.train.lifecycle import evaluate_checkpoint
+    loss = evaluate_checkpoint(config, run_dir, path)
+    if loss is None:
         return 0
     train = config.train
     print(f"{path}: validation loss {loss:.4f} (perplexity "

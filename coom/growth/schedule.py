@@ -26,14 +26,12 @@ from ``train.seed`` plus the step.
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 from coom.checkpoint.storage import latest_checkpoint, read_train_state
 from coom.checkpoint.transform import Whole, transform_checkpoint
 from coom.config import GrowthStep, ModelConfig, RunConfig
 from coom.errors import UserError
 from coom.growth.operators import grow, grown_config
-from coom.models import Transformer
+from coom.models.info import state_shapes
 
 GROWN = "-grown"
 """Suffix of the checkpoint that holds a step's grown model."""
@@ -83,15 +81,6 @@ def grow_checkpoint(path: Path, entries: list[GrowthStep], seed: int,
     return transform_checkpoint(path, grow_all, GROWN, keep)
 
 
-def _shapes(config: ModelConfig) -> dict[str, tuple]:
-    """The model's tensor shapes by name: what tells a grown model from
-    the one before (fields that shape nothing may change on resume)."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    return {name: tuple(tensor.shape)
-            for name, tensor in model.state_dict().items()}
-
-
 def catch_up(config: RunConfig, checkpoints: Path
              ) -> tuple[RunConfig, list[GrowthStep]]:
     """config with the model of the run's latest checkpoint, and the
@@ -107,13 +96,13 @@ def catch_up(config: RunConfig, checkpoints: Path
         return config, []
     state = read_train_state(latest)
     step = state["step"]
-    stored = _shapes(ModelConfig(**state["config"]["model"]))
+    stored = state_shapes(ModelConfig(**state["config"]["model"]))
     expected = model_at(config.model, schedule, step)
     entries = []
-    if stored != _shapes(expected):
+    if stored != state_shapes(expected):
         entries = due(schedule, step)
         before = model_at(config.model, schedule, step - 1)
-        if stored != _shapes(before) or not entries:
+        if stored != state_shapes(before) or not entries:
             raise UserError(
                 f"checkpoint {latest} holds a model that growth.schedule "
                 f"does not give at step {step}; resume with the recipe "

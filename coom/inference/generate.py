@@ -83,14 +83,15 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int,
                           len(prompt) + max_new_tokens, absorbed, device,
                           model.embed.weight.dtype)
     started = time.perf_counter()
-    logits_bv = model(torch.tensor([prompt], device=device), cache)[:, -1]
+    logits_bv = model(torch.tensor([prompt], device=device),
+                      cache=cache)[:, -1]
     new = []
     while True:
         token_b = choose(logits_bv, temperature, top_p, generator)
         new.append(token_b.item())
         if new[-1] == stop or len(new) == max_new_tokens:
             break
-        logits_bv = model(token_b[:, None], cache)[:, -1]
+        logits_bv = model(token_b[:, None], cache=cache)[:, -1]
     return Generation(new, time.perf_counter() - started, cache.nbytes)
 
 
@@ -104,7 +105,7 @@ def generate_speculative(model: Transformer, prompt: list[int],
     if not model.mtp:
         raise UserError("speculative decoding drafts with the model's MTP "
                         "depths, and this model has none")
-    config, draft_model = model.config, model.mtp[0]
+    config = model.config
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     capacity = len(prompt) + max_new_tokens + 1
     cache = DecodingCache(config, config.num_layers, 1, capacity, absorbed,
@@ -113,26 +114,23 @@ def generate_speculative(model: Transformer, prompt: list[int],
                                 dtype)
     started = time.perf_counter()
     tokens = torch.tensor([prompt], device=device)
-    h_bsd = model.hidden(tokens, cache)
-    chosen = model.logits(h_bsd[:, -1:], model.norm).argmax(-1)
+    chosen = model(tokens, cache=cache)[:, -1:].argmax(-1)
     # The MTP depth reads main hidden state i with token i + 1.
     following = torch.cat([tokens[:, 1:], chosen], dim=1)
     new = [chosen.item()]
     drafted = accepted = 0
     while new[-1] != stop and len(new) < max_new_tokens:
-        g_bsd = draft_model(h_bsd, model.embed(following), model.rope,
-                            draft_cache.layer(0))
-        draft_cache.advance(following.shape[1])
-        guess = model.logits(g_bsd[:, -1:], draft_model.norm).argmax(-1)
-        h_bsd = model.hidden(torch.cat([chosen, guess], dim=1), cache)
-        best = model.logits(h_bsd, model.norm).argmax(-1)
+        guess = model.draft(following, cache, draft_cache)[:, -1:] \
+            .argmax(-1)
+        best = model(torch.cat([chosen, guess], dim=1),
+                     cache=cache).argmax(-1)
         drafted += 1
         if best[0, 0] == guess[0, 0]:
             accepted += 1
             following = torch.cat([guess, best[:, 1:]], dim=1)
         else:
             cache.truncate(cache.length - 1)
-            h_bsd, following = h_bsd[:, :1], best[:, :1]
+            following = best[:, :1]
         for token in following[0].tolist():
             if new[-1] != stop and len(new) < max_new_tokens:
                 new.append(token)

@@ -42,6 +42,48 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _best_groups_only(choice, group, inner, topk_group: tl.constexpr,
+                      group_max: tl.constexpr, row_block: tl.constexpr,
+                      group_block: tl.constexpr):
+    """choice (rows, groups, experts in a group) with every group but
+    each row's topk_group best set to -inf; a group ranks by its best
+    score (group_max) or the sum of its two best."""
+    first, index = tl.max(choice, axis=2, return_indices=True)
+    if group_max:
+        group_score = first
+    else:
+        second = tl.max(tl.where(inner == index[:, :, None],
+                                 -float("inf"), choice), axis=2)
+        group_score = first + second
+    keep = tl.zeros([row_block, group_block], tl.int1)
+    for _ in tl.static_range(topk_group):
+        _, best = tl.max(group_score, axis=1, return_indices=True)
+        picked = group[None, :] == best[:, None]
+        keep = keep | picked
+        group_score = tl.where(picked, -float("inf"), group_score)
+    return tl.where(keep[:, :, None], choice, -float("inf"))
+
+
+@triton.jit
+def _top_k(choice, group, column, size, slots, k: tl.constexpr,
+           row_block: tl.constexpr, k_block: tl.constexpr):
+    """Each row's k highest entries of choice, as expert ids (rows,
+    k_block); ties go to the lowest index: within a group, then among
+    groups."""
+    chosen = tl.zeros([row_block, k_block], tl.int64)
+    for j in tl.static_range(k):
+        value, index = tl.max(choice, axis=2, return_indices=True)
+        _, best = tl.max(value, axis=1, return_indices=True)
+        index = tl.sum(tl.where(group[None, :] == best[:, None], index, 0),
+                       axis=1)
+        expert = best * size + index
+        choice = tl.where(column == expert[:, None, None], -float("inf"),
+                          choice)
+        chosen = tl.where(slots == j, expert[:, None], chosen)
+    return chosen
+
+
+@triton.jit
 def _route_kernel(logits_ptr, bias_ptr, scores_ptr, weights_ptr,
                   experts_ptr, tokens, experts, factor, k: tl.constexpr,
                   softmax: tl.constexpr, groups: tl.constexpr,
@@ -73,32 +115,11 @@ def _route_kernel(logits_ptr, bias_ptr, scores_ptr, weights_ptr,
     bias = tl.load(bias_ptr + column, mask=valid, other=0.0)
     choice = tl.where(valid, scores + bias.to(tl.float32), -float("inf"))
     if groups > 1:
-        first, index = tl.max(choice, axis=2, return_indices=True)
-        if group_max:
-            group_score = first
-        else:
-            second = tl.max(tl.where(inner == index[:, :, None],
-                                     -float("inf"), choice), axis=2)
-            group_score = first + second
-        keep = tl.zeros([row_block, group_block], tl.int1)
-        for _ in tl.static_range(topk_group):
-            _, best = tl.max(group_score, axis=1, return_indices=True)
-            picked = group[None, :] == best[:, None]
-            keep = keep | picked
-            group_score = tl.where(picked, -float("inf"), group_score)
-        choice = tl.where(keep[:, :, None], choice, -float("inf"))
-    # Ties go to the lowest index: within a group, then among groups.
+        choice = _best_groups_only(choice, group, inner, topk_group,
+                                   group_max, row_block, group_block)
     slots = tl.arange(0, k_block)[None, :]
-    chosen = tl.zeros([row_block, k_block], tl.int64)
-    for j in tl.static_range(k):
-        value, index = tl.max(choice, axis=2, return_indices=True)
-        _, best = tl.max(value, axis=1, return_indices=True)
-        index = tl.sum(tl.where(group[None, :] == best[:, None], index, 0),
-                       axis=1)
-        expert = best * size + index
-        choice = tl.where(column == expert[:, None, None], -float("inf"),
-                          choice)
-        chosen = tl.where(slots == j, expert[:, None], chosen)
+    chosen = _top_k(choice, group, column, size, slots, k, row_block,
+                    k_block)
     # The weights: the chosen scores, recomputed from their logits.
     k_offsets = rows[:, None] * k + slots
     k_mask = row_mask[:, None] & (slots < k)

@@ -39,6 +39,9 @@ class DecodingCache:
                                     device=device, dtype=dtype)
         self.absorbed = absorbed
         self.length = 0
+        self.hidden_bsd = None
+        """The last block's output at the positions the last forward
+        fed, which Multi-Token Prediction drafts from."""
 
     @property
     def capacity(self) -> int:
@@ -64,5 +67,9 @@ class DecodingCache:
         self.length += count
 
     def truncate(self, length: int) -> None:
-        """Forget the positions from length on (rejected drafts)."""
-        self.length = min(self.length, length)
+        """Forget the positions from length on (rejected drafts), their
+        hidden states included."""
+        dropped = max(self.length - length, 0)
+        self.length -= dropped
+        if dropped and self.hidden_bsd is not None:
+            self.hidden_bsd = self.hidden_bsd[:, :-dropped]

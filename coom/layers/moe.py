@@ -26,13 +26,18 @@ without, the plain references.
 Auxiliary-loss-free balancing (DeepSeek-V3) adds a per-expert ``bias`` to
 the scores for selection only; the combine weights use the unbiased
 scores. The bias is a persistent buffer, saved with the weights and never
-trained by gradients; the trainer moves it after optimizer steps.
+trained by gradients; ``coom.parallel.balance`` moves it after optimizer
+steps, by the load each training forward counts. The weighted auxiliary
+losses enter the backward through the layer's own output
+(``AuxLossGradient``), so whoever runs the model differentiates only its
+language-model losses.
 
 Tensor names end in their shape: b batch; s sequence; t tokens (b * s); d
 model width; e routed experts; k experts per token; g groups; i expert
 width; c token copies (t * k).
 """
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -206,12 +211,38 @@ def balance_loss(scores_bse: torch.Tensor, experts_bsk: torch.Tensor,
     return (fraction_be * normalised.mean(dim=1)).sum(-1).mean()
 
 
+def in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x as autocast would cast a matmul's input: autocast does not reach
+    _grouped_mm, which takes only bf16 on GPUs, so the routed tokens are
+    cast before their copies are gathered."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
+class AuxLossGradient(torch.autograd.Function):
+    """Passes x through; its backward also gives aux_loss the gradient
+    scale, as if scale * aux_loss were added to what is differentiated."""
+
+    @staticmethod
+    def forward(ctx, x, aux_loss, scale: float):
+        ctx.scale = scale
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full((), ctx.scale, device=grad.device), None
+
+
 class MoE(nn.Module):
     """Shared experts plus routed experts, and their balancing.
 
-    Each forward adds the routed load to ``tokens_per_expert`` and leaves
-    the weighted auxiliary losses in ``aux_loss``; ``finish_step``, called
-    after the optimizer step, moves the expert bias and returns the load.
+    Each training forward adds the routed load to ``tokens_per_expert``
+    and its weighted auxiliary losses to ``aux_loss_sum`` (detached), and
+    attaches their gradient, times ``aux_loss_scale``, to its output.
+    ``coom.parallel.balance`` reads and resets both after each optimizer
+    step.
 
     Args:
         config: the model config.
@@ -234,7 +265,11 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert",
                              torch.empty(config.n_routed_experts),
                              persistent=False)
-        self.aux_loss = None
+        self.register_buffer("aux_loss_sum", torch.empty(()),
+                             persistent=False)
+        self.aux_loss_scale = 1.0
+        """The auxiliary losses' weight per forward: 1 where a forward is
+        a step; the share of a micro-batch in a step of several."""
 
     def init_weights(self, std: float) -> None:
         out_std = std / math.sqrt(2 * self.config.num_layers)
@@ -243,6 +278,35 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, self.config.num_layers)
         nn.init.zeros_(self.tokens_per_expert)
+        nn.init.zeros_(self.aux_loss_sum)
+
+    @property
+    def has_aux_loss(self) -> bool:
+        config = self.config
+        return bool(config.moe_z_loss_coeff or config.moe_seq_aux_loss_coeff
+                    or config.moe_aux_loss_coeff)
+
+    def _counts(self, experts_tk: torch.Tensor) -> torch.Tensor:
+        """Token copies routed to each expert (e,)."""
+        # scatter_add rather than bincount: its size does not depend on
+        # the data, which torch.compile needs.
+        flat_c = experts_tk.flatten()
+        counts_e = flat_c.new_zeros(self.config.n_routed_experts)
+        return counts_e.scatter_add_(0, flat_c, torch.ones_like(flat_c))
+
+    def _balance(self, logits_te: torch.Tensor, scores_te: torch.Tensor,
+                 experts_tk: torch.Tensor, counts_e: torch.Tensor,
+                 shape: torch.Size) -> Optional[torch.Tensor]:
+        """In training: count the routed load, and return the weighted
+        auxiliary losses (None without any), whose sum it counts too."""
+        if not self.training:
+            return None
+        self.tokens_per_expert += counts_e
+        if not self.has_aux_loss:
+            return None
+        aux_loss = self._aux_loss(logits_te, scores_te, experts_tk, shape)
+        self.aux_loss_sum += aux_loss.detach()
+        return aux_loss
 
     def _aux_loss(self, logits_te: torch.Tensor, scores_te: torch.Tensor,
                   experts_tk: torch.Tensor,
@@ -266,26 +330,19 @@ class MoE(nn.Module):
     def forward(self, x_bsd: torch.Tensor) -> torch.Tensor:
         x_td = x_bsd.flatten(0, 1)
         logits_te, scores_te, weights_tk, experts_tk = self.router(x_td)
-        # scatter_add rather than bincount: its size does not depend on
-        # the data, which torch.compile needs.
-        flat_c = experts_tk.flatten()
-        counts_e = flat_c.new_zeros(self.config.n_routed_experts)
-        counts_e.scatter_add_(0, flat_c, torch.ones_like(flat_c))
-        if self.training:
-            self.tokens_per_expert += counts_e
-            self.aux_loss = self._aux_loss(logits_te, scores_te, experts_tk,
-                                           x_bsd.shape[:2])
+        counts_e = self._counts(experts_tk)
+        aux_loss = self._balance(logits_te, scores_te, experts_tk,
+                                 counts_e, x_bsd.shape[:2])
         order_c = experts_tk.flatten().argsort(stable=True)
         copy_tk = copy_positions(order_c, self.config.num_experts_per_tok)
-        # Autocast does not reach _grouped_mm, which takes only bf16 on
-        # GPUs: cast as autocast would, before the copies are gathered.
-        device = x_td.device.type
-        if torch.is_autocast_enabled(device):
-            x_td = x_td.to(torch.get_autocast_dtype(device))
+        x_td = in_autocast_dtype(x_td)
         y_cd = self.experts(self.permute(x_td, copy_tk), counts_e)
         out_td = self.combine(y_cd, weights_tk, copy_tk)
         if self.shared_experts is not None:
             out_td = out_td + self.shared_experts(x_td)
+        if aux_loss is not None:
+            out_td = AuxLossGradient.apply(out_td, aux_loss,
+                                           self.aux_loss_scale)
         return out_td.view_as(x_bsd)
 
     def permute(self, x_td: torch.Tensor,
@@ -301,13 +358,3 @@ class MoE(nn.Module):
         if self.fused_kernels:
             return unpermute(y_cd, weights_tk, copy_tk)
         return unpermute_reference(y_cd, weights_tk, copy_tk)
-
-    @torch.no_grad()
-    def finish_step(self) -> torch.Tensor:
-        """Move the expert bias by the step's load; return and reset it."""
-        load_e = self.tokens_per_expert.clone()
-        if self.config.moe_router_enable_expert_bias:
-            rate = self.config.moe_router_bias_update_rate
-            self.router.bias += rate * torch.sign(load_e.mean() - load_e)
-        self.tokens_per_expert.zero_()
-        return load_e

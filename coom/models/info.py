@@ -62,6 +62,15 @@ def _counts(modules, config: ModelConfig) -> tuple[float, float, float]:
     return total, active, matmul
 
 
+def state_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """The model's tensor shapes by name, as its state dict (and so a
+    checkpoint) holds them whole."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(tensor.shape)
+            for name, tensor in model.state_dict().items()}
+
+
 def attention_flops_per_token(config: ModelConfig, seq_length: int,
                               blocks: int) -> float:
     """Training FLOPs of causal attention scores and values per token."""
@@ -76,7 +85,7 @@ def model_info(config: ModelConfig, seq_length: int) -> ModelInfo:
     main = [model.embed, model.layers, model.norm]
     total, active, matmul = _counts(main, config)
     head = config.vocab_size * config.hidden_size
-    if model.head is not None:
+    if model.head.weight is not None:
         total += head
         active += head
     mtp_total, _, mtp_matmul = _counts(model.mtp, config)

@@ -11,10 +11,11 @@ applied from outside the model as torchtitan does, in this order:
    The embedding and output head split by vocabulary: a process looks
    up the tokens of its rows (the group sums the embeddings) and
    computes its rows' logits, whose cross-entropy sums over the group
-   (``coom.parallel.vocab``). Norms, MLA's latent projection ``wkv_a``,
-   router and routed experts stay whole on every process; the gradient
-   of the rotary key part of ``wkv_a``'s output, which every process's
-   heads share, is summed over the group.
+   (the head is replaced by ``coom.parallel.vocab.VocabParallelHead``).
+   Norms, MLA's latent projection ``wkv_a``, router and routed experts
+   stay whole on every process; the gradient of the rotary key part of
+   ``wkv_a``'s output, which every process's heads share, is summed over
+   the group.
    With sequence parallelism (Megatron's), the residual stream between
    the main blocks' sublayers is split by sequence over the group too:
    each process keeps and normalises its own positions; a sublayer
@@ -34,7 +35,7 @@ applied from outside the model as torchtitan does, in this order:
    block (main and MTP) and then on the whole model: each block's
    parameters are gathered just before it runs and its gradients
    reduce-scattered just after; the model's own parameters (embedding,
-   head) are gathered by ``features`` and ``features_with_mtp``. With
+   head) are gathered by its forward. With
    data_parallel_replicate > 1 the mesh has two dimensions (HSDP). Under
    expert parallelism the routed experts are sharded first, on their own,
    over the data-parallel dimensions less "ep". Under pipeline
@@ -55,7 +56,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -71,6 +72,7 @@ from coom.layers.mlp import SwiGLU
 from coom.layers.moe import MoE
 from coom.parallel.expert import ExpertParallel
 from coom.parallel.mesh import EXPERT, EXPERT_SHARD, TENSOR, World
+from coom.parallel.vocab import VocabParallelHead
 
 
 def _feed_forward_plan(prefix: str) -> dict:
@@ -176,6 +178,17 @@ def _sum_rope_key_gradient(mesh: DeviceMesh, latent_width: int):
     return hook
 
 
+def _split_head(model: nn.Module, stages: list[nn.Module],
+                mesh: DeviceMesh) -> None:
+    """The vocabulary-parallel head in place of model's, and of the stage
+    that shares it."""
+    head = model.head
+    model.head = VocabParallelHead(head, mesh)
+    for stage in stages:
+        if stage.head is head:
+            stage.head = model.head
+
+
 def _shard_experts(moe_layers: list[MoE], world: World) -> None:
     """FSDP on each layer's expert-parallel routed experts, before their
     block's, which then leaves them out. Their mesh may be of one
@@ -220,11 +233,11 @@ def parallelize(model: nn.Module, world: World, parallel: ParallelConfig,
             for part in stages or [model]:
                 ends = list(part.layers.values())
                 _split_stream_ends(ends[0], ends[-1], mesh)
-        by_vocabulary = {"embed": RowwiseParallel(input_layouts=Replicate()),
-                         "head": ColwiseParallel()}
-        parallelize_module(model, mesh, {
-            name: style for name, style in by_vocabulary.items()
-            if getattr(model, name, None) is not None})
+        if model.embed is not None:
+            parallelize_module(model, mesh, {
+                "embed": RowwiseParallel(input_layouts=Replicate())})
+        if model.head is not None:
+            _split_head(model, stages or [], mesh)
     if world.expert_size > 1:
         moe_layers = list(model.moe_layers().values())
         for moe in moe_layers:
@@ -247,9 +260,4 @@ def parallelize(model: nn.Module, world: World, parallel: ParallelConfig,
             else blocks
         for module in [*units, *(stages or [model])]:
             fully_shard(module, mesh=mesh)
-        # The trainer runs the model through these rather than forward;
-        # the root's parameters stay gathered until the backward.
-        if not stages:
-            for method in ("features", "features_with_mtp"):
-                register_fsdp_forward_method(model, method)
     return model

@@ -10,27 +10,28 @@ interleaved schedules, and two in a V (process p holds stages p and
 2P - 1 - p) under ZBVZeroBubble and DualPipeV, so that the first process
 holds both ends of the model, as DeepSeek-V3's DualPipe does.
 
-Each process keeps in its ``Transformer`` only what its stages hold: the
-blocks of other stages leave the ``layers`` dict, whose keys are the block
-indices, so the parameter names, and therefore checkpoints, are those of
-the whole model, and DCP reshards between layouts. Each stage is a
-``Stage`` module over its parts, which ``parallelize`` makes an FSDP root.
+Each stage is the model's ``part`` of its blocks (with the embedding on
+the first, the final norm, head and MTP depths on the last), running the
+model's own forward; the process's ``Transformer`` keeps only what its
+stages hold: the blocks of other stages leave the ``layers`` dict, whose
+keys are the block indices, so the parameter names, and therefore
+checkpoints, are those of the whole model, and DCP reshards between
+layouts. ``parallelize`` makes each stage an FSDP root.
 
 Between stages flow the hidden state (b, s, d) and, with MTP, the
 embeddings of the tokens ahead that each MTP depth reads: the first stage
 computes them, since it holds the embedding, which MTP shares with the
-main model. The labels and the loss mask reach every stage as keyword
-arguments. The last stage returns the micro-batch's objective, scaled
-exactly as the trainer scales it without pipelining
-(``coom.train.loss``), so the schedule only differentiates it
-(``scale_grads=False``). The MoE auxiliary losses of the other stages
-enter the backward through ``AuxLossGradient`` on their stage's output.
+main model. The labels, the loss mask and the step's token count reach
+every stage as keyword arguments. The last stage returns its losses,
+whose objective the schedule's loss function takes, scaled exactly as
+without pipelining (``coom.parallel.model``), so the schedule only
+differentiates it (``scale_grads=False``). The MoE layers of every stage
+attach their auxiliary losses' gradient themselves.
 
 Tensor names end in their shape: b micro-batch; s sequence; d width.
 """
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleSingle,
@@ -42,14 +43,9 @@ from torch.distributed.pipelining.schedules import (
 from coom.config import ParallelConfig
 from coom.data.loader import Batch
 from coom.errors import UserError
-from coom.layers.moe import MoE
-from coom.models.transformer import (
-    Transformer,
-    ahead_embeddings,
-    head_features,
-)
+from coom.models.transformer import Transformer
 from coom.parallel.mesh import PIPELINE, World
-from coom.train.loss import micro_batch_objective, token_losses
+from coom.parallel.objective import training_objective
 
 
 def split_layers(num_layers: int, stages: int) -> list[list[int]]:
@@ -70,107 +66,6 @@ def stages_of_process(parallel: ParallelConfig, rank: int) -> list[int]:
     if schedule in (ScheduleZBVZeroBubble, ScheduleDualPipeV):
         return [rank, stages - 1 - rank]
     return list(range(rank, stages, size))
-
-
-class AuxLossGradient(torch.autograd.Function):
-    """Passes x through; the backward also gives aux_loss a gradient of 1,
-    so that the auxiliary losses of a stage that does not end in the loss
-    are trained as if they were added to it."""
-
-    @staticmethod
-    def forward(ctx, x, aux_loss):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, torch.ones((), device=grad.device)
-
-
-class Stage(nn.Module):
-    """The part of the model one pipeline stage runs.
-
-    Its forward takes the token ids (first stage) or the previous stage's
-    outputs, and the micro-batch's labels and loss mask; it returns the
-    hidden state and the MTP depths' ahead embeddings, or on the last
-    stage the micro-batch's objective (training) or its mean loss
-    (evaluation).
-
-    Args:
-        model: the process's Transformer, holding at least this stage's
-            parts.
-        layers: the stage's block indices.
-        first, last: whether it is the first or last stage.
-        scales: the step's scales, which ``Pipeline.step`` sets and the
-            stages share.
-    """
-
-    def __init__(self, model: Transformer, layers: list[int], first: bool,
-                 last: bool, scales: dict):
-        super().__init__()
-        self.rope = model.rope
-        self.depths = model.config.mtp_num_layers
-        self.first, self.last = first, last
-        self.embed = model.embed if first else None
-        self.layers = nn.ModuleDict({str(i): model.layers[str(i)]
-                                     for i in layers})
-        self.norm = model.norm if last else None
-        self.head = model.head if last else None
-        self.mtp = model.mtp if last else None
-        self.scales = scales
-        self.sums = None
-        """Of the step so far (``Pipeline.step`` starts them): the
-        language-model loss, the MTP depths' mean and the auxiliary
-        losses."""
-
-    def _aux_loss(self) -> torch.Tensor:
-        blocks = list(self.layers.values())
-        if self.last:
-            blocks += [module.block for module in self.mtp]
-        losses = [block.mlp.aux_loss for block in blocks
-                  if isinstance(block.mlp, MoE)]
-        return sum(losses) / self.scales["micro_batches"] if losses \
-            else torch.zeros(())
-
-    def forward(self, *inputs, labels_bs: torch.Tensor,
-                mask_bs: torch.Tensor):
-        if self.first:
-            h_bsd = self.embed(inputs[0])
-            aheads = ahead_embeddings(self.embed, labels_bs, self.depths)
-        else:
-            h_bsd, *aheads = inputs
-        for block in self.layers.values():
-            h_bsd = block(h_bsd, self.rope, None)
-        if not self.training:
-            if not self.last:
-                return h_bsd, *aheads
-            features = [self.norm(h_bsd)]
-            return token_losses(features, self.head.weight, labels_bs,
-                                mask_bs, labels_bs.numel())[0].view(1)
-        if self.last:
-            return self._objective(h_bsd, aheads, labels_bs, mask_bs)
-        aux = self._aux_loss().to(h_bsd.device)
-        self.sums[2] += aux.detach()
-        h_bsd = AuxLossGradient.apply(
-            h_bsd, aux * self.scales["data_size"])
-        # Passed on as copies: a stage's output must not be its input.
-        return h_bsd, *(ahead.clone() for ahead in aheads)
-
-    def _objective(self, h_bsd, aheads, labels_bs, mask_bs) -> torch.Tensor:
-        features = head_features(h_bsd, aheads, self.norm, self.mtp,
-                                 self.rope)
-        objective, parts = micro_batch_objective(
-            token_losses(features, self.head.weight, labels_bs, mask_bs,
-                         self.scales["tokens"]),
-            self._aux_loss(), self.scales["mtp_weight"],
-            self.scales["data_size"])
-        self.sums += parts
-        return objective.view(1)
-
-
-def _identity_loss(output: torch.Tensor, target) -> torch.Tensor:
-    """The last stage returns its objective already, of shape (1,) so
-    that the schedule can stack the micro-batches' outputs."""
-    return output.sum()
 
 
 class Pipeline:
@@ -200,19 +95,14 @@ class Pipeline:
         count = parallel.pipeline_stages
         layers = split_layers(model.config.num_layers, count)
         self.indices = stages_of_process(parallel, world.pipeline_rank)
-        self.scales = {}
-        self.stages = [Stage(model, layers[i], i == 0, i == count - 1,
-                             self.scales) for i in self.indices]
-        kept = {str(i) for index in self.indices for i in layers[index]}
-        model.layers = nn.ModuleDict({key: block for key, block
-                                      in model.layers.items()
-                                      if key in kept})
-        if not self.has_first:
-            model.embed = None
-        if not self.has_last:
-            model.norm = model.head = None
-            model.mtp = nn.ModuleList()
+        self.stages = [model.part(layers[i], i == 0, i == count - 1)
+                       for i in self.indices]
+        model.keep_only(self.stages)
         self.schedule = None
+        self.mtp_weight = 0.0
+        self.sums = None
+        """Of the step so far: the language-model loss and the MTP
+        depths' mean (``training_objective``)."""
 
     @property
     def has_first(self) -> bool:
@@ -223,10 +113,10 @@ class Pipeline:
         return self.parallel.pipeline_stages - 1 in self.indices
 
     def _examples(self, index: int) -> tuple[tuple, tuple]:
-        """What stage index takes and returns, as meta tensors: given
-        them, the stages skip torch's shape inference, which would run
-        each stage once more, on made-up activations, and count the
-        routed load of that run."""
+        """What stage index takes and returns in training, as meta
+        tensors: given them, the stages skip torch's shape inference,
+        which would run each stage once more, on made-up activations, and
+        count the routed load of that run."""
         batch, length = self.shape
         hidden = tuple(
             torch.empty(batch, length - depth, self.width, device="meta",
@@ -235,8 +125,8 @@ class Pipeline:
         inputs = hidden if index else (
             torch.empty(batch, length, dtype=torch.long, device="meta"),)
         last = index == self.parallel.pipeline_stages - 1
-        outputs = (torch.empty(1, device="meta", requires_grad=True),) \
-            if last else hidden
+        outputs = (torch.empty(self.depths + 1, device="meta",
+                               requires_grad=True),) if last else hidden
         return inputs, outputs
 
     def build_schedule(self) -> None:
@@ -254,7 +144,7 @@ class Pipeline:
             (stages,) = stages
         try:
             self.schedule = schedule(stages, self.micro_batches,
-                                     loss_fn=_identity_loss,
+                                     loss_fn=self._objective,
                                      scale_grads=False)
         except ValueError as error:  # torch's checks of the micro-batches
             raise UserError(
@@ -264,25 +154,27 @@ class Pipeline:
                 "train.micro_batch_size / data-parallel processes)"
             ) from None
 
-    def _run(self, batch: Batch) -> None:
+    def _objective(self, losses_k: torch.Tensor, target) -> torch.Tensor:
+        """The last stage's losses to what the schedule differentiates."""
+        objective, parts = training_objective(losses_k, self.mtp_weight,
+                                              self.world.data_size)
+        self.sums += parts
+        return objective
+
+    def forward_backward(self, batch: Batch, loss_tokens: int,
+                         mtp_weight: float) -> torch.Tensor:
+        """Forward and backward of this process's share of a global batch
+        (its micro-batches stacked), whose losses are averaged over
+        loss_tokens; returns the step's sums of the language-model loss
+        and the MTP mean, whole on every stage."""
+        self.mtp_weight = mtp_weight
+        self.sums = torch.zeros(2, device=self.world.device)
         args = (batch.tokens,) if self.has_first else ()
         target = batch.labels if self.has_last else None
         self.schedule.step(*args, target=target, labels_bs=batch.labels,
-                           mask_bs=batch.loss_mask)
-
-    def step(self, batch: Batch, tokens: int, micro_batches: int,
-             data_size: int, mtp_weight: float) -> torch.Tensor:
-        """Forward and backward of this process's share of a global batch
-        (its micro-batches stacked); returns the step's sums of the
-        language-model loss, the MTP mean and the auxiliary losses, whole
-        on every stage."""
-        self.scales |= {"tokens": tokens, "micro_batches": micro_batches,
-                        "data_size": data_size, "mtp_weight": mtp_weight}
-        for stage in self.stages:
-            stage.sums = torch.zeros(3, device=self.world.device)
-        self._run(batch)
-        sums = sum(stage.sums for stage in self.stages)
-        return self.world.pipeline_sum(sums)
+                           loss_mask_bs=batch.loss_mask,
+                           loss_tokens=loss_tokens)
+        return self.world.pipeline_sum(self.sums)
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
@@ -310,7 +202,7 @@ class Pipeline:
                     for tensor in carried:
                         dist.recv(tensor, owner[index - 1], group)
                 carried = mine[index](*carried, labels_bs=batch.labels,
-                                      mask_bs=batch.loss_mask)
+                                      loss_mask_bs=batch.loss_mask)
                 if index == count - 1:
                     total += carried.sum()
                 elif owner[index + 1] != here:

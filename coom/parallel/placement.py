@@ -4,9 +4,9 @@ Under expert parallelism each of ``ranks`` ranks holds ``slots_per_rank``
 expert slots, and a rank's time per step follows the tokens its slots
 receive. The router's load is skewed, so the plain layout (expert i in
 slot i) leaves some ranks far busier than others. After DeepSeek's EPLB,
-the planner here reads the per-expert load measured in training (what
-``MoE.finish_step`` returns, summed over steps) and computes a placement
-in three steps:
+the planner here reads the per-expert load measured in training (the
+``moe_load_layer`` metrics that ``coom.parallel.balance`` logs, summed
+over steps) and computes a placement in three steps:
 
 1. replicate: ``redundant`` extra slots go, one at a time, to the expert
    with the highest load per replica, splitting its load evenly over its

@@ -16,8 +16,18 @@ vocabulary rows.
 """
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import (
+    DTensor,
+    Partial,
+    Replicate,
+    Shard,
+    distribute_tensor,
+)
 from torch.nn import functional
+
+from coom.layers.head import OutputHead
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -68,3 +78,28 @@ def vocab_parallel_cross_entropy(x_td: torch.Tensor, head_vd: DTensor,
     logits_tv = functional.linear(x_td, weight_vd).float()
     return _VocabParallelCrossEntropy.apply(
         logits_tv, labels_t, scale_t.float(), start, mesh.get_group())
+
+
+class VocabParallelHead(OutputHead):
+    """head with its weight (if not tied to the embedding, which tensor
+    parallelism splits by rows too) split by rows over mesh, and the
+    vocabulary-parallel loss.
+
+    Args:
+        head: the model's head, whose weight it takes.
+        mesh: the tensor-parallel group's one-dimensional mesh.
+    """
+
+    def __init__(self, head: OutputHead, mesh: DeviceMesh):
+        nn.Module.__init__(self)
+        self.fused_kernels = head.fused_kernels
+        self.weight = None
+        if head.weight is not None:
+            self.weight = nn.Parameter(distribute_tensor(
+                head.weight.detach(), mesh, [Shard(0)]))
+
+    def cross_entropy(self, x_td: torch.Tensor, weight_vd: DTensor,
+                      labels_t: torch.Tensor,
+                      scale_t: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(x_td, weight_vd, labels_t,
+                                            scale_t)

@@ -16,7 +16,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -86,10 +86,25 @@ def bench_config(config: RunConfig, steps: int, warmup: int,
     return config
 
 
-def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
-              real_data: bool = False) -> dict:
-    """Train warmup + steps steps of config and return the figures."""
-    config = bench_config(config, steps, warmup, real_data)
+@dataclass
+class _Timing:
+    """What the timed steps of a bench measured."""
+
+    config: RunConfig
+    device: torch.device
+    seconds: list[float]
+    losses: list[float]
+    joules: dict
+    unmetered: list
+    """Why no meter read energy, where none did."""
+
+    misses: list[int]
+    """torch.compile's graph breaks and frames left eager."""
+
+
+def _time_steps(config: RunConfig, steps: int, warmup: int) -> _Timing:
+    """Train warmup steps, then time steps more, each to its end on the
+    device."""
     # On a terminal a bar shows the steps, which on a CPU take minutes.
     bar = tqdm(total=warmup + steps, desc="warm-up", unit="step",
                disable=None)
@@ -117,10 +132,50 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
         joules = meter.read()
         misses = [now - before for now, before
                   in zip(compile_misses(), misses)]
-    config = trainer.config
+    return _Timing(trainer.config, device, seconds, losses, joules,
+                   meter.reasons, misses)
+
+
+def _device_figures(device: torch.device, achieved: float) -> dict:
+    """MFU against the device's peak and its matmul ceiling, its peak
+    memory and power limit, where known."""
+    result = {}
+    peak = _peak_flops(device)
+    if peak is not None:
+        result["mfu"] = achieved / peak
+        result["peak_tflops"] = peak / 1e12
+    if device.type == "cuda":
+        ceiling = matmul_ceiling(device)
+        result["matmul_ceiling_tflops"] = ceiling / 1e12
+        result["mfu_of_matmul_ceiling"] = achieved / ceiling
+        result["peak_memory_gib"] = \
+            torch.cuda.max_memory_allocated(device) / 2 ** 30
+        limit = enforced_power_limit(device)
+        if limit is not None:
+            result["power_limit_w"] = limit
+    return result
+
+
+def _energy_figures(timing: _Timing, tokens: int) -> dict:
+    if not timing.joules:
+        return {"energy_unmetered": timing.unmetered}
+    total = sum(timing.joules.values())
+    return {"joules_per_token": total / tokens,
+            "average_watts": total / sum(timing.seconds),
+            "joules_per_token_by_source": {
+                source: value / tokens
+                for source, value in timing.joules.items()}}
+
+
+def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
+              real_data: bool = False) -> dict:
+    """Train warmup + steps steps of config and return the figures."""
+    timing = _time_steps(bench_config(config, steps, warmup, real_data),
+                         steps, warmup)
+    config, device = timing.config, timing.device
     tokens = config.train.global_batch_size * config.data.seq_length
     info = model_info(config.model, config.data.seq_length)
-    tokens_per_s = tokens * steps / sum(seconds)
+    tokens_per_s = tokens * steps / sum(timing.seconds)
     achieved = tokens_per_s * info.training_flops_per_token
     result = {
         "device": (torch.cuda.get_device_name(device)
@@ -132,37 +187,16 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
         "kernels": config.train.kernels,
         "fp8_recipe": config.fp8.recipe,
         "steps": steps, "warmup": warmup,
-        "step_seconds_median": statistics.median(seconds),
+        "step_seconds_median": statistics.median(timing.seconds),
         "tokens_per_s": tokens_per_s,
         "flops_per_token": info.training_flops_per_token,
         "achieved_tflops": achieved / 1e12,
-        "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_first": timing.losses[0], "loss_last": timing.losses[-1],
     }
     if config.train.compile:
-        result["graph_breaks"], result["frames_left_eager"] = misses
-    peak = _peak_flops(device)
-    if peak is not None:
-        result["mfu"] = achieved / peak
-        result["peak_tflops"] = peak / 1e12
-    if device.type == "cuda":
-        ceiling = matmul_ceiling(device)
-        result["matmul_ceiling_tflops"] = ceiling / 1e12
-        result["mfu_of_matmul_ceiling"] = achieved / ceiling
-        result["peak_memory_gib"] = \
-            torch.cuda.max_memory_allocated(device) / 2 ** 30
-    if joules:
-        total = sum(joules.values())
-        result["joules_per_token"] = total / (tokens * steps)
-        result["average_watts"] = total / sum(seconds)
-        result["joules_per_token_by_source"] = {
-            source: value / (tokens * steps)
-            for source, value in joules.items()}
-    else:
-        result["energy_unmetered"] = meter.reasons
-    limit = enforced_power_limit(device) if device.type == "cuda" else None
-    if limit is not None:
-        result["power_limit_w"] = limit
-    return result
+        result["graph_breaks"], result["frames_left_eager"] = timing.misses
+    return result | _device_figures(device, achieved) \
+        | _energy_figures(timing, tokens * steps)
 
 
 def _rate(tflops: float) -> str:

@@ -16,7 +16,6 @@ energy budget (``train.exit_duration_in_mins``, ``energy.budget_kwh``;
 
 Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
-import contextlib
 import os
 import shutil
 import signal
@@ -33,7 +32,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from coom.checkpoint.storage import (
@@ -44,27 +42,19 @@ from coom.checkpoint.storage import (
     tensor_shapes,
 )
 from coom.config import RunConfig, TrainConfig
-from coom.data.loader import Batch, Samples, build_samples
+from coom.data.loader import Samples, build_samples
 from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
 from coom.energy.ledger import EnergyLedger
 from coom.errors import UserError
-from coom.fp8.convert import check_hardware, convert_to_fp8
+from coom.fp8.convert import check_hardware
 from coom.growth.operators import describe
 from coom.growth.schedule import catch_up, due
 from coom.interop.weights import differences, read_weights
-from coom.layers.mla import preferred_attention
-from coom.models import Transformer
-from coom.models.info import model_info
+from coom.models.info import model_info, state_shapes
+from coom.parallel.build import build_model
 from coom.parallel.expert import PLACEMENT, ExpertParallel, place_experts
 from coom.parallel.mesh import World, local_device, start_world
-from coom.parallel.parallelize import (
-    parallelize,
-    sum_sequence_parallel_gradients,
-)
-from coom.parallel.pipeline import Pipeline
-from coom.parallel.recompute import recompute_blocks
-from coom.train.loss import micro_batch_objective, token_losses
 from coom.train.metrics import MetricsWriter
 from coom.train.optimizer import (
     build_optimizer,
@@ -148,36 +138,6 @@ def _check_fits(parameters: int, device: torch.device) -> None:
             "n_routed_experts, ...)")
 
 
-def _clip_gradients(parameters, clip: float, world: World) -> torch.Tensor:
-    """Scale the gradients down to norm clip (0: never) and return their
-    norm before. torch's norm takes gradients of one kind at a time, so
-    plain gradients and those sharded on each mesh (DTensor: FSDP's, and
-    FSDP x TP's) are summed apart, a sharded norm over all its shards,
-    and those of the pipeline's other stages are added to them."""
-    groups = {}
-    for parameter in parameters:
-        if parameter.grad is not None:
-            mesh = getattr(parameter.grad, "device_mesh", None)
-            groups.setdefault(mesh, []).append(parameter)
-    norms = [torch.nn.utils.get_total_norm([p.grad for p in group])
-             for group in groups.values()]
-    norm = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n
-                        for n in norms]).norm()
-    norm = world.pipeline_sum(norm.square()).sqrt()
-    if clip:
-        for group in groups.values():
-            torch.nn.utils.clip_grads_with_norm_(group, clip, norm)
-    return norm
-
-
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto"
-                                       and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def _check_same_model(ours: dict[str, tuple], path: Path):
     """The checkpoint's weights have the model's names and whole shapes
     (ours: name to shape)."""
@@ -191,12 +151,6 @@ def _check_same_model(ours: dict[str, tuple], path: Path):
                 f"checkpoint {path} holds a different model: {name} is "
                 f"{there} there and {here} in this config; resume with "
                 "the model settings it was trained with")
-
-
-def _stack(batches: list[Batch]) -> Batch:
-    """Micro-batches as one batch."""
-    return Batch(*(torch.cat([getattr(batch, key) for batch in batches])
-                   for key in ("tokens", "labels", "loss_mask")))
 
 
 def compile_misses() -> tuple[int, int]:
@@ -238,29 +192,7 @@ class Trainer:
             config.energy, self.device, self.world.main,
             train.global_batch_size * config.data.seq_length,
             train.exit_duration_in_mins, job_started=job_started)
-        if config.data.synthetic:
-            self.tokenizer, self.config = None, config
-            self.samples, self.valid = (
-                SyntheticSamples(config.model.vocab_size,
-                                 config.data.seq_length,
-                                 train.micro_batch_size, seed)
-                for seed in (train.seed, train.seed + 1))
-        else:
-            # The first process prepares the data (and copies the
-            # tokenizer into the run) while the others wait, then they
-            # find it ready.
-            if not self.world.main:
-                self.world.barrier()
-            prepared = prepare(config.data)
-            self.tokenizer = prepared.tokenizer
-            self.config = self._resolved(config)
-            if self.world.main:
-                self.world.barrier()
-            self.samples, self.valid = build_samples(
-                prepared, self.config.data, train.seed,
-                train.micro_batch_size, train.steps * train.global_batch_size,
-                train.eval_iters * train.micro_batch_size)
-        self.recipe = self.config
+        self.recipe = self._read_data(config)
         self.config, self.grown = catch_up(self.recipe,
                                            run_dir / "checkpoints")
         self.model_info = model_info(self.config.model,
@@ -271,34 +203,44 @@ class Trainer:
         self.seconds = 0.0
         _check_fits(self.model_info.total_params
                     + self.model_info.mtp_params, self.device)
-        with torch.device("meta"):
-            self.model = Transformer(self.config.model,
-                                     fused_kernels=train.kernels)
-        self.model.to_empty(device=self.device)
-        self.model.init_weights()
-        convert_to_fp8(self.model, config.fp8)
-        recompute_blocks(self.model, train.recompute)
-        self.compile_misses_before = None
-        if train.compile:
-            self.model.compile_blocks()
-            self.compile_misses_before = compile_misses()
-        self.model_shapes = {name: tuple(tensor.shape) for name, tensor
-                             in self.model.state_dict().items()}
-        self.pipeline = None
-        if self.world.pipeline_size > 1:
-            self.pipeline = Pipeline(
-                self.model, self.world, config.parallel,
-                train.global_batch_size // train.micro_batch_size
-                // self.world.data_size,
-                (train.micro_batch_size, config.data.seq_length))
-        parallelize(self.model, self.world, config.parallel,
-                    self.pipeline and self.pipeline.stages)
-        if self.pipeline is not None:
-            self.pipeline.build_schedule()
+        self.model_shapes = state_shapes(self.config.model)
+        self.parallel = build_model(self.config, self.world, self.device)
+        self.model = self.parallel.model
+        self.compile_misses_before = compile_misses() \
+            if train.compile else None
         self.optimizer = build_optimizer(self.model, self.config.optimizer)
+        self.optimizer.register_step_post_hook(
+            self.parallel.balancer.after_step)
         self.expert_placement = None
         self.step = 0
         self.consumed_samples = 0
+
+    def _read_data(self, config: RunConfig) -> RunConfig:
+        """Set up the training and validation samples; returns config
+        resolved by the tokenizer (``_resolved``)."""
+        train = config.train
+        if config.data.synthetic:
+            self.tokenizer = None
+            self.samples, self.valid = (
+                SyntheticSamples(config.model.vocab_size,
+                                 config.data.seq_length,
+                                 train.micro_batch_size, seed)
+                for seed in (train.seed, train.seed + 1))
+            return config
+        # The first process prepares the data (and copies the tokenizer
+        # into the run) while the others wait, then they find it ready.
+        if not self.world.main:
+            self.world.barrier()
+        prepared = prepare(config.data)
+        self.tokenizer = prepared.tokenizer
+        config = self._resolved(config)
+        if self.world.main:
+            self.world.barrier()
+        self.samples, self.valid = build_samples(
+            prepared, config.data, train.seed, train.micro_batch_size,
+            train.steps * train.global_batch_size,
+            train.eval_iters * train.micro_batch_size)
+        return config
 
     def _resolved(self, config: RunConfig) -> RunConfig:
         """config with the tokenizer copied into the run, its
@@ -417,48 +359,9 @@ class Trainer:
         set_model_state_dict(self.model, state,
                              options=StateDictOptions(full_state_dict=True))
 
-    def _compute(self) -> contextlib.ExitStack:
-        """The context forwards run in: autocast to the run's precision,
-        the preferred attention kernel."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(_autocast(self.device,
-                                      self.config.train.precision))
-        stack.enter_context(preferred_attention())
-        return stack
-
-    def _losses(self, batch: Batch, tokens_in_step: int,
-                with_mtp: bool) -> list[torch.Tensor]:
-        """Language-model loss of batch, then (with_mtp) each MTP depth's
-        (``coom.train.loss``)."""
-        batch = batch.to(self.device)
-        with self._compute():
-            features = self.model.features_with_mtp(
-                batch.tokens, batch.labels) if with_mtp \
-                else [self.model.features(batch.tokens)]
-            return token_losses(features, self.model.head_weight(),
-                                batch.labels, batch.loss_mask,
-                                tokens_in_step, self.config.train.kernels)
-
-    def _accumulate(self, batches: list[Batch], tokens: int,
-                    micro_batches: int, mtp_weight: float) -> torch.Tensor:
-        """Forward and backward of each of this process's micro-batches;
-        returns the sums of the language-model loss, the MTP depths'
-        mean and the auxiliary losses."""
-        depths = self.config.model.mtp_num_layers
-        # Sums stay on the device until the step ends: a .item() per
-        # micro-batch would stall the GPU's queue.
-        sums = torch.zeros(3, device=self.device)
-        for batch in batches:
-            objective, parts = micro_batch_objective(
-                self._losses(batch, tokens, with_mtp=depths > 0),
-                self.model.aux_loss() / micro_batches, mtp_weight,
-                self.world.data_size)
-            objective.backward()
-            sums += parts
-        return sums
-
     def train_step(self) -> dict:
-        """One optimizer step over a global batch; returns its metrics."""
+        """One optimizer step over a global batch; returns its metrics
+        (the MoE layers' only where log_moe)."""
         train = self.config.train
         self.step += 1
         lr = learning_rate(self.step, train.steps, self.config.optimizer,
@@ -467,73 +370,34 @@ class Trainer:
             group["lr"] = lr
         mtp_weight = mtp_loss_weight(self.step, train.steps,
                                      self.config.schedule)
-        depths = self.config.model.mtp_num_layers
-        micro_batches = train.global_batch_size // train.micro_batch_size
-        tokens = train.global_batch_size * self.config.data.seq_length
         # Each data-parallel process takes its consecutive share of the
         # global batch; losses are divided by the global batch's tokens,
         # so the processes' gradients sum to the single-process one.
-        share = micro_batches // self.world.data_size
+        share = train.global_batch_size // train.micro_batch_size \
+            // self.world.data_size
         first = self.consumed_samples \
             + self.world.data_rank * share * train.micro_batch_size
         batches = [self.samples.batch(first + index * train.micro_batch_size)
                    for index in range(share)]
-        if self.pipeline is not None:
-            with self._compute():
-                sums = self.pipeline.step(
-                    _stack(batches).to(self.device), tokens, micro_batches,
-                    self.world.data_size, mtp_weight)
-        else:
-            sums = self._accumulate(batches, tokens, micro_batches,
-                                    mtp_weight)
+        sums = self.parallel.forward_backward(
+            batches, train.global_batch_size * self.config.data.seq_length,
+            mtp_weight)
         self.consumed_samples += train.global_batch_size
         self.flops += self.flops_per_step
-        if self.config.parallel.sequence_parallel:
-            sum_sequence_parallel_gradients(self.model, self.world)
-        norm = _clip_gradients(self.model.parameters(),
-                               self.config.optimizer.clip_grad, self.world)
+        norm = self.parallel.clip_gradients(self.config.optimizer.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        total, mtp_total, aux_total = self.world.all_reduce(sums).tolist()
-        # The expert bias moves by the load of the whole global batch.
-        for moe in self.model.moe_layers().values():
-            self.world.all_reduce(moe.tokens_per_expert)
-        metrics = {"loss": total, "lr": lr, "grad_norm": norm.item()}
-        if depths:
+        total, mtp_total, norm = torch.cat([sums, norm[None]]).tolist()
+        metrics = {"loss": total, "lr": lr, "grad_norm": norm}
+        if self.config.model.mtp_num_layers:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
-        moe = self._moe_metrics()
-        if moe:  # some stage holds MoE blocks
-            metrics["aux_loss"] = aux_total
-        return metrics | moe
-
-    def _moe_metrics(self) -> dict:
-        """Each MoE block's load statistics of the step, gathered from
-        every stage of the pipeline, and the mean of their max
-        violations."""
-        metrics = {}
-        for stage in self.world.pipeline_gather(self.model.finish_step()):
-            metrics |= stage
-        max_vios = [value for key, value in metrics.items()
-                    if key.startswith("moe_max_vio_layer")]
-        if max_vios:
-            metrics["moe_max_vio"] = sum(max_vios) / len(max_vios)
         return metrics
 
-    @torch.no_grad()
     def evaluate(self, samples: Samples) -> float:
-        self.model.eval()
         train = self.config.train
-        batches = [samples.batch(i * train.micro_batch_size)
-                   for i in range(train.eval_iters)]
-        if self.pipeline is not None:
-            with self._compute():
-                mean = self.pipeline.evaluate(batches)
-        else:
-            tokens = train.micro_batch_size * self.config.data.seq_length
-            mean = sum(self._losses(batch, tokens, with_mtp=False)[0].item()
-                       for batch in batches) / len(batches)
-        self.model.train()
-        return mean
+        return self.parallel.evaluate(
+            [samples.batch(i * train.micro_batch_size)
+             for i in range(train.eval_iters)])
 
     def save(self) -> None:
         save_checkpoint(self.run_dir / "checkpoints", self.step,
@@ -613,38 +477,50 @@ class Trainer:
             self.energy.end_phase("step")
             seconds, steps = seconds + step_seconds, steps + 1
             done = self.step == config.train.steps
-            record = {"step": self.step, **step_metrics,
+            evaluating = self.step % config.train.eval_interval == 0 or done
+            logging = evaluating \
+                or self.step % config.logging.log_interval == 0
+            # The MoE loads are read to the host only when they are
+            # logged.
+            moe = self.parallel.balancer.metrics() if logging else {}
+            record = {"step": self.step, **step_metrics, **moe,
                       "tokens_per_s": steps * tokens_per_step / seconds,
                       "consumed_samples": self.consumed_samples,
                       "train_flops": self.flops,
                       "train_seconds": self.seconds}
-            if self.step % config.train.eval_interval == 0 or done:
+            if evaluating:
                 record["val_loss"] = self.evaluate(self.valid)
                 self.energy.end_phase("eval")
             over_budget = self.energy.step_done()
-            if "val_loss" in record or done \
-                    or self.step % config.logging.log_interval == 0:
+            if logging:
                 metrics.write(record | self.energy.metrics())
                 seconds, steps = 0.0, 0
             bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
                             tok_s=f"{tokens_per_step / step_seconds:,.0f}")
             bar.update(1)
-            # A signal reaches each process at its own moment; all stop
-            # after the same step, or their collectives would wait for
-            # ever.
-            signalled = self.world.any(stop.signal_name is not None)
-            stopping = signalled or over_budget or (
-                config.train.exit_interval
-                and self.step % config.train.exit_interval == 0)
-            growing = bool(due(config.growth.schedule, self.step))
-            if done or stopping or growing \
-                    or self.step % config.checkpoint.interval == 0:
-                self.save()
-                self.energy.end_phase("checkpoint")
-            if stopping:
-                if signalled:
-                    return stop.signal_name or "a signal to another process"
-                return over_budget or "exit_interval"
-            if growing:
-                return "growth"
+            ended = self._end_of_step(stop, over_budget, done)
+            if ended:
+                return ended
         return "done"
+
+    def _end_of_step(self, stop: StopRequest, over_budget: Optional[str],
+                     done: bool) -> Optional[str]:
+        """Write a checkpoint where one is due; returns why the loop ends
+        after this step, if it does."""
+        config = self.config
+        # A signal reaches each process at its own moment; all stop after
+        # the same step, or their collectives would wait for ever.
+        signalled = self.world.any(stop.signal_name is not None)
+        stopping = signalled or over_budget or (
+            config.train.exit_interval
+            and self.step % config.train.exit_interval == 0)
+        growing = bool(due(config.growth.schedule, self.step))
+        if done or stopping or growing \
+                or self.step % config.checkpoint.interval == 0:
+            self.save()
+            self.energy.end_phase("checkpoint")
+        if stopping:
+            if signalled:
+                return stop.signal_name or "a signal to another process"
+            return over_budget or "exit_interval"
+        return "growth" if growing else None

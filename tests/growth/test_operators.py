@@ -10,6 +10,7 @@ from coom.config import ModelConfig
 from coom.errors import UserError
 from coom.growth.operators import grow
 from coom.models import Transformer
+from tests.models.depth_logits import depth_logits
 
 BASE = dict(vocab_size=97, hidden_size=32, num_layers=3,
             num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -93,8 +94,7 @@ def _trained_like(config: ModelConfig, seed: int = 0) -> Transformer:
 
 def _outputs(model: Transformer, tokens, labels):
     """Logits of the main model and each MTP depth, and the main loss."""
-    with torch.no_grad():
-        logits = model.forward_with_mtp(tokens, labels)
+    logits = depth_logits(model, tokens, labels)
     loss = functional.cross_entropy(logits[0].flatten(0, 1),
                                     labels.flatten())
     return logits, loss

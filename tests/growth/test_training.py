@@ -2,6 +2,8 @@
 what the one before it did, a run stopped before or after a growth
 resumes to the same losses, training goes on falling after growth, and a
 schedule that cannot apply is refused before any work."""
+import weakref
+
 import pytest
 import torch
 
@@ -9,7 +11,9 @@ from coom.checkpoint.storage import latest_checkpoint
 from coom.cli import main
 from coom.growth.schedule import GROWN
 from coom.interop.weights import build_model, read_weights
+from coom.train import lifecycle
 from coom.train.metrics import read_metrics
+from coom.train.trainer import Trainer
 
 SCHEDULE = ("growth.schedule=["
             "{step: 2, op: depth, args: {num_layers: 3}}, "
@@ -105,6 +109,25 @@ def test_loss_keeps_falling_after_growth(corpus_dir, tmp_path_factory,
     assert all(ours < theirs + noise
                for ours, theirs in zip(grown[21:], fixed[21:]))
     assert sum(grown[30:]) / 10 < sum(grown[10:20]) / 10 - 0.3
+
+
+def test_each_trainer_is_freed_before_the_next_is_built(
+        small_run, tmp_path, monkeypatch):
+    """A growth ends a trainer; its model, optimizer and their memory are
+    gone before the next trainer builds the grown model, and the last
+    is gone when the run returns."""
+    built = []
+
+    class Watched(Trainer):
+        def __init__(self, *args, **kwargs):
+            assert all(ref() is None for pair in built for ref in pair)
+            super().__init__(*args, **kwargs)
+            built.append((weakref.ref(self), weakref.ref(self.model)))
+
+    monkeypatch.setattr(lifecycle, "Trainer", Watched)
+    assert _train(tmp_path / "run", small_run + [SCHEDULE]) == 0
+    assert len(built) == 3
+    assert all(ref() is None for pair in built for ref in pair)
 
 
 @pytest.mark.parametrize("schedule, words", [

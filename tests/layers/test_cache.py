@@ -54,9 +54,10 @@ def test_cached_decoding_matches_the_full_forward(name, absorbed):
         full = model(tokens)
         # A prompt, single tokens, then a chunk, as generation and
         # speculative verification feed them.
-        chunks = [model(tokens[:, :9], cache)]
-        chunks += [model(tokens[:, i:i + 1], cache) for i in range(9, 20)]
-        chunks.append(model(tokens[:, 20:], cache))
+        chunks = [model(tokens[:, :9], cache=cache)]
+        chunks += [model(tokens[:, i:i + 1], cache=cache)
+                   for i in range(9, 20)]
+        chunks.append(model(tokens[:, 20:], cache=cache))
     assert cache.length == 23
     assert (torch.cat(chunks, dim=1) - full).abs().max() <= 1e-5
 
@@ -68,10 +69,10 @@ def test_truncated_cache_recomputes_the_same_logits():
                            generator=torch.Generator().manual_seed(2))
     cache = DecodingCache(config, config.num_layers, batch=1, capacity=12)
     with torch.no_grad():
-        model(tokens[:, :8], cache)
-        model(torch.zeros_like(tokens[:, 8:10]), cache)
+        model(tokens[:, :8], cache=cache)
+        model(torch.zeros_like(tokens[:, 8:10]), cache=cache)
         cache.truncate(8)
-        again = model(tokens[:, 8:], cache)
+        again = model(tokens[:, 8:], cache=cache)
         full = model(tokens)
     assert (again - full[:, 8:]).abs().max() <= 1e-5
 
@@ -81,7 +82,7 @@ def test_cache_holds_only_latent_and_rope_key():
     cache = DecodingCache(config, config.num_layers, batch=1, capacity=10)
     model = _model(config)
     with torch.no_grad():
-        model(torch.zeros(1, 7, dtype=torch.long), cache)
+        model(torch.zeros(1, 7, dtype=torch.long), cache=cache)
     per_token = config.num_layers * (config.kv_lora_rank
                                      + config.qk_rope_head_dim) * 4
     assert cache.nbytes == 7 * per_token

@@ -3,6 +3,7 @@ import torch
 
 from coom.config import ModelConfig
 from coom.layers.moe import (
+    AuxLossGradient,
     MoE,
     Router,
     balance_loss,
@@ -96,34 +97,48 @@ def test_sequence_wise_loss_sees_imbalance_inside_sequences():
     assert sequence.item() == pytest.approx(1.8)
 
 
-def test_finish_step_moves_bias_against_the_load_and_resets():
+def test_training_forwards_count_the_load_and_evaluation_nothing():
     moe = MoE(CONFIG)
     moe.init_weights(std=0.3)
-    x = torch.randn(4, 9, 16)
-    moe(x)
-    load = moe.tokens_per_expert.clone()
-    assert load.sum() == 4 * 9 * 2
-    returned = moe.finish_step()
-    assert torch.equal(returned, load)
-    rate = CONFIG.moe_router_bias_update_rate
-    expected = rate * torch.sign(load.mean() - load)
-    assert torch.equal(moe.router.bias, expected)
-    assert moe.tokens_per_expert.sum() == 0
-    assert moe.aux_loss.requires_grad
-
-
-def test_bias_is_frozen_when_balancing_is_off_and_eval_counts_nothing():
-    config = ModelConfig(**{**CONFIG.__dict__,
-                            "moe_router_enable_expert_bias": False})
-    moe = MoE(config)
-    moe.init_weights(std=0.3)
-    moe(torch.randn(2, 5, 16))
-    moe.finish_step()
-    assert moe.router.bias.abs().sum() == 0
+    moe(torch.randn(4, 9, 16))
+    moe(torch.randn(1, 9, 16))
+    assert moe.tokens_per_expert.sum() == 5 * 9 * 2
+    assert moe.aux_loss_sum > 0
     moe.eval()
     moe(torch.randn(2, 5, 16))
-    assert moe.tokens_per_expert.sum() == 0
+    assert moe.tokens_per_expert.sum() == 5 * 9 * 2
     assert "router.bias" in moe.state_dict()
+    assert "tokens_per_expert" not in moe.state_dict()
+
+
+def test_auxiliary_loss_gradient_joins_the_backward():
+    x = torch.randn(3, requires_grad=True)
+    weight = torch.tensor(2.0, requires_grad=True)
+    y = AuxLossGradient.apply(x, 0.5 * weight ** 2, 0.25)
+    assert torch.equal(y, x)
+    (3 * y).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 3.0))
+    assert weight.grad.item() == 0.25 * 2.0
+
+
+def test_the_layer_trains_its_auxiliary_losses_at_their_scale():
+    """The router's gradient from a backward that ignores the output is
+    that of aux_loss_scale x the weighted auxiliary losses."""
+    config = ModelConfig(**{**CONFIG.__dict__, "moe_aux_loss_coeff": 0.01,
+                            "moe_z_loss_coeff": 0.001})
+    torch.manual_seed(0)
+    moe = MoE(config)
+    moe.init_weights(std=0.3)
+    moe.aux_loss_scale = 0.25
+    x = torch.randn(2, 9, 16)
+    (0 * moe(x)).sum().backward()
+    ours, moe.router.weight.grad = moe.router.weight.grad, None
+    logits, scores, _, experts = moe.router(x.flatten(0, 1))
+    aux = moe._aux_loss(logits, scores, experts, x.shape[:2])
+    (0.25 * aux).backward()
+    torch.testing.assert_close(ours, moe.router.weight.grad)
+    assert ours.abs().sum() > 0
+    torch.testing.assert_close(moe.aux_loss_sum, aux.detach())
 
 
 @pytest.mark.parametrize("hidden, width", [(70, 20), (72, 20), (70, 24),

@@ -1,7 +1,9 @@
 import torch
+from torch.nn import functional
 
 from coom.config import ModelConfig
 from coom.models import Transformer
+from tests.models.depth_logits import depth_logits
 
 
 def _model(**overrides) -> Transformer:
@@ -61,7 +63,7 @@ def test_positions_matter():
 def test_tied_head_reads_the_embedding():
     model = _model(share_embeddings_and_output_weights=True)
     untied = _model()
-    assert model.head is None
+    assert model.head.weight is None
     count = sum(p.numel() for p in model.parameters())
     assert count == sum(p.numel() for p in untied.parameters()) - 97 * 32
     tokens = torch.randint(0, 97, (2, 9))
@@ -95,18 +97,72 @@ def test_mtp_depths_see_only_the_past_and_the_token_ahead():
     model = _model(mtp_num_layers=2, n_routed_experts=4)
     tokens = torch.randint(0, 97, (2, 16))
     labels = torch.randint(0, 97, (2, 16))
+    main, first, second = depth_logits(model, tokens, labels)
     with torch.no_grad():
-        main, first, second = model.forward_with_mtp(tokens, labels)
         torch.testing.assert_close(main, model(tokens))
-        assert first.shape == (2, 15, 97) and second.shape == (2, 14, 97)
-        # depth 1 at position i reads tokens <= i and labels[i] (token
-        # i + 1); changing labels from position 9 on leaves i < 9 alone
-        changed = labels.clone()
-        changed[:, 9:] = (changed[:, 9:] + 1) % 97
-        _, first_changed, second_changed = model.forward_with_mtp(
-            tokens, changed)
+    assert first.shape == (2, 15, 97) and second.shape == (2, 14, 97)
+    # depth 1 at position i reads tokens <= i and labels[i] (token i + 1);
+    # changing labels from position 9 on leaves i < 9 alone
+    changed = labels.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % 97
+    _, first_changed, second_changed = depth_logits(model, tokens, changed)
     assert torch.equal(first[:, :9], first_changed[:, :9])
     assert not torch.allclose(first[:, 9:], first_changed[:, 9:])
     # depth 2 at position i also reads labels[i + 1]
     assert torch.equal(second[:, :8], second_changed[:, :8])
     assert not torch.allclose(second[:, 8], second_changed[:, 8])
+
+
+def test_losses_are_each_depths_mean_cross_entropy():
+    model = _model(mtp_num_layers=2, n_routed_experts=4)
+    tokens = torch.randint(0, 97, (2, 16))
+    labels = torch.randint(0, 97, (2, 16))
+    logits = depth_logits(model, tokens, labels)
+    with torch.no_grad():
+        losses = model(tokens, labels_bs=labels)
+    assert losses.shape == (3,)
+    for depth, (loss, logits_bsv) in enumerate(zip(losses, logits)):
+        expected = functional.cross_entropy(logits_bsv.flatten(0, 1),
+                                            labels[:, depth:].flatten())
+        torch.testing.assert_close(loss, expected)
+    # Evaluation scores the main model alone.
+    with torch.no_grad():
+        evaluated = model.eval()(tokens, labels_bs=labels)
+    torch.testing.assert_close(evaluated, losses[:1])
+
+
+def test_masked_tokens_count_for_nothing_and_the_step_divides():
+    """A micro-batch's loss sums the tokens its mask keeps over the
+    step's tokens, at each depth in proportion to its positions."""
+    model = _model(mtp_num_layers=1, n_routed_experts=4)
+    tokens = torch.randint(0, 97, (2, 16))
+    labels = torch.randint(0, 97, (2, 16))
+    mask = (torch.rand(2, 16) > 0.5).float()
+    logits = depth_logits(model, tokens, labels)
+    with torch.no_grad():
+        losses = model(tokens, labels_bs=labels, loss_mask_bs=mask,
+                       loss_tokens=4 * 32)
+    for depth, (loss, logits_bsv) in enumerate(zip(losses, logits)):
+        per_token = functional.cross_entropy(
+            logits_bsv.flatten(0, 1), labels[:, depth:].flatten(),
+            reduction="none")
+        kept = (per_token * mask[:, depth:].flatten()).sum()
+        share = (16 - depth) / 16
+        torch.testing.assert_close(loss, kept / (4 * 32 * share))
+
+
+def test_pipeline_parts_chained_compute_the_whole_model():
+    model = _model(mtp_num_layers=1, n_routed_experts=4)
+    tokens = torch.randint(0, 97, (2, 16))
+    labels = torch.randint(0, 97, (2, 16))
+    first = model.part([0], first=True, last=False)
+    last = model.part([1], first=False, last=True)
+    assert first.head is None and last.embed is None
+    with torch.no_grad():
+        whole = model(tokens, labels_bs=labels)
+        handed = first(tokens, labels_bs=labels)
+        assert len(handed) == 2  # the hidden state, depth 1's embeddings
+        torch.testing.assert_close(last(*handed, labels_bs=labels), whole)
+        torch.testing.assert_close(last(first(tokens)[0]), model(tokens))
+    model.keep_only([last])
+    assert list(model.layers) == ["1"] and model.embed is None

@@ -1,16 +1,11 @@
 """Pipeline parallelism: the stage split, the placement of stages on
-processes, the auxiliary losses' gradient, and runs under torchrun on
+processes, and runs under torchrun on
 gloo of the tiny model (4 blocks, MoE and MTP) with every schedule
 offered, against one process, as in ``test_layouts``."""
 import pytest
-import torch
 
 from coom.config import ParallelConfig
-from coom.parallel.pipeline import (
-    AuxLossGradient,
-    split_layers,
-    stages_of_process,
-)
+from coom.parallel.pipeline import split_layers, stages_of_process
 from tests.launch import GroupedRuns, check, launch
 from tests.parallel.test_layouts import (
     ARGS,
@@ -38,16 +33,6 @@ def test_stages_take_consecutive_blocks_the_first_ones_the_remainder():
 def test_stages_of_each_process(schedule, rank, expected):
     parallel = ParallelConfig(pipeline=2, pipeline_schedule=schedule)
     assert stages_of_process(parallel, rank) == expected
-
-
-def test_auxiliary_loss_gradient_joins_the_backward():
-    x = torch.randn(3, requires_grad=True)
-    weight = torch.tensor(2.0, requires_grad=True)
-    y = AuxLossGradient.apply(x, 0.5 * weight ** 2)
-    assert torch.equal(y, x)
-    (3 * y).sum().backward()
-    assert torch.equal(x.grad, torch.full((3,), 3.0))
-    assert weight.grad.item() == 2.0
 
 
 @pytest.fixture(scope="module")

@@ -46,9 +46,12 @@ for block in model.layers.values():
             prepend=True)
 tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator()
                        .manual_seed(1))
-features = model.features(tokens)
+features = []
+model.norm.register_forward_hook(
+    lambda module, args, output: features.append(output))
+model(tokens, labels_bs=tokens)
 assert lengths == [8, 8, 8, 8], lengths
-assert tuple(features.shape) == (2, 16, config.hidden_size)
+assert tuple(features[0].shape) == (2, 16, config.hidden_size)
 
 # The loss over a head of 101 rows split 51 + 50, against the whole.
 generator = torch.Generator().manual_seed(2)

@@ -1,0 +1,69 @@
+"""``coom bench`` of an earlier tree and of this one, in turns, in one
+call: what a before/after comparison of a change records.
+
+The earlier tree is a copy of its ``coom`` package, e.g.
+
+    mkdir -p .old/base && git archive COMMIT coom | tar -x -C .old/base
+
+Run on the device machine from the repository root (the bench arguments
+follow ``--``):
+
+    python3 benchmarks/before_after.py .old/base --rounds 2 -- small \\
+        --steps 8 --warmup 3 --set train.micro_batch_size=4 \\
+        train.global_batch_size=4 train.compile=true
+
+Each round runs before, then after, each in its own process, and prints
+tokens/s, the median step time and peak memory; the last lines give
+after / before of each round's tokens/s.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def bench(tree: Path, arguments: list[str]) -> dict:
+    """The figures of ``coom bench ARGUMENTS`` with tree's coom."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "bench.json"
+        path = os.pathsep.join(filter(None, [str(tree.resolve()),
+                                             os.environ.get("PYTHONPATH")]))
+        subprocess.run([sys.executable, "-m", "coom", "bench", *arguments,
+                        "--out", str(out)], check=True,
+                       env=os.environ | {"PYTHONPATH": path})
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before", type=Path,
+                        help="a folder holding the earlier coom package")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("bench", nargs=argparse.REMAINDER,
+                        help="-- then coom bench's arguments")
+    args = parser.parse_args()
+    arguments = args.bench[1:] if args.bench[:1] == ["--"] else args.bench
+    if not (args.before / "coom").is_dir():
+        parser.error(f"{args.before} holds no coom package")
+    ratios = []
+    for round_ in range(1, args.rounds + 1):
+        figures = {}
+        for name, tree in (("before", args.before), ("after", Path("."))):
+            figures[name] = bench(tree, arguments)
+            result = figures[name]
+            print(f"round {round_} {name}: "
+                  f"{result['tokens_per_s']:,.0f} tokens/s, step "
+                  f"{result['step_seconds_median'] * 1e3:.1f} ms, peak "
+                  f"{result.get('peak_memory_gib', 0):.1f} GiB",
+                  flush=True)
+        ratios.append(figures["after"]["tokens_per_s"]
+                      / figures["before"]["tokens_per_s"])
+    print("after / before tokens/s: "
+          + ", ".join(f"{ratio:.3f}x" for ratio in ratios))
+
+
+if __name__ == "__main__":
+    main()

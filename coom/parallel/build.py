@@ -1,0 +1,62 @@
+"""The one place that turns a run's config into the model it trains.
+
+The order matters, and is kept here alone: the model is built on the
+``meta`` device and materialised on this process's device (every process
+draws the same initial weights from the seed set before), its linears
+and experts are swapped for FP8 ones, its heavy parts recomputed in the
+backward and its blocks compiled; pipeline parallelism then keeps this
+process's stages, and ``parallelize`` applies tensor, sequence and
+expert parallelism and FSDP before the pipeline's schedule is built.
+Last, the MoE layers learn their auxiliary losses' weight per
+micro-batch and the balancer that moves their expert biases.
+"""
+import torch
+
+from coom.config import RunConfig
+from coom.fp8.convert import convert_to_fp8
+from coom.models import Transformer
+from coom.parallel.balance import ExpertBalancer
+from coom.parallel.mesh import World
+from coom.parallel.model import ParallelModel
+from coom.parallel.parallelize import parallelize
+from coom.parallel.pipeline import Pipeline
+from coom.parallel.recompute import recompute_blocks
+
+
+def _bf16(device: torch.device, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto"
+                                   and device.type == "cuda")
+
+
+def build_model(config: RunConfig, world: World,
+                device: torch.device) -> ParallelModel:
+    """config's model, as this process runs it in world's layout."""
+    train = config.train
+    with torch.device("meta"):
+        model = Transformer(config.model, fused_kernels=train.kernels)
+    model.to_empty(device=device)
+    model.init_weights()
+    convert_to_fp8(model, config.fp8)
+    recompute_blocks(model, train.recompute)
+    if train.compile:
+        model.compile_blocks()
+    micro_batches = train.global_batch_size // train.micro_batch_size
+    pipeline = None
+    if world.pipeline_size > 1:
+        pipeline = Pipeline(model, world, config.parallel,
+                            micro_batches // world.data_size,
+                            (train.micro_batch_size, config.data.seq_length))
+    parallelize(model, world, config.parallel,
+                pipeline and pipeline.stages)
+    if pipeline is not None:
+        pipeline.build_schedule()
+    layers = model.moe_layers()
+    for moe in layers.values():
+        # As if each micro-batch's auxiliary losses, over the step's
+        # micro-batches, were added to the objective, which FSDP's
+        # average over the data-parallel processes divides.
+        moe.aux_loss_scale = world.data_size / micro_batches
+    return ParallelModel(
+        model, world, pipeline,
+        ExpertBalancer(layers, world, micro_batches), device,
+        _bf16(device, train.precision), config.parallel.sequence_parallel)

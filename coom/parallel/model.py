@@ -1,0 +1,140 @@
+"""The model as the trainer drives it, whatever the layout: forward and
+backward over a step's micro-batches, evaluation, gradient clipping, and
+the reductions between them.
+
+``coom.parallel.build`` makes it. Without pipeline parallelism each
+micro-batch runs the model's forward (under FSDP, its root) and its
+backward; with it, the pipeline's schedule runs them over the stages.
+Either way the step's loss sums come back whole on every process.
+
+Tensor names end in their shape: b micro-batch; s sequence.
+"""
+import contextlib
+from typing import Optional
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from coom.data.loader import Batch
+from coom.layers.mla import preferred_attention
+from coom.models.transformer import Transformer
+from coom.parallel.balance import ExpertBalancer
+from coom.parallel.mesh import World
+from coom.parallel.objective import training_objective
+from coom.parallel.parallelize import sum_sequence_parallel_gradients
+from coom.parallel.pipeline import Pipeline
+
+
+def _stack(batches: list[Batch]) -> Batch:
+    """Micro-batches as one batch."""
+    return Batch(*(torch.cat([getattr(batch, key) for batch in batches])
+                   for key in ("tokens", "labels", "loss_mask")))
+
+
+class ParallelModel:
+    """This process's part of the model, spread over the run's layout.
+
+    Args:
+        model: this process's parts of the model, parallelised.
+        world: the run's processes.
+        pipeline: its stages and schedule, under pipeline parallelism.
+        balancer: the MoE layers' balancing (``coom.parallel.balance``).
+        device: this process's device.
+        bf16: whether forwards run under bf16 autocast.
+        sequence_parallel: whether norms' gradients are partial per
+            tensor-parallel process (``coom.parallel.parallelize``).
+    """
+
+    def __init__(self, model: Transformer, world: World,
+                 pipeline: Optional[Pipeline], balancer: ExpertBalancer,
+                 device: torch.device, bf16: bool,
+                 sequence_parallel: bool):
+        self.model = model
+        self.world = world
+        self.pipeline = pipeline
+        self.balancer = balancer
+        self.device = device
+        self.bf16 = bf16
+        self.sequence_parallel = sequence_parallel
+
+    def compute(self) -> contextlib.ExitStack:
+        """The context forwards run in: autocast to the run's precision,
+        the preferred attention kernel."""
+        stack = contextlib.ExitStack()
+        if self.bf16:
+            stack.enter_context(torch.autocast(self.device.type,
+                                               dtype=torch.bfloat16))
+        stack.enter_context(preferred_attention())
+        return stack
+
+    def forward_backward(self, batches: list[Batch], loss_tokens: int,
+                         mtp_weight: float) -> torch.Tensor:
+        """Forward and backward of this process's micro-batches of a step
+        whose losses are averaged over loss_tokens (all processes'); the
+        gradients are then complete. Returns the step's language-model
+        loss and MTP depths' mean, summed over every process."""
+        device = self.device
+        with self.compute():
+            if self.pipeline is not None:
+                sums = self.pipeline.forward_backward(
+                    _stack(batches).to(device), loss_tokens, mtp_weight)
+            else:
+                # Sums stay on the device until the step ends: a .item()
+                # per micro-batch would stall the GPU's queue.
+                sums = torch.zeros(2, device=device)
+                for batch in batches:
+                    sums += self._forward_backward(batch.to(device),
+                                                   loss_tokens, mtp_weight)
+        if self.sequence_parallel:
+            sum_sequence_parallel_gradients(self.model, self.world)
+        return self.world.all_reduce(sums)
+
+    def _forward_backward(self, batch: Batch, loss_tokens: int,
+                          mtp_weight: float) -> torch.Tensor:
+        losses_k = self.model(batch.tokens, labels_bs=batch.labels,
+                              loss_mask_bs=batch.loss_mask,
+                              loss_tokens=loss_tokens)
+        objective, parts = training_objective(losses_k, mtp_weight,
+                                              self.world.data_size)
+        objective.backward()
+        return parts
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        """The mean of the micro-batches' mean language-model losses."""
+        self.model.eval()
+        with self.compute():
+            if self.pipeline is not None:
+                mean = self.pipeline.evaluate(batches)
+            else:
+                device = self.device
+                mean = sum(
+                    self.model(batch.tokens.to(device),
+                               labels_bs=batch.labels.to(device),
+                               loss_mask_bs=batch.loss_mask.to(device)
+                               )[0].item()
+                    for batch in batches) / len(batches)
+        self.model.train()
+        return mean
+
+    def clip_gradients(self, clip: float) -> torch.Tensor:
+        """Scale the gradients down to norm clip (0: never) and return
+        their norm before. torch's norm takes gradients of one kind at a
+        time, so plain gradients and those sharded on each mesh
+        (DTensor: FSDP's, and FSDP x TP's) are summed apart, a sharded
+        norm over all its shards, and those of the pipeline's other
+        stages are added to them."""
+        groups = {}
+        for parameter in self.model.parameters():
+            if parameter.grad is not None:
+                mesh = getattr(parameter.grad, "device_mesh", None)
+                groups.setdefault(mesh, []).append(parameter)
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in group])
+                 for group in groups.values()]
+        norm = torch.stack([n.full_tensor() if isinstance(n, DTensor)
+                            else n for n in norms]).norm()
+        norm = self.world.pipeline_sum(norm.square()).sqrt()
+        if clip:
+            for group in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(group, clip, norm)
+        return norm
