@@ -1,5 +1,7 @@
 """Launching processes for the multi-process tests: ``coom`` or a script,
-alone or under torchrun.
+alone or under torchrun, or several ``coom`` commands in one torchrun
+launch (``Runs``, ``GroupedRuns``): process start-up is most of a small
+run's time on the 2-core CI machine.
 
 A torchrun process on gloo can die at SIGABRT with "terminate called
 without an active exception" from C++, after its work, with no Python

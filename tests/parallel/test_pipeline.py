@@ -59,11 +59,18 @@ SCHEDULES = {
          ["parallel.data_parallel_shard=2"])]}
 """Each schedule's run: processes, overrides."""
 
+TENSOR_PARALLEL = {
+    "tp2": (2, [FOUR_BLOCKS, "parallel.tensor=2"]),
+    "zbvxtp2": (4, [FOUR_BLOCKS, "parallel.tensor=2", "parallel.pipeline=2",
+                    "parallel.pipeline_schedule=ZBVZeroBubble"])}
+"""A zero-bubble pipeline with tensor parallelism in each stage, and
+tensor parallelism alone."""
+
 
 @pytest.fixture(scope="module")
 def schedule_runs(tmp_path_factory) -> GroupedRuns:
-    return GroupedRuns(SCHEDULES, tmp_path_factory.mktemp("schedules"),
-                       ARGS)
+    return GroupedRuns(SCHEDULES | TENSOR_PARALLEL,
+                       tmp_path_factory.mktemp("schedules"), ARGS)
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -73,17 +80,13 @@ def test_matches_one_process(single, schedule_runs, name):
     assert_matches(single, schedule_runs.run_dir(name))
 
 
-def test_zero_bubble_under_tensor_parallelism(tmp_path):
+def test_zero_bubble_under_tensor_parallelism(schedule_runs):
     """ZBVZeroBubble with TP 2 in each stage gives TP 2's losses. (Not
     compared with one process: on these 4 blocks TP 2 itself leaves one
     process's losses by 1.3e-5 at step 5, a near-tie in the routing that
     falls the other way; docs/distributed.md.)"""
-    tensor = tmp_path / "tp2"
-    check(_train(tensor, 2, FOUR_BLOCKS, "parallel.tensor=2"))
-    check(_train(tmp_path / "zbv", 4, FOUR_BLOCKS, "parallel.tensor=2",
-                 "parallel.pipeline=2",
-                 "parallel.pipeline_schedule=ZBVZeroBubble"))
-    assert_matches(tensor, tmp_path / "zbv")
+    assert_matches(schedule_runs.run_dir("tp2"),
+                   schedule_runs.run_dir("zbvxtp2"))
 
 
 def test_too_few_micro_batches_are_refused_plainly(tmp_path):
