@@ -4,9 +4,10 @@ Builds the same trainer as `coom bench` (random tokens, or the recipe's
 data with --real-data), evaluates once as `coom bench` and a run do
 (under torch.compile that decides what gets traced), runs warm-up
 steps, profiles one step with torch.profiler and prints the GPU kernels
-that take the most time, grouped into matmuls, attention, Triton kernels,
-NCCL's collectives and the rest, against the step's wall time; then the
-CPU-side ops that take the most of the host's time.
+that take the most time, in the groups of `coom bench --profile`
+(`coom.tools.profile`), against the step's wall time; then the CPU-side
+ops that take the most of the host's time. `coom bench --profile` gives
+the groups alone, on one process.
 
 Run on the device machine from the repository root:
 
@@ -32,31 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from coom.config import load_config
 from coom.tools.bench import bench_config
+from coom.tools.profile import group_of
 from coom.train.trainer import Trainer
-
-CATEGORIES = (
-    # NCCL runs all-to-alls, and pipeline sends, as grouped send/recv.
-    ("all-to-all, send/recv (nccl)", ("sendrecv",)),
-    ("other collectives (nccl)", ("nccl",)),
-    ("grouped matmul (cutlass)", ("cutlass",)),
-    ("matmul (cublas)", ("gemm", "nvjet", "xmma")),
-    ("attention (cudnn)", ("cudnn", "flash", "fmha")),
-    ("fused by inductor", ("triton_",)),
-    ("optimizer", ("multi_tensor", "adam")),
-    ("copies and casts", ("copy", "cat")),
-    ("elementwise (eager)", ("elementwise",)),
-)
-
-
-def category(name: str) -> str:
-    """A kernel's group; COOM's Triton kernels are named _..._kernel."""
-    if name.startswith("_") and name.endswith("_kernel"):
-        return "triton (coom)"
-    lowered = name.lower()
-    for label, keys in CATEGORIES:
-        if any(key in lowered for key in keys):
-            return label
-    return "other"
 
 
 def main() -> None:
@@ -108,7 +86,7 @@ def report(prof, step_ms: float, top: int) -> None:
           f" ({total_us / 1e3 / step_ms:.0%} busy)")
     by_category = defaultdict(float)
     for event in events:
-        by_category[category(event.key)] += event.self_device_time_total
+        by_category[group_of(event.key)] += event.self_device_time_total
     for label, us in sorted(by_category.items(), key=lambda item: -item[1]):
         print(f"  {label:26s} {us / 1e3:8.1f} ms {us / total_us:6.1%}")
     print(f"\ntop {top} kernels:")

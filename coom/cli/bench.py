@@ -58,7 +58,8 @@ def cmd_bench(args) -> int:
         raise UserError(f"{', '.join(given)} belong to --energy-sweep; add "
                         "it, or leave them out")
     config = load_config(args.recipe or "tiny", args.overrides)
-    result = run_bench(config, args.steps, args.warmup, args.real_data)
+    result = run_bench(config, args.steps, args.warmup, args.real_data,
+                       args.profile)
     result["recipe"] = args.recipe or "tiny"
     print(describe(result))
     if args.out:

@@ -181,6 +181,10 @@ def _add_bench(commands) -> None:
                        help="train on the recipe's data, not random tokens")
     bench.add_argument("--out", metavar="FILE",
                        help="also write the figures as JSON")
+    bench.add_argument("--profile", action="store_true",
+                       help="profile one more step and print where its "
+                       "time goes: matmuls, attention, other kernels, "
+                       "communication, idle")
     sweep = bench.add_argument_group(
         "energy sweep", "--energy-sweep measures J/token and tokens/s for "
         "candidate settings (micro-batch size, recomputation, compile, "

@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -26,6 +27,7 @@ from coom.config import RunConfig
 from coom.energy.meter import LABELS, open_meter
 from coom.energy.nvml import enforced_power_limit
 from coom.models.info import model_info
+from coom.tools.profile import describe_profile, profile_step
 from coom.train.trainer import Trainer, compile_misses
 
 # Dense bf16 peaks (no sparsity) of GPUs, in FLOP/s, by name.
@@ -101,10 +103,14 @@ class _Timing:
     misses: list[int]
     """torch.compile's graph breaks and frames left eager."""
 
+    profile: Optional[dict]
+    """One more step's breakdown (``coom.tools.profile``), if asked."""
 
-def _time_steps(config: RunConfig, steps: int, warmup: int) -> _Timing:
+
+def _time_steps(config: RunConfig, steps: int, warmup: int,
+                profile: bool) -> _Timing:
     """Train warmup steps, then time steps more, each to its end on the
-    device."""
+    device, then (profile) profile one more."""
     # On a terminal a bar shows the steps, which on a CPU take minutes.
     bar = tqdm(total=warmup + steps, desc="warm-up", unit="step",
                disable=None)
@@ -132,8 +138,9 @@ def _time_steps(config: RunConfig, steps: int, warmup: int) -> _Timing:
         joules = meter.read()
         misses = [now - before for now, before
                   in zip(compile_misses(), misses)]
+        profiled = profile_step(trainer).as_dict() if profile else None
     return _Timing(trainer.config, device, seconds, losses, joules,
-                   meter.reasons, misses)
+                   meter.reasons, misses, profiled)
 
 
 def _device_figures(device: torch.device, achieved: float) -> dict:
@@ -168,10 +175,11 @@ def _energy_figures(timing: _Timing, tokens: int) -> dict:
 
 
 def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
-              real_data: bool = False) -> dict:
-    """Train warmup + steps steps of config and return the figures."""
+              real_data: bool = False, profile: bool = False) -> dict:
+    """Train warmup + steps steps of config and return the figures; with
+    profile, also the breakdown of one more step."""
     timing = _time_steps(bench_config(config, steps, warmup, real_data),
-                         steps, warmup)
+                         steps, warmup, profile)
     config, device = timing.config, timing.device
     tokens = config.train.global_batch_size * config.data.seq_length
     info = model_info(config.model, config.data.seq_length)
@@ -195,6 +203,8 @@ def run_bench(config: RunConfig, steps: int = 10, warmup: int = 3,
     }
     if config.train.compile:
         result["graph_breaks"], result["frames_left_eager"] = timing.misses
+    if timing.profile is not None:
+        result["profile"] = timing.profile
     return result | _device_figures(device, achieved) \
         | _energy_figures(timing, tokens * steps)
 
@@ -245,6 +255,8 @@ def describe(result: dict) -> str:
                                 if misses else ""))
     lines.append(f"loss              {result['loss_first']:.3f} -> "
                  f"{result['loss_last']:.3f}")
+    if "profile" in result:
+        lines += describe_profile(result["profile"])
     return "\n".join(lines)
 
 

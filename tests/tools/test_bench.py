@@ -8,6 +8,7 @@ from coom.cli import main
 from coom.config import ConfigError, load_config
 from coom.data.synthetic import SyntheticSamples
 from coom.layers.block import Block
+from coom.tools.profile import group_of
 from coom.train.metrics import read_metrics
 from coom.train.trainer import Trainer
 
@@ -33,6 +34,40 @@ def test_bench_command_reports_and_writes_figures(tmp_path, capsys):
     assert float(rate) == pytest.approx(result["achieved_tflops"] * 1e3,
                                         abs=0.05)
     assert float(rate) > 0
+
+
+def test_profile_breaks_one_more_step_down(tmp_path, capsys):
+    """On a CPU the ops' own time, by group: matmuls take a share, and
+    the groups and the rest between ops make up the step's wall time."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--steps", "1", "--warmup", "0", "--profile",
+                 "--out", str(out), "--set", *MODEL]) == 0
+    printed = capsys.readouterr().out
+    step = json.loads(out.read_text())["profile"]
+    assert step["timeline"] == "CPU"
+    assert step["busy_ms"] == pytest.approx(sum(step["groups_ms"].values()))
+    assert 0 < step["groups_ms"]["matmul"] < step["busy_ms"]
+    assert step["busy_ms"] <= step["step_ms"] * 1.05
+    assert "profiled step" in printed and "between ops" in printed
+    shares = [float(share) for share in
+              re.findall(r"ms +([\d.]+)%$", printed, re.MULTILINE)]
+    assert sum(shares) == pytest.approx(100, abs=1)
+
+
+@pytest.mark.parametrize("name, group", [
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+    ("void cutlass::device_kernel<...>", "grouped matmul"),
+    ("ncclDevKernel_SendRecv(ncclDevComm*)", "communication"),
+    ("cudnn_generated_fort_native_sdpa_sm90", "attention"),
+    ("_rms_norm_kernel", "triton (coom)"),
+    ("triton_poi_fused__to_copy_0", "fused by inductor"),
+    ("multi_tensor_apply_kernel<...>", "optimizer"),
+    ("aten::mm", "matmul"),
+    ("c10d::allreduce_", "communication"),
+    ("aten::gelu", "other"),
+])
+def test_kernels_and_ops_fall_in_their_groups(name, group):
+    assert group_of(name) == group
 
 
 def test_compiled_bench_evaluates_first_and_counts_graph_breaks(
