@@ -13,6 +13,7 @@ import contextlib
 from typing import Optional
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from coom.data.loader import Batch
@@ -82,12 +83,21 @@ class ParallelModel:
                 # Sums stay on the device until the step ends: a .item()
                 # per micro-batch would stall the GPU's queue.
                 sums = torch.zeros(2, device=device)
-                for batch in batches:
+                for index, batch in enumerate(batches):
+                    self._reduce_gradients(index == len(batches) - 1)
                     sums += self._forward_backward(batch.to(device),
                                                    loss_tokens, mtp_weight)
         if self.sequence_parallel:
             sum_sequence_parallel_gradients(self.model, self.world)
         return self.world.all_reduce(sums)
+
+    def _reduce_gradients(self, reduce: bool) -> None:
+        """Under FSDP, whether the coming backward reduce-scatters the
+        gradients: only the step's last does, the earlier ones' summed
+        into FSDP's unsharded gradients meanwhile. (The pipeline's
+        schedule does the same for its stages.)"""
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(reduce)
 
     def _forward_backward(self, batch: Batch, loss_tokens: int,
                           mtp_weight: float) -> torch.Tensor:

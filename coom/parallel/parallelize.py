@@ -33,8 +33,10 @@ applied from outside the model as torchtitan does, in this order:
    token copies sent to them and back with all-to-alls.
 3. FSDP2 (``fully_shard``) over the data-parallel dimensions, on each
    block (main and MTP) and then on the whole model: each block's
-   parameters are gathered just before it runs and its gradients
-   reduce-scattered just after; the model's own parameters (embedding,
+   parameters are gathered just before it runs and, in a step's last
+   micro-batch, its gradients reduce-scattered just after (the earlier
+   micro-batches' are summed unsharded meanwhile,
+   ``coom.parallel.model``); the model's own parameters (embedding,
    head) are gathered by its forward. With
    data_parallel_replicate > 1 the mesh has two dimensions (HSDP). Under
    expert parallelism the routed experts are sharded first, on their own,
