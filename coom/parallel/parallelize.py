@@ -26,8 +26,9 @@ applied from outside the model as torchtitan does, in this order:
    output. The first block splits the embedding's output, the last block
    gathers its own (each pipeline stage's, under pipeline parallelism),
    so the head, MTP modules, losses and stages' exchanges are unchanged.
-   The norms' gradients then are partial per process, and the trainer
-   sums them over the group (``sum_sequence_parallel_gradients``).
+   The norms' gradients then are partial per process, and the built
+   model sums them over the group (``sum_sequence_parallel_gradients``,
+   called by ``coom.parallel.model``).
 2. Expert parallelism (``coom.parallel.expert``) over the "ep"
    dimension: each MoE layer's routed experts split by expert, their
    token copies sent to them and back with all-to-alls.
@@ -45,9 +46,10 @@ applied from outside the model as torchtitan does, in this order:
    zero-bubble schedules each stage is one unit (no block is).
 
 FSDP averages gradients over the data-parallel processes; each process's
-loss is its share of the global batch's mean, so the trainer scales what
-it differentiates by the number of data-parallel processes
-(``coom.train.trainer``) and the average is the single-process gradient.
+loss is its share of the global batch's mean, so what it differentiates
+is scaled by the number of data-parallel processes
+(``coom.parallel.objective``) and the average is the single-process
+gradient.
 A routed expert's gradient has already been summed over its
 expert-parallel group by the all-to-alls' backward, and FSDP sums it over
 the rest, so it is divided by all the data-parallel processes too, not
