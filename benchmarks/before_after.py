@@ -38,14 +38,18 @@ def bench(tree: Path, arguments: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s BEFORE [--rounds N] -- BENCH ARGUMENTS")
     parser.add_argument("before", type=Path,
                         help="a folder holding the earlier coom package")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("bench", nargs=argparse.REMAINDER,
-                        help="-- then coom bench's arguments")
-    args = parser.parse_args()
-    arguments = args.bench[1:] if args.bench[:1] == ["--"] else args.bench
+    ours = sys.argv[1:]
+    arguments = []
+    if "--" in ours:
+        split = ours.index("--")
+        ours, arguments = ours[:split], ours[split + 1:]
+    args = parser.parse_args(ours)
     if not (args.before / "coom").is_dir():
         parser.error(f"{args.before} holds no coom package")
     ratios = []
