@@ -92,7 +92,6 @@ class VocabParallelHead(OutputHead):
 
     def __init__(self, head: OutputHead, mesh: DeviceMesh):
         nn.Module.__init__(self)
-        self.fused_kernels = head.fused_kernels
         self.weight = None
         if head.weight is not None:
             self.weight = nn.Parameter(distribute_tensor(

@@ -33,44 +33,49 @@ class Outcome:
     """Whether this process is the run's first, which reports."""
 
 
+class _Trainers:
+    """The run's current trainer (``current``), which callers reach
+    through this holder and never keep in a variable of their own: on
+    leaving, the holder drops it, then closes the run's world."""
+
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.current = Trainer(config, run_dir)
+        self.world = self.current.world
+
+    def __enter__(self) -> "_Trainers":
+        return self
+
+    def __exit__(self, kind, error, frames) -> None:
+        if error is not None:
+            # The traceback's frames would keep the trainer alive
+            # through the collection in world.close().
+            traceback.clear_frames(frames)
+        self.current = None
+        self.world.close()
+
+
 def train_run(config: RunConfig, run_dir: Path) -> Outcome:
     """Train config in run_dir through its growths."""
-    trainer = Trainer(config, run_dir)
-    world, started = trainer.world, trainer.energy.job_started
-    try:
+    with _Trainers(config, run_dir) as trainers:
+        world = trainers.world
+        started = trainers.current.energy.job_started
         if world.main:
             print(f"training in {run_dir}")
-        reason = trainer.run()
+        reason = trainers.current.run()
         while reason == "growth":
-            trainer = None
+            trainers.current = None
             gc.collect()
-            trainer = Trainer(config, run_dir, world, started)
-            reason = trainer.run()
-        return Outcome(reason, trainer.step, trainer.energy.summary(),
-                       world.main)
-    except BaseException as error:
-        # The traceback's frames would keep the trainer alive through
-        # the collection in world.close().
-        traceback.clear_frames(error.__traceback__)
-        raise
-    finally:
-        trainer = None
-        world.close()
+            trainers.current = Trainer(config, run_dir, world, started)
+            reason = trainers.current.run()
+        return Outcome(reason, trainers.current.step,
+                       trainers.current.energy.summary(), world.main)
 
 
 def evaluate_checkpoint(config: RunConfig, run_dir: Path,
                         path: Path) -> Optional[float]:
     """The validation loss of the checkpoint at path, on the run's first
     process (None on the others)."""
-    trainer = Trainer(config, run_dir)
-    world = trainer.world
-    try:
-        trainer.restore(path)
-        loss = trainer.evaluate(trainer.valid)
-        return loss if world.main else None
-    except BaseException as error:
-        traceback.clear_frames(error.__traceback__)
-        raise
-    finally:
-        trainer = None
-        world.close()
+    with _Trainers(config, run_dir) as trainers:
+        trainers.current.restore(path)
+        loss = trainers.current.evaluate(trainers.current.valid)
+        return loss if trainers.world.main else None
