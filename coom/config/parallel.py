@@ -71,6 +71,16 @@ class ParallelConfig:
     1 / tensor of the memory. data.seq_length must then split over
     tensor."""
 
+    fsdp_reshard: Literal["auto", "micro_batch", "step"] = "auto"
+    """When each FSDP unit frees its gathered bf16 compute weights:
+    after every forward and backward ('micro_batch', as ZeRO-3: the
+    least memory, two all-gathers per unit and micro-batch), or once the
+    step's last backward is done ('step': one all-gather per unit and
+    step, for the memory of this process's whole model in bf16). 'auto'
+    takes 'step' where that memory is under a tenth of the GPU's and
+    the model is not pipelined (the pipeline's schedule reshards its
+    stages itself), else 'micro_batch'."""
+
     context: int = 1
     """Context parallel degree, reserved: must be 1."""
 

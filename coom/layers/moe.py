@@ -37,7 +37,8 @@ model width; e routed experts; k experts per token; g groups; i expert
 width; c token copies (t * k).
 """
 import math
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -159,10 +160,15 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=out_std)
 
-    def forward(self, x_cd: torch.Tensor,
-                counts_e: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of rows sorted by expert, counts_e rows per expert."""
-        return self.run(x_cd, counts_e, self.w1, self.w3, self.w2)
+    def forward(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+                beside: Optional[Callable[[], torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """SwiGLU of rows sorted by expert, counts_e rows per expert; and
+        beside's result (None without): the layer's work that needs none
+        of the experts' output, which expert parallelism
+        (``coom.parallel.expert``) runs while the rows are in flight."""
+        besides = None if beside is None else beside()
+        return self.run(x_cd, counts_e, self.w1, self.w3, self.w2), besides
 
     def run(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
             w1: torch.Tensor, w3: torch.Tensor,
@@ -336,10 +342,13 @@ class MoE(nn.Module):
         order_c = experts_tk.flatten().argsort(stable=True)
         copy_tk = copy_positions(order_c, self.config.num_experts_per_tok)
         x_td = in_autocast_dtype(x_td)
-        y_cd = self.experts(self.permute(x_td, copy_tk), counts_e)
+        shared = None if self.shared_experts is None \
+            else partial(self.shared_experts, x_td)
+        y_cd, shared_td = self.experts(self.permute(x_td, copy_tk),
+                                       counts_e, beside=shared)
         out_td = self.combine(y_cd, weights_tk, copy_tk)
-        if self.shared_experts is not None:
-            out_td = out_td + self.shared_experts(x_td)
+        if shared_td is not None:
+            out_td = out_td + shared_td
         if aux_loss is not None:
             out_td = AuxLossGradient.apply(out_td, aux_loss,
                                            self.aux_loss_scale)

@@ -18,14 +18,10 @@ from coom.models import Transformer
 from coom.parallel.balance import ExpertBalancer
 from coom.parallel.mesh import World
 from coom.parallel.model import ParallelModel
-from coom.parallel.parallelize import parallelize
+from coom.parallel.parallelize import keeps_gathered, parallelize, sharded
 from coom.parallel.pipeline import Pipeline
+from coom.parallel.precision import ComputeWeights, compute_dtype
 from coom.parallel.recompute import recompute_blocks
-
-
-def _bf16(device: torch.device, precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto"
-                                   and device.type == "cuda")
 
 
 def build_model(config: RunConfig, world: World,
@@ -39,15 +35,23 @@ def build_model(config: RunConfig, world: World,
     convert_to_fp8(model, config.fp8)
     recompute_blocks(model, train.recompute)
     if train.compile:
-        model.compile_blocks()
+        model.compile_blocks("reduce-overhead" if train.cuda_graphs
+                             else None)
     micro_batches = train.global_batch_size // train.micro_batch_size
     pipeline = None
     if world.pipeline_size > 1:
         pipeline = Pipeline(model, world, config.parallel,
                             micro_batches // world.data_size,
                             (train.micro_batch_size, config.data.seq_length))
-    parallelize(model, world, config.parallel,
-                pipeline and pipeline.stages)
+    dtype = compute_dtype(train.precision, device)
+    keep_gathered = keeps_gathered(model, config.parallel, dtype)
+    parallelize(model, world, config.parallel, dtype,
+                pipeline and pipeline.stages, keep_gathered)
+    # Under FSDP its policy makes the compute weights; otherwise they
+    # are copies swapped in for each step.
+    weights = None
+    if dtype != torch.float32 and not sharded(world, pipeline is not None):
+        weights = ComputeWeights(model, dtype)
     if pipeline is not None:
         pipeline.build_schedule()
     layers = model.moe_layers()
@@ -58,5 +62,5 @@ def build_model(config: RunConfig, world: World,
         moe.aux_loss_scale = world.data_size / micro_batches
     return ParallelModel(
         model, world, pipeline,
-        ExpertBalancer(layers, world, micro_batches), device,
-        _bf16(device, train.precision), config.parallel.sequence_parallel)
+        ExpertBalancer(layers, world, micro_batches), device, dtype,
+        weights, keep_gathered, config.parallel.sequence_parallel)

@@ -13,7 +13,10 @@ from outside (``coom.parallel.parallelize``), and owns the rest:
 - before the experts run, ``AllToAll.dispatch`` sends each process the
   copies routed to its experts. The copies arrive sorted by expert, so
   the ones for each destination are already one contiguous block, and
-  one all-to-all with variable split sizes moves them. Received, they
+  one all-to-all with variable split sizes moves them. Its sizes come
+  from an exchange of the counts on the device, which the host reads
+  once per layer. While the copies travel, the layer's shared experts
+  run (the ``beside`` of the experts' call). Received, the copies
   are grouped by source process, then local expert; they are reordered
   to local expert, then source, so that each expert's rows are
   consecutive for the grouped product;
@@ -47,7 +50,7 @@ r copies it received; e routed experts; s the group's expert slots
 without a placement); p processes of the group; d model width.
 """
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -84,6 +87,11 @@ class Dispatched:
 
     order_c: Optional[torch.Tensor]
     """With a placement: row i sent is routed copy order_c[i]."""
+
+    def by_slot(self, x_rd: torch.Tensor) -> torch.Tensor:
+        """The received rows sorted by local slot, once they have
+        arrived: work queued before this call overlaps their journey."""
+        return x_rd[self.order_r]
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
@@ -202,8 +210,10 @@ class AllToAll:
 
     def dispatch(self, x_cd: torch.Tensor, counts_e: torch.Tensor):
         """Copies sorted by expert, counts_e per (global) expert, to this
-        process's slots: returns their rows sorted by local slot, the
-        count per local slot (l,) and what combine needs."""
+        process's slots: returns their rows as they arrive, grouped by
+        source process (still in flight: ``Dispatched.by_slot`` waits
+        for them and sorts them by local slot), the count per local slot
+        (l,) and what combine needs."""
         with torch.no_grad():
             counts_s, order_c = counts_e, None
             if self.placement is not None:
@@ -212,13 +222,16 @@ class AllToAll:
             # slot) out.
             counts_pl = all_to_all_single(
                 counts_s, None, None, self.group).view(self.size, -1)
-            sent = counts_s.view(self.size, -1).sum(1).tolist()
-            received = counts_pl.sum(1).tolist()
+            # The host reads the rows to send and to receive at once: the
+            # layer's one wait for the device.
+            sizes = torch.cat([counts_s.view(self.size, -1).sum(1),
+                               counts_pl.sum(1)]).tolist()
+            sent, received = sizes[:self.size], sizes[self.size:]
             order_r = _expert_order(counts_pl, sum(received))
         if order_c is not None:
             x_cd = x_cd[order_c]
         x_rd = all_to_all_single_autograd(x_cd, received, sent, self.group)
-        return x_rd[order_r], counts_pl.sum(0), \
+        return x_rd, counts_pl.sum(0), \
             Dispatched(sent, received, order_r, order_c)
 
     def combine(self, y_rd: torch.Tensor, state: Dispatched) -> torch.Tensor:
@@ -271,15 +284,19 @@ class ExpertParallel(nn.Module):
         self.local = experts
         self.dispatcher = AllToAll(mesh, self.w1.shape[0])
 
-    def forward(self, x_cd: torch.Tensor,
-                counts_e: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+                beside: Optional[Callable[[], torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The experts' SwiGLU of the copies sorted by expert, counts_e
-        per (global) expert, computed by the processes holding them."""
+        per (global) expert, computed by the processes holding them; and
+        beside's result (``GroupedExperts.forward``), computed while the
+        copies travel to them."""
         x_rd, counts_l, state = self.dispatcher.dispatch(x_cd, counts_e)
+        besides = None if beside is None else beside()
         weights = self.dispatcher.slot_weights(
             *(weight.to_local() for weight in (self.w1, self.w3, self.w2)))
-        return self.dispatcher.combine(
-            self.local.run(x_rd, counts_l, *weights), state)
+        y_rd = self.local.run(state.by_slot(x_rd), counts_l, *weights)
+        return self.dispatcher.combine(y_rd, state), besides
 
     def place(self, placement: Optional[Placement]) -> None:
         """From the next forward, run placement's slots (``AllToAll.place``;

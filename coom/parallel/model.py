@@ -24,6 +24,7 @@ from coom.parallel.mesh import World
 from coom.parallel.objective import training_objective
 from coom.parallel.parallelize import sum_sequence_parallel_gradients
 from coom.parallel.pipeline import Pipeline
+from coom.parallel.precision import ComputeWeights
 
 
 def _stack(batches: list[Batch]) -> Batch:
@@ -41,30 +42,40 @@ class ParallelModel:
         pipeline: its stages and schedule, under pipeline parallelism.
         balancer: the MoE layers' balancing (``coom.parallel.balance``).
         device: this process's device.
-        bf16: whether forwards run under bf16 autocast.
+        dtype: the dtype forwards compute in (bf16 or float32).
+        weights: the bf16 compute weights outside FSDP, if any
+            (``coom.parallel.precision``).
+        keep_gathered: whether FSDP's units stay gathered between a
+            step's micro-batches (``parallel.fsdp_reshard``).
         sequence_parallel: whether norms' gradients are partial per
             tensor-parallel process (``coom.parallel.parallelize``).
     """
 
     def __init__(self, model: Transformer, world: World,
                  pipeline: Optional[Pipeline], balancer: ExpertBalancer,
-                 device: torch.device, bf16: bool,
+                 device: torch.device, dtype: torch.dtype,
+                 weights: Optional[ComputeWeights], keep_gathered: bool,
                  sequence_parallel: bool):
         self.model = model
         self.world = world
         self.pipeline = pipeline
         self.balancer = balancer
         self.device = device
-        self.bf16 = bf16
+        self.dtype = dtype
+        self.weights = weights
+        self.keep_gathered = keep_gathered
         self.sequence_parallel = sequence_parallel
 
     def compute(self) -> contextlib.ExitStack:
-        """The context forwards run in: autocast to the run's precision,
-        the preferred attention kernel."""
+        """The context a step's (or an evaluation's) forwards and
+        backwards run in: the compute weights, autocast to their dtype
+        for any float32 activation, the preferred attention kernel."""
         stack = contextlib.ExitStack()
-        if self.bf16:
+        if self.weights is not None:
+            stack.enter_context(self.weights.swapped_in())
+        if self.dtype != torch.float32:
             stack.enter_context(torch.autocast(self.device.type,
-                                               dtype=torch.bfloat16))
+                                               dtype=self.dtype))
         stack.enter_context(preferred_attention())
         return stack
 
@@ -94,10 +105,13 @@ class ParallelModel:
     def _reduce_gradients(self, reduce: bool) -> None:
         """Under FSDP, whether the coming backward reduce-scatters the
         gradients: only the step's last does, the earlier ones' summed
-        into FSDP's unsharded gradients meanwhile. (The pipeline's
-        schedule does the same for its stages.)"""
+        into FSDP's unsharded float32 gradients meanwhile; with
+        keep_gathered, only it frees the gathered weights too. (The
+        pipeline's schedule does the same for its stages.)"""
         if isinstance(self.model, FSDPModule):
             self.model.set_requires_gradient_sync(reduce)
+            if self.keep_gathered:
+                self.model.set_reshard_after_backward(reduce)
 
     def _forward_backward(self, batch: Batch, loss_tokens: int,
                           mtp_weight: float) -> torch.Tensor:

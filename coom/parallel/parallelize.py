@@ -76,6 +76,7 @@ from coom.layers.mlp import SwiGLU
 from coom.layers.moe import MoE
 from coom.parallel.expert import ExpertParallel
 from coom.parallel.mesh import EXPERT, EXPERT_SHARD, TENSOR, World
+from coom.parallel.precision import mixed_precision
 from coom.parallel.vocab import VocabParallelHead
 
 
@@ -193,13 +194,14 @@ def _split_head(model: nn.Module, stages: list[nn.Module],
             stage.head = model.head
 
 
-def _shard_experts(moe_layers: list[MoE], world: World) -> None:
+def _shard_experts(moe_layers: list[MoE], world: World,
+                   sharding: dict) -> None:
     """FSDP on each layer's expert-parallel routed experts, before their
     block's, which then leaves them out. Their mesh may be of one
     process: FSDP then only divides the gradient, which it must."""
     mesh = world.expert_data_mesh()
     for moe in moe_layers:
-        fully_shard(moe.experts, mesh=mesh)
+        fully_shard(moe.experts, mesh=mesh, **sharding)
         moe.experts.set_gradient_divide_factor(world.data_size)
         # A divide factor asks for NCCL's PREMUL_SUM, which gloo lacks:
         # sum, then divide (the same on NCCL, one more pass). Not when
@@ -210,14 +212,50 @@ def _shard_experts(moe_layers: list[MoE], world: World) -> None:
             moe.experts.set_force_sum_reduction_for_comms(True)
 
 
+def sharded(world: World, pipelined: bool) -> bool:
+    """Whether parallelize applies FSDP: in every world of several
+    processes, even over one data-parallel process (tensor parallelism
+    alone): every parameter is then a DTensor, which the fused optimizer
+    needs (it cannot mix them with plain tensors), and the optimizer's
+    state has the same form at every layout. Not under pipeline
+    parallelism alone, where it has nothing to shard; the optimizer then
+    sees only plain tensors."""
+    return world.mesh is not None and not (
+        pipelined and world.data_size == world.tensor_size == 1)
+
+
+def keeps_gathered(model: nn.Module, parallel: ParallelConfig,
+                   dtype: torch.dtype) -> bool:
+    """Whether FSDP's units keep their gathered weights from a step's
+    first forward to its last backward (``parallel.fsdp_reshard``)."""
+    if parallel.fsdp_reshard != "auto":
+        return parallel.fsdp_reshard == "step"
+    device = next(model.parameters()).device
+    if device.type != "cuda" or parallel.pipeline > 1:
+        return False
+    gathered = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    return gathered < torch.cuda.get_device_properties(device) \
+        .total_memory / 10
+
+
 def parallelize(model: nn.Module, world: World, parallel: ParallelConfig,
-                stages: Optional[list[nn.Module]] = None) -> nn.Module:
+                dtype: torch.dtype = torch.float32,
+                stages: Optional[list[nn.Module]] = None,
+                keep_gathered: bool = False) -> nn.Module:
     """model spread over world's mesh, in place; unchanged in a world of
-    one. Under pipeline parallelism model holds this process's parts and
-    stages (``coom.parallel.pipeline``) run them: each stage, rather than
-    the model, is then an FSDP root."""
+    one. FSDP's units compute in dtype (``coom.parallel.precision``) and,
+    with keep_gathered, stay gathered after their forwards (the built
+    model keeps them gathered after the backwards of a step's micro-
+    batches but the last, ``coom.parallel.model``). Under pipeline
+    parallelism model holds this process's parts and stages
+    (``coom.parallel.pipeline``) run them: each stage, rather than the
+    model, is then an FSDP root."""
     if world.mesh is None:
         return model
+    policy = mixed_precision(dtype)
+    sharding = dict(mp_policy=policy)
+    if keep_gathered:
+        sharding["reshard_after_forward"] = False
     blocks = model.blocks()
     if world.tensor_size > 1:
         mesh = world.mesh[TENSOR]
@@ -247,21 +285,15 @@ def parallelize(model: nn.Module, world: World, parallel: ParallelConfig,
         for moe in moe_layers:
             moe.experts = ExpertParallel(moe.experts,
                                          world.expert_mesh[EXPERT])
-        _shard_experts(moe_layers, world)
-    # FSDP even over one data-parallel process (tensor parallelism alone):
-    # every parameter is then a DTensor, which the fused optimizer needs
-    # (it cannot mix them with plain tensors), and the optimizer's state
-    # has the same form at every layout.
-    # (Not under pipeline parallelism alone, where it has nothing to
-    # shard; the optimizer then sees only plain tensors.) Under the
-    # zero-bubble schedules each stage is one FSDP unit: torch 2.13 runs
-    # their split backward's weight half after an inner unit (a block)
-    # has reduced its gradients, which then miss some micro-batches
-    # (measured: the last stage's blocks, under DualPipeV).
-    if not (stages and world.data_size == world.tensor_size == 1):
+        _shard_experts(moe_layers, world, sharding)
+    # Under the zero-bubble schedules each stage is one FSDP unit: torch
+    # 2.13 runs their split backward's weight half after an inner unit (a
+    # block) has reduced its gradients, which then miss some
+    # micro-batches (measured: the last stage's blocks, under DualPipeV).
+    if sharded(world, bool(stages)):
         mesh = world.data_mesh()
         units = [] if stages and parallel.pipeline_schedule in ZERO_BUBBLE \
             else blocks
         for module in [*units, *(stages or [model])]:
-            fully_shard(module, mesh=mesh)
+            fully_shard(module, mesh=mesh, **sharding)
     return model

@@ -42,7 +42,7 @@ from coom.checkpoint.storage import (
     tensor_shapes,
 )
 from coom.config import RunConfig, TrainConfig
-from coom.data.loader import Samples, build_samples
+from coom.data.loader import Batch, Samples, build_samples
 from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
 from coom.energy.ledger import EnergyLedger
@@ -214,6 +214,7 @@ class Trainer:
         self.expert_placement = None
         self.step = 0
         self.consumed_samples = 0
+        self.prefetched: Optional[tuple[int, list[Batch]]] = None
 
     def _read_data(self, config: RunConfig) -> RunConfig:
         """Set up the training and validation samples; returns config
@@ -370,28 +371,41 @@ class Trainer:
             group["lr"] = lr
         mtp_weight = mtp_loss_weight(self.step, train.steps,
                                      self.config.schedule)
-        # Each data-parallel process takes its consecutive share of the
-        # global batch; losses are divided by the global batch's tokens,
-        # so the processes' gradients sum to the single-process one.
-        share = train.global_batch_size // train.micro_batch_size \
-            // self.world.data_size
-        first = self.consumed_samples \
-            + self.world.data_rank * share * train.micro_batch_size
-        batches = [self.samples.batch(first + index * train.micro_batch_size)
-                   for index in range(share)]
         sums = self.parallel.forward_backward(
-            batches, train.global_batch_size * self.config.data.seq_length,
+            self._batches(),
+            train.global_batch_size * self.config.data.seq_length,
             mtp_weight)
         self.consumed_samples += train.global_batch_size
         self.flops += self.flops_per_step
         norm = self.parallel.clip_gradients(self.config.optimizer.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # The next step's batches are read and sent to the device while
+        # the device still runs this one.
+        if self.step < train.steps:
+            self.prefetched = (self.consumed_samples, self._batches())
         total, mtp_total, norm = torch.cat([sums, norm[None]]).tolist()
         metrics = {"loss": total, "lr": lr, "grad_norm": norm}
         if self.config.model.mtp_num_layers:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
         return metrics
+
+    def _batches(self) -> list[Batch]:
+        """This process's micro-batches of the step that starts at
+        consumed_samples, on its device. Each data-parallel process takes
+        its consecutive share of the global batch; losses are divided by
+        the global batch's tokens, so the processes' gradients sum to the
+        single-process one."""
+        if self.prefetched is not None \
+                and self.prefetched[0] == self.consumed_samples:
+            return self.prefetched[1]
+        micro_batch = self.config.train.micro_batch_size
+        share = self.config.train.global_batch_size // micro_batch \
+            // self.world.data_size
+        first = self.consumed_samples \
+            + self.world.data_rank * share * micro_batch
+        return [self.samples.batch(first + index * micro_batch)
+                .to(self.device) for index in range(share)]
 
     def evaluate(self, samples: Samples) -> float:
         train = self.config.train

@@ -41,6 +41,7 @@ ROUND_TRIP = textwrap.dedent("""
     x_cd = x_cd[:, None].repeat(1, 3).requires_grad_()
     dispatcher = AllToAll(mesh, experts=4)
     x_rd, counts_l, state = dispatcher.dispatch(x_cd, counts_e)
+    x_rd = state.by_slot(x_rd)
     # Local expert j of this process is global expert 2 * rank + j: its
     # rows, from source 0 then source 1, in each source's order.
     experts = (2 * rank, 2 * rank + 1)
@@ -101,6 +102,7 @@ PLACED = textwrap.dedent("""
     dispatcher = AllToAll(mesh, experts=4)
     dispatcher.place(placement)
     x_rd, counts_l, state = dispatcher.dispatch(x_cd, counts_e)
+    x_rd = state.by_slot(x_rd)
     (w_slots,) = dispatcher.slot_weights(w_l)
     slot_experts = placement.slot_expert[3 * rank:3 * rank + 3]
     assert w_slots[:, 0].tolist() == [10.0 * e + 1 for e in slot_experts]
@@ -184,8 +186,12 @@ REPLACED = textwrap.dedent("""
     torch.manual_seed(1 + rank)
     counts_e = torch.randint(0, 5, (4,))
     x_cd = torch.randn(int(counts_e.sum()), 8)
-    out, expected = split(x_cd, counts_e), whole(x_cd, counts_e)
+    # What runs beside the experts comes back with their output.
+    (out, beside), (expected, nothing) = (
+        split(x_cd, counts_e, beside=lambda: 2 * x_cd),
+        whole(x_cd, counts_e))
     torch.testing.assert_close(out, expected)
+    assert torch.equal(beside, 2 * x_cd) and nothing is None
     out.square().sum().backward()
     expected.square().sum().backward()
     for name in ("w1", "w3", "w2"):

@@ -171,7 +171,7 @@ def _routed(experts, x_td, weights_tk, ids_tk, count, params=None):
     counts = torch.bincount(ids_tk.flatten(), minlength=count)
     token_c = order_c // k
     args = (x_td[token_c], counts)
-    y_cd = experts(*args) if params is None else \
+    y_cd, _ = experts(*args) if params is None else \
         torch.func.functional_call(experts, params, args)
     y_cd = y_cd * weights_tk.flatten()[order_c, None]
     return torch.zeros_like(x_td).index_add_(0, token_c, y_cd)

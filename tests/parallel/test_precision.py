@@ -1,0 +1,125 @@
+"""Mixed precision in one process (``coom.parallel.precision``), on the
+CPU in bf16 (``train.precision=bf16``): the forwards compute with bf16
+copies made once a step, the micro-batches' gradients are summed in
+float32 into the float32 masters, and the optimizer steps the masters
+as a float32 AdamW of those gradients would."""
+import pytest
+import torch
+
+from coom.config import load_config
+from coom.data.loader import Batch
+from coom.train.trainer import Trainer
+
+MICRO_BATCHES = 4
+OVERRIDES = ["train.device=cpu", "train.precision=bf16",
+             "train.micro_batch_size=1",
+             f"train.global_batch_size={MICRO_BATCHES}",
+             "data.synthetic=true", "model.vocab_size=512",
+             "data.seq_length=32", "model.num_layers=2",
+             "schedule.lr_warmup_iters=1"]
+
+
+@pytest.fixture
+def trainer(tmp_path) -> Trainer:
+    return Trainer(load_config("tiny", OVERRIDES), tmp_path)
+
+
+def _batches(trainer: Trainer) -> list[Batch]:
+    return [trainer.samples.batch(index) for index in range(MICRO_BATCHES)]
+
+
+def _forward_backward(trainer: Trainer, batches: list[Batch]) -> None:
+    trainer.parallel.forward_backward(
+        batches, MICRO_BATCHES * trainer.config.data.seq_length, 0.3)
+
+
+def test_forwards_compute_with_bf16_copies_made_once_a_step(trainer):
+    masters = dict(trainer.model.named_parameters())
+    seen = []
+
+    def record(module, args):
+        seen.append(module.weight)
+
+    trainer.model.layers["0"].attention.wo.register_forward_pre_hook(record)
+    trainer.model.norm.register_forward_pre_hook(record)
+    # The router scores in float32, from its bf16 copy.
+    router = trainer.model.layers["1"].mlp.router
+    router_dtypes = set()
+    router.register_forward_hook(
+        lambda module, args, out: router_dtypes.update(
+            {(module.weight.dtype, out[0].dtype)}))
+    for _ in range(2):
+        _forward_backward(trainer, _batches(trainer))
+        expected = [masters[name].detach().to(torch.bfloat16)
+                    for name in ("layers.0.attention.wo.weight",
+                                 "norm.weight")]
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        # Per micro-batch, the projection's then the final norm's weight.
+        step, seen[:] = seen[:], []
+        assert len(step) == 2 * MICRO_BATCHES
+        for index, weight in enumerate(step):
+            assert weight.dtype == torch.bfloat16
+            assert weight is step[index % 2]
+            assert torch.equal(weight, expected[index % 2])
+    assert router_dtypes == {(torch.bfloat16, torch.float32)}
+    for parameter in trainer.model.parameters():
+        assert parameter.dtype == torch.float32
+
+
+def _gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: parameter.grad.clone()
+            for name, parameter in trainer.model.named_parameters()
+            if parameter.grad is not None}
+
+
+def test_gradients_are_summed_in_float32(trainer):
+    batches = _batches(trainer)
+    each = []
+    for batch in batches:
+        _forward_backward(trainer, [batch])
+        each.append(_gradients(trainer))
+        trainer.optimizer.zero_grad()
+    _forward_backward(trainer, batches)
+    summed = _gradients(trainer)
+    assert summed.keys() == each[0].keys()
+    for name, gradient in summed.items():
+        assert gradient.dtype == torch.float32
+        expected = each[0][name]
+        for other in each[1:]:
+            expected = expected + other[name]
+        assert torch.equal(gradient, expected), name
+    # Each micro-batch's own gradient is a bf16 one, upcast.
+    some = each[0]["layers.0.attention.wo.weight"]
+    assert torch.equal(some, some.to(torch.bfloat16).float())
+
+
+def test_step_is_a_float32_adamw_of_the_accumulated_gradients(trainer):
+    _forward_backward(trainer, _batches(trainer))
+    optimizer = trainer.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-3
+    before = [[parameter.detach().clone() for parameter in group["params"]]
+              for group in optimizer.param_groups]
+    gradients = [[parameter.grad.clone() for parameter in group["params"]]
+                 for group in optimizer.param_groups]
+    optimizer.step()
+    copies = [[torch.nn.Parameter(tensor) for tensor in group]
+              for group in before]
+    for group, grads in zip(copies, gradients):
+        for parameter, grad in zip(group, grads):
+            parameter.grad = grad
+    settings = [{key: value for key, value in group.items()
+                 if key not in ("params", "foreach", "fused")}
+                for group in optimizer.param_groups]
+    reference = torch.optim.AdamW(
+        [dict(group, params=params)
+         for group, params in zip(settings, copies)], foreach=False)
+    reference.step()
+    for group, expected in zip(optimizer.param_groups, copies):
+        for parameter, want in zip(group["params"], expected):
+            assert parameter.dtype == torch.float32
+            torch.testing.assert_close(parameter.detach(), want.detach(),
+                                       rtol=1e-6, atol=0)
+    for state in optimizer.state.values():
+        assert state["exp_avg"].dtype == torch.float32
