@@ -80,7 +80,9 @@ def _counts(tmp_path, name: str, micro_batches: int, *overrides) -> dict:
 def test_fsdp_communicates_once_a_step_in_the_compute_precision(tmp_path):
     single = _counts(tmp_path, "one", 1)
     assert single["gather_bytes"] == single["reduce_bytes"] == [4]
-    (gathers, reductions), _ = single["steps"]
+    # The second step: the first follows the evaluation at step 0, whose
+    # forward left the root gathered.
+    _, (gathers, reductions) = single["steps"]
     assert reductions > 0
     accumulated = _counts(tmp_path, "four", 4, "train.precision=bf16",
                           "parallel.fsdp_reshard=micro_batch")
