@@ -55,9 +55,12 @@ class ComputeWeights:
     """bf16 copies of a model's float32 parameters that its forwards and
     backwards compute with, outside FSDP.
 
-    ``swapped_in()`` refreshes the copies from the masters (one fused
-    cast) and puts them in the modules' place; leaving it puts the
-    masters back. The copies are allocated once. Each copy's gradient,
+    ``swapped_in()`` refreshes the copies of masters changed since the
+    copies were last made (one fused cast; a master's version counter
+    says whether anything wrote it) and puts them in the modules' place;
+    leaving it puts the masters back. An optimizer step that writes the
+    copies itself (``coom.train.optimizer.CopyWritingAdamW``) says so with
+    ``made_fresh``. The copies are allocated once. Each copy's gradient,
     as soon as autograd has accumulated it, is added in float32 to its
     master's and dropped; a gradient that bypassed that hook (the
     pipeline's zero-bubble schedules set weight gradients directly) is
@@ -80,6 +83,7 @@ class ComputeWeights:
             if master not in self.masters:
                 self.masters[master] = self._copy_of(master, dtype)
         self.copies = {copy: master for master, copy in self.masters.items()}
+        self.versions: dict[nn.Parameter, int] = {}
 
     def _copy_of(self, master: nn.Parameter,
                  dtype: torch.dtype) -> nn.Parameter:
@@ -101,13 +105,20 @@ class ComputeWeights:
         for module, name in self.slots:
             module._parameters[name] = table[module._parameters[name]]
 
+    def made_fresh(self) -> None:
+        """The copies now hold the masters as they are."""
+        self.versions = {master: master._version for master in self.masters}
+
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """The copies, fresh from the masters, in the modules' place."""
-        masters = list(self.masters)
-        with torch.no_grad():
-            torch._foreach_copy_([self.masters[m] for m in masters],
-                                 masters)
+        stale = [master for master in self.masters
+                 if master._version != self.versions.get(master)]
+        if stale:
+            with torch.no_grad():
+                torch._foreach_copy_([self.masters[m] for m in stale],
+                                     stale)
+            self.made_fresh()
         self._swap(self.masters)
         try:
             yield

@@ -4,31 +4,83 @@ The schedule is a pure function of the step, so a resumed run needs only
 the step to continue it exactly.
 """
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from coom.config import OptimizerConfig, ScheduleConfig
+from coom.kernels.adamw import adamw_step
 from coom.models.info import decays
+from coom.parallel.precision import ComputeWeights
 
 
-def build_optimizer(model: nn.Module,
-                    config: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW that decays matrices and embeddings but not norm scales; the
-    fused implementation on GPUs, the multi-tensor (foreach) one on CPUs:
-    both take a group's tensors in one call, so CPU tests see what GPUs
-    do (a group must not mix DTensors and plain tensors)."""
+class CopyWritingAdamW(torch.optim.AdamW):
+    """torch's AdamW, whose step also writes each parameter's compute
+    copy (``coom.parallel.precision.ComputeWeights``) in the same pass
+    (``coom.kernels.adamw``), so the next step needs no cast of the
+    masters. Its state is torch's, so checkpoints of either load into
+    the other.
+
+    Args:
+        groups: the parameter groups.
+        weights: the compute weights whose copies the step writes.
+        settings: AdamW's lr, betas, eps.
+    """
+
+    def __init__(self, groups: list[dict], weights: ComputeWeights,
+                 **settings):
+        super().__init__(groups, **settings)
+        self.weights = weights
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("CopyWritingAdamW takes no closure")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                state = self.state[parameter]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(parameter)
+                    state["exp_avg_sq"] = torch.zeros_like(parameter)
+                # A checkpoint of the fused AdamW keeps the step on the
+                # device; the host needs it for the bias corrections.
+                state["step"] = state["step"].cpu() + 1
+                adamw_step(parameter, parameter.grad, state["exp_avg"],
+                           state["exp_avg_sq"],
+                           self.weights.masters[parameter], group["lr"],
+                           beta1, beta2, group["eps"],
+                           group["weight_decay"], int(state["step"]))
+        self.weights.made_fresh()
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig,
+                    weights: Optional[ComputeWeights] = None
+                    ) -> torch.optim.AdamW:
+    """AdamW that decays matrices and embeddings but not norm scales: one
+    that writes the compute weights' copies in its step when there are
+    any; else the fused implementation on GPUs, the multi-tensor
+    (foreach) one on CPUs: both take a group's tensors in one call, so
+    CPU tests see what GPUs do (a group must not mix DTensors and plain
+    tensors)."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if decays(parameter) else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    settings = dict(lr=config.lr, betas=(config.adam_beta1,
+                                         config.adam_beta2),
+                    eps=config.adam_eps)
+    if weights is not None:
+        return CopyWritingAdamW(groups, weights, **settings)
     on_gpu = any(parameter.is_cuda for parameter in decay)
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps, fused=on_gpu or None,
-        foreach=None if on_gpu else True)
+    return torch.optim.AdamW(groups, **settings, fused=on_gpu or None,
+                             foreach=None if on_gpu else True)
 
 
 def _decay(fraction: float, style: str) -> float:

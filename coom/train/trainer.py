@@ -208,7 +208,8 @@ class Trainer:
         self.model = self.parallel.model
         self.compile_misses_before = compile_misses() \
             if train.compile else None
-        self.optimizer = build_optimizer(self.model, self.config.optimizer)
+        self.optimizer = build_optimizer(self.model, self.config.optimizer,
+                                         self.parallel.weights)
         self.optimizer.register_step_post_hook(
             self.parallel.balancer.after_step)
         self.expert_placement = None

@@ -3,12 +3,20 @@ is one, else the CPU through Triton's interpreter) and how they compare
 with a float64 reference."""
 import torch
 
-from coom.kernels import cross_entropy, permute, rmsnorm, rope, router, swiglu
+from coom.kernels import (
+    adamw,
+    cross_entropy,
+    permute,
+    rmsnorm,
+    rope,
+    router,
+    swiglu,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative error bound of ||out - ref|| / ||ref|| by dtype (METHOD.md).
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-OPS = (cross_entropy.linear_cross_entropy_forward,
+OPS = (adamw.adamw_step, cross_entropy.linear_cross_entropy_forward,
        permute.permute, permute.unpermute, permute.unpermute_backward,
        rmsnorm.rms_norm_forward, rmsnorm.rms_norm_backward, rope.rotate,
        router.route_forward, router.route_backward, swiglu.swiglu,

@@ -38,7 +38,7 @@ def test_forwards_compute_with_bf16_copies_made_once_a_step(trainer):
     seen = []
 
     def record(module, args):
-        seen.append(module.weight)
+        seen.append((module.weight, module.weight.detach().clone()))
 
     trainer.model.layers["0"].attention.wo.register_forward_pre_hook(record)
     trainer.model.norm.register_forward_pre_hook(record)
@@ -58,10 +58,10 @@ def test_forwards_compute_with_bf16_copies_made_once_a_step(trainer):
         # Per micro-batch, the projection's then the final norm's weight.
         step, seen[:] = seen[:], []
         assert len(step) == 2 * MICRO_BATCHES
-        for index, weight in enumerate(step):
+        for index, (weight, value) in enumerate(step):
             assert weight.dtype == torch.bfloat16
-            assert weight is step[index % 2]
-            assert torch.equal(weight, expected[index % 2])
+            assert weight is step[index % 2][0]
+            assert torch.equal(value, expected[index % 2])
     assert router_dtypes == {(torch.bfloat16, torch.float32)}
     for parameter in trainer.model.parameters():
         assert parameter.dtype == torch.float32
@@ -123,3 +123,20 @@ def test_step_is_a_float32_adamw_of_the_accumulated_gradients(trainer):
                                        rtol=1e-6, atol=0)
     for state in optimizer.state.values():
         assert state["exp_avg"].dtype == torch.float32
+
+
+def test_a_master_written_outside_the_optimizer_is_copied_again(trainer):
+    """The optimizer writes the copies in its step; a master changed
+    otherwise (a checkpoint loaded, say) is cast again before the next
+    forward."""
+    _forward_backward(trainer, _batches(trainer))
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    master = trainer.model.layers["0"].attention.wo.weight
+    with torch.no_grad():
+        master.mul_(2.0)
+    seen = []
+    trainer.model.layers["0"].attention.wo.register_forward_pre_hook(
+        lambda module, args: seen.append(module.weight.detach().clone()))
+    _forward_backward(trainer, _batches(trainer)[:1])
+    assert torch.equal(seen[0], master.detach().to(torch.bfloat16))

@@ -1,0 +1,46 @@
+"""The AdamW step that writes the compute copy (interpreted on CPU):
+against torch.optim.AdamW in float64 over several steps, and its copy
+the new parameter rounded to bf16."""
+import pytest
+import torch
+
+from coom.kernels.adamw import adamw_step, adamw_step_reference
+from tests.kernels import DEVICE, relative_error
+
+SETTINGS = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+STEPS = 4
+
+
+def _step(step, parameter, grad, state, copy, reference: bool):
+    beta1, beta2 = SETTINGS["betas"]
+    function = adamw_step_reference if reference else adamw_step
+    function(parameter, grad, state["exp_avg"],
+             state["exp_avg_sq"], copy, SETTINGS["lr"], beta1, beta2,
+             SETTINGS["eps"], SETTINGS["weight_decay"], step)
+
+
+@pytest.mark.parametrize("reference", [False, True],
+                         ids=["triton", "reference"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7,), (33, 129), (4097,)])
+def test_step_matches_torch_adamw(shape, grad_dtype, reference):
+    torch.manual_seed(sum(shape))
+    start = torch.randn(shape, dtype=torch.float64)
+    exact = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.AdamW([exact], foreach=False, **SETTINGS)
+    parameter = start.float().to(DEVICE)
+    state = {"exp_avg": torch.zeros_like(parameter),
+             "exp_avg_sq": torch.zeros_like(parameter)}
+    copy = torch.full(shape, float("nan"), dtype=torch.bfloat16,
+                      device=DEVICE)
+    for step in range(1, STEPS + 1):
+        grad = torch.randn(shape).to(grad_dtype)
+        exact.grad = grad.double()
+        optimizer.step()
+        _step(step, parameter, grad.to(DEVICE), state, copy, reference)
+        assert relative_error(parameter, exact.detach()) < 1e-6
+        assert relative_error(state["exp_avg"],
+                              optimizer.state[exact]["exp_avg"]) < 1e-6
+        assert relative_error(state["exp_avg_sq"],
+                              optimizer.state[exact]["exp_avg_sq"]) < 1e-6
+        assert torch.equal(copy, parameter.to(torch.bfloat16))
