@@ -23,8 +23,10 @@ import re
 import struct
 import warnings
 from pathlib import Path
+from typing import Optional
 
-from coom.errors import UserError
+from coom.data.languages import base_language
+from coom.errors import Skipped, UserError
 
 DEFAULT_ROOT = Path("/usr/share/locale")
 ENGLISH = "en"
@@ -41,14 +43,9 @@ INSTALL_HINT = ("install some language packs (e.g. the `locales` or "
 UNREADABLE_CATALOG = (OSError, ValueError, LookupError, IndexError,
                       struct.error)
 
-# Where a locale folder's language code ends: pt_BR, sr@latin, de.UTF-8.
-LANGUAGE_CODE_END = re.compile(r"[_.@]")
-
-
-def language_of(folder: str) -> str:
-    """The ISO 639 code of a locale folder: pt_BR, sr@latin and zh_CN
-    give pt, sr and zh."""
-    return LANGUAGE_CODE_END.split(folder, maxsplit=1)[0]
+# English in other dress: the msgids with other quote marks (en@quot,
+# en@boldquot, with terminal escapes) or in the Shavian alphabet (en@shaw).
+SKIPPED_FOLDER = re.compile(r"en@")
 
 
 def _catalog_paths(root: Path) -> list[Path]:
@@ -102,7 +99,9 @@ def _collect(catalogs: list[Path], min_chars: int, merge_regions: bool
             unreadable.append(path)
             continue
         folder = path.parent.parent.name
-        language = language_of(folder) if merge_regions else folder
+        if SKIPPED_FOLDER.match(folder):
+            continue
+        language = base_language(folder) if merge_regions else folder
         strings = by_language.setdefault(language, {})
         for key, text in catalog.items():
             msgid = key[0] if isinstance(key, tuple) else key
@@ -122,8 +121,9 @@ def translated_texts(root: Path = DEFAULT_ROOT, min_chars: int = MIN_CHARS,
     A language is a folder name (``de``, ``pt_BR``, ``sr@latin``), or its
     ISO 639 code when ``merge_regions`` puts regional variants together, in
     sorted folder order. English holds the msgids of all catalogs, then
-    the strings of the ``en`` folder (and, merged, of ``en_GB``,
-    ``en@quot`` and the like). Each language's strings appear once,
+    the strings of the ``en`` folder (and, merged, of ``en_GB`` and the
+    like; the ``en@`` folders, English with other quote marks or in the
+    Shavian alphabet, are left out). Each language's strings appear once,
     in the order of first appearance; languages come in sorted order.
     Unreadable catalogs are skipped with a warning that counts them.
     """
@@ -132,7 +132,7 @@ def translated_texts(root: Path = DEFAULT_ROOT, min_chars: int = MIN_CHARS,
     if unreadable:
         warnings.warn(f"skipped {len(unreadable)} unreadable gettext "
                       f"catalogs under {root}, such as {unreadable[0]}",
-                      stacklevel=2)
+                      Skipped, stacklevel=2)
     texts = {language: list(strings)
              for language, strings in sorted(by_language.items())
              if strings}
@@ -156,12 +156,15 @@ def _write_documents(path: Path, language: str, strings: list[str]) -> None:
 
 
 def write_sample(folder: Path, root: Path = DEFAULT_ROOT,
-                 min_docs: int = MIN_DOCS) -> dict[str, int]:
+                 min_docs: int = MIN_DOCS,
+                 max_docs: Optional[int] = None) -> dict[str, int]:
     """Write ``folder/LANG.jsonl`` for every language under root with at
-    least ``min_docs`` strings, one document per string; return how many
-    documents each file holds."""
+    least ``min_docs`` strings, one document per string, each language's
+    first ``max_docs`` where given; return how many documents each file
+    holds."""
     texts = translated_texts(root)
-    kept = {language: strings for language, strings in texts.items()
+    kept = {language: strings[:max_docs]
+            for language, strings in texts.items()
             if len(strings) >= min_docs}
     if not kept:
         most = max(texts, key=lambda language: len(texts[language]))

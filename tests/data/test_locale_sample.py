@@ -4,13 +4,13 @@ import warnings
 
 import pytest
 
+from coom.data.languages import base_language
 from coom.data.locale_sample import (
     DEFAULT_ROOT,
-    language_of,
     translated_texts,
     write_sample,
 )
-from coom.errors import UserError
+from coom.errors import Skipped, UserError
 
 MO_MAGIC = 0x950412DE
 MO_HEAD = struct.Struct("<7I")
@@ -117,11 +117,23 @@ def test_regional_variants_merge_under_their_language(tmp_path):
                                  "Frase comum aos dois países"]
 
 
+def test_english_in_other_dress_is_left_out(tmp_path):
+    write_catalog(tmp_path, "de", "tool", {sentence(1): satz(1)})
+    write_catalog(tmp_path, "en@quot", "tool",
+                  {sentence(2): "\u201cEnglish\u201d sentence, quoted"})
+    write_catalog(tmp_path, "en_GB", "tool",
+                  {sentence(3): "English sentence, British colour"})
+    english = translated_texts(tmp_path)["en"]
+    assert "English sentence, British colour" in english
+    assert not [text for text in english if "\u201c" in text]
+
+
 @pytest.mark.parametrize("folder, language", [
     ("de", "de"), ("pt_BR", "pt"), ("sr@latin", "sr"), ("zh_CN", "zh"),
-    ("ca@valencia", "ca"), ("de.UTF-8", "de"), ("ast", "ast")])
+    ("ca@valencia", "ca"), ("de.UTF-8", "de"), ("ast", "ast"),
+    ("zh-Hant", "zh")])
 def test_language_of_a_folder(folder, language):
-    assert language_of(folder) == language
+    assert base_language(folder) == language
 
 
 def test_plural_forms_are_kept(tmp_path):
@@ -143,7 +155,7 @@ def test_an_unreadable_catalog_is_skipped_and_counted(tmp_path):
     latin1 = mo_bytes({sentence(2): "Deutscher Satz"}).replace(
         "Satz".encode(), "Sätz".encode("latin-1"))
     (tmp_path / "de" / "LC_MESSAGES" / "latin1.mo").write_bytes(latin1)
-    with pytest.warns(UserWarning, match="skipped 2 unreadable gettext"):
+    with pytest.warns(Skipped, match="skipped 2 unreadable gettext"):
         texts = translated_texts(tmp_path)
     assert texts == {"de": [satz(1)], "en": [sentence(1)]}
 
@@ -165,6 +177,11 @@ def test_write_sample_writes_languages_with_enough_documents(tmp_path):
     assert read_jsonl(folder / "de.jsonl") == [
         {"text": satz(number), "lang": "de"} for number in range(3)]
     assert "für" in (folder / "de.jsonl").read_text(encoding="utf-8")
+    # At most max_docs each, the first ones.
+    assert write_sample(folder, root, min_docs=2, max_docs=2) == {
+        "de": 2, "en": 2}
+    assert read_jsonl(folder / "de.jsonl") == [
+        {"text": satz(number), "lang": "de"} for number in range(2)]
     write_catalog(root, "de", "tool", {sentence(0): satz(0)})
     assert write_sample(folder, root, min_docs=1) == {"de": 1, "en": 1,
                                                       "fr": 1}
@@ -214,6 +231,6 @@ def test_the_machine_catalogs():
         texts = translated_texts()
     assert "en" in texts
     for language, strings in texts.items():
-        assert language == language_of(language)
+        assert language == base_language(language)
         assert len(set(strings)) == len(strings)
         assert all(len(text.strip()) >= 20 for text in strings)
