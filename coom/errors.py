@@ -15,3 +15,8 @@ class UserError(Exception):
 class Adjusted(UserWarning):
     """A value COOM changed to one that works, such as a warmup longer
     than the run; the CLI prints it as one ``coom: warning:`` line."""
+
+
+class Skipped(UserWarning):
+    """Input COOM left out, such as a file it cannot read among many; the
+    CLI prints it as one ``coom: warning:`` line."""

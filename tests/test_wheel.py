@@ -60,6 +60,8 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path):
     wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "coom/recipes/tiny.yaml" in names
+    # The language codes that data.languages is checked against.
+    assert "coom/data/iso639.tsv" in names
     assert not any(name.startswith(("tests/", "benchmarks/"))
                    for name in names)
 

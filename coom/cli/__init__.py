@@ -8,7 +8,7 @@ import warnings
 
 from coom.cli.parser import build_parser
 from coom.cli.torchrun import first_process
-from coom.errors import Adjusted, UserError
+from coom.errors import Adjusted, Skipped, UserError
 
 
 def _recipe_after_set(args) -> None:
@@ -22,9 +22,10 @@ def _recipe_after_set(args) -> None:
 
 def _show_adjusted(message, category, filename, lineno, file=None,
                    line=None):
-    """Warnings print as one coom line on the first process only; other
-    warnings keep Python's form."""
-    if not issubclass(category, Adjusted):
+    """COOM's own warnings (values adjusted, input skipped) print as one
+    coom line on the first process only; other warnings keep Python's
+    form."""
+    if not issubclass(category, (Adjusted, Skipped)):
         return _python_showwarning(message, category, filename, lineno,
                                    file, line)
     if first_process():

@@ -1,6 +1,6 @@
 """The data section: sources, tokenizer and samples."""
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from coom.config.checks import positive, require
 
@@ -17,7 +17,32 @@ class DataConfig:
 
     weights: Optional[list[float]] = None
     """Blend weight of each entry of paths (Megatron's --data-path
-    weights). None weighs sources by their size."""
+    weights). None weighs sources by their size, or with languages by
+    the mixture plan."""
+
+    languages: Optional[list[str]] = None
+    """The language of each entry of paths: an ISO 639 code (en, de, zh,
+    yue), or 'field:KEY' for the code in each .jsonl record's field KEY,
+    whose documents are then prepared apart by language. The entry
+    'gettext' of paths (the machine's translated program messages,
+    ``coom/data/locale_sample.py``) needs none. With languages, the
+    mixture plan weighs the sources (``docs/multilingual.md``)."""
+
+    mixture: Literal["proportional", "temperature", "unimax"] = \
+        "proportional"
+    """How the run's tokens are shared among languages: as the data
+    comes ('proportional'), in proportion to each language's tokens to
+    the power mixture_alpha ('temperature', as mT5 and XLM-R), or evenly
+    up to max_epochs repeats of each language ('unimax')."""
+
+    mixture_alpha: float = 0.3
+    """The exponent of the 'temperature' plan: 1 is proportional, 0
+    gives every language the same share."""
+
+    max_epochs: Optional[float] = None
+    """The most times the run may repeat any language's data: the cap of
+    'unimax' (which needs it), and a limit every plan is checked
+    against."""
 
     text_key: str = "text"
     """Field holding the document text in .jsonl files."""
@@ -61,6 +86,16 @@ class DataConfig:
                 "must be at least 257 (256 bytes plus end-of-document)")
         require(self.eod_token != "", "eod_token",
                 "must name a token; leave it unset for the tokenizer's own")
+        if self.languages is not None:
+            require(len(self.languages) == len(self.paths), "languages",
+                    f"has {len(self.languages)} entries but paths has "
+                    f"{len(self.paths)}")
+            require(self.weights is None, "weights", "cannot be set with "
+                    "languages, whose mixture plan weighs the sources")
+        require(0 <= self.mixture_alpha <= 1, "mixture_alpha",
+                f"must lie in [0, 1], got {self.mixture_alpha}")
+        if self.max_epochs is not None:
+            positive(self, "max_epochs")
         if self.weights is not None:
             require(len(self.weights) == len(self.paths), "weights",
                     f"has {len(self.weights)} entries but paths has "

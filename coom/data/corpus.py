@@ -11,6 +11,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from coom.data.languages import checked_language
 from coom.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -63,17 +64,29 @@ def _read_text(path: Path, strict: bool) -> str:
                         "convert it to UTF-8") from None
 
 
-def read_documents(path: Path, text_key: str,
-                   strict: bool = True) -> Iterator[str]:
-    """Yield the documents of one file.
-
-    A .txt file is one document; each line of a .jsonl file is one, its
-    text under ``text_key``. ``strict`` refuses invalid UTF-8 instead of
-    replacing it (the default corpus is read leniently).
-    """
+def read_records(path: Path, text_key: str, language_key: str,
+                 strict: bool = True) -> Iterator[tuple[str, str]]:
+    """Yield each document of a .jsonl file with its language, the code
+    in the record's field language_key (a region is dropped: pt_BR is
+    pt)."""
     if path.suffix != ".jsonl":
-        yield _read_text(path, strict)
-        return
+        raise UserError(f"{path}: a language field ('field:"
+                        f"{language_key}' in data.languages) needs .jsonl "
+                        "records; name the file's language instead")
+    for number, record in _records(path, text_key, strict):
+        tag = record.get(language_key)
+        if not isinstance(tag, str):
+            raise UserError(f"{path}:{number} has no string field "
+                            f"'{language_key}' naming its language")
+        try:
+            yield record[text_key], checked_language(tag)
+        except UserError as error:
+            raise UserError(f"{path}:{number}: {error}") from None
+
+
+def _records(path: Path, text_key: str,
+             strict: bool) -> Iterator[tuple[int, dict]]:
+    """The records of a .jsonl file with their line numbers."""
     lines = JSONL_LINE_END.split(_read_text(path, strict))
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -87,4 +100,19 @@ def read_documents(path: Path, text_key: str,
                 not isinstance(record.get(text_key), str):
             raise UserError(f"{path}:{number} has no string field "
                             f"'{text_key}'; set data.text_key")
+        yield number, record
+
+
+def read_documents(path: Path, text_key: str,
+                   strict: bool = True) -> Iterator[str]:
+    """Yield the documents of one file.
+
+    A .txt file is one document; each line of a .jsonl file is one, its
+    text under ``text_key``. ``strict`` refuses invalid UTF-8 instead of
+    replacing it (the default corpus is read leniently).
+    """
+    if path.suffix != ".jsonl":
+        yield _read_text(path, strict)
+        return
+    for _, record in _records(path, text_key, strict):
         yield record[text_key]

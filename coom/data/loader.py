@@ -10,11 +10,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from coom.config import DataConfig
 from coom.data import megatron
+from coom.data.mixture import LanguageShare, language_mixture
 from coom.data.prepare import PreparedData
 from coom.errors import UserError
 
@@ -52,6 +54,9 @@ class Samples:
     def __init__(self, dataset, micro_batch_size: int):
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
+        self.plan: Optional[dict[str, LanguageShare]] = None
+        """Each language's share, where the sources name languages
+        (``coom.data.mixture``)."""
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -138,8 +143,13 @@ def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
                 f"{train_tokens} training and {valid_tokens} validation "
                 f"tokens; each needs more than data.seq_length "
                 f"{config.seq_length}: add data or change data.split")
-    weights = prepared.weights
-    if weights is None and len(sizes) > 1:
+    weights, plan = prepared.weights, None
+    if prepared.languages:
+        plan, weights = language_mixture(
+            prepared.languages, [train for (train, _), _ in sizes],
+            config.mixture, train_samples * config.seq_length,
+            config.mixture_alpha, config.max_epochs)
+    elif weights is None and len(sizes) > 1:
         weights = [float(train) for (train, _), _ in sizes]
     _check_blend_size(prepared.prefixes, weights or [1.0], sizes,
                       [train_samples, valid_samples], config.seq_length)
@@ -148,5 +158,6 @@ def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
         megatron.GPTDataset, [train_samples, valid_samples, 0],
         lambda: True, dataset_config)
     train, valid, _ = builder.build()
-    return (Samples(train, micro_batch_size),
-            Samples(valid, micro_batch_size))
+    samples = Samples(train, micro_batch_size)
+    samples.plan = plan
+    return samples, Samples(valid, micro_batch_size)

@@ -10,6 +10,7 @@ dataset is written to a temporary folder and renamed into place, so an
 interrupted preparation never leaves a half-written dataset behind.
 Existing Megatron prefixes are checked, not copied.
 """
+import collections
 import functools
 import hashlib
 import json
@@ -18,7 +19,7 @@ import shutil
 import struct
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -27,12 +28,32 @@ import tokenizers
 from tqdm import tqdm
 
 from coom.config import DataConfig
-from coom.data import megatron
-from coom.data.corpus import default_corpus_files, read_documents, source_files
+from coom.data import locale_sample, megatron
+from coom.data.corpus import (
+    default_corpus_files,
+    read_documents,
+    read_records,
+    source_files,
+)
+from coom.data.languages import (
+    LanguageStatistics,
+    checked_language,
+    document_statistics,
+)
 from coom.data.tokenizer import END_OF_DOCUMENT, Tokenizer, train_bpe
 from coom.errors import UserError
 
 DOCUMENTS_PER_TASK = 64
+
+FIELD = "field:"
+"""A data.languages entry naming the records' language field."""
+
+GETTEXT = "gettext"
+"""The data.paths entry of the machine's translated program messages:
+the languages with at least GETTEXT_DOCUMENTS[0] strings, each with its
+first GETTEXT_DOCUMENTS[1] (a sample a 2-core CPU prepares in a
+minute)."""
+GETTEXT_DOCUMENTS = (200, 1500)
 
 # The head of a Megatron .idx: magic, version 1, dtype code, then the
 # sequence and document counts; int32 lengths, int64 pointers and int64
@@ -48,11 +69,23 @@ PROGRESS_DELAY_S = 1.0
 
 @dataclass
 class TextSource:
-    """Text files that become one indexed dataset."""
+    """Text files that become one indexed dataset, or one per language.
+
+    language is their language code, 'field:KEY' for each record's own
+    (then one dataset per language), or None.
+    """
 
     name: str
     files: list[Path]
     strict_utf8: bool = True
+    language: Optional[str] = None
+
+    @property
+    def language_key(self) -> Optional[str]:
+        """The .jsonl field that names each document's language."""
+        if self.language and self.language.startswith(FIELD):
+            return self.language.removeprefix(FIELD)
+        return None
 
     def fingerprint(self, text_key: str) -> str:
         digest = hashlib.sha256(text_key.encode())
@@ -66,6 +99,16 @@ class TextSource:
         for path in self.files:
             yield from read_documents(path, text_key, self.strict_utf8)
 
+    def records(self, text_key: str) -> Iterator[tuple[str, Optional[str]]]:
+        """Each document and its language."""
+        key = self.language_key
+        if key is None:
+            for document in self.documents(text_key):
+                yield document, self.language
+            return
+        for path in self.files:
+            yield from read_records(path, text_key, key, self.strict_utf8)
+
     def document_count(self) -> int | None:
         """How many documents there are, where that is known without
         reading the files (a .jsonl holds one per line)."""
@@ -76,32 +119,77 @@ class TextSource:
 
 @dataclass
 class PreparedData:
-    """What training reads: a tokenizer and weighted dataset prefixes."""
+    """What training reads: a tokenizer and weighted dataset prefixes,
+    with the language of each where the sources name them, and what the
+    text sources held of each language."""
 
     tokenizer: Tokenizer
     prefixes: list[str]
     weights: Optional[list[float]]
+    languages: Optional[list[str]] = None
+    statistics: dict[str, LanguageStatistics] = field(default_factory=dict)
 
 
 def _is_megatron_prefix(path: str) -> bool:
     return Path(path + ".bin").exists() or Path(path + ".idx").exists()
 
 
-def _resolve(config: DataConfig) -> list:
-    """Each entry of data.paths as a TextSource or a Megatron prefix."""
+def _gettext_source(cache: Path) -> TextSource:
+    """The machine's translated program messages, one .jsonl file per
+    language (``coom.data.locale_sample``), written once into the
+    cache."""
+    folder = cache / GETTEXT
+    if not (folder / "languages.json").is_file():
+        _make_cache_folder(folder)
+        print(f"collecting the machine's translated messages into {folder}")
+        written = locale_sample.write_sample(
+            folder, locale_sample.DEFAULT_ROOT,
+            min_docs=GETTEXT_DOCUMENTS[0], max_docs=GETTEXT_DOCUMENTS[1])
+        (folder / "languages.json").write_text(json.dumps(written))
+    return TextSource(GETTEXT, sorted(folder.glob("*.jsonl")),
+                      language=FIELD + "lang")
+
+
+def _language(entry: str, language: Optional[str]) -> Optional[str]:
+    """data.languages' entry for the source entry, checked."""
+    if language is None or language.startswith(FIELD):
+        if language == FIELD:
+            raise UserError(f"data.languages: '{FIELD}' for {entry} needs "
+                            "the field's name, e.g. 'field:lang'")
+        return language
+    try:
+        return checked_language(language)
+    except UserError as error:
+        raise UserError(f"data.languages: {error} (for {entry})") from None
+
+
+def _resolve(config: DataConfig, cache: Path) -> list:
+    """Each entry of data.paths as a TextSource or a Megatron prefix and
+    its language."""
     if not config.paths:
         return [TextSource("stdlib", default_corpus_files(), False)]
     sources = []
-    for entry in config.paths:
+    languages = config.languages or [None] * len(config.paths)
+    for entry, language in zip(config.paths, languages, strict=True):
         path = Path(entry)
+        if entry == GETTEXT:
+            sources.append(_gettext_source(cache))
+            continue
+        language = _language(entry, language)
         if _is_megatron_prefix(entry):
-            sources.append(entry)
+            if language and language.startswith(FIELD):
+                raise UserError(f"data.languages: {entry} is a prepared "
+                                "Megatron dataset, whose records hold no "
+                                "fields; name its language")
+            sources.append((entry, language))
         elif path.exists():
-            sources.append(TextSource(path.stem, source_files(path)))
+            sources.append(TextSource(path.stem, source_files(path),
+                                      language=language))
         else:
             raise UserError(f"data.paths: {entry} does not exist (expected "
-                            "a .txt/.jsonl file, a folder or a Megatron "
-                            "prefix with .bin and .idx files)")
+                            "a .txt/.jsonl file, a folder, a Megatron "
+                            "prefix with .bin and .idx files, or "
+                            f"'{GETTEXT}')")
     return sources
 
 
@@ -151,23 +239,27 @@ def _worker_tokenizer(path: str) -> tokenizers.Tokenizer:
     return tokenizers.Tokenizer.from_file(path)
 
 
-def _encode(tokenizer_path: str, eod: int, documents: list[str]) -> list:
+def _encode(tokenizer_path: str, eod: int,
+            documents: list[str]) -> list[tuple[list[int], tuple]]:
     """Worker task: token ids of each document, end-of-document appended
     to those that have any (an empty document stays empty, as in
-    Megatron's preprocess_data.py)."""
+    Megatron's preprocess_data.py), and its statistics' fields."""
     encodings = _worker_tokenizer(tokenizer_path).encode_batch(documents)
-    return [encoding.ids + [eod] if encoding.ids else []
-            for encoding in encodings]
+    return [(encoding.ids + [eod] if encoding.ids else [],
+             tuple(vars(document_statistics(document,
+                                            len(encoding.ids))).values()))
+            for document, encoding in zip(documents, encodings)]
 
 
-def _tasks(source: TextSource, text_key: str,
-           eod_token: str) -> Iterator[list[str]]:
-    """Batches of source's documents, warning once if a document holds
-    the end-of-document token's string, which the tokenizer turns into
-    the token itself and so splits the document there."""
-    batch = []
+def _tasks(source: TextSource, text_key: str, eod_token: str
+           ) -> Iterator[tuple[list[str], list[Optional[str]]]]:
+    """Batches of source's documents and their languages, warning once
+    if a document holds the end-of-document token's string, which the
+    tokenizer turns into the token itself and so splits the document
+    there."""
+    batch, languages = [], []
     warned = False
-    for document in source.documents(text_key):
+    for document, language in source.records(text_key):
         if not warned and eod_token in document:
             tqdm.write(f"warning: a document of {source.name} holds the "
                        f"end-of-document token '{eod_token}' as text; it "
@@ -175,58 +267,115 @@ def _tasks(source: TextSource, text_key: str,
                        file=sys.stderr)
             warned = True
         batch.append(document)
+        languages.append(language)
         if len(batch) == DOCUMENTS_PER_TASK:
-            yield batch
-            batch = []
+            yield batch, languages
+            batch, languages = [], []
     if batch:
-        yield batch
+        yield batch, languages
+
+
+class _Outputs:
+    """The indexed datasets a source is written into: one, or with a
+    language field one per language (LANGUAGE/tokens), each with its
+    statistics."""
+
+    def __init__(self, folder: Path, dtype, by_language: bool):
+        self.folder, self.dtype, self.by_language = folder, dtype, by_language
+        self.builders, self.statistics = {}, {}
+
+    def prefix(self, language: Optional[str]) -> str:
+        if not self.by_language:
+            return "tokens"
+        return f"{language}/tokens"
+
+    def add(self, ids: list[int], language: Optional[str],
+            statistics: LanguageStatistics) -> None:
+        if language not in self.builders:
+            path = self.folder / self.prefix(language)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.builders[language] = megatron.IndexedDatasetBuilder(
+                f"{path}.bin", dtype=self.dtype)
+            self.statistics[language] = LanguageStatistics()
+        # An empty document has no sequence, as Megatron writes it.
+        self.builders[language].add_document(ids, [len(ids)] if ids else [])
+        self.statistics[language].add(statistics)
+
+    def finalize(self) -> dict:
+        """The manifest's entry of each dataset, by language ('' for
+        none)."""
+        entries = {}
+        for language, builder in self.builders.items():
+            builder.finalize(f"{self.folder / self.prefix(language)}.idx")
+            entries[language or ""] = {
+                "prefix": self.prefix(language),
+                **vars(self.statistics[language])}
+        return entries
 
 
 def _write_indexed(source: TextSource, tokenizer: Tokenizer,
-                   config: DataConfig, prefix: Path) -> int:
-    """Tokenize source into prefix.bin/.idx; returns the document count."""
+                   config: DataConfig, folder: Path) -> dict:
+    """Tokenize source into folder; returns the manifest's datasets."""
     dtype = megatron.DType.optimal_dtype(tokenizer.vocab_size)
-    builder = megatron.IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    outputs = _Outputs(folder, dtype, source.language_key is not None)
     encode = functools.partial(_encode, str(tokenizer.path), tokenizer.eod)
-    count = 0
+    languages = collections.deque()
+
+    def texts() -> Iterator[list[str]]:
+        for batch, batch_languages in _tasks(source, config.text_key,
+                                             tokenizer.eod_token):
+            languages.append(batch_languages)
+            yield batch
     # Spawned workers start clean: tokenizers' thread pool and torch's
     # OpenMP state are not fork-safe.
     context = multiprocessing.get_context("spawn")
     with (context.Pool(config.num_workers) as pool,
           tqdm(total=source.document_count(), unit="doc",
                desc=f"tokenizing {source.name}", dynamic_ncols=True) as bar):
-        tasks = _tasks(source, config.text_key, tokenizer.eod_token)
-        for encoded in pool.imap(encode, tasks):
-            for ids in encoded:
-                # An empty document has no sequence, as Megatron writes it.
-                builder.add_document(ids, [len(ids)] if ids else [])
-            count += len(encoded)
+        for encoded in pool.imap(encode, texts()):
+            for (ids, fields), language in zip(encoded,
+                                               languages.popleft()):
+                outputs.add(ids, language, LanguageStatistics(*fields))
             bar.update(len(encoded))
-    builder.finalize(f"{prefix}.idx")
-    return count
+    if not outputs.builders:
+        outputs.add([], source.language, LanguageStatistics())
+    return outputs.finalize()
 
 
 def _prepare_text(source: TextSource, tokenizer: Tokenizer,
-                  config: DataConfig, cache: Path) -> str:
+                  config: DataConfig, cache: Path) -> list[tuple]:
+    """source's datasets, prepared if new: each one's prefix, language
+    and statistics (None for a dataset prepared before COOM counted
+    them)."""
     # The end-of-document token is part of the key: one tokenizer.json
     # may be used with several.
     key = hashlib.sha256((source.fingerprint(config.text_key)
                           + tokenizer.fingerprint + tokenizer.eod_token
                           ).encode()).hexdigest()[:16]
     folder = cache / "datasets" / f"{source.name}-{key}"
-    prefix = folder / "tokens"
-    if (folder / "manifest.json").is_file():
-        return str(prefix)
-    temporary = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    _make_cache_folder(temporary)
-    count = _write_indexed(source, tokenizer, config, temporary / "tokens")
-    manifest = {"source": source.name, "documents": count,
-                "files": [str(f) for f in source.files],
-                "tokenizer": str(tokenizer.path)}
-    (temporary / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    temporary.rename(folder)
-    return str(prefix)
+    if not (folder / "manifest.json").is_file():
+        temporary = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        _make_cache_folder(temporary)
+        datasets = _write_indexed(source, tokenizer, config, temporary)
+        manifest = {"source": source.name,
+                    "documents": sum(d["documents"]
+                                     for d in datasets.values()),
+                    "files": [str(f) for f in source.files],
+                    "tokenizer": str(tokenizer.path), "datasets": datasets}
+        (temporary / "manifest.json").write_text(
+            json.dumps(manifest, indent=1))
+        temporary.rename(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    # Datasets prepared before languages were counted: one, no figures.
+    datasets = manifest.get("datasets", {"": {"prefix": "tokens"}})
+    return [(str(folder / entry["prefix"]),
+             language or source.language,
+             LanguageStatistics(**{name: value
+                                   for name, value in entry.items()
+                                   if name != "prefix"})
+             if len(entry) > 1 else None)
+            for language, entry in sorted(datasets.items())]
 
 
 def _index_problem(path: Path) -> str | None:
@@ -306,13 +455,27 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
 def prepare(config: DataConfig) -> PreparedData:
     """Tokenizer and dataset prefixes for config, preparing what is new."""
     cache = Path(config.cache_dir)
-    sources = _resolve(config)
+    sources = _resolve(config, cache)
     tokenizer = _tokenizer(config, sources, cache)
-    prefixes = []
+    datasets = []
     for source in sources:
         if isinstance(source, TextSource):
-            prefixes.append(_prepare_text(source, tokenizer, config, cache))
+            datasets += _prepare_text(source, tokenizer, config, cache)
         else:
-            check_indexed_dataset(source, tokenizer.vocab_size)
-            prefixes.append(source)
-    return PreparedData(tokenizer, prefixes, config.weights)
+            prefix, language = source
+            check_indexed_dataset(prefix, tokenizer.vocab_size)
+            datasets.append((prefix, language, None))
+    prepared = PreparedData(tokenizer, [d[0] for d in datasets],
+                            config.weights)
+    if any(language for _, language, _ in datasets):
+        untagged = [prefix for prefix, language, _ in datasets
+                    if not language]
+        if untagged:
+            raise UserError(f"data.languages: {untagged[0]} has no "
+                            "language; name one for every source")
+        prepared.languages = [language for _, language, _ in datasets]
+    for _, language, statistics in datasets:
+        if language and statistics is not None:
+            prepared.statistics.setdefault(
+                language, LanguageStatistics()).add(statistics)
+    return prepared

@@ -16,6 +16,7 @@ energy budget (``train.exit_duration_in_mins``, ``energy.budget_kwh``;
 
 Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
+import json
 import os
 import shutil
 import signal
@@ -43,6 +44,7 @@ from coom.checkpoint.storage import (
 )
 from coom.config import RunConfig, TrainConfig
 from coom.data.loader import Batch, Samples, build_samples
+from coom.data.mixture import describe_plan
 from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
 from coom.energy.ledger import EnergyLedger
@@ -61,7 +63,10 @@ from coom.train.optimizer import (
     learning_rate,
     mtp_loss_weight,
 )
-from coom.train.run_dir import write_config
+from coom.train.run_dir import write_atomically, write_config
+
+MIXTURE = "mixture.json"
+"""The run's language mixture plan, where its sources name languages."""
 
 
 class StopRequest:
@@ -242,6 +247,14 @@ class Trainer:
             prepared, config.data, train.seed, train.micro_batch_size,
             train.steps * train.global_batch_size,
             train.eval_iters * train.micro_batch_size)
+        plan = self.samples.plan
+        if plan is not None and self.world.main:
+            print(describe_plan(config.data.mixture, plan))
+            write_atomically(self.run_dir / MIXTURE, json.dumps(
+                {"plan": config.data.mixture,
+                 "languages": {language: vars(share)
+                               for language, share in plan.items()}},
+                indent=1))
         return config
 
     def _resolved(self, config: RunConfig) -> RunConfig:

@@ -1,0 +1,150 @@
+"""Language-tagged sources: prepared apart by language with their
+statistics, blended by a mixture plan, and refused in one line when
+their languages are wrong."""
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from coom.cli import main
+from coom.config import DataConfig
+from coom.data import locale_sample
+from coom.data.loader import build_samples
+from coom.data.prepare import GETTEXT_DOCUMENTS, prepare
+from tests.data.test_locale_sample import write_catalog
+
+SENTENCES = {
+    "en": "the quick brown fox jumps over the lazy dog near the river",
+    "de": "der schnelle braune Fuchs springt über den faulen Hund am Fluss",
+    "ja": "素早い茶色の狐が川のそばでのろまな犬を飛び越える",
+    "sw": "mbweha mwepesi wa kahawia anaruka juu ya mbwa mvivu karibu na mto",
+}
+DOCUMENTS = {"en": 1200, "de": 400, "ja": 200, "sw": 120}
+
+
+def _corpus(folder) -> str:
+    """A .jsonl of numbered sentences in four languages, the language in
+    each record's 'lang' field."""
+    path = folder / "mixed.jsonl"
+    with open(path, "w", encoding="utf-8") as file:
+        for language, count in DOCUMENTS.items():
+            for number in range(count):
+                text = f"{SENTENCES[language]} {number}"
+                file.write(json.dumps({"text": text, "lang": language},
+                                      ensure_ascii=False) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> DataConfig:
+    folder = tmp_path_factory.mktemp("multilingual")
+    return DataConfig(paths=[_corpus(folder)], languages=["field:lang"],
+                      cache_dir=str(folder / "cache"),
+                      tokenizer_vocab_size=400, seq_length=32,
+                      split="80,20,0", mixture="temperature")
+
+
+def test_a_language_field_prepares_each_language_apart(config):
+    prepared = prepare(config)
+    assert sorted(prepared.languages) == sorted(DOCUMENTS)
+    assert len(prepared.prefixes) == len(DOCUMENTS)
+    for language, count in DOCUMENTS.items():
+        figures = prepared.statistics[language]
+        assert figures.documents == count
+        text = "".join(f"{SENTENCES[language]} {n}" for n in range(count))
+        assert figures.bytes == len(text.encode("utf-8"))
+        assert figures.tokens > count
+    # Japanese has no spaces between words to count fertility by.
+    assert prepared.statistics["ja"].tokens_per_word is None
+    assert prepared.statistics["en"].tokens_per_word > 0
+
+
+def test_the_blend_follows_the_plan_within_one_percent(config):
+    prepared = prepare(config)
+    train, _ = build_samples(prepared, config, seed=3, micro_batch_size=2,
+                             train_samples=2000, valid_samples=8)
+    plan = train.plan
+    assert set(plan) == set(DOCUMENTS)
+    assert sum(share.share for share in plan.values()) == pytest.approx(1)
+    # Temperature 0.3 lifts the rare languages above their data's share.
+    tokens = sum(share.tokens for share in plan.values())
+    assert plan["sw"].share > plan["sw"].tokens / tokens
+    drawn = Counter(np.asarray(train.dataset.dataset_index).tolist())
+    for index, language in enumerate(prepared.languages):
+        realised = drawn[index] / len(train.dataset)
+        assert realised == pytest.approx(plan[language].share, abs=0.01)
+
+
+def _prepare(tmp_path, *overrides) -> int:
+    return main(["data", "prepare", "tiny", "--set",
+                 f"data.cache_dir={tmp_path / 'cache'}",
+                 "data.tokenizer_vocab_size=300", *overrides])
+
+
+@pytest.mark.parametrize("records, languages, message", [
+    ([{"text": "hello there, world", "lang": "en"}], "[xx]",
+     "unknown language code 'xx'"),
+    ([{"text": "hello there, world", "lang": "klingon"}], "[field:lang]",
+     "mixed.jsonl:1: unknown language code 'klingon'"),
+    ([{"text": "hello there, world"}], "[field:lang]",
+     "mixed.jsonl:1 has no string field 'lang'"),
+    ([{"text": "hello there, world", "lang": "en"}], "['field:']",
+     "needs the field's name"),
+])
+def test_bad_languages_are_refused_in_one_line(tmp_path, capsys, records,
+                                               languages, message):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _prepare(tmp_path, f"data.paths=[{path}]",
+                    f"data.languages={languages}") == 2
+    # Above the error, at most the progress bar that stopped.
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("coom: error: ") and message in error
+
+
+def test_a_language_field_needs_jsonl_records(tmp_path, capsys):
+    path = tmp_path / "plain.txt"
+    path.write_text("just some text in a text file\n")
+    assert _prepare(tmp_path, f"data.paths=[{path}]",
+                    "data.languages=[field:lang]") == 2
+    assert "needs .jsonl records" in capsys.readouterr().err
+
+
+def test_a_plan_beyond_max_epochs_is_refused_in_one_line(config, tmp_path,
+                                                         capsys):
+    assert main(["train", "tiny", "--run-dir", str(tmp_path / "run"),
+                 "--set", f"data.paths=[{config.paths[0]}]",
+                 "data.languages=[field:lang]",
+                 f"data.cache_dir={config.cache_dir}",
+                 "data.tokenizer_vocab_size=400", "data.seq_length=32",
+                 "data.split=80,20,0", "data.mixture=unimax",
+                 "data.max_epochs=1", "train.steps=300"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data.max_epochs: the unimax plan repeats" in error
+
+
+def test_the_multilingual_recipe_trains_on_translated_messages(
+        tmp_path, monkeypatch):
+    """tiny-multilingual on three languages' catalogs (English from
+    their msgids): the plan, written to the run, covers every language
+    with enough text, none repeated beyond max_epochs."""
+    root = tmp_path / "locale"
+    for language, word in (("de", "Nachricht"), ("fr", "message"),
+                           ("sv", "meddelande")):
+        write_catalog(root, language, "tool", {
+            f"Message number {n} of the tool": f"{word} {n} {SENTENCES['en']}"
+            for n in range(GETTEXT_DOCUMENTS[0])})
+    monkeypatch.setattr(locale_sample, "DEFAULT_ROOT", root)
+    run = tmp_path / "run"
+    assert main(["train", "tiny-multilingual", "--run-dir", str(run),
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                 "data.tokenizer_vocab_size=400", "data.seq_length=32",
+                 "model.num_layers=2", "train.steps=2",
+                 "train.micro_batch_size=2", "train.global_batch_size=2",
+                 "train.eval_iters=1", "logging.progress_bar=false"]) == 0
+    plan = json.loads((run / "mixture.json").read_text())
+    assert plan["plan"] == "unimax"
+    assert sorted(plan["languages"]) == ["de", "en", "fr", "sv"]
+    assert all(language["epochs"] <= 4
+               for language in plan["languages"].values())
