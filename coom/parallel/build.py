@@ -38,12 +38,13 @@ def build_model(config: RunConfig, world: World,
         model.compile_blocks("reduce-overhead" if train.cuda_graphs
                              else None)
     micro_batches = train.global_batch_size // train.micro_batch_size
+    dtype = compute_dtype(train.precision, device)
     pipeline = None
     if world.pipeline_size > 1:
         pipeline = Pipeline(model, world, config.parallel,
                             micro_batches // world.data_size,
-                            (train.micro_batch_size, config.data.seq_length))
-    dtype = compute_dtype(train.precision, device)
+                            (train.micro_batch_size, config.data.seq_length),
+                            dtype)
     keep_gathered = keeps_gathered(model, config.parallel, dtype)
     parallelize(model, world, config.parallel, dtype,
                 pipeline and pipeline.stages, keep_gathered)

@@ -81,15 +81,18 @@ class Pipeline:
         micro_batches: micro-batches each data-parallel process takes
             per step.
         micro_batch_shape: (sequences, tokens) of each.
+        dtype: the hidden state's between stages, the compute dtype
+            (``coom.parallel.precision``).
     """
 
     def __init__(self, model: Transformer, world: World,
                  parallel: ParallelConfig, micro_batches: int,
-                 micro_batch_shape: tuple[int, int]):
+                 micro_batch_shape: tuple[int, int], dtype: torch.dtype):
         self.world = world
         self.parallel = parallel
         self.micro_batches = micro_batches
         self.shape = micro_batch_shape
+        self.dtype = dtype
         self.width = model.config.hidden_size
         self.depths = model.config.mtp_num_layers
         count = parallel.pipeline_stages
@@ -120,7 +123,7 @@ class Pipeline:
         batch, length = self.shape
         hidden = tuple(
             torch.empty(batch, length - depth, self.width, device="meta",
-                        requires_grad=True)
+                        dtype=self.dtype, requires_grad=True)
             for depth in range(self.depths + 1))
         inputs = hidden if index else (
             torch.empty(batch, length, dtype=torch.long, device="meta"),)
