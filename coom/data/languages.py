@@ -17,6 +17,12 @@ from coom.errors import UserError
 TAG_SUFFIX = re.compile(r"[-_.@]")
 """Where a tag's region, script or encoding starts."""
 
+UNSPACED = frozenset({"bo", "dz", "ja", "km", "lo", "my", "th", "yue",
+                      "zh"})
+"""Languages whose writing puts no spaces between words (Chinese,
+Japanese, Thai, Lao, Khmer, Burmese, Tibetan, Dzongkha): they have no
+whitespace words to count fertility by."""
+
 
 @functools.lru_cache(maxsize=1)
 def _names() -> dict[str, str]:
@@ -62,11 +68,10 @@ class LanguageStatistics:
         """Fertility per byte, comparable across scripts."""
         return self.tokens / self.bytes if self.bytes else 0.0
 
-    @property
-    def tokens_per_word(self) -> Optional[float]:
-        """Fertility per whitespace word; None where text has no spaces
-        between words to count (Chinese, Japanese, Thai)."""
-        if not self.words or self.words * 20 < self.bytes:
+    def tokens_per_word(self, language: str) -> Optional[float]:
+        """Fertility per whitespace word; None for a language written
+        without spaces between words (UNSPACED)."""
+        if not self.words or language in UNSPACED:
             return None
         return self.tokens / self.words
 
@@ -88,11 +93,11 @@ def checked_language(tag: str) -> str:
 def describe_statistics(statistics: dict[str, LanguageStatistics]) -> str:
     """Each language's statistics as lines of text, the most tokens
     first: fertility is tokens per byte, and per whitespace word where
-    the script separates words."""
+    the writing separates words."""
     lines = ["language documents bytes tokens tokens/byte tokens/word"]
     for language, figures in sorted(statistics.items(),
                                     key=lambda item: -item[1].tokens):
-        per_word = figures.tokens_per_word
+        per_word = figures.tokens_per_word(language)
         lines.append(
             f"  {language:>5} {figures.documents:>9,} {figures.bytes:>13,} "
             f"{figures.tokens:>12,} {figures.tokens_per_byte:>8.3f} "

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import multiprocessing
+import random
 import shutil
 import struct
 import sys
@@ -220,18 +221,52 @@ def _tokenizer(config: DataConfig, sources: list, cache: Path) -> Tokenizer:
     digest.update((config.eod_token or "").encode())
     for source in texts:
         digest.update(source.fingerprint(config.text_key).encode())
+    balanced = any(source.language for source in texts) \
+        and config.tokenizer_alpha != 1
+    if balanced:
+        digest.update(f"alpha {config.tokenizer_alpha}".encode())
     path = cache / "tokenizers" / digest.hexdigest()[:16] / "tokenizer.json"
     eod_token = config.eod_token or END_OF_DOCUMENT
     if path.is_file():
         return Tokenizer(path, eod_token)
     _make_cache_folder(path.parent)
     print(f"training a {config.tokenizer_vocab_size}-token byte-level BPE "
-          f"on {', '.join(s.name for s in texts)}")
-    documents = (d for s in texts for d in s.documents(config.text_key))
-    counts = [s.document_count() for s in texts]
-    count = None if None in counts else sum(counts)
+          f"on {', '.join(s.name for s in texts)}"
+          + (f", languages balanced by alpha {config.tokenizer_alpha}"
+             if balanced else ""))
+    if balanced:
+        documents, count = _balanced(texts, config.text_key,
+                                     config.tokenizer_alpha), None
+    else:
+        documents = (d for s in texts for d in s.documents(config.text_key))
+        counts = [s.document_count() for s in texts]
+        count = None if None in counts else sum(counts)
     return train_bpe(documents, config.tokenizer_vocab_size, path,
                      eod_token, count)
+
+
+def _balanced(texts: list[TextSource], text_key: str,
+              alpha: float) -> Iterator[str]:
+    """The sources' documents, each repeated (or dropped) at random so
+    that each language's share of the bytes is proportional to its bytes
+    to the power alpha, in as many bytes as the sources hold: rare
+    languages get more of the tokenizer's vocabulary. The draw is seeded,
+    so the tokenizer is reproducible."""
+    sizes = collections.Counter()
+    for source in texts:
+        for document, language in source.records(text_key):
+            sizes[language] += len(document.encode("utf-8"))
+    weights = {language: size ** alpha for language, size in sizes.items()}
+    scale = sum(sizes.values()) / sum(weights.values())
+    copies = {language: scale * weights[language] / size if size else 0.0
+              for language, size in sizes.items()}
+    draw = random.Random(0)
+    for source in texts:
+        for document, language in source.records(text_key):
+            expected = copies[language]
+            whole = int(expected)
+            for _ in range(whole + (draw.random() < expected - whole)):
+                yield document
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,12 @@ from coom.cli import main
 from coom.config import DataConfig
 from coom.data import locale_sample
 from coom.data.loader import build_samples
-from coom.data.prepare import GETTEXT_DOCUMENTS, prepare
+from coom.data.prepare import (
+    GETTEXT_DOCUMENTS,
+    TextSource,
+    _balanced,
+    prepare,
+)
 from tests.data.test_locale_sample import write_catalog
 
 SENTENCES = {
@@ -56,8 +61,8 @@ def test_a_language_field_prepares_each_language_apart(config):
         assert figures.bytes == len(text.encode("utf-8"))
         assert figures.tokens > count
     # Japanese has no spaces between words to count fertility by.
-    assert prepared.statistics["ja"].tokens_per_word is None
-    assert prepared.statistics["en"].tokens_per_word > 0
+    assert prepared.statistics["ja"].tokens_per_word("ja") is None
+    assert prepared.statistics["en"].tokens_per_word("en") > 0
 
 
 def test_the_blend_follows_the_plan_within_one_percent(config):
@@ -148,3 +153,26 @@ def test_the_multilingual_recipe_trains_on_translated_messages(
     assert sorted(plan["languages"]) == ["de", "en", "fr", "sv"]
     assert all(language["epochs"] <= 4
                for language in plan["languages"].values())
+
+
+def test_tokenizer_text_is_balanced_by_alpha(tmp_path):
+    """With alpha 0.3, a language of 100 times fewer bytes gets a fifth
+    of the tokenizer's training text ((1/100)^0.3 = 0.25 of the other's
+    weight), its documents repeated; the total stays the bytes of the
+    sources."""
+    english = tmp_path / "en.jsonl"
+    swahili = tmp_path / "sw.jsonl"
+    for path, language, count in ((english, "en", 1000),
+                                  (swahili, "sw", 10)):
+        path.write_text("".join(
+            json.dumps({"text": f"{language} document {n:05d} " + "x" * 30,
+                        "lang": language}) + "\n" for n in range(count)))
+    sources = [TextSource(path.stem, [path], language="field:lang")
+               for path in (english, swahili)]
+    drawn = list(_balanced(sources, "text", alpha=0.3))
+    assert drawn == list(_balanced(sources, "text", alpha=0.3))
+    share = sum(len(d) for d in drawn if d.startswith("sw")) \
+        / sum(len(d) for d in drawn)
+    assert share == pytest.approx(1 / (1 + 100 ** 0.3), abs=0.01)
+    assert sum(map(len, drawn)) == pytest.approx(1010 * len(drawn[0]),
+                                                 rel=0.02)
