@@ -130,16 +130,22 @@ def cmd_eval(args) -> int:
     path = _checkpoint_to_evaluate(run_dir, args.step)
     config = read_config(run_dir, args.overrides)
     from coom.train.lifecycle import evaluate_checkpoint
-    loss = evaluate_checkpoint(config, run_dir, path)
-    if loss is None:
+    record = evaluate_checkpoint(config, run_dir, path)
+    if record is None:
         return 0
-    train = config.train
+    train, loss = config.train, record["val_loss"]
     print(f"{path}: validation loss {loss:.4f} (perplexity "
           f"{math.exp(loss):.2f}) over {train.eval_iters} micro-batches of "
           f"{train.micro_batch_size} x {config.data.seq_length} tokens")
+    for key, value in record.items():
+        if key.startswith("val_loss/"):
+            language = key.removeprefix("val_loss/")
+            bpb = record.get(f"val_bpb/{language}")
+            print(f"  {language:>5}: loss {value:.4f}"
+                  + ("" if bpb is None else f", {bpb:.4f} bits per byte"))
     if args.out:
         Path(args.out).write_text(json.dumps(
-            {"checkpoint": str(path), "val_loss": loss,
+            {"checkpoint": str(path), **record,
              "overrides": args.overrides}) + "\n")
         print(f"written to {args.out}")
     return 0

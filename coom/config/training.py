@@ -115,6 +115,11 @@ class TrainConfig:
     eval_iters: int = 8
     """Micro-batches of the fixed validation set per evaluation."""
 
+    eval_iters_per_language: int = 1
+    """Where the sources name languages, micro-batches of each language's
+    own validation set per evaluation, logged as val_loss/LANG and
+    val_bpb/LANG (0: none)."""
+
     exit_interval: Optional[int] = None
     """Checkpoint and exit once the step is a multiple of this, keeping the
     schedule of the full run (for time-sliced jobs)."""
@@ -151,6 +156,8 @@ class TrainConfig:
     def __post_init__(self):
         positive(self, "steps", "micro_batch_size", "global_batch_size",
                  "eval_interval", "eval_iters")
+        require(self.eval_iters_per_language >= 0, "eval_iters_per_language",
+                "must be >= 0")
         require(self.global_batch_size % self.micro_batch_size == 0,
                 "global_batch_size",
                 f"{self.global_batch_size} is not a multiple of "

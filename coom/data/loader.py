@@ -118,21 +118,46 @@ def _check_blend_size(prefixes: list[str], weights: list[float],
                               seq_length, tokens, documents)
 
 
-def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
-                  micro_batch_size: int, train_samples: int,
-                  valid_samples: int) -> tuple[Samples, Samples]:
-    """Train and validation ``Samples`` of at least the sizes asked for."""
+def _dataset_config(prepared: PreparedData, config: DataConfig, seed: int,
+                    prefixes: list[str]) -> "megatron.GPTDatasetConfig":
     # Megatron's BlendedDataset calls torch.distributed.get_rank() when it
     # writes its cache, so indices are cached only in distributed runs.
     cache = None
     if torch.distributed.is_initialized():
         cache = str(Path(config.cache_dir) / "indices")
-    dataset_config = megatron.GPTDatasetConfig(
+    return megatron.GPTDatasetConfig(
         random_seed=seed, sequence_length=config.seq_length,
-        blend=(prepared.prefixes, None), split=config.split,
+        blend=(prefixes, None), split=config.split,
         tokenizer=prepared.tokenizer, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False, path_to_cache=cache)
+
+
+def language_validation(prepared: PreparedData, config: DataConfig,
+                        seed: int, micro_batch_size: int,
+                        samples: int) -> dict[str, Samples]:
+    """Each language's own validation samples, at least samples of them:
+    the validation documents of its datasets, blended by their size."""
+    by_language: dict[str, list[str]] = {}
+    for prefix, language in zip(prepared.prefixes, prepared.languages,
+                                strict=True):
+        by_language.setdefault(language, []).append(prefix)
+    validation = {}
+    for language, prefixes in sorted(by_language.items()):
+        builder = megatron.BlendedMegatronDatasetBuilder(
+            megatron.GPTDataset, [None, samples, None], lambda: True,
+            _dataset_config(prepared, config, seed, prefixes))
+        _, valid, _ = builder.build()
+        validation[language] = Samples(valid, micro_batch_size)
+    return validation
+
+
+def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
+                  micro_batch_size: int, train_samples: int,
+                  valid_samples: int) -> tuple[Samples, Samples]:
+    """Train and validation ``Samples`` of at least the sizes asked for."""
+    dataset_config = _dataset_config(prepared, config, seed,
+                                     prepared.prefixes)
     sizes = [_split_sizes(p, dataset_config.split_matrix)
              for p in prepared.prefixes]
     for prefix, ((train_tokens, _), (valid_tokens, _)) in zip(

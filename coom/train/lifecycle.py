@@ -72,10 +72,11 @@ def train_run(config: RunConfig, run_dir: Path) -> Outcome:
 
 
 def evaluate_checkpoint(config: RunConfig, run_dir: Path,
-                        path: Path) -> Optional[float]:
-    """The validation loss of the checkpoint at path, on the run's first
-    process (None on the others)."""
+                        path: Path) -> Optional[dict]:
+    """The validation loss of the checkpoint at path, and each
+    language's where the sources name languages (``Trainer.validation``),
+    on the run's first process (None on the others)."""
     with _Trainers(config, run_dir) as trainers:
         trainers.current.restore(path)
-        loss = trainers.current.evaluate(trainers.current.valid)
-        return loss if trainers.world.main else None
+        record = trainers.current.validation()
+        return record if trainers.world.main else None

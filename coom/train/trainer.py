@@ -17,6 +17,7 @@ energy budget (``train.exit_duration_in_mins``, ``energy.budget_kwh``;
 Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -43,7 +44,12 @@ from coom.checkpoint.storage import (
     tensor_shapes,
 )
 from coom.config import RunConfig, TrainConfig
-from coom.data.loader import Batch, Samples, build_samples
+from coom.data.loader import (
+    Batch,
+    Samples,
+    build_samples,
+    language_validation,
+)
 from coom.data.mixture import describe_plan
 from coom.data.prepare import prepare
 from coom.data.synthetic import SyntheticSamples
@@ -226,6 +232,9 @@ class Trainer:
         """Set up the training and validation samples; returns config
         resolved by the tokenizer (``_resolved``)."""
         train = config.train
+        self.valid_by_language: dict[str, Samples] = {}
+        """Each language's validation samples, where sources name them."""
+        self.tokens_per_byte: dict[str, float] = {}
         if config.data.synthetic:
             self.tokenizer = None
             self.samples, self.valid = (
@@ -247,6 +256,13 @@ class Trainer:
             prepared, config.data, train.seed, train.micro_batch_size,
             train.steps * train.global_batch_size,
             train.eval_iters * train.micro_batch_size)
+        if prepared.languages and train.eval_iters_per_language:
+            self.valid_by_language = language_validation(
+                prepared, config.data, train.seed, train.micro_batch_size,
+                train.eval_iters_per_language * train.micro_batch_size)
+            self.tokens_per_byte = {
+                language: figures.tokens_per_byte
+                for language, figures in prepared.statistics.items()}
         plan = self.samples.plan
         if plan is not None and self.world.main:
             print(describe_plan(config.data.mixture, plan))
@@ -421,11 +437,27 @@ class Trainer:
         return [self.samples.batch(first + index * micro_batch)
                 .to(self.device) for index in range(share)]
 
-    def evaluate(self, samples: Samples) -> float:
+    def evaluate(self, samples: Samples,
+                 iterations: Optional[int] = None) -> float:
         train = self.config.train
         return self.parallel.evaluate(
             [samples.batch(i * train.micro_batch_size)
-             for i in range(train.eval_iters)])
+             for i in range(iterations or train.eval_iters)])
+
+    def validation(self) -> dict:
+        """The validation loss, and where the sources name languages each
+        language's: its loss per token and, where its bytes per token are
+        known, bits per byte, which compare across languages and
+        tokenizers."""
+        record = {"val_loss": self.evaluate(self.valid)}
+        for language, samples in self.valid_by_language.items():
+            loss = self.evaluate(
+                samples, self.config.train.eval_iters_per_language)
+            record[f"val_loss/{language}"] = loss
+            if self.tokens_per_byte.get(language):
+                record[f"val_bpb/{language}"] = \
+                    loss * self.tokens_per_byte[language] / math.log(2)
+        return record
 
     def save(self) -> None:
         save_checkpoint(self.run_dir / "checkpoints", self.step,
@@ -491,7 +523,7 @@ class Trainer:
         if self.energy.stop_reason:
             return self.energy.stop_reason
         if self.step == 0:
-            metrics.write({"step": 0, "val_loss": self.evaluate(self.valid)})
+            metrics.write({"step": 0, **self.validation()})
             self.energy.end_phase("eval")
         first_step = self.step + 1
         while self.step < config.train.steps:
@@ -517,7 +549,7 @@ class Trainer:
                       "train_flops": self.flops,
                       "train_seconds": self.seconds}
             if evaluating:
-                record["val_loss"] = self.evaluate(self.valid)
+                record |= self.validation()
                 self.energy.end_phase("eval")
             over_budget = self.energy.step_done()
             if logging:

@@ -2,7 +2,9 @@
 statistics, blended by a mixture plan, and refused in one line when
 their languages are wrong."""
 import json
+import math
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from coom.data.prepare import (
     _balanced,
     prepare,
 )
+from coom.train.metrics import read_metrics
 from tests.data.test_locale_sample import write_catalog
 
 SENTENCES = {
@@ -176,3 +179,36 @@ def test_tokenizer_text_is_balanced_by_alpha(tmp_path):
     assert share == pytest.approx(1 / (1 + 100 ** 0.3), abs=0.01)
     assert sum(map(len, drawn)) == pytest.approx(1010 * len(drawn[0]),
                                                  rel=0.02)
+
+
+def test_validation_is_logged_per_language(config, tmp_path, capsys):
+    """Each evaluation logs every language's loss on its own validation
+    documents, and its bits per byte from its bytes per token; coom eval
+    prints them too."""
+    run = tmp_path / "run"
+    overrides = ["--set", f"data.paths=[{config.paths[0]}]",
+                 "data.languages=[field:lang]",
+                 f"data.cache_dir={config.cache_dir}",
+                 "data.tokenizer_vocab_size=400", "data.seq_length=32",
+                 "data.split=80,20,0", "model.num_layers=2",
+                 "train.steps=2", "train.eval_interval=2",
+                 "train.eval_iters=1", "train.micro_batch_size=2",
+                 "train.global_batch_size=2", "logging.progress_bar=false"]
+    assert main(["train", "tiny", "--run-dir", str(run), *overrides]) == 0
+    prepared = prepare(replace(config, tokenizer=str(run / "tokenizer.json"),
+                               eod_token="<|endoftext|>"))
+    records = [r for r in read_metrics(run) if "val_loss" in r]
+    assert [r["step"] for r in records] == [0, 2]
+    for record in records:
+        for language in DOCUMENTS:
+            loss = record[f"val_loss/{language}"]
+            assert math.isfinite(loss) and loss > 0
+            per_byte = prepared.statistics[language].tokens_per_byte
+            assert record[f"val_bpb/{language}"] == pytest.approx(
+                loss * per_byte / math.log(2))
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    printed = capsys.readouterr().out
+    for language in DOCUMENTS:
+        assert f"{language}: loss" in printed
+    assert "bits per byte" in printed
