@@ -1,4 +1,5 @@
 """``coom report``: plots and a short summary of a run directory."""
+import json
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +21,9 @@ def _plot(path: Path, title: str, ylabel: str, series: dict) -> None:
     axes.set(title=title, xlabel="step", ylabel=ylabel)
     axes.grid(alpha=0.3)
     if len(series) > 1:
-        axes.legend()
+        # Many languages: small print, in columns of twenty.
+        axes.legend(fontsize="small" if len(series) > 6 else None,
+                    ncols=-(-len(series) // 20))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -44,6 +47,29 @@ def _plot_energy(out: Path, records: list[dict]) -> None:
     _plot(out / "energy_kwh.png", "Energy used", "kWh (cumulative)",
           {name: series for name, series in sources.items()
            if series[0]})
+
+
+def _plot_languages(out: Path, records: list[dict]) -> None:
+    """For runs whose sources name languages: each language's validation
+    bits per byte, and the mixture plan's shares."""
+    languages = sorted({key.removeprefix("val_bpb/") for record in records
+                        for key in record if key.startswith("val_bpb/")})
+    if languages:
+        _plot(out / "val_bpb_by_language.png", "Validation by language",
+              "bits per byte",
+              {language: _series(records, f"val_bpb/{language}")
+               for language in languages})
+    plan = out.parent / "mixture.json"
+    if plan.is_file():
+        shares = json.loads(plan.read_text())["languages"]
+        ordered = sorted(shares, key=lambda name: -shares[name]["share"])
+        figure, axes = plt.subplots(figsize=(max(6, len(ordered) / 6), 4))
+        axes.bar(ordered, [100 * shares[name]["share"] for name in ordered])
+        axes.set(title="Language mixture", ylabel="share of tokens (%)")
+        axes.tick_params(axis="x", labelrotation=90, labelsize="small")
+        figure.tight_layout()
+        figure.savefig(out / "mixture.png", dpi=110)
+        plt.close(figure)
 
 
 def _energy_line(records: list[dict], config: dict) -> str:
@@ -99,6 +125,7 @@ def _write(out: Path, records: list[dict], config: dict) -> Path:
         _plot(out / "max_vio.png", "Expert load imbalance", "MaxVio",
               {"mean over MoE layers": _series(records, "moe_max_vio")})
     _plot_energy(out, records)
+    _plot_languages(out, records)
     valid = _series(records, "val_loss")[1]
     growth = [record for record in records if "growth" in record]
     speeds = _series(records, "tokens_per_s")[1]
@@ -118,7 +145,8 @@ def _write(out: Path, records: list[dict], config: dict) -> Path:
           for r in growth), "",
         "![loss](loss.png)", "![tokens/s](tokens_per_s.png)",
         "![learning rate](lr.png)", ""]
-    for name in ("max_vio", "joules_per_token", "energy_kwh"):
+    for name in ("max_vio", "joules_per_token", "energy_kwh",
+                 "val_bpb_by_language", "mixture"):
         if (out / f"{name}.png").exists():
             lines.insert(-1, f"![{name}]({name}.png)")
     summary = out / "summary.md"

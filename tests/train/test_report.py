@@ -49,3 +49,23 @@ def test_a_read_only_run_is_refused_in_one_line(run, capsys, monkeypatch):
     assert err == (f"coom: error: cannot write the report in "
                    f"{run / 'report'} (Permission denied); make {run} "
                    "writable, or report on a copy of it\n")
+
+
+def test_languages_are_plotted(run, capsys):
+    """A run whose sources name languages: each language's validation
+    bits per byte, and the mixture plan's shares."""
+    lines = [json.dumps({"step": step, "val_loss": 5.0,
+                         "val_bpb/en": 1.0 - step / 10,
+                         "val_bpb/sw": 1.5 - step / 10})
+             for step in (0, 3)]
+    with open(run / "metrics.jsonl", "a") as file:
+        file.write("\n".join(lines) + "\n")
+    (run / "mixture.json").write_text(json.dumps({
+        "plan": "unimax", "languages": {
+            "en": {"tokens": 1000, "share": 0.6, "epochs": 1.0},
+            "sw": {"tokens": 10, "share": 0.4, "epochs": 4.0}}}))
+    assert main(["report", str(run)]) == 0
+    summary = capsys.readouterr().out
+    for name in ("val_bpb_by_language", "mixture"):
+        assert (run / "report" / f"{name}.png").stat().st_size > 0
+        assert f"![{name}]({name}.png)" in summary
