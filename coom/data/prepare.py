@@ -274,15 +274,14 @@ def _worker_tokenizer(path: str) -> tokenizers.Tokenizer:
     return tokenizers.Tokenizer.from_file(path)
 
 
-def _encode(tokenizer_path: str, eod: int,
-            documents: list[str]) -> list[tuple[list[int], tuple]]:
+def _encode(tokenizer_path: str, eod: int, documents: list[str]
+            ) -> list[tuple[list[int], LanguageStatistics]]:
     """Worker task: token ids of each document, end-of-document appended
     to those that have any (an empty document stays empty, as in
-    Megatron's preprocess_data.py), and its statistics' fields."""
+    Megatron's preprocess_data.py), and its statistics."""
     encodings = _worker_tokenizer(tokenizer_path).encode_batch(documents)
     return [(encoding.ids + [eod] if encoding.ids else [],
-             tuple(vars(document_statistics(document,
-                                            len(encoding.ids))).values()))
+             document_statistics(document, len(encoding.ids)))
             for document, encoding in zip(documents, encodings)]
 
 
@@ -368,9 +367,9 @@ def _write_indexed(source: TextSource, tokenizer: Tokenizer,
           tqdm(total=source.document_count(), unit="doc",
                desc=f"tokenizing {source.name}", dynamic_ncols=True) as bar):
         for encoded in pool.imap(encode, texts()):
-            for (ids, fields), language in zip(encoded,
-                                               languages.popleft()):
-                outputs.add(ids, language, LanguageStatistics(*fields))
+            for (ids, statistics), language in zip(encoded,
+                                                   languages.popleft()):
+                outputs.add(ids, language, statistics)
             bar.update(len(encoded))
     if not outputs.builders:
         outputs.add([], source.language, LanguageStatistics())

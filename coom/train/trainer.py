@@ -44,6 +44,7 @@ from coom.checkpoint.storage import (
     tensor_shapes,
 )
 from coom.config import RunConfig, TrainConfig
+from coom.data.languages import LanguageStatistics
 from coom.data.loader import (
     Batch,
     Samples,
@@ -234,7 +235,7 @@ class Trainer:
         train = config.train
         self.valid_by_language: dict[str, Samples] = {}
         """Each language's validation samples, where sources name them."""
-        self.tokens_per_byte: dict[str, float] = {}
+        self.statistics: dict[str, LanguageStatistics] = {}
         if config.data.synthetic:
             self.tokenizer = None
             self.samples, self.valid = (
@@ -260,9 +261,7 @@ class Trainer:
             self.valid_by_language = language_validation(
                 prepared, config.data, train.seed, train.micro_batch_size,
                 train.eval_iters_per_language * train.micro_batch_size)
-            self.tokens_per_byte = {
-                language: figures.tokens_per_byte
-                for language, figures in prepared.statistics.items()}
+            self.statistics = prepared.statistics
         plan = self.samples.plan
         if plan is not None and self.world.main:
             print(describe_plan(config.data.mixture, plan))
@@ -454,9 +453,10 @@ class Trainer:
             loss = self.evaluate(
                 samples, self.config.train.eval_iters_per_language)
             record[f"val_loss/{language}"] = loss
-            if self.tokens_per_byte.get(language):
+            figures = self.statistics.get(language)
+            if figures is not None and figures.bytes:
                 record[f"val_bpb/{language}"] = \
-                    loss * self.tokens_per_byte[language] / math.log(2)
+                    loss * figures.tokens_per_byte / math.log(2)
         return record
 
     def save(self) -> None:
