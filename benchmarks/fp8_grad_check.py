@@ -33,7 +33,7 @@ VARIANTS = {
 def gradients(trainer: Trainer, sample: int) -> dict[str, torch.Tensor]:
     """Each parameter's gradient of the loss of the micro-batch at sample
     (language model and MTP, as the trainer weighs them)."""
-    batch = trainer.samples.batch(sample).to(trainer.device)
+    batch = trainer.data.samples.batch(sample).to(trainer.device)
     with trainer.parallel.compute():
         losses = trainer.model(batch.tokens, labels_bs=batch.labels,
                                loss_mask_bs=batch.loss_mask)

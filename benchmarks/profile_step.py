@@ -50,7 +50,7 @@ def main() -> None:
     config = bench_config(config, steps=1, warmup=args.warmup,
                           real_data=args.real_data)
     trainer = Trainer(config, Path(tempfile.mkdtemp()))
-    trainer.evaluate(trainer.valid)
+    trainer.evaluate(trainer.data.valid)
     for _ in range(args.warmup):
         trainer.train_step()
     torch.cuda.synchronize()

@@ -4,6 +4,27 @@ from typing import Literal, Optional
 
 from coom.config.checks import positive, require
 
+MixturePlan = Literal["proportional", "temperature", "unimax"]
+
+
+@dataclass
+class MixtureChange:
+    """A change of the language mixture during a run."""
+
+    step: int = 0
+    """The optimizer step after which the new plan applies."""
+
+    mixture: MixturePlan = "proportional"
+    """The plan after that step: as data.mixture."""
+
+    mixture_alpha: float = 0.3
+    """Its exponent, for 'temperature': as data.mixture_alpha."""
+
+    def __post_init__(self):
+        positive(self, "step")
+        require(0 <= self.mixture_alpha <= 1, "mixture_alpha",
+                f"must lie in [0, 1], got {self.mixture_alpha}")
+
 
 @dataclass
 class DataConfig:
@@ -22,14 +43,15 @@ class DataConfig:
 
     languages: Optional[list[str]] = None
     """The language of each entry of paths: an ISO 639 code (en, de, zh,
-    yue), or 'field:KEY' for the code in each .jsonl record's field KEY,
-    whose documents are then prepared apart by language. The entry
+    yue); 'field:KEY' for the code in each .jsonl record's field KEY; or
+    'identify' to identify each document's language when it is prepared
+    (the optional py3langid; 'identify:en+de' picks among those). The
+    last two prepare the documents apart by language. The entry
     'gettext' of paths (the machine's translated program messages,
     ``coom/data/locale_sample.py``) needs none. With languages, the
     mixture plan weighs the sources (``docs/multilingual.md``)."""
 
-    mixture: Literal["proportional", "temperature", "unimax"] = \
-        "proportional"
+    mixture: MixturePlan = "proportional"
     """How the run's tokens are shared among languages: as the data
     comes ('proportional'), in proportion to each language's tokens to
     the power mixture_alpha ('temperature', as mT5 and XLM-R), or evenly
@@ -43,6 +65,12 @@ class DataConfig:
     """The most times the run may repeat any language's data: the cap of
     'unimax' (which needs it), and a limit every plan is checked
     against."""
+
+    mixture_schedule: list[MixtureChange] = field(default_factory=list)
+    """Changes of the mixture over the run, in step order, e.g. [{step:
+    500, mixture: unimax}]: mixture and mixture_alpha apply until the
+    first. Each language's data goes on where the previous plan left it,
+    and max_epochs caps its repeats over the whole run."""
 
     text_key: str = "text"
     """Field holding the document text in .jsonl files."""
@@ -99,6 +127,9 @@ class DataConfig:
                     f"{len(self.paths)}")
             require(self.weights is None, "weights", "cannot be set with "
                     "languages, whose mixture plan weighs the sources")
+        steps = [change.step for change in self.mixture_schedule]
+        require(steps == sorted(set(steps)), "mixture_schedule",
+                f"steps must increase; got {steps}")
         for name in ("mixture_alpha", "tokenizer_alpha"):
             value = getattr(self, name)
             require(0 <= value <= 1, name,

@@ -72,6 +72,11 @@ class RunConfig:
         require(last < self.train.steps, "growth.schedule",
                 f"a growth at step {last} must come before the run's "
                 f"last step ({self.train.steps})")
+        last = max((change.step for change in self.data.mixture_schedule),
+                   default=0)
+        require(last < self.train.steps, "data.mixture_schedule",
+                f"a mixture change at step {last} must come before the "
+                f"run's last step ({self.train.steps})")
         decay = self.schedule.lr_wsd_decay_iters
         require(decay is None or self.schedule.lr_warmup_iters + decay
                 <= self.train.steps, "schedule.lr_wsd_decay_iters",

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from coom.config import DataConfig
 from coom.data import megatron
-from coom.data.mixture import LanguageShare, language_mixture
+from coom.data.mixture import (
+    MixturePhase,
+    blend_weights,
+    language_tokens,
+    plan_phases,
+)
 from coom.data.prepare import PreparedData
 from coom.errors import UserError
 
@@ -54,9 +60,9 @@ class Samples:
     def __init__(self, dataset, micro_batch_size: int):
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
-        self.plan: Optional[dict[str, LanguageShare]] = None
-        """Each language's share, where the sources name languages
-        (``coom.data.mixture``)."""
+        self.plan: Optional[list[MixturePhase]] = None
+        """The language mixture's phases, where the sources name
+        languages (``coom.data.mixture``)."""
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -66,6 +72,45 @@ class Samples:
                  for i in range(start, start + self.micro_batch_size)]
         return Batch(*(torch.stack([item[key] for item in items])
                        for key in ("tokens", "labels", "loss_mask")))
+
+
+class PhasedBlend(torch.utils.data.Dataset):
+    """Datasets blended by weights that change from phase to phase, by
+    sample index as Megatron's BlendedDataset, whose helper orders each
+    phase's samples. A dataset's samples in a phase follow those it gave
+    the phases before, so each language's data goes on where the
+    previous plan left it.
+
+    Args:
+        phases: each phase's samples and the datasets' weights in it.
+    """
+
+    def __init__(self, phases: list[tuple[int, list[float]]]):
+        count = len(phases[0][1])
+        dataset_indices, sample_indices = [], []
+        self.demand = np.zeros(count, dtype=np.int64)
+        """How many samples the phases draw from each dataset."""
+        for size, weights in phases:
+            dataset_index = np.zeros(size, dtype=np.int16)
+            sample_index = np.zeros(size, dtype=np.int64)
+            megatron.build_blending_indices(
+                dataset_index, sample_index,
+                list(np.asarray(weights) / sum(weights)), count, size,
+                False)
+            sample_indices.append(sample_index + self.demand[dataset_index])
+            dataset_indices.append(dataset_index)
+            self.demand += np.bincount(dataset_index, minlength=count)
+        self.dataset_index = np.concatenate(dataset_indices)
+        self.dataset_sample_index = np.concatenate(sample_indices)
+        self.datasets: list = []
+        """The datasets, at least demand samples each: set once built."""
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def __getitem__(self, index: int) -> dict:
+        dataset = self.datasets[self.dataset_index[index]]
+        return dataset[self.dataset_sample_index[index]]
 
 
 def _split_sizes(prefix: str, split_matrix) -> list[tuple[int, int]]:
@@ -152,10 +197,39 @@ def language_validation(prepared: PreparedData, config: DataConfig,
     return validation
 
 
+def _language_blend(prepared: PreparedData, config: DataConfig,
+                    train_tokens: list[int], train_samples: int,
+                    global_batch_size: Optional[int]
+                    ) -> tuple[list[MixturePhase], PhasedBlend]:
+    """The mixture plan's phases over the prepared languages, and the
+    training blend that follows them."""
+    changes = [(0, config.mixture, config.mixture_alpha)]
+    changes += [(change.step, change.mixture, change.mixture_alpha)
+                for change in config.mixture_schedule]
+    if len(changes) > 1 and global_batch_size is None:
+        raise ValueError("data.mixture_schedule needs the global batch "
+                         "size, to place its steps")
+    step_samples = global_batch_size or 1
+    phases = plan_phases(
+        language_tokens(prepared.languages, train_tokens), changes,
+        train_samples // step_samples, step_samples * config.seq_length,
+        config.max_epochs)
+    blend = PhasedBlend([
+        (phase.steps * step_samples,
+         blend_weights(phase, prepared.languages, train_tokens))
+        for phase in phases])
+    return phases, blend
+
+
 def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
                   micro_batch_size: int, train_samples: int,
-                  valid_samples: int) -> tuple[Samples, Samples]:
-    """Train and validation ``Samples`` of at least the sizes asked for."""
+                  valid_samples: int,
+                  global_batch_size: Optional[int] = None
+                  ) -> tuple[Samples, Samples]:
+    """Train and validation ``Samples`` of at least the sizes asked for.
+    Sources with languages are blended by the mixture plan, whose
+    schedule (data.mixture_schedule) counts in steps of
+    global_batch_size samples."""
     dataset_config = _dataset_config(prepared, config, seed,
                                      prepared.prefixes)
     sizes = [_split_sizes(p, dataset_config.split_matrix)
@@ -168,12 +242,16 @@ def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
                 f"{train_tokens} training and {valid_tokens} validation "
                 f"tokens; each needs more than data.seq_length "
                 f"{config.seq_length}: add data or change data.split")
-    weights, plan = prepared.weights, None
+    train_tokens = [train for (train, _), _ in sizes]
+    weights, plan, blend = prepared.weights, None, None
     if prepared.languages:
-        plan, weights = language_mixture(
-            prepared.languages, [train for (train, _), _ in sizes],
-            config.mixture, train_samples * config.seq_length,
-            config.mixture_alpha, config.max_epochs)
+        plan, blend = _language_blend(prepared, config, train_tokens,
+                                      train_samples, global_batch_size)
+        # Megatron builds each dataset to the samples the phases draw.
+        weights = [float(max(1, count)) for count in blend.demand]
+    elif config.mixture_schedule:
+        raise UserError("data.mixture_schedule changes how languages mix: "
+                        "name the sources' languages in data.languages")
     elif weights is None and len(sizes) > 1:
         weights = [float(train) for (train, _), _ in sizes]
     _check_blend_size(prepared.prefixes, weights or [1.0], sizes,
@@ -183,6 +261,9 @@ def build_samples(prepared: PreparedData, config: DataConfig, seed: int,
         megatron.GPTDataset, [train_samples, valid_samples, 0],
         lambda: True, dataset_config)
     train, valid, _ = builder.build()
+    if blend is not None:
+        blend.datasets = train.datasets
+        train = blend
     samples = Samples(train, micro_batch_size)
     samples.plan = plan
     return samples, Samples(valid, micro_batch_size)

@@ -10,15 +10,18 @@ coom.data.megatron import ...``, which would import them at once.
 
 The initialiser also warns that Transformer Engine and Apex are missing.
 COOM's data path uses neither, so those warnings are noise; they are
-silenced for this import only.
+silenced for this import only. So is the blend's notice that it cannot
+cache its indices outside a distributed run, where COOM asks for none.
 """
 import importlib
+import logging
 import warnings
 
 _MODULE_OF = {
     "BlendedMegatronDatasetBuilder":
         "megatron.core.datasets.blended_megatron_dataset_builder",
     "GPTDataset": "megatron.core.datasets.gpt_dataset",
+    "build_blending_indices": "megatron.core.datasets.helpers",
     "GPTDatasetConfig": "megatron.core.datasets.gpt_dataset",
     "DType": "megatron.core.datasets.indexed_dataset",
     "IndexedDataset": "megatron.core.datasets.indexed_dataset",
@@ -26,6 +29,14 @@ _MODULE_OF = {
 }
 
 __all__ = sorted(_MODULE_OF)
+
+
+def _not_the_cache_notice(record: logging.LogRecord) -> bool:
+    return "because path_to_cache is None" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.datasets.blended_dataset").addFilter(
+    _not_the_cache_notice)
 
 
 def __getattr__(name: str):

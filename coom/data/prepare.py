@@ -36,6 +36,7 @@ from coom.data.corpus import (
     read_records,
     source_files,
 )
+from coom.data.identify import IDENTIFY, candidates, identified
 from coom.data.languages import (
     LanguageStatistics,
     checked_language,
@@ -73,13 +74,15 @@ class TextSource:
     """Text files that become one indexed dataset, or one per language.
 
     language is their language code, 'field:KEY' for each record's own
-    (then one dataset per language), or None.
+    or 'identify' (then one dataset per language), or None.
     """
 
     name: str
     files: list[Path]
     strict_utf8: bool = True
     language: Optional[str] = None
+    labels: Optional[Path] = None
+    """Each document's identified language, one code a line."""
 
     @property
     def language_key(self) -> Optional[str]:
@@ -88,8 +91,15 @@ class TextSource:
             return self.language.removeprefix(FIELD)
         return None
 
+    @property
+    def by_document(self) -> bool:
+        """Whether each document has its own language."""
+        return self.language_key is not None or self.labels is not None
+
     def fingerprint(self, text_key: str) -> str:
         digest = hashlib.sha256(text_key.encode())
+        if self.by_document:
+            digest.update(f"{self.language}\n".encode())
         for path in self.files:
             stat = path.stat()
             digest.update(f"{path.resolve()}|{stat.st_size}|"
@@ -103,12 +113,18 @@ class TextSource:
     def records(self, text_key: str) -> Iterator[tuple[str, Optional[str]]]:
         """Each document and its language."""
         key = self.language_key
-        if key is None:
+        if self.labels is not None:
+            with open(self.labels, encoding="utf-8") as labels:
+                for document, label in zip(self.documents(text_key),
+                                           labels, strict=True):
+                    yield document, label.rstrip("\n")
+        elif key is None:
             for document in self.documents(text_key):
                 yield document, self.language
-            return
-        for path in self.files:
-            yield from read_records(path, text_key, key, self.strict_utf8)
+        else:
+            for path in self.files:
+                yield from read_records(path, text_key, key,
+                                        self.strict_utf8)
 
     def document_count(self) -> int | None:
         """How many documents there are, where that is known without
@@ -158,10 +174,27 @@ def _language(entry: str, language: Optional[str]) -> Optional[str]:
             raise UserError(f"data.languages: '{FIELD}' for {entry} needs "
                             "the field's name, e.g. 'field:lang'")
         return language
+    if language.split(":")[0] == IDENTIFY:
+        candidates(language)
+        return language
     try:
         return checked_language(language)
     except UserError as error:
         raise UserError(f"data.languages: {error} (for {entry})") from None
+
+
+def _identified(source: TextSource, config: DataConfig,
+                cache: Path) -> TextSource:
+    """source with its documents' languages identified, where its
+    data.languages entry asks for that."""
+    if source.language is None \
+            or source.language.split(":")[0] != IDENTIFY:
+        return source
+    source.labels = identified(
+        source.name, source.documents(config.text_key),
+        source.fingerprint(config.text_key), candidates(source.language),
+        cache, config.num_workers)
+    return source
 
 
 def _resolve(config: DataConfig, cache: Path) -> list:
@@ -178,14 +211,15 @@ def _resolve(config: DataConfig, cache: Path) -> list:
             continue
         language = _language(entry, language)
         if _is_megatron_prefix(entry):
-            if language and language.startswith(FIELD):
+            if language and ":" in language:
                 raise UserError(f"data.languages: {entry} is a prepared "
-                                "Megatron dataset, whose records hold no "
-                                "fields; name its language")
+                                "Megatron dataset, whose documents are "
+                                "token ids; name its language")
             sources.append((entry, language))
         elif path.exists():
-            sources.append(TextSource(path.stem, source_files(path),
-                                      language=language))
+            sources.append(_identified(
+                TextSource(path.stem, source_files(path), language=language),
+                config, cache))
         else:
             raise UserError(f"data.paths: {entry} does not exist (expected "
                             "a .txt/.jsonl file, a folder, a Megatron "
@@ -351,7 +385,7 @@ def _write_indexed(source: TextSource, tokenizer: Tokenizer,
                    config: DataConfig, folder: Path) -> dict:
     """Tokenize source into folder; returns the manifest's datasets."""
     dtype = megatron.DType.optimal_dtype(tokenizer.vocab_size)
-    outputs = _Outputs(folder, dtype, source.language_key is not None)
+    outputs = _Outputs(folder, dtype, source.by_document)
     encode = functools.partial(_encode, str(tokenizer.path), tokenizer.eod)
     languages = collections.deque()
 

@@ -118,7 +118,7 @@ def _time_steps(config: RunConfig, steps: int, warmup: int,
         misses = compile_misses()
         trainer = Trainer(config, Path(run_dir))
         device = trainer.device
-        trainer.evaluate(trainer.valid)
+        trainer.evaluate(trainer.data.valid)
         for _ in range(warmup):
             trainer.train_step()
             bar.update()

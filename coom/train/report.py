@@ -61,15 +61,32 @@ def _plot_languages(out: Path, records: list[dict]) -> None:
                for language in languages})
     plan = out.parent / "mixture.json"
     if plan.is_file():
-        shares = json.loads(plan.read_text())["languages"]
-        ordered = sorted(shares, key=lambda name: -shares[name]["share"])
-        figure, axes = plt.subplots(figsize=(max(6, len(ordered) / 6), 4))
-        axes.bar(ordered, [100 * shares[name]["share"] for name in ordered])
-        axes.set(title="Language mixture", ylabel="share of tokens (%)")
-        axes.tick_params(axis="x", labelrotation=90, labelsize="small")
-        figure.tight_layout()
-        figure.savefig(out / "mixture.png", dpi=110)
-        plt.close(figure)
+        _plot_mixture(out / "mixture.png",
+                      json.loads(plan.read_text())["phases"])
+
+
+def _plot_mixture(path: Path, phases: list[dict]) -> None:
+    """Each language's share of the tokens, a bar per phase of the plan,
+    the languages in order of their first phase's share."""
+    first = phases[0]["languages"]
+    ordered = sorted(first, key=lambda name: -first[name]["share"])
+    figure, axes = plt.subplots(figsize=(max(6, len(ordered) / 6), 4))
+    width = 0.8 / len(phases)
+    for index, phase in enumerate(phases):
+        steps = f"steps {phase['step'] + 1}-{phase['step'] + phase['steps']}"
+        axes.bar([position + index * width
+                  for position in range(len(ordered))],
+                 [100 * phase["languages"][name]["share"]
+                  for name in ordered],
+                 width, label=f"{phase['plan']}, {steps}")
+    axes.set_xticks([position + 0.4 - width / 2
+                     for position in range(len(ordered))], ordered)
+    axes.set(title="Language mixture", ylabel="share of tokens (%)")
+    axes.tick_params(axis="x", labelrotation=90, labelsize="small")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _energy_line(records: list[dict], config: dict) -> str:

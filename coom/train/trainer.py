@@ -16,13 +16,9 @@ energy budget (``train.exit_duration_in_mins``, ``energy.budget_kwh``;
 
 Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
-import json
-import math
 import os
-import shutil
 import signal
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -44,16 +40,7 @@ from coom.checkpoint.storage import (
     tensor_shapes,
 )
 from coom.config import RunConfig, TrainConfig
-from coom.data.languages import LanguageStatistics
-from coom.data.loader import (
-    Batch,
-    Samples,
-    build_samples,
-    language_validation,
-)
-from coom.data.mixture import describe_plan
-from coom.data.prepare import prepare
-from coom.data.synthetic import SyntheticSamples
+from coom.data.loader import Batch, Samples
 from coom.energy.ledger import EnergyLedger
 from coom.errors import UserError
 from coom.fp8.convert import check_hardware
@@ -70,10 +57,8 @@ from coom.train.optimizer import (
     learning_rate,
     mtp_loss_weight,
 )
-from coom.train.run_dir import write_atomically, write_config
-
-MIXTURE = "mixture.json"
-"""The run's language mixture plan, where its sources name languages."""
+from coom.train.run_data import read_run_data
+from coom.train.run_dir import write_config
 
 
 class StopRequest:
@@ -204,7 +189,7 @@ class Trainer:
             config.energy, self.device, self.world.main,
             train.global_batch_size * config.data.seq_length,
             train.exit_duration_in_mins, job_started=job_started)
-        self.recipe = self._read_data(config)
+        self.data, self.recipe = read_run_data(config, self.world, run_dir)
         self.config, self.grown = catch_up(self.recipe,
                                            run_dir / "checkpoints")
         self.model_info = model_info(self.config.model,
@@ -229,77 +214,6 @@ class Trainer:
         self.consumed_samples = 0
         self.prefetched: Optional[tuple[int, list[Batch]]] = None
 
-    def _read_data(self, config: RunConfig) -> RunConfig:
-        """Set up the training and validation samples; returns config
-        resolved by the tokenizer (``_resolved``)."""
-        train = config.train
-        self.valid_by_language: dict[str, Samples] = {}
-        """Each language's validation samples, where sources name them."""
-        self.statistics: dict[str, LanguageStatistics] = {}
-        if config.data.synthetic:
-            self.tokenizer = None
-            self.samples, self.valid = (
-                SyntheticSamples(config.model.vocab_size,
-                                 config.data.seq_length,
-                                 train.micro_batch_size, seed)
-                for seed in (train.seed, train.seed + 1))
-            return config
-        # The first process prepares the data (and copies the tokenizer
-        # into the run) while the others wait, then they find it ready.
-        if not self.world.main:
-            self.world.barrier()
-        prepared = prepare(config.data)
-        self.tokenizer = prepared.tokenizer
-        config = self._resolved(config)
-        if self.world.main:
-            self.world.barrier()
-        self.samples, self.valid = build_samples(
-            prepared, config.data, train.seed, train.micro_batch_size,
-            train.steps * train.global_batch_size,
-            train.eval_iters * train.micro_batch_size)
-        if prepared.languages and train.eval_iters_per_language:
-            self.valid_by_language = language_validation(
-                prepared, config.data, train.seed, train.micro_batch_size,
-                train.eval_iters_per_language * train.micro_batch_size)
-            self.statistics = prepared.statistics
-        plan = self.samples.plan
-        if plan is not None and self.world.main:
-            print(describe_plan(config.data.mixture, plan))
-            write_atomically(self.run_dir / MIXTURE, json.dumps(
-                {"plan": config.data.mixture,
-                 "languages": {language: vars(share)
-                               for language, share in plan.items()}},
-                indent=1))
-        return config
-
-    def _resolved(self, config: RunConfig) -> RunConfig:
-        """config with the tokenizer copied into the run, its
-        end-of-document token named (the copy leaves any
-        tokenizer_config.json behind) and the model's vocabulary size
-        filled in, so that a resume finds all three."""
-        vocab = self.tokenizer.vocab_size
-        size = config.model.vocab_size
-        if size is not None and size < vocab:
-            raise UserError(
-                f"config field model.vocab_size: {size} is smaller than the "
-                f"tokenizer's {vocab} tokens ({self.tokenizer.path}); raise "
-                "it or leave it unset")
-        kept = self.run_dir / "tokenizer.json"
-        if self.world.main and not kept.exists():
-            shutil.copyfile(self.tokenizer.path, kept)
-        return replace(config,
-                       model=replace(config.model, vocab_size=size or vocab),
-                       data=replace(config.data, tokenizer=str(kept),
-                                    eod_token=self.tokenizer.eod_token))
-
-    def _tokenizer_sha256(self):
-        return None if self.tokenizer is None else self.tokenizer.fingerprint
-
-    def _tokenizer_label(self) -> str:
-        if self.tokenizer is None:
-            return "this run's random tokens (data.synthetic)"
-        return str(self.tokenizer.path)
-
     def tensors(self) -> dict:
         """The weights and optimizer moments as this process holds them
         (its shards under FSDP or tensor parallelism), named as in the
@@ -315,7 +229,7 @@ class Trainer:
         return {"step": self.step, "consumed_samples": self.consumed_samples,
                 "train_flops": self.flops, "train_seconds": self.seconds,
                 "rng": rng,
-                "tokenizer_sha256": self._tokenizer_sha256(),
+                "tokenizer_sha256": self.data.tokenizer_sha256,
                 "config": self.config.to_dict(),
                 "energy": self.energy.state_dict(),
                 PLACEMENT: self.expert_placement}
@@ -323,10 +237,10 @@ class Trainer:
     def restore(self, path: Path) -> None:
         state = read_train_state(path)
         _check_same_model(self.model_shapes, path)
-        if state["tokenizer_sha256"] != self._tokenizer_sha256():
+        if state["tokenizer_sha256"] != self.data.tokenizer_sha256:
             raise UserError(
                 f"checkpoint {path} was trained with another tokenizer "
-                f"than {self._tokenizer_label()}; set data.tokenizer to the "
+                f"than {self.data.tokenizer_label}; set data.tokenizer to the "
                 "run's tokenizer")
         tensors = self.tensors()
         load_sharded(path, tensors)
@@ -376,10 +290,10 @@ class Trainer:
                 f"checkpoint.init_from {path} holds another model; set the "
                 f"recipe's model fields to its values: {'; '.join(changed)}")
         sha = weights.tokenizer_sha256
-        if sha is not None and sha != self._tokenizer_sha256():
+        if sha is not None and sha != self.data.tokenizer_sha256:
             raise UserError(
                 f"checkpoint.init_from {path} was trained with another "
-                f"tokenizer than {self._tokenizer_label()}; set "
+                f"tokenizer than {self.data.tokenizer_label}; set "
                 "data.tokenizer to its tokenizer.json")
         # Every process holds the whole weights; each keeps its shards
         # (and under pipeline parallelism its stages').
@@ -433,7 +347,7 @@ class Trainer:
             // self.world.data_size
         first = self.consumed_samples \
             + self.world.data_rank * share * micro_batch
-        return [self.samples.batch(first + index * micro_batch)
+        return [self.data.samples.batch(first + index * micro_batch)
                 .to(self.device) for index in range(share)]
 
     def evaluate(self, samples: Samples,
@@ -448,15 +362,14 @@ class Trainer:
         language's: its loss per token and, where its bytes per token are
         known, bits per byte, which compare across languages and
         tokenizers."""
-        record = {"val_loss": self.evaluate(self.valid)}
-        for language, samples in self.valid_by_language.items():
+        record = {"val_loss": self.evaluate(self.data.valid)}
+        for language, samples in self.data.valid_by_language.items():
             loss = self.evaluate(
                 samples, self.config.train.eval_iters_per_language)
             record[f"val_loss/{language}"] = loss
-            figures = self.statistics.get(language)
-            if figures is not None and figures.bytes:
-                record[f"val_bpb/{language}"] = \
-                    loss * figures.tokens_per_byte / math.log(2)
+            bits = self.data.bits_per_byte(language, loss)
+            if bits is not None:
+                record[f"val_bpb/{language}"] = bits
         return record
 
     def save(self) -> None:

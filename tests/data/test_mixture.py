@@ -1,7 +1,7 @@
 """Sampling plans over languages against their formulas."""
 import pytest
 
-from coom.data.mixture import plan_shares
+from coom.data.mixture import plan_phases, plan_shares
 from coom.errors import UserError
 
 TOKENS = {"en": 1_000_000, "de": 200_000, "sw": 5_000, "yo": 1_000}
@@ -67,3 +67,33 @@ def test_bad_plans_are_refused_in_one_line(plan, tokens, kwargs, message):
     with pytest.raises(UserError, match=message) as error:
         plan_shares(plan, tokens, budget=1000, **kwargs)
     assert "\n" not in str(error.value)
+
+
+def test_phases_split_the_run_and_cap_its_repeats_as_a_whole():
+    """A proportional start, then UniMax: each plan shares its own
+    phase's tokens, and UniMax caps yo and sw at what the first phase
+    left of their max_epochs."""
+    cap = 4.0
+    phases = plan_phases(TOKENS, [(0, "proportional", 0.3),
+                                  (100, "unimax", 0.3)],
+                         steps=600, step_tokens=1000, max_epochs=cap)
+    assert [(p.step, p.steps, p.plan) for p in phases] == [
+        (0, 100, "proportional"), (100, 500, "unimax")]
+    first, second = (phase.shares for phase in phases)
+    assert first == plan_shares("proportional", TOKENS, budget=100_000)
+    for language in ("yo", "sw"):
+        total = first[language].epochs + second[language].epochs
+        assert total == pytest.approx(cap)
+    assert second["en"].share == pytest.approx(second["de"].share)
+    assert sum(s.share for s in second.values()) == pytest.approx(1.0)
+
+
+def test_phases_that_together_repeat_a_language_too_often_are_refused():
+    # Uniform shares repeat yo 3 times in each phase: 6 in all.
+    uniform = [(0, "temperature", 0.0), (1, "temperature", 0.0)]
+    with pytest.raises(UserError, match="repeats yo 6.00 times, more "
+                       "than 4"):
+        plan_phases(TOKENS, uniform, steps=2, step_tokens=12_000,
+                    max_epochs=4.0)
+    assert len(plan_phases(TOKENS, uniform, steps=2, step_tokens=12_000,
+                           max_epochs=6.0)) == 2

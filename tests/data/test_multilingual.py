@@ -3,6 +3,7 @@ statistics, blended by a mixture plan, and refused in one line when
 their languages are wrong."""
 import json
 import math
+import sys
 from collections import Counter
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ import pytest
 
 from coom.cli import main
 from coom.config import DataConfig
+from coom.config.data import MixtureChange
 from coom.data import locale_sample
 from coom.data.loader import build_samples
 from coom.data.prepare import (
@@ -72,7 +74,8 @@ def test_the_blend_follows_the_plan_within_one_percent(config):
     prepared = prepare(config)
     train, _ = build_samples(prepared, config, seed=3, micro_batch_size=2,
                              train_samples=2000, valid_samples=8)
-    plan = train.plan
+    [phase] = train.plan
+    plan = phase.shares
     assert set(plan) == set(DOCUMENTS)
     assert sum(share.share for share in plan.values()) == pytest.approx(1)
     # Temperature 0.3 lifts the rare languages above their data's share.
@@ -82,6 +85,134 @@ def test_the_blend_follows_the_plan_within_one_percent(config):
     for index, language in enumerate(prepared.languages):
         realised = drawn[index] / len(train.dataset)
         assert realised == pytest.approx(plan[language].share, abs=0.01)
+
+
+def test_identified_languages_split_a_source_by_language(config, tmp_path,
+                                                          monkeypatch):
+    """The same sentences with no language field: identified among the
+    four languages, each document lands with its own language, and the
+    labels are cached: preparing again needs no identifier."""
+    path = tmp_path / "untagged.jsonl"
+    records = [json.loads(line) for line in
+               open(config.paths[0], encoding="utf-8")]
+    path.write_text("".join(json.dumps({"text": record["text"]}) + "\n"
+                            for record in records))
+    identify = replace(config, paths=[str(path)],
+                       languages=["identify:en+de+ja+sw"],
+                       cache_dir=str(tmp_path / "cache"))
+    prepared = prepare(identify)
+    assert sorted(prepared.languages) == sorted(DOCUMENTS)
+    for language, count in DOCUMENTS.items():
+        assert prepared.statistics[language].documents == count
+    [labels] = (tmp_path / "cache" / "languages").glob("untagged-*.txt")
+    assert Counter(labels.read_text().split()) == DOCUMENTS
+    monkeypatch.setitem(sys.modules, "py3langid", None)
+    assert prepare(identify).statistics == prepared.statistics
+
+
+@pytest.mark.parametrize("languages, message", [
+    ("[identify:en+xx]", "unknown language code 'xx'"),
+    ("[identify:en+tlh]", "the identifier does not know tlh; it knows"),
+])
+def test_bad_identification_is_refused_in_one_line(tmp_path, capsys,
+                                                   languages, message):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"text": "hello there, world"}) + "\n")
+    assert _prepare(tmp_path, f"data.paths=[{path}]",
+                    f"data.languages={languages}") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("coom: error: ") and message in error
+
+
+def test_identification_without_its_library_says_how_to_install_it(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "py3langid", None)
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"text": "hello there, world"}) + "\n")
+    assert _prepare(tmp_path, f"data.paths=[{path}]",
+                    "data.languages=[identify]") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "pip install 'py3langid>=0.4'" in error
+
+
+def test_a_schedule_follows_each_plan_and_goes_on_through_the_data(
+        config):
+    """Proportional for 100 steps of 10 samples, then uniform: each
+    phase's blend follows its plan within 1%, and each language's
+    samples continue where the first phase left them, none drawn
+    twice."""
+    schedule = replace(config, mixture="proportional", mixture_schedule=[
+        MixtureChange(step=100, mixture="temperature", mixture_alpha=0.0)])
+    prepared = prepare(schedule)
+    train, _ = build_samples(prepared, schedule, seed=3, micro_batch_size=2,
+                             train_samples=3000, valid_samples=8,
+                             global_batch_size=10)
+    assert [(p.step, p.steps) for p in train.plan] == [(0, 100), (100, 200)]
+    datasets = np.asarray(train.dataset.dataset_index)
+    samples = np.asarray(train.dataset.dataset_sample_index)
+    for phase, part in zip(train.plan, (slice(0, 1000), slice(1000, None))):
+        drawn = Counter(datasets[part].tolist())
+        for index, language in enumerate(prepared.languages):
+            assert drawn[index] / len(datasets[part]) == pytest.approx(
+                phase.shares[language].share, abs=0.01)
+    assert train.plan[1].shares["sw"].share == pytest.approx(0.25)
+    for index in range(len(prepared.languages)):
+        ours = samples[datasets == index]
+        assert sorted(ours) == list(range(len(ours)))
+
+
+def _multilingual_run(config, *overrides) -> list[str]:
+    return ["--set", f"data.paths=[{config.paths[0]}]",
+            "data.languages=[field:lang]",
+            f"data.cache_dir={config.cache_dir}",
+            "data.tokenizer_vocab_size=400", "data.seq_length=32",
+            "data.split=80,20,0", "model.num_layers=2",
+            "train.micro_batch_size=2", "train.global_batch_size=4",
+            "train.eval_iters=1", "logging.progress_bar=false",
+            "logging.log_interval=1", *overrides]
+
+
+def test_a_run_resumes_exactly_across_a_mixture_change(config, tmp_path):
+    """Six steps with the mixture changed after the third, straight and
+    in pieces that stop before and after the change: the same losses
+    and gradient norms, bit for bit."""
+    change = ("data.mixture_schedule=[{step: 3, mixture: temperature, "
+              "mixture_alpha: 0}]")
+    straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    assert main(["train", "tiny", "--run-dir", str(straight),
+                 *_multilingual_run(config, change, "train.steps=6")]) == 0
+    assert main(["train", "tiny", "--run-dir", str(pieces),
+                 *_multilingual_run(config, change, "train.steps=6",
+                                    "train.exit_interval=2")]) == 0
+    for exit_interval in ("4", "null"):
+        assert main(["train", "--resume", str(pieces), "--set",
+                     f"train.exit_interval={exit_interval}"]) == 0
+    plan = json.loads((pieces / "mixture.json").read_text())["phases"]
+    assert [(p["step"], p["plan"]) for p in plan] == [
+        (0, "proportional"), (3, "temperature")]
+    expected, resumed = read_metrics(straight), read_metrics(pieces)
+    assert [r["step"] for r in resumed] == list(range(7))
+    for ours, theirs in zip(resumed, expected, strict=True):
+        for key in ("step", "loss", "grad_norm", "val_loss",
+                    "consumed_samples"):
+            assert ours.get(key) == theirs.get(key), (key, ours["step"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.languages=null", "train.steps=6"],
+     "name the sources' languages in data.languages"),
+    (["train.steps=3"], "a mixture change at step 3 must come before"),
+    (["data.mixture_schedule=[{step: 3}, {step: 2}]", "train.steps=6"],
+     "steps must increase"),
+])
+def test_bad_mixture_schedules_are_refused_in_one_line(
+        config, tmp_path, capsys, overrides, message):
+    run = _multilingual_run(config, "data.mixture_schedule=[{step: 3}]",
+                            *overrides)
+    assert main(["train", "tiny", "--run-dir", str(tmp_path / "run"),
+                 *run]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("coom: error: ") and message in error
 
 
 def _prepare(tmp_path, *overrides) -> int:
@@ -151,7 +282,7 @@ def test_the_multilingual_recipe_trains_on_translated_messages(
                  "model.num_layers=2", "train.steps=2",
                  "train.micro_batch_size=2", "train.global_batch_size=2",
                  "train.eval_iters=1", "logging.progress_bar=false"]) == 0
-    plan = json.loads((run / "mixture.json").read_text())
+    [plan] = json.loads((run / "mixture.json").read_text())["phases"]
     assert plan["plan"] == "unimax"
     assert sorted(plan["languages"]) == ["de", "en", "fr", "sv"]
     assert all(language["epochs"] <= 4

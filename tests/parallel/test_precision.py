@@ -28,7 +28,8 @@ def trainer(tmp_path) -> Trainer:
 
 
 def _batches(trainer: Trainer) -> list[Batch]:
-    return [trainer.samples.batch(index) for index in range(MICRO_BATCHES)]
+    return [trainer.data.samples.batch(index)
+            for index in range(MICRO_BATCHES)]
 
 
 def _forward_backward(trainer: Trainer, batches: list[Batch]) -> None:

@@ -60,10 +60,13 @@ def test_languages_are_plotted(run, capsys):
              for step in (0, 3)]
     with open(run / "metrics.jsonl", "a") as file:
         file.write("\n".join(lines) + "\n")
-    (run / "mixture.json").write_text(json.dumps({
-        "plan": "unimax", "languages": {
+    (run / "mixture.json").write_text(json.dumps({"phases": [
+        {"step": 0, "steps": 2, "plan": "unimax", "languages": {
             "en": {"tokens": 1000, "share": 0.6, "epochs": 1.0},
-            "sw": {"tokens": 10, "share": 0.4, "epochs": 4.0}}}))
+            "sw": {"tokens": 10, "share": 0.4, "epochs": 4.0}}},
+        {"step": 2, "steps": 2, "plan": "proportional", "languages": {
+            "en": {"tokens": 1000, "share": 0.99, "epochs": 1.0},
+            "sw": {"tokens": 10, "share": 0.01, "epochs": 1.0}}}]}))
     assert main(["report", str(run)]) == 0
     summary = capsys.readouterr().out
     for name in ("val_bpb_by_language", "mixture"):

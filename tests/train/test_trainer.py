@@ -131,7 +131,7 @@ def test_a_run_killed_while_preparing_its_data_resumes(small_run,
 
     def killed(config):
         raise KeyboardInterrupt
-    monkeypatch.setattr("coom.train.trainer.prepare", killed)
+    monkeypatch.setattr("coom.train.run_data.prepare", killed)
     assert _train(run, small_run) == 130
     monkeypatch.undo()
     assert main(["train", "--resume", str(run)]) == 0
