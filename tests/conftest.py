@@ -40,7 +40,7 @@ def corpus_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_run(corpus_dir, tmp_path_factory) -> list[str]:
     """--set overrides for a run of a few seconds on corpus_dir."""
     cache = tmp_path_factory.getbasetemp() / "cache"

@@ -11,6 +11,8 @@ folder, holding:
 - ``train_state.pt``: the rest (step, samples consumed, random
   generators, config), written by the first process;
 - ``meta.json``, written last: a folder without it is not a checkpoint.
+  It lists every other file with its size and CRC-32, which a resume
+  checks (``set_aside_damaged``).
 
 It is written as ``.tmp-step_NNNNNNN``, every file and the folder are
 fsynced, then it is renamed into place, and only then does the
@@ -32,6 +34,7 @@ import os
 import re
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +54,10 @@ LATEST = "latest"
 TRAIN_STATE = "train_state.pt"
 META = "meta.json"
 PREFIX = "step_"
+DAMAGED = "damaged-"
+"""Prefix of a checkpoint set aside because its files fail its manifest.
+"""
+CHUNK = 1 << 24
 
 
 def _distributed() -> bool:
@@ -156,7 +163,8 @@ def write_checkpoint_folder(folder: Path, tensors: dict,
             torch.save(train_state, folder / TRAIN_STATE)
         meta = {"step": train_state.get("step"),
                 "tensors": sorted(tensors), "format": "torch.distributed"
-                ".checkpoint, plus train_state.pt"}
+                ".checkpoint, plus train_state.pt",
+                "files": _manifest(folder)}
         with _writing(folder / META):
             (folder / META).write_text(json.dumps(meta))
         with _writing(folder):
@@ -241,6 +249,60 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def is_checkpoint(folder: Path) -> bool:
     return (folder / META).is_file()
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _manifest(folder: Path) -> dict[str, list[int]]:
+    """Each file of a checkpoint folder but meta.json: [size, CRC-32]."""
+    return {path.name: [path.stat().st_size, _crc32(path)]
+            for path in sorted(folder.iterdir())
+            if path.is_file() and path.name != META}
+
+
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files, by its manifest:
+    the first one missing, of another size or another checksum; None if
+    all match, or for a checkpoint written before manifests."""
+    try:
+        files = json.loads((path / META).read_text()).get("files", {})
+    except (OSError, ValueError) as error:
+        return f"{META} is unreadable ({_reason(error)})"
+    for name, (size, crc) in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return (f"{name} holds {file.stat().st_size:,} bytes, not "
+                    f"{size:,}")
+        if _crc32(file) != crc:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def set_aside_damaged(folder: Path) -> list[str]:
+    """Check the newest complete checkpoints against their manifests,
+    newest first, until one passes; rename each that fails to
+    ``damaged-NAME`` (kept, for a person to look at) and point
+    ``latest`` at the one that passed. Returns a line for each set
+    aside. Call it on the first process, before any reads the folder."""
+    lines = []
+    for path in reversed(complete_checkpoints(folder)):
+        problem = damage(path)
+        if problem is None:
+            if lines:
+                _write_pointer(folder, path.name)
+            break
+        path.rename(path.with_name(DAMAGED + path.name))
+        lines.append(f"checkpoint {path.name} is damaged ({problem}): set "
+                     f"aside as {DAMAGED + path.name}")
+    return lines
 
 
 def _unreadable(path: Path, error: BaseException) -> UserError:

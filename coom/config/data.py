@@ -82,12 +82,18 @@ class DataConfig:
     tokenizer_vocab_size: int = 8192
     """Vocabulary size of a tokenizer trained by COOM."""
 
-    tokenizer_alpha: float = 0.5
+    tokenizer_alpha: float = 1.0
     """When COOM trains the tokenizer on sources with languages, each
     language's share of its training text is proportional to the
-    language's bytes to this power, so rare languages and scripts get
-    vocabulary (1: the text as it comes). 0.5 measured the better
-    trade-off than 0.3 on 95 languages (``docs/multilingual.md``)."""
+    language's bytes to this power, before tokenizer_floor (1: as the
+    text comes; mT5's 0.3 lifts every smaller language)."""
+
+    tokenizer_floor: float = 0.6
+    """When COOM trains the tokenizer on sources with languages, each
+    language gets at least this fraction of an equal share of its
+    training text (0: none), so rare languages and scripts get
+    vocabulary while the large ones keep theirs. 0.6 measured the best
+    trade-off on 95 languages (``docs/multilingual.md``)."""
 
     eod_token: str | None = None
     """The token written after each document (Megatron: the tokenizer's
@@ -130,7 +136,7 @@ class DataConfig:
         steps = [change.step for change in self.mixture_schedule]
         require(steps == sorted(set(steps)), "mixture_schedule",
                 f"steps must increase; got {steps}")
-        for name in ("mixture_alpha", "tokenizer_alpha"):
+        for name in ("mixture_alpha", "tokenizer_alpha", "tokenizer_floor"):
             value = getattr(self, name)
             require(0 <= value <= 1, name,
                     f"must lie in [0, 1], got {value}")

@@ -24,6 +24,30 @@ def _field_docstrings(cls) -> dict[str, str]:
     return docs
 
 
+def _section(name: str, cls) -> list[str]:
+    """The lines of section name (a dataclass), then of each section
+    nested in it."""
+    lines = [f"## `{name}`", "", inspect.cleandoc(cls.__doc__), "",
+             "| field | default | meaning |", "|---|---|---|"]
+    docs = _field_docstrings(cls)
+    defaults = cls()
+    nested = []
+    for item in dataclasses.fields(cls):
+        value = getattr(defaults, item.name)
+        if dataclasses.is_dataclass(value):
+            nested.append((f"{name}.{item.name}", type(value)))
+            default = f"section `{name}.{item.name}`"
+        else:
+            default = yaml.safe_dump(value, default_flow_style=True).strip()
+            default = "`" + default.removesuffix("\n...").removesuffix(
+                " ...") + "`"
+        lines.append(f"| `{item.name}` | {default} | {docs[item.name]} |")
+    lines.append("")
+    for child, child_cls in nested:
+        lines += _section(child, child_cls)
+    return lines
+
+
 def config_reference() -> str:
     """Markdown reference of every section and field, from the code."""
     lines = ["# Configuration reference", "",
@@ -31,16 +55,5 @@ def config_reference() -> str:
              "`python -m coom.config > docs/config.md`; a test keeps it in "
              "step with the code.", ""]
     for section in dataclasses.fields(RunConfig):
-        cls = section.type
-        lines += [f"## `{section.name}`", "", cls.__doc__.strip(), "",
-                  "| field | default | meaning |", "|---|---|---|"]
-        docs = _field_docstrings(cls)
-        defaults = cls()
-        for item in dataclasses.fields(cls):
-            default = yaml.safe_dump(getattr(defaults, item.name),
-                                     default_flow_style=True).strip()
-            default = default.removesuffix("\n...").removesuffix(" ...")
-            lines.append(f"| `{item.name}` | `{default}` | "
-                         f"{docs[item.name]} |")
-        lines.append("")
+        lines += _section(section.name, section.type)
     return "\n".join(lines)

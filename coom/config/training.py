@@ -1,8 +1,9 @@
 """The sections of the training loop: optimizer, learning-rate schedule
 and the loop itself."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from coom.config.anomaly import AnomalyConfig
 from coom.config.checks import positive, require
 
 
@@ -147,6 +148,9 @@ class TrainConfig:
     runs its forward again in the backward; 'selective' keeps the outputs
     of matrix products, attention and collectives and recomputes the
     element-wise work around them (``coom/parallel/recompute.py``)."""
+
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    """Loss spikes and non-finite steps: what they do."""
 
     kernels: bool = True
     """Run COOM's fused Triton kernels on GPUs (``coom/kernels``); false

@@ -68,7 +68,10 @@ class Samples:
         return len(self.dataset)
 
     def batch(self, start: int) -> Batch:
-        items = [self.dataset[i]
+        """The micro-batch from sample start on. Past the samples built,
+        indices wrap to the first: a rollback's skipped batches
+        (``coom.train.anomaly``) may take a run that far."""
+        items = [self.dataset[i % len(self.dataset)]
                  for i in range(start, start + self.micro_batch_size)]
         return Batch(*(torch.stack([item[key] for item in items])
                        for key in ("tokens", "labels", "loss_mask")))

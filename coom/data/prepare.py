@@ -256,9 +256,10 @@ def _tokenizer(config: DataConfig, sources: list, cache: Path) -> Tokenizer:
     for source in texts:
         digest.update(source.fingerprint(config.text_key).encode())
     balanced = any(source.language for source in texts) \
-        and config.tokenizer_alpha != 1
+        and (config.tokenizer_alpha != 1 or config.tokenizer_floor > 0)
     if balanced:
-        digest.update(f"alpha {config.tokenizer_alpha}".encode())
+        digest.update(f"alpha {config.tokenizer_alpha} floor "
+                      f"{config.tokenizer_floor}".encode())
     path = cache / "tokenizers" / digest.hexdigest()[:16] / "tokenizer.json"
     eod_token = config.eod_token or END_OF_DOCUMENT
     if path.is_file():
@@ -266,11 +267,12 @@ def _tokenizer(config: DataConfig, sources: list, cache: Path) -> Tokenizer:
     _make_cache_folder(path.parent)
     print(f"training a {config.tokenizer_vocab_size}-token byte-level BPE "
           f"on {', '.join(s.name for s in texts)}"
-          + (f", languages balanced by alpha {config.tokenizer_alpha}"
-             if balanced else ""))
+          + (f", languages balanced (alpha {config.tokenizer_alpha}, "
+             f"floor {config.tokenizer_floor})" if balanced else ""))
     if balanced:
         documents, count = _balanced(texts, config.text_key,
-                                     config.tokenizer_alpha), None
+                                     config.tokenizer_alpha,
+                                     config.tokenizer_floor), None
     else:
         documents = (d for s in texts for d in s.documents(config.text_key))
         counts = [s.document_count() for s in texts]
@@ -279,19 +281,25 @@ def _tokenizer(config: DataConfig, sources: list, cache: Path) -> Tokenizer:
                      eod_token, count)
 
 
-def _balanced(texts: list[TextSource], text_key: str,
-              alpha: float) -> Iterator[str]:
+def _balanced(texts: list[TextSource], text_key: str, alpha: float,
+              floor: float) -> Iterator[str]:
     """The sources' documents, each repeated (or dropped) at random so
     that each language's share of the bytes is proportional to its bytes
-    to the power alpha, in as many bytes as the sources hold: rare
-    languages get more of the tokenizer's vocabulary. The draw is seeded,
-    so the tokenizer is reproducible."""
+    to the power alpha, but at least floor times an equal share, in as
+    many bytes as the sources hold: rare languages get more of the
+    tokenizer's vocabulary. The draw is seeded, so the tokenizer is
+    reproducible."""
     sizes = collections.Counter()
     for source in texts:
         for document, language in source.records(text_key):
             sizes[language] += len(document.encode("utf-8"))
-    weights = {language: size ** alpha for language, size in sizes.items()}
-    scale = sum(sizes.values()) / sum(weights.values())
+    total = sum(sizes.values())
+    powered = {language: size ** alpha for language, size in sizes.items()}
+    scale = total / sum(powered.values())
+    least = floor * total / len(sizes)
+    weights = {language: max(weight * scale, least)
+               for language, weight in powered.items()}
+    scale = total / sum(weights.values())
     copies = {language: scale * weights[language] / size if size else 0.0
               for language, size in sizes.items()}
     draw = random.Random(0)

@@ -63,9 +63,13 @@ class ExpertBalancer:
                     loads_le.mean(dim=1, keepdim=True) - loads_le)
                 torch._foreach_add_([moe.router.bias for moe in moved],
                                     list(steps_le))
-            for moe in layers:
-                moe.tokens_per_expert.zero_()
-                moe.aux_loss_sum.zero_()
+            self.discard()
+
+    def discard(self) -> None:
+        """Forget the step's counts: for a step that updates nothing."""
+        for moe in self.layers.values():
+            moe.tokens_per_expert.zero_()
+            moe.aux_loss_sum.zero_()
 
     def _local_metrics(self) -> dict:
         """This process's layers' load statistics, in one read."""

@@ -200,11 +200,16 @@ class World:
         """Whether flag holds on any process of the run; every process
         takes part. Decisions that lead to collectives (stopping, with a
         checkpoint every process writes) must be the same everywhere."""
+        return bool(self.maximum(int(flag)))
+
+    def maximum(self, value: int) -> int:
+        """The largest of value over the run's processes; every process
+        takes part."""
         if self.mesh is None:
-            return flag
-        votes = torch.tensor([int(flag)], device=self.device)
+            return value
+        votes = torch.tensor([value], device=self.device)
         dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-        return bool(votes.item())
+        return int(votes.item())
 
     def close(self) -> None:
         """Leave the process group, once the run is over.

@@ -37,6 +37,7 @@ from coom.checkpoint.storage import (
     load_sharded,
     read_train_state,
     save_checkpoint,
+    set_aside_damaged,
     tensor_shapes,
 )
 from coom.config import RunConfig, TrainConfig
@@ -51,6 +52,7 @@ from coom.models.info import model_info, state_shapes
 from coom.parallel.build import build_model
 from coom.parallel.expert import PLACEMENT, ExpertParallel, place_experts
 from coom.parallel.mesh import World, local_device, start_world
+from coom.train.anomaly import LOG, ROLLBACK, SKIP, AnomalyGuard
 from coom.train.metrics import MetricsWriter
 from coom.train.optimizer import (
     build_optimizer,
@@ -59,6 +61,11 @@ from coom.train.optimizer import (
 )
 from coom.train.run_data import read_run_data
 from coom.train.run_dir import write_config
+
+ACTIONS = (LOG, SKIP, ROLLBACK)
+"""A step's possible fates, in order of precedence among processes."""
+PAST = {LOG: "applied", SKIP: "skipped, the weights unchanged",
+        ROLLBACK: "rolling back to the latest checkpoint"}
 
 
 class StopRequest:
@@ -181,6 +188,10 @@ class Trainer:
         self.run_dir = run_dir
         self.device = local_device(resolve_device(config.train.device))
         self.world = world or start_world(config.parallel, self.device)
+        if self.world.main:
+            for line in set_aside_damaged(run_dir / "checkpoints"):
+                print(line)
+        self.world.barrier()
         _check_batch_split(config.train, self.world)
         check_hardware(config.fp8, self.device)
         torch.manual_seed(config.train.seed)
@@ -210,6 +221,9 @@ class Trainer:
         self.optimizer.register_step_post_hook(
             self.parallel.balancer.after_step)
         self.expert_placement = None
+        self.guard = AnomalyGuard(train.anomaly)
+        self.skipped_samples: list[list[int]] = []
+        """The sample ranges rollbacks skipped, [first, end)."""
         self.step = 0
         self.consumed_samples = 0
         self.prefetched: Optional[tuple[int, list[Batch]]] = None
@@ -232,6 +246,8 @@ class Trainer:
                 "tokenizer_sha256": self.data.tokenizer_sha256,
                 "config": self.config.to_dict(),
                 "energy": self.energy.state_dict(),
+                "anomaly": self.guard.state_dict(),
+                "skipped_samples": self.skipped_samples,
                 PLACEMENT: self.expert_placement}
 
     def restore(self, path: Path) -> None:
@@ -255,6 +271,8 @@ class Trainer:
         self.flops = state.get("train_flops", 0.0)
         self.seconds = state.get("train_seconds", 0.0)
         self.energy.load_state_dict(state.get("energy"))
+        self.guard.load_state_dict(state.get("anomaly"))
+        self.skipped_samples = state.get("skipped_samples", [])
         self._place_experts(state.get(PLACEMENT), path)
 
     def _place_experts(self, placement: Optional[dict], path: Path):
@@ -321,8 +339,6 @@ class Trainer:
         self.consumed_samples += train.global_batch_size
         self.flops += self.flops_per_step
         norm = self.parallel.clip_gradients(self.config.optimizer.clip_grad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         # The next step's batches are read and sent to the device while
         # the device still runs this one.
         if self.step < train.steps:
@@ -331,7 +347,42 @@ class Trainer:
         metrics = {"loss": total, "lr": lr, "grad_norm": norm}
         if self.config.model.mtp_num_layers:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
+        anomaly = self.guard.judge(total, norm)
+        # Every process judges the same global figures; the vote keeps
+        # them together all the same, since a rollback is collective.
+        action = ACTIONS[self.world.maximum(
+            ACTIONS.index(anomaly.action if anomaly else LOG))]
+        if action == LOG:
+            self.optimizer.step()
+        else:
+            self.parallel.balancer.discard()
+        self.optimizer.zero_grad(set_to_none=True)
+        if anomaly is not None or action != LOG:
+            metrics |= anomaly.record() if anomaly \
+                else {"anomaly": "on another process"}
+            metrics["anomaly_action"] = action
         return metrics
+
+    def roll_back(self) -> dict:
+        """Go back to the latest checkpoint, after a spike, and skip the
+        data from there through the spike's batch and skip_batches more;
+        the energy, time and work spent since stay counted. Returns the
+        event's record; without a checkpoint, the spike's step is only
+        skipped."""
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
+        end = self.consumed_samples + self.config.train.anomaly.skip_batches \
+            * self.config.train.global_batch_size
+        if latest is None:
+            return {"rollback": "no checkpoint yet: the step was skipped"}
+        kept = self.energy.state_dict(), self.flops, self.seconds
+        spike_step = self.step
+        self.restore(latest)
+        self.energy.load_state_dict(kept[0])
+        self.flops, self.seconds = kept[1:]
+        self.skipped_samples.append([self.consumed_samples, end])
+        self.consumed_samples = end
+        return {"rollback": f"from step {spike_step} to {latest.name}",
+                "skipped_samples": self.skipped_samples[-1]}
 
     def _batches(self) -> list[Batch]:
         """This process's micro-batches of the step that starts at
@@ -413,6 +464,16 @@ class Trainer:
         metrics.write({"step": self.step, "growth": growth,
                        "total_params": parameters})
 
+    def _note_anomaly(self, step_metrics: dict) -> None:
+        if self.world.main:
+            deviations = step_metrics.get("anomaly_deviations")
+            how_far = "" if deviations is None \
+                else f", {deviations:.1f} deviations above its window"
+            tqdm.write(f"step {self.step}: {step_metrics['anomaly']} (loss "
+                       f"{step_metrics['loss']:g}, gradient norm "
+                       f"{step_metrics['grad_norm']:g}{how_far}): "
+                       f"{PAST[step_metrics['anomaly_action']]}")
+
     def _report_compile_misses(self, metrics: MetricsWriter) -> None:
         """Log what torch.compile left to eager PyTorch up to the end of
         this process's first step (its evaluation included), and warn
@@ -443,15 +504,22 @@ class Trainer:
             started = time.perf_counter()
             step_metrics = self.train_step()
             step_seconds = time.perf_counter() - started
+            self.seconds += step_seconds
+            self.energy.end_phase("step")
+            if "anomaly" in step_metrics:
+                self._note_anomaly(step_metrics)
+            if step_metrics.get("anomaly_action") == ROLLBACK:
+                metrics.write({"step": self.step, **step_metrics,
+                               **self.roll_back()})
+                bar.n = self.step
+                continue
             if self.step == first_step \
                     and self.compile_misses_before is not None:
                 self._report_compile_misses(metrics)
-            self.seconds += step_seconds
-            self.energy.end_phase("step")
             seconds, steps = seconds + step_seconds, steps + 1
             done = self.step == config.train.steps
             evaluating = self.step % config.train.eval_interval == 0 or done
-            logging = evaluating \
+            logging = evaluating or "anomaly" in step_metrics \
                 or self.step % config.logging.log_interval == 0
             # The MoE loads are read to the host only when they are
             # logged.

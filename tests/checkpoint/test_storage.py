@@ -11,11 +11,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from coom.checkpoint.storage import (
     complete_checkpoints,
+    damage,
     latest_checkpoint,
     load_checkpoint,
     load_sharded,
     read_train_state,
     save_checkpoint,
+    set_aside_damaged,
     tensor_shapes,
 )
 from coom.errors import UserError
@@ -258,3 +260,40 @@ def test_a_save_that_fails_on_the_first_process_stops_them_all(tmp_path):
             ) in result.stdout
     assert ("rank 1: saving the checkpoint failed on the first process: "
             f"WriteError: cannot write {pointer}") in result.stdout
+
+
+@pytest.mark.parametrize("damage_file, problem", [
+    (lambda path: (path / "train_state.pt").unlink(),
+     "train_state.pt is missing"),
+    (lambda path: os.truncate(path / "__0_0.distcp", 100),
+     "__0_0.distcp holds 100 bytes, not"),
+    (lambda path: _flip_a_byte(path / "__0_0.distcp"),
+     "__0_0.distcp does not match its checksum"),
+    (lambda path: (path / "meta.json").write_text("{not json"),
+     "meta.json is unreadable"),
+])
+def test_damaged_checkpoints_are_set_aside_newest_first(
+        tmp_path, damage_file, problem):
+    """Each checkpoint lists its files' sizes and checksums; the newest
+    one that fails them is renamed aside, kept, and the one before it
+    becomes the latest."""
+    for step in (1, 2):
+        _save(tmp_path, step)
+    assert damage(tmp_path / "step_0000002") is None
+    damage_file(tmp_path / "step_0000002")
+    assert problem in damage(tmp_path / "step_0000002")
+    [line] = set_aside_damaged(tmp_path)
+    assert line.startswith("checkpoint step_0000002 is damaged (")
+    assert line.endswith("set aside as damaged-step_0000002")
+    assert (tmp_path / "damaged-step_0000002").is_dir()
+    assert latest_checkpoint(tmp_path).name == "step_0000001"
+    assert (tmp_path / "latest").read_text().strip() == "step_0000001"
+    assert set_aside_damaged(tmp_path) == []
+    _save(tmp_path, 3)
+    assert (tmp_path / "damaged-step_0000002").is_dir()
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

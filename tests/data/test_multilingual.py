@@ -87,8 +87,8 @@ def test_the_blend_follows_the_plan_within_one_percent(config):
         assert realised == pytest.approx(plan[language].share, abs=0.01)
 
 
-def test_identified_languages_split_a_source_by_language(config, tmp_path,
-                                                          monkeypatch):
+def test_identified_languages_split_a_source_by_language(
+        config, tmp_path, monkeypatch):
     """The same sentences with no language field: identified among the
     four languages, each document lands with its own language, and the
     labels are cached: preparing again needs no identifier."""
@@ -289,11 +289,8 @@ def test_the_multilingual_recipe_trains_on_translated_messages(
                for language in plan["languages"].values())
 
 
-def test_tokenizer_text_is_balanced_by_alpha(tmp_path):
-    """With alpha 0.3, a language of 100 times fewer bytes gets a fifth
-    of the tokenizer's training text ((1/100)^0.3 = 0.25 of the other's
-    weight), its documents repeated; the total stays the bytes of the
-    sources."""
+def _two_languages(tmp_path) -> list[TextSource]:
+    """English and, with 100 times fewer bytes, Swahili."""
     english = tmp_path / "en.jsonl"
     swahili = tmp_path / "sw.jsonl"
     for path, language, count in ((english, "en", 1000),
@@ -301,13 +298,29 @@ def test_tokenizer_text_is_balanced_by_alpha(tmp_path):
         path.write_text("".join(
             json.dumps({"text": f"{language} document {n:05d} " + "x" * 30,
                         "lang": language}) + "\n" for n in range(count)))
-    sources = [TextSource(path.stem, [path], language="field:lang")
-               for path in (english, swahili)]
-    drawn = list(_balanced(sources, "text", alpha=0.3))
-    assert drawn == list(_balanced(sources, "text", alpha=0.3))
-    share = sum(len(d) for d in drawn if d.startswith("sw")) \
+    return [TextSource(path.stem, [path], language="field:lang")
+            for path in (english, swahili)]
+
+
+@pytest.mark.parametrize("alpha, floor, share", [
+    # (1/100)^0.3 = 0.25 of English's weight: a fifth of the text.
+    (0.3, 0.0, 1 / (1 + 100 ** 0.3)),
+    # At least 0.6 of an equal share (half the bytes): 0.3 x 1010
+    # against English's 1000.
+    (1.0, 0.6, 0.3 * 1010 / (0.3 * 1010 + 1000)),
+    # The floor over alpha 0.3's fifth changes nothing.
+    (0.3, 0.2, 1 / (1 + 100 ** 0.3)),
+])
+def test_tokenizer_text_is_balanced_by_alpha_and_floor(tmp_path, alpha,
+                                                       floor, share):
+    """Swahili's share of the tokenizer's text, its documents repeated;
+    the total stays the bytes of the sources."""
+    sources = _two_languages(tmp_path)
+    drawn = list(_balanced(sources, "text", alpha, floor))
+    assert drawn == list(_balanced(sources, "text", alpha, floor))
+    realised = sum(len(d) for d in drawn if d.startswith("sw")) \
         / sum(len(d) for d in drawn)
-    assert share == pytest.approx(1 / (1 + 100 ** 0.3), abs=0.01)
+    assert realised == pytest.approx(share, abs=0.01)
     assert sum(map(len, drawn)) == pytest.approx(1010 * len(drawn[0]),
                                                  rel=0.02)
 
