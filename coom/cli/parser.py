@@ -55,6 +55,10 @@ def _add_train(commands) -> None:
                        "checkpoint, with its config plus any --set")
     train.add_argument("--overwrite", action="store_true",
                        help="delete an existing run directory first")
+    train.add_argument("--auto-resume", action="store_true",
+                       help="resume the run when --run-dir already holds "
+                       "one, else start it: the command a scheduler or "
+                       "torchrun --max-restarts runs again")
     train.set_defaults(handler=cmd_train)
 
 

@@ -60,6 +60,20 @@ def _new_run_dir(args) -> tuple[Path, IO | None]:
     return run_dir, lock
 
 
+def _auto_resume(args) -> None:
+    """With --auto-resume, turn a start over a run directory that holds
+    a run into its resume. Under torchrun every process decides alone:
+    one that sees the config.yaml another just wrote reads back the same
+    config."""
+    if not args.auto_resume:
+        return
+    if not args.run_dir or args.resume or args.overwrite:
+        raise UserError("--auto-resume needs --run-dir, and neither "
+                        "--resume nor --overwrite")
+    if (Path(args.run_dir) / "config.yaml").is_file():
+        args.resume, args.recipe, args.run_dir = args.run_dir, None, None
+
+
 def cmd_train(args) -> int:
     from coom.config import load_config
     from coom.train.run_dir import (
@@ -68,6 +82,7 @@ def cmd_train(args) -> int:
         record_run_info,
         write_config,
     )
+    _auto_resume(args)
     with contextlib.ExitStack() as held:
         if args.resume:
             run_dir = _resume_dir(args)

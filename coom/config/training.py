@@ -149,6 +149,12 @@ class TrainConfig:
     of matrix products, attention and collectives and recomputes the
     element-wise work around them (``coom/parallel/recompute.py``)."""
 
+    watchdog_minutes: Optional[float] = None
+    """A step (with its evaluation and checkpoint) that takes longer than
+    this dumps every process's Python stacks into the run's hangs/ and
+    ends the process with exit code 1, for a scheduler to restart the
+    job (``docs/resilience.md``). None: no watchdog."""
+
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     """Loss spikes and non-finite steps: what they do."""
 
@@ -170,5 +176,7 @@ class TrainConfig:
             positive(self, "exit_interval")
         if self.exit_duration_in_mins is not None:
             positive(self, "exit_duration_in_mins")
+        if self.watchdog_minutes is not None:
+            positive(self, "watchdog_minutes")
         require(self.compile or not self.cuda_graphs, "cuda_graphs",
                 "captures the compiled blocks; set compile=true too")

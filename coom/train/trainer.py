@@ -61,6 +61,7 @@ from coom.train.optimizer import (
 )
 from coom.train.run_data import read_run_data
 from coom.train.run_dir import write_config
+from coom.train.watchdog import Watchdog
 
 ACTIONS = (LOG, SKIP, ROLLBACK)
 """A step's possible fates, in order of precedence among processes."""
@@ -447,10 +448,12 @@ class Trainer:
                                 enabled=self.world.main)
         if self.grown:
             self._note_growth(metrics)
+        watchdog = Watchdog(self.run_dir, self.world.rank,
+                            self.config.train.watchdog_minutes)
         try:
             with StopRequest() as stop, self._progress() as bar, \
-                    self.energy:
-                return self._loop(metrics, stop, bar)
+                    self.energy, watchdog:
+                return self._loop(metrics, stop, bar, watchdog)
         finally:
             metrics.close()
 
@@ -488,8 +491,8 @@ class Trainer:
                        "which runs them slower; TORCH_LOGS=graph_breaks "
                        "shows where")
 
-    def _loop(self, metrics: MetricsWriter, stop: StopRequest,
-              bar: tqdm) -> str:
+    def _loop(self, metrics: MetricsWriter, stop: StopRequest, bar: tqdm,
+              watchdog: Watchdog) -> str:
         config = self.config
         tokens_per_step = config.train.global_batch_size \
             * config.data.seq_length
@@ -501,6 +504,7 @@ class Trainer:
             self.energy.end_phase("eval")
         first_step = self.step + 1
         while self.step < config.train.steps:
+            watchdog.step()
             started = time.perf_counter()
             step_metrics = self.train_step()
             step_seconds = time.perf_counter() - started

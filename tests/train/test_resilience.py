@@ -4,6 +4,9 @@ uninterrupted one bit for bit on the CPU."""
 import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from coom.cli import main
 from coom.parallel.model import ParallelModel
 from coom.train.metrics import read_metrics
 from coom.train.trainer import Trainer
+from tests.launch import check
 
 COMPARED = ("step", "loss", "lr", "grad_norm", "val_loss",
             "consumed_samples")
@@ -184,3 +188,32 @@ def test_a_run_with_a_rollback_resumes_exactly(small_run, tmp_path,
     for ours, theirs in zip(resumed, expected, strict=True):
         for key in COMPARED + ("anomaly", "rollback"):
             assert ours.get(key) == theirs.get(key), (key, ours["step"])
+
+
+def test_a_hang_dumps_the_stacks_and_torchrun_restarts_the_run(
+        small_run, tmp_path):
+    """Two processes under gloo; the second sleeps in its third step.
+    After 15 s the watchdog dumps both processes' stacks and ends them;
+    torchrun starts the job again, which resumes from step 2's
+    checkpoint and finishes. (torchrun's restarts need its store kept
+    apart from the processes': pytorch/pytorch#135712.)"""
+    run = tmp_path / "run"
+    script = Path(__file__).with_name("hang.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         "--nproc-per-node=2", "--max-restarts=1", str(script), "train",
+         "tiny", "--run-dir", str(run), "--auto-resume", "--set",
+         *small_run, "checkpoint.interval=1", "train.watchdog_minutes=0.25"],
+        capture_output=True, text=True, timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1",
+                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    check(result)
+    dumps = {path.name.split("-")[0]: path.read_text()
+             for path in (run / "hangs").iterdir()}
+    assert sorted(dumps) == ["rank0", "rank1"]
+    assert "Timeout (0:00:15)!" in dumps["rank1"]
+    assert "hanging_step" in dumps["rank1"]
+    assert "train_step" in dumps["rank0"]
+    assert "resumes" in json.loads((run / "run_info.json").read_text())
+    assert [r["step"] for r in read_metrics(run)] == list(range(7))
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000006"
