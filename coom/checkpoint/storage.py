@@ -149,6 +149,26 @@ def _writing(path: Path):
         raise WriteError(f"cannot write {path}: {reason}") from None
 
 
+def _write_the_rest(folder: Path, train_state: dict,
+                    names: list[str]) -> None:
+    """The first process's part, once every process wrote its tensors:
+    train_state, then ``meta.json`` with the manifest, each file and the
+    folder fsynced."""
+    def write():
+        with _writing(folder / TRAIN_STATE):
+            torch.save(train_state, folder / TRAIN_STATE)
+        meta = {"step": train_state.get("step"), "tensors": names,
+                "format": "torch.distributed.checkpoint, plus "
+                "train_state.pt", "files": _manifest(folder)}
+        with _writing(folder / META):
+            (folder / META).write_text(json.dumps(meta))
+        with _writing(folder):
+            for path in folder.iterdir():
+                _fsync(path)
+            _fsync(folder)
+    _on_first_process(write)
+
+
 def write_checkpoint_folder(folder: Path, tensors: dict,
                             train_state: dict) -> None:
     """Write a checkpoint's files into the existing folder: tensors with
@@ -157,21 +177,52 @@ def write_checkpoint_folder(folder: Path, tensors: dict,
     be sharded (DTensors)."""
     with _quiet_in_one_process(), _writing(folder):
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
+    _write_the_rest(folder, train_state, sorted(tensors))
 
-    def write_the_rest():
-        with _writing(folder / TRAIN_STATE):
-            torch.save(train_state, folder / TRAIN_STATE)
-        meta = {"step": train_state.get("step"),
-                "tensors": sorted(tensors), "format": "torch.distributed"
-                ".checkpoint, plus train_state.pt",
-                "files": _manifest(folder)}
-        with _writing(folder / META):
-            (folder / META).write_text(json.dumps(meta))
-        with _writing(folder):
-            for path in folder.iterdir():
-                _fsync(path)
-            _fsync(folder)
-    _on_first_process(write_the_rest)
+
+class _Publication:
+    """Where a checkpoint is written and how it is published: into a
+    temporary folder, then renamed into place, the pointer moved and the
+    oldest beyond keep deleted."""
+
+    def __init__(self, folder: Path, step: int, keep: int, suffix: str):
+        self.folder, self.keep = folder, keep
+        self.name = f"{PREFIX}{step:07d}{suffix}"
+        self.temporary = folder / f".tmp-{self.name}"
+        self.final = folder / self.name
+
+    def prepare(self) -> None:
+        def make():
+            with _writing(self.temporary):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                for stale in self.folder.glob(".tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                self.temporary.mkdir()
+        _on_first_process(make)
+
+    def publish(self) -> Path:
+        def rename():
+            with _writing(self.final):
+                if self.final.exists():
+                    shutil.rmtree(self.final)
+                os.rename(self.temporary, self.final)
+                _fsync(self.folder)
+            with _writing(self.folder / LATEST):
+                _write_pointer(self.folder, self.name)
+            for old in sorted(self.folder.glob(f"{PREFIX}*"))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _on_first_process(rename)
+        return self.final
+
+    def failed(self, failure: WriteError) -> UserError:
+        """The one-line error of a write that failed, what was written
+        removed."""
+        if _main():  # what was written would fill the disk further
+            shutil.rmtree(self.temporary, ignore_errors=True)
+        latest = latest_checkpoint(self.folder)
+        intact = (f"the newest complete checkpoint, {latest.name}, is "
+                  "intact" if latest else "no checkpoint was complete yet")
+        return UserError(f"{failure}; {intact}")
 
 
 def save_checkpoint(folder: Path, step: int, tensors: dict,
@@ -180,38 +231,50 @@ def save_checkpoint(folder: Path, step: int, tensors: dict,
     and keep the newest ``keep``. Every process calls it; only the first
     one's train_state is written. A file that cannot be written ends in
     a UserError naming it and the checkpoint left intact."""
-    name = f"{PREFIX}{step:07d}{suffix}"
-    temporary, final = folder / f".tmp-{name}", folder / name
-
-    def prepare():
-        with _writing(temporary):
-            folder.mkdir(parents=True, exist_ok=True)
-            for stale in folder.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            temporary.mkdir()
-
-    def publish():
-        with _writing(final):
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(temporary, final)
-            _fsync(folder)
-        with _writing(folder / LATEST):
-            _write_pointer(folder, name)
-        for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    publication = _Publication(folder, step, keep, suffix)
     try:
-        _on_first_process(prepare)
-        write_checkpoint_folder(temporary, tensors, train_state)
-        _on_first_process(publish)
+        publication.prepare()
+        write_checkpoint_folder(publication.temporary, tensors, train_state)
+        return publication.publish()
     except WriteError as failure:
-        if _main():  # what was written would fill the disk further
-            shutil.rmtree(temporary, ignore_errors=True)
-        latest = latest_checkpoint(folder)
-        intact = (f"the newest complete checkpoint, {latest.name}, is "
-                  "intact" if latest else "no checkpoint was complete yet")
-        raise UserError(f"{failure}; {intact}") from None
-    return final
+        raise publication.failed(failure) from None
+
+
+class BackgroundSave:
+    """A checkpoint whose tensors are written while training goes on:
+    DCP copies them to CPU memory, then writes the copy from a thread,
+    its collectives on group. ``finish`` waits for the write, then
+    writes the rest and publishes the checkpoint as ``save_checkpoint``
+    does, so it is as atomic; every process calls both, at the same
+    step."""
+
+    def __init__(self, folder: Path, step: int, tensors: dict,
+                 train_state: dict, keep: int, group=None):
+        self.publication = _Publication(folder, step, keep, "")
+        self.train_state, self.names = train_state, sorted(tensors)
+        try:
+            self.publication.prepare()
+            temporary = self.publication.temporary
+            with _quiet_in_one_process(), _writing(temporary):
+                self.future = dcp.async_save(
+                    tensors, storage_writer=dcp.FileSystemWriter(temporary),
+                    process_group=group)
+        except WriteError as failure:
+            raise self.publication.failed(failure) from None
+
+    def done(self) -> bool:
+        """Whether this process's tensors are written."""
+        return self.future.done()
+
+    def finish(self) -> Path:
+        temporary = self.publication.temporary
+        try:
+            with _quiet_in_one_process(), _writing(temporary):
+                self.future.result()
+            _write_the_rest(temporary, self.train_state, self.names)
+            return self.publication.publish()
+        except WriteError as failure:
+            raise self.publication.failed(failure) from None
 
 
 def _step_of(path: Path) -> int | None:

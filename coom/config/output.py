@@ -16,6 +16,13 @@ class CheckpointConfig:
     keep: int = 2
     """Most recent checkpoints to keep; older ones are deleted."""
 
+    background: bool = False
+    """Write the tensors of checkpoints within the run from a thread
+    while training goes on (DCP's async_save): a step waits only while
+    they are copied to CPU memory, which then holds a copy of them. The
+    checkpoint is published, as atomically, once written; the last is
+    written before the run ends (torchtitan: checkpoint.async_mode)."""
+
     init_from: Optional[str] = None
     """Start a new run from these model weights: a run directory, a
     checkpoint folder, or a Hugging Face DeepseekV3 folder (as written by

@@ -36,7 +36,6 @@ from coom.checkpoint.storage import (
     latest_checkpoint,
     load_sharded,
     read_train_state,
-    save_checkpoint,
     set_aside_damaged,
     tensor_shapes,
 )
@@ -53,6 +52,7 @@ from coom.parallel.build import build_model
 from coom.parallel.expert import PLACEMENT, ExpertParallel, place_experts
 from coom.parallel.mesh import World, local_device, start_world
 from coom.train.anomaly import LOG, ROLLBACK, SKIP, AnomalyGuard
+from coom.train.checkpoints import RunCheckpoints
 from coom.train.metrics import MetricsWriter
 from coom.train.optimizer import (
     build_optimizer,
@@ -228,6 +228,8 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.prefetched: Optional[tuple[int, list[Batch]]] = None
+        self.checkpoints = RunCheckpoints(run_dir / "checkpoints",
+                                          config.checkpoint, self.world)
 
     def tensors(self) -> dict:
         """The weights and optimizer moments as this process holds them
@@ -370,6 +372,7 @@ class Trainer:
         the energy, time and work spent since stay counted. Returns the
         event's record; without a checkpoint, the spike's step is only
         skipped."""
+        self.checkpoints.finish()
         latest = latest_checkpoint(self.run_dir / "checkpoints")
         end = self.consumed_samples + self.config.train.anomaly.skip_batches \
             * self.config.train.global_batch_size
@@ -424,10 +427,10 @@ class Trainer:
                 record[f"val_bpb/{language}"] = bits
         return record
 
-    def save(self) -> None:
-        save_checkpoint(self.run_dir / "checkpoints", self.step,
-                        self.tensors(), self.train_state(),
-                        self.config.checkpoint.keep)
+    def save(self, ending: bool = False) -> None:
+        """Write a checkpoint of this step (``RunCheckpoints.save``)."""
+        self.checkpoints.save(self.step, self.tensors(), self.train_state(),
+                              ending)
 
     def _progress(self) -> tqdm:
         return tqdm(total=self.config.train.steps, initial=self.step,
@@ -560,9 +563,10 @@ class Trainer:
             config.train.exit_interval
             and self.step % config.train.exit_interval == 0)
         growing = bool(due(config.growth.schedule, self.step))
-        if done or stopping or growing \
-                or self.step % config.checkpoint.interval == 0:
-            self.save()
+        ending = bool(done or stopping or growing)
+        self.checkpoints.finish(unless_writing=True)
+        if ending or self.step % config.checkpoint.interval == 0:
+            self.save(ending)
             self.energy.end_phase("checkpoint")
         if stopping:
             if signalled:

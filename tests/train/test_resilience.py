@@ -4,6 +4,7 @@ uninterrupted one bit for bit on the CPU."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from coom.checkpoint.storage import (
+    complete_checkpoints,
+    damage,
     latest_checkpoint,
     load_checkpoint,
     read_train_state,
@@ -20,7 +23,7 @@ from coom.cli import main
 from coom.parallel.model import ParallelModel
 from coom.train.metrics import read_metrics
 from coom.train.trainer import Trainer
-from tests.launch import check
+from tests.launch import check, launch
 
 COMPARED = ("step", "loss", "lr", "grad_norm", "val_loss",
             "consumed_samples")
@@ -217,3 +220,43 @@ def test_a_hang_dumps_the_stacks_and_torchrun_restarts_the_run(
     assert "resumes" in json.loads((run / "run_info.json").read_text())
     assert [r["step"] for r in read_metrics(run)] == list(range(7))
     assert latest_checkpoint(run / "checkpoints").name == "step_0000006"
+
+
+BACKGROUND = ["checkpoint.interval=1", "checkpoint.keep=10",
+              "train.exit_interval=4"]
+
+
+def test_checkpoints_written_in_the_background_are_the_same(
+        small_run, straight, tmp_path):
+    """Steps 1 to 3 saved in the background hold what saves made at once
+    hold; resumed from step 3's, the run ends as the uninterrupted one."""
+    runs = {mode: tmp_path / mode for mode in ("now", "background")}
+    for mode, run in runs.items():
+        assert _train(run, small_run + BACKGROUND + [
+            f"checkpoint.background={mode == 'background'}"]) == 0
+    for step in (1, 2, 3):
+        now, later = (_state(run, step) for run in runs.values())
+        _unchanged(now, later)
+        assert now["consumed_samples"] == later["consumed_samples"]
+    run = runs["background"]
+    assert [path.name for path in complete_checkpoints(
+        run / "checkpoints")] == [f"step_{n:07d}" for n in (1, 2, 3, 4)]
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+    assert _resume(run, "checkpoint.background=true") == 0
+    _same_as(straight, run)
+
+
+def test_background_checkpoints_of_two_processes(small_run, tmp_path):
+    """Under gloo, FSDP over two processes: each checkpoint's shards come
+    from both, written on a group of their own, and all are whole."""
+    run = tmp_path / "run"
+    check(launch(2, "train", "tiny", "--run-dir", str(run), "--set",
+                 *small_run, "checkpoint.interval=1", "checkpoint.keep=10",
+                 "checkpoint.background=true"))
+    paths = complete_checkpoints(run / "checkpoints")
+    assert [path.name for path in paths] == [f"step_{n:07d}"
+                                             for n in range(1, 7)]
+    for path in paths:
+        assert damage(path) is None
+        assert {"__0_0.distcp", "__1_0.distcp"} <= {
+            file.name for file in path.iterdir()}
