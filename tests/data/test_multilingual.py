@@ -87,6 +87,26 @@ def test_the_blend_follows_the_plan_within_one_percent(config):
         assert realised == pytest.approx(plan[language].share, abs=0.01)
 
 
+def test_languages_named_in_the_config_tag_whole_sources(config, tmp_path):
+    """One folder of English and one of Brazilian Portuguese text files,
+    tagged by the config (the region dropped): a dataset each."""
+    sources = []
+    for name, text in (("english", SENTENCES["en"]),
+                       ("portuguese", "a rápida raposa marrom salta")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for number in range(30):
+            (folder / f"{number}.txt").write_text(f"{text} {number}")
+        sources.append(str(folder))
+    tagged = replace(config, paths=sources, languages=["en", "pt_BR"],
+                     cache_dir=str(tmp_path / "cache"))
+    prepared = prepare(tagged)
+    assert prepared.languages == ["en", "pt"]
+    assert prepared.statistics["pt"].documents == 30
+    assert prepared.statistics["en"].bytes == sum(
+        len(f"{SENTENCES['en']} {n}") for n in range(30))
+
+
 def test_identified_languages_split_a_source_by_language(
         config, tmp_path, monkeypatch):
     """The same sentences with no language field: identified among the
