@@ -122,6 +122,8 @@ def _unchanged(before: dict, after: dict) -> None:
                 assert torch.equal(tensor, after[part][name]), name
 
 
+FAULTS = str(Path(__file__).with_name("faults.py"))
+
 SPIKES = ["train.anomaly.min_steps=2", "train.anomaly.window=10",
           "train.anomaly.deviations=1000"]
 
@@ -149,6 +151,22 @@ def test_a_bad_step_leaves_weights_and_optimizer_as_they_were(
     assert f"step 4: {kind}" in capsys.readouterr().out
     assert read_train_state(run / "checkpoints" / "step_0000006")[
         "consumed_samples"] == 24
+
+
+def test_a_step_not_finite_on_one_process_is_skipped_by_all(small_run,
+                                                            tmp_path):
+    """Two processes under gloo, the second's step 4 NaN: both skip it,
+    so step 4's checkpoint holds step 3's weights, and the run goes on.
+    """
+    run = tmp_path / "run"
+    check(launch(2, FAULTS, "nan", "train", "tiny", "--run-dir", str(run),
+                 "--set", *small_run, "checkpoint.interval=1",
+                 "checkpoint.keep=10"))
+    _unchanged(_state(run, 3), _state(run, 4))
+    records = {r["step"]: r for r in read_metrics(run)}
+    assert (records[4]["anomaly"], records[4]["anomaly_action"]) == (
+        "not finite", "skip")
+    assert math.isfinite(records[5]["loss"])
 
 
 ROLLBACK = SPIKES + ["train.anomaly.spike=rollback", "train.steps=8",
@@ -201,10 +219,9 @@ def test_a_hang_dumps_the_stacks_and_torchrun_restarts_the_run(
     checkpoint and finishes. (torchrun's restarts need its store kept
     apart from the processes': pytorch/pytorch#135712.)"""
     run = tmp_path / "run"
-    script = Path(__file__).with_name("hang.py")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         "--nproc-per-node=2", "--max-restarts=1", str(script), "train",
+         "--nproc-per-node=2", "--max-restarts=1", FAULTS, "hang", "train",
          "tiny", "--run-dir", str(run), "--auto-resume", "--set",
          *small_run, "checkpoint.interval=1", "train.watchdog_minutes=0.25"],
         capture_output=True, text=True, timeout=300,
