@@ -66,13 +66,17 @@ def _finish(process) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(small_run, tmp_path_factory) -> list[dict]:
+def straight(small_run, tmp_path_factory) -> tuple[list[dict], float]:
+    """The uninterrupted run's metrics, and its seconds from start to
+    end."""
     run = tmp_path_factory.mktemp("straight") / "run"
+    started = time.monotonic()
     _finish(_start(run, small_run))
-    return read_metrics(run)
+    return read_metrics(run), time.monotonic() - started
 
 
 def _same_as(straight, run) -> None:
+    straight, _ = straight
     resumed = read_metrics(run)
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
     for ours, theirs in zip(resumed, straight):
@@ -82,15 +86,17 @@ def _same_as(straight, run) -> None:
 
 @pytest.mark.parametrize("seed", range(TRIALS))
 def test_kill_9_at_random_moments(small_run, straight, tmp_path, seed):
-    """Up to three kills, each 0.5 to 10 s after its attempt started (the
-    process's start, data, steps, evaluations and checkpoint writes all
-    take some of that), then the run goes to its end."""
+    """Up to three kills, each at a random moment of what an
+    uninterrupted run takes from its start (the process's start, data,
+    steps, evaluations and checkpoint writes), then the run goes to its
+    end."""
     draw = random.Random(seed)
     run = tmp_path / "run"
+    _, seconds = straight
     for _ in range(KILLS_PER_TRIAL):
         process = _start(run, small_run)
         try:
-            process.wait(timeout=draw.uniform(0.5, 10.0))
+            process.wait(timeout=draw.uniform(0.1, 0.8) * seconds)
         except subprocess.TimeoutExpired:
             _kill(process, run)
             continue
