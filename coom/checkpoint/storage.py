@@ -354,7 +354,8 @@ def set_aside_damaged(folder: Path) -> list[str]:
     newest first, until one passes; rename each that fails to
     ``damaged-NAME`` (kept, for a person to look at) and point
     ``latest`` at the one that passed. Returns a line for each set
-    aside. Call it on the first process, before any reads the folder."""
+    aside. Call it on the first process, before any reads the folder
+    (``coom train`` does, before the processes join)."""
     lines = []
     for path in reversed(complete_checkpoints(folder)):
         problem = damage(path)

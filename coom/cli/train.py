@@ -75,6 +75,7 @@ def _auto_resume(args) -> None:
 
 
 def cmd_train(args) -> int:
+    from coom.checkpoint.storage import set_aside_damaged
     from coom.config import load_config
     from coom.train.run_dir import (
         hold_lock,
@@ -99,6 +100,10 @@ def cmd_train(args) -> int:
                 write_config(run_dir, config)
         if first_process():
             record_run_info(run_dir)
+            # Before the processes join, so that none reads a damaged
+            # checkpoint meanwhile.
+            for line in set_aside_damaged(run_dir / "checkpoints"):
+                print(line)
         return _train_in(run_dir, config)
 
 

@@ -42,20 +42,23 @@ def _model():
 
 
 def candidates(entry: str) -> Optional[tuple[str, ...]]:
-    """The languages listed in an 'identify:CODES' entry (None for all
-    the identifier knows), checked against it in one line."""
+    """The ISO 639 codes listed in an 'identify:CODES' entry (None for
+    every language the identifier knows), checked in one line."""
     listed = entry.removeprefix(IDENTIFY).removeprefix(":")
     if not listed:
         return None
-    codes = tuple(sorted({checked_language(code.strip())
-                          for code in listed.split("+")}))
+    return tuple(sorted({checked_language(code.strip())
+                         for code in listed.split("+")}))
+
+
+def _check_known(codes: Optional[tuple[str, ...]]) -> None:
+    """Refuse in one line candidates the identifier does not know."""
     known = set(_identifier(None).labels)
-    unknown = [code for code in codes if code not in known]
+    unknown = [code for code in codes or () if code not in known]
     if unknown:
         raise UserError(
             f"data.languages: the identifier does not know "
             f"{', '.join(unknown)}; it knows {', '.join(sorted(known))}")
-    return codes
 
 
 @functools.lru_cache(maxsize=2)
@@ -95,7 +98,7 @@ def identified(name: str, documents: Iterator[str], key: str,
     path = cache / "languages" / f"{name}-{digest}.txt"
     if path.is_file():
         return path
-    _model()
+    _check_known(codes)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     context = multiprocessing.get_context("spawn")

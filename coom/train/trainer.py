@@ -36,7 +36,6 @@ from coom.checkpoint.storage import (
     latest_checkpoint,
     load_sharded,
     read_train_state,
-    set_aside_damaged,
     tensor_shapes,
 )
 from coom.config import RunConfig, TrainConfig
@@ -189,10 +188,6 @@ class Trainer:
         self.run_dir = run_dir
         self.device = local_device(resolve_device(config.train.device))
         self.world = world or start_world(config.parallel, self.device)
-        if self.world.main:
-            for line in set_aside_damaged(run_dir / "checkpoints"):
-                print(line)
-        self.world.barrier()
         _check_batch_split(config.train, self.world)
         check_hardware(config.fp8, self.device)
         torch.manual_seed(config.train.seed)
@@ -366,18 +361,18 @@ class Trainer:
             metrics["anomaly_action"] = action
         return metrics
 
-    def roll_back(self) -> dict:
+    def roll_back(self) -> Optional[dict]:
         """Go back to the latest checkpoint, after a spike, and skip the
         data from there through the spike's batch and skip_batches more;
         the energy, time and work spent since stay counted. Returns the
-        event's record; without a checkpoint, the spike's step is only
-        skipped."""
+        event's record, or None without a checkpoint to go back to (the
+        spike's step then stays skipped)."""
         self.checkpoints.finish()
         latest = latest_checkpoint(self.run_dir / "checkpoints")
+        if latest is None:
+            return None
         end = self.consumed_samples + self.config.train.anomaly.skip_batches \
             * self.config.train.global_batch_size
-        if latest is None:
-            return {"rollback": "no checkpoint yet: the step was skipped"}
         kept = self.energy.state_dict(), self.flops, self.seconds
         spike_step = self.step
         self.restore(latest)
@@ -516,10 +511,15 @@ class Trainer:
             if "anomaly" in step_metrics:
                 self._note_anomaly(step_metrics)
             if step_metrics.get("anomaly_action") == ROLLBACK:
-                metrics.write({"step": self.step, **step_metrics,
-                               **self.roll_back()})
-                bar.n = self.step
-                continue
+                spike_step, rollback = self.step, self.roll_back()
+                if rollback is None:
+                    step_metrics["rollback"] = ("no checkpoint yet: the "
+                                                "step was skipped")
+                else:
+                    metrics.write({"step": spike_step, **step_metrics,
+                                   **rollback})
+                    bar.n = self.step
+                    continue
             if self.step == first_step \
                     and self.compile_misses_before is not None:
                 self._report_compile_misses(metrics)

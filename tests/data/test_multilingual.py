@@ -13,6 +13,7 @@ import pytest
 from coom.cli import main
 from coom.config import DataConfig
 from coom.config.data import MixtureChange
+from coom.data import identify as identify_module
 from coom.data import locale_sample
 from coom.data.loader import build_samples
 from coom.data.prepare import (
@@ -126,6 +127,7 @@ def test_identified_languages_split_a_source_by_language(
         assert prepared.statistics[language].documents == count
     [labels] = (tmp_path / "cache" / "languages").glob("untagged-*.txt")
     assert Counter(labels.read_text().split()) == DOCUMENTS
+    identify_module._identifier.cache_clear()
     monkeypatch.setitem(sys.modules, "py3langid", None)
     assert prepare(identify).statistics == prepared.statistics
 
@@ -146,6 +148,7 @@ def test_bad_identification_is_refused_in_one_line(tmp_path, capsys,
 
 def test_identification_without_its_library_says_how_to_install_it(
         tmp_path, capsys, monkeypatch):
+    identify_module._identifier.cache_clear()
     monkeypatch.setitem(sys.modules, "py3langid", None)
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps({"text": "hello there, world"}) + "\n")

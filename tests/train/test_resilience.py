@@ -192,6 +192,21 @@ def test_a_rollback_returns_to_the_checkpoint_and_skips_the_data(
     assert state["consumed_samples"] == 24 + 4 * 4
 
 
+def test_a_rollback_before_any_checkpoint_skips_the_step(
+        small_run, tmp_path, monkeypatch):
+    """A spike at step 5 with no checkpoint yet: the step is skipped and
+    the run ends as any, its last checkpoint written."""
+    _inject(monkeypatch, {16: 1e6})
+    run = tmp_path / "run"
+    assert _train(run, small_run + ROLLBACK + ["checkpoint.interval=100"]
+                  ) == 0
+    records = {r["step"]: r for r in read_metrics(run)}
+    assert records[5]["rollback"] == "no checkpoint yet: the step was skipped"
+    assert [r["step"] for r in read_metrics(run)] == list(range(9))
+    assert read_train_state(run / "checkpoints" / "step_0000008")[
+        "consumed_samples"] == 32
+
+
 def test_a_run_with_a_rollback_resumes_exactly(small_run, tmp_path,
                                                monkeypatch):
     """Stopped before the spike and after the rollback, and resumed:
