@@ -465,6 +465,21 @@ class Trainer:
         metrics.write({"step": self.step, "growth": growth,
                        "total_params": parameters})
 
+    def _rolled_back(self, step_metrics: dict,
+                     metrics: MetricsWriter) -> bool:
+        """Roll back where the step's fate says so, and log the event;
+        whether the run went back (without a checkpoint the step stays
+        skipped, and its record says so)."""
+        if step_metrics.get("anomaly_action") != ROLLBACK:
+            return False
+        spike_step, rollback = self.step, self.roll_back()
+        if rollback is None:
+            step_metrics["rollback"] = "no checkpoint yet: the step was " \
+                "skipped"
+            return False
+        metrics.write({"step": spike_step, **step_metrics, **rollback})
+        return True
+
     def _note_anomaly(self, step_metrics: dict) -> None:
         if self.world.main:
             deviations = step_metrics.get("anomaly_deviations")
@@ -510,16 +525,9 @@ class Trainer:
             self.energy.end_phase("step")
             if "anomaly" in step_metrics:
                 self._note_anomaly(step_metrics)
-            if step_metrics.get("anomaly_action") == ROLLBACK:
-                spike_step, rollback = self.step, self.roll_back()
-                if rollback is None:
-                    step_metrics["rollback"] = ("no checkpoint yet: the "
-                                                "step was skipped")
-                else:
-                    metrics.write({"step": spike_step, **step_metrics,
-                                   **rollback})
-                    bar.n = self.step
-                    continue
+            if self._rolled_back(step_metrics, metrics):
+                bar.n = self.step
+                continue
             if self.step == first_step \
                     and self.compile_misses_before is not None:
                 self._report_compile_misses(metrics)
