@@ -4,6 +4,7 @@ import argparse
 from coom.cli.bench import cmd_bench
 from coom.cli.data import cmd_data_prepare
 from coom.cli.model import cmd_convert, cmd_generate, cmd_grow, cmd_model_info
+from coom.cli.plan import cmd_plan
 from coom.cli.runs import cmd_experts_rebalance, cmd_report
 from coom.cli.train import cmd_eval, cmd_train
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_data(commands)
     _add_model(commands)
+    _add_plan(commands)
     _add_convert(commands)
     _add_grow(commands)
     _add_generate(commands)
@@ -91,6 +93,24 @@ def _add_model(commands) -> None:
         "attention of the same shape. Builds nothing in memory.")
     _add_recipe_options(model_info)
     model_info.set_defaults(handler=cmd_model_info)
+
+
+def _add_plan(commands) -> None:
+    """Add ``coom plan``."""
+    plan = commands.add_parser(
+        "plan", help="predict a run's memory per GPU before it runs",
+        description="Print what each GPU of a run would hold at its peak: "
+        "parameters, gradients and optimizer states by their sharding, "
+        "activations, transients and buffers, read off the model built "
+        "as each process of the layout builds it, on the meta device. "
+        "Runs on a CPU in seconds.")
+    _add_recipe_options(plan)
+    plan.add_argument("--gpus", type=int, default=1, metavar="N",
+                      help="processes (GPUs) of the run; default 1")
+    plan.add_argument("--gpu", default="h100",
+                      help="the GPU kind: h100, h800, h200 or a100; "
+                      "default h100")
+    plan.set_defaults(handler=cmd_plan)
 
 
 def _add_convert(commands) -> None:

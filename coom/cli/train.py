@@ -104,7 +104,27 @@ def cmd_train(args) -> int:
             # checkpoint meanwhile.
             for line in set_aside_damaged(run_dir / "checkpoints"):
                 print(line)
+            _warn_of_memory(config)
         return _train_in(run_dir, config)
+
+
+def _warn_of_memory(config) -> None:
+    """On a GPU, say when the plan of the run's memory exceeds it
+    (``coom.plan.fit``); before any process joins the process group,
+    as the planner joins a fake one."""
+    import torch
+
+    from coom.parallel.mesh import launched_world_size
+    from coom.train.trainer import resolve_device
+    if resolve_device(config.train.device).type != "cuda":
+        return
+    from coom.plan.fit import memory_warning
+    from coom.plan.ranks import as_on_gpu
+    memory = torch.cuda.get_device_properties(0).total_memory
+    warning = memory_warning(as_on_gpu(config, memory),
+                             launched_world_size(), memory)
+    if warning is not None:
+        print(warning)
 
 
 def _train_in(run_dir: Path, config) -> int:

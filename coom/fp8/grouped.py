@@ -20,8 +20,8 @@ from coom.fp8.linear import (
     FP8Recipe,
     _EmulatedFP8Linear,
     needs_grad,
-    output_dtype,
 )
+from coom.kernels.autocast import autocast_off, product_dtype
 
 
 def _emulated(x_cd: torch.Tensor, weight_eod: torch.Tensor,
@@ -103,9 +103,9 @@ def fp8_grouped_linear(x_cd: torch.Tensor,
                        recipe: FP8Recipe) -> tuple[torch.Tensor, ...]:
     """x_e @ weight[e]^T for each expert's consecutive rows and each of
     weights_eod (x is quantised once for all of them), with FP8
-    products, in ``output_dtype(x)``."""
-    dtype = output_dtype(x_cd)
-    with torch.autocast(x_cd.device.type, enabled=False):
+    products, in ``product_dtype(x)``."""
+    dtype = product_dtype(x_cd)
+    with autocast_off(x_cd.device.type):
         if recipe.emulate:
             return tuple(_emulated(x_cd, weight_eod, counts_e,
                                    recipe).to(dtype)

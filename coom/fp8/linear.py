@@ -39,6 +39,7 @@ from coom.fp8.scaling import (
     groupings,
     quantize,
 )
+from coom.kernels.autocast import autocast_off, product_dtype
 
 
 @dataclass(frozen=True)
@@ -244,21 +245,13 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a product of x gives: autocast's when it is on, else
-    x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) \
-        if torch.is_autocast_enabled(device) else x.dtype
-
-
 def fp8_linears(x: torch.Tensor, weights_nk: Sequence[torch.Tensor],
                 recipe: FP8Recipe) -> tuple[torch.Tensor, ...]:
     """x @ weight^T for each of weights_nk with FP8 products, in
-    ``output_dtype(x)``. On FP8 units x is quantised once for all of
+    ``product_dtype(x)``. On FP8 units x is quantised once for all of
     them; emulated, once per weight (the same values)."""
-    dtype, x_mk = output_dtype(x), x.reshape(-1, x.shape[-1])
-    with torch.autocast(x.device.type, enabled=False):
+    dtype, x_mk = product_dtype(x), x.reshape(-1, x.shape[-1])
+    with autocast_off(x.device.type):
         if recipe.emulate:
             ys_mn = [_EmulatedFP8Linear.apply(x_mk, weight_nk,
                                               recipe.scaling,
@@ -280,7 +273,7 @@ def fp8_linears(x: torch.Tensor, weights_nk: Sequence[torch.Tensor],
 
 def fp8_linear(x: torch.Tensor, weight_nk: torch.Tensor,
                recipe: FP8Recipe) -> torch.Tensor:
-    """x @ weight^T with FP8 products, in ``output_dtype(x)``."""
+    """x @ weight^T with FP8 products, in ``product_dtype(x)``."""
     return fp8_linears(x, [weight_nk], recipe)[0]
 
 

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch.nn import functional
 
+from coom.kernels.autocast import product_dtype
+
 CHUNK_BYTES = 2 ** 29  # at most 512 MiB of logits at a time
 BLOCK = 4096  # vocabulary entries a program reads at once
 
@@ -73,7 +75,7 @@ def _accumulate(grad_vd: torch.Tensor, a_vn: torch.Tensor,
     """grad + a @ b, summed in grad's float32."""
     if a_vn.dtype == grad_vd.dtype:
         return grad_vd.addmm_(a_vn, b_nd)
-    if a_vn.is_cuda:
+    if a_vn.is_cuda or a_vn.is_meta:
         return torch.addmm(grad_vd, a_vn, b_nd, out_dtype=grad_vd.dtype)
     return grad_vd.add_(a_vn @ b_nd)
 
@@ -177,9 +179,7 @@ def linear_cross_entropy(x_td: torch.Tensor, weight_vd: torch.Tensor,
     """sum_t scale_t * cross_entropy(x_t @ weight^T, label_t), without the
     full logits; the matmuls run in autocast's dtype when it is on. No
     gradient reaches scale_t."""
-    device = x_td.device.type
-    compute_dtype = torch.get_autocast_dtype(device) \
-        if torch.is_autocast_enabled(device) else x_td.dtype
+    compute_dtype = product_dtype(x_td)
     gradients = torch.is_grad_enabled() and (
         x_td.requires_grad or weight_vd.requires_grad)
     element_size = torch.empty((), dtype=compute_dtype).element_size()

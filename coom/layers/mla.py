@@ -56,6 +56,22 @@ def preferred_attention():
     return sdpa_kernel(PREFERRED_BACKENDS, set_priority=True)
 
 
+def attention(q_bhsk: torch.Tensor, k_bhtk: torch.Tensor,
+              v_bhtv: torch.Tensor, mask_st: Optional[torch.Tensor],
+              scale: float) -> torch.Tensor:
+    """Scaled dot-product attention, causal when mask_st is None. On the
+    meta device, where the planner counts what a GPU holds, it runs
+    cuDNN's kernel as a GPU does (``PREFERRED_BACKENDS``), not the math
+    kernel that meta would pick, which keeps every score."""
+    if q_bhsk.is_meta and mask_st is None:
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q_bhsk, k_bhtk, v_bhtv, None, True, is_causal=True,
+            scale=scale)[0]
+    return functional.scaled_dot_product_attention(
+        q_bhsk, k_bhtk, v_bhtv, attn_mask=mask_st,
+        is_causal=mask_st is None, scale=scale)
+
+
 @dataclass
 class LatentCache:
     """One layer's decoding cache, seen by one forward.
@@ -152,10 +168,9 @@ class MLA(nn.Module):
             [config.qk_nope_head_dim, config.v_head_dim], dim=-1)
         k_pe = k_pe_btp.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)
         k_bthk = torch.cat([k_nope, k_pe], dim=-1)
-        o_bhsv = functional.scaled_dot_product_attention(
-            q_bshk.transpose(1, 2), k_bthk.transpose(1, 2),
-            v_bthv.transpose(1, 2), attn_mask=mask_st,
-            is_causal=mask_st is None, scale=self.softmax_scale)
+        o_bhsv = attention(q_bshk.transpose(1, 2), k_bthk.transpose(1, 2),
+                           v_bthv.transpose(1, 2), mask_st,
+                           self.softmax_scale)
         return o_bhsv.transpose(1, 2)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor,

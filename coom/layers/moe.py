@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional
 
 from coom.config import ModelConfig
+from coom.kernels.autocast import autocast_off, product_dtype
 from coom.kernels.permute import (
     copy_positions,
     permute,
@@ -84,7 +85,7 @@ class Router(nn.Module):
         (t, k) and expert ids (t, k)."""
         config = self.config
         # In float32 even under autocast, which would run it in bf16.
-        with torch.autocast(x_td.device.type, enabled=False):
+        with autocast_off(x_td.device.type):
             logits_te = functional.linear(x_td.float(), self.weight.float())
         select = route if self.fused_kernels else route_reference
         scores_te, weights_tk, experts_tk = select(
@@ -124,8 +125,10 @@ def grouped_mm(x_cd: torch.Tensor, weight_eod: torch.Tensor,
 
 def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
                    counts_e: torch.Tensor) -> torch.Tensor:
-    """x @ weight[e].T for each expert's consecutive rows of x."""
-    if x_cd.is_cuda:
+    """x @ weight[e].T for each expert's consecutive rows of x (on the
+    meta device, where the planner counts what a GPU holds, as on a
+    GPU)."""
+    if x_cd.is_cuda or x_cd.is_meta:
         return grouped_mm(x_cd, weight_eod, counts_e)
     chunks = x_cd.split(counts_e.tolist())
     return torch.cat([chunk @ weight_eod[e].T
@@ -221,10 +224,7 @@ def in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """x as autocast would cast a matmul's input: autocast does not reach
     _grouped_mm, which takes only bf16 on GPUs, so the routed tokens are
     cast before their copies are gathered."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return x.to(torch.get_autocast_dtype(device))
-    return x
+    return x.to(product_dtype(x))
 
 
 class AuxLossGradient(torch.autograd.Function):

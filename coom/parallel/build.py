@@ -24,9 +24,11 @@ from coom.parallel.precision import ComputeWeights, compute_dtype
 from coom.parallel.recompute import recompute_blocks
 
 
-def build_model(config: RunConfig, world: World,
-                device: torch.device) -> ParallelModel:
-    """config's model, as this process runs it in world's layout."""
+def build_model(config: RunConfig, world: World, device: torch.device,
+                schedule: bool = True) -> ParallelModel:
+    """config's model, as this process runs it in world's layout; without
+    schedule, a pipeline's schedule is left unbuilt (it holds no memory,
+    and takes a planner seconds to build at 671B)."""
     train = config.train
     with torch.device("meta"):
         model = Transformer(config.model, fused_kernels=train.kernels)
@@ -53,7 +55,7 @@ def build_model(config: RunConfig, world: World,
     weights = None
     if dtype != torch.float32 and not sharded(world, pipeline is not None):
         weights = ComputeWeights(model, dtype)
-    if pipeline is not None:
+    if pipeline is not None and schedule:
         pipeline.build_schedule()
     layers = model.moe_layers()
     for moe in layers.values():

@@ -227,10 +227,13 @@ class World:
                 dist.destroy_process_group()
 
 
-def start_world(config: ParallelConfig, device: torch.device) -> World:
+def start_world(config: ParallelConfig, device: torch.device,
+                size: Optional[int] = None) -> World:
     """Join torchrun's process group (unless this process has joined it
-    already) and build the mesh; a world of one without torchrun."""
-    size = launched_world_size()
+    already) and build the mesh; a world of one without torchrun. size,
+    torchrun's processes by default, is the group's size: a planner that
+    has joined a fake group of any size gives it."""
+    size = size or launched_world_size()
     shape = degrees(config, size)
     if size == 1:
         return World(0, 1, None)

@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from coom.data.loader import Batch
+from coom.kernels.autocast import autocast_to
 from coom.layers.mla import preferred_attention
 from coom.models.transformer import Transformer
 from coom.parallel.balance import ExpertBalancer
@@ -74,8 +75,7 @@ class ParallelModel:
         if self.weights is not None:
             stack.enter_context(self.weights.swapped_in())
         if self.dtype != torch.float32:
-            stack.enter_context(torch.autocast(self.device.type,
-                                               dtype=self.dtype))
+            stack.enter_context(autocast_to(self.device.type, self.dtype))
         stack.enter_context(preferred_attention())
         return stack
 

@@ -231,11 +231,19 @@ def keeps_gathered(model: nn.Module, parallel: ParallelConfig,
     if parallel.fsdp_reshard != "auto":
         return parallel.fsdp_reshard == "step"
     device = next(model.parameters()).device
-    if device.type != "cuda" or parallel.pipeline > 1:
+    if device.type != "cuda":
         return False
     gathered = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    return gathered < torch.cuda.get_device_properties(device) \
-        .total_memory / 10
+    return gathers_once(gathered, parallel,
+                        torch.cuda.get_device_properties(device).total_memory)
+
+
+def gathers_once(gathered: int, parallel: ParallelConfig,
+                 memory: int) -> bool:
+    """fsdp_reshard 'auto''s rule: whether the units of a process whose
+    parameters take gathered bytes in the compute dtype stay gathered
+    for a step on a GPU of memory bytes."""
+    return parallel.pipeline == 1 and gathered < memory / 10
 
 
 def parallelize(model: nn.Module, world: World, parallel: ParallelConfig,

@@ -1,0 +1,55 @@
+"""``coom plan``: a run's memory per GPU, predicted on a CPU."""
+from coom.errors import UserError
+
+GIB = 2 ** 30
+
+
+def _gib(count: int) -> str:
+    return f"{count / GIB:9.2f} GiB"
+
+
+def cmd_plan(args) -> int:
+    from coom.config import load_config
+    from coom.parallel.mesh import degrees
+    from coom.plan.fit import (
+        ALLOCATOR_OVERHEAD,
+        CONTEXT_BYTES,
+        needed,
+        worst,
+    )
+    from coom.plan.gpus import gpu_named
+    from coom.plan.memory import memory_plan
+    from coom.plan.ranks import as_on_gpu
+    if args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus}: give one or more")
+    gpu = gpu_named(args.gpu)
+    config = as_on_gpu(load_config(args.recipe or "tiny", args.overrides),
+                       gpu.memory)
+    plans = memory_plan(config, args.gpus)
+    parallel, train = config.parallel, config.train
+    shard = degrees(parallel, args.gpus)["dp_shard"]
+    print(f"recipe {args.recipe or 'tiny'} on {args.gpus} x {gpu.name} "
+          f"({gpu.memory / GIB:.1f} GiB each): pipeline "
+          f"{parallel.pipeline}, data_parallel_replicate "
+          f"{parallel.data_parallel_replicate}, data_parallel_shard "
+          f"{shard}, tensor {parallel.tensor}, "
+          f"expert {parallel.expert}; micro-batch "
+          f"{train.micro_batch_size}, global batch "
+          f"{train.global_batch_size}, recompute {train.recompute}, "
+          f"{train.precision}")
+    top = worst(plans)
+    print(f"process {top.rank} (pipeline rank {top.pipeline_rank}), "
+          "the fullest, at its peak:")
+    for term in top.terms:
+        print(f"  {term.name:<22}{_gib(term.bytes)}  {term.note}")
+    print(f"  {'allocated':<22}{_gib(top.peak)}")
+    if len(plans) > 1:
+        print("by pipeline rank: " + ", ".join(
+            f"{plan.pipeline_rank}: {plan.peak / GIB:.1f}"
+            for plan in plans) + " GiB")
+    need = needed(top.peak)
+    verdict = "fits" if need <= gpu.memory else "does NOT fit"
+    print(f"with the allocator's usual {ALLOCATOR_OVERHEAD:.0%} and "
+          f"{CONTEXT_BYTES / GIB:.1f} GiB of CUDA context: "
+          f"{need / GIB:.1f} of {gpu.memory / GIB:.1f} GiB, {verdict}")
+    return 0

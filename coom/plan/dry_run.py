@@ -1,0 +1,85 @@
+"""A micro-batch's forward and backward run on the meta device, with the
+bytes it allocates counted: activations, the tensors autograd saves and
+every transient of both passes, as the model's own modules make them.
+
+``LiveBytes`` sees each operator's outputs (a ``TorchDispatchMode``) and
+keeps a weak reference to each new storage, so a storage counts from its
+operator to its last use, as an allocator sees it; its peak is the most
+bytes alive at once. On the meta device the model takes the paths it
+takes on a GPU: the fused kernels' ops (whose fake implementations
+allocate what the kernels do), cuDNN's attention and the grouped matrix
+product. What autocast would do there, meta cannot: products of float32
+activations are then counted in float32 (the compute copies are bf16, so
+few are).
+"""
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from coom.parallel.model import ParallelModel
+from coom.parallel.objective import training_objective
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages made under it and still alive: now, and at
+    most (``peak``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, weakref.ref] = {}
+        self.peak = 0
+
+    def now(self) -> int:
+        # Storages may change size after their operator (FSDP resizes
+        # them), so each is asked again.
+        return sum(storage.nbytes() for storage in
+                   (ref() for ref in list(self.storages.values()))
+                   if storage is not None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(ret.alias_info is not None for ret in func._schema.returns):
+            # Views and in-place results: storage made elsewhere.
+            return out
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = id(storage)
+                if key not in self.storages:
+                    self.storages[key] = weakref.ref(
+                        storage, lambda _, key=key: self.storages.pop(key))
+        self.peak = max(self.peak, self.now())
+        return out
+
+
+@dataclass(frozen=True)
+class MicroBatchBytes:
+    """What a micro-batch's forward and backward hold over the step's
+    holdings: at the forward's end (what is saved for the backward),
+    and at most."""
+
+    saved: int
+    peak: int
+
+
+def micro_batch_bytes(model: ParallelModel, micro_batch: int,
+                      seq_length: int) -> MicroBatchBytes:
+    """The bytes of a micro-batch's forward and backward of model (built
+    on meta, in a world of one). Its gradients exist already, as from an
+    earlier micro-batch, so that they are added to, not made."""
+    for parameter in model.model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    shape = (micro_batch, seq_length)
+    tokens = torch.zeros(shape, dtype=torch.long, device="meta")
+    live = LiveBytes()
+    with model.compute(), live:
+        losses_k = model.model(tokens, labels_bs=tokens,
+                               loss_mask_bs=torch.ones(shape, device="meta"),
+                               loss_tokens=micro_batch * seq_length)
+        objective, _ = training_objective(losses_k, 0.3, 1)
+        saved = live.now()
+        objective.backward()
+    return MicroBatchBytes(saved, live.peak)

@@ -1,0 +1,145 @@
+"""The memory plan of a run: what each process holds at its peak.
+
+Two parts, each read off COOM's own model:
+
+- what a process holds for the whole step (``coom.plan.states``), from
+  its part of the model built as that rank of the run;
+- what a micro-batch's forward and backward add at their peak
+  (``coom.plan.dry_run``), counted on one process's whole model (the
+  data-parallel processes of FSDP and HSDP compute exactly that) and
+  divided among the layout's splits: under pipelining, a stage's share
+  of the blocks times the micro-batches its schedule keeps in flight;
+  under sequence-parallel tensor parallelism, a tensor-parallel
+  process's share of the tokens. These two are proportions, not counts:
+  the plan says so where it uses them.
+
+FSDP adds its buffers: while it reshards after each forward and
+backward, the unit being gathered and the one it prefetches, and in the
+backward a unit's gradients in the compute dtype plus their float32
+copy for the reduce-scatter; the largest unit stands for each.
+"""
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from coom.config import RunConfig
+from coom.parallel.model import ParallelModel
+from coom.parallel.pipeline import split_layers, stages_of_process
+from coom.plan.dry_run import MicroBatchBytes, micro_batch_bytes
+from coom.plan.ranks import rank_model, speakers
+from coom.plan.states import MASTER, Term, fsdp_groups, state_terms
+
+ONE_PROCESS = {"pipeline": 1, "data_parallel_replicate": 1,
+               "data_parallel_shard": 1, "tensor": 1, "expert": 1,
+               "sequence_parallel": False}
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """The peak memory of one process of a run, by term."""
+
+    rank: int
+    pipeline_rank: int
+    terms: list[Term]
+
+    @property
+    def peak(self) -> int:
+        return sum(term.bytes for term in self.terms)
+
+    def largest(self) -> Term:
+        return max(self.terms, key=lambda term: term.bytes)
+
+
+def in_flight(config: RunConfig, pipeline_rank: int,
+              micro_batches: int) -> float:
+    """Stage-micro-batches of activations a pipeline process holds at
+    most under its schedule (1 without pipelining)."""
+    parallel = config.parallel
+    size, schedule = parallel.pipeline, parallel.pipeline_schedule
+    if size == 1:
+        return 1
+    stages = len(stages_of_process(parallel, pipeline_rank))
+    behind = size - pipeline_rank
+    if schedule in ("GPipe", "LoopedBFS"):
+        return micro_batches * stages
+    if schedule == "1F1B":
+        return min(micro_batches, behind)
+    if schedule in ("ZBVZeroBubble", "DualPipeV"):
+        return min(2 * micro_batches, size + 1)
+    return min(micro_batches * stages,
+               2 * (behind - 1) + (stages - 1) * size + 1)
+
+
+def activation_terms(config: RunConfig, one: MicroBatchBytes,
+                     pipeline_rank: int, micro_batches: int) -> list[Term]:
+    """What the rank's micro-batches in flight save for their backwards,
+    and what a backward adds at its peak, from one, a micro-batch's on
+    one process (``one_process_bytes``)."""
+    parallel, train = config.parallel, config.train
+    notes = [f"{train.micro_batch_size} x {config.data.seq_length} "
+             f"tokens, recompute {train.recompute}"]
+    share = 1.0
+    if parallel.pipeline > 1:
+        layers = split_layers(config.model.num_layers,
+                              parallel.pipeline_stages)
+        mine = stages_of_process(parallel, pipeline_rank)
+        blocks = sum(len(layers[s]) for s in mine) / len(mine)
+        flight = in_flight(config, pipeline_rank, micro_batches)
+        share = blocks / config.model.num_layers * flight
+        notes.append(f"x {blocks:g}/{config.model.num_layers} blocks x "
+                     f"{flight:g} in flight ({parallel.pipeline_schedule})")
+    if parallel.tensor > 1 and parallel.sequence_parallel:
+        share /= parallel.tensor
+        notes.append(f"/ {parallel.tensor} (sequence parallel)")
+    return [Term("activations", round(one.saved * share),
+                 " ".join(notes)),
+            Term("backward transients", one.peak - one.saved,
+                 "a backward's peak over what its forward saved, on one "
+                 "process (less under tensor or expert parallelism)")]
+
+
+def one_process_bytes(config: RunConfig) -> MicroBatchBytes:
+    """A micro-batch's peak over the step's holdings, on one process of
+    config's model, which every process of FSDP and HSDP computes as."""
+    alone = dataclasses.replace(config, parallel=dataclasses.replace(
+        config.parallel, **ONE_PROCESS))
+    with rank_model(alone, 1, 0) as model:
+        return micro_batch_bytes(model, config.train.micro_batch_size,
+                                 config.data.seq_length)
+
+
+def fsdp_buffers(model: ParallelModel) -> Optional[Term]:
+    """FSDP's gathering and reducing buffers at their peak, or None
+    without FSDP."""
+    groups = fsdp_groups(model)
+    if not groups:
+        return None
+    largest = max(sum(param._orig_size.numel()
+                      for param in group.fsdp_params) for group in groups)
+    compute = model.dtype.itemsize
+    gathered = 0 if model.keep_gathered else 2 * largest * compute
+    return Term("FSDP buffers", gathered + largest * (compute + MASTER),
+                "the largest unit's: gathered and prefetched, its "
+                "gradients and their float32 reduce-scatter input")
+
+
+def memory_plan(config: RunConfig, world_size: int) -> list[RankMemory]:
+    """The peak memory of each process that speaks for the run
+    (``speakers``): config must already be as on the GPU
+    (``coom.plan.ranks.as_on_gpu``)."""
+    train = config.train
+    one = one_process_bytes(config)
+    plans = []
+    for rank in speakers(config, world_size):
+        with rank_model(config, world_size, rank) as model:
+            micro_batches = train.global_batch_size \
+                // train.micro_batch_size // model.world.data_size
+            terms = state_terms(model, micro_batches)
+            pipeline_rank = model.world.pipeline_rank
+            buffers = fsdp_buffers(model)
+        terms += activation_terms(config, one, pipeline_rank,
+                                  micro_batches)
+        if buffers is not None:
+            terms.append(buffers)
+        plans.append(RankMemory(rank, pipeline_rank, terms))
+    return plans

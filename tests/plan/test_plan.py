@@ -1,0 +1,76 @@
+"""The planner's memory: its allocation counter, the activations of the
+recompute modes, the pipeline schedules' micro-batches in flight, the
+``coom plan`` command and the warning ``coom train`` gives on a GPU."""
+import torch
+
+from coom.cli import main
+from coom.config import load_config
+from coom.plan.dry_run import LiveBytes
+from coom.plan.fit import memory_warning, needed, worst
+from coom.plan.memory import in_flight, memory_plan, one_process_bytes
+from coom.plan.ranks import as_on_gpu
+
+MIB = 2 ** 20
+TINY = ["model.vocab_size=512", "train.micro_batch_size=2",
+        "train.global_batch_size=8"]
+
+
+def test_live_bytes_counts_storages_from_creation_to_last_use():
+    live = LiveBytes()
+    with live:
+        a = torch.empty(MIB // 4, device="meta")
+        b = a * 2
+        view = b[: 10]
+        assert live.now() == 2 * MIB
+        del b
+        assert live.now() == 2 * MIB  # the view keeps b's storage
+        del view
+        a.mul_(3)  # in place: nothing new
+        assert live.now() == MIB
+        for _ in range(3):
+            c = a + 1
+        assert live.now() == 2 * MIB
+        del c
+    assert live.peak == 3 * MIB  # while the loop's next c was made
+
+
+def test_recompute_keeps_less_for_the_backward():
+    saved = {}
+    for mode in ("none", "selective", "full"):
+        config = as_on_gpu(load_config(
+            "tiny", TINY + [f"train.recompute={mode}"]), 80 * 2 ** 30)
+        saved[mode] = one_process_bytes(config).saved
+    assert saved["none"] > saved["selective"] > saved["full"] > 0
+
+
+def test_pipeline_schedules_keep_their_micro_batches_in_flight():
+    def flight(schedule, rank, micro_batches=8):
+        config = load_config("tiny", [
+            "parallel.pipeline=4", f"parallel.pipeline_schedule={schedule}",
+            "model.num_layers=8"])
+        return in_flight(config, rank, micro_batches)
+    assert [flight("1F1B", rank) for rank in range(4)] == [4, 3, 2, 1]
+    assert flight("1F1B", 0, micro_batches=2) == 2
+    assert flight("GPipe", 3) == 8
+    assert flight("Interleaved1F1B", 0) == 2 * 3 + 4 + 1
+
+
+def test_plan_prints_each_term_and_whether_it_fits(capsys):
+    assert main(["plan", "tiny", "--gpus", "4", "--set", *TINY,
+                 "parallel.pipeline=2"]) == 0
+    out = capsys.readouterr().out
+    for term in ("parameters", "gradients", "optimizer states",
+                 "activations", "FSDP buffers", "allocated"):
+        assert f"\n  {term} " in out
+    assert "by pipeline rank: 0: " in out and out.rstrip().endswith("fits")
+
+
+def test_train_warns_with_the_cheapest_fix_that_fits():
+    config = as_on_gpu(load_config("tiny", TINY), 80 * 2 ** 30)
+    peak = worst(memory_plan(config, 1)).peak
+    assert memory_warning(config, 1, needed(peak)) is None
+    warning = memory_warning(config, 1, needed(peak) - 1)
+    assert "the largest term is" in warning
+    change = warning.split("--set ")[1].split()[0]
+    fixed = as_on_gpu(load_config("tiny", TINY + [change]), 80 * 2 ** 30)
+    assert needed(worst(memory_plan(fixed, 1)).peak) < needed(peak)
