@@ -25,8 +25,9 @@ OPS = (adamw.adamw_step, cross_entropy.linear_cross_entropy_forward,
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; out must be finite."""
-    out, ref = out.double(), ref.double()
+    """||out - ref|| / ||ref|| in float64 on the CPU (either may be on a
+    GPU); out must be finite."""
+    out, ref = out.double().cpu(), ref.double().cpu()
     assert torch.isfinite(out).all()
     return ((out - ref).norm() / ref.norm()).item()
 
