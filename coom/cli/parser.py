@@ -102,14 +102,20 @@ def _add_plan(commands) -> None:
         description="Print what each GPU of a run would hold at its peak: "
         "parameters, gradients and optimizer states by their sharding, "
         "activations, transients and buffers, read off the model built "
-        "as each process of the layout builds it, on the meta device. "
-        "Runs on a CPU in seconds.")
+        "as each process of the layout builds it, on the meta device; "
+        "and the step time, from a roofline of each operator at the "
+        "GPU's rates and the layout's communication. Runs on a CPU in "
+        "seconds.")
     _add_recipe_options(plan)
     plan.add_argument("--gpus", type=int, default=1, metavar="N",
                       help="processes (GPUs) of the run; default 1")
-    plan.add_argument("--gpu", default="h100",
+    plan.add_argument("--gpu",
                       help="the GPU kind: h100, h800, h200 or a100; "
-                      "default h100")
+                      "default h100 (with --calibrate, this machine's)")
+    plan.add_argument("--calibrate", action="store_true",
+                      help="measure this machine's GPU (matrix products, "
+                      "expert products, attention, copies; under a "
+                      "minute) and keep its rates for later plans")
     plan.set_defaults(handler=cmd_plan)
 
 

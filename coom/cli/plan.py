@@ -18,14 +18,17 @@ def cmd_plan(args) -> int:
         worst,
     )
     from coom.plan.gpus import gpu_named
-    from coom.plan.memory import memory_plan
+    from coom.plan.plan import make_plan
     from coom.plan.ranks import as_on_gpu
+    if args.calibrate:
+        return _calibrate(args.gpu)
     if args.gpus < 1:
         raise UserError(f"--gpus {args.gpus}: give one or more")
-    gpu = gpu_named(args.gpu)
+    gpu = gpu_named(args.gpu or "h100")
     config = as_on_gpu(load_config(args.recipe or "tiny", args.overrides),
                        gpu.memory)
-    plans = memory_plan(config, args.gpus)
+    plan = make_plan(config, args.gpus, gpu)
+    plans = plan.memory
     parallel, train = config.parallel, config.train
     shard = degrees(parallel, args.gpus)["dp_shard"]
     print(f"recipe {args.recipe or 'tiny'} on {args.gpus} x {gpu.name} "
@@ -52,4 +55,41 @@ def cmd_plan(args) -> int:
     print(f"with the allocator's usual {ALLOCATOR_OVERHEAD:.0%} and "
           f"{CONTEXT_BYTES / GIB:.1f} GiB of CUDA context: "
           f"{need / GIB:.1f} of {gpu.memory / GIB:.1f} GiB, {verdict}")
+    _print_time(plan)
     return 0
+
+
+def _calibrate(name) -> int:
+    """Measure this machine's GPU and keep its rates for later plans."""
+    import torch
+
+    from coom.plan.calibrate import calibrate
+    from coom.plan.ceilings import save
+    from coom.plan.gpus import GPUS
+    if not torch.cuda.is_available():
+        raise UserError("--calibrate measures the GPU it runs on; this "
+                        "machine has none")
+    device = torch.device("cuda")
+    if name is None:
+        found = torch.cuda.get_device_name(device).lower()
+        name = next((gpu for gpu in GPUS if gpu in found), None)
+        if name is None:
+            raise UserError(f"--calibrate: name the kind of the "
+                            f"{found} with --gpu")
+    ceilings = calibrate(name, device)
+    path = save(ceilings)
+    for kind, rate in ceilings.rates.items():
+        unit = "TB/s" if kind == "memory" else "TFLOP/s"
+        print(f"  {kind:<16}{rate / 1e12:8.1f} {unit}")
+    print(f"  {'launch':<16}{ceilings.launch * 1e6:8.1f} us")
+    print(f"written to {path}; coom plan --gpu {name} uses it")
+    return 0
+
+
+def _print_time(plan) -> None:
+    time = plan.time
+    print(f"step time {time.seconds * 1e3:.1f} ms: "
+          f"{time.tokens_per_second:,.0f} tokens/s, MFU {time.mfu:.1%} "
+          f"(rates: {plan.ceilings.source})")
+    for part, seconds in time.parts.items():
+        print(f"  {part:<28}{seconds * 1e3:9.1f} ms")

@@ -12,7 +12,8 @@ micro-batch and the balancer that moves their expert biases.
 """
 import torch
 
-from coom.config import RunConfig
+from coom.config import RunConfig, TrainConfig
+from coom.errors import UserError
 from coom.fp8.convert import convert_to_fp8
 from coom.models import Transformer
 from coom.parallel.balance import ExpertBalancer
@@ -24,12 +25,24 @@ from coom.parallel.precision import ComputeWeights, compute_dtype
 from coom.parallel.recompute import recompute_blocks
 
 
+def check_batch_split(train: TrainConfig, data_size: int) -> None:
+    """Each data-parallel process needs whole micro-batches."""
+    share = train.micro_batch_size * data_size
+    if train.global_batch_size % share:
+        raise UserError(
+            f"config field train.global_batch_size: "
+            f"{train.global_batch_size} does not split into "
+            f"{data_size} data-parallel processes x micro_batch_size "
+            f"{train.micro_batch_size}; make it a multiple of {share}")
+
+
 def build_model(config: RunConfig, world: World, device: torch.device,
                 schedule: bool = True) -> ParallelModel:
     """config's model, as this process runs it in world's layout; without
     schedule, a pipeline's schedule is left unbuilt (it holds no memory,
     and takes a planner seconds to build at 671B)."""
     train = config.train
+    check_batch_split(train, world.data_size)
     with torch.device("meta"):
         model = Transformer(config.model, fused_kernels=train.kernels)
     model.to_empty(device=device)

@@ -12,6 +12,7 @@ product. What autocast would do there, meta cannot: products of float32
 activations are then counted in float32 (the compute copies are bf16, so
 few are).
 """
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
@@ -19,8 +20,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from coom.parallel.model import ParallelModel
+from coom.config import RunConfig
 from coom.parallel.objective import training_objective
+from coom.plan.costs import OpCost, OpCosts
+from coom.plan.ranks import rank_model
 
 
 class LiveBytes(TorchDispatchMode):
@@ -55,31 +58,42 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+ONE_PROCESS = {"pipeline": 1, "data_parallel_replicate": 1,
+               "data_parallel_shard": 1, "tensor": 1, "expert": 1,
+               "sequence_parallel": False}
+
+
 @dataclass(frozen=True)
-class MicroBatchBytes:
-    """What a micro-batch's forward and backward hold over the step's
-    holdings: at the forward's end (what is saved for the backward),
-    and at most."""
+class DryRun:
+    """A micro-batch's forward and backward on one process: the bytes it
+    holds over the step's holdings at the forward's end (what is saved
+    for the backward) and at most, and its operators' costs."""
 
     saved: int
     peak: int
+    ops: list[OpCost]
 
 
-def micro_batch_bytes(model: ParallelModel, micro_batch: int,
-                      seq_length: int) -> MicroBatchBytes:
-    """The bytes of a micro-batch's forward and backward of model (built
-    on meta, in a world of one). Its gradients exist already, as from an
-    earlier micro-batch, so that they are added to, not made."""
-    for parameter in model.model.parameters():
-        parameter.grad = torch.zeros_like(parameter)
-    shape = (micro_batch, seq_length)
-    tokens = torch.zeros(shape, dtype=torch.long, device="meta")
-    live = LiveBytes()
-    with model.compute(), live:
-        losses_k = model.model(tokens, labels_bs=tokens,
-                               loss_mask_bs=torch.ones(shape, device="meta"),
-                               loss_tokens=micro_batch * seq_length)
-        objective, _ = training_objective(losses_k, 0.3, 1)
-        saved = live.now()
-        objective.backward()
-    return MicroBatchBytes(saved, live.peak)
+def dry_run(config: RunConfig) -> DryRun:
+    """One micro-batch of config's model on one process (which every
+    process of FSDP and HSDP computes as), on the meta device. Its
+    gradients exist already, as from an earlier micro-batch, so that
+    they are added to, not made."""
+    alone = dataclasses.replace(config, parallel=dataclasses.replace(
+        config.parallel, **ONE_PROCESS))
+    batch, length = config.train.micro_batch_size, config.data.seq_length
+    with rank_model(alone, 1, 0) as model:
+        for parameter in model.model.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        tokens = torch.zeros(batch, length, dtype=torch.long,
+                             device="meta")
+        live, costs = LiveBytes(), OpCosts()
+        with model.compute(), live, costs:
+            losses_k = model.model(
+                tokens, labels_bs=tokens,
+                loss_mask_bs=torch.ones(batch, length, device="meta"),
+                loss_tokens=batch * length)
+            objective, _ = training_objective(losses_k, 0.3, 1)
+            saved = live.now()
+            objective.backward()
+    return DryRun(saved, live.peak, costs.ops)

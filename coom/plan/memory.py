@@ -18,20 +18,21 @@ backward, the unit being gathered and the one it prefetches, and in the
 backward a unit's gradients in the compute dtype plus their float32
 copy for the reduce-scatter; the largest unit stands for each.
 """
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 from coom.config import RunConfig
 from coom.parallel.model import ParallelModel
 from coom.parallel.pipeline import split_layers, stages_of_process
-from coom.plan.dry_run import MicroBatchBytes, micro_batch_bytes
+from coom.plan.dry_run import DryRun, dry_run
 from coom.plan.ranks import rank_model, speakers
-from coom.plan.states import MASTER, Term, fsdp_groups, state_terms
-
-ONE_PROCESS = {"pipeline": 1, "data_parallel_replicate": 1,
-               "data_parallel_shard": 1, "tensor": 1, "expert": 1,
-               "sequence_parallel": False}
+from coom.plan.states import (
+    MASTER,
+    Term,
+    fsdp_groups,
+    local_tensor,
+    state_terms,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class RankMemory:
     rank: int
     pipeline_rank: int
     terms: list[Term]
+    local_elements: int
+    """Of its parameters, unpadded."""
+
+    unit_elements: int
+    """Of its FSDP units' parameters whole (0 without FSDP)."""
 
     @property
     def peak(self) -> int:
@@ -70,11 +76,11 @@ def in_flight(config: RunConfig, pipeline_rank: int,
                2 * (behind - 1) + (stages - 1) * size + 1)
 
 
-def activation_terms(config: RunConfig, one: MicroBatchBytes,
-                     pipeline_rank: int, micro_batches: int) -> list[Term]:
+def activation_terms(config: RunConfig, one: DryRun, pipeline_rank: int,
+                     micro_batches: int) -> list[Term]:
     """What the rank's micro-batches in flight save for their backwards,
     and what a backward adds at its peak, from one, a micro-batch's on
-    one process (``one_process_bytes``)."""
+    one process (``coom.plan.dry_run``)."""
     parallel, train = config.parallel, config.train
     notes = [f"{train.micro_batch_size} x {config.data.seq_length} "
              f"tokens, recompute {train.recompute}"]
@@ -98,16 +104,6 @@ def activation_terms(config: RunConfig, one: MicroBatchBytes,
                  "process (less under tensor or expert parallelism)")]
 
 
-def one_process_bytes(config: RunConfig) -> MicroBatchBytes:
-    """A micro-batch's peak over the step's holdings, on one process of
-    config's model, which every process of FSDP and HSDP computes as."""
-    alone = dataclasses.replace(config, parallel=dataclasses.replace(
-        config.parallel, **ONE_PROCESS))
-    with rank_model(alone, 1, 0) as model:
-        return micro_batch_bytes(model, config.train.micro_batch_size,
-                                 config.data.seq_length)
-
-
 def fsdp_buffers(model: ParallelModel) -> Optional[Term]:
     """FSDP's gathering and reducing buffers at their peak, or None
     without FSDP."""
@@ -123,12 +119,13 @@ def fsdp_buffers(model: ParallelModel) -> Optional[Term]:
                 "gradients and their float32 reduce-scatter input")
 
 
-def memory_plan(config: RunConfig, world_size: int) -> list[RankMemory]:
+def memory_plan(config: RunConfig, world_size: int,
+                one: Optional[DryRun] = None) -> list[RankMemory]:
     """The peak memory of each process that speaks for the run
-    (``speakers``): config must already be as on the GPU
-    (``coom.plan.ranks.as_on_gpu``)."""
+    (``speakers``), from one, config's dry run (made here unless given):
+    config must already be as on the GPU (``as_on_gpu``)."""
     train = config.train
-    one = one_process_bytes(config)
+    one = one or dry_run(config)
     plans = []
     for rank in speakers(config, world_size):
         with rank_model(config, world_size, rank) as model:
@@ -137,9 +134,14 @@ def memory_plan(config: RunConfig, world_size: int) -> list[RankMemory]:
             terms = state_terms(model, micro_batches)
             pipeline_rank = model.world.pipeline_rank
             buffers = fsdp_buffers(model)
+            local = sum(local_tensor(p).numel()
+                        for p in model.model.parameters())
+            units = sum(param._orig_size.numel()
+                        for group in fsdp_groups(model)
+                        for param in group.fsdp_params)
         terms += activation_terms(config, one, pipeline_rank,
                                   micro_batches)
         if buffers is not None:
             terms.append(buffers)
-        plans.append(RankMemory(rank, pipeline_rank, terms))
+        plans.append(RankMemory(rank, pipeline_rank, terms, local, units))
     return plans

@@ -41,7 +41,8 @@ class Term:
     note: str = ""
 
 
-def _local(parameter: torch.Tensor) -> torch.Tensor:
+def local_tensor(parameter: torch.Tensor) -> torch.Tensor:
+    """This process's part of parameter."""
     return parameter.to_local() if isinstance(parameter, DTensor) \
         else parameter
 
@@ -64,7 +65,7 @@ def state_terms(model: ParallelModel, micro_batches: int) -> list[Term]:
     """What model's process holds for the whole step, when it runs
     micro_batches micro-batches a step."""
     parameters = list(model.model.parameters())
-    local = sum(_local(p).numel() for p in parameters)
+    local = sum(local_tensor(p).numel() for p in parameters)
     sharded = [param for group in fsdp_groups(model)
                for param in group.fsdp_params]
     if sharded:

@@ -38,7 +38,7 @@ from coom.checkpoint.storage import (
     read_train_state,
     tensor_shapes,
 )
-from coom.config import RunConfig, TrainConfig
+from coom.config import RunConfig
 from coom.data.loader import Batch, Samples
 from coom.energy.ledger import EnergyLedger
 from coom.errors import UserError
@@ -47,7 +47,7 @@ from coom.growth.operators import describe
 from coom.growth.schedule import catch_up, due
 from coom.interop.weights import differences, read_weights
 from coom.models.info import model_info, state_shapes
-from coom.parallel.build import build_model
+from coom.parallel.build import build_model, check_batch_split
 from coom.parallel.expert import PLACEMENT, ExpertParallel, place_experts
 from coom.parallel.mesh import World, local_device, start_world
 from coom.train.anomaly import LOG, ROLLBACK, SKIP, AnomalyGuard
@@ -100,17 +100,6 @@ def resolve_device(name: str) -> torch.device:
         raise UserError("config field train.device: cuda asked for but no "
                         "GPU is visible; use train.device=cpu")
     return device
-
-
-def _check_batch_split(train: TrainConfig, world: World) -> None:
-    """Each data-parallel process needs whole micro-batches."""
-    share = train.micro_batch_size * world.data_size
-    if train.global_batch_size % share:
-        raise UserError(
-            f"config field train.global_batch_size: "
-            f"{train.global_batch_size} does not split into "
-            f"{world.data_size} data-parallel processes x micro_batch_size "
-            f"{train.micro_batch_size}; make it a multiple of {share}")
 
 
 def _free_memory(device: torch.device) -> int:
@@ -188,7 +177,7 @@ class Trainer:
         self.run_dir = run_dir
         self.device = local_device(resolve_device(config.train.device))
         self.world = world or start_world(config.parallel, self.device)
-        _check_batch_split(config.train, self.world)
+        check_batch_split(config.train, self.world.data_size)
         check_hardware(config.fp8, self.device)
         torch.manual_seed(config.train.seed)
         train = config.train

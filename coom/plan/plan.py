@@ -1,0 +1,33 @@
+"""A run's plan: the memory of each process that speaks for it and the
+step time, from one dry run of its model."""
+from dataclasses import dataclass
+
+from coom.config import RunConfig
+from coom.plan.ceilings import Ceilings, ceilings_for
+from coom.plan.dry_run import dry_run
+from coom.plan.gpus import GPU
+from coom.plan.memory import RankMemory, memory_plan
+from coom.plan.step_time import StepTime, step_time
+
+
+@dataclass(frozen=True)
+class Plan:
+    memory: list[RankMemory]
+    time: StepTime
+    ceilings: Ceilings
+
+    @property
+    def fullest(self) -> RankMemory:
+        return max(self.memory, key=lambda rank: rank.peak)
+
+
+def make_plan(config: RunConfig, world_size: int, gpu: GPU) -> Plan:
+    """config's plan at world_size processes on gpu: config as on the
+    GPU already (``coom.plan.ranks.as_on_gpu``)."""
+    run = dry_run(config)
+    memory = memory_plan(config, world_size, run)
+    busiest = max(memory, key=lambda rank: rank.local_elements)
+    ceilings = ceilings_for(gpu)
+    time = step_time(config, world_size, run, ceilings, gpu,
+                     busiest.local_elements, busiest.unit_elements)
+    return Plan(memory, time, ceilings)

@@ -1,0 +1,79 @@
+"""The planner's step time: operator costs against the model's own FLOP
+count, the roofline's arithmetic, and calibration's table."""
+import dataclasses
+
+import pytest
+import torch
+
+from coom.config import load_config
+from coom.models.info import attention_flops_per_token, model_info
+from coom.plan.calibrate import calibrate
+from coom.plan.ceilings import Ceilings, ceilings_for, save
+from coom.plan.costs import OpCost
+from coom.plan.dry_run import DryRun, dry_run
+from coom.plan.gpus import GPUS
+from coom.plan.ranks import as_on_gpu
+from coom.plan.step_time import OPTIMIZER_BYTES, step_time
+
+
+def test_products_cost_the_flops_the_model_counts():
+    """Every linear, expert product and the fused loss's products, as
+    ``coom model info`` counts them (MTP off: its depth sees one token
+    fewer per sequence, which model info does not count)."""
+    config = as_on_gpu(load_config("tiny", [
+        "train.micro_batch_size=2", "model.mtp_num_layers=0"]), 2 ** 36)
+    ops = dry_run(config).ops
+    tokens = 2 * config.data.seq_length
+    info = model_info(config.model, config.data.seq_length)
+    attention = attention_flops_per_token(
+        config.model, config.data.seq_length, config.model.num_layers)
+    products = sum(op.flops for op in ops if "matmul" in op.kind)
+    assert products == (info.training_flops_per_token - attention) * tokens
+    assert {op.kind for op in ops} == {"matmul", "grouped matmul",
+                                       "attention", "memory"}
+
+
+CEILINGS = Ceilings("test", {"matmul": 1e12, "grouped matmul": 1e12,
+                             "attention": 1e12, "memory": 1e11},
+                    launch=1e-6, source="test")
+RUN = DryRun(0, 0, [OpCost("matmul", 3 * 10 ** 9, 0),
+                    OpCost("memory", 0, 10 ** 6),
+                    OpCost("memory", 0, 10 ** 3)])
+MICRO = 3e-3 + 1e-5 + 1e-6  # the last op takes a launch
+
+
+def _time(overrides, world_size=1):
+    config = load_config("tiny", ["model.vocab_size=512",
+                                  "train.micro_batch_size=1",
+                                  "train.global_batch_size=8", *overrides])
+    return step_time(config, world_size, RUN, CEILINGS, GPUS["h100"],
+                     local_elements=10 ** 6, unit_elements=0)
+
+
+def test_roofline_adds_each_operator_at_its_rate():
+    time = _time([])
+    assert time.parts["compute"] == pytest.approx(8 * MICRO)
+    assert time.parts["optimizer"] == pytest.approx(
+        10 ** 6 * OPTIMIZER_BYTES / 1e11)
+
+
+def test_pipeline_pays_its_bubble():
+    time = _time(["parallel.pipeline=2", "model.num_layers=4"], 2)
+    # Half the blocks each, 8 micro-batches, one more stage's worth.
+    assert time.parts["compute"] == pytest.approx(8 * MICRO / 2)
+    assert time.parts["pipeline bubble"] == pytest.approx(MICRO / 2)
+
+
+def test_calibration_measures_and_plans_read_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = calibrate("h100", torch.device("cpu"), scale=16)
+    assert set(measured.rates) == {"matmul", "grouped matmul",
+                                   "attention", "memory"}
+    assert all(rate > 0 for rate in measured.rates.values())
+    assert 0 < measured.launch < 1e-3
+    save(measured)
+    read = ceilings_for(GPUS["h100"])
+    datasheet = ceilings_for(dataclasses.replace(GPUS["h100"],
+                                                 name="uncalibrated"))
+    assert read.rates == datasheet.rates | measured.rates
+    assert read.source.startswith("measured on CPU")
