@@ -112,6 +112,10 @@ def _add_plan(commands) -> None:
     plan.add_argument("--gpu",
                       help="the GPU kind: h100, h800, h200 or a100; "
                       "default h100 (with --calibrate, this machine's)")
+    plan.add_argument("--search", action="store_true",
+                      help="plan every layout, micro-batch size and "
+                      "recompute mode at --gpus and print the fastest "
+                      "that fit, with their commands")
     plan.add_argument("--calibrate", action="store_true",
                       help="measure this machine's GPU (matrix products, "
                       "expert products, attention, copies; under a "

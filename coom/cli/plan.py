@@ -25,8 +25,10 @@ def cmd_plan(args) -> int:
     if args.gpus < 1:
         raise UserError(f"--gpus {args.gpus}: give one or more")
     gpu = gpu_named(args.gpu or "h100")
-    config = as_on_gpu(load_config(args.recipe or "tiny", args.overrides),
-                       gpu.memory)
+    read = load_config(args.recipe or "tiny", args.overrides)
+    if args.search:
+        return _search(args, read, gpu)
+    config = as_on_gpu(read, gpu.memory)
     plan = make_plan(config, args.gpus, gpu)
     plans = plan.memory
     parallel, train = config.parallel, config.train
@@ -56,6 +58,36 @@ def cmd_plan(args) -> int:
           f"{CONTEXT_BYTES / GIB:.1f} GiB of CUDA context: "
           f"{need / GIB:.1f} of {gpu.memory / GIB:.1f} GiB, {verdict}")
     _print_time(plan)
+    return 0
+
+
+def _launch(recipe: str, gpus: int) -> str:
+    """The command that starts recipe on gpus GPUs."""
+    if gpus == 1:
+        return f"coom train {recipe}"
+    nodes = "--nnodes NODES " if gpus > 8 else ""
+    return (f"torchrun {nodes}--nproc-per-node {min(gpus, 8)} -m coom "
+            f"train {recipe} --run-dir runs/{recipe}-{gpus}")
+
+
+def _search(args, config, gpu) -> int:
+    """Print the fastest settings that fit, with their commands."""
+    from coom.plan.search import search
+    recipe = args.recipe or "tiny"
+    found = search(config, args.gpus, gpu)
+    if not found:
+        print(f"no layout, micro-batch size or recompute mode of {recipe} "
+              f"fits {args.gpus} x {gpu.name}; plan more GPUs")
+        return 0
+    print(f"{len(found)} settings fit; the fastest, by the plan:")
+    for candidate in found[:5]:
+        plan = candidate.plan
+        sets = [*args.overrides, *candidate.overrides]
+        command = _launch(recipe, args.gpus) + (
+            f" --set {' '.join(sets)}" if sets else "")
+        print(f"  {plan.time.tokens_per_second:>12,.0f} tokens/s, MFU "
+              f"{plan.time.mfu:.1%}, {plan.fullest.peak / GIB:.1f} GiB: "
+              f"{command}")
     return 0
 
 

@@ -119,29 +119,57 @@ def fsdp_buffers(model: ParallelModel) -> Optional[Term]:
                 "gradients and their float32 reduce-scatter input")
 
 
+@dataclass(frozen=True)
+class Holdings:
+    """What a process holds for the whole step, and FSDP's buffers: all
+    that its build decides (``rank_holdings``)."""
+
+    rank: int
+    pipeline_rank: int
+    data_size: int
+    terms: list[Term]
+    local_elements: int
+    unit_elements: int
+
+
+def rank_holdings(config: RunConfig, world_size: int) -> list[Holdings]:
+    """The holdings of each process that speaks for the run."""
+    train = config.train
+    found = []
+    for rank in speakers(config, world_size):
+        with rank_model(config, world_size, rank) as model:
+            data = model.world.data_size
+            micro_batches = train.global_batch_size \
+                // train.micro_batch_size // data
+            terms = state_terms(model, micro_batches)
+            buffers = fsdp_buffers(model)
+            if buffers is not None:
+                terms.append(buffers)
+            found.append(Holdings(
+                rank, model.world.pipeline_rank, data, terms,
+                sum(local_tensor(p).numel()
+                    for p in model.model.parameters()),
+                sum(param._orig_size.numel()
+                    for group in fsdp_groups(model)
+                    for param in group.fsdp_params)))
+    return found
+
+
 def memory_plan(config: RunConfig, world_size: int,
-                one: Optional[DryRun] = None) -> list[RankMemory]:
+                one: Optional[DryRun] = None,
+                holdings: Optional[list[Holdings]] = None
+                ) -> list[RankMemory]:
     """The peak memory of each process that speaks for the run
-    (``speakers``), from one, config's dry run (made here unless given):
-    config must already be as on the GPU (``as_on_gpu``)."""
+    (``speakers``), from config's dry run and holdings (made here unless
+    given): config must already be as on the GPU (``as_on_gpu``)."""
     train = config.train
     one = one or dry_run(config)
     plans = []
-    for rank in speakers(config, world_size):
-        with rank_model(config, world_size, rank) as model:
-            micro_batches = train.global_batch_size \
-                // train.micro_batch_size // model.world.data_size
-            terms = state_terms(model, micro_batches)
-            pipeline_rank = model.world.pipeline_rank
-            buffers = fsdp_buffers(model)
-            local = sum(local_tensor(p).numel()
-                        for p in model.model.parameters())
-            units = sum(param._orig_size.numel()
-                        for group in fsdp_groups(model)
-                        for param in group.fsdp_params)
-        terms += activation_terms(config, one, pipeline_rank,
-                                  micro_batches)
-        if buffers is not None:
-            terms.append(buffers)
-        plans.append(RankMemory(rank, pipeline_rank, terms, local, units))
+    for held in holdings or rank_holdings(config, world_size):
+        micro_batches = train.global_batch_size \
+            // train.micro_batch_size // held.data_size
+        terms = held.terms + activation_terms(
+            config, one, held.pipeline_rank, micro_batches)
+        plans.append(RankMemory(held.rank, held.pipeline_rank, terms,
+                                held.local_elements, held.unit_elements))
     return plans

@@ -1,12 +1,13 @@
 """A run's plan: the memory of each process that speaks for it and the
 step time, from one dry run of its model."""
 from dataclasses import dataclass
+from typing import Optional
 
 from coom.config import RunConfig
 from coom.plan.ceilings import Ceilings, ceilings_for
-from coom.plan.dry_run import dry_run
+from coom.plan.dry_run import DryRun, dry_run
 from coom.plan.gpus import GPU
-from coom.plan.memory import RankMemory, memory_plan
+from coom.plan.memory import Holdings, RankMemory, memory_plan
 from coom.plan.step_time import StepTime, step_time
 
 
@@ -21,11 +22,14 @@ class Plan:
         return max(self.memory, key=lambda rank: rank.peak)
 
 
-def make_plan(config: RunConfig, world_size: int, gpu: GPU) -> Plan:
+def make_plan(config: RunConfig, world_size: int, gpu: GPU,
+              run: Optional[DryRun] = None,
+              holdings: Optional[list[Holdings]] = None) -> Plan:
     """config's plan at world_size processes on gpu: config as on the
-    GPU already (``coom.plan.ranks.as_on_gpu``)."""
-    run = dry_run(config)
-    memory = memory_plan(config, world_size, run)
+    GPU already (``coom.plan.ranks.as_on_gpu``); its dry run and its
+    processes' holdings are made here unless given."""
+    run = run or dry_run(config)
+    memory = memory_plan(config, world_size, run, holdings)
     busiest = max(memory, key=lambda rank: rank.local_elements)
     ceilings = ceilings_for(gpu)
     time = step_time(config, world_size, run, ceilings, gpu,

@@ -1,0 +1,52 @@
+"""``coom plan --search``: what it tries, and what it returns."""
+from dataclasses import replace
+
+from coom.cli import main
+from coom.config import load_config
+from coom.parallel.mesh import degrees
+from coom.plan.fit import needed
+from coom.plan.gpus import GPUS
+from coom.plan.ranks import as_on_gpu
+from coom.plan.search import layouts, search
+
+TINY = ["model.vocab_size=512", "train.global_batch_size=16"]
+
+
+def test_layouts_split_every_gpu_and_respect_the_model():
+    config = load_config("tiny", TINY)
+    found = list(layouts(config, 8))
+    for layout in found:
+        assert layout["pipeline"] * layout["tensor"] \
+            * layout["data_parallel_replicate"] \
+            * layout["data_parallel_shard"] == 8
+        assert layout["data_parallel_shard"] % layout["expert"] == 0
+        assert config.model.num_attention_heads % layout["tensor"] == 0
+    assert {layout["expert"] for layout in found} == {1, 2, 4, 8}
+    # tiny has 4 layers: no pipeline of 8 stages.
+    assert config.model.num_layers == 4
+    assert {layout["pipeline"] for layout in found} == {1, 2, 4}
+
+
+def test_search_returns_settings_that_fit_fastest_first():
+    gpu = GPUS["h100"]
+    found = search(load_config("tiny", TINY), 2, gpu, show_progress=False)
+    speeds = [c.plan.time.tokens_per_second for c in found]
+    assert speeds == sorted(speeds, reverse=True) and len(found) > 4
+    for candidate in found:
+        assert needed(candidate.plan.fullest.peak) <= gpu.memory
+        again = as_on_gpu(load_config("tiny", TINY
+                                      + list(candidate.overrides)),
+                          gpu.memory)
+        shard = degrees(again.parallel, 2)["dp_shard"]  # -1 fills in
+        assert replace(again.parallel, data_parallel_shard=shard) \
+            == candidate.config.parallel
+        assert again.train == candidate.config.train
+
+
+def test_search_prints_commands(capsys):
+    assert main(["plan", "tiny", "--gpus", "2", "--search", "--set",
+                 *TINY]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("settings fit; the fastest, by the plan:")
+    assert "torchrun --nproc-per-node 2 -m coom train tiny --run-dir " \
+        "runs/tiny-2 --set model.vocab_size=512" in lines[1]
