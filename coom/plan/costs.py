@@ -72,6 +72,10 @@ class OpCosts(TorchDispatchMode):
         super().__init__()
         self.ops: list[OpCost] = []
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
     def _add(self, kind: str, flops: int, moved: int) -> None:
         self.ops.append(OpCost(kind, flops, moved))
 

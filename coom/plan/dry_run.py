@@ -28,7 +28,12 @@ from coom.plan.ranks import rank_model
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages made under it and still alive: now, and at
-    most (``peak``)."""
+    most (``peak``). It sees compiled code's operators as they run, not
+    those its compilation traces."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
 
     def __init__(self):
         super().__init__()
@@ -58,6 +63,12 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+COMPILED = "aot_eager_decomp_partition"
+"""torch.compile's backend that partitions forward and backward as
+inductor does (its decompositions, its min-cut choice of what to save)
+and runs the graphs eagerly: what a compiled block saves, without code
+generation, which meta cannot run."""
+
 ONE_PROCESS = {"pipeline": 1, "data_parallel_replicate": 1,
                "data_parallel_shard": 1, "tensor": 1, "expert": 1,
                "sequence_parallel": False}
@@ -67,33 +78,47 @@ ONE_PROCESS = {"pipeline": 1, "data_parallel_replicate": 1,
 class DryRun:
     """A micro-batch's forward and backward on one process: the bytes it
     holds over the step's holdings at the forward's end (what is saved
-    for the backward) and at most, and its operators' costs."""
+    for the backward) and at most, once with the gradients there already
+    (``peak``, as when micro-batches accumulate) and once with the
+    backward making them (``fresh_peak``, a step's only micro-batch);
+    and its operators' costs."""
 
     saved: int
     peak: int
+    fresh_peak: int
     ops: list[OpCost]
+
+
+def _micro_batch(model, batch: int, length: int) -> tuple:
+    """(saved, peak, costs) of one forward and backward of model."""
+    tokens = torch.zeros(batch, length, dtype=torch.long, device="meta")
+    live, costs = LiveBytes(), OpCosts()
+    with model.compute(), live, costs:
+        losses_k = model.model(
+            tokens, labels_bs=tokens,
+            loss_mask_bs=torch.ones(batch, length, device="meta"),
+            loss_tokens=batch * length)
+        objective, _ = training_objective(losses_k, 0.3, 1)
+        saved = live.now()
+        objective.backward()
+    return saved, live.peak, costs.ops
 
 
 def dry_run(config: RunConfig) -> DryRun:
     """One micro-batch of config's model on one process (which every
-    process of FSDP and HSDP computes as), on the meta device. Its
-    gradients exist already, as from an earlier micro-batch, so that
-    they are added to, not made."""
-    alone = dataclasses.replace(config, parallel=dataclasses.replace(
-        config.parallel, **ONE_PROCESS))
+    process of FSDP and HSDP computes as), on the meta device, twice:
+    first without gradients, then adding to those the first made.
+    Compiled blocks are compiled as inductor partitions them
+    (``COMPILED``), to run on meta."""
+    alone = dataclasses.replace(
+        config, parallel=dataclasses.replace(config.parallel, **ONE_PROCESS),
+        train=dataclasses.replace(config.train, compile=False,
+                                  cuda_graphs=False))
     batch, length = config.train.micro_batch_size, config.data.seq_length
     with rank_model(alone, 1, 0) as model:
-        for parameter in model.model.parameters():
-            parameter.grad = torch.zeros_like(parameter)
-        tokens = torch.zeros(batch, length, dtype=torch.long,
-                             device="meta")
-        live, costs = LiveBytes(), OpCosts()
-        with model.compute(), live, costs:
-            losses_k = model.model(
-                tokens, labels_bs=tokens,
-                loss_mask_bs=torch.ones(batch, length, device="meta"),
-                loss_tokens=batch * length)
-            objective, _ = training_objective(losses_k, 0.3, 1)
-            saved = live.now()
-            objective.backward()
-    return DryRun(saved, live.peak, costs.ops)
+        if config.train.compile:
+            for block in model.model.blocks():
+                block.compile(backend=COMPILED)
+        _, fresh_peak, _ = _micro_batch(model, batch, length)
+        saved, peak, ops = _micro_batch(model, batch, length)
+    return DryRun(saved, peak, fresh_peak, ops)

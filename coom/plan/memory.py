@@ -17,6 +17,10 @@ FSDP adds its buffers: while it reshards after each forward and
 backward, the unit being gathered and the one it prefetches, and in the
 backward a unit's gradients in the compute dtype plus their float32
 copy for the reduce-scatter; the largest unit stands for each.
+
+A process of one whose step is one micro-batch starts its backward
+without gradients, which come as activations go: its backward's peak is
+the dry run's that makes them, in place of the gradients' term.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -104,6 +108,18 @@ def activation_terms(config: RunConfig, one: DryRun, pipeline_rank: int,
                  "process (less under tensor or expert parallelism)")]
 
 
+def _gradients_as_made(terms: list[Term], one: DryRun) -> list[Term]:
+    """terms of a process of one whose step is one micro-batch: its
+    gradients do not wait from an earlier micro-batch but come as the
+    backward frees its activations, so the backward's peak is the dry
+    run's with the gradients made."""
+    kept = [term for term in terms
+            if term.name not in ("gradients", "backward transients")]
+    return kept + [Term("backward transients", one.fresh_peak - one.saved,
+                        "a backward's peak over what its forward saved, "
+                        "the float32 gradients made as it goes included")]
+
+
 def fsdp_buffers(model: ParallelModel) -> Optional[Term]:
     """FSDP's gathering and reducing buffers at their peak, or None
     without FSDP."""
@@ -170,6 +186,8 @@ def memory_plan(config: RunConfig, world_size: int,
             // train.micro_batch_size // held.data_size
         terms = held.terms + activation_terms(
             config, one, held.pipeline_rank, micro_batches)
+        if world_size == 1 and micro_batches == 1:
+            terms = _gradients_as_made(terms, one)
         plans.append(RankMemory(held.rank, held.pipeline_rank, terms,
                                 held.local_elements, held.unit_elements))
     return plans

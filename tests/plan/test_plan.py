@@ -75,3 +75,23 @@ def test_train_warns_with_the_cheapest_fix_that_fits():
     change = warning.split("--set ")[1].split()[0]
     fixed = as_on_gpu(load_config("tiny", TINY + [change]), 80 * 2 ** 30)
     assert needed(worst(memory_plan(fixed, 1)).peak) < needed(peak)
+
+
+def test_a_steps_only_micro_batch_makes_its_gradients_as_it_goes():
+    """With one micro-batch a step the gradients start absent and come
+    as the backward frees activations: the plan counts them inside the
+    backward's peak, which holds at least all of them at its end, and
+    plans no more than with the gradients there from the start."""
+    config = as_on_gpu(load_config("tiny", [
+        "model.vocab_size=512", "train.micro_batch_size=2",
+        "train.global_batch_size=2"]), 80 * 2 ** 30)
+    one = dry_run(config)
+    (plan,) = memory_plan(config, 1, one)
+    terms = {term.name: term.bytes for term in plan.terms}
+    gradients = terms["parameters"]  # float32, as the masters
+    assert "gradients" not in terms
+    assert one.fresh_peak >= gradients
+    assert terms["backward transients"] == one.fresh_peak - one.saved
+    accumulating = plan.peak - terms["backward transients"] \
+        + gradients + one.peak - one.saved
+    assert plan.peak <= accumulating

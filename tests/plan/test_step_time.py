@@ -36,9 +36,9 @@ def test_products_cost_the_flops_the_model_counts():
 CEILINGS = Ceilings("test", {"matmul": 1e12, "grouped matmul": 1e12,
                              "attention": 1e12, "memory": 1e11},
                     launch=1e-6, source="test")
-RUN = DryRun(0, 0, [OpCost("matmul", 3 * 10 ** 9, 0),
-                    OpCost("memory", 0, 10 ** 6),
-                    OpCost("memory", 0, 10 ** 3)])
+RUN = DryRun(0, 0, 0, [OpCost("matmul", 3 * 10 ** 9, 0),
+                       OpCost("memory", 0, 10 ** 6),
+                       OpCost("memory", 0, 10 ** 3)])
 MICRO = 3e-3 + 1e-5 + 1e-6  # the last op takes a launch
 
 
