@@ -252,7 +252,8 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
         # traced kernel writes must not see one tensor twice.
         values_kc = torch.empty(0, 0, device=x_mk.device, dtype=E4M3)
         scales_jk = torch.empty(0, 0, **float32)
-    if x_mk.numel():
+    # On the meta device (the planner's) there is nothing to compute.
+    if x_mk.numel() and not x_mk.is_meta:
         # Ungrouped, the kernel reads no tile rows: x stands in for them.
         starts_j, ends_j = (_group_tile_rows(counts_e, row_tiles)
                             if grouped else (x_mk, x_mk))
@@ -306,7 +307,7 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,
     # An empty stand-in without transpose, as in _row_tiles.
     values_ekn = torch.empty((e, k, n) if transpose else (0,),
                              device=w.device, dtype=E4M3)
-    if w_enk.numel():
+    if w_enk.numel() and not w_enk.is_meta:  # meta: as above
         grid = (e, row_blocks, column_blocks)
         launcher(_blocks_kernel, traceable)[grid](
             w_enk, values_enk, scales_egh, values_ekn, n, k, *w_enk.stride(),

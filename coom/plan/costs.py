@@ -5,8 +5,9 @@ moves, by kind, for the step-time roofline (``coom.plan.step_time``).
 device (a ``TorchDispatchMode``, under ``coom.plan.dry_run``'s). Matrix
 products, grouped products and attention count their FLOPs with
 ``torch.utils.flop_counter``'s formulas (the grouped product, which it
-lacks, here); every other operator that makes a tensor counts the bytes
-it reads and writes. Views and other aliasing results move nothing.
+lacks, and COOM's fused loss and FP8 products, here); every other
+operator that makes a tensor counts the bytes it reads and writes. Views
+and other aliasing results move nothing.
 """
 from dataclasses import dataclass
 
@@ -49,6 +50,34 @@ def _loss_flops(func, args: tuple, kwargs: dict) -> int:
     return (6 if gradients else 2) * tokens * vocab * width
 
 
+def _fp8_product_flops(func, args: tuple, kwargs: dict) -> int:
+    """a (m, k) by b (k, n)."""
+    return 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+
+
+def _fp8_grouped_flops(func, args: tuple, kwargs: dict) -> int:
+    """Rows a (t, k) by experts b (e, n, k)."""
+    return 2 * args[0].shape[0] * args[0].shape[1] * args[2].shape[1]
+
+
+def _fp8_weight_gradient_flops(func, args: tuple, kwargs: dict) -> int:
+    """a (n, c) by b (k, c), c the tokens of all experts."""
+    return 2 * args[0].shape[0] * args[0].shape[1] * args[2].shape[0]
+
+
+def _coom_products() -> dict:
+    """COOM's own ops that run matrix products inside, by overload
+    packet: (kind, FLOPs of a call)."""
+    coom = torch.ops.coom
+    return {
+        coom.linear_cross_entropy: ("matmul", _loss_flops),
+        coom.fp8_scaled_mm: ("fp8 matmul", _fp8_product_flops),
+        coom.fp8_grouped_mm: ("fp8 grouped matmul", _fp8_grouped_flops),
+        coom.fp8_grouped_mm_wgrad: ("fp8 grouped matmul",
+                                    _fp8_weight_gradient_flops),
+    }
+
+
 def _grouped_flops(a: torch.Tensor, b: torch.Tensor) -> int:
     """2 m k n of a grouped product: the forward's and the input
     gradient's rows a (m, k) by experts b (e, k, n), or the weight
@@ -71,10 +100,7 @@ class OpCosts(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: list[OpCost] = []
-
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:
-        return True
+        self.products = _coom_products()
 
     def _add(self, kind: str, flops: int, moved: int) -> None:
         self.ops.append(OpCost(kind, flops, moved))
@@ -89,8 +115,9 @@ class OpCosts(TorchDispatchMode):
         moved = sum(t.nbytes for t in tensors)
         packet = func.overloadpacket
         kind = KIND_OF.get(packet)
-        if packet is torch.ops.coom.linear_cross_entropy:
-            self._add("matmul", _loss_flops(func, args, kwargs), moved)
+        if packet in self.products:
+            kind, flops = self.products[packet]
+            self._add(kind, flops(func, args, kwargs), moved)
         elif kind is None:
             self._add("memory", 0, moved)
         elif "grouped" in kind:

@@ -28,12 +28,7 @@ from coom.plan.ranks import rank_model
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages made under it and still alive: now, and at
-    most (``peak``). It sees compiled code's operators as they run, not
-    those its compilation traces."""
-
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:
-        return True
+    most (``peak``)."""
 
     def __init__(self):
         super().__init__()
@@ -62,12 +57,6 @@ class LiveBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.now())
         return out
 
-
-COMPILED = "aot_eager_decomp_partition"
-"""torch.compile's backend that partitions forward and backward as
-inductor does (its decompositions, its min-cut choice of what to save)
-and runs the graphs eagerly: what a compiled block saves, without code
-generation, which meta cannot run."""
 
 ONE_PROCESS = {"pipeline": 1, "data_parallel_replicate": 1,
                "data_parallel_shard": 1, "tensor": 1, "expert": 1,
@@ -107,18 +96,17 @@ def _micro_batch(model, batch: int, length: int) -> tuple:
 def dry_run(config: RunConfig) -> DryRun:
     """One micro-batch of config's model on one process (which every
     process of FSDP and HSDP computes as), on the meta device, twice:
-    first without gradients, then adding to those the first made.
-    Compiled blocks are compiled as inductor partitions them
-    (``COMPILED``), to run on meta."""
+    first without gradients, then adding to those the first made. Its
+    blocks run eagerly, compiled or not: meta cannot run inductor's code.
+    (Compiled as inductor partitions them but run eagerly, by the
+    ``aot_eager_decomp_partition`` backend, the bf16 blocks of ``small``
+    saved exactly what eager ones save.)"""
     alone = dataclasses.replace(
         config, parallel=dataclasses.replace(config.parallel, **ONE_PROCESS),
         train=dataclasses.replace(config.train, compile=False,
                                   cuda_graphs=False))
     batch, length = config.train.micro_batch_size, config.data.seq_length
     with rank_model(alone, 1, 0) as model:
-        if config.train.compile:
-            for block in model.model.blocks():
-                block.compile(backend=COMPILED)
         _, fresh_peak, _ = _micro_batch(model, batch, length)
         saved, peak, ops = _micro_batch(model, batch, length)
     return DryRun(saved, peak, fresh_peak, ops)

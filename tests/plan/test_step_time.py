@@ -77,3 +77,23 @@ def test_calibration_measures_and_plans_read_it(tmp_path, monkeypatch):
                                                  name="uncalibrated"))
     assert read.rates == datasheet.rates | measured.rates
     assert read.source.startswith("measured on CPU")
+
+
+def test_fp8_products_are_counted_as_fp8_work():
+    """Under blockwise FP8 the linears and experts run COOM's FP8 ops;
+    their FLOPs count as FP8 products, at least the model's (the expert
+    weight gradients also multiply the tile padding they are given)."""
+    overrides = ["train.micro_batch_size=2", "model.mtp_num_layers=0"]
+    counted = {}
+    for recipe in ("off", "blockwise"):
+        config = as_on_gpu(load_config(
+            "tiny", overrides + [f"fp8.recipe={recipe}"]), 2 ** 36)
+        ops = dry_run(config).ops
+        counted[recipe] = {kind: sum(op.flops for op in ops
+                                     if op.kind == kind)
+                           for kind in {op.kind for op in ops}}
+    fp8 = counted["blockwise"]
+    assert fp8["fp8 matmul"] > 0 and fp8["fp8 grouped matmul"] > 0
+    products = sum(flops for kind, flops in fp8.items() if "matmul" in kind)
+    assert products >= sum(flops for kind, flops in counted["off"].items()
+                           if "matmul" in kind)
