@@ -48,6 +48,10 @@ def cmd_plan(args) -> int:
     for term in top.terms:
         print(f"  {term.name:<22}{_gib(term.bytes)}  {term.note}")
     print(f"  {'allocated':<22}{_gib(top.peak)}")
+    if top.worst_routing:
+        print(f"  {'worst routing':<22}{_gib(top.worst_routing)}  more, "
+              "if every expert-parallel process sent each token's copies "
+              "to this one's experts (dropless routing: nothing caps it)")
     if len(plans) > 1:
         print("by pipeline rank: " + ", ".join(
             f"{plan.pipeline_rank}: {plan.peak / GIB:.1f}"

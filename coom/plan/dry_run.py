@@ -110,3 +110,33 @@ def dry_run(config: RunConfig) -> DryRun:
         _, fresh_peak, _ = _micro_batch(model, batch, length)
         saved, peak, ops = _micro_batch(model, batch, length)
     return DryRun(saved, peak, fresh_peak, ops)
+
+
+def routed_copy_bytes(config: RunConfig) -> float:
+    """What one more routed copy of a token keeps for the backward in one
+    MoE block: the difference of a forward's saved bytes with one more
+    expert per token, per token and MoE block (0 for a dense model)."""
+    model = config.model
+    blocks = model.num_layers - model.first_k_dense_replace \
+        + model.mtp_num_layers
+    if not model.n_routed_experts or not blocks:
+        return 0.0
+    batch, length = config.train.micro_batch_size, config.data.seq_length
+    saved = []
+    for extra in (0, 1):
+        wider = dataclasses.replace(config, model=dataclasses.replace(
+            model, num_experts_per_tok=model.num_experts_per_tok + extra))
+        alone = dataclasses.replace(wider, parallel=dataclasses.replace(
+            config.parallel, **ONE_PROCESS))
+        with rank_model(alone, 1, 0) as built:
+            tokens = torch.zeros(batch, length, dtype=torch.long,
+                                 device="meta")
+            live = LiveBytes()
+            with built.compute(), live:
+                losses_k = built.model(
+                    tokens, labels_bs=tokens,
+                    loss_mask_bs=torch.ones(batch, length, device="meta"),
+                    loss_tokens=batch * length)
+                saved.append(live.now())  # while losses_k holds the graph
+                del losses_k
+    return (saved[1] - saved[0]) / (batch * length * blocks)

@@ -28,7 +28,7 @@ from typing import Optional
 from coom.config import RunConfig
 from coom.parallel.model import ParallelModel
 from coom.parallel.pipeline import split_layers, stages_of_process
-from coom.plan.dry_run import DryRun, dry_run
+from coom.plan.dry_run import DryRun, dry_run, routed_copy_bytes
 from coom.plan.ranks import rank_model, speakers
 from coom.plan.states import (
     MASTER,
@@ -51,6 +51,10 @@ class RankMemory:
 
     unit_elements: int
     """Of its FSDP units' parameters whole (0 without FSDP)."""
+
+    worst_routing: int = 0
+    """Bytes beyond the peak under the worst routing (``worst_routing``).
+    """
 
     @property
     def peak(self) -> int:
@@ -80,15 +84,12 @@ def in_flight(config: RunConfig, pipeline_rank: int,
                2 * (behind - 1) + (stages - 1) * size + 1)
 
 
-def activation_terms(config: RunConfig, one: DryRun, pipeline_rank: int,
-                     micro_batches: int) -> list[Term]:
-    """What the rank's micro-batches in flight save for their backwards,
-    and what a backward adds at its peak, from one, a micro-batch's on
-    one process (``coom.plan.dry_run``)."""
-    parallel, train = config.parallel, config.train
-    notes = [f"{train.micro_batch_size} x {config.data.seq_length} "
-             f"tokens, recompute {train.recompute}"]
-    share = 1.0
+def _in_flight_share(config: RunConfig, pipeline_rank: int,
+                     micro_batches: int) -> tuple[float, list[str]]:
+    """The multiple of one process's whole-model micro-batch that the
+    rank's micro-batches in flight hold, and how it was made."""
+    parallel = config.parallel
+    notes, share = [], 1.0
     if parallel.pipeline > 1:
         layers = split_layers(config.model.num_layers,
                               parallel.pipeline_stages)
@@ -101,11 +102,40 @@ def activation_terms(config: RunConfig, one: DryRun, pipeline_rank: int,
     if parallel.tensor > 1 and parallel.sequence_parallel:
         share /= parallel.tensor
         notes.append(f"/ {parallel.tensor} (sequence parallel)")
+    return share, notes
+
+
+def activation_terms(config: RunConfig, one: DryRun, pipeline_rank: int,
+                     micro_batches: int) -> list[Term]:
+    """What the rank's micro-batches in flight save for their backwards,
+    and what a backward adds at its peak, from one, a micro-batch's on
+    one process (``coom.plan.dry_run``)."""
+    train = config.train
+    share, notes = _in_flight_share(config, pipeline_rank, micro_batches)
+    notes.insert(0, f"{train.micro_batch_size} x {config.data.seq_length} "
+                 f"tokens, recompute {train.recompute}")
     return [Term("activations", round(one.saved * share),
                  " ".join(notes)),
             Term("backward transients", one.peak - one.saved,
                  "a backward's peak over what its forward saved, on one "
                  "process (less under tensor or expert parallelism)")]
+
+
+def worst_routing(config: RunConfig, copy_bytes: float, pipeline_rank: int,
+                  micro_batches: int) -> int:
+    """What the rank's MoE blocks would keep beyond a balanced routing's
+    if every process of its expert-parallel group sent each token's
+    copies to this process's experts, as many as it holds (0 without
+    expert parallelism); copy_bytes from ``routed_copy_bytes``."""
+    model, expert = config.model, config.parallel.expert
+    if expert == 1 or not copy_bytes:
+        return 0
+    tokens = config.train.micro_batch_size * config.data.seq_length
+    top = model.num_experts_per_tok
+    worst = expert * min(top, model.n_routed_experts // expert)
+    share, _ = _in_flight_share(config, pipeline_rank, micro_batches)
+    blocks = model.num_layers - model.first_k_dense_replace
+    return round((worst - top) * tokens * copy_bytes * blocks * share)
 
 
 def _gradients_as_made(terms: list[Term], one: DryRun) -> list[Term]:
@@ -180,6 +210,8 @@ def memory_plan(config: RunConfig, world_size: int,
     given): config must already be as on the GPU (``as_on_gpu``)."""
     train = config.train
     one = one or dry_run(config)
+    copy_bytes = routed_copy_bytes(config) if config.parallel.expert > 1 \
+        else 0.0
     plans = []
     for held in holdings or rank_holdings(config, world_size):
         micro_batches = train.global_batch_size \
@@ -188,6 +220,8 @@ def memory_plan(config: RunConfig, world_size: int,
             config, one, held.pipeline_rank, micro_batches)
         if world_size == 1 and micro_batches == 1:
             terms = _gradients_as_made(terms, one)
-        plans.append(RankMemory(held.rank, held.pipeline_rank, terms,
-                                held.local_elements, held.unit_elements))
+        plans.append(RankMemory(
+            held.rank, held.pipeline_rank, terms, held.local_elements,
+            held.unit_elements, worst_routing(
+                config, copy_bytes, held.pipeline_rank, micro_batches)))
     return plans

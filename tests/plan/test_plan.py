@@ -5,9 +5,9 @@ import torch
 
 from coom.cli import main
 from coom.config import load_config
-from coom.plan.dry_run import LiveBytes, dry_run
+from coom.plan.dry_run import LiveBytes, dry_run, routed_copy_bytes
 from coom.plan.fit import memory_warning, needed, worst
-from coom.plan.memory import in_flight, memory_plan
+from coom.plan.memory import in_flight, memory_plan, worst_routing
 from coom.plan.ranks import as_on_gpu
 
 MIB = 2 ** 20
@@ -95,3 +95,25 @@ def test_a_steps_only_micro_batch_makes_its_gradients_as_it_goes():
     accumulating = plan.peak - terms["backward transients"] \
         + gradients + one.peak - one.saved
     assert plan.peak <= accumulating
+
+
+def test_routed_copies_and_the_worst_routing():
+    """A routed copy keeps its bf16 row on both sides of the experts and
+    the experts' three intermediate rows, plus its routing weight and
+    indices; the worst routing sends every expert-parallel process's
+    copies to one process's experts."""
+    config = as_on_gpu(load_config("tiny", TINY + [
+        "model.mtp_num_layers=0", "train.global_batch_size=4"]), 2 ** 36)
+    model = config.model
+    rows = 2 * (2 * model.hidden_size + 3 * model.moe_intermediate_size)
+    copy = routed_copy_bytes(config)
+    assert rows <= copy <= rows + 32
+    assert worst_routing(config, copy, 0, 1) == 0  # no expert parallelism
+    two = as_on_gpu(load_config("tiny", TINY + [
+        "model.mtp_num_layers=0", "parallel.expert=2"]), 2 ** 36)
+    top = model.num_experts_per_tok
+    worst = 2 * min(top, model.n_routed_experts // 2)
+    blocks = model.num_layers - model.first_k_dense_replace
+    tokens = 2 * config.data.seq_length
+    assert worst_routing(two, copy, 0, 1) == round(
+        (worst - top) * tokens * copy * blocks)
