@@ -15,8 +15,9 @@ micro-batch's compute. The layout then shapes the step:
   stages;
 - expert parallelism adds the all-to-alls of each MoE layer's routed
   tokens (dispatch and combine, forward and backward);
-- FSDP's gathers and reduce-scatters overlap the compute, so only what
-  exceeds it shows;
+- FSDP's gathers and reduce-scatters, and under HSDP the all-reduce of
+  the gradient shards over the replicas, overlap the compute, so only
+  what exceeds it shows;
 - the optimizer step reads and writes each local element's master,
   gradient, moments and compute copy at copy speed.
 
@@ -110,12 +111,15 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
         parts["expert all-to-alls"] = (4 * moe * moved * micro_batches
                                        / _link_bandwidth(
                                            gpu, parallel.expert, tensor))
-    if unit_elements and shape["dp_shard"] > 1:
+    shard, replicas = shape["dp_shard"], shape["dp_replicate"]
+    if unit_elements and shard * replicas > 1:
         gathers = 1 if parallel.fsdp_reshard == "step" else \
             2 * micro_batches
-        moved = _ring(unit_elements * (gathers * bf16 + 4),
-                      shape["dp_shard"])
-        fsdp = moved / _link_bandwidth(gpu, shape["dp_shard"], tensor)
+        fsdp = _ring(unit_elements * (gathers * bf16 + 4), shard) \
+            / _link_bandwidth(gpu, shard, tensor)
+        # HSDP: the float32 gradient shards all-reduced over the replicas.
+        fsdp += 2 * _ring(unit_elements / shard * 4, replicas) \
+            / _link_bandwidth(gpu, replicas, shard * tensor)
         parts["FSDP, beyond the compute"] = max(
             0.0, fsdp - parts["compute"])
     parts["optimizer"] = local_elements * OPTIMIZER_BYTES \

@@ -97,3 +97,27 @@ def test_fp8_products_are_counted_as_fp8_work():
     products = sum(flops for kind, flops in fp8.items() if "matmul" in kind)
     assert products >= sum(flops for kind, flops in counted["off"].items()
                            if "matmul" in kind)
+
+
+def test_fsdp_traffic_counts_only_beyond_the_compute():
+    """8 processes of FSDP, one micro-batch each: every unit gathered in
+    bf16 for the forward and again for the backward, its gradients
+    reduce-scattered in float32, over NVLink; under HSDP 2 x 4 the
+    gradient shards are also all-reduced over the replicas, across
+    nodes when the replicas are farther apart than a node."""
+    units = 10 ** 10
+    h100 = GPUS["h100"]
+    config = load_config("tiny", ["model.vocab_size=512",
+                                  "train.micro_batch_size=1",
+                                  "train.global_batch_size=8"])
+    time = step_time(config, 8, RUN, CEILINGS, h100, 10 ** 6, units)
+    gathered = units * (2 * 2 + 4) * 7 / 8 / h100.link_bandwidth
+    assert time.parts["FSDP, beyond the compute"] == pytest.approx(
+        gathered - time.parts["compute"])
+    hsdp = dataclasses.replace(config, parallel=dataclasses.replace(
+        config.parallel, data_parallel_replicate=2))
+    time = step_time(hsdp, 8, RUN, CEILINGS, h100, 10 ** 6, units)
+    gathered = units * (2 * 2 + 4) * 3 / 4 / h100.link_bandwidth
+    reduced = 2 * units / 4 * 4 * 1 / 2 / h100.link_bandwidth
+    assert time.parts["FSDP, beyond the compute"] == pytest.approx(
+        gathered + reduced - time.parts["compute"])
