@@ -11,12 +11,6 @@ def _gib(count: int) -> str:
 def cmd_plan(args) -> int:
     from coom.config import load_config
     from coom.parallel.mesh import degrees
-    from coom.plan.fit import (
-        ALLOCATOR_OVERHEAD,
-        CONTEXT_BYTES,
-        needed,
-        worst,
-    )
     from coom.plan.gpus import gpu_named
     from coom.plan.plan import make_plan
     from coom.plan.ranks import as_on_gpu
@@ -42,7 +36,17 @@ def cmd_plan(args) -> int:
           f"{train.micro_batch_size}, global batch "
           f"{train.global_batch_size}, recompute {train.recompute}, "
           f"{train.precision}")
-    top = worst(plans)
+    _print_memory(plans, config, args.gpus, gpu)
+    _print_time(plan)
+    return 0
+
+
+def _print_memory(plans, config, gpus: int, gpu) -> None:
+    from dataclasses import replace
+
+    from coom.plan.fit import ALLOCATOR_OVERHEAD, CONTEXT_BYTES, needed
+    from coom.plan.memory import memory_plan
+    top = max(plans, key=lambda plan: plan.peak)
     print(f"process {top.rank} (pipeline rank {top.pipeline_rank}), "
           "the fullest, at its peak:")
     for term in top.terms:
@@ -56,13 +60,18 @@ def cmd_plan(args) -> int:
         print("by pipeline rank: " + ", ".join(
             f"{plan.pipeline_rank}: {plan.peak / GIB:.1f}"
             for plan in plans) + " GiB")
+    modes = []
+    for mode in ("none", "selective", "full"):
+        other = replace(config, train=replace(config.train, recompute=mode))
+        peak = top.peak if mode == config.train.recompute else max(
+            plan.peak for plan in memory_plan(other, gpus))
+        modes.append(f"{mode} {peak / GIB:.1f}")
+    print(f"allocated by train.recompute: {', '.join(modes)} GiB")
     need = needed(top.peak)
     verdict = "fits" if need <= gpu.memory else "does NOT fit"
     print(f"with the allocator's usual {ALLOCATOR_OVERHEAD:.0%} and "
           f"{CONTEXT_BYTES / GIB:.1f} GiB of CUDA context: "
           f"{need / GIB:.1f} of {gpu.memory / GIB:.1f} GiB, {verdict}")
-    _print_time(plan)
-    return 0
 
 
 def _launch(recipe: str, gpus: int) -> str:

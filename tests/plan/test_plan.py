@@ -63,6 +63,7 @@ def test_plan_prints_each_term_and_whether_it_fits(capsys):
                  "activations", "FSDP buffers", "allocated"):
         assert f"\n  {term} " in out
     assert "by pipeline rank: 0: " in out and ", fits\n" in out
+    assert "\nallocated by train.recompute: none " in out
     assert "\nstep time " in out and "  pipeline bubble " in out
 
 
