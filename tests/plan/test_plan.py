@@ -118,3 +118,28 @@ def test_routed_copies_and_the_worst_routing():
     tokens = 2 * config.data.seq_length
     assert worst_routing(two, copy, 0, 1) == round(
         (worst - top) * tokens * copy * blocks)
+
+
+def test_coom_train_on_a_gpu_warns_before_it_starts(monkeypatch, capsys):
+    """``coom train`` asks the plan before any process joins; the GPU is
+    played by a device name and a memory size, the rest is the CLI's."""
+    from types import SimpleNamespace
+
+    import coom.train.trainer
+    from coom.cli.train import _warn_of_memory
+    config = load_config("tiny", TINY)
+    monkeypatch.setattr(coom.train.trainer, "resolve_device",
+                        lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(total_memory=2 ** 30))
+    _warn_of_memory(config)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(total_memory=2 ** 29))
+    _warn_of_memory(config)
+    out = capsys.readouterr().out
+    assert out.startswith("warning: coom plan predicts ")
+    # No change fits beside 0.5 GiB of CUDA context.
+    assert out.rstrip().endswith("more than the GPU's 0.5 GiB; the largest "
+                                 "term is optimizer states (0.0 GiB); spread "
+                                 "the model over more GPUs (coom plan)")
