@@ -24,7 +24,6 @@ def cmd_plan(args) -> int:
         return _search(args, read, gpu)
     config = as_on_gpu(read, gpu.memory)
     plan = make_plan(config, args.gpus, gpu)
-    plans = plan.memory
     parallel, train = config.parallel, config.train
     shard = degrees(parallel, args.gpus)["dp_shard"]
     print(f"recipe {args.recipe or 'tiny'} on {args.gpus} x {gpu.name} "
@@ -36,17 +35,17 @@ def cmd_plan(args) -> int:
           f"{train.micro_batch_size}, global batch "
           f"{train.global_batch_size}, recompute {train.recompute}, "
           f"{train.precision}")
-    _print_memory(plans, config, args.gpus, gpu)
+    _print_memory(plan, config, args.gpus, gpu)
     _print_time(plan)
     return 0
 
 
-def _print_memory(plans, config, gpus: int, gpu) -> None:
+def _print_memory(plan, config, gpus: int, gpu) -> None:
     from dataclasses import replace
 
     from coom.plan.fit import ALLOCATOR_OVERHEAD, CONTEXT_BYTES, needed
     from coom.plan.memory import memory_plan
-    top = max(plans, key=lambda plan: plan.peak)
+    plans, top = plan.memory, plan.fullest
     print(f"process {top.rank} (pipeline rank {top.pipeline_rank}), "
           "the fullest, at its peak:")
     for term in top.terms:
@@ -58,13 +57,14 @@ def _print_memory(plans, config, gpus: int, gpu) -> None:
               "to this one's experts (dropless routing: nothing caps it)")
     if len(plans) > 1:
         print("by pipeline rank: " + ", ".join(
-            f"{plan.pipeline_rank}: {plan.peak / GIB:.1f}"
-            for plan in plans) + " GiB")
+            f"{rank.pipeline_rank}: {rank.peak / GIB:.1f}"
+            for rank in plans) + " GiB")
     modes = []
     for mode in ("none", "selective", "full"):
         other = replace(config, train=replace(config.train, recompute=mode))
         peak = top.peak if mode == config.train.recompute else max(
-            plan.peak for plan in memory_plan(other, gpus))
+            rank.peak for rank in memory_plan(other, gpus,
+                                              holdings=plan.holdings))
         modes.append(f"{mode} {peak / GIB:.1f}")
     print(f"allocated by train.recompute: {', '.join(modes)} GiB")
     need = needed(top.peak)

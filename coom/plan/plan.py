@@ -7,7 +7,12 @@ from coom.config import RunConfig
 from coom.plan.ceilings import Ceilings, ceilings_for
 from coom.plan.dry_run import DryRun, dry_run
 from coom.plan.gpus import GPU
-from coom.plan.memory import Holdings, RankMemory, memory_plan
+from coom.plan.memory import (
+    Holdings,
+    RankMemory,
+    memory_plan,
+    rank_holdings,
+)
 from coom.plan.step_time import StepTime, step_time
 
 
@@ -16,6 +21,9 @@ class Plan:
     memory: list[RankMemory]
     time: StepTime
     ceilings: Ceilings
+    holdings: list[Holdings]
+    """What the speaking processes' builds decided, for plans of the same
+    layout (``memory_plan``'s holdings)."""
 
     @property
     def fullest(self) -> RankMemory:
@@ -29,9 +37,10 @@ def make_plan(config: RunConfig, world_size: int, gpu: GPU,
     GPU already (``coom.plan.ranks.as_on_gpu``); its dry run and its
     processes' holdings are made here unless given."""
     run = run or dry_run(config)
+    holdings = holdings or rank_holdings(config, world_size)
     memory = memory_plan(config, world_size, run, holdings)
     busiest = max(memory, key=lambda rank: rank.local_elements)
     ceilings = ceilings_for(gpu)
     time = step_time(config, world_size, run, ceilings, gpu,
                      busiest.local_elements, busiest.unit_elements)
-    return Plan(memory, time, ceilings)
+    return Plan(memory, time, ceilings, holdings)
