@@ -110,12 +110,14 @@ def _calibrate(name) -> int:
 
     from coom.plan.calibrate import calibrate
     from coom.plan.ceilings import save
-    from coom.plan.gpus import GPUS
+    from coom.plan.gpus import GPUS, gpu_named
     if not torch.cuda.is_available():
         raise UserError("--calibrate measures the GPU it runs on; this "
                         "machine has none")
     device = torch.device("cuda")
-    if name is None:
+    if name is not None:
+        name = gpu_named(name).name
+    else:
         found = torch.cuda.get_device_name(device).lower()
         name = next((gpu for gpu in GPUS if gpu in found), None)
         if name is None:

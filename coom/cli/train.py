@@ -121,8 +121,13 @@ def _warn_of_memory(config) -> None:
     from coom.plan.fit import memory_warning
     from coom.plan.ranks import as_on_gpu
     memory = torch.cuda.get_device_properties(0).total_memory
-    warning = memory_warning(as_on_gpu(config, memory),
-                             launched_world_size(), memory)
+    try:
+        warning = memory_warning(as_on_gpu(config, memory),
+                                 launched_world_size(), memory)
+    except UserError:
+        raise  # the config's own errors, which the run would meet too
+    except Exception as error:  # advice must not stop a run that may fit
+        warning = f"warning: coom plan could not plan this run ({error!r})"
     if warning is not None:
         print(warning)
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from coom.errors import UserError
 
 MIB = 2 ** 20
-GIB = 2 ** 30
 
 
 @dataclass(frozen=True)

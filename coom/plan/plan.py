@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from coom.config import RunConfig
+from coom.errors import UserError
 from coom.plan.ceilings import Ceilings, ceilings_for
 from coom.plan.dry_run import DryRun, dry_run
 from coom.plan.gpus import GPU
@@ -36,6 +37,10 @@ def make_plan(config: RunConfig, world_size: int, gpu: GPU,
     """config's plan at world_size processes on gpu: config as on the
     GPU already (``coom.plan.ranks.as_on_gpu``); its dry run and its
     processes' holdings are made here unless given."""
+    if config.fp8.recipe != "off" and not config.fp8.emulate \
+            and not gpu.fp8_flops:
+        raise UserError(f"fp8.recipe={config.fp8.recipe}: the {gpu.name} "
+                        "has no FP8 products; plan it with fp8.recipe=off")
     run = run or dry_run(config)
     holdings = holdings or rank_holdings(config, world_size)
     memory = memory_plan(config, world_size, run, holdings)

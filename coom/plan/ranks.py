@@ -7,8 +7,10 @@ and builds that process's part of the model with COOM's own
 and FSDP's padded storage are exactly the run's, and no memory is
 touched. A run whose processes differ only by their data-parallel,
 tensor-parallel or expert-parallel coordinate holds the same amounts on
-each, bar FSDP's padding, which is largest on the first; so one process
-per pipeline rank, the first of each, speaks for all (``speakers``).
+each: FSDP pads every shard to the same size, and the first holds the
+most unpadded elements (those the optimizer's moments take); so one
+process per pipeline rank, the first of each, speaks for all
+(``speakers``).
 """
 import contextlib
 import dataclasses
@@ -24,6 +26,7 @@ from coom.parallel.build import build_model
 from coom.parallel.mesh import degrees, start_world
 from coom.parallel.model import ParallelModel
 from coom.parallel.parallelize import gathers_once
+from coom.parallel.precision import compute_dtype
 
 
 def speakers(config: RunConfig, world_size: int) -> list[int]:
@@ -69,8 +72,8 @@ def as_on_gpu(config: RunConfig, gpu_memory: int) -> RunConfig:
     if parallel.fsdp_reshard == "auto":
         info = model_info(model, 1)
         total = info.total_params + info.mtp_params
-        keep = gathers_once(total * torch.bfloat16.itemsize, parallel,
-                            gpu_memory)
+        dtype = compute_dtype(train.precision, torch.device("cuda"))
+        keep = gathers_once(total * dtype.itemsize, parallel, gpu_memory)
         parallel = dataclasses.replace(
             parallel, fsdp_reshard="step" if keep else "micro_batch")
     return dataclasses.replace(config, train=train, parallel=parallel,

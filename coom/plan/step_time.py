@@ -12,7 +12,8 @@ micro-batch's compute. The layout then shapes the step:
 - pipelining gives each process its stages' share of the blocks, and
   the schedule's bubble: (m + p - 1) / m of the micro-batches' time for
   1F1B and GPipe, (m + (p - 1) / v) / m when each process holds v
-  stages;
+  stages (the zero-bubble and V schedules too, whose bubble is smaller:
+  an upper bound there);
 - expert parallelism adds the all-to-alls of each MoE layer's routed
   tokens (dispatch and combine, forward and backward);
 - FSDP's gathers and reduce-scatters, and under HSDP the all-reduce of
@@ -56,12 +57,14 @@ class StepTime:
         return sum(self.parts.values())
 
 
-def micro_batch_seconds(run: DryRun, ceilings: Ceilings) -> dict:
-    """Seconds of a micro-batch's operators on one process, by kind."""
+def micro_batch_seconds(run: DryRun, ceilings: Ceilings,
+                        split: int = 1) -> dict:
+    """Seconds of a micro-batch's operators by kind, each one's work
+    split evenly over split processes (a launch stays a launch)."""
     seconds = {}
     for op in run.ops:
         seconds[op.kind] = seconds.get(op.kind, 0.0) + ceilings.seconds(
-            op.kind, op.flops, op.bytes)
+            op.kind, op.flops / split, op.bytes / split)
     return seconds
 
 
@@ -84,7 +87,7 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
     micro_batches = train.global_batch_size // train.micro_batch_size \
         // data
     tokens = train.micro_batch_size * config.data.seq_length
-    per_micro = sum(micro_batch_seconds(run, ceilings).values()) / tensor
+    per_micro = sum(micro_batch_seconds(run, ceilings, tensor).values())
     parts = {}
     share = 1.0
     if pipeline > 1:
