@@ -78,8 +78,18 @@ class DryRun:
     ops: list[OpCost]
 
 
-def _micro_batch(model, batch: int, length: int) -> tuple:
-    """(saved, peak, costs) of one forward and backward of model."""
+def _alone(config: RunConfig) -> RunConfig:
+    """config on one process, its blocks eager (meta cannot run
+    inductor's code)."""
+    return dataclasses.replace(
+        config, parallel=dataclasses.replace(config.parallel, **ONE_PROCESS),
+        train=dataclasses.replace(config.train, compile=False,
+                                  cuda_graphs=False))
+
+
+def _micro_batch(model, batch: int, length: int,
+                 backward: bool = True) -> tuple:
+    """(saved, peak, costs) of one forward (and backward) of model."""
     tokens = torch.zeros(batch, length, dtype=torch.long, device="meta")
     live, costs = LiveBytes(), OpCosts()
     with model.compute(), live, costs:
@@ -89,7 +99,8 @@ def _micro_batch(model, batch: int, length: int) -> tuple:
             loss_tokens=batch * length)
         objective, _ = training_objective(losses_k, 0.3, 1)
         saved = live.now()
-        objective.backward()
+        if backward:
+            objective.backward()
     return saved, live.peak, costs.ops
 
 
@@ -101,12 +112,8 @@ def dry_run(config: RunConfig) -> DryRun:
     (Compiled as inductor partitions them but run eagerly, by the
     ``aot_eager_decomp_partition`` backend, the bf16 blocks of ``small``
     saved exactly what eager ones save.)"""
-    alone = dataclasses.replace(
-        config, parallel=dataclasses.replace(config.parallel, **ONE_PROCESS),
-        train=dataclasses.replace(config.train, compile=False,
-                                  cuda_graphs=False))
     batch, length = config.train.micro_batch_size, config.data.seq_length
-    with rank_model(alone, 1, 0) as model:
+    with rank_model(_alone(config), 1, 0) as model:
         _, fresh_peak, _ = _micro_batch(model, batch, length)
         saved, peak, ops = _micro_batch(model, batch, length)
     return DryRun(saved, peak, fresh_peak, ops)
@@ -126,17 +133,7 @@ def routed_copy_bytes(config: RunConfig) -> float:
     for extra in (0, 1):
         wider = dataclasses.replace(config, model=dataclasses.replace(
             model, num_experts_per_tok=model.num_experts_per_tok + extra))
-        alone = dataclasses.replace(wider, parallel=dataclasses.replace(
-            config.parallel, **ONE_PROCESS))
-        with rank_model(alone, 1, 0) as built:
-            tokens = torch.zeros(batch, length, dtype=torch.long,
-                                 device="meta")
-            live = LiveBytes()
-            with built.compute(), live:
-                losses_k = built.model(
-                    tokens, labels_bs=tokens,
-                    loss_mask_bs=torch.ones(batch, length, device="meta"),
-                    loss_tokens=batch * length)
-                saved.append(live.now())  # while losses_k holds the graph
-                del losses_k
+        with rank_model(_alone(wider), 1, 0) as built:
+            saved.append(_micro_batch(built, batch, length,
+                                      backward=False)[0])
     return (saved[1] - saved[0]) / (batch * length * blocks)
