@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_loader import (
     _load_state_dict_from_keys,
 )
@@ -240,16 +241,29 @@ def save_checkpoint(folder: Path, step: int, tensors: dict,
         raise publication.failed(failure) from None
 
 
+def staging_buffer() -> DefaultStager:
+    """Where a background save copies its tensors before writing them:
+    CPU memory kept from one save to the next. On a GPU it is pinned
+    and filled by asynchronous copies, several times faster than
+    pageable memory (a copy of ``small``'s 23 GB took 12 s into pageable
+    memory on an H100); the first save pins it."""
+    gpu = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(
+        use_pinned_memory=gpu, use_shared_memory=False,
+        use_async_staging=False, use_non_blocking_copy=gpu))
+
+
 class BackgroundSave:
     """A checkpoint whose tensors are written while training goes on:
-    DCP copies them to CPU memory, then writes the copy from a thread,
-    its collectives on group. ``finish`` waits for the write, then
-    writes the rest and publishes the checkpoint as ``save_checkpoint``
-    does, so it is as atomic; every process calls both, at the same
-    step."""
+    DCP copies them into stager's CPU memory (``staging_buffer``), then
+    writes the copy from a thread, its collectives on group. ``finish``
+    waits for the write, then writes the rest and publishes the
+    checkpoint as ``save_checkpoint`` does, so it is as atomic; every
+    process calls both, at the same step."""
 
     def __init__(self, folder: Path, step: int, tensors: dict,
-                 train_state: dict, keep: int, group=None):
+                 train_state: dict, keep: int, stager: DefaultStager,
+                 group=None):
         self.publication = _Publication(folder, step, keep, "")
         self.train_state, self.names = train_state, sorted(tensors)
         try:
@@ -258,7 +272,7 @@ class BackgroundSave:
             with _quiet_in_one_process(), _writing(temporary):
                 self.future = dcp.async_save(
                     tensors, storage_writer=dcp.FileSystemWriter(temporary),
-                    process_group=group)
+                    process_group=group, async_stager=stager)
         except WriteError as failure:
             raise self.publication.failed(failure) from None
 

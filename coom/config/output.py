@@ -19,9 +19,11 @@ class CheckpointConfig:
     background: bool = False
     """Write the tensors of checkpoints within the run from a thread
     while training goes on (DCP's async_save): a step waits only while
-    they are copied to CPU memory, which then holds a copy of them. The
-    checkpoint is published, as atomically, once written; the last is
-    written before the run ends (torchtitan: checkpoint.async_mode)."""
+    they are copied to CPU memory, pinned on a GPU and kept for the next
+    checkpoint, so the host holds a copy of them for the rest of the
+    run. The checkpoint is published, as atomically, once written; the
+    last is written before the run ends (torchtitan:
+    checkpoint.async_mode="async_with_pinned_mem")."""
 
     init_from: Optional[str] = None
     """Start a new run from these model weights: a run directory, a

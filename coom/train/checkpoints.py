@@ -6,7 +6,11 @@ from typing import Optional
 
 import torch
 
-from coom.checkpoint.storage import BackgroundSave, save_checkpoint
+from coom.checkpoint.storage import (
+    BackgroundSave,
+    save_checkpoint,
+    staging_buffer,
+)
 from coom.config.output import CheckpointConfig
 from coom.parallel.mesh import World
 
@@ -29,6 +33,9 @@ class RunCheckpoints:
         self.group = None
         """The processes' group for background writes, made at the
         first: its collectives must not meet the training's."""
+        self.stager = None
+        """The CPU memory background writes copy the tensors into, made
+        at the first and kept for the next."""
 
     def save(self, step: int, tensors: dict, train_state: dict,
              ending: bool) -> None:
@@ -42,9 +49,10 @@ class RunCheckpoints:
             return
         if self.group is None and self.world.size > 1:
             self.group = torch.distributed.new_group(backend="gloo")
+        self.stager = self.stager or staging_buffer()
         self.pending = BackgroundSave(self.folder, step, tensors,
                                       train_state, self.config.keep,
-                                      self.group)
+                                      self.stager, self.group)
 
     def finish(self, unless_writing: bool = False) -> None:
         """Publish the checkpoint written in the background, if any; with
