@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict_loader import (
     _load_state_dict_from_keys,
 )
@@ -241,28 +241,16 @@ def save_checkpoint(folder: Path, step: int, tensors: dict,
         raise publication.failed(failure) from None
 
 
-def staging_buffer() -> DefaultStager:
-    """Where a background save copies its tensors before writing them:
-    CPU memory kept from one save to the next. On a GPU it is pinned
-    and filled by asynchronous copies, several times faster than
-    pageable memory (a copy of ``small``'s 23 GB took 12 s into pageable
-    memory on an H100); the first save pins it."""
-    gpu = torch.cuda.is_available()
-    return DefaultStager(StagingOptions(
-        use_pinned_memory=gpu, use_shared_memory=False,
-        use_async_staging=False, use_non_blocking_copy=gpu))
-
-
 class BackgroundSave:
     """A checkpoint whose tensors are written while training goes on:
-    DCP copies them into stager's CPU memory (``staging_buffer``), then
-    writes the copy from a thread, its collectives on group. ``finish``
-    waits for the write, then writes the rest and publishes the
-    checkpoint as ``save_checkpoint`` does, so it is as atomic; every
-    process calls both, at the same step."""
+    stager copies them to CPU memory (``coom.checkpoint.staging``), then
+    DCP writes the copy from a thread, its collectives on group.
+    ``finish`` waits for the write, then writes the rest and publishes
+    the checkpoint as ``save_checkpoint`` does, so it is as atomic;
+    every process calls both, at the same step."""
 
     def __init__(self, folder: Path, step: int, tensors: dict,
-                 train_state: dict, keep: int, stager: DefaultStager,
+                 train_state: dict, keep: int, stager: AsyncStager,
                  group=None):
         self.publication = _Publication(folder, step, keep, "")
         self.train_state, self.names = train_state, sorted(tensors)

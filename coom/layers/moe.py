@@ -276,6 +276,9 @@ class MoE(nn.Module):
         self.aux_loss_scale = 1.0
         """The auxiliary losses' weight per forward: 1 where a forward is
         a step; the share of a micro-batch in a step of several."""
+        self.recompute = direct
+        """How ``routed`` runs (``coom.layers.recompute``): full
+        recomputation keeps only its inputs."""
 
     def init_weights(self, std: float) -> None:
         out_std = std / math.sqrt(2 * self.config.num_layers)
@@ -341,18 +344,28 @@ class MoE(nn.Module):
                                  counts_e, x_bsd.shape[:2])
         order_c = experts_tk.flatten().argsort(stable=True)
         copy_tk = copy_positions(order_c, self.config.num_experts_per_tok)
-        x_td = in_autocast_dtype(x_td)
-        shared = None if self.shared_experts is None \
-            else partial(self.shared_experts, x_td)
-        y_cd, shared_td = self.experts(self.permute(x_td, copy_tk),
-                                       counts_e, beside=shared)
-        out_td = self.combine(y_cd, weights_tk, copy_tk)
+        out_td, shared_td = self.recompute(
+            self.routed, in_autocast_dtype(x_td), copy_tk, counts_e,
+            weights_tk)
         if shared_td is not None:
             out_td = out_td + shared_td
         if aux_loss is not None:
             out_td = AuxLossGradient.apply(out_td, aux_loss,
                                            self.aux_loss_scale)
         return out_td.view_as(x_bsd)
+
+    def routed(self, x_td: torch.Tensor, copy_tk: torch.Tensor,
+               counts_e: torch.Tensor, weights_tk: torch.Tensor
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What the experts make of the routed tokens x_td: the routed
+        experts' outputs, weighted and summed per token, and the shared
+        experts' (None without), computed while the copies travel under
+        expert parallelism."""
+        shared = None if self.shared_experts is None \
+            else partial(self.shared_experts, x_td)
+        y_cd, shared_td = self.experts(self.permute(x_td, copy_tk),
+                                       counts_e, beside=shared)
+        return self.combine(y_cd, weights_tk, copy_tk), shared_td
 
     def permute(self, x_td: torch.Tensor,
                 copy_tk: torch.Tensor) -> torch.Tensor:

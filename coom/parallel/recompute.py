@@ -3,12 +3,10 @@ fewer activations for the backward and recompute the rest, trading
 compute for memory. Applied from outside the model with PyTorch's
 non-reentrant ``torch.utils.checkpoint``, to the parts of each
 transformer block (main and MTP) that hold most of its activations:
-MLA attention, and the dense feed-forward or the MoE layer's routed and
-shared experts. The norms, the residual adds, the router and the token
-permutation stay outside: the router counts the routed load for the
-expert bias, state that must change once per forward and that
-``torch.compile`` cannot trace inside a checkpoint, and under expert
-parallelism dispatch and combine are not repeated.
+MLA attention, and the dense feed-forward or the MoE layer's experts.
+The norms, the residual adds and the router stay outside: the router
+counts the routed load for the expert bias, state that must change once
+per forward and that ``torch.compile`` cannot trace inside a checkpoint.
 
 How it is applied: each heavy part runs its computation through its
 ``recompute`` field (``coom.layers.recompute``), which this module sets
@@ -21,18 +19,26 @@ instance (what this module did before) bypasses the class's own
 method, so what runs is not what the code reads. With the field,
 parameter names and module types are unchanged, the class's forward
 runs, and the parts' hooks (tensor parallelism's) stay outside the
-checkpoint as before. Under expert parallelism ``ExpertParallel``
-(``coom.parallel.expert``) calls the replaced experts' ``run`` for its
-own slots, so the checkpoint holds their products only, never the
-all-to-alls around them.
+checkpoint as before.
 
 - ``full``: a part keeps only its input; its whole forward runs again in
   the backward (Megatron: recompute_granularity=full, torchtitan:
-  activation_checkpoint.mode=full);
+  activation_checkpoint.mode=full). An MoE layer's part is its routed
+  path (``MoE.routed``): the token copies, the experts (routed and
+  shared) and the weighted combine, so it keeps the tokens once, not a
+  copy per routed expert twice over. Under expert parallelism the
+  recomputation repeats the dispatch and combine all-to-alls, as
+  Megatron's and torchtitan's full recomputation do; at DeepSeek-V3's
+  shape that is what lets a stage of 1F1B's 16 micro-batches in flight
+  fit (``docs/plan.md``).
 - ``selective``: a part keeps the outputs of its matrix products,
   attention and collectives, and recomputes the cheap element-wise work
   around them (rotary embedding, the latent norms, SwiGLU's gating), as
-  torchtitan's per-op selective mode does.
+  torchtitan's per-op selective mode does. An MoE layer's parts are its
+  routed and its shared experts; under expert parallelism
+  ``ExpertParallel`` (``coom.parallel.expert``) calls the replaced
+  experts' ``run`` for its own slots, so their checkpoint holds their
+  products only, never the all-to-alls around them.
 
 What a block computes is unchanged, so losses, gradients and routed
 loads are those of a run without recomputation.
@@ -91,10 +97,11 @@ def _recomputed(granularity: str):
     return recompute
 
 
-def _heavy_parts(block: nn.Module) -> list[nn.Module]:
+def _heavy_parts(block: nn.Module, granularity: str) -> list[nn.Module]:
     """A block's attention, and its dense feed-forward or its MoE's
-    experts (routed, shared)."""
-    if isinstance(block.mlp, MoE):
+    experts: under full recomputation their whole routed path, else the
+    routed and the shared experts each."""
+    if isinstance(block.mlp, MoE) and granularity == "selective":
         experts = [block.mlp.experts, block.mlp.shared_experts]
         return [block.attention, *filter(None, experts)]
     return [block.attention, block.mlp]
@@ -112,5 +119,5 @@ def recompute_blocks(model: nn.Module, granularity: str) -> None:
         return
     recompute = _recomputed(granularity)
     for block in model.blocks():
-        for part in _heavy_parts(block):
+        for part in _heavy_parts(block, granularity):
             part.recompute = recompute

@@ -15,7 +15,8 @@ micro-batch's compute. The layout then shapes the step:
   stages (the zero-bubble and V schedules too, whose bubble is smaller:
   an upper bound there);
 - expert parallelism adds the all-to-alls of each MoE layer's routed
-  tokens (dispatch and combine, forward and backward);
+  tokens (dispatch and combine, forward and backward, and forward again
+  under full recomputation);
 - FSDP's gathers and reduce-scatters, and under HSDP the all-reduce of
   the gradient shards over the replicas, overlap the compute, so only
   what exceeds it shows;
@@ -111,8 +112,11 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
         moved = _ring(routed, parallel.expert)
         moe = blocks * (model.num_layers - model.first_k_dense_replace) \
             / model.num_layers
-        parts["expert all-to-alls"] = (4 * moe * moved * micro_batches
-                                       / _link_bandwidth(
+        # Dispatch and combine, forward and backward; full recomputation
+        # runs the forward's two again.
+        exchanges = 6 if train.recompute == "full" else 4
+        parts["expert all-to-alls"] = (exchanges * moe * moved
+                                       * micro_batches / _link_bandwidth(
                                            gpu, parallel.expert, tensor))
     shard, replicas = shape["dp_shard"], shape["dp_replicate"]
     if unit_elements and shard * replicas > 1:

@@ -6,11 +6,8 @@ from typing import Optional
 
 import torch
 
-from coom.checkpoint.storage import (
-    BackgroundSave,
-    save_checkpoint,
-    staging_buffer,
-)
+from coom.checkpoint.staging import KeptBuffers
+from coom.checkpoint.storage import BackgroundSave, save_checkpoint
 from coom.config.output import CheckpointConfig
 from coom.parallel.mesh import World
 
@@ -49,7 +46,7 @@ class RunCheckpoints:
             return
         if self.group is None and self.world.size > 1:
             self.group = torch.distributed.new_group(backend="gloo")
-        self.stager = self.stager or staging_buffer()
+        self.stager = self.stager or KeptBuffers()
         self.pending = BackgroundSave(self.folder, step, tensors,
                                       train_state, self.config.keep,
                                       self.stager, self.group)

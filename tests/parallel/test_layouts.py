@@ -110,6 +110,8 @@ LAYOUTS = {
     "fsdp2xtp2": (4, ["parallel.tensor=2"]),
     "ep2": (2, ["parallel.expert=2"]),
     "fsdp2xep2": (4, ["parallel.expert=2"]),
+    # Full recomputation repeats the dispatch and combine all-to-alls.
+    "ep2-full": (2, ["parallel.expert=2", "train.recompute=full"]),
     "replicate2xep2": (4, ["parallel.data_parallel_replicate=2",
                            "parallel.expert=2"]),
     "ep2xtp2": (4, ["parallel.tensor=2", "parallel.expert=2"]),

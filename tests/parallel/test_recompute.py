@@ -74,6 +74,26 @@ def test_same_results_fewer_saved_tensors(reference, granularity):
     assert our_saved < saved
 
 
+def test_full_keeps_no_copy_of_the_routed_tokens(reference):
+    """Under full recomputation an MoE layer keeps its tokens for the
+    router's backward, and the routing: not the copies sent to its
+    experts nor the experts' outputs that the combine weighs, which
+    would take twice the routed copies' bytes."""
+    model = copy.deepcopy(reference[0])
+    recompute_blocks(model, "full")
+    moe = next(iter(model.moe_layers().values()))
+    tokens, config = 64, model.config
+    x_bsd = torch.randn(1, tokens, config.hidden_size, requires_grad=True)
+    saved = [0]
+    with _counting_saved_bytes(saved):
+        moe(x_bsd)
+    one_copy = x_bsd.numel() * x_bsd.element_size()
+    routed_copies = one_copy * config.num_experts_per_tok
+    print(f"\nfull: the MoE layer keeps {saved[0]} bytes; its tokens "
+          f"take {one_copy}, their routed copies {routed_copies}")
+    assert saved[0] < one_copy + routed_copies
+
+
 class _OpCounter(TorchDispatchMode):
     """Counts the matrix products and the other ops that run."""
 
