@@ -107,17 +107,8 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
             4 * 2 * blocks * moved * micro_batches
             / _link_bandwidth(gpu, tensor, 1))
     if parallel.expert > 1:
-        routed = tokens * model.num_experts_per_tok * model.hidden_size \
-            * bf16 / tensor
-        moved = _ring(routed, parallel.expert)
-        moe = blocks * (model.num_layers - model.first_k_dense_replace) \
-            / model.num_layers
-        # Dispatch and combine, forward and backward; full recomputation
-        # runs the forward's two again.
-        exchanges = 6 if train.recompute == "full" else 4
-        parts["expert all-to-alls"] = (exchanges * moe * moved
-                                       * micro_batches / _link_bandwidth(
-                                           gpu, parallel.expert, tensor))
+        parts["expert all-to-alls"] = _expert_all_to_alls(
+            config, gpu, tensor, blocks) * micro_batches
     shard, replicas = shape["dp_shard"], shape["dp_replicate"]
     if unit_elements and shard * replicas > 1:
         gathers = 1 if parallel.fsdp_reshard == "step" else \
@@ -137,6 +128,22 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
     mfu = throughput * info.training_flops_per_token \
         / (world_size * gpu.bf16_flops)
     return StepTime(parts, throughput, mfu)
+
+
+def _expert_all_to_alls(config: RunConfig, gpu: GPU, tensor: int,
+                        blocks: float) -> float:
+    """Seconds of a micro-batch's expert-parallel all-to-alls on a
+    process of blocks blocks: each MoE layer's dispatch and combine,
+    forward and backward, and under full recomputation the forward's
+    two again."""
+    model, expert = config.model, config.parallel.expert
+    routed = config.train.micro_batch_size * config.data.seq_length \
+        * model.num_experts_per_tok * model.hidden_size * 2 / tensor
+    moe = blocks * (model.num_layers - model.first_k_dense_replace) \
+        / model.num_layers
+    exchanges = 6 if config.train.recompute == "full" else 4
+    return exchanges * moe * _ring(routed, expert) \
+        / _link_bandwidth(gpu, expert, tensor)
 
 
 def _link_bandwidth(gpu: GPU, group: int, inner: int) -> float:
