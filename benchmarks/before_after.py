@@ -26,14 +26,27 @@ from pathlib import Path
 
 
 def bench(tree: Path, arguments: list[str]) -> dict:
-    """The figures of ``coom bench ARGUMENTS`` with tree's coom."""
+    """The figures of ``coom bench ARGUMENTS`` with tree's coom.
+
+    The bench runs in tree: ``python -m`` puts the working directory
+    ahead of PYTHONPATH, so run from the repository root, every tree's
+    run would import the repository's coom (as this script's runs did
+    before 2026-12-07). It checks which coom it imported."""
+    tree = tree.resolve()
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "bench.json"
-        path = os.pathsep.join(filter(None, [str(tree.resolve()),
+        path = os.pathsep.join(filter(None, [str(tree),
                                              os.environ.get("PYTHONPATH")]))
+        environment = os.environ | {"PYTHONPATH": path}
+        imported = subprocess.run(
+            [sys.executable, "-c", "import coom; print(coom.__file__)"],
+            cwd=tree, env=environment, check=True, capture_output=True,
+            text=True).stdout.strip()
+        if not Path(imported).is_relative_to(tree):
+            raise SystemExit(f"{tree}'s run imported {imported}")
         subprocess.run([sys.executable, "-m", "coom", "bench", *arguments,
-                        "--out", str(out)], check=True,
-                       env=os.environ | {"PYTHONPATH": path})
+                        "--out", str(out)], check=True, cwd=tree,
+                       env=environment)
         return json.loads(out.read_text())
 
 
