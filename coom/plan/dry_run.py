@@ -15,12 +15,14 @@ few are).
 import dataclasses
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from coom.config import RunConfig
+from coom.layers.moe import MoE
 from coom.parallel.objective import training_objective
 from coom.plan.costs import OpCost, OpCosts
 from coom.plan.ranks import rank_model
@@ -119,21 +121,49 @@ def dry_run(config: RunConfig) -> DryRun:
     return DryRun(saved, peak, fresh_peak, ops)
 
 
-def routed_copy_bytes(config: RunConfig) -> float:
-    """What one more routed copy of a token keeps for the backward in one
-    MoE block: the difference of a forward's saved bytes with one more
-    expert per token, per token and MoE block (0 for a dense model)."""
+class RoutedCopy(NamedTuple):
+    """Bytes one more routed copy of a token takes: kept for the
+    backward in each MoE block, and passing, live only while a block's
+    forward runs (at the forward's peak, beyond what it keeps)."""
+
+    kept: float
+    passing: float
+
+
+def _moe_block(model, batch: int, length: int) -> tuple[int, int]:
+    """(saved, peak) of the forward of model's first MoE block alone."""
+    transformer = model.model
+    block = next(block for block in transformer.blocks()
+                 if isinstance(block.mlp, MoE))
+    live = LiveBytes()
+    with model.compute():
+        x_bsd = torch.zeros(batch, length, transformer.config.hidden_size,
+                            dtype=transformer.embed.weight.dtype,
+                            device="meta", requires_grad=True)
+        with live:
+            out_bsd = block(x_bsd, transformer.rope)
+            saved = live.now()  # with out_bsd, whose graph keeps them
+    del out_bsd
+    return saved, live.peak
+
+
+def routed_copy_bytes(config: RunConfig) -> RoutedCopy:
+    """What one more routed copy of a token takes, from the forwards of
+    an MoE block of config's model with its experts per token and one
+    more (0 for a dense model)."""
     model = config.model
-    blocks = model.num_layers - model.first_k_dense_replace \
-        + model.mtp_num_layers
-    if not model.n_routed_experts or not blocks:
-        return 0.0
+    if not model.n_routed_experts \
+            or model.num_layers == model.first_k_dense_replace:
+        return RoutedCopy(0.0, 0.0)
     batch, length = config.train.micro_batch_size, config.data.seq_length
-    saved = []
+    runs = []
     for extra in (0, 1):
         wider = dataclasses.replace(config, model=dataclasses.replace(
             model, num_experts_per_tok=model.num_experts_per_tok + extra))
         with rank_model(_alone(wider), 1, 0) as built:
-            saved.append(_micro_batch(built, batch, length,
-                                      backward=False)[0])
-    return (saved[1] - saved[0]) / (batch * length * blocks)
+            runs.append(_moe_block(built, batch, length))
+    (saved, peak), (wider_saved, wider_peak) = runs
+    kept, tokens = wider_saved - saved, batch * length
+    return RoutedCopy(kept / tokens,
+                      max(0, wider_peak - wider_saved - peak + saved)
+                      / tokens)

@@ -28,7 +28,12 @@ from typing import Optional
 from coom.config import RunConfig
 from coom.parallel.model import ParallelModel
 from coom.parallel.pipeline import split_layers, stages_of_process
-from coom.plan.dry_run import DryRun, dry_run, routed_copy_bytes
+from coom.plan.dry_run import (
+    DryRun,
+    RoutedCopy,
+    dry_run,
+    routed_copy_bytes,
+)
 from coom.plan.ranks import rank_model, speakers
 from coom.plan.states import (
     MASTER,
@@ -121,21 +126,24 @@ def activation_terms(config: RunConfig, one: DryRun, pipeline_rank: int,
                  "process (less under tensor or expert parallelism)")]
 
 
-def worst_routing(config: RunConfig, copy_bytes: float, pipeline_rank: int,
+def worst_routing(config: RunConfig, copy: RoutedCopy, pipeline_rank: int,
                   micro_batches: int) -> int:
-    """What the rank's MoE blocks would keep beyond a balanced routing's
-    if every process of its expert-parallel group sent each token's
-    copies to this process's experts, as many as it holds (0 without
-    expert parallelism); copy_bytes from ``routed_copy_bytes``."""
+    """What the rank would hold beyond a balanced routing's if every
+    process of its expert-parallel group sent each token's copies to
+    this process's experts, as many as it holds (0 without expert
+    parallelism): what its MoE blocks keep, and what one block's
+    forward holds while it runs (more in its backward); copy from
+    ``routed_copy_bytes``."""
     model, expert = config.model, config.parallel.expert
-    if expert == 1 or not copy_bytes:
+    if expert == 1:
         return 0
     tokens = config.train.micro_batch_size * config.data.seq_length
     top = model.num_experts_per_tok
     worst = expert * min(top, model.n_routed_experts // expert)
     share, _ = _in_flight_share(config, pipeline_rank, micro_batches)
     blocks = model.num_layers - model.first_k_dense_replace
-    return round((worst - top) * tokens * copy_bytes * blocks * share)
+    return round((worst - top) * tokens
+                 * (copy.kept * blocks * share + copy.passing))
 
 
 def _gradients_as_made(terms: list[Term], one: DryRun) -> list[Term]:
@@ -210,8 +218,8 @@ def memory_plan(config: RunConfig, world_size: int,
     given): config must already be as on the GPU (``as_on_gpu``)."""
     train = config.train
     one = one or dry_run(config)
-    copy_bytes = routed_copy_bytes(config) if config.parallel.expert > 1 \
-        else 0.0
+    copy = routed_copy_bytes(config) if config.parallel.expert > 1 \
+        else RoutedCopy(0.0, 0.0)
     plans = []
     for held in holdings or rank_holdings(config, world_size):
         micro_batches = train.global_batch_size \
@@ -223,5 +231,5 @@ def memory_plan(config: RunConfig, world_size: int,
         plans.append(RankMemory(
             held.rank, held.pipeline_rank, terms, held.local_elements,
             held.unit_elements, worst_routing(
-                config, copy_bytes, held.pipeline_rank, micro_batches)))
+                config, copy, held.pipeline_rank, micro_batches)))
     return plans

@@ -1,6 +1,8 @@
 """The planner's memory: its allocation counter, the activations of the
 recompute modes, the pipeline schedules' micro-batches in flight, the
 ``coom plan`` command and the warning ``coom train`` gives on a GPU."""
+import dataclasses
+
 import torch
 
 from coom.cli import main
@@ -101,14 +103,19 @@ def test_a_steps_only_micro_batch_makes_its_gradients_as_it_goes():
 def test_routed_copies_and_the_worst_routing():
     """A routed copy keeps its bf16 row on both sides of the experts and
     the experts' three intermediate rows, plus its routing weight and
-    indices; the worst routing sends every expert-parallel process's
-    copies to one process's experts."""
+    indices; under full recomputation only the latter, but its rows
+    still pass through its block's forward. The worst routing sends every
+    expert-parallel process's copies to one process's experts."""
     config = as_on_gpu(load_config("tiny", TINY + [
         "model.mtp_num_layers=0", "train.global_batch_size=4"]), 2 ** 36)
     model = config.model
     rows = 2 * (2 * model.hidden_size + 3 * model.moe_intermediate_size)
     copy = routed_copy_bytes(config)
-    assert rows <= copy <= rows + 32
+    assert rows <= copy.kept <= rows + 32
+    full = routed_copy_bytes(dataclasses.replace(config, train=(
+        dataclasses.replace(config.train, recompute="full"))))
+    assert full.kept <= 32  # the routing weight and indices alone
+    assert full.passing >= 2 * 2 * model.hidden_size
     assert worst_routing(config, copy, 0, 1) == 0  # no expert parallelism
     two = as_on_gpu(load_config("tiny", TINY + [
         "model.mtp_num_layers=0", "parallel.expert=2"]), 2 ** 36)
@@ -117,7 +124,7 @@ def test_routed_copies_and_the_worst_routing():
     blocks = model.num_layers - model.first_k_dense_replace
     tokens = 2 * config.data.seq_length
     assert worst_routing(two, copy, 0, 1) == round(
-        (worst - top) * tokens * copy * blocks)
+        (worst - top) * tokens * (copy.kept * blocks + copy.passing))
 
 
 def test_coom_train_on_a_gpu_warns_before_it_starts(monkeypatch, capsys):
