@@ -75,11 +75,15 @@ def _print_memory(plan, config, gpus: int, gpu) -> None:
 
 
 def _launch(recipe: str, gpus: int) -> str:
-    """The command that starts recipe on gpus GPUs."""
+    """The command that starts recipe on gpus GPUs, on as few nodes as
+    take an equal number each."""
+    from coom.plan.step_time import GPUS_PER_NODE
     if gpus == 1:
         return f"coom train {recipe}"
-    nodes = "--nnodes NODES " if gpus > 8 else ""
-    return (f"torchrun {nodes}--nproc-per-node {min(gpus, 8)} -m coom "
+    per_node = max(count for count in range(1, GPUS_PER_NODE + 1)
+                   if gpus % count == 0)
+    nodes = f"--nnodes {gpus // per_node} " if gpus > per_node else ""
+    return (f"torchrun {nodes}--nproc-per-node {per_node} -m coom "
             f"train {recipe} --run-dir runs/{recipe}-{gpus}")
 
 

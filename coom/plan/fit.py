@@ -11,7 +11,7 @@ import dataclasses
 from typing import Optional
 
 from coom.config import RunConfig
-from coom.plan.memory import RankMemory, memory_plan
+from coom.plan.memory import fullest, memory_plan
 
 ALLOCATOR_OVERHEAD = 0.05
 CONTEXT_BYTES = 2 ** 29
@@ -21,10 +21,6 @@ GIB = 2 ** 30
 def needed(peak: int) -> int:
     """The GPU memory a process whose allocations peak at peak takes."""
     return round(peak * (1 + ALLOCATOR_OVERHEAD)) + CONTEXT_BYTES
-
-
-def worst(plans: list[RankMemory]) -> RankMemory:
-    return max(plans, key=lambda plan: plan.peak)
 
 
 def _changed(config: RunConfig, section: str, **fields) -> RunConfig:
@@ -54,7 +50,7 @@ def memory_warning(config: RunConfig, world_size: int,
                    memory: int) -> Optional[str]:
     """None when config's plan fits a GPU of memory bytes; else one
     line naming the largest term and the cheapest change that fits."""
-    plan = worst(memory_plan(config, world_size))
+    plan = fullest(memory_plan(config, world_size))
     if needed(plan.peak) <= memory:
         return None
     term = plan.largest()
@@ -63,7 +59,7 @@ def memory_warning(config: RunConfig, world_size: int,
             f"{memory / GIB:.1f} GiB; the largest term is {term.name} "
             f"({term.bytes / GIB:.1f} GiB)")
     for change, fixed in _fixes(config):
-        peak = worst(memory_plan(fixed, world_size)).peak
+        peak = fullest(memory_plan(fixed, world_size)).peak
         if needed(peak) <= memory:
             return (f"{line}; the cheapest fix: --set {change} "
                     f"({needed(peak) / GIB:.1f} GiB)")

@@ -126,6 +126,11 @@ def activation_terms(config: RunConfig, one: DryRun, pipeline_rank: int,
                  "process (less under tensor or expert parallelism)")]
 
 
+def fullest(plans: list[RankMemory]) -> RankMemory:
+    """The process of plans whose memory peaks highest."""
+    return max(plans, key=lambda plan: plan.peak)
+
+
 def worst_routing(config: RunConfig, copy: RoutedCopy, pipeline_rank: int,
                   micro_batches: int) -> int:
     """What the rank would hold beyond a balanced routing's if every

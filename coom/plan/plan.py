@@ -11,6 +11,7 @@ from coom.plan.gpus import GPU
 from coom.plan.memory import (
     Holdings,
     RankMemory,
+    fullest,
     memory_plan,
     rank_holdings,
 )
@@ -28,7 +29,7 @@ class Plan:
 
     @property
     def fullest(self) -> RankMemory:
-        return max(self.memory, key=lambda rank: rank.peak)
+        return fullest(self.memory)
 
 
 def make_plan(config: RunConfig, world_size: int, gpu: GPU,

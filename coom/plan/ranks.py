@@ -18,7 +18,6 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from coom.config import RunConfig
 from coom.models.info import model_info
@@ -46,7 +45,7 @@ def rank_model(config: RunConfig, world_size: int,
         raise RuntimeError("the planner builds its models outside any "
                            "process group; plan before joining one")
     if world_size > 1:
-        dist.init_process_group("fake", store=FakeStore(), rank=rank,
+        dist.init_process_group("fake", store=dist.HashStore(), rank=rank,
                                 world_size=world_size)
     try:
         world = start_world(config.parallel, torch.device("cpu"),

@@ -96,8 +96,9 @@ def _overrides(config: RunConfig, candidate: RunConfig) -> tuple[str, ...]:
                         getattr(after, field.name))
             if old != new and not (field.name == "data_parallel_shard"
                                    and old == -1):
-                changed.append(f"{section}.{field.name}="
-                               f"{str(new).lower()}")
+                value = str(new).lower() if isinstance(new, bool) \
+                    else str(new)
+                changed.append(f"{section}.{field.name}={value}")
     return tuple(changed)
 
 

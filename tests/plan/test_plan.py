@@ -8,8 +8,13 @@ import torch
 from coom.cli import main
 from coom.config import load_config
 from coom.plan.dry_run import LiveBytes, dry_run, routed_copy_bytes
-from coom.plan.fit import memory_warning, needed, worst
-from coom.plan.memory import in_flight, memory_plan, worst_routing
+from coom.plan.fit import memory_warning, needed
+from coom.plan.memory import (
+    fullest,
+    in_flight,
+    memory_plan,
+    worst_routing,
+)
 from coom.plan.ranks import as_on_gpu
 
 MIB = 2 ** 20
@@ -71,13 +76,13 @@ def test_plan_prints_each_term_and_whether_it_fits(capsys):
 
 def test_train_warns_with_the_cheapest_fix_that_fits():
     config = as_on_gpu(load_config("tiny", TINY), 80 * 2 ** 30)
-    peak = worst(memory_plan(config, 1)).peak
+    peak = fullest(memory_plan(config, 1)).peak
     assert memory_warning(config, 1, needed(peak)) is None
     warning = memory_warning(config, 1, needed(peak) - 1)
     assert "the largest term is" in warning
     change = warning.split("--set ")[1].split()[0]
     fixed = as_on_gpu(load_config("tiny", TINY + [change]), 80 * 2 ** 30)
-    assert needed(worst(memory_plan(fixed, 1)).peak) < needed(peak)
+    assert needed(fullest(memory_plan(fixed, 1)).peak) < needed(peak)
 
 
 def test_a_steps_only_micro_batch_makes_its_gradients_as_it_goes():

@@ -50,3 +50,13 @@ def test_search_prints_commands(capsys):
     assert lines[0].endswith("settings fit; the fastest, by the plan:")
     assert "torchrun --nproc-per-node 2 -m coom train tiny --run-dir " \
         "runs/tiny-2 --set model.vocab_size=512" in lines[1]
+
+
+def test_launch_commands_put_as_many_gpus_on_each_node():
+    from coom.cli.plan import _launch
+    assert _launch("small", 1) == "coom train small"
+    assert _launch("small", 4).startswith("torchrun --nproc-per-node 4 ")
+    assert _launch("small", 16).startswith(
+        "torchrun --nnodes 2 --nproc-per-node 8 ")
+    assert _launch("small", 12).startswith(
+        "torchrun --nnodes 2 --nproc-per-node 6 ")
