@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from coom.config import RunConfig
+from coom.config import ModelConfig, RunConfig
 from coom.layers.moe import MoE
 from coom.parallel.objective import training_objective
 from coom.plan.costs import OpCost, OpCosts
@@ -106,6 +106,25 @@ def _micro_batch(model, batch: int, length: int,
     return saved, live.peak, costs.ops
 
 
+def _one_process(config: RunConfig) -> DryRun:
+    batch, length = config.train.micro_batch_size, config.data.seq_length
+    with rank_model(_alone(config), 1, 0) as model:
+        _, fresh_peak, _ = _micro_batch(model, batch, length)
+        saved, peak, ops = _micro_batch(model, batch, length)
+    return DryRun(saved, peak, fresh_peak, ops)
+
+
+def _routable(model: ModelConfig, experts: int) -> bool:
+    """Whether model's routing can run over this many experts."""
+    return experts % model.n_group == 0 and experts // model.n_group \
+        * model.topk_group >= model.num_experts_per_tok
+
+
+def _with_experts(config: RunConfig, experts: int) -> RunConfig:
+    return dataclasses.replace(config, model=dataclasses.replace(
+        config.model, n_routed_experts=experts))
+
+
 def dry_run(config: RunConfig) -> DryRun:
     """One micro-batch of config's model on one process (which every
     process of FSDP and HSDP computes as), on the meta device, twice:
@@ -113,12 +132,33 @@ def dry_run(config: RunConfig) -> DryRun:
     blocks run eagerly, compiled or not: meta cannot run inductor's code.
     (Compiled as inductor partitions them but run eagerly, by the
     ``aot_eager_decomp_partition`` backend, the bf16 blocks of ``small``
-    saved exactly what eager ones save.)"""
-    batch, length = config.train.micro_batch_size, config.data.seq_length
-    with rank_model(_alone(config), 1, 0) as model:
-        _, fresh_peak, _ = _micro_batch(model, batch, length)
-        saved, peak, ops = _micro_batch(model, batch, length)
-    return DryRun(saved, peak, fresh_peak, ops)
+    saved exactly what eager ones save.)
+
+    Under expert parallelism the process holds its share of the routed
+    experts, which meta cannot build; the dry run holds that many
+    experts instead, or, where the routing needs more (top-8 of 4
+    experts), the two fewest it can run over, and follows the line
+    through them down to the share: what grows with the experts (the
+    FP8 copies of their weights, their weight gradients) grows in
+    proportion. Either way the router scores that many experts, not all
+    of them: a few MiB too few per MoE block."""
+    model, share = config.model, config.parallel.expert
+    if share == 1:
+        return _one_process(config)
+    local, alone = model.n_routed_experts // share, _alone(config)
+    counts = [count for count in range(local, model.n_routed_experts + 1)
+              if _routable(model, count)][:2]
+    if counts[0] == local or len(counts) == 1:
+        return _one_process(_with_experts(alone, counts[0]))
+    (fewer, more) = (_one_process(_with_experts(alone, count))
+                     for count in counts)
+    below = (counts[0] - local) / (counts[1] - counts[0])
+
+    def line(name: str) -> int:
+        at_fewer = getattr(fewer, name)
+        return round(at_fewer - (getattr(more, name) - at_fewer) * below)
+    return DryRun(line("saved"), line("peak"), line("fresh_peak"),
+                  fewer.ops)
 
 
 class RoutedCopy(NamedTuple):

@@ -123,9 +123,10 @@ def search(config: RunConfig, world_size: int, gpu: GPU,
                         held[key] = rank_holdings(candidate, world_size)
                 except UserError:
                     break
-                run = runs.get((micro_batch, mode))
+                shape = (micro_batch, mode, parallel["expert"])
+                run = runs.get(shape)
                 if run is None:
-                    run = runs[micro_batch, mode] = dry_run(candidate)
+                    run = runs[shape] = dry_run(candidate)
                 plan = make_plan(candidate, world_size, gpu, run, held[key])
                 if needed(plan.fullest.peak) <= gpu.memory:
                     found.append(Candidate(
