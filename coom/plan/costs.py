@@ -108,7 +108,10 @@ class OpCosts(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if any(ret.alias_info is not None for ret in func._schema.returns):
+        # Views move nothing; in-place operators (which return an alias
+        # they write) read their inputs and write their first.
+        if any(ret.alias_info is not None and not ret.alias_info.is_write
+               for ret in func._schema.returns):
             return out
         tensors = [t for t in tree_leaves((args, kwargs, out))
                    if isinstance(t, torch.Tensor)]

@@ -9,7 +9,7 @@ from coom.config import load_config
 from coom.models.info import attention_flops_per_token, model_info
 from coom.plan.calibrate import calibrate
 from coom.plan.ceilings import Ceilings, ceilings_for, save
-from coom.plan.costs import OpCost
+from coom.plan.costs import OpCost, OpCosts
 from coom.plan.dry_run import DryRun, dry_run
 from coom.plan.gpus import GPUS
 from coom.plan.ranks import as_on_gpu
@@ -55,6 +55,15 @@ def test_roofline_adds_each_operator_at_its_rate():
     assert time.parts["compute"] == pytest.approx(8 * MICRO)
     assert time.parts["optimizer"] == pytest.approx(
         10 ** 6 * OPTIMIZER_BYTES / 1e11)
+
+
+def test_in_place_operators_move_bytes_and_views_none():
+    """x.add_(y) reads x and y and writes x; a view moves nothing."""
+    x, y = (torch.ones(256, device="meta") for _ in range(2))
+    with OpCosts() as costs:
+        x.add_(y)
+        x.view(16, 16)
+    assert costs.ops == [OpCost("memory", 0, 3 * x.nbytes)]
 
 
 def test_pipeline_pays_its_bubble():
