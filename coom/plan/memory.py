@@ -131,6 +131,21 @@ def fullest(plans: list[RankMemory]) -> RankMemory:
     return max(plans, key=lambda plan: plan.peak)
 
 
+def moe_blocks(config: RunConfig, pipeline_rank: int) -> int:
+    """The MoE blocks of the process at pipeline_rank, over all its
+    stages: its main blocks', and the MTP depths' on the last stage."""
+    model, parallel = config.model, config.parallel
+    stages = parallel.pipeline_stages if parallel.pipeline > 1 else 1
+    layers = split_layers(model.num_layers, stages)
+    mine = stages_of_process(parallel, pipeline_rank) \
+        if parallel.pipeline > 1 else [0]
+    blocks = [index for stage in mine for index in layers[stage]]
+    if stages - 1 in mine:
+        blocks += range(model.num_layers,
+                        model.num_layers + model.mtp_num_layers)
+    return sum(model.is_moe_layer(index) for index in blocks)
+
+
 def worst_routing(config: RunConfig, copy: RoutedCopy, pipeline_rank: int,
                   micro_batches: int) -> int:
     """What the rank would hold beyond a balanced routing's if every
@@ -145,10 +160,12 @@ def worst_routing(config: RunConfig, copy: RoutedCopy, pipeline_rank: int,
     tokens = config.train.micro_batch_size * config.data.seq_length
     top = model.num_experts_per_tok
     worst = expert * min(top, model.n_routed_experts // expert)
-    share, _ = _in_flight_share(config, pipeline_rank, micro_batches)
-    blocks = model.num_layers - model.first_k_dense_replace
-    return round((worst - top) * tokens
-                 * (copy.kept * blocks * share + copy.passing))
+    stages = len(stages_of_process(config.parallel, pipeline_rank)) \
+        if config.parallel.pipeline > 1 else 1
+    # in_flight counts stage-micro-batches: a stage's blocks each.
+    kept = moe_blocks(config, pipeline_rank) / stages \
+        * in_flight(config, pipeline_rank, micro_batches)
+    return round((worst - top) * tokens * (copy.kept * kept + copy.passing))
 
 
 def _gradients_as_made(terms: list[Term], one: DryRun) -> list[Term]:

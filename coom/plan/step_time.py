@@ -37,6 +37,7 @@ from coom.parallel.pipeline import split_layers, stages_of_process
 from coom.plan.ceilings import Ceilings
 from coom.plan.dry_run import DryRun
 from coom.plan.gpus import GPU
+from coom.plan.memory import moe_blocks
 
 GPUS_PER_NODE = 8
 NETWORK_BANDWIDTH = 50e9
@@ -107,8 +108,10 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
             4 * 2 * blocks * moved * micro_batches
             / _link_bandwidth(gpu, tensor, 1))
     if parallel.expert > 1:
+        # The stage with the most MoE blocks sets the pipeline's pace.
+        moe = max(moe_blocks(config, rank) for rank in range(pipeline))
         parts["expert all-to-alls"] = _expert_all_to_alls(
-            config, gpu, tensor, blocks) * micro_batches
+            config, gpu, tensor, moe) * micro_batches
     shard, replicas = shape["dp_shard"], shape["dp_replicate"]
     if unit_elements and shard * replicas > 1:
         gathers = 1 if parallel.fsdp_reshard == "step" else \
@@ -131,16 +134,14 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
 
 
 def _expert_all_to_alls(config: RunConfig, gpu: GPU, tensor: int,
-                        blocks: float) -> float:
+                        moe: int) -> float:
     """Seconds of a micro-batch's expert-parallel all-to-alls on a
-    process of blocks blocks: each MoE layer's dispatch and combine,
-    forward and backward, and under full recomputation the forward's
-    two again."""
+    process of moe MoE blocks: each one's dispatch and combine, forward
+    and backward, and under full recomputation the forward's two
+    again."""
     model, expert = config.model, config.parallel.expert
     routed = config.train.micro_batch_size * config.data.seq_length \
         * model.num_experts_per_tok * model.hidden_size * 2 / tensor
-    moe = blocks * (model.num_layers - model.first_k_dense_replace) \
-        / model.num_layers
     exchanges = 6 if config.train.recompute == "full" else 4
     return exchanges * moe * _ring(routed, expert) \
         / _link_bandwidth(gpu, expert, tensor)

@@ -13,6 +13,7 @@ from coom.plan.memory import (
     fullest,
     in_flight,
     memory_plan,
+    moe_blocks,
     worst_routing,
 )
 from coom.plan.ranks import as_on_gpu
@@ -155,6 +156,14 @@ def test_coom_train_on_a_gpu_warns_before_it_starts(monkeypatch, capsys):
     assert out.rstrip().endswith("more than the GPU's 0.5 GiB; the largest "
                                  "term is optimizer states (0.0 GiB); spread "
                                  "the model over more GPUs (coom plan)")
+
+
+def test_moe_blocks_of_each_pipeline_rank():
+    """tiny: 4 blocks, the first dense, and one MTP depth (an MoE block
+    on the last stage)."""
+    assert moe_blocks(load_config("tiny"), 0) == 4
+    two = load_config("tiny", ["parallel.pipeline=2"])
+    assert [moe_blocks(two, rank) for rank in (0, 1)] == [1, 3]
 
 
 def test_a_process_holds_its_share_of_the_experts():
