@@ -60,9 +60,11 @@ def layouts(config: RunConfig, world_size: int) -> Iterator[dict]:
         for tensor in _powers(min(NODE, rest), rest):
             if model.num_attention_heads % tensor:
                 continue
-            data = rest // tensor
-            replicas = [1] + ([data // NODE] if data > NODE
-                              and data % NODE == 0 else [])
+            # HSDP shards within a node (tensor parallelism's ranks are
+            # its innermost) and replicates across nodes.
+            data, in_node = rest // tensor, NODE // tensor
+            replicas = [1] + ([data // in_node] if data > in_node
+                              and data % in_node == 0 else [])
             for replicate in replicas:
                 shard = data // replicate
                 limit = min(shard, model.n_routed_experts or 1)

@@ -27,6 +27,17 @@ def test_layouts_split_every_gpu_and_respect_the_model():
     assert {layout["pipeline"] for layout in found} == {1, 2, 4}
 
 
+def test_hsdp_shards_within_a_node():
+    """At 32 GPUs, HSDP's shard group and tensor parallelism's together
+    fill one node of 8."""
+    config = load_config("tiny", TINY)
+    hybrid = [layout for layout in layouts(config, 32)
+              if layout["data_parallel_replicate"] > 1]
+    assert hybrid
+    for layout in hybrid:
+        assert layout["data_parallel_shard"] * layout["tensor"] == 8
+
+
 def test_search_returns_settings_that_fit_fastest_first():
     gpu = GPUS["h100"]
     found = search(load_config("tiny", TINY), 2, gpu, show_progress=False)
