@@ -52,6 +52,7 @@ from coom.parallel.placement import (
     renumbered,
 )
 from coom.train.metrics import MetricsWriter, read_metrics
+from coom.train.run_dir import hold_lock
 
 REBALANCED = "-rebalanced"
 """Suffix of the checkpoint that holds a step's renumbered experts."""
@@ -208,12 +209,15 @@ def rebalance_run(run_dir: Path, ranks: int, redundant: int = 0,
         # This replaces an earlier placement, which names the experts by
         # their old numbers.
         whole.train_state[PLACEMENT] = placement
-    transform_checkpoint(latest, renumber_experts, REBALANCED,
-                         state["config"]["checkpoint"]["keep"])
-    writer = MetricsWriter(run_dir, tensorboard=False)
-    writer.write({"step": step, "rebalance": {
-        "ranks": ranks, "redundant": redundant,
-        "layers": {plan.index: [plan.before, plan.after]
-                   for plan in plans}}})
-    writer.close()
+    # The run's lock: a run training in the directory would write
+    # checkpoints and metrics beside these.
+    with hold_lock(run_dir):
+        transform_checkpoint(latest, renumber_experts, REBALANCED,
+                             state["config"]["checkpoint"]["keep"])
+        writer = MetricsWriter(run_dir, tensorboard=False)
+        writer.write({"step": step, "rebalance": {
+            "ranks": ranks, "redundant": redundant,
+            "layers": {plan.index: [plan.before, plan.after]
+                       for plan in plans}}})
+        writer.close()
     return plans

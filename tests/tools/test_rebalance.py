@@ -3,6 +3,7 @@ placement changes nothing the model computes, balances the measured load
 per rank, and the run resumes from the renumbered checkpoint (in one
 process and under expert parallelism) as if nothing happened."""
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -24,6 +25,7 @@ from coom.tools.rebalance import (
     plan_layers,
     renumber,
 )
+from coom.train.run_dir import hold_lock
 from tests.growth.test_operators import CONFIGS, _outputs, _trained_like
 from tests.launch import check, launch
 from tests.parallel.test_layouts import STEPS, _train, logged_losses
@@ -197,6 +199,19 @@ def _load_after(run_dir, index: int, step: int) -> torch.Tensor:
                             dtype=torch.float64)
                for record in records if record["step"] > step
                and f"moe_load_layer{index}" in record)
+
+
+def test_a_run_in_use_is_not_rebalanced(tmp_path):
+    """While a run trains in the directory (holding its lock), rebalance
+    refuses in one line and writes nothing."""
+    check(_train(tmp_path, 1, "train.exit_interval=3"))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with hold_lock(tmp_path):
+        result = launch(1, "experts", "rebalance", str(tmp_path),
+                        "--ranks", "2")
+    assert result.returncode == 2
+    assert f"run directory {tmp_path} is in use" in result.stderr
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
 def test_a_placement_for_other_ranks_is_left_unused():
