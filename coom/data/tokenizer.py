@@ -26,12 +26,13 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from coom.errors import UserError
 
 END_OF_DOCUMENT = "<|endoftext|>"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def declared_eos_token(path: Path) -> str | None:
     """The eos_token that the tokenizer_config.json beside the
     tokenizer.json at path declares, if any."""
-    config = path.with_name("tokenizer_config.json")
+    config = path.with_name(TOKENIZER_CONFIG)
     if not config.is_file():
         return None
     try:

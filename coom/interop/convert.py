@@ -1,14 +1,15 @@
 """``coom convert``: COOM checkpoints to Hugging Face folders and back.
 
 ``to_hf`` writes ``model.safetensors``, ``config.json`` and the run's
-``tokenizer.json``, a folder that ``transformers.AutoModelForCausalLM``
-loads as ``DeepseekV3ForCausalLM`` (``DeepseekV2ForCausalLM`` where experts
-are routed by softmax scores). ``from_hf`` writes a COOM checkpoint
-folder (the weights as training checkpoints hold them, and
-``tokenizer.json``) and ``recipe.yaml``, a recipe whose model section is
-the imported model's and whose
-``checkpoint.init_from`` names the folder, so that ``coom train
-OUT/recipe.yaml`` continues training it.
+tokenizer (``tokenizer.json``, and a ``tokenizer_config.json`` naming its
+end-of-document token), a folder that
+``transformers.AutoModelForCausalLM`` loads as ``DeepseekV3ForCausalLM``
+(``DeepseekV2ForCausalLM`` where experts are routed by softmax scores),
+and ``AutoTokenizer`` as its tokenizer. ``from_hf`` writes a COOM
+checkpoint folder (the weights as training checkpoints hold them, and the
+tokenizer's two files) and ``recipe.yaml``, a recipe whose model section
+is the imported model's and whose ``checkpoint.init_from`` names the
+folder, so that ``coom train OUT/recipe.yaml`` continues training it.
 """
 import dataclasses
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from coom.checkpoint.storage import write_checkpoint_folder
+from coom.data.tokenizer import TOKENIZER_CONFIG, Tokenizer
 from coom.errors import UserError
 from coom.interop.hf import (
     TRAINING_FIELDS,
@@ -46,14 +48,34 @@ def _empty_folder(out: Path, overwrite: bool, source: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _copy_tokenizer(weights: Weights, out: Path) -> Path | None:
+    """Copy weights' tokenizer.json into out with a tokenizer_config.json
+    (the one beside it, if any) whose eos_token is the run's
+    end-of-document token: so that ``transformers.AutoTokenizer`` knows
+    it, and COOM reads the same from the copy. Returns the copy (None
+    without a tokenizer)."""
+    if weights.tokenizer is None:
+        return None
+    eod = Tokenizer(weights.tokenizer, weights.eod_token).eod_token
+    declared = weights.tokenizer.with_name(TOKENIZER_CONFIG)
+    settings = json.loads(declared.read_text(encoding="utf-8")) \
+        if declared.is_file() else {
+            "tokenizer_class": "PreTrainedTokenizerFast"}
+    settings["eos_token"] = eod
+    copy = out / "tokenizer.json"
+    shutil.copyfile(weights.tokenizer, copy)
+    (out / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=1)
+                                        + "\n")
+    return copy
+
+
 def to_hf(source: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the model in source as a Hugging Face folder out."""
     weights = read_weights(source)
     check_exportable(weights.state, weights.config)
     _empty_folder(out, overwrite, source)
     save_hf(weights.state, weights.config, out)
-    if weights.tokenizer is not None:
-        shutil.copyfile(weights.tokenizer, out / "tokenizer.json")
+    _copy_tokenizer(weights, out)
     return out
 
 
@@ -65,9 +87,9 @@ def write_model_folder(weights: Weights, source: Path, out: Path,
     _empty_folder(out, overwrite, source)
     model = dataclasses.asdict(weights.config)
     data = {}
-    if weights.tokenizer is not None:
-        shutil.copyfile(weights.tokenizer, out / "tokenizer.json")
-        data["tokenizer"] = str((out / "tokenizer.json").resolve())
+    tokenizer = _copy_tokenizer(weights, out)
+    if tokenizer is not None:
+        data["tokenizer"] = str(tokenizer.resolve())
     write_checkpoint_folder(out, {"model": weights.state},
                             {"config": {"model": model, "data": data},
                              "tokenizer_sha256": weights.tokenizer_sha256})

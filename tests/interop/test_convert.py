@@ -1,11 +1,12 @@
 """coom convert and coom.load_model on a real (very small) run."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import coom
 from coom.cli import main
 from coom.config import ModelConfig, load_config
+from coom.data.tokenizer import Tokenizer
 from coom.errors import UserError
 from coom.interop.convert import write_model_folder
 from coom.interop.weights import Weights
@@ -21,7 +22,11 @@ def test_run_to_hf_and_back_to_training(small_run, tmp_path, capsys):
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
     assert _train(run, small_run) == 0
     assert main(["convert", "--to", "hf", str(run), str(hf_dir)]) == 0
-    assert (hf_dir / "tokenizer.json").is_file()
+    # transformers reads the run's tokenizer, its end of document too.
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer("hello world")["input_ids"] == \
+        Tokenizer(hf_dir / "tokenizer.json").encode("hello world")
     ours = coom.load_model(run)
     hf = AutoModelForCausalLM.from_pretrained(
         hf_dir, attn_implementation="eager", dtype=torch.float32).eval()
@@ -38,6 +43,8 @@ def test_run_to_hf_and_back_to_training(small_run, tmp_path, capsys):
     assert "coom train" in out and "COOM's defaults" not in out
     # The tiny recipe's bias rate (not the default) survives the trip.
     recipe = load_config(str(imported / "recipe.yaml"))
+    assert Tokenizer(recipe.data.tokenizer).eod_token == "<|endoftext|>"
+    assert (imported / "tokenizer_config.json").is_file()
     assert recipe.model.moe_router_bias_update_rate == 0.01
     again = coom.load_model(imported)
     for (name, mine), theirs in zip(ours.state_dict().items(),
