@@ -12,7 +12,9 @@ follow ``--``):
         --steps 8 --warmup 3 --set train.micro_batch_size=4 \\
         train.global_batch_size=4 train.compile=true
 
-Each round runs before, then after, each in its own process, and prints
+Each bench runs in its own tree's folder, so give absolute paths in
+its arguments. Each round runs before, then after, each in its own
+process, and prints
 tokens/s, the median step time and peak memory; the last lines give
 after / before of each round's tokens/s.
 """

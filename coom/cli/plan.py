@@ -16,8 +16,12 @@ def cmd_plan(args) -> int:
     from coom.plan.ranks import as_on_gpu
     if args.calibrate:
         return _calibrate(args.gpu)
+    from coom.plan.step_time import GPUS_PER_NODE
     if args.gpus < 1:
         raise UserError(f"--gpus {args.gpus}: give one or more")
+    if args.gpus > GPUS_PER_NODE and args.gpus % GPUS_PER_NODE:
+        raise UserError(f"--gpus {args.gpus}: the plan counts nodes of "
+                        f"{GPUS_PER_NODE}; give whole nodes beyond one")
     gpu = gpu_named(args.gpu or "h100")
     read = load_config(args.recipe or "tiny", args.overrides)
     if args.search:
@@ -75,16 +79,16 @@ def _print_memory(plan, config, gpus: int, gpu) -> None:
 
 
 def _launch(recipe: str, gpus: int) -> str:
-    """The command that starts recipe on gpus GPUs, on as few nodes as
-    take an equal number each."""
+    """The command that starts recipe on gpus GPUs, in nodes of 8 as
+    the plan counts them."""
     from coom.plan.step_time import GPUS_PER_NODE
     if gpus == 1:
         return f"coom train {recipe}"
-    per_node = max(count for count in range(1, GPUS_PER_NODE + 1)
-                   if gpus % count == 0)
-    nodes = f"--nnodes {gpus // per_node} " if gpus > per_node else ""
-    return (f"torchrun {nodes}--nproc-per-node {per_node} -m coom "
-            f"train {recipe} --run-dir runs/{recipe}-{gpus}")
+    nodes, spread = gpus // GPUS_PER_NODE, ""
+    if nodes > 1:
+        spread = f"--nnodes {nodes} (with your rendezvous options) "
+    return (f"torchrun {spread}--nproc-per-node {min(gpus, GPUS_PER_NODE)}"
+            f" -m coom train {recipe} --run-dir runs/{recipe}-{gpus}")
 
 
 def _search(args, config, gpu) -> int:

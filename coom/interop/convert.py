@@ -52,18 +52,26 @@ def _copy_tokenizer(weights: Weights, out: Path) -> Path | None:
     """Copy weights' tokenizer.json into out with a tokenizer_config.json
     (the one beside it, if any) whose eos_token is the run's
     end-of-document token: so that ``transformers.AutoTokenizer`` knows
-    it, and COOM reads the same from the copy. Returns the copy (None
-    without a tokenizer)."""
+    it, and COOM reads the same from the copy. A tokenizer without one
+    is copied with its own file as it is. Returns the copy (None without
+    a tokenizer)."""
     if weights.tokenizer is None:
         return None
-    eod = Tokenizer(weights.tokenizer, weights.eod_token).eod_token
-    declared = weights.tokenizer.with_name(TOKENIZER_CONFIG)
-    settings = json.loads(declared.read_text(encoding="utf-8")) \
-        if declared.is_file() else {
-            "tokenizer_class": "PreTrainedTokenizerFast"}
-    settings["eos_token"] = eod
     copy = out / "tokenizer.json"
     shutil.copyfile(weights.tokenizer, copy)
+    declared = weights.tokenizer.with_name(TOKENIZER_CONFIG)
+    try:
+        eod = Tokenizer(weights.tokenizer, weights.eod_token).eod_token
+        settings = json.loads(declared.read_text(encoding="utf-8")) \
+            if declared.is_file() else {}
+    except (UserError, ValueError):
+        eod, settings = None, None
+    if not isinstance(settings, dict) or eod is None:
+        if declared.is_file():
+            shutil.copyfile(declared, out / TOKENIZER_CONFIG)
+        return copy
+    settings.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    settings["eos_token"] = eod
     (out / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=1)
                                         + "\n")
     return copy

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from coom.config import ModelConfig, RunConfig
+from coom.errors import UserError
 from coom.layers.moe import MoE
 from coom.parallel.objective import training_objective
 from coom.plan.costs import OpCost, OpCosts
@@ -115,9 +116,13 @@ def _one_process(config: RunConfig) -> DryRun:
 
 
 def _routable(model: ModelConfig, experts: int) -> bool:
-    """Whether model's routing can run over this many experts."""
-    return experts % model.n_group == 0 and experts // model.n_group \
-        * model.topk_group >= model.num_experts_per_tok
+    """Whether model's routing can run over this many experts (the
+    config's own checks say)."""
+    try:
+        dataclasses.replace(model, n_routed_experts=experts)
+    except UserError:
+        return False
+    return True
 
 
 def _with_experts(config: RunConfig, experts: int) -> RunConfig:
@@ -141,7 +146,10 @@ def dry_run(config: RunConfig) -> DryRun:
     through them down to the share: what grows with the experts (the
     FP8 copies of their weights, their weight gradients) grows in
     proportion. Either way the router scores that many experts, not all
-    of them: a few MiB too few per MoE block."""
+    of them: a few MiB too few per MoE block. The operators' costs are
+    the fewer count's: its per-expert work (weight casts, FP8 weight
+    quantisation, weight gradients' writes) is over-counted where that
+    count exceeds the share."""
     model, share = config.model, config.parallel.expert
     if share == 1:
         return _one_process(config)
@@ -192,8 +200,8 @@ def routed_copy_bytes(config: RunConfig) -> RoutedCopy:
     an MoE block of config's model with its experts per token and one
     more (0 for a dense model)."""
     model = config.model
-    if not model.n_routed_experts \
-            or model.num_layers == model.first_k_dense_replace:
+    if not any(model.is_moe_layer(index) for index in
+               range(model.num_layers + model.mtp_num_layers)):
         return RoutedCopy(0.0, 0.0)
     batch, length = config.train.micro_batch_size, config.data.seq_length
     runs = []

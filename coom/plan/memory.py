@@ -6,8 +6,9 @@ Two parts, each read off COOM's own model:
   its part of the model built as that rank of the run;
 - what a micro-batch's forward and backward add at their peak
   (``coom.plan.dry_run``), counted on one process's whole model (the
-  data-parallel processes of FSDP and HSDP compute exactly that) and
-  divided among the layout's splits: under pipelining, a stage's share
+  data-parallel processes of FSDP and HSDP compute exactly that), its
+  routed experts cut to the process's share under expert parallelism,
+  and divided among the layout's splits: under pipelining, a stage's share
   of the blocks times the micro-batches its schedule keeps in flight;
   under sequence-parallel tensor parallelism, a tensor-parallel
   process's share of the tokens. These two are proportions, not counts:

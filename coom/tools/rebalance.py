@@ -183,7 +183,16 @@ def rebalance_run(run_dir: Path, ranks: int, redundant: int = 0,
                   dry_run: bool = False) -> list[LayerPlan]:
     """Plan from run_dir's measured loads and, unless dry_run, publish
     its latest checkpoint renumbered (and with copies, placed) as the
-    run's latest."""
+    run's latest; holding the run's lock from the reading of its latest
+    checkpoint on, so that no run trains in the directory meanwhile."""
+    if dry_run:
+        return _rebalance(run_dir, ranks, redundant, dry_run)
+    with hold_lock(run_dir):
+        return _rebalance(run_dir, ranks, redundant, dry_run)
+
+
+def _rebalance(run_dir: Path, ranks: int, redundant: int,
+               dry_run: bool) -> list[LayerPlan]:
     checkpoints = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoints)
     if latest is None:
@@ -209,15 +218,12 @@ def rebalance_run(run_dir: Path, ranks: int, redundant: int = 0,
         # This replaces an earlier placement, which names the experts by
         # their old numbers.
         whole.train_state[PLACEMENT] = placement
-    # The run's lock: a run training in the directory would write
-    # checkpoints and metrics beside these.
-    with hold_lock(run_dir):
-        transform_checkpoint(latest, renumber_experts, REBALANCED,
-                             state["config"]["checkpoint"]["keep"])
-        writer = MetricsWriter(run_dir, tensorboard=False)
-        writer.write({"step": step, "rebalance": {
-            "ranks": ranks, "redundant": redundant,
-            "layers": {plan.index: [plan.before, plan.after]
-                       for plan in plans}}})
-        writer.close()
+    transform_checkpoint(latest, renumber_experts, REBALANCED,
+                         state["config"]["checkpoint"]["keep"])
+    writer = MetricsWriter(run_dir, tensorboard=False)
+    writer.write({"step": step, "rebalance": {
+        "ranks": ranks, "redundant": redundant,
+        "layers": {plan.index: [plan.before, plan.after]
+                   for plan in plans}}})
+    writer.close()
     return plans

@@ -46,7 +46,8 @@ class RunCheckpoints:
             return
         if self.group is None and self.world.size > 1:
             self.group = torch.distributed.new_group(backend="gloo")
-        self.stager = self.stager or KeptBuffers()
+        if self.stager is None:
+            self.stager = KeptBuffers()
         self.pending = BackgroundSave(self.folder, step, tensors,
                                       train_state, self.config.keep,
                                       self.stager, self.group)

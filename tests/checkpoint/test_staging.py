@@ -2,6 +2,9 @@
 not reach, made into the same buffers at every checkpoint, with the
 state dict's other values as they are."""
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from coom.checkpoint.staging import KeptBuffers
 
@@ -38,3 +41,22 @@ def test_a_new_shape_gets_a_new_buffer():
     stager.stage({"w": torch.zeros(2)})
     staged = stager.stage({"w": torch.ones(3)})
     assert torch.equal(staged["w"], torch.ones(3))
+
+
+def test_a_dtensor_keeps_its_layout_around_the_kept_buffer():
+    """A DTensor's staged copy is its layout around the CPU buffer
+    itself (not a copy of it on the mesh's device)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight = distribute_tensor(torch.arange(8.0).view(4, 2), mesh,
+                                   [Shard(0)])
+        stager = KeptBuffers()
+        staged = stager.stage({"w": weight})["w"]
+        (buffer,) = stager.buffers.values()
+        assert staged.placements == weight.placements
+        assert staged.to_local().data_ptr() == buffer.data_ptr()
+        assert torch.equal(staged.full_tensor(), weight.full_tensor())
+    finally:
+        dist.destroy_process_group()

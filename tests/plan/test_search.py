@@ -63,11 +63,15 @@ def test_search_prints_commands(capsys):
         "runs/tiny-2 --set model.vocab_size=512" in lines[1]
 
 
-def test_launch_commands_put_as_many_gpus_on_each_node():
+def test_launch_commands_fill_nodes_of_8():
     from coom.cli.plan import _launch
     assert _launch("small", 1) == "coom train small"
     assert _launch("small", 4).startswith("torchrun --nproc-per-node 4 ")
     assert _launch("small", 16).startswith(
-        "torchrun --nnodes 2 --nproc-per-node 8 ")
-    assert _launch("small", 12).startswith(
-        "torchrun --nnodes 2 --nproc-per-node 6 ")
+        "torchrun --nnodes 2 (with your rendezvous options) "
+        "--nproc-per-node 8 ")
+
+
+def test_gpus_beyond_a_node_come_in_whole_nodes(capsys):
+    assert main(["plan", "tiny", "--gpus", "12"]) == 2
+    assert "give whole nodes" in capsys.readouterr().err
