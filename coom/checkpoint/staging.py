@@ -61,6 +61,3 @@ class KeptBuffers(AsyncStager):
                                  and tensor.numel() > 0)
             self.buffers[place] = buffer
         return buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
-
-    def close(self) -> None:
-        self.buffers.clear()

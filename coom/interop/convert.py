@@ -64,9 +64,9 @@ def _copy_tokenizer(weights: Weights, out: Path) -> Path | None:
         eod = Tokenizer(weights.tokenizer, weights.eod_token).eod_token
         settings = json.loads(declared.read_text(encoding="utf-8")) \
             if declared.is_file() else {}
-    except (UserError, ValueError):
-        eod, settings = None, None
-    if not isinstance(settings, dict) or eod is None:
+    except (UserError, ValueError):  # no end of document, or bad JSON
+        settings = None
+    if not isinstance(settings, dict):
         if declared.is_file():
             shutil.copyfile(declared, out / TOKENIZER_CONFIG)
         return copy
