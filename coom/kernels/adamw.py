@@ -9,8 +9,11 @@ updated master it already holds: 30 bytes per parameter a step instead
 of 28 + 6.
 
 The step is torch.optim.AdamW's (decoupled weight decay, bias-corrected
-moments), in float32, elementwise:
+moments), in float32, elementwise, of the gradient times grad_scale
+(gradient clipping's coefficient, so that clipping needs no pass of its
+own over the gradients):
 
+    g <- g * grad_scale
     p <- p * (1 - lr * wd)
     m <- m + (1 - beta1) * (g - m)
     v <- beta2 * v + (1 - beta2) * g * g
@@ -45,12 +48,12 @@ def _bf16_nearest_even(x):
 
 @triton.jit
 def _step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                 copy_ptr, numel, decay, beta1, beta2, step_size,
-                 correction2_sqrt, eps, block: tl.constexpr):
+                 copy_ptr, numel, grad_scale, decay, beta1, beta2,
+                 step_size, correction2_sqrt, eps, block: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * block + tl.arange(0, block)
     mask = offsets < numel
     p = tl.load(param_ptr + offsets, mask=mask)
-    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_scale
     m = tl.load(exp_avg_ptr + offsets, mask=mask)
     v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
     p = p * decay
@@ -76,10 +79,12 @@ def _factors(lr: float, beta1: float, beta2: float, weight_decay: float,
 def adamw_step(param: torch.Tensor, grad: torch.Tensor,
                exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                copy: torch.Tensor, lr: float, beta1: float, beta2: float,
-               eps: float, weight_decay: float, step: int) -> None:
-    """AdamW's step t = step of param (float32, contiguous) with grad,
-    moments exp_avg and exp_avg_sq, in place; copy (bf16, param's shape)
-    then holds the new param, rounded to nearest."""
+               eps: float, weight_decay: float, step: int,
+               grad_scale: float = 1.0) -> None:
+    """AdamW's step t = step of param (float32, contiguous) with grad
+    times grad_scale, moments exp_avg and exp_avg_sq, in place; copy
+    (bf16, param's shape) then holds the new param, rounded to
+    nearest."""
     if copy.dtype != torch.bfloat16:
         raise ValueError(f"adamw_step writes bf16 copies, not {copy.dtype}")
     numel = param.numel()
@@ -88,28 +93,29 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor,
     decay, step_size, correction2_sqrt = _factors(lr, beta1, beta2,
                                                   weight_decay, step)
     _step_kernel[(triton.cdiv(numel, BLOCK),)](
-        param, grad.contiguous(), exp_avg, exp_avg_sq, copy, numel, decay,
-        beta1, beta2, step_size, correction2_sqrt, eps, block=BLOCK,
-        num_warps=NUM_WARPS)
+        param, grad.contiguous(), exp_avg, exp_avg_sq, copy, numel,
+        grad_scale, decay, beta1, beta2, step_size, correction2_sqrt, eps,
+        block=BLOCK, num_warps=NUM_WARPS)
 
 
 @adamw_step.register_kernel("cpu")
 def _(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps,
-      weight_decay, step):
+      weight_decay, step, grad_scale=1.0):
     adamw_step_reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1,
-                         beta2, eps, weight_decay, step)
+                         beta2, eps, weight_decay, step, grad_scale)
 
 
 def adamw_step_reference(param: torch.Tensor, grad: torch.Tensor,
                          exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                          copy: torch.Tensor, lr: float, beta1: float,
                          beta2: float, eps: float, weight_decay: float,
-                         step: int) -> None:
+                         step: int, grad_scale: float = 1.0) -> None:
     """The same step in plain PyTorch, as torch.optim.AdamW's
-    single-tensor implementation orders it."""
+    single-tensor implementation orders it, of the gradient scaled as
+    clipping scales it in place."""
     decay, step_size, correction2_sqrt = _factors(lr, beta1, beta2,
                                                   weight_decay, step)
-    grad = grad.to(param.dtype)
+    grad = grad.to(param.dtype) * grad_scale
     param.mul_(decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)

@@ -141,24 +141,30 @@ class ParallelModel:
         self.model.train()
         return mean
 
-    def clip_gradients(self, clip: float) -> torch.Tensor:
-        """Scale the gradients down to norm clip (0: never) and return
-        their norm before. torch's norm takes gradients of one kind at a
-        time, so plain gradients and those sharded on each mesh
-        (DTensor: FSDP's, and FSDP x TP's) are summed apart, a sharded
-        norm over all its shards, and those of the pipeline's other
-        stages are added to them."""
+    def _gradient_groups(self) -> list[list[torch.nn.Parameter]]:
+        """The parameters with gradients, by the mesh their gradients
+        are sharded on (None: plain tensors)."""
         groups = {}
         for parameter in self.model.parameters():
             if parameter.grad is not None:
                 mesh = getattr(parameter.grad, "device_mesh", None)
                 groups.setdefault(mesh, []).append(parameter)
+        return list(groups.values())
+
+    def gradient_norm(self) -> torch.Tensor:
+        """The gradients' norm. torch's norm takes gradients of one kind
+        at a time, so plain gradients and those sharded on each mesh
+        (DTensor: FSDP's, and FSDP x TP's) are summed apart, a sharded
+        norm over all its shards, and those of the pipeline's other
+        stages are added to them."""
         norms = [torch.nn.utils.get_total_norm([p.grad for p in group])
-                 for group in groups.values()]
+                 for group in self._gradient_groups()]
         norm = torch.stack([n.full_tensor() if isinstance(n, DTensor)
                             else n for n in norms]).norm()
-        norm = self.world.pipeline_sum(norm.square()).sqrt()
-        if clip:
-            for group in groups.values():
-                torch.nn.utils.clip_grads_with_norm_(group, clip, norm)
-        return norm
+        return self.world.pipeline_sum(norm.square()).sqrt()
+
+    def clip_gradients(self, clip: float, norm: torch.Tensor) -> None:
+        """Scale the gradients of norm down to norm clip, as torch's
+        clip_grads_with_norm_ does."""
+        for group in self._gradient_groups():
+            torch.nn.utils.clip_grads_with_norm_(group, clip, norm)

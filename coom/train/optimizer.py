@@ -34,7 +34,9 @@ class CopyWritingAdamW(torch.optim.AdamW):
         self.weights = weights
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale: float = 1.0):
+        """The step of the gradients times grad_scale (clipping's
+        coefficient, ``clip_coefficient``), which stay as they are."""
         if closure is not None:
             raise ValueError("CopyWritingAdamW takes no closure")
         for group in self.param_groups:
@@ -54,7 +56,8 @@ class CopyWritingAdamW(torch.optim.AdamW):
                            state["exp_avg_sq"],
                            self.weights.masters[parameter], group["lr"],
                            beta1, beta2, group["eps"],
-                           group["weight_decay"], int(state["step"]))
+                           group["weight_decay"], int(state["step"]),
+                           grad_scale)
         self.weights.made_fresh()
 
 
@@ -81,6 +84,15 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig,
     on_gpu = any(parameter.is_cuda for parameter in decay)
     return torch.optim.AdamW(groups, **settings, fused=on_gpu or None,
                              foreach=None if on_gpu else True)
+
+
+def clip_coefficient(norm: torch.Tensor, clip: float) -> torch.Tensor:
+    """What gradients of norm are multiplied by to clip them to norm
+    clip, as torch's clip_grads_with_norm_ computes it: clip / (norm +
+    1e-6), at most 1; 1 when clip is 0 (never)."""
+    if not clip:
+        return torch.ones_like(norm)
+    return torch.clamp(clip / (norm + 1e-6), max=1.0)
 
 
 def _decay(fraction: float, style: str) -> float:

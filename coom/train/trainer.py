@@ -54,7 +54,9 @@ from coom.train.anomaly import LOG, ROLLBACK, SKIP, AnomalyGuard
 from coom.train.checkpoints import RunCheckpoints
 from coom.train.metrics import MetricsWriter
 from coom.train.optimizer import (
+    CopyWritingAdamW,
     build_optimizer,
+    clip_coefficient,
     learning_rate,
     mtp_loss_weight,
 )
@@ -308,6 +310,20 @@ class Trainer:
         set_model_state_dict(self.model, state,
                              options=StateDictOptions(full_state_dict=True))
 
+    def _optimizer_step(self, norm: torch.Tensor,
+                        coefficient: float) -> None:
+        """The optimizer's step of the gradients clipped (norm their
+        norm, coefficient what clipping multiplies them by): in the
+        step's own pass where the optimizer can, else in place first,
+        and not at all where clipping would multiply them by 1."""
+        if isinstance(self.optimizer, CopyWritingAdamW):
+            self.optimizer.step(grad_scale=coefficient)
+            return
+        if coefficient < 1:
+            self.parallel.clip_gradients(self.config.optimizer.clip_grad,
+                                         norm)
+        self.optimizer.step()
+
     def train_step(self) -> dict:
         """One optimizer step over a global batch; returns its metrics
         (the MoE layers' only where log_moe)."""
@@ -325,12 +341,15 @@ class Trainer:
             mtp_weight)
         self.consumed_samples += train.global_batch_size
         self.flops += self.flops_per_step
-        norm = self.parallel.clip_gradients(self.config.optimizer.clip_grad)
+        norm_tensor = self.parallel.gradient_norm()
+        coefficient = clip_coefficient(norm_tensor,
+                                       self.config.optimizer.clip_grad)
         # The next step's batches are read and sent to the device while
         # the device still runs this one.
         if self.step < train.steps:
             self.prefetched = (self.consumed_samples, self._batches())
-        total, mtp_total, norm = torch.cat([sums, norm[None]]).tolist()
+        total, mtp_total, norm, coefficient = torch.cat(
+            [sums, norm_tensor[None], coefficient[None]]).tolist()
         metrics = {"loss": total, "lr": lr, "grad_norm": norm}
         if self.config.model.mtp_num_layers:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
@@ -340,7 +359,7 @@ class Trainer:
         action = ACTIONS[self.world.maximum(
             ACTIONS.index(anomaly.action if anomaly else LOG))]
         if action == LOG:
-            self.optimizer.step()
+            self._optimizer_step(norm_tensor, coefficient)
         else:
             self.parallel.balancer.discard()
         self.optimizer.zero_grad(set_to_none=True)

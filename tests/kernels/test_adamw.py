@@ -1,6 +1,7 @@
 """The AdamW step that writes the compute copy (interpreted on CPU):
 against torch.optim.AdamW in float64 over several steps, and its copy
-the new parameter rounded to bf16."""
+the new parameter rounded to bf16; with a gradient scale (clipping's
+coefficient), the step of the scaled gradient."""
 import pytest
 import torch
 
@@ -11,19 +12,22 @@ SETTINGS = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 STEPS = 4
 
 
-def _step(step, parameter, grad, state, copy, reference: bool):
+def _step(step, parameter, grad, state, copy, reference: bool,
+          grad_scale: float):
     beta1, beta2 = SETTINGS["betas"]
     function = adamw_step_reference if reference else adamw_step
     function(parameter, grad, state["exp_avg"],
              state["exp_avg_sq"], copy, SETTINGS["lr"], beta1, beta2,
-             SETTINGS["eps"], SETTINGS["weight_decay"], step)
+             SETTINGS["eps"], SETTINGS["weight_decay"], step, grad_scale)
 
 
+@pytest.mark.parametrize("grad_scale", [1.0, 0.3])
 @pytest.mark.parametrize("reference", [False, True],
                          ids=["triton", "reference"])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7,), (33, 129), (4097,)])
-def test_step_matches_torch_adamw(shape, grad_dtype, reference):
+def test_step_matches_torch_adamw(shape, grad_dtype, reference,
+                                  grad_scale):
     torch.manual_seed(sum(shape))
     start = torch.randn(shape, dtype=torch.float64)
     exact = torch.nn.Parameter(start.clone())
@@ -35,9 +39,10 @@ def test_step_matches_torch_adamw(shape, grad_dtype, reference):
                       device=DEVICE)
     for step in range(1, STEPS + 1):
         grad = torch.randn(shape).to(grad_dtype)
-        exact.grad = grad.double()
+        exact.grad = grad.double() * grad_scale
         optimizer.step()
-        _step(step, parameter, grad.to(DEVICE), state, copy, reference)
+        _step(step, parameter, grad.to(DEVICE), state, copy, reference,
+              grad_scale)
         assert relative_error(parameter, exact.detach()) < 1e-6
         assert relative_error(state["exp_avg"],
                               optimizer.state[exact]["exp_avg"]) < 1e-6
