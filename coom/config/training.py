@@ -135,12 +135,6 @@ class TrainConfig:
     """Compile each transformer block with ``torch.compile`` (as
     torchtitan does); the first steps then take longer."""
 
-    cuda_graphs: bool = False
-    """With compile, also capture each compiled block's forward and
-    backward in CUDA graphs (torch.compile's 'reduce-overhead' mode),
-    which replay without the host launching each kernel. Shapes must be
-    static: one process, no expert parallelism."""
-
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation per transformer block, trading compute for
     memory (Megatron: recompute_granularity; torchtitan:
@@ -178,5 +172,3 @@ class TrainConfig:
             positive(self, "exit_duration_in_mins")
         if self.watchdog_minutes is not None:
             positive(self, "watchdog_minutes")
-        require(self.compile or not self.cuda_graphs, "cuda_graphs",
-                "captures the compiled blocks; set compile=true too")

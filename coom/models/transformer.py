@@ -128,12 +128,11 @@ class Transformer(nn.Module):
         depth's."""
         return [*self.layers.values(), *(module.block for module in self.mtp)]
 
-    def compile_blocks(self, mode: Optional[str] = None) -> None:
-        """Compile each block (main and MTP) with ``torch.compile`` in
-        mode (its default, or e.g. 'reduce-overhead'); the parameter
-        names stay as they were."""
+    def compile_blocks(self) -> None:
+        """Compile each block (main and MTP) with ``torch.compile``; the
+        parameter names stay as they were."""
         for block in self.blocks():
-            block.compile(mode=mode)
+            block.compile()
 
     def moe_layers(self) -> dict[int, MoE]:
         """The MoE feed-forwards, by block index (MTP depths follow the

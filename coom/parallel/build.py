@@ -50,8 +50,7 @@ def build_model(config: RunConfig, world: World, device: torch.device,
     convert_to_fp8(model, config.fp8)
     recompute_blocks(model, train.recompute)
     if train.compile:
-        model.compile_blocks("reduce-overhead" if train.cuda_graphs
-                             else None)
+        model.compile_blocks()
     micro_batches = train.global_batch_size // train.micro_batch_size
     dtype = compute_dtype(train.precision, device)
     pipeline = None

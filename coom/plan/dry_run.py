@@ -86,8 +86,7 @@ def _alone(config: RunConfig) -> RunConfig:
     inductor's code)."""
     return dataclasses.replace(
         config, parallel=dataclasses.replace(config.parallel, **ONE_PROCESS),
-        train=dataclasses.replace(config.train, compile=False,
-                                  cuda_graphs=False))
+        train=dataclasses.replace(config.train, compile=False))
 
 
 def _micro_batch(model, batch: int, length: int,
