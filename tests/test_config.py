@@ -42,6 +42,19 @@ def test_off_reads_as_a_word_not_a_boolean():
         load_config("tiny", ["fp8.recipe=on"])
 
 
+@pytest.mark.parametrize("overrides", [
+    ["fp8.dispatch=true"],
+    ["fp8.dispatch=true", "fp8.recipe=rowwise", "fp8.emulate=true"],
+    ["fp8.dispatch=true", "fp8.recipe=blockwise", "fp8.experts=false"],
+])
+def test_fp8_dispatch_needs_blockwise_fp8_experts(overrides):
+    with pytest.raises(ConfigError, match="fp8.dispatch: sends tokens"):
+        load_config("tiny", overrides)
+    config = load_config("tiny", ["fp8.dispatch=true",
+                                  "fp8.recipe=blockwise"])
+    assert config.fp8.dispatch
+
+
 @pytest.mark.parametrize("override, field, words", [
     ("model.hidden_sise=3", "model.hidden_sise", "unknown key"),
     ("modle.hidden_size=3", "modle", "unknown key"),

@@ -30,6 +30,14 @@ class FP8Config:
     experts: bool = True
     """Run the routed experts' grouped products in FP8 too."""
 
+    dispatch: bool = False
+    """Send the routed experts their tokens in FP8, as DeepSeek-V3 does:
+    each copy rounded to 1 x 128 tiles with float32 scales, the form the
+    experts' FP8 products take. Under expert parallelism the all-to-all
+    then moves about half of bf16's bytes; in one process the copies are
+    rounded the same way, so layouts agree. Gradients return in
+    train.precision. Needs the blockwise recipe with fp8.experts."""
+
     high_precision_first_layers: int = 0
     """Transformer blocks at the start of the stack that keep
     train.precision for all their products."""
@@ -46,3 +54,7 @@ class FP8Config:
                 or not self.experts, "experts",
                 f"FP8 expert products run with recipe blockwise only (or "
                 f"emulated); set fp8.experts=false for {self.recipe}")
+        require(not self.dispatch or (self.recipe == "blockwise"
+                                      and self.experts), "dispatch",
+                "sends tokens in the blockwise recipe's tiles to FP8 "
+                "experts; set fp8.recipe=blockwise and fp8.experts=true")

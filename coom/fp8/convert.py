@@ -14,11 +14,14 @@ same rule. Converted layers are replaced (``coom.fp8.modules``) by FP8
 ones that hold the same Parameters: names, values and checkpoints do not
 change.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 
 from coom.config import FP8Config
 from coom.errors import UserError
+from coom.fp8.dispatch import FP8Rows
 from coom.fp8.linear import FP8Linear, FP8Recipe
 from coom.fp8.modules import FP8GroupedExperts, FP8SwiGLU, fp8_copy
 from coom.fp8.scaling import TILE
@@ -61,10 +64,12 @@ def _fits_fp8_units(widths: tuple[int, int], recipe: FP8Recipe) -> bool:
     return recipe.emulate or all(width % multiple == 0 for width in widths)
 
 
-def _convert(module: nn.Module, recipe: FP8Recipe, experts: bool) -> int:
-    """Replace module's linears (and experts) by FP8 ones, in place;
-    return how many products converted. A SwiGLU whose w1 and w3 both
-    converted becomes an FP8SwiGLU, which quantises x once for both."""
+def _convert(module: nn.Module, recipe: FP8Recipe, experts: bool,
+             transport: Optional[FP8Rows]) -> int:
+    """Replace module's linears (and experts, whose tokens travel by
+    transport) by FP8 ones, in place; return how many products
+    converted. A SwiGLU whose w1 and w3 both converted becomes an
+    FP8SwiGLU, which quantises x once for both."""
     converted = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:
@@ -75,11 +80,11 @@ def _convert(module: nn.Module, recipe: FP8Recipe, experts: bool) -> int:
         elif type(child) is GroupedExperts:
             if experts and _fits_fp8_units(tuple(child.w1.shape[1:]),
                                            recipe):
-                setattr(module, name,
-                        FP8GroupedExperts.replacing(child, recipe))
+                setattr(module, name, FP8GroupedExperts.replacing(
+                    child, recipe, transport))
                 converted += 1
         else:
-            converted += _convert(child, recipe, experts)
+            converted += _convert(child, recipe, experts, transport)
             if type(child) is SwiGLU and all(
                     isinstance(linear, FP8Linear)
                     for linear in (child.w1, child.w3)):
@@ -94,11 +99,14 @@ def convert_to_fp8(model: nn.Module, config: FP8Config) -> int:
     if config.recipe == "off":
         return 0
     recipe = recipe_of(config)
+    transport = FP8Rows(config.power_of_two_scales, config.emulate) \
+        if config.dispatch else None
     layers = len(model.layers)
     keep = set(range(config.high_precision_first_layers)) | set(range(
         layers - config.high_precision_last_layers, layers))
-    converted = sum(_convert(block, recipe, config.experts)
+    converted = sum(_convert(block, recipe, config.experts, transport)
                     for key, block in model.layers.items()
                     if int(key) not in keep)
-    return converted + sum(_convert(module, recipe, config.experts)
+    return converted + sum(_convert(module, recipe, config.experts,
+                                    transport)
                            for module in model.mtp)

@@ -5,10 +5,13 @@ Each replacement subclasses the layer it replaces and holds the very
 Parameters (and child modules) of the original under the same names, so
 that state dicts, checkpoints and optimizer state do not change.
 """
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
 from coom.config import ModelConfig
+from coom.fp8.dispatch import FP8Rows
 from coom.fp8.grouped import fp8_grouped_linear
 from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linears
 from coom.layers.mlp import SwiGLU
@@ -53,20 +56,36 @@ class FP8GroupedExperts(GroupedExperts):
         config: the model config.
         recipe: how the products run in FP8.
         fused_kernels: as GroupedExperts.
+        transport: how the tokens travel to the experts in FP8
+            (``coom.fp8.dispatch``), or None: as they are.
     """
 
     def __init__(self, config: ModelConfig, recipe: FP8Recipe,
-                 fused_kernels: bool = True):
+                 fused_kernels: bool = True,
+                 transport: Optional[FP8Rows] = None):
         super().__init__(config, fused_kernels)
         self.recipe = recipe
+        self.transport = transport
 
     @classmethod
-    def replacing(cls, experts: GroupedExperts,
-                  recipe: FP8Recipe) -> "FP8GroupedExperts":
+    def replacing(cls, experts: GroupedExperts, recipe: FP8Recipe,
+                  transport: Optional[FP8Rows] = None
+                  ) -> "FP8GroupedExperts":
         """The replacement of experts, with recipe's products."""
         with torch.device("meta"):
-            replacement = cls(experts.config, recipe, experts.fused_kernels)
+            replacement = cls(experts.config, recipe, experts.fused_kernels,
+                              transport)
         return adopt(replacement, experts)
+
+    def forward(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+                beside: Optional[Callable[[], torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """As GroupedExperts's, the rows first rounded as they would
+        travel in FP8 (with a transport; expert parallelism sends them
+        so instead, ``coom.parallel.expert``)."""
+        if self.transport is not None:
+            x_cd = self.transport.round(x_cd)
+        return super().forward(x_cd, counts_e, beside)
 
     def products(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
                  *weights_eod: torch.Tensor) -> list[torch.Tensor]:
@@ -74,7 +93,9 @@ class FP8GroupedExperts(GroupedExperts):
                                        self.recipe))
 
     def extra_repr(self) -> str:
-        return str(self.recipe)
+        if self.transport is None:
+            return str(self.recipe)
+        return f"{self.recipe}, tokens in FP8"
 
 
 def fp8_copy(linear: nn.Linear, recipe: FP8Recipe) -> FP8Linear:

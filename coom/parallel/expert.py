@@ -25,6 +25,10 @@ from outside (``coom.parallel.parallelize``), and owns the rest:
 - after, ``AllToAll.combine`` undoes both, and the MoE layer weighs and
   sums the copies as in one process.
 
+With ``fp8.dispatch`` the copies travel in FP8 (``coom.fp8.dispatch``):
+E4M3 bytes and float32 tile scales, expanded back on arrival, as one
+process rounds them; gradients and the combine travel as they are.
+
 With a placement (``coom.parallel.placement``, applied by ``place``)
 each process holds ``slots_per_rank`` expert slots instead of its own l
 experts, and a hot expert may have a copy in several processes' slots.
@@ -61,6 +65,8 @@ from torch.distributed._functional_collectives import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from coom.fp8.dispatch import FP8Rows, InFlight
+from coom.fp8.modules import FP8GroupedExperts
 from coom.layers.moe import GroupedExperts, MoE
 from coom.parallel.placement import (
     Placement,
@@ -88,9 +94,12 @@ class Dispatched:
     order_c: Optional[torch.Tensor]
     """With a placement: row i sent is routed copy order_c[i]."""
 
-    def by_slot(self, x_rd: torch.Tensor) -> torch.Tensor:
-        """The received rows sorted by local slot, once they have
-        arrived: work queued before this call overlaps their journey."""
+    def by_slot(self, x_rd: torch.Tensor | InFlight) -> torch.Tensor:
+        """The received rows (or those still in FP8 flight) sorted by
+        local slot, once they have arrived: work queued before this call
+        overlaps their journey."""
+        if isinstance(x_rd, InFlight):
+            x_rd = x_rd.arrived()
         return x_rd[self.order_r]
 
 
@@ -166,9 +175,13 @@ class AllToAll:
     Args:
         mesh: the expert-parallel mesh (one dimension).
         experts: the routed experts of the layer.
+        transport: how the rows travel in FP8 (``coom.fp8.dispatch``),
+            or None: as they are. Their gradients travel as they are.
     """
 
-    def __init__(self, mesh: DeviceMesh, experts: int):
+    def __init__(self, mesh: DeviceMesh, experts: int,
+                 transport: Optional[FP8Rows] = None):
+        self.transport = transport
         self.group = mesh.get_group()
         self.size = mesh.size()
         self.rank = mesh.get_local_rank()
@@ -213,7 +226,8 @@ class AllToAll:
         process's slots: returns their rows as they arrive, grouped by
         source process (still in flight: ``Dispatched.by_slot`` waits
         for them and sorts them by local slot), the count per local slot
-        (l,) and what combine needs."""
+        (l,) and what combine needs. Sent in FP8, the rows come as
+        ``InFlight``, which ``by_slot`` takes as well."""
         with torch.no_grad():
             counts_s, order_c = counts_e, None
             if self.placement is not None:
@@ -230,7 +244,11 @@ class AllToAll:
             order_r = _expert_order(counts_pl, sum(received))
         if order_c is not None:
             x_cd = x_cd[order_c]
-        x_rd = all_to_all_single_autograd(x_cd, received, sent, self.group)
+        if self.transport is not None:
+            x_rd = self.transport.send(x_cd, received, sent, self.group)
+        else:
+            x_rd = all_to_all_single_autograd(x_cd, received, sent,
+                                              self.group)
         return x_rd, counts_pl.sum(0), \
             Dispatched(sent, received, order_r, order_c)
 
@@ -282,7 +300,9 @@ class ExpertParallel(nn.Module):
             self.register_parameter(name, nn.Parameter(
                 distribute_tensor(weight, mesh, [Shard(0)])))
         self.local = experts
-        self.dispatcher = AllToAll(mesh, self.w1.shape[0])
+        transport = experts.transport \
+            if isinstance(experts, FP8GroupedExperts) else None
+        self.dispatcher = AllToAll(mesh, self.w1.shape[0], transport)
 
     def forward(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
                 beside: Optional[Callable[[], torch.Tensor]] = None

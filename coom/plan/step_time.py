@@ -31,6 +31,7 @@ compiled run the memory-bound part is an upper bound.
 from dataclasses import dataclass
 
 from coom.config import RunConfig
+from coom.fp8.scaling import TILE
 from coom.models.info import model_info
 from coom.parallel.mesh import degrees
 from coom.parallel.pipeline import split_layers, stages_of_process
@@ -138,13 +139,15 @@ def _expert_all_to_alls(config: RunConfig, gpu: GPU, tensor: int,
     """Seconds of a micro-batch's expert-parallel all-to-alls on a
     process of moe MoE blocks: each one's dispatch and combine, forward
     and backward, and under full recomputation the forward's two
-    again."""
+    again. Entries travel in bf16, forward dispatches in FP8 with
+    fp8.dispatch (a byte, and a float32 scale per 128)."""
     model, expert = config.model, config.parallel.expert
-    routed = config.train.micro_batch_size * config.data.seq_length \
-        * model.num_experts_per_tok * model.hidden_size * 2 / tensor
-    exchanges = 6 if config.train.recompute == "full" else 4
-    return exchanges * moe * _ring(routed, expert) \
-        / _link_bandwidth(gpu, expert, tensor)
+    entries = config.train.micro_batch_size * config.data.seq_length \
+        * model.num_experts_per_tok * model.hidden_size / tensor
+    dispatched = 1 + 4 / TILE if config.fp8.dispatch else 2
+    forwards = 2 if config.train.recompute == "full" else 1
+    routed = entries * (forwards * (dispatched + 2) + 2 * 2)
+    return moe * _ring(routed, expert) / _link_bandwidth(gpu, expert, tensor)
 
 
 def _link_bandwidth(gpu: GPU, group: int, inner: int) -> float:

@@ -213,3 +213,64 @@ def test_expert_parallel_replaces_the_experts_under_their_names(tmp_path):
     result = launch(2, str(script), timeout=120)
     check(result)
     assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout
+
+
+FP8_DISPATCHED = textwrap.dedent("""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from coom.config import ModelConfig
+    from coom.fp8.dispatch import FP8Rows, InFlight
+    from coom.fp8.linear import FP8Recipe
+    from coom.fp8.modules import FP8GroupedExperts
+    from coom.parallel.expert import ExpertParallel
+
+    mesh = init_device_mesh("cpu", (2,))
+    rank = dist.get_rank()
+    # 200 columns: a whole 128-column tile and a part of one.
+    config = ModelConfig(hidden_size=200, n_routed_experts=4,
+                         moe_intermediate_size=64)
+    recipe, transport = FP8Recipe("blockwise", emulate=True), \\
+        FP8Rows(emulate=True)
+    torch.manual_seed(0)
+    whole = FP8GroupedExperts(config, recipe, transport=transport)
+    whole.init_weights(std=0.3, out_std=0.2)
+    split = FP8GroupedExperts(config, recipe, transport=transport)
+    split.load_state_dict(whole.state_dict())
+    split = ExpertParallel(split, mesh)
+    torch.manual_seed(1 + rank)
+    counts_e = torch.randint(0, 9, (4,))
+    x_cd = torch.randn(int(counts_e.sum()), 200)
+    # What travels: a byte per entry, and a float32 scale per tile.
+    flight, _, _ = split.dispatcher.dispatch(x_cd, counts_e)
+    assert isinstance(flight, InFlight)
+    assert flight.values_rd.dtype == torch.uint8
+    assert flight.scales_rh.dtype == torch.float32
+    assert flight.scales_rh.shape == (len(flight.values_rd), 2)
+    # The experts of both processes compute what one process computes
+    # with its rows rounded in place, and the rows' gradients return.
+    ours, theirs = (x_cd.clone().requires_grad_() for _ in range(2))
+    out, _ = split(ours, counts_e)
+    expected, _ = whole(theirs, counts_e)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    print(f"rank {rank} ok", flush=True)
+    gc.collect()
+    dist.destroy_process_group()
+""")
+
+
+def test_fp8_dispatch_sends_bytes_and_computes_what_one_process_does(
+        tmp_path):
+    """With tokens sent in FP8, the all-to-all moves E4M3 bytes and
+    float32 tile scales; the experts' outputs and the rows' gradients
+    are those of one process that rounds its rows the same way."""
+    script = tmp_path / "fp8_dispatched.py"
+    script.write_text(FP8_DISPATCHED)
+    result = launch(2, str(script), timeout=120)
+    check(result)
+    assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout

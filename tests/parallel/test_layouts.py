@@ -125,6 +125,8 @@ LAYOUTS = {
     "fp8-fsdp2": (2, [*FP8, "parallel.data_parallel_shard=2"]),
     "fp8-pp2": (2, [*FP8, "parallel.pipeline=2"]),
     "fp8-ep2": (2, [*FP8, "parallel.expert=2"]),
+    "fp8-dispatch-ep2": (2, [*FP8, "fp8.dispatch=true",
+                             "parallel.expert=2"]),
 }
 """The layouts trained against one process: processes, overrides."""
 
@@ -165,10 +167,36 @@ def test_fp8_matches_one_process(single_fp8, layout_runs, name,
     float32 rounding that flips some FP8 roundings downstream (measured
     up to 2.4e-4). (Later steps are not compared: FP8 turns any such
     difference into a visible one within a few steps.)"""
-    run_dir = layout_runs.run_dir(name)
-    expected, losses = logged_losses(single_fp8), logged_losses(run_dir)
+    _assert_first_step_matches(single_fp8, layout_runs.run_dir(name),
+                               experts_bound, others_bound)
+
+
+@pytest.fixture(scope="module")
+def single_fp8_dispatch(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single_fp8_dispatch")
+    check(_train(run_dir, 1, *FP8, "fp8.dispatch=true"))
+    return run_dir
+
+
+def test_fp8_dispatch_matches_one_process(single_fp8_dispatch,
+                                          layout_runs):
+    """Tokens sent to the experts in FP8 under EP against one process
+    that rounds them the same way: as ``fp8-ep2`` without it (the
+    rounding itself is exact on both sides, ``tests/parallel/
+    test_expert.py``)."""
+    _assert_first_step_matches(single_fp8_dispatch,
+                               layout_runs.run_dir("fp8-dispatch-ep2"),
+                               0.05, 1e-3)
+
+
+def _assert_first_step_matches(single, run_dir, experts_bound: float,
+                               others_bound: float) -> None:
+    """run_dir's first loss within 1e-6 of single's, and its first
+    gradients within the bounds: experts_bound for the routed experts',
+    others_bound for the rest."""
+    expected, losses = logged_losses(single), logged_losses(run_dir)
     assert abs(losses[0] - expected[0]) <= 1e-6 * expected[0]
-    expected, ours = (_first_moments(_state(single_fp8, 1)),
+    expected, ours = (_first_moments(_state(single, 1)),
                       _first_moments(_state(run_dir, 1)))
     for tensor_name, tensor in expected.items():
         bound = experts_bound if ".mlp.experts.w" in tensor_name \
