@@ -19,27 +19,45 @@ from coom.fp8 import ops
 from coom.fp8.linear import (
     FP8Recipe,
     _EmulatedFP8Linear,
+    emulated_weight_forms,
     needs_grad,
 )
 from coom.kernels.autocast import autocast_off, product_dtype
 
 
+def grouped_weight_forms(weight_eod: torch.Tensor,
+                         recipe: FP8Recipe) -> tuple[torch.Tensor, ...]:
+    """What the grouped products multiply by in place of the experts'
+    weights: on FP8 units, the values and scales of each expert's 128 x
+    128 blocks and the values of its W^T; emulated, each expert's W and
+    W^T rounded (``emulated_weight_forms``), stacked."""
+    if recipe.emulate:
+        forms = [emulated_weight_forms(weight_od, recipe.scaling,
+                                       recipe.power_of_two)
+                 for weight_od in weight_eod]
+        return tuple(torch.stack(form) for form in zip(*forms))
+    return ops.quantize_blocks_and_transpose(weight_eod, recipe.power_of_two)
+
+
 def _emulated(x_cd: torch.Tensor, weight_eod: torch.Tensor,
-              counts_e: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
+              counts_e: torch.Tensor, recipe: FP8Recipe,
+              forms: Sequence[torch.Tensor]) -> torch.Tensor:
     chunks = x_cd.split(counts_e.tolist())
     return torch.cat([
         _EmulatedFP8Linear.apply(chunk, weight_eod[e], recipe.scaling,
-                                 recipe.power_of_two)
+                                 recipe.power_of_two,
+                                 *(form[e] for form in forms))
         for e, chunk in enumerate(chunks)])
 
 
 def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
              out_dtype: torch.dtype, weights_eod: Sequence[torch.Tensor],
-             backward: bool):
+             backward: bool, forms: Sequence[tuple] = ()):
     """Each expert's rows times its weights, x quantised once: (outputs,
     the FP8 x^T and each weight's K-major copy and scales that the
     backward multiplies). Without backward, those are not made and the
-    list is empty."""
+    list is empty. The weights' FP8 forms are those given
+    (``grouped_weight_forms``, one tuple per weight), or made here."""
     # Built with extend, not starred unpacking and +=: dynamo traces a
     # starred target as a tuple, and tuple += list breaks the graph.
     saved = []
@@ -50,8 +68,12 @@ def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
     else:
         x_values, x_scales = ops.quantize_rows(x_cd, power_of_two)
     outputs = []
-    for weight_eod in weights_eod:
-        if backward:
+    for index, weight_eod in enumerate(weights_eod):
+        if forms:
+            values, scales, values_t = forms[index]
+            if backward:
+                saved.extend([values_t, scales])
+        elif backward:
             values, scales, values_t = ops.quantize_blocks_and_transpose(
                 weight_eod, power_of_two)
             saved.extend([values_t, scales])
@@ -68,15 +90,21 @@ class _FP8GroupedLinear(torch.autograd.Function):
     weight blocks, weight gradient with 1 x 128 tiles along each
     expert's rows on both operands. x is quantised once for all the
     weights and kept for the backward as the FP8 copy of x^T that the
-    weight gradients read."""
+    weight gradients read. The tensors are the count weights, then, if
+    kept, their FP8 forms (``grouped_weight_forms``), three for each,
+    flat."""
 
     @staticmethod
-    def forward(ctx, x_cd, counts_e, power_of_two, out_dtype, *weights_eod):
+    def forward(ctx, x_cd, counts_e, power_of_two, out_dtype, count,
+                *tensors):
+        weights_eod, kept = tensors[:count], tensors[count:]
+        forms = [kept[index:index + 3] for index in range(0, len(kept), 3)]
         outputs, saved = _forward(x_cd, counts_e, power_of_two, out_dtype,
-                                  weights_eod, backward=True)
+                                  weights_eod, True, forms)
         x_values_t, x_scales_t, *weights_t = saved
         ctx.save_for_backward(x_values_t, x_scales_t, counts_e, *weights_t)
         ctx.power_of_two, ctx.x_dtype = power_of_two, x_cd.dtype
+        ctx.kept = len(kept)
         return outputs
 
     @staticmethod
@@ -94,25 +122,31 @@ class _FP8GroupedLinear(torch.autograd.Function):
             dx_cd = dx if dx_cd is None else dx_cd + dx
             dweights_eod.append(ops.grouped_mm_wgrad(
                 dy_values_t, dy_scales_t, x_values_t, x_scales_t, counts_e))
-        return dx_cd, None, None, None, *dweights_eod
+        return (dx_cd, None, None, None, None, *dweights_eod,
+                *[None] * ctx.kept)
 
 
 def fp8_grouped_linear(x_cd: torch.Tensor,
                        weights_eod: Sequence[torch.Tensor],
-                       counts_e: torch.Tensor,
-                       recipe: FP8Recipe) -> tuple[torch.Tensor, ...]:
+                       counts_e: torch.Tensor, recipe: FP8Recipe,
+                       forms: Sequence[tuple] = ()
+                       ) -> tuple[torch.Tensor, ...]:
     """x_e @ weight[e]^T for each expert's consecutive rows and each of
     weights_eod (x is quantised once for all of them), with FP8
-    products, in ``product_dtype(x)``."""
+    products, in ``product_dtype(x)``. The weights' FP8 forms are those
+    given, one tuple per weight (``grouped_weight_forms``;
+    ``coom.fp8.weights`` keeps them between optimizer steps), or made
+    here."""
     dtype = product_dtype(x_cd)
     with autocast_off(x_cd.device.type):
         if recipe.emulate:
-            return tuple(_emulated(x_cd, weight_eod, counts_e,
-                                   recipe).to(dtype)
-                         for weight_eod in weights_eod)
+            return tuple(_emulated(x_cd, weight_eod, counts_e, recipe,
+                                   forms[index] if forms else ()).to(dtype)
+                         for index, weight_eod in enumerate(weights_eod))
         if needs_grad(x_cd, *weights_eod):
-            return _FP8GroupedLinear.apply(x_cd, counts_e,
-                                           recipe.power_of_two, dtype,
-                                           *weights_eod)
+            return _FP8GroupedLinear.apply(
+                x_cd, counts_e, recipe.power_of_two, dtype,
+                len(weights_eod), *weights_eod,
+                *(tensor for form in forms for tensor in form))
         return _forward(x_cd, counts_e, recipe.power_of_two, dtype,
-                        weights_eod, backward=False)[0]
+                        weights_eod, False, forms)[0]

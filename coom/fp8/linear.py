@@ -27,6 +27,7 @@ Tensor names end in their shape: m tokens; k input width; n output width.
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ from coom.fp8.scaling import (
     groupings,
     quantize,
 )
+from coom.fp8.weights import KeptForms
 from coom.kernels.autocast import autocast_off, product_dtype
 
 
@@ -61,36 +63,48 @@ class FP8Recipe:
         groupings(self.scaling)  # refuses unknown recipes
 
 
-def _product(a_mk: torch.Tensor, b_nk: torch.Tensor, a_grouping,
-             b_grouping, power_of_two: bool) -> torch.Tensor:
-    """a @ b^T with both operands rounded to FP8 along k, in float32."""
-    return fake_quantize(a_mk, a_grouping, power_of_two) \
-        @ fake_quantize(b_nk, b_grouping, power_of_two).T
+def emulated_weight_forms(weight_nk: torch.Tensor, scaling: str,
+                          power_of_two: bool) -> tuple[torch.Tensor, ...]:
+    """What the emulated products multiply by in place of W: W and W^T,
+    each rounded to FP8 in the recipe's weight grouping, in float32,
+    contiguous (a product's rounding can depend on its operands'
+    layout, and kept forms of several experts are stacked)."""
+    _, weight = groupings(scaling)
+    return (fake_quantize(weight_nk, weight, power_of_two),
+            fake_quantize(weight_nk.float().T.contiguous(), weight,
+                          power_of_two))
 
 
 class _EmulatedFP8Linear(torch.autograd.Function):
+    """x W^T with FP8 products, emulated: W's rounded forms are those
+    given (``emulated_weight_forms``, kept between optimizer steps), or
+    made here."""
 
     @staticmethod
-    def forward(ctx, x_mk, weight_nk, recipe, power_of_two):
-        activation, weight = groupings(recipe)
-        y_mn = _product(x_mk, weight_nk, activation, weight, power_of_two)
+    def forward(ctx, x_mk, weight_nk, recipe, power_of_two, *forms):
+        activation, _ = groupings(recipe)
+        w_nk, w_t_kn = forms or emulated_weight_forms(weight_nk, recipe,
+                                                      power_of_two)
+        y_mn = fake_quantize(x_mk, activation, power_of_two) @ w_nk.T
         x_values_km, x_scales = quantize(x_mk.T, activation, power_of_two)
-        ctx.save_for_backward(x_values_km, x_scales, weight_nk)
-        ctx.groupings, ctx.power_of_two = (activation, weight), power_of_two
-        ctx.x_dtype = x_mk.dtype
+        ctx.save_for_backward(x_values_km, x_scales, w_t_kn)
+        ctx.activation, ctx.power_of_two = activation, power_of_two
+        ctx.dtypes = x_mk.dtype, weight_nk.dtype
+        ctx.forms = len(forms)
         return y_mn
 
     @staticmethod
     def backward(ctx, dy_mn):
-        x_values_km, x_scales, weight_nk = ctx.saved_tensors
-        activation, weight = ctx.groupings
+        x_values_km, x_scales, w_t_kn = ctx.saved_tensors
+        activation = ctx.activation
         dy_mn = dy_mn.float()
-        dx_mk = _product(dy_mn, weight_nk.float().T, activation, weight,
-                         ctx.power_of_two)
+        dx_mk = fake_quantize(dy_mn, activation, ctx.power_of_two) \
+            @ w_t_kn.T
         dweight_nk = fake_quantize(dy_mn.T, activation, ctx.power_of_two) \
             @ dequantize(x_values_km, x_scales, activation).T
-        return (dx_mk.to(ctx.x_dtype), dweight_nk.to(weight_nk.dtype),
-                None, None)
+        x_dtype, weight_dtype = ctx.dtypes
+        return (dx_mk.to(x_dtype), dweight_nk.to(weight_dtype), None, None,
+                *[None] * ctx.forms)
 
 
 def _quantize_activation(x_mk: torch.Tensor, scaling: str,
@@ -184,19 +198,35 @@ def _scaled_product(a, b, out_dtype: torch.dtype,
         _scales_for_scaled_mm(b_values_nk, b_scales).t(), out_dtype)
 
 
+def weight_forms(weight_nk: torch.Tensor, scaling: str,
+                 power_of_two: bool) -> tuple[torch.Tensor, ...]:
+    """What the FP8 units multiply by in place of W: the values and
+    scales of W and of W^T in the recipe's weight grouping."""
+    (values, scales), (values_t, scales_t) = _quantize_weight(
+        weight_nk, scaling, power_of_two, transpose=True)
+    return values, scales, values_t, scales_t
+
+
 def _forward(x_mk: torch.Tensor, scaling: str, power_of_two: bool,
              out_dtype: torch.dtype, weights_nk: Sequence[torch.Tensor],
-             backward: bool):
+             backward: bool, forms: Sequence[tuple] = ()):
     """x @ weight^T for each weight on FP8 matrix units, x quantised once:
     (outputs, the FP8 x^T and each W^T that the backward multiplies).
-    Without backward, those are not made and the list is empty."""
+    Without backward, those are not made and the list is empty. The
+    weights' FP8 forms are those given (``weight_forms``, one tuple per
+    weight), or made here."""
     blockwise = scaling == "blockwise"
     x_rows, x_columns = _quantize_activation(x_mk, scaling, power_of_two,
                                              backward)
     outputs, columns = [], list(x_columns) if backward else []
-    for weight_nk in weights_nk:
-        weight_rows, weight_columns = _quantize_weight(
-            weight_nk, scaling, power_of_two, backward)
+    for index, weight_nk in enumerate(weights_nk):
+        if forms:
+            values, scales, values_t, scales_t = forms[index]
+            weight_rows, weight_columns = (values, scales), \
+                (values_t, scales_t)
+        else:
+            weight_rows, weight_columns = _quantize_weight(
+                weight_nk, scaling, power_of_two, backward)
         if backward:
             columns += weight_columns
         outputs.append(_scaled_product(x_rows, weight_rows, out_dtype,
@@ -210,15 +240,20 @@ class _FP8Linear(torch.autograd.Function):
     (a feed-forward's gate and up products), and its FP8 x^T kept once
     for their weight gradients. The recipe comes as plain values (its
     scaling and power_of_two), not as the FP8Recipe: torch 2.11's
-    tracing of the Function under no_grad failed on the dataclass."""
+    tracing of the Function under no_grad failed on the dataclass. The
+    tensors are the count weights, then, if kept, their FP8 forms
+    (``weight_forms``), four for each, flat."""
 
     @staticmethod
-    def forward(ctx, x_mk, scaling, power_of_two, out_dtype, *weights_nk):
+    def forward(ctx, x_mk, scaling, power_of_two, out_dtype, count,
+                *tensors):
+        weights_nk, kept = tensors[:count], tensors[count:]
+        forms = [kept[index:index + 4] for index in range(0, len(kept), 4)]
         outputs, columns = _forward(x_mk, scaling, power_of_two, out_dtype,
-                                    weights_nk, backward=True)
+                                    weights_nk, True, forms)
         ctx.save_for_backward(*columns)
         ctx.scaling, ctx.power_of_two = scaling, power_of_two
-        ctx.x_dtype = x_mk.dtype
+        ctx.x_dtype, ctx.kept = x_mk.dtype, len(kept)
         return outputs
 
     @staticmethod
@@ -237,7 +272,8 @@ class _FP8Linear(torch.autograd.Function):
             dweights_nk.append(_scaled_product(
                 dy_columns, (x_values_km, x_scales), torch.float32,
                 blockwise))
-        return dx_mk, None, None, None, *dweights_nk
+        return (dx_mk, None, None, None, None, *dweights_nk,
+                *[None] * ctx.kept)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -246,27 +282,33 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def fp8_linears(x: torch.Tensor, weights_nk: Sequence[torch.Tensor],
-                recipe: FP8Recipe) -> tuple[torch.Tensor, ...]:
+                recipe: FP8Recipe, forms: Sequence[tuple] = ()
+                ) -> tuple[torch.Tensor, ...]:
     """x @ weight^T for each of weights_nk with FP8 products, in
     ``product_dtype(x)``. On FP8 units x is quantised once for all of
-    them; emulated, once per weight (the same values)."""
+    them; emulated, once per weight (the same values). The weights' FP8
+    forms are those given, one tuple per weight (``weight_forms``, or
+    ``emulated_weight_forms`` emulated; ``coom.fp8.weights`` keeps them
+    between optimizer steps), or made here."""
     dtype, x_mk = product_dtype(x), x.reshape(-1, x.shape[-1])
     with autocast_off(x.device.type):
         if recipe.emulate:
-            ys_mn = [_EmulatedFP8Linear.apply(x_mk, weight_nk,
-                                              recipe.scaling,
-                                              recipe.power_of_two)
-                     for weight_nk in weights_nk]
+            ys_mn = [_EmulatedFP8Linear.apply(
+                x_mk, weight_nk, recipe.scaling, recipe.power_of_two,
+                *(forms[index] if forms else ()))
+                for index, weight_nk in enumerate(weights_nk)]
         elif needs_grad(x_mk, *weights_nk):
-            ys_mn = _FP8Linear.apply(x_mk, recipe.scaling,
-                                     recipe.power_of_two, dtype, *weights_nk)
+            ys_mn = _FP8Linear.apply(
+                x_mk, recipe.scaling, recipe.power_of_two, dtype,
+                len(weights_nk), *weights_nk,
+                *(tensor for form in forms for tensor in form))
         else:
             # Without the autograd.Function: nothing is made or kept for
             # a backward, and torch.compile's no-grad handling of one is
             # never involved (on torch 2.11 it failed, and the whole
             # block then fell back to eager for the rest of the run).
             ys_mn, _ = _forward(x_mk, recipe.scaling, recipe.power_of_two,
-                                dtype, weights_nk, backward=False)
+                                dtype, weights_nk, False, forms)
     return tuple(y_mn.to(dtype).view(*x.shape[:-1], weight_nk.shape[0])
                  for y_mn, weight_nk in zip(ys_mn, weights_nk))
 
@@ -278,7 +320,8 @@ def fp8_linear(x: torch.Tensor, weight_nk: torch.Tensor,
 
 
 class FP8Linear(nn.Linear):
-    """A bias-free nn.Linear whose products run in FP8.
+    """A bias-free nn.Linear whose products run in FP8, with its weight's
+    FP8 forms kept between optimizer steps (``coom.fp8.weights``).
 
     Args:
         in_features, out_features: as nn.Linear.
@@ -290,9 +333,18 @@ class FP8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False,
                          device=device, dtype=dtype)
         self.recipe = recipe
+        make = emulated_weight_forms if recipe.emulate else weight_forms
+        self.kept = KeptForms(partial(make, scaling=recipe.scaling,
+                                      power_of_two=recipe.power_of_two))
+
+    def refresh_kept(self) -> bool:
+        """Make the weight's kept forms again if it changed."""
+        return self.kept.refresh(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.recipe)
+        forms = self.kept.forms()
+        return fp8_linears(x, [self.weight], self.recipe,
+                           [forms] if forms else ())[0]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.recipe}"

@@ -5,6 +5,7 @@ Each replacement subclasses the layer it replaces and holds the very
 Parameters (and child modules) of the original under the same names, so
 that state dicts, checkpoints and optimizer state do not change.
 """
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -12,10 +13,15 @@ from torch import nn
 
 from coom.config import ModelConfig
 from coom.fp8.dispatch import FP8Rows
-from coom.fp8.grouped import fp8_grouped_linear
+from coom.fp8.grouped import fp8_grouped_linear, grouped_weight_forms
 from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linears
+from coom.fp8.weights import KeptForms
+from coom.kernels.swiglu import swiglu, swiglu_reference
 from coom.layers.mlp import SwiGLU
 from coom.layers.moe import GroupedExperts
+
+EXPERT_WEIGHTS = ("w1", "w3", "w2")
+"""The routed experts' weights, in the order their products use them."""
 
 
 def adopt(replacement: nn.Module, original: nn.Module) -> nn.Module:
@@ -45,8 +51,9 @@ class FP8SwiGLU(SwiGLU):
 
     def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor,
                                                     torch.Tensor]:
+        forms = [self.w1.kept.forms(), self.w3.kept.forms()]
         return fp8_linears(x, [self.w1.weight, self.w3.weight],
-                           self.w1.recipe)
+                           self.w1.recipe, forms if all(forms) else ())
 
 
 class FP8GroupedExperts(GroupedExperts):
@@ -66,6 +73,9 @@ class FP8GroupedExperts(GroupedExperts):
         super().__init__(config, fused_kernels)
         self.recipe = recipe
         self.transport = transport
+        make = partial(grouped_weight_forms, recipe=recipe)
+        self.kept = nn.ModuleDict({name: KeptForms(make)
+                                   for name in EXPERT_WEIGHTS})
 
     @classmethod
     def replacing(cls, experts: GroupedExperts, recipe: FP8Recipe,
@@ -77,20 +87,45 @@ class FP8GroupedExperts(GroupedExperts):
                               transport)
         return adopt(replacement, experts)
 
+    def refresh_kept(self) -> int:
+        """Make the kept forms of the weights that changed again; the
+        experts' weights may live elsewhere (expert parallelism), and
+        then none are kept."""
+        refreshed = 0
+        for name, kept in self.kept.items():
+            weight = self._parameters.get(name)
+            if weight is None:
+                kept.clear()
+            else:
+                refreshed += kept.refresh(weight)
+        return refreshed
+
     def forward(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
                 beside: Optional[Callable[[], torch.Tensor]] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """As GroupedExperts's, the rows first rounded as they would
-        travel in FP8 (with a transport; expert parallelism sends them
-        so instead, ``coom.parallel.expert``)."""
+        """As GroupedExperts's, with the weights' kept FP8 forms, the rows
+        first rounded as they would travel in FP8 (with a transport;
+        expert parallelism sends them so instead and calls ``run``,
+        ``coom.parallel.expert``)."""
         if self.transport is not None:
             x_cd = self.transport.round(x_cd)
-        return super().forward(x_cd, counts_e, beside)
+        besides = None if beside is None else beside()
+        forms = tuple(kept.forms() for kept in self.kept.values())
+        return self.recompute(self.compute, x_cd, counts_e, self.w1,
+                              self.w3, self.w2, forms), besides
 
-    def products(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
-                 *weights_eod: torch.Tensor) -> list[torch.Tensor]:
-        return list(fp8_grouped_linear(x_cd, weights_eod, counts_e,
-                                       self.recipe))
+    def compute(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+                w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                forms: tuple = ((), (), ())) -> torch.Tensor:
+        """What run computes, with the weights' FP8 forms where given
+        (``coom.fp8.grouped.grouped_weight_forms``, for w1, w3 and w2)."""
+        gating = swiglu if self.fused_kernels else swiglu_reference
+        gate, up = fp8_grouped_linear(x_cd, [w1, w3], counts_e, self.recipe,
+                                      forms[:2] if all(forms[:2]) else ())
+        (out,) = fp8_grouped_linear(gating(gate, up), [w2], counts_e,
+                                    self.recipe, forms[2:] if forms[2]
+                                    else ())
+        return out
 
     def extra_repr(self) -> str:
         if self.transport is None:

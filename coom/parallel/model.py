@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from coom.data.loader import Batch
+from coom.fp8.weights import refresh as refresh_kept
 from coom.kernels.autocast import autocast_to
 from coom.layers.mla import preferred_attention
 from coom.models.transformer import Transformer
@@ -69,11 +70,14 @@ class ParallelModel:
 
     def compute(self) -> contextlib.ExitStack:
         """The context a step's (or an evaluation's) forwards and
-        backwards run in: the compute weights, autocast to their dtype
-        for any float32 activation, the preferred attention kernel."""
+        backwards run in: the compute weights, with the FP8 forms of
+        those that changed made again (``coom.fp8.weights``), autocast to
+        their dtype for any float32 activation, the preferred attention
+        kernel."""
         stack = contextlib.ExitStack()
         if self.weights is not None:
             stack.enter_context(self.weights.swapped_in())
+        refresh_kept(self.model)
         if self.dtype != torch.float32:
             stack.enter_context(autocast_to(self.device.type, self.dtype))
         stack.enter_context(preferred_attention())
