@@ -1,0 +1,131 @@
+"""Which products FP8 speeds up, shape by shape: the table an FP8 filter
+(issue 28) is made from.
+
+For a recipe, every product that ``fp8.recipe=blockwise`` converts (each
+FP8 linear's (n, k), the routed experts' gate-and-up and down products)
+is timed whole, forward and backward, at the recipe's micro-batch of
+tokens, against the same product in bf16:
+
+- bf16: ``x @ W^T`` (``torch._grouped_mm`` for the experts, gate and up
+  in two products as the bf16 experts run them), then its backward;
+- FP8: ``fp8_linears`` / ``fp8_grouped_linear`` with the weight's forms
+  kept, as a step keeps them (``coom.fp8.weights``), so x's and dy's
+  quantisations count and W's do not; then its backward.
+
+Each is timed in a CUDA graph (the kernels' own time, as a compiled step
+pays it), median of ``do_bench_cudagraph``. The experts get the balanced
+routing's rows: micro-batch tokens x top-k / experts each. Prints the
+table and writes it as JSON to --out.
+
+Run on the device machine from the repository root:
+
+    python3 benchmarks/fp8_shapes.py small medium --out fp8_shapes.json
+"""
+import argparse
+import json
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+from coom.config import load_config
+from coom.fp8.grouped import fp8_grouped_linear, grouped_weight_forms
+from coom.fp8.linear import FP8Recipe, fp8_linears, weight_forms
+from coom.fp8.scaling import TILE
+from coom.models.transformer import Transformer
+
+RECIPE = FP8Recipe("blockwise")
+BF16 = dict(device="cuda", dtype=torch.bfloat16)
+
+
+def dense_shapes(config) -> set[tuple[int, int]]:
+    """(n, k) of every linear that blockwise FP8 converts: whole
+    128-column tiles both ways (``coom.fp8.convert``; the embedding,
+    head and routers stay in bf16), from the model built on meta."""
+    with torch.device("meta"):
+        model = Transformer(config.model)
+    return {(module.out_features, module.in_features)
+            for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear and "router" not in name
+            and not name.startswith("head")
+            and module.out_features % TILE == module.in_features % TILE
+            == 0}
+
+
+def _timed(step) -> float:
+    return do_bench_cudagraph(step, return_mode="median")
+
+
+def time_dense(m: int, n: int, k: int) -> tuple[float, float]:
+    """ms of bf16 and of FP8 for y = x W^T and its backward."""
+    x = torch.randn(m, k, **BF16, requires_grad=True)
+    weight = (torch.randn(n, k, **BF16) / k ** 0.5).requires_grad_()
+    dy = torch.randn(m, n, **BF16)
+    forms = [weight_forms(weight.detach(), RECIPE.scaling, False)]
+
+    def bf16():
+        (x @ weight.T).backward(dy)
+
+    def fp8():
+        (y,) = fp8_linears(x, [weight], RECIPE, forms)
+        y.backward(dy)
+
+    return _timed(bf16), _timed(fp8)
+
+
+def time_experts(config, m: int) -> dict[str, tuple[float, float]]:
+    """ms of bf16 and of FP8 for the experts' gate-and-up products and
+    their down product, forward and backward, at balanced routing."""
+    model = config.model
+    experts, d, i = (model.n_routed_experts, model.hidden_size,
+                     model.moe_intermediate_size)
+    rows = m * model.num_experts_per_tok
+    counts = torch.full((experts,), rows // experts, device="cuda")
+    counts[: rows % experts] += 1
+    offsets = counts.cumsum(0).to(torch.int32)
+    timings = {}
+    for name, (k, n, count) in {"experts gate+up": (d, i, 2),
+                                "experts down": (i, d, 1)}.items():
+        x = torch.randn(rows, k, **BF16, requires_grad=True)
+        weights = [(torch.randn(experts, n, k, **BF16) / k ** 0.5)
+                   .requires_grad_() for _ in range(count)]
+        dys = [torch.randn(rows, n, **BF16) for _ in range(count)]
+        forms = [grouped_weight_forms(w.detach(), RECIPE) for w in weights]
+
+        def bf16():
+            ys = [torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+                  for w in weights]
+            torch.autograd.backward(ys, dys)
+
+        def fp8():
+            ys = fp8_grouped_linear(x, weights, counts, RECIPE, forms)
+            torch.autograd.backward(ys, dys)
+
+        timings[f"{name} ({k} -> {n})"] = (_timed(bf16), _timed(fp8))
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("recipes", nargs="+")
+    parser.add_argument("--out", default="fp8_shapes.json")
+    args = parser.parse_args()
+    table = {}
+    for recipe in args.recipes:
+        config = load_config(recipe)
+        m = config.train.micro_batch_size * config.data.seq_length
+        rows = {f"linear {n} x {k}": time_dense(m, n, k)
+                for n, k in sorted(dense_shapes(config))}
+        rows |= time_experts(config, m)
+        print(f"{recipe}: {m} tokens a micro-batch")
+        for name, (bf16, fp8) in rows.items():
+            print(f"  {name:34s} bf16 {bf16:7.3f} ms  FP8 {fp8:7.3f} ms  "
+                  f"{bf16 / fp8:5.2f}x")
+        table[recipe] = {"tokens": m, "products": {
+            name: {"bf16_ms": bf16, "fp8_ms": fp8}
+            for name, (bf16, fp8) in rows.items()}}
+    with open(args.out, "w") as file:
+        json.dump(table, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
