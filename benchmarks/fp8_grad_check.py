@@ -1,15 +1,19 @@
 """How far FP8 gradients fall from bf16's, parameter by parameter.
 
-Trains a model in bf16 for a few steps, then loads the same weights into
-FP8 variants (by default the emulation, exact quantise-dequantise in
-float32, and the FP8 matrix units) and compares, batch by batch, each
-parameter's gradient with the bf16 one: relative error ||g - g_bf16|| /
-||g_bf16||. The emulation shows what FP8's rounding costs; where the
-matrix units fall far beyond it, a kernel is wrong.
+Trains a model in bf16 and, after each of the steps --check-at names (50
+by default), loads the same weights into FP8 variants (by default the
+emulation, exact quantise-dequantise in float32, and the FP8 matrix
+units) and compares, batch by batch, each parameter's gradient with the
+bf16 one: relative error ||g - g_bf16|| / ||g_bf16||; and the whole
+gradient's relative error and cosine similarity, the loss protocol's
+per-step fidelity check (docs/fp8.md). The emulation shows what FP8's
+rounding costs; where the matrix units fall far beyond it, a kernel is
+wrong.
 
 Run on the device machine from the repository root:
 
-    python3 benchmarks/fp8_grad_check.py --set model.num_layers=4
+    python3 benchmarks/fp8_grad_check.py --set model.num_layers=4 \
+        --check-at 50 200 500
 """
 import argparse
 import tempfile
@@ -111,7 +115,8 @@ def product_errors(entry: dict, recipe: FP8Recipe) -> str:
 
 
 def norm(grads: dict[str, torch.Tensor]) -> float:
-    return torch.stack([g.norm() for g in grads.values()]).norm().item()
+    return torch.stack([g.double().norm()
+                        for g in grads.values()]).norm().item()
 
 
 def trainer(config, run_dir: Path) -> Trainer:
@@ -119,39 +124,16 @@ def trainer(config, run_dir: Path) -> Trainer:
     return Trainer(config, run_dir)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default="small")
-    parser.add_argument("--set", nargs="*", default=[], dest="overrides")
-    parser.add_argument("--warm-steps", type=int, default=50)
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--top", type=int, default=6)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    args = parser.parse_args()
-    config = bench_config(load_config(args.recipe, args.overrides),
-                          steps=args.warm_steps, warmup=0, real_data=True)
-    run_dir = Path(tempfile.mkdtemp())
-    reference = trainer(config, run_dir / "bf16")
-    for _ in range(args.warm_steps):
-        metrics = reference.train_step()
-    print(f"bf16 after {args.warm_steps} steps: loss {metrics['loss']:.4f}, "
-          f"grad norm {metrics['grad_norm']:.3f}")
-    variants = {}
-    for name in args.variants:
-        variant = trainer(replace(config, fp8=replace(config.fp8,
-                                                      **VARIANTS[name])),
-                          run_dir / name)
-        variant.model.load_state_dict(reference.model.state_dict())
-        variants[name] = variant
-    if "fp8" in args.variants:
-        print(f"products (relative error of {'/'.join(PRODUCTS)} against "
-              "float64, batch 0):")
-        fp8 = variants["fp8"]
-        for entry in capture_products(fp8, reference.consumed_samples):
-            print("  " + product_errors(entry, FP8Recipe("blockwise")))
-    first = reference.consumed_samples
-    for batch in range(args.batches):
-        sample = first + batch * config.train.micro_batch_size
+def compare_gradients(reference: Trainer, variants: dict[str, Trainer],
+                      batches: int, top: int) -> dict[str, list]:
+    """For each of batches micro-batches after the reference's last
+    step, every variant's whole gradient against bf16's: relative error
+    and cosine similarity; prints them and the parameters it gets most
+    wrong. Returns the cosines by variant."""
+    step = reference.config.train.micro_batch_size
+    cosines = {name: [] for name in variants}
+    for batch in range(batches):
+        sample = reference.consumed_samples + batch * step
         base = gradients(reference, sample)
         line = [f"batch {batch}: bf16 norm {norm(base):.3f}"]
         worst = {}
@@ -161,13 +143,59 @@ def main() -> None:
                       for key, g in base.items()}
             total = norm({key: grads[key] - g for key, g in base.items()}) \
                 / norm(base)
-            line.append(f"{name} norm {norm(grads):.3f} "
-                        f"(error {total:.2%})")
+            cosine = sum((grads[key].double() * g).sum()
+                         for key, g in base.items()).item() \
+                / (norm(grads) * norm(base))
+            cosines[name].append(cosine)
+            line.append(f"{name} norm {norm(grads):.3f} (error {total:.2%}"
+                        f", cosine {cosine:.5f})")
             worst[name] = sorted(errors.items(), key=lambda item: -item[1])
         print(", ".join(line))
         for name, ranked in worst.items():
             print(f"  {name} worst: " + ", ".join(
-                f"{key} {error:.2%}" for key, error in ranked[:args.top]))
+                f"{key} {error:.2%}" for key, error in ranked[:top]))
+    return cosines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="small")
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides")
+    parser.add_argument("--check-at", type=int, nargs="+", default=[50],
+                        help="bf16 steps after which the gradients are "
+                        "compared")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--top", type=int, default=6)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    args = parser.parse_args()
+    points = sorted(args.check_at)
+    config = bench_config(load_config(args.recipe, args.overrides),
+                          steps=points[-1], warmup=0, real_data=True)
+    run_dir = Path(tempfile.mkdtemp())
+    reference = trainer(config, run_dir / "bf16")
+    variants = {name: trainer(replace(config, fp8=replace(
+        config.fp8, **VARIANTS[name])), run_dir / name)
+        for name in args.variants}
+    summary = []
+    for point in points:
+        while reference.step < point:
+            metrics = reference.train_step()
+        print(f"bf16 after {point} steps: loss {metrics['loss']:.4f}, "
+              f"grad norm {metrics['grad_norm']:.3f}")
+        for variant in variants.values():
+            variant.model.load_state_dict(reference.model.state_dict())
+        if "fp8" in variants and point == points[0]:
+            print(f"products (relative error of {'/'.join(PRODUCTS)} "
+                  "against float64, batch 0):")
+            for entry in capture_products(variants["fp8"],
+                                          reference.consumed_samples):
+                print("  " + product_errors(entry, FP8Recipe("blockwise")))
+        cosines = compare_gradients(reference, variants, args.batches,
+                                    args.top)
+        summary += [f"step {point}, {name}: cosine against bf16 min "
+                    f"{min(values):.5f}, mean {sum(values) / len(values):.5f}"
+                    for name, values in cosines.items()]
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":

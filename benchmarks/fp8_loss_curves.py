@@ -11,6 +11,12 @@ bf16 and FP8 runs of another seed, whose validation samples differ).
 Runs may have stopped at different steps: each is compared at the last
 evaluation both reached, and over the last --window logged steps both
 reached. Prints those losses and the relative differences.
+
+With several groups of a bf16 run and an FP8 run each (seed pairs: the
+same seed and data within a pair, another seed in each), it also prints
+the loss protocol's figure (docs/fp8.md): the mean over the pairs of
+FP8's relative gap in final validation loss, with its standard error,
+against DeepSeek-V3's 0.25%.
 """
 import argparse
 import statistics
@@ -72,6 +78,33 @@ def _print_comparisons(group: dict[str, list], window: int) -> None:
                   f"({(ours - ref) / ref:+.3%} relative)")
 
 
+BOUND = 0.0025
+"""DeepSeek-V3's relative loss gap of FP8 against bf16."""
+
+
+def pair_gaps(groups: list[dict[str, list]], window: int) -> list[float]:
+    """Each group's second run's relative gap in final validation loss
+    against its first (bf16) run."""
+    gaps = []
+    for group in groups:
+        base, other, *_ = group
+        reference, ours = compare(group[base], group[other], window)["val"]
+        gaps.append((ours - reference) / reference)
+    return gaps
+
+
+def _print_protocol(gaps: list[float]) -> None:
+    """The mean gap, its standard error, and whether the mean lies
+    within the bound plus two standard errors."""
+    mean = statistics.fmean(gaps)
+    error = statistics.stdev(gaps) / len(gaps) ** 0.5
+    verdict = "within" if abs(mean) <= BOUND + 2 * error else "beyond"
+    print(f"FP8 against bf16 over {len(gaps)} seed pairs: mean gap "
+          f"{mean:+.3%}, standard error {error:.3%}, {verdict} "
+          f"{BOUND:.2%} + 2 standard errors ({BOUND + 2 * error:.3%}); "
+          f"gaps {', '.join(f'{gap:+.3%}' for gap in gaps)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+",
@@ -113,6 +146,8 @@ def main() -> None:
                             label=f"{name} vs {base}")
     for group in groups:
         _print_comparisons(group, args.window)
+    if len(groups) > 1:
+        _print_protocol(pair_gaps(groups, args.window))
     ratio_axis.axhline(0, color="black", linewidth=0.8)
     train_axis.set(title="training loss (moving mean of 20)", xlabel="step",
                    ylabel="loss")
