@@ -23,6 +23,7 @@ from coom.fp8.linear import (
     needs_grad,
 )
 from coom.kernels.autocast import autocast_off, product_dtype
+from coom.kernels.swiglu import swiglu, swiglu_backward
 
 
 def grouped_weight_forms(weight_eod: torch.Tensor,
@@ -124,6 +125,74 @@ class _FP8GroupedLinear(torch.autograd.Function):
                 dy_values_t, dy_scales_t, x_values_t, x_scales_t, counts_e))
         return (dx_cd, None, None, None, None, *dweights_eod,
                 *[None] * ctx.kept)
+
+
+class _FP8GatedDown(torch.autograd.Function):
+    """The experts' down product of their gated units, y_e = (silu(gate)
+    * up)_e W_e^T, in COOM's Triton kernels, blockwise, with the gating
+    fused into the quantisation of its output (``ops.
+    swiglu_rows_and_transpose``): the gated units are never written in
+    their own dtype, only as the FP8 rows the product reads and the FP8
+    columns its weight gradient reads. The backward is that of the
+    gating followed by ``_FP8GroupedLinear``, op for op. The tensors
+    after the weight are its kept FP8 forms (``grouped_weight_forms``),
+    if any."""
+
+    @staticmethod
+    def forward(ctx, gate_ci, up_ci, counts_e, power_of_two, out_dtype,
+                weight_edi, *forms):
+        h_values, h_scales, h_values_t, h_scales_t = (
+            ops.swiglu_rows_and_transpose(gate_ci, up_ci, power_of_two,
+                                          counts_e))
+        if forms:
+            values, scales, values_t = forms
+        else:
+            values, scales, values_t = ops.quantize_blocks_and_transpose(
+                weight_edi, power_of_two)
+        ctx.save_for_backward(gate_ci, up_ci, h_values_t, h_scales_t,
+                              counts_e, values_t, scales)
+        ctx.power_of_two, ctx.kept = power_of_two, len(forms)
+        return ops.grouped_mm(h_values, h_scales, values, scales, counts_e,
+                              out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy_cd):
+        (gate_ci, up_ci, h_values_t, h_scales_t, counts_e, values_t,
+         scales) = ctx.saved_tensors
+        dy_values, dy_scales, dy_values_t, dy_scales_t = \
+            ops.quantize_rows_and_transpose(dy_cd.contiguous(),
+                                            ctx.power_of_two, counts_e)
+        dh_ci = ops.grouped_mm(dy_values, dy_scales, values_t,
+                               scales.transpose(-2, -1), counts_e,
+                               gate_ci.dtype)
+        dgate_ci, dup_ci = swiglu_backward(dh_ci, gate_ci, up_ci)
+        dweight_edi = ops.grouped_mm_wgrad(dy_values_t, dy_scales_t,
+                                           h_values_t, h_scales_t, counts_e)
+        return (dgate_ci, dup_ci, None, None, None, dweight_edi,
+                *[None] * ctx.kept)
+
+
+def fp8_gated_grouped_linear(gate_ci: torch.Tensor, up_ci: torch.Tensor,
+                             weight_edi: torch.Tensor,
+                             counts_e: torch.Tensor, recipe: FP8Recipe,
+                             forms: Sequence[torch.Tensor] = ()
+                             ) -> torch.Tensor:
+    """(silu(gate) * up)_e @ weight[e]^T for each expert's consecutive
+    rows, with FP8 products, in ``product_dtype(gate)``: what
+    ``fp8_grouped_linear(swiglu(gate, up), [weight], ...)`` returns, the
+    gating fused into the quantisation of its output where a backward
+    follows on FP8 units. weight's FP8 forms are those given
+    (``grouped_weight_forms``), or made here."""
+    if recipe.emulate or not needs_grad(gate_ci, up_ci, weight_edi):
+        (out_cd,) = fp8_grouped_linear(swiglu(gate_ci, up_ci), [weight_edi],
+                                       counts_e, recipe,
+                                       [forms] if forms else ())
+        return out_cd
+    dtype = product_dtype(gate_ci)
+    with autocast_off(gate_ci.device.type):
+        return _FP8GatedDown.apply(
+            gate_ci.contiguous(), up_ci.contiguous(), counts_e,
+            recipe.power_of_two, dtype, weight_edi, *forms)
 
 
 def fp8_grouped_linear(x_cd: torch.Tensor,

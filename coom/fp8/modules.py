@@ -13,10 +13,14 @@ from torch import nn
 
 from coom.config import ModelConfig
 from coom.fp8.dispatch import FP8Rows
-from coom.fp8.grouped import fp8_grouped_linear, grouped_weight_forms
+from coom.fp8.grouped import (
+    fp8_gated_grouped_linear,
+    fp8_grouped_linear,
+    grouped_weight_forms,
+)
 from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linears
 from coom.fp8.weights import KeptForms
-from coom.kernels.swiglu import swiglu, swiglu_reference
+from coom.kernels.swiglu import swiglu_reference
 from coom.layers.mlp import SwiGLU
 from coom.layers.moe import GroupedExperts
 
@@ -118,13 +122,17 @@ class FP8GroupedExperts(GroupedExperts):
                 w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                 forms: tuple = ((), (), ())) -> torch.Tensor:
         """What run computes, with the weights' FP8 forms where given
-        (``coom.fp8.grouped.grouped_weight_forms``, for w1, w3 and w2)."""
-        gating = swiglu if self.fused_kernels else swiglu_reference
+        (``coom.fp8.grouped.grouped_weight_forms``, for w1, w3 and w2);
+        with fused kernels, the gating is fused into the quantisation of
+        its output (``fp8_gated_grouped_linear``)."""
         gate, up = fp8_grouped_linear(x_cd, [w1, w3], counts_e, self.recipe,
                                       forms[:2] if all(forms[:2]) else ())
-        (out,) = fp8_grouped_linear(gating(gate, up), [w2], counts_e,
-                                    self.recipe, forms[2:] if forms[2]
-                                    else ())
+        if self.fused_kernels:
+            return fp8_gated_grouped_linear(gate, up, w2, counts_e,
+                                            self.recipe, forms[2])
+        (out,) = fp8_grouped_linear(swiglu_reference(gate, up), [w2],
+                                    counts_e, self.recipe,
+                                    forms[2:] if forms[2] else ())
         return out
 
     def extra_repr(self) -> str:

@@ -52,6 +52,21 @@ def quantize_rows_and_transpose(
     return values_mk, scales_mh, values_kc, scales_kj
 
 
+@torch.library.triton_op("coom::fp8_swiglu_rows_and_transpose",
+                         mutates_args=())
+def swiglu_rows_and_transpose(
+        gate_mk: torch.Tensor, up_mk: torch.Tensor, power_of_two: bool,
+        counts_e: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_rows_and_transpose`` of silu(gate) * up, without
+    writing the gated product: (values_mk, scales_mh, values_kc,
+    scales_kj)."""
+    (values_mk, scales_mh), (values_kc, scales_kj) = (
+        quantize.swiglu_rows_and_transpose(gate_mk, up_mk, power_of_two,
+                                           counts_e, traceable=True))
+    return values_mk, scales_mh, values_kc, scales_kj
+
+
 @torch.library.triton_op("coom::fp8_quantize_rows", mutates_args=())
 def quantize_rows(x_mk: torch.Tensor, power_of_two: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,11 +125,11 @@ def _bytes(values_ptr):
 
 
 @triton.jit
-def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_kc_ptr,
-                      scales_jk_ptr, starts_ptr, ends_ptr, m, k, stride_m,
-                      stride_k, transpose: tl.constexpr,
-                      grouped: tl.constexpr, power_of_two: tl.constexpr,
-                      tile: tl.constexpr):
+def _row_tiles_kernel(x_ptr, up_ptr, values_mk_ptr, scales_hm_ptr,
+                      values_kc_ptr, scales_jk_ptr, starts_ptr, ends_ptr, m,
+                      k, stride_m, stride_k, transpose: tl.constexpr,
+                      grouped: tl.constexpr, gated: tl.constexpr,
+                      power_of_two: tl.constexpr, tile: tl.constexpr):
     values_mk_ptr, values_kc_ptr = _bytes(values_mk_ptr), \
         _bytes(values_kc_ptr)
     row_tile = tl.program_id(0).to(tl.int64)
@@ -144,8 +144,14 @@ def _row_tiles_kernel(x_ptr, values_mk_ptr, scales_hm_ptr, values_kc_ptr,
     columns = column_tile * tile + tl.arange(0, tile)
     row_mask, column_mask = rows < end, columns < k
     mask = row_mask[:, None] & column_mask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_m + columns[None, :] * stride_k,
-                mask=mask, other=0.0).to(tl.float32)
+    offsets = rows[:, None] * stride_m + columns[None, :] * stride_k
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if gated:
+        # x is SwiGLU's gate: the tile quantised is silu(gate) * up as
+        # coom.kernels.swiglu computes and rounds it.
+        up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = (x / (1.0 + tl.exp(-x)) * up).to(x_ptr.dtype.element_ty)
+        x = x.to(tl.float32)
     magnitude = tl.abs(x)
     row_scale, row_reciprocal = _scale(tl.max(magnitude, axis=1),
                                        power_of_two)
@@ -227,9 +233,15 @@ def _group_tile_rows(counts_e: torch.Tensor,
 
 
 def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
-               counts_e: torch.Tensor | None, traceable: bool = False):
+               counts_e: torch.Tensor | None, traceable: bool = False,
+               up_mk: torch.Tensor | None = None):
     """((values_mk, scales_mh), (values_kc, scales_kj)); the second pair
-    only with transpose."""
+    only with transpose. With up, of silu(x) * up (x is the gate)."""
+    if up_mk is not None and (up_mk.shape != x_mk.shape
+                              or up_mk.stride() != x_mk.stride()):
+        raise ValueError(f"gate {tuple(x_mk.shape)} strides "
+                         f"{x_mk.stride()} and up {tuple(up_mk.shape)} "
+                         f"strides {up_mk.stride()} differ")
     m, k = x_mk.shape
     column_tiles = triton.cdiv(k, TILE)
     grouped = counts_e is not None
@@ -257,11 +269,12 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
         # Ungrouped, the kernel reads no tile rows: x stands in for them.
         starts_j, ends_j = (_group_tile_rows(counts_e, row_tiles)
                             if grouped else (x_mk, x_mk))
+        # Ungated, x stands in for up, which the kernel does not read.
         launcher(_row_tiles_kernel, traceable)[(row_tiles, column_tiles)](
-            x_mk, values_mk, scales_hm, values_kc, scales_jk, starts_j,
-            ends_j, m, k, *x_mk.stride(), transpose=transpose,
-            grouped=grouped, power_of_two=power_of_two, tile=TILE,
-            num_warps=NUM_WARPS)
+            x_mk, x_mk if up_mk is None else up_mk, values_mk, scales_hm,
+            values_kc, scales_jk, starts_j, ends_j, m, k, *x_mk.stride(),
+            transpose=transpose, grouped=grouped, gated=up_mk is not None,
+            power_of_two=power_of_two, tile=TILE, num_warps=NUM_WARPS)
     return (values_mk, scales_hm.t()), (values_kc, scales_jk.t())
 
 
@@ -288,6 +301,20 @@ def quantize_rows_and_transpose(
     scales are stored outer-dim-major: strides (1, m) and (1, k).
     """
     return _row_tiles(x_mk, power_of_two, True, counts_e, traceable)
+
+
+def swiglu_rows_and_transpose(
+        gate_mk: torch.Tensor, up_mk: torch.Tensor,
+        power_of_two: bool = False, counts_e: torch.Tensor | None = None,
+        traceable: bool = False
+) -> tuple[tuple[torch.Tensor, torch.Tensor],
+           tuple[torch.Tensor, torch.Tensor]]:
+    """``quantize_rows_and_transpose`` of SwiGLU's ``silu(gate) * up``,
+    computed and rounded to gate's dtype as ``coom.kernels.swiglu`` does,
+    from one read of gate and up: the gated product itself is never
+    written."""
+    return _row_tiles(gate_mk, power_of_two, True, counts_e, traceable,
+                      up_mk)
 
 
 def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,

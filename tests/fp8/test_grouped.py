@@ -1,13 +1,19 @@
 """The routed experts' grouped FP8 products: the emulation against one
-FP8 linear per expert and float64, and the Triton kernel path (through
-the interpreter on CPU) against the emulation."""
+FP8 linear per expert and float64, the Triton kernel path (through the
+interpreter on CPU) against the emulation, and the down product with the
+gating fused in against the gating followed by the product."""
 import pytest
 import torch
 
 from coom.fp8 import ops
-from coom.fp8.grouped import fp8_grouped_linear
+from coom.fp8.grouped import (
+    fp8_gated_grouped_linear,
+    fp8_grouped_linear,
+    grouped_weight_forms,
+)
 from coom.fp8.linear import FP8Recipe, fp8_linear
 from coom.fp8.scaling import TILE, max_group_tiles
+from coom.kernels.swiglu import swiglu, swiglu_backward
 from tests.fp8 import run_product
 from tests.kernels import DEVICE, relative_error
 
@@ -134,3 +140,37 @@ def test_weights_sharing_one_quantisation_of_x():
     assert torch.equal(leaves[0].grad, single[1] + single_other[1])
     assert torch.equal(leaves[1].grad, single[2])
     assert torch.equal(leaves[2].grad, single_other[2])
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["made", "kept"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gating_fused_into_the_down_product(dtype, kept):
+    """The down product of the gated units with the gating fused into its
+    quantisation gives what the gating kernel followed by the grouped
+    product gives: output, gate and up gradients and weight gradient, bit
+    for bit, with the weight's forms made or kept."""
+    recipe = FP8Recipe("blockwise")
+    generator = torch.Generator().manual_seed(3)
+    gate, up = (torch.randn(sum(COUNTS), 192, generator=generator)
+                .to(DEVICE, dtype) for _ in range(2))
+    weight = (torch.randn(len(COUNTS), 256, 192, generator=generator)
+              / 14).to(DEVICE, dtype)
+    dy = torch.randn(sum(COUNTS), 256, generator=generator).to(DEVICE, dtype)
+    counts = torch.tensor(COUNTS, device=DEVICE)
+    forms = grouped_weight_forms(weight, recipe) if kept else ()
+
+    def run(down):
+        leaves = [t.clone().requires_grad_() for t in (gate, up, weight)]
+        out = down(*leaves)
+        out.backward(dy)
+        return [out, *(leaf.grad for leaf in leaves)]
+
+    with swiglu.set_kernel_enabled("cpu", False), \
+            swiglu_backward.set_kernel_enabled("cpu", False):
+        fused = run(lambda g, u, w: fp8_gated_grouped_linear(
+            g, u, w, counts, recipe, forms))
+        unfused = run(lambda g, u, w: fp8_grouped_linear(
+            swiglu(g, u), [w], counts, recipe, [forms] if kept else ())[0])
+    for ours, expected in zip(fused, unfused):
+        assert ours.dtype == expected.dtype
+        assert torch.equal(ours, expected)

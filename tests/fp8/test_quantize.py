@@ -1,5 +1,6 @@
 """Triton FP8 quantisation against coom/fp8/scaling.py's reference, bit
-for bit (interpreted on CPU).
+for bit (interpreted on CPU); and the quantisation with SwiGLU's gating
+fused in against the quantisation of the gating kernel's output.
 """
 import pytest
 import torch
@@ -8,6 +9,7 @@ from coom.fp8.quantize import (
     quantize_blocks,
     quantize_rows,
     quantize_rows_and_transpose,
+    swiglu_rows_and_transpose,
 )
 from coom.fp8.scaling import (
     E4M3,
@@ -17,6 +19,7 @@ from coom.fp8.scaling import (
     quantize,
     quantize_transposed,
 )
+from coom.kernels.swiglu import swiglu
 from tests.kernels import DEVICE
 
 SHAPES = [(200, 300), (1, 5), (130, 128), (257, 129)]
@@ -187,3 +190,38 @@ def test_empty_inputs():
             torch.zeros(shape, device=DEVICE), transpose=True)
         assert values.shape == shape
         assert values_t.shape == (*shape[:-2], shape[-1], shape[-2])
+
+
+@pytest.fixture
+def swiglu_kernel():
+    """coom::swiglu through its Triton kernel (interpreted on CPU, where
+    the op's own CPU kernel is the plain-PyTorch reference), as the
+    fused quantisation computes it."""
+    with swiglu.set_kernel_enabled("cpu", False):
+        yield swiglu
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@power_of_two_or_not
+@dtypes
+@pytest.mark.parametrize("counts", [None, [0, 130, 0, 40, 130]])
+def test_gated_rows_and_transpose_quantise_swiglu(swiglu_kernel, counts,
+                                                  dtype, power_of_two):
+    """The gating fused into the quantisation gives the quantisation of
+    the gating's own output, bit for bit, grouped or not."""
+    gate, up = _matrix((300, 130), dtype, seed=1), \
+        _matrix((300, 130), dtype, seed=2)
+    counts_e = None if counts is None \
+        else torch.tensor(counts, device=DEVICE, dtype=torch.int32)
+    rows, transposed = swiglu_rows_and_transpose(gate, up, power_of_two,
+                                                 counts_e)
+    reference = quantize_rows_and_transpose(swiglu_kernel(gate, up),
+                                            power_of_two, counts_e)
+    _assert_same(rows, reference[0])
+    _assert_same(transposed, reference[1])
+
+
+def test_gate_and_up_must_share_a_layout():
+    gate = _matrix((200, 300), torch.float32)
+    with pytest.raises(ValueError, match="strides"):
+        swiglu_rows_and_transpose(gate, gate.T.contiguous().T)
