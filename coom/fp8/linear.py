@@ -42,6 +42,7 @@ from coom.fp8.scaling import (
 )
 from coom.fp8.weights import KeptForms
 from coom.kernels.autocast import autocast_off, product_dtype
+from coom.kernels.swiglu import swiglu, swiglu_backward
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,46 @@ class _FP8Linear(torch.autograd.Function):
                 *[None] * ctx.kept)
 
 
+class _FP8GatedLinear(torch.autograd.Function):
+    """The down product of a feed-forward's gated units, y = (silu(gate)
+    * up) W^T, on FP8 matrix units, blockwise, with the gating fused into
+    the quantisation of its output (``ops.swiglu_rows_and_transpose``):
+    the gated units are written only as the FP8 rows the product reads
+    and the FP8 columns its weight gradient reads. The backward is that
+    of the gating followed by ``_FP8Linear``, op for op. The tensors
+    after the weight are its kept FP8 forms (``weight_forms``), if
+    any."""
+
+    @staticmethod
+    def forward(ctx, gate_mk, up_mk, power_of_two, out_dtype, weight_nk,
+                *forms):
+        values, scales, values_t, scales_t = ops.swiglu_rows_and_transpose(
+            gate_mk, up_mk, power_of_two)
+        weight_rows, weight_columns = (forms[:2], forms[2:]) if forms \
+            else _quantize_weight(weight_nk, "blockwise", power_of_two,
+                                  transpose=True)
+        ctx.save_for_backward(gate_mk, up_mk, values_t, scales_t,
+                              *weight_columns)
+        ctx.power_of_two, ctx.kept = power_of_two, len(forms)
+        return _scaled_product((values, scales), weight_rows, out_dtype,
+                               blockwise=True)
+
+    @staticmethod
+    def backward(ctx, dy_mn):
+        (gate_mk, up_mk, h_values_km, h_scales, weight_values_kn,
+         weight_scales) = ctx.saved_tensors
+        dy_rows, dy_columns = _quantize_activation(
+            dy_mn.contiguous(), "blockwise", ctx.power_of_two,
+            transpose=True)
+        dh_mk = _scaled_product(dy_rows, (weight_values_kn, weight_scales),
+                                gate_mk.dtype, blockwise=True)
+        dgate_mk, dup_mk = swiglu_backward(dh_mk, gate_mk, up_mk)
+        dweight_nk = _scaled_product(dy_columns, (h_values_km, h_scales),
+                                     torch.float32, blockwise=True)
+        return (dgate_mk, dup_mk, None, None, dweight_nk,
+                *[None] * ctx.kept)
+
+
 def needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd records a product of these tensors."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -311,6 +352,28 @@ def fp8_linears(x: torch.Tensor, weights_nk: Sequence[torch.Tensor],
                                 dtype, weights_nk, False, forms)
     return tuple(y_mn.to(dtype).view(*x.shape[:-1], weight_nk.shape[0])
                  for y_mn, weight_nk in zip(ys_mn, weights_nk))
+
+
+def fp8_gated_linear(gate: torch.Tensor, up: torch.Tensor,
+                     weight_nk: torch.Tensor, recipe: FP8Recipe,
+                     forms: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """silu(gate) * up @ weight^T with FP8 products, in
+    ``product_dtype(gate)``: what ``fp8_linear(swiglu(gate, up), weight,
+    recipe)`` returns, the gating fused into the quantisation of its
+    output where a backward follows on FP8 units with blockwise scaling.
+    weight's FP8 forms are those given (``weight_forms``), or made
+    here."""
+    if recipe.emulate or recipe.scaling != "blockwise" \
+            or not needs_grad(gate, up, weight_nk):
+        return fp8_linears(swiglu(gate, up), [weight_nk], recipe,
+                           [forms] if forms else ())[0]
+    dtype = product_dtype(gate)
+    with autocast_off(gate.device.type):
+        y_mn = _FP8GatedLinear.apply(
+            gate.reshape(-1, gate.shape[-1]).contiguous(),
+            up.reshape(-1, up.shape[-1]).contiguous(), recipe.power_of_two,
+            dtype, weight_nk, *forms)
+    return y_mn.to(dtype).view(*gate.shape[:-1], weight_nk.shape[0])
 
 
 def fp8_linear(x: torch.Tensor, weight_nk: torch.Tensor,

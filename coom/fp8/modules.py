@@ -18,7 +18,12 @@ from coom.fp8.grouped import (
     fp8_grouped_linear,
     grouped_weight_forms,
 )
-from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linears
+from coom.fp8.linear import (
+    FP8Linear,
+    FP8Recipe,
+    fp8_gated_linear,
+    fp8_linears,
+)
 from coom.fp8.weights import KeptForms
 from coom.kernels.swiglu import swiglu_reference
 from coom.layers.mlp import SwiGLU
@@ -40,7 +45,8 @@ def adopt(replacement: nn.Module, original: nn.Module) -> nn.Module:
 
 class FP8SwiGLU(SwiGLU):
     """A SwiGLU whose w1 and w3 are FP8 linears of one recipe: their
-    products share one FP8 copy of x. That path reads their weights
+    products share one FP8 copy of x, and an FP8 w2 takes the gating's
+    output from the kernel that quantises it. That path reads their weights
     directly, past any hooks on w1 and w3: it relies on FP8 not running
     under tensor parallelism (refused by the config), whose hooks split
     them."""
@@ -58,6 +64,16 @@ class FP8SwiGLU(SwiGLU):
         forms = [self.w1.kept.forms(), self.w3.kept.forms()]
         return fp8_linears(x, [self.w1.weight, self.w3.weight],
                            self.w1.recipe, forms if all(forms) else ())
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """As SwiGLU's; with fused kernels and an FP8 w2, the gating is
+        fused into the quantisation of its output
+        (``fp8_gated_linear``)."""
+        if not (self.fused_kernels and isinstance(self.w2, FP8Linear)):
+            return super().feed_forward(x)
+        gate, up = self.gate_and_up(x)
+        return fp8_gated_linear(gate, up, self.w2.weight, self.w2.recipe,
+                                self.w2.kept.forms())
 
 
 class FP8GroupedExperts(GroupedExperts):

@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from coom.fp8 import linear, ops
-from coom.fp8.linear import FP8Linear, FP8Recipe, fp8_linear, fp8_linears
+from coom.fp8.linear import (
+    FP8Linear,
+    FP8Recipe,
+    fp8_gated_linear,
+    fp8_linear,
+    fp8_linears,
+)
 from coom.fp8.scaling import E4M3, RECIPES
+from coom.kernels.swiglu import swiglu
 from tests.fp8 import run_product
 from tests.kernels import relative_error
 
@@ -167,3 +174,35 @@ def test_weights_sharing_one_quantisation_of_x():
         assert torch.equal(y, single[0])
         assert torch.equal(leaf.grad, single[2])
     assert torch.equal(leaves[0].grad, singles[0][1] + singles[1][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="FP8 matrix units: run by .ci/gpu-tests")
+@pytest.mark.parametrize("kept", [False, True], ids=["made", "kept"])
+def test_gating_fused_into_the_down_product(kept):
+    """A feed-forward's down product with the gating fused into its
+    quantisation: what the gating kernel followed by the FP8 linear
+    gives, output and gate, up and weight gradients bit for bit, with
+    the weight's forms made or kept."""
+    generator = torch.Generator().manual_seed(4)
+    gate, up, dy = (torch.randn(*shape, generator=generator).cuda()
+                    .bfloat16() for shape in [(2, 128, 384), (2, 128, 384),
+                                              (2, 128, 256)])
+    weight = (torch.randn(256, 384, generator=generator) / 20).cuda()
+    recipe = FP8Recipe("blockwise")
+    forms = linear.weight_forms(weight.bfloat16(), "blockwise", False) \
+        if kept else ()
+
+    def run(down):
+        leaves = [t.clone().requires_grad_() for t in (gate, up, weight)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = down(*leaves)
+        out.backward(dy)
+        return [out, *(leaf.grad for leaf in leaves)]
+
+    fused = run(lambda g, u, w: fp8_gated_linear(g, u, w, recipe, forms))
+    unfused = run(lambda g, u, w: fp8_linears(
+        swiglu(g, u), [w], recipe, [forms] if kept else ())[0])
+    for ours, expected in zip(fused, unfused):
+        assert ours.dtype == expected.dtype
+        assert torch.equal(ours, expected)
