@@ -48,9 +48,10 @@ class KeptForms(nn.Module):
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor) -> bool:
         """Make the forms of weight again if it changed since they were
-        made; whether it did. A weight sharded outside the forward, or on
-        the meta device, keeps none."""
-        if isinstance(weight, DTensor) or weight.is_meta:
+        made; whether it did. A weight sharded outside the forward keeps
+        none. (On the meta device, where the planner counts what a GPU
+        holds, the forms are made once.)"""
+        if isinstance(weight, DTensor):
             self.clear()
             return False
         source = (weight.data_ptr(), weight._version)

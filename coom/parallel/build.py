@@ -78,4 +78,5 @@ def build_model(config: RunConfig, world: World, device: torch.device,
     return ParallelModel(
         model, world, pipeline,
         ExpertBalancer(layers, world, micro_batches), device, dtype,
-        weights, keep_gathered, config.parallel.sequence_parallel)
+        weights, keep_gathered, config.parallel.sequence_parallel,
+        keep_fp8_forms=micro_batches // world.data_size > 1)

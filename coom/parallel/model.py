@@ -51,13 +51,17 @@ class ParallelModel:
             step's micro-batches (``parallel.fsdp_reshard``).
         sequence_parallel: whether norms' gradients are partial per
             tensor-parallel process (``coom.parallel.parallelize``).
+        keep_fp8_forms: whether the FP8 weights' forms are kept between
+            optimizer steps (``coom.fp8.weights``): where a step has
+            several micro-batches; with one, keeping them would only
+            cost memory.
     """
 
     def __init__(self, model: Transformer, world: World,
                  pipeline: Optional[Pipeline], balancer: ExpertBalancer,
                  device: torch.device, dtype: torch.dtype,
                  weights: Optional[ComputeWeights], keep_gathered: bool,
-                 sequence_parallel: bool):
+                 sequence_parallel: bool, keep_fp8_forms: bool):
         self.model = model
         self.world = world
         self.pipeline = pipeline
@@ -67,21 +71,27 @@ class ParallelModel:
         self.weights = weights
         self.keep_gathered = keep_gathered
         self.sequence_parallel = sequence_parallel
+        self.keep_fp8_forms = keep_fp8_forms
 
     def compute(self) -> contextlib.ExitStack:
         """The context a step's (or an evaluation's) forwards and
-        backwards run in: the compute weights, with the FP8 forms of
-        those that changed made again (``coom.fp8.weights``), autocast to
-        their dtype for any float32 activation, the preferred attention
-        kernel."""
+        backwards run in: the compute weights, with their kept FP8 forms
+        up to date (``refresh_fp8_forms``), autocast to their dtype for
+        any float32 activation, the preferred attention kernel."""
         stack = contextlib.ExitStack()
         if self.weights is not None:
             stack.enter_context(self.weights.swapped_in())
-        refresh_kept(self.model)
+        self.refresh_fp8_forms()
         if self.dtype != torch.float32:
             stack.enter_context(autocast_to(self.device.type, self.dtype))
         stack.enter_context(preferred_attention())
         return stack
+
+    def refresh_fp8_forms(self) -> None:
+        """Make the kept FP8 forms of the weights that changed again,
+        where forms are kept (``coom.fp8.weights``)."""
+        if self.keep_fp8_forms:
+            refresh_kept(self.model)
 
     def forward_backward(self, batches: list[Batch], loss_tokens: int,
                          mtp_weight: float) -> torch.Tensor:

@@ -50,8 +50,12 @@ def rank_model(config: RunConfig, world_size: int,
     try:
         world = start_world(config.parallel, torch.device("cpu"),
                             world_size)
-        yield build_model(config, world, torch.device("meta"),
-                          schedule=False)
+        model = build_model(config, world, torch.device("meta"),
+                            schedule=False)
+        # What a step keeps besides the parameters: the FP8 weights'
+        # forms, where kept, as the step's first forwards make them.
+        model.refresh_fp8_forms()
+        yield model
     finally:
         if world_size > 1:
             dist.destroy_process_group()

@@ -93,5 +93,6 @@ def state_terms(model: ParallelModel, micro_batches: int) -> list[Term]:
                           "float32, unsharded, until the last "
                           "micro-batch's reduce-scatter"))
     buffers = sum(b.nbytes for b in model.model.buffers())
-    terms.append(Term("buffers", buffers, "rotary tables, router biases"))
+    terms.append(Term("buffers", buffers, "rotary tables, router biases, "
+                      "FP8 weights' kept forms"))
     return terms

@@ -2,7 +2,8 @@
 emulated on the CPU: a step of 4 micro-batches quantises each weight
 once, before its forwards, and no forward quantises it again; a second
 evaluation after it quantises nothing; a weight changed outside the
-optimizer is quantised again alone; and a run that keeps the forms
+optimizer is quantised again alone; a step of one micro-batch keeps
+none; and a run that keeps the forms
 computes what one that makes them in every forward computes, bit for
 bit."""
 import pytest
@@ -54,6 +55,18 @@ def test_weights_are_quantised_once_a_step(tmp_path, monkeypatch,
     trainer.evaluate(trainer.data.valid)
     assert sum(made) == 1
     assert all(module.count for module in kept)
+
+
+def test_a_step_of_one_micro_batch_keeps_no_forms(tmp_path):
+    """With nothing to share the forms between, they would only hold
+    memory: the products make them in their forward."""
+    config = load_config("tiny", [*OVERRIDES, *FP8,
+                                  "train.global_batch_size=1"])
+    trainer = Trainer(config, tmp_path)
+    trainer.train_step()
+    trainer.evaluate(trainer.data.valid)
+    assert not any(module.count for module in trainer.model.modules()
+                   if isinstance(module, KeptForms))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
