@@ -62,7 +62,9 @@ class FP8Rows:
     def round(self, x_cd: torch.Tensor) -> torch.Tensor:
         """x's rows as they arrive after the journey (in one process,
         where they make none); the gradient passes as it is."""
-        return _Rounded.apply(x_cd, self)
+        if not (torch.is_grad_enabled() and x_cd.requires_grad):
+            return self.expand(*self.quantize(x_cd), x_cd.dtype)
+        return _Rounded.apply(x_cd, self.power_of_two, self.emulate)
 
     def send(self, x_cd: torch.Tensor, received: list[int],
              sent: list[int], group) -> "InFlight":
@@ -76,14 +78,18 @@ class FP8Rows:
 
 
 class _Rounded(torch.autograd.Function):
+    """``FP8Rows.round`` with its gradient passed through. It takes the
+    rows' settings as plain values: torch 2.11's tracing of a Function
+    that took a dataclass failed (``coom.fp8.linear``)."""
 
     @staticmethod
-    def forward(ctx, x_cd, rows: FP8Rows):
+    def forward(ctx, x_cd, power_of_two: bool, emulate: bool):
+        rows = FP8Rows(power_of_two, emulate)
         return rows.expand(*rows.quantize(x_cd), x_cd.dtype)
 
     @staticmethod
     def backward(ctx, grad_cd):
-        return grad_cd, None
+        return grad_cd, None, None
 
 
 @dataclass
@@ -101,17 +107,22 @@ class InFlight:
         """The received rows in the sent rows' dtype, once they are here
         (work queued before this call overlaps their journey); their
         gradient goes back to the sender's rows in that dtype."""
-        return _Arrival.apply(self.x_cd, self)
+        if not (torch.is_grad_enabled() and self.x_cd.requires_grad):
+            return FP8Rows.expand(self.values_rd, self.scales_rh,
+                                  self.x_cd.dtype)
+        return _Arrival.apply(self.x_cd, self.values_rd, self.scales_rh,
+                              self.sent, self.received, self.group)
 
 
 class _Arrival(torch.autograd.Function):
+    """``InFlight.arrived``, whose backward sends the rows' gradients
+    back; plain values in, as in ``_Rounded``."""
 
     @staticmethod
-    def forward(ctx, x_cd, flight: InFlight):
-        ctx.sizes = flight.sent, flight.received
-        ctx.group = flight.group
-        return FP8Rows.expand(flight.values_rd, flight.scales_rh,
-                              x_cd.dtype)
+    def forward(ctx, x_cd, values_rd, scales_rh, sent: list[int],
+                received: list[int], group):
+        ctx.sizes, ctx.group = (sent, received), group
+        return FP8Rows.expand(values_rd, scales_rh, x_cd.dtype)
 
     @staticmethod
     def backward(ctx, grad_rd):
@@ -120,4 +131,4 @@ class _Arrival(torch.autograd.Function):
         dist.all_to_all_single(grad_cd, grad_rd.contiguous(),
                                output_split_sizes=sent,
                                input_split_sizes=received, group=ctx.group)
-        return grad_cd, None
+        return grad_cd, None, None, None, None, None

@@ -6,8 +6,9 @@ A weight is the right operand of two of its layer's three FP8 products
 again, although it changes only when the optimizer steps. Each FP8 layer
 now keeps its weights' FP8 forms (``KeptForms``) and takes them in its
 products. ``refresh`` makes them again for the weights that changed
-since (a weight's version counter says, as it says for the compute
-copies in ``coom.parallel.precision``); the built model calls it at the
+since (the same tensor at another version, as the version counter says
+for the compute copies in ``coom.parallel.precision``, or another
+tensor); the built model calls it at the
 start of each step's forwards and of each evaluation, outside compiled
 code (``coom.parallel.model``). The forms are those the products would
 make, bit for bit.
@@ -16,6 +17,7 @@ Weights that are sharded outside their forward (FSDP's DTensors) and
 experts whose weights arrive per forward (expert parallelism) keep no
 forms: their products quantise them as before.
 """
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -37,8 +39,8 @@ class KeptForms(nn.Module):
         super().__init__()
         self.make = make
         self.count = 0
-        self.source: Optional[tuple[int, int]] = None
-        """The weight's storage and version the forms were made of."""
+        self.source: Optional[tuple[weakref.ref, int]] = None
+        """The weight and its version the forms were made of."""
 
     def forms(self) -> tuple[torch.Tensor, ...]:
         """The kept forms; none before the first refresh."""
@@ -54,13 +56,13 @@ class KeptForms(nn.Module):
         if isinstance(weight, DTensor):
             self.clear()
             return False
-        source = (weight.data_ptr(), weight._version)
-        if source == self.source:
+        if self.source is not None and self.source[0]() is weight \
+                and self.source[1] == weight._version:
             return False
         for index, form in enumerate(self.make(weight)):
             self.register_buffer(f"form_{index}", form, persistent=False)
             self.count = index + 1
-        self.source = source
+        self.source = weakref.ref(weight), weight._version
         return True
 
     def clear(self) -> None:

@@ -20,7 +20,9 @@ own over the gradients):
     p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     copy <- p, rounded to the nearest bf16
 
-Each program handles one contiguous block. On the CPU the same formulas
+Each program handles one contiguous block, each operation rounded on its
+own (no fused multiply-adds: the scaled gradient is rounded before it
+is used, as clipping in place rounds it). On the CPU the same formulas
 run in plain PyTorch.
 
 Tensor names end in their shape: n elements.
@@ -95,7 +97,7 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor,
     _step_kernel[(triton.cdiv(numel, BLOCK),)](
         param, grad.contiguous(), exp_avg, exp_avg_sq, copy, numel,
         grad_scale, decay, beta1, beta2, step_size, correction2_sqrt, eps,
-        block=BLOCK, num_warps=NUM_WARPS)
+        block=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 @adamw_step.register_kernel("cpu")

@@ -78,14 +78,16 @@ class ParallelModel:
         backwards run in: the compute weights, with their kept FP8 forms
         up to date (``refresh_fp8_forms``), autocast to their dtype for
         any float32 activation, the preferred attention kernel."""
-        stack = contextlib.ExitStack()
-        if self.weights is not None:
-            stack.enter_context(self.weights.swapped_in())
-        self.refresh_fp8_forms()
-        if self.dtype != torch.float32:
-            stack.enter_context(autocast_to(self.device.type, self.dtype))
-        stack.enter_context(preferred_attention())
-        return stack
+        with contextlib.ExitStack() as stack:
+            if self.weights is not None:
+                stack.enter_context(self.weights.swapped_in())
+            self.refresh_fp8_forms()
+            if self.dtype != torch.float32:
+                stack.enter_context(autocast_to(self.device.type,
+                                                self.dtype))
+            stack.enter_context(preferred_attention())
+            # Had any of it failed, what was entered would be left.
+            return stack.pop_all()
 
     def refresh_fp8_forms(self) -> None:
         """Make the kept FP8 forms of the weights that changed again,
