@@ -16,6 +16,7 @@ from coom.fp8.linear import FP8Recipe, fp8_linears, weight_forms
 from coom.fp8.weights import KeptForms
 from coom.parallel import model as parallel_model
 from coom.train.trainer import Trainer
+from tests.kernels import DEVICE
 from tests.parallel.test_precision import OVERRIDES
 
 FP8 = ["fp8.recipe=blockwise", "fp8.emulate=true"]
@@ -93,11 +94,10 @@ def _products(function, x, weight, dy, forms):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="FP8 matrix units: run by .ci/gpu-tests")
-def test_kept_forms_on_fp8_units_give_the_same_products():
-    """The dense linear (cuBLAS) and the experts' grouped products
-    (COOM's kernels) given kept forms return what they return making
-    the forms themselves, bit for bit."""
+                    reason="cuBLAS's FP8 product: run by .ci/gpu-tests")
+def test_kept_forms_give_cublas_the_same_products():
+    """The dense linear (cuBLAS) given kept forms returns what it
+    returns making the forms itself, bit for bit."""
     recipe = FP8Recipe("blockwise")
     cuda = dict(device="cuda", dtype=torch.bfloat16)
     x, dy = torch.randn(300, 512, **cuda), torch.randn(300, 384, **cuda)
@@ -110,8 +110,19 @@ def test_kept_forms_on_fp8_units_give_the_same_products():
     kept = _products(dense, x, weight, dy,
                      [weight_forms(weight, "blockwise", False)])
     assert all(torch.equal(a, b) for a, b in zip(made, kept))
-    counts = torch.tensor([100, 0, 130, 70], device="cuda")
-    experts = torch.randn(4, 384, 512, **cuda) / 20
+
+
+def test_kept_forms_give_the_grouped_kernels_the_same_products():
+    """The experts' grouped products (COOM's kernels, interpreted on the
+    CPU) given kept forms return what they return making the forms
+    themselves, bit for bit."""
+    recipe = FP8Recipe("blockwise")
+    generator = torch.Generator().manual_seed(5)
+    x, dy = (torch.randn(300, k, generator=generator)
+             .to(DEVICE, torch.bfloat16) for k in (256, 128))
+    counts = torch.tensor([100, 0, 130, 70], device=DEVICE)
+    experts = (torch.randn(4, 128, 256, generator=generator) / 16).to(
+        DEVICE, torch.bfloat16)
 
     def grouped(x, w, forms):
         return fp8_grouped_linear(x, [w], counts, recipe, forms)
