@@ -6,11 +6,13 @@ FP8 linear's (n, k), the routed experts' gate-and-up and down products)
 is timed whole, forward and backward, at the recipe's micro-batch of
 tokens, against the same product in bf16:
 
-- bf16: ``x @ W^T`` (``torch._grouped_mm`` for the experts, gate and up
-  in two products as the bf16 experts run them), then its backward;
-- FP8: ``fp8_linears`` / ``fp8_grouped_linear`` with the weight's forms
-  kept, as a step keeps them (``coom.fp8.weights``), so x's and dy's
-  quantisations count and W's do not; then its backward.
+- bf16: ``x @ W^T`` (for the experts ``grouped_matmul``, gate and up in
+  two products as the bf16 experts run them, and the down product after
+  the gating kernel), then its backward;
+- FP8: ``fp8_linears`` / ``fp8_grouped_linear`` (the down product
+  ``fp8_gated_grouped_linear``, the gating fused in) with the weights'
+  forms kept, as a step keeps them (``coom.fp8.weights``), so x's and
+  dy's quantisations count and W's do not; then its backward.
 
 Each is timed in a CUDA graph (the kernels' own time, as a compiled step
 pays it), median of ``do_bench_cudagraph``. The experts get the balanced
@@ -28,9 +30,15 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from coom.config import load_config
-from coom.fp8.grouped import fp8_grouped_linear, grouped_weight_forms
+from coom.fp8.grouped import (
+    fp8_gated_grouped_linear,
+    fp8_grouped_linear,
+    grouped_weight_forms,
+)
 from coom.fp8.linear import FP8Recipe, fp8_linears, weight_forms
 from coom.fp8.scaling import TILE
+from coom.kernels.swiglu import swiglu
+from coom.layers.moe import grouped_matmul
 from coom.models.transformer import Transformer
 
 RECIPE = FP8Recipe("blockwise")
@@ -74,34 +82,50 @@ def time_dense(m: int, n: int, k: int) -> tuple[float, float]:
 
 def time_experts(config, m: int) -> dict[str, tuple[float, float]]:
     """ms of bf16 and of FP8 for the experts' gate-and-up products and
-    their down product, forward and backward, at balanced routing."""
+    their gated down product (the gating included: FP8 fuses it into the
+    quantisation of its output), forward and backward, at balanced
+    routing, through COOM's own calls (``grouped_matmul`` in bf16)."""
     model = config.model
     experts, d, i = (model.n_routed_experts, model.hidden_size,
                      model.moe_intermediate_size)
     rows = m * model.num_experts_per_tok
     counts = torch.full((experts,), rows // experts, device="cuda")
     counts[: rows % experts] += 1
-    offsets = counts.cumsum(0).to(torch.int32)
-    timings = {}
-    for name, (k, n, count) in {"experts gate+up": (d, i, 2),
-                                "experts down": (i, d, 1)}.items():
-        x = torch.randn(rows, k, **BF16, requires_grad=True)
-        weights = [(torch.randn(experts, n, k, **BF16) / k ** 0.5)
-                   .requires_grad_() for _ in range(count)]
-        dys = [torch.randn(rows, n, **BF16) for _ in range(count)]
-        forms = [grouped_weight_forms(w.detach(), RECIPE) for w in weights]
 
-        def bf16():
-            ys = [torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
-                  for w in weights]
-            torch.autograd.backward(ys, dys)
+    def weight(n, k):
+        return (torch.randn(experts, n, k, **BF16) / k ** 0.5) \
+            .requires_grad_()
 
-        def fp8():
-            ys = fp8_grouped_linear(x, weights, counts, RECIPE, forms)
-            torch.autograd.backward(ys, dys)
+    x = torch.randn(rows, d, **BF16, requires_grad=True)
+    gate, up = (torch.randn(rows, i, **BF16, requires_grad=True)
+                for _ in range(2))
+    w1, w3, w2 = weight(i, d), weight(i, d), weight(d, i)
+    forms = [grouped_weight_forms(w.detach(), RECIPE) for w in (w1, w3, w2)]
+    dys = [torch.randn(rows, i, **BF16) for _ in range(2)]
+    dy = torch.randn(rows, d, **BF16)
 
-        timings[f"{name} ({k} -> {n})"] = (_timed(bf16), _timed(fp8))
-    return timings
+    def gate_and_up(products):
+        def step():
+            torch.autograd.backward(products(), dys)
+        return step
+
+    def down(product):
+        def step():
+            product().backward(dy)
+        return step
+
+    return {
+        f"experts gate+up ({d} -> 2 x {i})": (
+            _timed(gate_and_up(lambda: [grouped_matmul(x, w, counts)
+                                        for w in (w1, w3)])),
+            _timed(gate_and_up(lambda: fp8_grouped_linear(
+                x, [w1, w3], counts, RECIPE, forms[:2])))),
+        f"experts gated down ({i} -> {d})": (
+            _timed(down(lambda: grouped_matmul(swiglu(gate, up), w2,
+                                               counts))),
+            _timed(down(lambda: fp8_gated_grouped_linear(
+                gate, up, w2, counts, RECIPE, forms[2])))),
+    }
 
 
 def main() -> None:
