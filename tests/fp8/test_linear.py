@@ -19,8 +19,8 @@ from coom.fp8.linear import (
     fp8_linear,
     fp8_linears,
 )
-from coom.fp8.scaling import E4M3, RECIPES
-from coom.kernels.swiglu import swiglu
+from coom.fp8.scaling import E4M3, RECIPES, TILE
+from coom.kernels.swiglu import swiglu, swiglu_backward
 from tests.fp8 import run_product
 from tests.kernels import relative_error
 
@@ -203,6 +203,55 @@ def test_gating_fused_into_the_down_product(kept):
     fused = run(lambda g, u, w: fp8_gated_linear(g, u, w, recipe, forms))
     unfused = run(lambda g, u, w: fp8_linears(
         swiglu(g, u), [w], recipe, [forms] if kept else ())[0])
+    for ours, expected in zip(fused, unfused):
+        assert ours.dtype == expected.dtype
+        assert torch.equal(ours, expected)
+
+
+def _scaled_mm_in_float32(a_values_mk, b_values_kn, scale_a, scale_b,
+                          out_dtype):
+    """cuBLAS's blockwise product as the CPU can run it: both operands
+    dequantised in float32 (1 x 128 tiles for a; 128 x 128 blocks, or
+    1 x 128 tiles along k, for b), then multiplied."""
+    m, k = a_values_mk.shape
+    n = b_values_kn.shape[1]
+    a = a_values_mk.float() * scale_a.repeat_interleave(TILE, 1)[:, :k]
+    b_scales = scale_b.repeat_interleave(TILE, 0)[:k]
+    if b_scales.shape[1] != n:
+        b_scales = b_scales.repeat_interleave(TILE, 1)[:, :n]
+    return (a @ (b_values_kn.float() * b_scales)).to(out_dtype)
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["made", "kept"])
+def test_fused_gating_runs_the_unfused_products(monkeypatch, kept):
+    """On the CPU, with cuBLAS's product replaced by its float32
+    equivalent and the quantisation kernels interpreted: the fused down
+    product's output and gradients equal the gating kernel followed by
+    the FP8 linear's, bit for bit (``test_gating_fused_into_the_down_
+    product`` checks the same on a GPU with cuBLAS itself)."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU runs cuBLAS itself (the test above)")
+    monkeypatch.setattr(ops, "scaled_mm", _scaled_mm_in_float32)
+    generator = torch.Generator().manual_seed(6)
+    gate, up, dy = (torch.randn(*shape, generator=generator)
+                    for shape in [(2, 70, 384), (2, 70, 384),
+                                  (2, 70, 256)])
+    weight = torch.randn(256, 384, generator=generator) / 20
+    recipe = FP8Recipe("blockwise")
+    forms = linear.weight_forms(weight, "blockwise", False) if kept else ()
+
+    def run(down):
+        leaves = [t.clone().requires_grad_() for t in (gate, up, weight)]
+        out = down(*leaves)
+        out.backward(dy)
+        return [out, *(leaf.grad for leaf in leaves)]
+
+    with swiglu.set_kernel_enabled("cpu", False), \
+            swiglu_backward.set_kernel_enabled("cpu", False):
+        fused = run(lambda g, u, w: fp8_gated_linear(g, u, w, recipe, forms))
+        unfused = run(lambda g, u, w: fp8_linears(
+            swiglu(g, u), [w], recipe, [forms] if kept else ())[0])
+    assert "_FP8GatedLinear" in fused[0].grad_fn.next_functions[0][0].name()
     for ours, expected in zip(fused, unfused):
         assert ours.dtype == expected.dtype
         assert torch.equal(ours, expected)
