@@ -12,6 +12,7 @@ Tensor names end in their shape: c rows (token copies); e experts; o
 output width; d input width.
 """
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -23,7 +24,9 @@ from coom.fp8.linear import (
     needs_grad,
 )
 from coom.kernels.autocast import autocast_off, product_dtype
+from coom.kernels.permute import unpermute
 from coom.kernels.swiglu import swiglu, swiglu_backward
+from coom.layers.moe import Copies
 
 
 def grouped_weight_forms(weight_eod: torch.Tensor,
@@ -53,18 +56,23 @@ def _emulated(x_cd: torch.Tensor, weight_eod: torch.Tensor,
 
 def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
              out_dtype: torch.dtype, weights_eod: Sequence[torch.Tensor],
-             backward: bool, forms: Sequence[tuple] = ()):
+             backward: bool, forms: Sequence[tuple] = (),
+             sources_c: Optional[torch.Tensor] = None):
     """Each expert's rows times its weights, x quantised once: (outputs,
     the FP8 x^T and each weight's K-major copy and scales that the
     backward multiplies). Without backward, those are not made and the
     list is empty. The weights' FP8 forms are those given
-    (``grouped_weight_forms``, one tuple per weight), or made here."""
+    (``grouped_weight_forms``, one tuple per weight), or made here. With
+    sources (and backward), the rows are x[sources], read where they
+    are."""
     # Built with extend, not starred unpacking and +=: dynamo traces a
     # starred target as a tuple, and tuple += list breaks the graph.
     saved = []
     if backward:
         x_values, x_scales, x_values_t, x_scales_t = (
-            ops.quantize_rows_and_transpose(x_cd, power_of_two, counts_e))
+            ops.quantize_rows_and_transpose(x_cd, power_of_two, counts_e)
+            if sources_c is None else ops.gathered_rows_and_transpose(
+                x_cd, sources_c, power_of_two, counts_e))
         saved.extend([x_values_t, x_scales_t])
     else:
         x_values, x_scales = ops.quantize_rows(x_cd, power_of_two)
@@ -93,24 +101,30 @@ class _FP8GroupedLinear(torch.autograd.Function):
     weights and kept for the backward as the FP8 copy of x^T that the
     weight gradients read. The tensors are the count weights, then, if
     kept, their FP8 forms (``grouped_weight_forms``), three for each,
-    flat."""
+    flat. With copy_tk, x is the tokens whose copies (``coom.layers.moe.
+    Copies``) are the rows: they are quantised from the tokens where
+    they are (sources_c, each copy's token), never written in x's
+    dtype, and x's gradient sums its copies' (the permutation's
+    backward)."""
 
     @staticmethod
-    def forward(ctx, x_cd, counts_e, power_of_two, out_dtype, count,
-                *tensors):
+    def forward(ctx, x_cd, copy_tk, sources_c, counts_e, power_of_two,
+                out_dtype, count, *tensors):
         weights_eod, kept = tensors[:count], tensors[count:]
         forms = [kept[index:index + 3] for index in range(0, len(kept), 3)]
         outputs, saved = _forward(x_cd, counts_e, power_of_two, out_dtype,
-                                  weights_eod, True, forms)
+                                  weights_eod, True, forms, sources_c)
         x_values_t, x_scales_t, *weights_t = saved
-        ctx.save_for_backward(x_values_t, x_scales_t, counts_e, *weights_t)
+        ctx.save_for_backward(x_values_t, x_scales_t, counts_e, copy_tk,
+                              *weights_t)
         ctx.power_of_two, ctx.x_dtype = power_of_two, x_cd.dtype
         ctx.kept = len(kept)
         return outputs
 
     @staticmethod
     def backward(ctx, *dys_co):
-        x_values_t, x_scales_t, counts_e, *weights_t = ctx.saved_tensors
+        (x_values_t, x_scales_t, counts_e, copy_tk,
+         *weights_t) = ctx.saved_tensors
         dx_cd, dweights_eod = None, []
         for dy_co, weight_values_t, weight_scales in zip(
                 dys_co, weights_t[::2], weights_t[1::2]):
@@ -123,7 +137,9 @@ class _FP8GroupedLinear(torch.autograd.Function):
             dx_cd = dx if dx_cd is None else dx_cd + dx
             dweights_eod.append(ops.grouped_mm_wgrad(
                 dy_values_t, dy_scales_t, x_values_t, x_scales_t, counts_e))
-        return (dx_cd, None, None, None, None, *dweights_eod,
+        if copy_tk is not None:
+            dx_cd = unpermute(dx_cd, None, copy_tk)
+        return (dx_cd, None, None, None, None, None, None, *dweights_eod,
                 *[None] * ctx.kept)
 
 
@@ -195,6 +211,27 @@ def fp8_gated_grouped_linear(gate_ci: torch.Tensor, up_ci: torch.Tensor,
             recipe.power_of_two, dtype, weight_edi, *forms)
 
 
+def fp8_copies_grouped_linear(copies: Copies,
+                              weights_eod: Sequence[torch.Tensor],
+                              counts_e: torch.Tensor, recipe: FP8Recipe,
+                              forms: Sequence[tuple] = ()
+                              ) -> tuple[torch.Tensor, ...]:
+    """``fp8_grouped_linear`` of the token copies, which, where a
+    backward follows on FP8 units with fused kernels, are quantised
+    straight from their tokens and never made in the tokens' dtype."""
+    x_td = copies.x_td
+    if recipe.emulate or not copies.fused_kernels \
+            or not needs_grad(x_td, *weights_eod):
+        return fp8_grouped_linear(copies.rows(), weights_eod, counts_e,
+                                  recipe, forms)
+    dtype = product_dtype(x_td)
+    with autocast_off(x_td.device.type):
+        return _FP8GroupedLinear.apply(
+            x_td, copies.copy_tk, copies.sources(), counts_e,
+            recipe.power_of_two, dtype, len(weights_eod), *weights_eod,
+            *(tensor for form in forms for tensor in form))
+
+
 def fp8_grouped_linear(x_cd: torch.Tensor,
                        weights_eod: Sequence[torch.Tensor],
                        counts_e: torch.Tensor, recipe: FP8Recipe,
@@ -214,7 +251,7 @@ def fp8_grouped_linear(x_cd: torch.Tensor,
                          for index, weight_eod in enumerate(weights_eod))
         if needs_grad(x_cd, *weights_eod):
             return _FP8GroupedLinear.apply(
-                x_cd, counts_e, recipe.power_of_two, dtype,
+                x_cd, None, None, counts_e, recipe.power_of_two, dtype,
                 len(weights_eod), *weights_eod,
                 *(tensor for form in forms for tensor in form))
         return _forward(x_cd, counts_e, recipe.power_of_two, dtype,

@@ -14,6 +14,7 @@ from torch import nn
 from coom.config import ModelConfig
 from coom.fp8.dispatch import FP8Rows
 from coom.fp8.grouped import (
+    fp8_copies_grouped_linear,
     fp8_gated_grouped_linear,
     fp8_grouped_linear,
     grouped_weight_forms,
@@ -27,7 +28,7 @@ from coom.fp8.linear import (
 from coom.fp8.weights import KeptForms
 from coom.kernels.swiglu import swiglu_reference
 from coom.layers.mlp import SwiGLU
-from coom.layers.moe import GroupedExperts
+from coom.layers.moe import Copies, GroupedExperts, rows_of
 
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 """The routed experts' weights, in the order their products use them."""
@@ -120,29 +121,33 @@ class FP8GroupedExperts(GroupedExperts):
                 refreshed += kept.refresh(weight)
         return refreshed
 
-    def forward(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+    def forward(self, x_cd: torch.Tensor | Copies, counts_e: torch.Tensor,
                 beside: Optional[Callable[[], torch.Tensor]] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """As GroupedExperts's, with the weights' kept FP8 forms, the rows
-        first rounded as they would travel in FP8 (with a transport;
-        expert parallelism sends them so instead and calls ``run``,
-        ``coom.parallel.expert``)."""
+        """As GroupedExperts's, with the weights' kept FP8 forms; token
+        ``Copies`` are quantised from their tokens, unmade
+        (``fp8_copies_grouped_linear``), or with a transport first
+        rounded as they would travel in FP8 (expert parallelism sends
+        them so instead and calls ``run``, ``coom.parallel.expert``)."""
         if self.transport is not None:
-            x_cd = self.transport.round(x_cd)
+            x_cd = self.transport.round(rows_of(x_cd))
         besides = None if beside is None else beside()
         forms = tuple(kept.forms() for kept in self.kept.values())
         return self.recompute(self.compute, x_cd, counts_e, self.w1,
                               self.w3, self.w2, forms), besides
 
-    def compute(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+    def compute(self, x_cd: torch.Tensor | Copies, counts_e: torch.Tensor,
                 w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                 forms: tuple = ((), (), ())) -> torch.Tensor:
-        """What run computes, with the weights' FP8 forms where given
+        """What run computes (of rows, or of token ``Copies``), with the
+        weights' FP8 forms where given
         (``coom.fp8.grouped.grouped_weight_forms``, for w1, w3 and w2);
         with fused kernels, the gating is fused into the quantisation of
         its output (``fp8_gated_grouped_linear``)."""
-        gate, up = fp8_grouped_linear(x_cd, [w1, w3], counts_e, self.recipe,
-                                      forms[:2] if all(forms[:2]) else ())
+        gate_and_up = fp8_copies_grouped_linear \
+            if isinstance(x_cd, Copies) else fp8_grouped_linear
+        gate, up = gate_and_up(x_cd, [w1, w3], counts_e, self.recipe,
+                               forms[:2] if all(forms[:2]) else ())
         if self.fused_kernels:
             return fp8_gated_grouped_linear(gate, up, w2, counts_e,
                                             self.recipe, forms[2])

@@ -67,6 +67,20 @@ def swiglu_rows_and_transpose(
     return values_mk, scales_mh, values_kc, scales_kj
 
 
+@torch.library.triton_op("coom::fp8_gathered_rows_and_transpose",
+                         mutates_args=())
+def gathered_rows_and_transpose(
+        x_td: torch.Tensor, sources_c: torch.Tensor, power_of_two: bool,
+        counts_e: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_rows_and_transpose`` of x[sources], reading each row
+    where it is: (values_cd, scales_ch, values_dc, scales_dj)."""
+    (values_cd, scales_ch), (values_dc, scales_dj) = (
+        quantize.gathered_rows_and_transpose(x_td, sources_c, power_of_two,
+                                             counts_e, traceable=True))
+    return values_cd, scales_ch, values_dc, scales_dj
+
+
 @torch.library.triton_op("coom::fp8_quantize_rows", mutates_args=())
 def quantize_rows(x_mk: torch.Tensor, power_of_two: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:

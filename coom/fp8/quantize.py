@@ -125,10 +125,11 @@ def _bytes(values_ptr):
 
 
 @triton.jit
-def _row_tiles_kernel(x_ptr, up_ptr, values_mk_ptr, scales_hm_ptr,
-                      values_kc_ptr, scales_jk_ptr, starts_ptr, ends_ptr, m,
-                      k, stride_m, stride_k, transpose: tl.constexpr,
-                      grouped: tl.constexpr, gated: tl.constexpr,
+def _row_tiles_kernel(x_ptr, up_ptr, sources_ptr, values_mk_ptr,
+                      scales_hm_ptr, values_kc_ptr, scales_jk_ptr, starts_ptr,
+                      ends_ptr, m, k, stride_m, stride_k,
+                      transpose: tl.constexpr, grouped: tl.constexpr,
+                      gated: tl.constexpr, gathered: tl.constexpr,
                       power_of_two: tl.constexpr, tile: tl.constexpr):
     values_mk_ptr, values_kc_ptr = _bytes(values_mk_ptr), \
         _bytes(values_kc_ptr)
@@ -144,7 +145,12 @@ def _row_tiles_kernel(x_ptr, up_ptr, values_mk_ptr, scales_hm_ptr,
     columns = column_tile * tile + tl.arange(0, tile)
     row_mask, column_mask = rows < end, columns < k
     mask = row_mask[:, None] & column_mask[None, :]
-    offsets = rows[:, None] * stride_m + columns[None, :] * stride_k
+    if gathered:
+        # Row i quantised is row sources[i] of x (a token's copy).
+        sources = tl.load(sources_ptr + rows, mask=row_mask, other=0)
+        offsets = sources[:, None] * stride_m + columns[None, :] * stride_k
+    else:
+        offsets = rows[:, None] * stride_m + columns[None, :] * stride_k
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if gated:
         # x is SwiGLU's gate: the tile quantised is silu(gate) * up as
@@ -234,15 +240,18 @@ def _group_tile_rows(counts_e: torch.Tensor,
 
 def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
                counts_e: torch.Tensor | None, traceable: bool = False,
-               up_mk: torch.Tensor | None = None):
+               up_mk: torch.Tensor | None = None,
+               sources_m: torch.Tensor | None = None):
     """((values_mk, scales_mh), (values_kc, scales_kj)); the second pair
-    only with transpose. With up, of silu(x) * up (x is the gate)."""
+    only with transpose. With up, of silu(x) * up (x is the gate); with
+    sources, of x[sources] (m = len(sources) rows)."""
     if up_mk is not None and (up_mk.shape != x_mk.shape
                               or up_mk.stride() != x_mk.stride()):
         raise ValueError(f"gate {tuple(x_mk.shape)} strides "
                          f"{x_mk.stride()} and up {tuple(up_mk.shape)} "
                          f"strides {up_mk.stride()} differ")
-    m, k = x_mk.shape
+    m, k = x_mk.shape if sources_m is None else (len(sources_m),
+                                                 x_mk.shape[1])
     column_tiles = triton.cdiv(k, TILE)
     grouped = counts_e is not None
     row_tiles = (max_group_tiles(m, len(counts_e)) if grouped
@@ -265,16 +274,18 @@ def _row_tiles(x_mk: torch.Tensor, power_of_two: bool, transpose: bool,
         values_kc = torch.empty(0, 0, device=x_mk.device, dtype=E4M3)
         scales_jk = torch.empty(0, 0, **float32)
     # On the meta device (the planner's) there is nothing to compute.
-    if x_mk.numel() and not x_mk.is_meta:
-        # Ungrouped, the kernel reads no tile rows: x stands in for them.
+    if m and k and not x_mk.is_meta:
+        # Ungrouped, the kernel reads no tile rows; ungated, no up;
+        # ungathered, no sources: x stands in for each.
         starts_j, ends_j = (_group_tile_rows(counts_e, row_tiles)
                             if grouped else (x_mk, x_mk))
-        # Ungated, x stands in for up, which the kernel does not read.
         launcher(_row_tiles_kernel, traceable)[(row_tiles, column_tiles)](
-            x_mk, x_mk if up_mk is None else up_mk, values_mk, scales_hm,
+            x_mk, x_mk if up_mk is None else up_mk,
+            x_mk if sources_m is None else sources_m, values_mk, scales_hm,
             values_kc, scales_jk, starts_j, ends_j, m, k, *x_mk.stride(),
             transpose=transpose, grouped=grouped, gated=up_mk is not None,
-            power_of_two=power_of_two, tile=TILE, num_warps=NUM_WARPS)
+            gathered=sources_m is not None, power_of_two=power_of_two,
+            tile=TILE, num_warps=NUM_WARPS)
     return (values_mk, scales_hm.t()), (values_kc, scales_jk.t())
 
 
@@ -315,6 +326,19 @@ def swiglu_rows_and_transpose(
     written."""
     return _row_tiles(gate_mk, power_of_two, True, counts_e, traceable,
                       up_mk)
+
+
+def gathered_rows_and_transpose(
+        x_td: torch.Tensor, sources_m: torch.Tensor,
+        power_of_two: bool = False, counts_e: torch.Tensor | None = None,
+        traceable: bool = False
+) -> tuple[tuple[torch.Tensor, torch.Tensor],
+           tuple[torch.Tensor, torch.Tensor]]:
+    """``quantize_rows_and_transpose`` of x[sources] (a token
+    permutation's copies, ``coom.kernels.permute``), reading each copy's
+    row where it is: the copies themselves are never written."""
+    return _row_tiles(x_td, power_of_two, True, counts_e, traceable,
+                      sources_m=sources_m)
 
 
 def quantize_blocks(w: torch.Tensor, power_of_two: bool = False,

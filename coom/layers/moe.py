@@ -7,7 +7,9 @@ parallelism slots in between them from outside:
    ``num_experts_per_tok`` of them per token, optionally only from the
    ``topk_group`` best of ``n_group`` groups (ranked as ``topk_method``
    says);
-2. permute: token copies are sorted by expert;
+2. permute: token copies are sorted by expert (``Copies``: the experts
+   make them, and FP8 experts read each copy from its token as they
+   quantise it);
 3. experts: one grouped SwiGLU over the sorted copies (``torch._grouped_mm``
    on a GPU, a loop over the groups elsewhere), nothing dropped. Expert
    parallelism (``coom.parallel.expert``) replaces the experts with a
@@ -37,6 +39,7 @@ model width; e routed experts; k experts per token; g groups; i expert
 width; c token copies (t * k).
 """
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
 
@@ -135,6 +138,40 @@ def grouped_matmul(x_cd: torch.Tensor, weight_eod: torch.Tensor,
                       for e, chunk in enumerate(chunks)])
 
 
+@dataclass
+class Copies:
+    """A MoE layer's token copies in expert order, as yet unmade: row
+    copy_tk[t, j] of ``rows()`` is x_td[t]. The experts make them, or
+    read each copy from its token where they can (FP8 experts quantise
+    the copies straight from the tokens, ``coom.fp8.modules``)."""
+
+    x_td: torch.Tensor
+    copy_tk: torch.Tensor
+    fused_kernels: bool
+    """Copy with the op of ``coom.kernels.permute``, else the
+    reference."""
+
+    def rows(self) -> torch.Tensor:
+        """The copies, made."""
+        if self.fused_kernels:
+            return permute(self.x_td, self.copy_tk)
+        return permute_reference(self.x_td, self.copy_tk)
+
+    def sources(self) -> torch.Tensor:
+        """The token of each copy (c,)."""
+        tokens, k = self.copy_tk.shape
+        tokens_c = torch.arange(tokens, device=self.copy_tk.device) \
+            .repeat_interleave(k)
+        sources_c = torch.empty_like(tokens_c)
+        sources_c[self.copy_tk.flatten()] = tokens_c
+        return sources_c
+
+
+def rows_of(x_cd: torch.Tensor | Copies) -> torch.Tensor:
+    """Rows given, or the copies made."""
+    return x_cd.rows() if isinstance(x_cd, Copies) else x_cd
+
+
 class GroupedExperts(nn.Module):
     """The routed experts' SwiGLU weights, stacked: w1, w3 (e, i, d) and
     w2 (e, d, i). FP8 (``coom.fp8.convert``) and expert parallelism
@@ -163,15 +200,17 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=out_std)
 
-    def forward(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+    def forward(self, x_cd: torch.Tensor | Copies, counts_e: torch.Tensor,
                 beside: Optional[Callable[[], torch.Tensor]] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """SwiGLU of rows sorted by expert, counts_e rows per expert; and
-        beside's result (None without): the layer's work that needs none
-        of the experts' output, which expert parallelism
-        (``coom.parallel.expert``) runs while the rows are in flight."""
+        """SwiGLU of rows sorted by expert (or of the ``Copies`` that
+        make them), counts_e rows per expert; and beside's result (None
+        without): the layer's work that needs none of the experts'
+        output, which expert parallelism (``coom.parallel.expert``) runs
+        while the rows are in flight."""
         besides = None if beside is None else beside()
-        return self.run(x_cd, counts_e, self.w1, self.w3, self.w2), besides
+        return self.run(rows_of(x_cd), counts_e, self.w1, self.w3,
+                        self.w2), besides
 
     def run(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
             w1: torch.Tensor, w3: torch.Tensor,
@@ -363,16 +402,10 @@ class MoE(nn.Module):
         expert parallelism."""
         shared = None if self.shared_experts is None \
             else partial(self.shared_experts, x_td)
-        y_cd, shared_td = self.experts(self.permute(x_td, copy_tk),
-                                       counts_e, beside=shared)
+        y_cd, shared_td = self.experts(
+            Copies(x_td, copy_tk, self.fused_kernels), counts_e,
+            beside=shared)
         return self.combine(y_cd, weights_tk, copy_tk), shared_td
-
-    def permute(self, x_td: torch.Tensor,
-                copy_tk: torch.Tensor) -> torch.Tensor:
-        """Token t's row copied to rows copy_tk[t] (expert-sorted)."""
-        if self.fused_kernels:
-            return permute(x_td, copy_tk)
-        return permute_reference(x_td, copy_tk)
 
     def combine(self, y_cd: torch.Tensor, weights_tk: torch.Tensor,
                 copy_tk: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from coom.fp8.dispatch import FP8Rows, InFlight
 from coom.fp8.modules import FP8GroupedExperts
-from coom.layers.moe import GroupedExperts, MoE
+from coom.layers.moe import Copies, GroupedExperts, MoE, rows_of
 from coom.parallel.placement import (
     Placement,
     PlacementError,
@@ -304,14 +304,16 @@ class ExpertParallel(nn.Module):
             if isinstance(experts, FP8GroupedExperts) else None
         self.dispatcher = AllToAll(mesh, self.w1.shape[0], transport)
 
-    def forward(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
+    def forward(self, x_cd: torch.Tensor | Copies, counts_e: torch.Tensor,
                 beside: Optional[Callable[[], torch.Tensor]] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The experts' SwiGLU of the copies sorted by expert, counts_e
-        per (global) expert, computed by the processes holding them; and
-        beside's result (``GroupedExperts.forward``), computed while the
-        copies travel to them."""
-        x_rd, counts_l, state = self.dispatcher.dispatch(x_cd, counts_e)
+        """The experts' SwiGLU of the copies sorted by expert (made here
+        from ``Copies``), counts_e per (global) expert, computed by the
+        processes holding them; and beside's result
+        (``GroupedExperts.forward``), computed while the copies travel to
+        them."""
+        x_rd, counts_l, state = self.dispatcher.dispatch(rows_of(x_cd),
+                                                         counts_e)
         besides = None if beside is None else beside()
         weights = self.dispatcher.slot_weights(
             *(weight.to_local() for weight in (self.w1, self.w3, self.w2)))

@@ -1,19 +1,24 @@
 """The routed experts' grouped FP8 products: the emulation against one
 FP8 linear per expert and float64, the Triton kernel path (through the
-interpreter on CPU) against the emulation, and the down product with the
-gating fused in against the gating followed by the product."""
+interpreter on CPU) against the emulation, the down product with the
+gating fused in against the gating followed by the product, and the
+products of token copies quantised from their tokens against those of
+the copies made."""
 import pytest
 import torch
 
 from coom.fp8 import ops
 from coom.fp8.grouped import (
+    fp8_copies_grouped_linear,
     fp8_gated_grouped_linear,
     fp8_grouped_linear,
     grouped_weight_forms,
 )
 from coom.fp8.linear import FP8Recipe, fp8_linear
 from coom.fp8.scaling import TILE, max_group_tiles
+from coom.kernels.permute import copy_positions, permute
 from coom.kernels.swiglu import swiglu, swiglu_backward
+from coom.layers.moe import Copies
 from tests.fp8 import run_product
 from tests.kernels import DEVICE, relative_error
 
@@ -130,7 +135,7 @@ def test_weights_sharing_one_quantisation_of_x():
     recipe = FP8Recipe("blockwise")
     leaves = [t.clone().requires_grad_() for t in (x, weight, other)]
     pair = fp8_grouped_linear(leaves[0], leaves[1:], counts, recipe)
-    saved = pair[0].grad_fn.saved_tensors
+    saved = [t for t in pair[0].grad_fn.saved_tensors if t is not None]
     assert sum(t.dtype == torch.float8_e4m3fn for t in saved) == 3
     torch.autograd.backward(pair, [dy, dy_other])
     single = run_product(_grouped(recipe), x, weight, dy)
@@ -173,4 +178,34 @@ def test_gating_fused_into_the_down_product(dtype, kept):
             swiglu(g, u), [w], counts, recipe, [forms] if kept else ())[0])
     for ours, expected in zip(fused, unfused):
         assert ours.dtype == expected.dtype
+        assert torch.equal(ours, expected)
+
+
+def test_copies_quantised_from_their_tokens():
+    """The gate and up products of token copies quantised straight from
+    the tokens give what the products of the permuted copies give:
+    outputs and the gradients of the tokens and weights, bit for bit."""
+    recipe = FP8Recipe("blockwise")
+    generator = torch.Generator().manual_seed(8)
+    tokens, k, experts = 60, 3, len(COUNTS)
+    x_td = torch.randn(tokens, 192, generator=generator).to(DEVICE)
+    order_c = torch.randperm(tokens * k, generator=generator).to(DEVICE)
+    copy_tk = copy_positions(order_c, k)
+    counts = torch.tensor([0, 100, 20, 60], device=DEVICE)
+    w1, w3 = ((torch.randn(experts, 128, 192, generator=generator) / 14)
+              .to(DEVICE) for _ in range(2))
+    dys = [torch.randn(tokens * k, 128, generator=generator).to(DEVICE)
+           for _ in range(2)]
+
+    def run(products):
+        leaves = [t.clone().requires_grad_() for t in (x_td, w1, w3)]
+        outputs = products(*leaves)
+        torch.autograd.backward(outputs, dys)
+        return [*outputs, *(leaf.grad for leaf in leaves)]
+
+    fused = run(lambda x, a, b: fp8_copies_grouped_linear(
+        Copies(x, copy_tk, True), [a, b], counts, recipe))
+    unfused = run(lambda x, a, b: fp8_grouped_linear(
+        permute(x, copy_tk), [a, b], counts, recipe))
+    for ours, expected in zip(fused, unfused):
         assert torch.equal(ours, expected)

@@ -1,11 +1,13 @@
 """Triton FP8 quantisation against coom/fp8/scaling.py's reference, bit
 for bit (interpreted on CPU); and the quantisation with SwiGLU's gating
-fused in against the quantisation of the gating kernel's output.
+fused in, or of copies read where they are, against the quantisation of
+the gating kernel's output or of the copies made.
 """
 import pytest
 import torch
 
 from coom.fp8.quantize import (
+    gathered_rows_and_transpose,
     quantize_blocks,
     quantize_rows,
     quantize_rows_and_transpose,
@@ -225,3 +227,23 @@ def test_gate_and_up_must_share_a_layout():
     gate = _matrix((200, 300), torch.float32)
     with pytest.raises(ValueError, match="strides"):
         swiglu_rows_and_transpose(gate, gate.T.contiguous().T)
+
+
+@power_of_two_or_not
+@dtypes
+@pytest.mark.parametrize("counts", [None, [0, 130, 0, 40, 130]])
+def test_gathered_rows_quantise_the_copies(counts, dtype, power_of_two):
+    """Copies of the rows of x read where they are give the
+    quantisation of the copies made, bit for bit."""
+    x_td = _matrix((120, 130), dtype)
+    generator = torch.Generator().manual_seed(7)
+    sources_c = torch.randint(0, 120, (300,), generator=generator).to(
+        DEVICE)
+    counts_e = None if counts is None \
+        else torch.tensor(counts, device=DEVICE, dtype=torch.int32)
+    rows, transposed = gathered_rows_and_transpose(x_td, sources_c,
+                                                   power_of_two, counts_e)
+    reference = quantize_rows_and_transpose(x_td[sources_c], power_of_two,
+                                            counts_e)
+    _assert_same(rows, reference[0])
+    _assert_same(transposed, reference[1])
