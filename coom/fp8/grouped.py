@@ -93,6 +93,23 @@ def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
     return tuple(outputs), saved
 
 
+def _gradients(dy_co: torch.Tensor, weight_values_t: torch.Tensor,
+               weight_scales: torch.Tensor, x_values_t: torch.Tensor,
+               x_scales_t: torch.Tensor, counts_e: torch.Tensor,
+               power_of_two: bool, x_dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input gradient (in x_dtype) and the float32 weight gradient
+    of one grouped product, from its output gradient (quantised here),
+    the weight's K-major FP8 copy and scales, and x^T's FP8 columns."""
+    dy_values, dy_scales, dy_values_t, dy_scales_t = \
+        ops.quantize_rows_and_transpose(dy_co.contiguous(), power_of_two,
+                                        counts_e)
+    dx = ops.grouped_mm(dy_values, dy_scales, weight_values_t,
+                        weight_scales.transpose(-2, -1), counts_e, x_dtype)
+    return dx, ops.grouped_mm_wgrad(dy_values_t, dy_scales_t, x_values_t,
+                                    x_scales_t, counts_e)
+
+
 class _FP8GroupedLinear(torch.autograd.Function):
     """The three grouped products in COOM's Triton kernels, blockwise:
     forward and input gradient with 1 x 128 tiles against 128 x 128
@@ -128,15 +145,11 @@ class _FP8GroupedLinear(torch.autograd.Function):
         dx_cd, dweights_eod = None, []
         for dy_co, weight_values_t, weight_scales in zip(
                 dys_co, weights_t[::2], weights_t[1::2]):
-            dy_values, dy_scales, dy_values_t, dy_scales_t = \
-                ops.quantize_rows_and_transpose(dy_co.contiguous(),
-                                                ctx.power_of_two, counts_e)
-            dx = ops.grouped_mm(dy_values, dy_scales, weight_values_t,
-                                weight_scales.transpose(-2, -1), counts_e,
-                                ctx.x_dtype)
+            dx, dweight = _gradients(dy_co, weight_values_t, weight_scales,
+                                     x_values_t, x_scales_t, counts_e,
+                                     ctx.power_of_two, ctx.x_dtype)
             dx_cd = dx if dx_cd is None else dx_cd + dx
-            dweights_eod.append(ops.grouped_mm_wgrad(
-                dy_values_t, dy_scales_t, x_values_t, x_scales_t, counts_e))
+            dweights_eod.append(dweight)
         if copy_tk is not None:
             dx_cd = unpermute(dx_cd, None, copy_tk)
         return (dx_cd, None, None, None, None, None, None, *dweights_eod,
@@ -175,15 +188,10 @@ class _FP8GatedDown(torch.autograd.Function):
     def backward(ctx, dy_cd):
         (gate_ci, up_ci, h_values_t, h_scales_t, counts_e, values_t,
          scales) = ctx.saved_tensors
-        dy_values, dy_scales, dy_values_t, dy_scales_t = \
-            ops.quantize_rows_and_transpose(dy_cd.contiguous(),
-                                            ctx.power_of_two, counts_e)
-        dh_ci = ops.grouped_mm(dy_values, dy_scales, values_t,
-                               scales.transpose(-2, -1), counts_e,
-                               gate_ci.dtype)
+        dh_ci, dweight_edi = _gradients(dy_cd, values_t, scales, h_values_t,
+                                        h_scales_t, counts_e,
+                                        ctx.power_of_two, gate_ci.dtype)
         dgate_ci, dup_ci = swiglu_backward(dh_ci, gate_ci, up_ci)
-        dweight_edi = ops.grouped_mm_wgrad(dy_values_t, dy_scales_t,
-                                           h_values_t, h_scales_t, counts_e)
         return (dgate_ci, dup_ci, None, None, None, dweight_edi,
                 *[None] * ctx.kept)
 

@@ -8,3 +8,12 @@ def run_product(product, x, weight, dy):
     y = product(x, weight)
     y.backward(dy)
     return y, x.grad, weight.grad
+
+
+def outputs_and_gradients(function, tensors, dy):
+    """function's output, then the gradient of each of tensors, for the
+    output gradient dy."""
+    leaves = [tensor.clone().requires_grad_() for tensor in tensors]
+    out = function(*leaves)
+    out.backward(dy)
+    return [out, *(leaf.grad for leaf in leaves)]

@@ -19,7 +19,7 @@ from coom.fp8.scaling import TILE, max_group_tiles
 from coom.kernels.permute import copy_positions, permute
 from coom.kernels.swiglu import swiglu, swiglu_backward
 from coom.layers.moe import Copies
-from tests.fp8 import run_product
+from tests.fp8 import outputs_and_gradients, run_product
 from tests.kernels import DEVICE, relative_error
 
 COUNTS = [0, 130, 5, 61]
@@ -163,19 +163,17 @@ def test_gating_fused_into_the_down_product(dtype, kept):
     dy = torch.randn(sum(COUNTS), 256, generator=generator).to(DEVICE, dtype)
     counts = torch.tensor(COUNTS, device=DEVICE)
     forms = grouped_weight_forms(weight, recipe) if kept else ()
-
-    def run(down):
-        leaves = [t.clone().requires_grad_() for t in (gate, up, weight)]
-        out = down(*leaves)
-        out.backward(dy)
-        return [out, *(leaf.grad for leaf in leaves)]
-
+    tensors = (gate, up, weight)
     with swiglu.set_kernel_enabled("cpu", False), \
             swiglu_backward.set_kernel_enabled("cpu", False):
-        fused = run(lambda g, u, w: fp8_gated_grouped_linear(
-            g, u, w, counts, recipe, forms))
-        unfused = run(lambda g, u, w: fp8_grouped_linear(
-            swiglu(g, u), [w], counts, recipe, [forms] if kept else ())[0])
+        fused = outputs_and_gradients(
+            lambda g, u, w: fp8_gated_grouped_linear(g, u, w, counts,
+                                                     recipe, forms),
+            tensors, dy)
+        unfused = outputs_and_gradients(
+            lambda g, u, w: fp8_grouped_linear(
+                swiglu(g, u), [w], counts, recipe,
+                [forms] if kept else ())[0], tensors, dy)
     for ours, expected in zip(fused, unfused):
         assert ours.dtype == expected.dtype
         assert torch.equal(ours, expected)

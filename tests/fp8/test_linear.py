@@ -21,7 +21,7 @@ from coom.fp8.linear import (
 )
 from coom.fp8.scaling import E4M3, RECIPES, TILE
 from coom.kernels.swiglu import swiglu, swiglu_backward
-from tests.fp8 import run_product
+from tests.fp8 import outputs_and_gradients, run_product
 from tests.kernels import relative_error
 
 FP8_BOUND, BF16_BOUND = 2 ** -4, 2 ** -8
@@ -193,16 +193,22 @@ def test_gating_fused_into_the_down_product(kept):
     forms = linear.weight_forms(weight.bfloat16(), "blockwise", False) \
         if kept else ()
 
-    def run(down):
-        leaves = [t.clone().requires_grad_() for t in (gate, up, weight)]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = down(*leaves)
-        out.backward(dy)
-        return [out, *(leaf.grad for leaf in leaves)]
+    def autocast(down):
+        def product(*tensors):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return down(*tensors)
+        return product
 
-    fused = run(lambda g, u, w: fp8_gated_linear(g, u, w, recipe, forms))
-    unfused = run(lambda g, u, w: fp8_linears(
-        swiglu(g, u), [w], recipe, [forms] if kept else ())[0])
+    def fused_down(g, u, w):
+        return fp8_gated_linear(g, u, w, recipe, forms)
+
+    def unfused_down(g, u, w):
+        return fp8_linears(swiglu(g, u), [w], recipe,
+                           [forms] if kept else ())[0]
+
+    tensors = (gate, up, weight)
+    fused = outputs_and_gradients(autocast(fused_down), tensors, dy)
+    unfused = outputs_and_gradients(autocast(unfused_down), tensors, dy)
     for ours, expected in zip(fused, unfused):
         assert ours.dtype == expected.dtype
         assert torch.equal(ours, expected)
@@ -239,18 +245,16 @@ def test_fused_gating_runs_the_unfused_products(monkeypatch, kept):
     weight = torch.randn(256, 384, generator=generator) / 20
     recipe = FP8Recipe("blockwise")
     forms = linear.weight_forms(weight, "blockwise", False) if kept else ()
-
-    def run(down):
-        leaves = [t.clone().requires_grad_() for t in (gate, up, weight)]
-        out = down(*leaves)
-        out.backward(dy)
-        return [out, *(leaf.grad for leaf in leaves)]
-
+    tensors = (gate, up, weight)
     with swiglu.set_kernel_enabled("cpu", False), \
             swiglu_backward.set_kernel_enabled("cpu", False):
-        fused = run(lambda g, u, w: fp8_gated_linear(g, u, w, recipe, forms))
-        unfused = run(lambda g, u, w: fp8_linears(
-            swiglu(g, u), [w], recipe, [forms] if kept else ())[0])
+        fused = outputs_and_gradients(
+            lambda g, u, w: fp8_gated_linear(g, u, w, recipe, forms),
+            tensors, dy)
+        unfused = outputs_and_gradients(
+            lambda g, u, w: fp8_linears(swiglu(g, u), [w], recipe,
+                                        [forms] if kept else ())[0],
+            tensors, dy)
     assert "_FP8GatedLinear" in fused[0].grad_fn.next_functions[0][0].name()
     for ours, expected in zip(fused, unfused):
         assert ours.dtype == expected.dtype
