@@ -219,6 +219,15 @@ def fp8_gated_grouped_linear(gate_ci: torch.Tensor, up_ci: torch.Tensor,
             recipe.power_of_two, dtype, weight_edi, *forms)
 
 
+def quantises_copies(copies: Copies, weights_eod: Sequence[torch.Tensor],
+                     recipe: FP8Recipe) -> bool:
+    """Whether ``fp8_copies_grouped_linear`` quantises the copies from
+    their tokens (else it makes them first): on FP8 units, with fused
+    kernels, where a backward follows."""
+    return not recipe.emulate and copies.fused_kernels \
+        and needs_grad(copies.x_td, *weights_eod)
+
+
 def fp8_copies_grouped_linear(copies: Copies,
                               weights_eod: Sequence[torch.Tensor],
                               counts_e: torch.Tensor, recipe: FP8Recipe,
@@ -228,8 +237,7 @@ def fp8_copies_grouped_linear(copies: Copies,
     backward follows on FP8 units with fused kernels, are quantised
     straight from their tokens and never made in the tokens' dtype."""
     x_td = copies.x_td
-    if recipe.emulate or not copies.fused_kernels \
-            or not needs_grad(x_td, *weights_eod):
+    if not quantises_copies(copies, weights_eod, recipe):
         return fp8_grouped_linear(copies.rows(), weights_eod, counts_e,
                                   recipe, forms)
     dtype = product_dtype(x_td)

@@ -18,6 +18,7 @@ from coom.fp8.grouped import (
     fp8_gated_grouped_linear,
     fp8_grouped_linear,
     grouped_weight_forms,
+    quantises_copies,
 )
 from coom.fp8.linear import (
     FP8Linear,
@@ -28,7 +29,7 @@ from coom.fp8.linear import (
 from coom.fp8.weights import KeptForms
 from coom.kernels.swiglu import swiglu_reference
 from coom.layers.mlp import SwiGLU
-from coom.layers.moe import Copies, GroupedExperts, rows_of
+from coom.layers.moe import Copies, GroupedExperts
 
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 """The routed experts' weights, in the order their products use them."""
@@ -129,8 +130,14 @@ class FP8GroupedExperts(GroupedExperts):
         (``fp8_copies_grouped_linear``), or with a transport first
         rounded as they would travel in FP8 (expert parallelism sends
         them so instead and calls ``run``, ``coom.parallel.expert``)."""
+        # Copies not quantised from their tokens are made before beside
+        # runs, as GroupedExperts makes them.
+        if isinstance(x_cd, Copies) and (self.transport is not None or (
+                not quantises_copies(x_cd, [self.w1, self.w3],
+                                     self.recipe))):
+            x_cd = x_cd.rows()
         if self.transport is not None:
-            x_cd = self.transport.round(rows_of(x_cd))
+            x_cd = self.transport.round(x_cd)
         besides = None if beside is None else beside()
         forms = tuple(kept.forms() for kept in self.kept.values())
         return self.recompute(self.compute, x_cd, counts_e, self.w1,

@@ -145,12 +145,10 @@ def _row_tiles_kernel(x_ptr, up_ptr, sources_ptr, values_mk_ptr,
     columns = column_tile * tile + tl.arange(0, tile)
     row_mask, column_mask = rows < end, columns < k
     mask = row_mask[:, None] & column_mask[None, :]
-    if gathered:
-        # Row i quantised is row sources[i] of x (a token's copy).
+    sources = rows
+    if gathered:  # row i quantised is row sources[i] of x (a token's copy)
         sources = tl.load(sources_ptr + rows, mask=row_mask, other=0)
-        offsets = sources[:, None] * stride_m + columns[None, :] * stride_k
-    else:
-        offsets = rows[:, None] * stride_m + columns[None, :] * stride_k
+    offsets = sources[:, None] * stride_m + columns[None, :] * stride_k
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if gated:
         # x is SwiGLU's gate: the tile quantised is silu(gate) * up as

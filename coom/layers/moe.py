@@ -208,9 +208,11 @@ class GroupedExperts(nn.Module):
         without): the layer's work that needs none of the experts'
         output, which expert parallelism (``coom.parallel.expert``) runs
         while the rows are in flight."""
+        # The copies are made before beside runs: the tokens' gradient
+        # then sums its parts in one order whatever the layout.
+        x_cd = rows_of(x_cd)
         besides = None if beside is None else beside()
-        return self.run(rows_of(x_cd), counts_e, self.w1, self.w3,
-                        self.w2), besides
+        return self.run(x_cd, counts_e, self.w1, self.w3, self.w2), besides
 
     def run(self, x_cd: torch.Tensor, counts_e: torch.Tensor,
             w1: torch.Tensor, w3: torch.Tensor,
