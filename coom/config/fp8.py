@@ -27,6 +27,14 @@ class FP8Config:
     """Round every scale up to a power of two, so scaling changes only
     exponents."""
 
+    filter: bool = True
+    """Convert a product only where FP8 makes it faster, by a table of
+    products measured forward and backward on an H100 (``coom.fp8.filter``;
+    a shape the table lacks follows its nearest measurement). The choices
+    are printed at the start and kept in the run's fp8_products.json.
+    Applies to the blockwise recipe on FP8 units; false converts every
+    product that fits, as emulation always does."""
+
     experts: bool = True
     """Run the routed experts' grouped products in FP8 too."""
 

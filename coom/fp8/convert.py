@@ -10,18 +10,19 @@ units (cuBLAS) a linear converts only when its widths are whole
 128-column tiles (blockwise) or multiples of 16 (rowwise, tensorwise), as
 torchao filters them too: in the ``small`` preset that keeps MLA's
 576-wide latent projection (wkv_a) in bf16. The routed experts follow the
-same rule. Converted layers are replaced (``coom.fp8.modules``) by FP8
-ones that hold the same Parameters: names, values and checkpoints do not
-change.
+same rule. With ``fp8.filter``, the blockwise recipe converts a product
+only where FP8 runs it faster, by a table measured on an H100
+(``coom.fp8.filter``). Converted layers are replaced
+(``coom.fp8.modules``) by FP8 ones that hold the same Parameters: names,
+values and checkpoints do not change.
 """
-from typing import Optional
-
 import torch
 from torch import nn
 
 from coom.config import FP8Config
 from coom.errors import UserError
 from coom.fp8.dispatch import FP8Rows
+from coom.fp8.filter import Choice, Product, nearest
 from coom.fp8.linear import FP8Linear, FP8Recipe
 from coom.fp8.modules import FP8GroupedExperts, FP8SwiGLU, fp8_copy
 from coom.fp8.scaling import TILE
@@ -64,49 +65,89 @@ def _fits_fp8_units(widths: tuple[int, int], recipe: FP8Recipe) -> bool:
     return recipe.emulate or all(width % multiple == 0 for width in widths)
 
 
-def _convert(module: nn.Module, recipe: FP8Recipe, experts: bool,
-             transport: Optional[FP8Rows]) -> int:
-    """Replace module's linears (and experts, whose tokens travel by
-    transport) by FP8 ones, in place; return how many products
-    converted. A SwiGLU whose w1 and w3 both converted becomes an
-    FP8SwiGLU, which quantises x once for both."""
-    converted = 0
-    for name, child in list(module.named_children()):
-        if type(child) is nn.Linear:
-            if _fits_fp8_units((child.in_features, child.out_features),
-                               recipe):
-                setattr(module, name, fp8_copy(child, recipe))
-                converted += 1
-        elif type(child) is GroupedExperts:
-            if experts and _fits_fp8_units(tuple(child.w1.shape[1:]),
-                                           recipe):
-                setattr(module, name, FP8GroupedExperts.replacing(
-                    child, recipe, transport))
-                converted += 1
+class _Converter:
+    """Replaces a model's linears and experts by FP8 ones where they fit
+    FP8's units and, with the filter, where FP8 makes them faster;
+    records each choice."""
+
+    def __init__(self, config: FP8Config, tokens: int, expert_ranks: int):
+        self.recipe = recipe_of(config)
+        self.experts = config.experts
+        self.transport = FP8Rows(config.power_of_two_scales,
+                                 config.emulate) if config.dispatch else None
+        self.filtered = config.filter and config.recipe == "blockwise" \
+            and not config.emulate
+        self.tokens = tokens
+        self.expert_ranks = expert_ranks
+        self.choices: list[Choice] = []
+
+    def _choose(self, name: str, product: Product) -> bool:
+        """Whether the product named name runs in FP8, recorded."""
+        if not _fits_fp8_units((product.n, product.k), self.recipe):
+            choice = Choice(name, product, False)
+        elif self.filtered:
+            evidence = nearest(product)
+            choice = Choice(name, product, evidence.speedup >= 1, evidence)
         else:
-            converted += _convert(child, recipe, experts, transport)
-            if type(child) is SwiGLU and all(
-                    isinstance(linear, FP8Linear)
-                    for linear in (child.w1, child.w3)):
-                setattr(module, name, FP8SwiGLU.replacing(child))
-    return converted
+            choice = Choice(name, product, True)
+        self.choices.append(choice)
+        return choice.fp8
+
+    def _expert_rows(self, experts: GroupedExperts) -> int:
+        """Each local expert's rows at balanced routing."""
+        config = experts.config
+        return max(1, round(self.tokens * config.num_experts_per_tok
+                            * self.expert_ranks / config.n_routed_experts))
+
+    def convert(self, module: nn.Module, prefix: str) -> None:
+        """Convert module's products, in place. A SwiGLU whose w1 and w3
+        both converted becomes an FP8SwiGLU, which quantises x once for
+        both."""
+        for name, child in list(module.named_children()):
+            path = prefix + name
+            if type(child) is nn.Linear:
+                product = Product("linear", self.tokens, child.out_features,
+                                  child.in_features)
+                if self._choose(path, product):
+                    setattr(module, name, fp8_copy(child, self.recipe))
+            elif type(child) is GroupedExperts:
+                n, k = child.w1.shape[1:]
+                product = Product("experts", self._expert_rows(child), n, k)
+                if self.experts and self._choose(path, product):
+                    setattr(module, name, FP8GroupedExperts.replacing(
+                        child, self.recipe, self.transport))
+            else:
+                self.convert(child, path + ".")
+                if type(child) is SwiGLU and all(
+                        isinstance(linear, FP8Linear)
+                        for linear in (child.w1, child.w3)):
+                    setattr(module, name, FP8SwiGLU.replacing(child))
 
 
-def convert_to_fp8(model: nn.Module, config: FP8Config) -> int:
+def convert_to_fp8(model: nn.Module, config: FP8Config, tokens: int,
+                   expert_ranks: int = 1) -> list[Choice]:
     """Run the products of model's blocks (all but the configured first
-    and last ones) and MTP modules in FP8; return how many layers
-    converted (0 when the recipe is off)."""
+    and last ones) and MTP modules in FP8, where the filter lets them;
+    return what was done with each product that could convert (none
+    when the recipe is off).
+
+    Args:
+        model: the built model, before compilation.
+        config: the FP8 config.
+        tokens: the tokens of one micro-batch in one process, the rows
+            of its linears.
+        expert_ranks: the processes that split the routed experts, whose
+            tokens each local expert receives.
+    """
     if config.recipe == "off":
-        return 0
-    recipe = recipe_of(config)
-    transport = FP8Rows(config.power_of_two_scales, config.emulate) \
-        if config.dispatch else None
+        return []
+    converter = _Converter(config, tokens, expert_ranks)
     layers = len(model.layers)
     keep = set(range(config.high_precision_first_layers)) | set(range(
         layers - config.high_precision_last_layers, layers))
-    converted = sum(_convert(block, recipe, config.experts, transport)
-                    for key, block in model.layers.items()
-                    if int(key) not in keep)
-    return converted + sum(_convert(module, recipe, config.experts,
-                                    transport)
-                           for module in model.mtp)
+    for key, block in model.layers.items():
+        if int(key) not in keep:
+            converter.convert(block, f"layers.{key}.")
+    for index, module in enumerate(model.mtp):
+        converter.convert(module, f"mtp.{index}.")
+    return converter.choices

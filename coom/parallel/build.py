@@ -47,7 +47,9 @@ def build_model(config: RunConfig, world: World, device: torch.device,
         model = Transformer(config.model, fused_kernels=train.kernels)
     model.to_empty(device=device)
     model.init_weights()
-    convert_to_fp8(model, config.fp8)
+    fp8_choices = convert_to_fp8(
+        model, config.fp8, train.micro_batch_size * config.data.seq_length,
+        world.expert_size)
     recompute_blocks(model, train.recompute)
     if train.compile:
         model.compile_blocks()
@@ -79,4 +81,5 @@ def build_model(config: RunConfig, world: World, device: torch.device,
         model, world, pipeline,
         ExpertBalancer(layers, world, micro_batches), device, dtype,
         weights, keep_gathered, config.parallel.sequence_parallel,
-        keep_fp8_forms=micro_batches // world.data_size > 1)
+        keep_fp8_forms=micro_batches // world.data_size > 1,
+        fp8_choices=fp8_choices)

@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from coom.data.loader import Batch
+from coom.fp8.filter import Choice
 from coom.fp8.weights import refresh as refresh_kept
 from coom.kernels.autocast import autocast_to
 from coom.layers.mla import preferred_attention
@@ -55,13 +56,16 @@ class ParallelModel:
             optimizer steps (``coom.fp8.weights``): where a step has
             several micro-batches; with one, keeping them would only
             cost memory.
+        fp8_choices: what ``coom.fp8.convert`` did with each product
+            that could run in FP8.
     """
 
     def __init__(self, model: Transformer, world: World,
                  pipeline: Optional[Pipeline], balancer: ExpertBalancer,
                  device: torch.device, dtype: torch.dtype,
                  weights: Optional[ComputeWeights], keep_gathered: bool,
-                 sequence_parallel: bool, keep_fp8_forms: bool):
+                 sequence_parallel: bool, keep_fp8_forms: bool,
+                 fp8_choices: list[Choice]):
         self.model = model
         self.world = world
         self.pipeline = pipeline
@@ -72,6 +76,7 @@ class ParallelModel:
         self.keep_gathered = keep_gathered
         self.sequence_parallel = sequence_parallel
         self.keep_fp8_forms = keep_fp8_forms
+        self.fp8_choices = fp8_choices
 
     def compute(self) -> contextlib.ExitStack:
         """The context a step's (or an evaluation's) forwards and

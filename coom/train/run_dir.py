@@ -1,12 +1,13 @@
-"""A run directory's own files: ``config.yaml``, ``run_info.json`` and
-the lock.
+"""A run directory's own files: ``config.yaml``, ``run_info.json``,
+``fp8_products.json`` and the lock.
 
 ``coom train`` writes ``config.yaml`` before anything else, so a run
 killed in its first seconds (while its data is prepared) can be resumed.
 Both files are written whole: a temporary file, fsynced, then renamed
 over the old one, so a kill leaves the old file or the new one, never a
 part. ``run_info.json`` keeps what started the run and adds what resumed
-it, each time.
+it, each time. ``fp8_products.json`` says which products run in FP8
+(``coom.fp8.filter``); each start writes it again.
 
 Paths in ``config.yaml`` lie in the run (the tokenizer copied into it),
 stored relative to it, or outside it, stored absolute; the run works from
@@ -29,10 +30,12 @@ import yaml
 
 from coom.config import RunConfig, config_from_tree, read_yaml
 from coom.errors import UserError
+from coom.fp8.filter import Choice, describe
 from coom.train.metrics import run_info
 
 CONFIG = "config.yaml"
 RUN_INFO = "run_info.json"
+FP8_PRODUCTS = "fp8_products.json"
 LOCK = "lock"
 # The config fields that hold paths, by section.
 PATH_FIELDS = {"data": ("paths", "tokenizer", "cache_dir"),
@@ -129,6 +132,15 @@ def record_run_info(run_dir: Path) -> None:
         else:  # kept for a person to read; a new record starts
             os.replace(path, path.with_name(f"{RUN_INFO}.unreadable"))
     write_atomically(path, json.dumps(info, indent=1))
+
+
+def record_fp8_choices(run_dir: Path, choices: list[Choice]) -> None:
+    """Print which products run in FP8, and write them to
+    fp8_products.json; nothing when FP8 is off."""
+    if choices:
+        print(describe(choices))
+        write_atomically(run_dir / FP8_PRODUCTS, json.dumps(
+            [choice.record() for choice in choices], indent=1))
 
 
 def hold_lock(run_dir: Path) -> IO:

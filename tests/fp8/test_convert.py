@@ -1,5 +1,7 @@
 """The model transform to FP8, the refusal on devices without FP8 units,
 and a short emulated FP8 training run against the float32 one."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -44,8 +46,10 @@ def test_converts_block_products_but_not_embedding_head_or_router():
     before = {name: p.clone() for name, p in model.state_dict().items()}
     linears = {name for name, module in model.named_modules()
                if type(module) is nn.Linear}
-    assert convert_to_fp8(model, FP8Config(**EMULATED)) == len(
-        _fp8_layers(model))
+    choices = convert_to_fp8(model, FP8Config(**EMULATED), tokens=80)
+    # Emulation takes any width, and the filter is for FP8 units alone.
+    assert all(c.fp8 and c.evidence is None for c in choices)
+    assert {c.name for c in choices} == _fp8_layers(model)
     assert _fp8_layers(model) == linears - {"head"} | {
         f"{block}.mlp.experts" for block in
         ("layers.1", "layers.2", "mtp.0.block")}
@@ -63,12 +67,17 @@ def test_converts_block_products_but_not_embedding_head_or_router():
 def test_fp8_units_take_whole_tiles_only(expert_width):
     """Without emulation, MLA's latent projection (32 + 64 rope = 96
     wide here, 576 in the small preset) keeps its precision, and so do
-    experts of a width that is not whole tiles."""
+    experts of a width that is not whole tiles: the run is told so."""
     model = _model(hidden_size=128, kv_lora_rank=32, qk_rope_head_dim=64,
                    q_lora_rank=128, num_attention_heads=1,
                    qk_nope_head_dim=64, v_head_dim=128, ffn_hidden_size=256,
                    moe_intermediate_size=expert_width)
-    convert_to_fp8(model, FP8Config(recipe="blockwise"))
+    choices = convert_to_fp8(model, FP8Config(recipe="blockwise",
+                                              filter=False), tokens=80)
+    kept = {c.name for c in choices if not c.fp8}
+    assert kept == {c.name for c in choices
+                    if c.product.n % 128 or c.product.k % 128}
+    assert "layers.0.attention.wkv_a" in kept
     assert type(model.layers["0"].attention.wkv_a) is nn.Linear
     assert isinstance(model.layers["0"].attention.wq_a, FP8Linear)
     assert isinstance(model.layers["0"].mlp.w1, FP8Linear)
@@ -81,21 +90,22 @@ def test_keeps_first_and_last_blocks_and_experts_when_asked():
     model = _model()
     convert_to_fp8(model, FP8Config(**EMULATED, experts=False,
                                     high_precision_first_layers=1,
-                                    high_precision_last_layers=1))
+                                    high_precision_last_layers=1),
+                   tokens=80)
     converted = _fp8_layers(model)
     assert converted and all(name.startswith(("layers.1.", "mtp.0."))
                              for name in converted)
     assert not any(isinstance(module, FP8GroupedExperts)
                    for module in model.modules())
     assert type(model.layers["0"].mlp) is SwiGLU
-    assert convert_to_fp8(_model(), FP8Config()) == 0
+    assert convert_to_fp8(_model(), FP8Config(), tokens=80) == []
 
 
 def test_fp8_model_stays_close_to_float32_and_trains():
     tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator()
                            .manual_seed(1))
     reference, model = _model(), _model()
-    convert_to_fp8(model, FP8Config(**EMULATED))
+    convert_to_fp8(model, FP8Config(**EMULATED), tokens=80)
     logits, ref_logits = model(tokens), reference(tokens)
     # One FP8 rounding of each operand is at most 2^-4 relative rms
     # (tests/fp8/test_linear.py); through the blocks' residual stream the
@@ -128,7 +138,8 @@ def test_cli_refuses_fp8_on_cpu_before_any_work(tmp_path, capsys):
     assert not (run / "metrics.jsonl").exists()
 
 
-def test_emulated_fp8_run_follows_the_float32_run(small_run, tmp_path):
+def test_emulated_fp8_run_follows_the_float32_run(small_run, tmp_path,
+                                                  capsys):
     losses = {}
     fp8 = ["fp8.recipe=blockwise", "fp8.emulate=true"]
     for name, extra in [("fp32", []), ("fp8", fp8)]:
@@ -137,6 +148,12 @@ def test_emulated_fp8_run_follows_the_float32_run(small_run, tmp_path):
                      *small_run, *extra]) == 0
         losses[name] = [r["loss"] for r in read_metrics(run)
                         if "loss" in r]
+    # The run says which products ran in FP8, and keeps it.
+    assert "FP8 products: 24 of 24 in FP8" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "fp8" / "fp8_products.json")
+                          .read_text())
+    assert len(recorded) == 24 and all(r["fp8"] for r in recorded)
+    assert not (tmp_path / "fp32" / "fp8_products.json").exists()
     assert losses["fp8"] != losses["fp32"]
     for fp8, fp32 in zip(losses["fp8"], losses["fp32"]):
         assert abs(fp8 - fp32) / fp32 < 0.01
@@ -149,8 +166,10 @@ def test_fp8_run_on_a_gpu_follows_the_bf16_run(small_run, tmp_path):
     for name, extra in [("bf16", []), ("fp8", ["fp8.recipe=blockwise"])]:
         run = tmp_path / name
         assert main(["train", "tiny", "--run-dir", str(run), "--set",
-                     *small_run, "train.precision=bf16", *extra]) == 0
+                     *small_run, "train.precision=bf16", "fp8.filter=false",
+                     *extra]) == 0
         losses[name] = [r["loss"] for r in read_metrics(run)
                         if "loss" in r]
+    assert losses["fp8"] != losses["bf16"]
     for fp8, bf16 in zip(losses["fp8"], losses["bf16"]):
         assert abs(fp8 - bf16) / bf16 < 0.01
