@@ -96,18 +96,22 @@ def _forward(x_cd: torch.Tensor, counts_e: torch.Tensor, power_of_two: bool,
 def _gradients(dy_co: torch.Tensor, weight_values_t: torch.Tensor,
                weight_scales: torch.Tensor, x_values_t: torch.Tensor,
                x_scales_t: torch.Tensor, counts_e: torch.Tensor,
-               power_of_two: bool, x_dtype: torch.dtype
+               power_of_two: bool, x_dtype: torch.dtype,
+               weight_dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input gradient (in x_dtype) and the float32 weight gradient
-    of one grouped product, from its output gradient (quantised here),
-    the weight's K-major FP8 copy and scales, and x^T's FP8 columns."""
+    """The input gradient (in x_dtype) and the weight gradient of one
+    grouped product, from its output gradient (quantised here), the
+    weight's K-major FP8 copy and scales, and x^T's FP8 columns. The
+    weight gradient is summed in float32 and stored in weight_dtype, the
+    dtype autograd would cast it to: a bf16 compute weight's gradient is
+    never written in float32."""
     dy_values, dy_scales, dy_values_t, dy_scales_t = \
         ops.quantize_rows_and_transpose(dy_co.contiguous(), power_of_two,
                                         counts_e)
     dx = ops.grouped_mm(dy_values, dy_scales, weight_values_t,
                         weight_scales.transpose(-2, -1), counts_e, x_dtype)
     return dx, ops.grouped_mm_wgrad(dy_values_t, dy_scales_t, x_values_t,
-                                    x_scales_t, counts_e)
+                                    x_scales_t, counts_e, weight_dtype)
 
 
 class _FP8GroupedLinear(torch.autograd.Function):
@@ -135,6 +139,7 @@ class _FP8GroupedLinear(torch.autograd.Function):
         ctx.save_for_backward(x_values_t, x_scales_t, counts_e, copy_tk,
                               *weights_t)
         ctx.power_of_two, ctx.x_dtype = power_of_two, x_cd.dtype
+        ctx.weight_dtypes = [weight.dtype for weight in weights_eod]
         ctx.kept = len(kept)
         return outputs
 
@@ -143,11 +148,12 @@ class _FP8GroupedLinear(torch.autograd.Function):
         (x_values_t, x_scales_t, counts_e, copy_tk,
          *weights_t) = ctx.saved_tensors
         dx_cd, dweights_eod = None, []
-        for dy_co, weight_values_t, weight_scales in zip(
-                dys_co, weights_t[::2], weights_t[1::2]):
+        for dy_co, weight_values_t, weight_scales, weight_dtype in zip(
+                dys_co, weights_t[::2], weights_t[1::2], ctx.weight_dtypes):
             dx, dweight = _gradients(dy_co, weight_values_t, weight_scales,
                                      x_values_t, x_scales_t, counts_e,
-                                     ctx.power_of_two, ctx.x_dtype)
+                                     ctx.power_of_two, ctx.x_dtype,
+                                     weight_dtype)
             dx_cd = dx if dx_cd is None else dx_cd + dx
             dweights_eod.append(dweight)
         if copy_tk is not None:
@@ -181,6 +187,7 @@ class _FP8GatedDown(torch.autograd.Function):
         ctx.save_for_backward(gate_ci, up_ci, h_values_t, h_scales_t,
                               counts_e, values_t, scales)
         ctx.power_of_two, ctx.kept = power_of_two, len(forms)
+        ctx.weight_dtype = weight_edi.dtype
         return ops.grouped_mm(h_values, h_scales, values, scales, counts_e,
                               out_dtype)
 
@@ -190,7 +197,8 @@ class _FP8GatedDown(torch.autograd.Function):
          scales) = ctx.saved_tensors
         dh_ci, dweight_edi = _gradients(dy_cd, values_t, scales, h_values_t,
                                         h_scales_t, counts_e,
-                                        ctx.power_of_two, gate_ci.dtype)
+                                        ctx.power_of_two, gate_ci.dtype,
+                                        ctx.weight_dtype)
         dgate_ci, dup_ci = swiglu_backward(dh_ci, gate_ci, up_ci)
         return (dgate_ci, dup_ci, None, None, None, dweight_edi,
                 *[None] * ctx.kept)

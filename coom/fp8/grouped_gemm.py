@@ -64,6 +64,7 @@ import triton
 import triton.language as tl
 
 from coom.fp8.scaling import TILE
+from coom.kernels import bf16_nearest_even
 
 # Timed by the autotuner for each (n, k) on first use. A program keeps
 # each step's product apart from the accumulator for the promotion, twice
@@ -196,7 +197,11 @@ def _wgrad_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, counts_ptr,
                     * tl.load(sb_ptrs + j * stride_sb_j)[None, :])
         out_ptrs = (out_ptr + group.to(tl.int64) * n * k
                     + rows_m.to(tl.int64)[:, None] * k + cols_n[None, :])
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            out = bf16_nearest_even(acc)  # as torch casts the sums
+        else:
+            out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, out,
                  mask=(rows_m < n)[:, None] & (cols_n < k)[None, :])
 
 

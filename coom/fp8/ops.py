@@ -129,17 +129,21 @@ def _(a_values_tk, a_scales_th, b_values_enk, b_scales_egh, counts_e,
 @torch.library.custom_op("coom::fp8_grouped_mm_wgrad", mutates_args=())
 def grouped_mm_wgrad(a_values_nc: torch.Tensor, a_scales_nj: torch.Tensor,
                      b_values_kc: torch.Tensor, b_scales_kj: torch.Tensor,
-                     counts_e: torch.Tensor) -> torch.Tensor:
+                     counts_e: torch.Tensor,
+                     out_dtype: torch.dtype) -> torch.Tensor:
     """Per group e, a's columns of e times b's columns of e transposed,
-    both tile-padded: (e, n, k) float32."""
+    both tile-padded: (e, n, k), summed in float32 and stored in
+    out_dtype."""
     return grouped_gemm.grouped_fp8_mm_wgrad(
-        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e)
+        a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e,
+        out_dtype)
 
 
 @grouped_mm_wgrad.register_fake
-def _(a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e):
+def _(a_values_nc, a_scales_nj, b_values_kc, b_scales_kj, counts_e,
+      out_dtype):
     return a_values_nc.new_empty(len(counts_e), a_values_nc.shape[0],
-                                 b_values_kc.shape[0], dtype=torch.float32)
+                                 b_values_kc.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("coom::fp8_scaled_mm", mutates_args=())

@@ -10,6 +10,8 @@ interpreter (``TRITON_INTERPRET=1``) by disabling the CPU kernel
 plain references, is decided when it is built (``fused_kernels``).
 """
 import torch
+import triton
+import triton.language as tl
 
 
 def launcher(kernel, traceable: bool):
@@ -21,3 +23,14 @@ def launcher(kernel, traceable: bool):
     higher-order op's dispatch, about a millisecond each by torch's own
     account (``torch._library.triton.set_wrap_triton_enabled``)."""
     return torch.library.wrap_triton(kernel) if traceable else kernel
+
+
+@triton.jit
+def bf16_nearest_even(x):
+    """float32 x rounded to the nearest bf16, ties to even, as torch
+    rounds it, spelled out in its bits: Triton's interpreter truncates
+    in its own conversion (NaN converts as it is)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)

@@ -33,19 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
+from coom.kernels import bf16_nearest_even
+
 BLOCK = 4096
 NUM_WARPS = 8
-
-
-@triton.jit
-def _bf16_nearest_even(x):
-    """float32 x rounded to the nearest bf16, ties to even, spelled out
-    in its bits: Triton's interpreter truncates in its own conversion
-    (NaN converts as it is)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.where(x != x, x.to(tl.bfloat16), rounded)
 
 
 @triton.jit
@@ -65,7 +56,7 @@ def _step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
     tl.store(param_ptr + offsets, p, mask=mask)
     tl.store(exp_avg_ptr + offsets, m, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
-    tl.store(copy_ptr + offsets, _bf16_nearest_even(p), mask=mask)
+    tl.store(copy_ptr + offsets, bf16_nearest_even(p), mask=mask)
 
 
 def _factors(lr: float, beta1: float, beta2: float, weight_decay: float,

@@ -208,3 +208,39 @@ def test_copies_quantised_from_their_tokens():
         permute(x, copy_tk), [a, b], counts, recipe))
     for ours, expected in zip(fused, unfused):
         assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_weight_gradients_are_made_in_the_weights_dtype(monkeypatch,
+                                                        gated):
+    """A bf16 weight's gradient is stored in bf16 by the kernel that sums
+    it (in float32), not written in float32 for autograd to cast: the
+    same bits as the float32 sum rounded, for the gate-and-up products
+    and for the down product with its gating fused in."""
+    recipe = FP8Recipe("blockwise")
+    generator = torch.Generator().manual_seed(5)
+    dtype = torch.bfloat16
+    x, gate, up = (torch.randn(sum(COUNTS), 192, generator=generator)
+                   .to(DEVICE, dtype) for _ in range(3))
+    weight = (torch.randn(len(COUNTS), 256, 192, generator=generator)
+              / 14).to(DEVICE, dtype).requires_grad_()
+    counts = torch.tensor(COUNTS, device=DEVICE)
+    stored = []
+    wgrad = ops.grouped_mm_wgrad
+
+    def checked(*operands):
+        *inputs, out_dtype = operands
+        out = wgrad(*inputs, out_dtype)
+        assert torch.equal(out, wgrad(*inputs, torch.float32).to(out_dtype))
+        stored.append(out_dtype)
+        return out
+
+    monkeypatch.setattr(ops, "grouped_mm_wgrad", checked)
+    if gated:
+        y = fp8_gated_grouped_linear(gate, up, weight[..., :192], counts,
+                                     recipe)
+    else:
+        (y,) = fp8_grouped_linear(x, [weight], counts, recipe)
+    y.float().square().sum().backward()
+    assert stored == [dtype] and weight.grad.dtype == dtype
+    assert weight.grad.abs().sum() > 0
