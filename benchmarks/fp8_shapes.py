@@ -17,7 +17,8 @@ tokens, against the same product in bf16:
 Each is timed in a CUDA graph (the kernels' own time, as a compiled step
 pays it), median of ``do_bench_cudagraph``. The experts get the balanced
 routing's rows: micro-batch tokens x top-k / experts each. Prints the
-table and writes it as JSON to --out.
+table and writes it as JSON to --out; with --kernels, also the kernels
+of each expert product, bf16 and FP8, profiled.
 
 Run on the device machine from the repository root:
 
@@ -27,6 +28,8 @@ import argparse
 import json
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench_cudagraph
 
 from coom.config import load_config
@@ -80,11 +83,12 @@ def time_dense(m: int, n: int, k: int) -> tuple[float, float]:
     return _timed(bf16), _timed(fp8)
 
 
-def time_experts(config, m: int) -> dict[str, tuple[float, float]]:
-    """ms of bf16 and of FP8 for the experts' gate-and-up products and
-    their gated down product (the gating included: FP8 fuses it into the
-    quantisation of its output), forward and backward, at balanced
-    routing, through COOM's own calls (``grouped_matmul`` in bf16)."""
+def expert_steps(config, m: int) -> dict[str, tuple]:
+    """The bf16 and the FP8 run, forward and backward, of the experts'
+    gate-and-up products and of their gated down product (the gating
+    included: FP8 fuses it into the quantisation of its output), at
+    balanced routing, through COOM's own calls (``grouped_matmul`` in
+    bf16)."""
     model = config.model
     experts, d, i = (model.n_routed_experts, model.hidden_size,
                      model.moe_intermediate_size)
@@ -116,22 +120,40 @@ def time_experts(config, m: int) -> dict[str, tuple[float, float]]:
 
     return {
         f"experts gate+up ({d} -> 2 x {i})": (
-            _timed(gate_and_up(lambda: [grouped_matmul(x, w, counts)
-                                        for w in (w1, w3)])),
-            _timed(gate_and_up(lambda: fp8_grouped_linear(
-                x, [w1, w3], counts, RECIPE, forms[:2])))),
+            gate_and_up(lambda: [grouped_matmul(x, w, counts)
+                                 for w in (w1, w3)]),
+            gate_and_up(lambda: fp8_grouped_linear(
+                x, [w1, w3], counts, RECIPE, forms[:2]))),
         f"experts gated down ({i} -> {d})": (
-            _timed(down(lambda: grouped_matmul(swiglu(gate, up), w2,
-                                               counts))),
-            _timed(down(lambda: fp8_gated_grouped_linear(
-                gate, up, w2, counts, RECIPE, forms[2])))),
+            down(lambda: grouped_matmul(swiglu(gate, up), w2, counts)),
+            down(lambda: fp8_gated_grouped_linear(
+                gate, up, w2, counts, RECIPE, forms[2]))),
     }
+
+
+def print_kernels(step, runs: int = 3) -> None:
+    """The GPU kernels of one run of step, the longest first: ms and
+    launches per run."""
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            step()
+        torch.cuda.synchronize()
+    kernels = [event for event in prof.key_averages()
+               if event.device_type == DeviceType.CUDA]
+    kernels.sort(key=lambda event: -event.self_device_time_total)
+    for event in kernels:
+        print(f"      {event.self_device_time_total / 1e3 / runs:7.3f} ms "
+              f"{event.count // runs:3d}x  {event.key[:90]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--out", default="fp8_shapes.json")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also list each expert product's kernels")
     args = parser.parse_args()
     table = {}
     for recipe in args.recipes:
@@ -139,11 +161,18 @@ def main() -> None:
         m = config.train.micro_batch_size * config.data.seq_length
         rows = {f"linear {n} x {k}": time_dense(m, n, k)
                 for n, k in sorted(dense_shapes(config))}
-        rows |= time_experts(config, m)
+        experts = expert_steps(config, m)
+        rows |= {name: (_timed(bf16), _timed(fp8))
+                 for name, (bf16, fp8) in experts.items()}
         print(f"{recipe}: {m} tokens a micro-batch")
         for name, (bf16, fp8) in rows.items():
             print(f"  {name:34s} bf16 {bf16:7.3f} ms  FP8 {fp8:7.3f} ms  "
                   f"{bf16 / fp8:5.2f}x")
+            if args.kernels and name in experts:
+                for precision, step in zip(("bf16", "FP8"),
+                                           experts[name]):
+                    print(f"    {precision} kernels:")
+                    print_kernels(step)
         table[recipe] = {"tokens": m, "products": {
             name: {"bf16_ms": bf16, "fp8_ms": fp8}
             for name, (bf16, fp8) in rows.items()}}
