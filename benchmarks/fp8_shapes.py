@@ -159,7 +159,7 @@ def main() -> None:
     for recipe in args.recipes:
         config = load_config(recipe)
         m = config.train.micro_batch_size * config.data.seq_length
-        rows = {f"linear {n} x {k}": time_dense(m, n, k)
+        rows = {f"linear {k} -> {n}": time_dense(m, n, k)
                 for n, k in sorted(dense_shapes(config))}
         experts = expert_steps(config, m)
         rows |= {name: (_timed(bf16), _timed(fp8))

@@ -44,8 +44,9 @@ class FP8Config:
     experts' FP8 products take. Under expert parallelism the all-to-all
     then moves about half of bf16's bytes; in one process the copies are
     rounded the same way, so layouts agree. Gradients return in
-    train.precision. Needs the blockwise recipe with fp8.experts; experts
-    whose widths FP8 cannot take stay in train.precision, tokens too."""
+    train.precision. Needs the blockwise recipe with fp8.experts; the
+    experts then run in FP8 whatever fp8.filter says, and those whose
+    widths FP8 cannot take stay in train.precision, tokens too."""
 
     high_precision_first_layers: int = 0
     """Transformer blocks at the start of the stack that keep

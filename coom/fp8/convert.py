@@ -82,9 +82,16 @@ class _Converter:
         self.choices: list[Choice] = []
 
     def _choose(self, name: str, product: Product) -> bool:
-        """Whether the product named name runs in FP8, recorded."""
+        """Whether the product named name runs in FP8, recorded. Experts
+        whose tokens travel in FP8 (``fp8.dispatch``) stay in FP8
+        whatever the filter would say: the user asked for it, and the
+        tokens' FP8 form is the experts' own."""
         if not _fits_fp8_units((product.n, product.k), self.recipe):
-            choice = Choice(name, product, False)
+            choice = Choice(name, product, False,
+                            reason="widths FP8 cannot take")
+        elif product.kind == "experts" and self.transport is not None:
+            choice = Choice(name, product, True,
+                            reason="fp8.dispatch sends their tokens in FP8")
         elif self.filtered:
             evidence = nearest(product)
             choice = Choice(name, product, evidence.speedup >= 1, evidence)
@@ -128,8 +135,8 @@ def convert_to_fp8(model: nn.Module, config: FP8Config, tokens: int,
                    expert_ranks: int = 1) -> list[Choice]:
     """Run the products of model's blocks (all but the configured first
     and last ones) and MTP modules in FP8, where the filter lets them;
-    return what was done with each product that could convert (none
-    when the recipe is off).
+    return what was done with each of those blocks' and modules' linears
+    and, with fp8.experts, routed experts (none when the recipe is off).
 
     Args:
         model: the built model, before compilation.

@@ -1,13 +1,15 @@
 """Which products FP8 makes faster, from a table measured on an H100.
 
 FP8 halves a product's matrix time but adds its quantisations (of x and
-x^T forward, of dy and dy^T backward), which grow with the rows and the
-product's narrower side while the matrix time grows with both sides. So
-narrow products lose: on an H100 at COOM's presets, linears narrower
-than about 2048 a side and the routed experts of 512 to 2048 wide run
-slower in FP8 than in bf16 (``MEASURED``). With ``fp8.filter`` on, a
-product converts only where its measurement, or the nearest one to its
-shape, ran at least as fast in FP8.
+x^T forward, of dy and dy^T backward). They cost about rows x (n + k)
+bytes moved, the matrix time grows with rows x n x k, so FP8 gains only
+where both sides are wide. On an H100 at COOM's presets the linears
+2048 wide and up gain, and so do ``small``'s feed-forward products
+(1536 <-> 4096); its other linears, and the routed experts of both
+presets with their gating, run slower in FP8 than in bf16
+(``MEASURED``). With ``fp8.filter`` on, a product converts only where
+its measurement, or the nearest one to its shape, ran at least as fast
+in FP8.
 
 ``MEASURED`` comes from ``benchmarks/fp8_shapes.py small medium`` on one
 H100 SXM (2026-12-07, commit 168e698, ``docs/benchmarks.md``): each
@@ -15,8 +17,11 @@ product forward and backward in a CUDA graph, its quantisations
 included and its weights' FP8 forms kept, as a step runs it. A linear's
 rows are the micro-batch's tokens; the experts' rows are each expert's
 at balanced routing, and their time is the gate-and-up and gated down
-products together, which convert as one module. Measure other shapes
-with the same script and add them here.
+products together, which convert as one module. The experts' rows were
+measured before their weight gradients were stored in bf16 (ef83f43),
+which should make them faster. Measure other shapes with the same
+script and add them here; for another GPU, replace the table and
+``MEASURED_ON``.
 """
 import math
 from dataclasses import dataclass
@@ -38,7 +43,7 @@ class Product:
     def __str__(self) -> str:
         if self.kind == "experts":
             return f"experts {self.k} -> {self.n} ({self.rows} rows each)"
-        return f"linear {self.n} x {self.k} ({self.rows} rows)"
+        return f"linear {self.k} -> {self.n} ({self.rows} rows)"
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ MEASURED = (
 )
 """H100 SXM, 2026-12-07; see the module's docstring."""
 
+MEASURED_ON = "H100 SXM"
+"""The GPU MEASURED was timed on, which the filter's choices assume."""
+
 
 def _distance(a: Product, b: Product) -> float:
     """How far apart two shapes are: the sum of their sides' log
@@ -114,8 +122,23 @@ class Choice:
     """Whether it runs in FP8."""
 
     evidence: Optional[Timing] = None
-    """The measurement the filter went by; None where it did not
-    decide (filter off, emulation, or widths FP8 cannot take)."""
+    """The measurement the filter went by; None where the filter did not
+    decide (see reason)."""
+
+    reason: str = ""
+    """Why the filter did not decide: widths FP8 cannot take, or experts
+    kept in FP8 for ``fp8.dispatch``; empty where the filter decided or
+    is not in use (``fp8.filter=false``, emulation, recipes other than
+    blockwise)."""
+
+    def why(self) -> str:
+        """The reason or the measurement, in words."""
+        if self.evidence is None:
+            return self.reason
+        ratio = f"{self.evidence.speedup:.2f}x bf16's speed"
+        if self.evidence.product == self.product:
+            return f"measured FP8 at {ratio}"
+        return f"nearest measurement, {self.evidence.product}: {ratio}"
 
     def record(self) -> dict:
         """The choice as the run records it (JSON)."""
@@ -125,27 +148,31 @@ class Choice:
         if self.evidence is not None:
             record["measured"] = str(self.evidence.product)
             record["measured_speedup"] = round(self.evidence.speedup, 3)
+        if self.reason:
+            record["reason"] = self.reason
         return record
 
 
 def describe(choices: list[Choice]) -> str:
-    """The choices in a few lines, one per shape, for the start of a
-    run."""
+    """The choices in a few lines for the start of a run: one per shape
+    and verdict, those in FP8 first, each with one module's name."""
     shapes: dict[tuple, list[Choice]] = {}
     for choice in choices:
-        key = (choice.product.kind, choice.product.n, choice.product.k,
-               choice.fp8)
+        product = choice.product
+        key = (not choice.fp8, product.kind, product.n, product.k)
         shapes.setdefault(key, []).append(choice)
-    lines = [f"FP8 products: {sum(c.fp8 for c in choices)} of "
-             f"{len(choices)} in FP8"]
-    for same in shapes.values():
+    converted = sum(choice.fp8 for choice in choices)
+    lines = [f"FP8 products: {converted} of {len(choices)} in FP8, the "
+             f"others in train.precision (table: {MEASURED_ON})"]
+    for key in sorted(shapes, key=lambda key: (key[0], -len(shapes[key]))):
+        same = shapes[key]
         first = same[0]
-        if first.evidence is not None:
-            why = f": measured {first.evidence.speedup:.2f}x"
-            if first.evidence.product != first.product:
-                why += f" at {first.evidence.product}"
-        else:
-            why = "" if first.fp8 else ": widths FP8 cannot take"
-        verdict = "FP8" if first.fp8 else "off"
-        lines.append(f"  {verdict:3s} {len(same):3d} x {first.product}{why}")
+        verdict = "FP8" if first.fp8 else "kept"
+        why = first.why()
+        lines.append(f"  {verdict:4s} {len(same):3d} x {first.product}, "
+                     f"e.g. {first.name}" + (f": {why}" if why else ""))
+    if choices and not converted:
+        lines.append("  No product gains from FP8 at these shapes, so the "
+                     "run computes as without it; fp8.filter=false "
+                     "converts them anyway.")
     return "\n".join(lines)

@@ -57,7 +57,7 @@ class ParallelModel:
             several micro-batches; with one, keeping them would only
             cost memory.
         fp8_choices: what ``coom.fp8.convert`` did with each product
-            that could run in FP8.
+            it considered.
     """
 
     def __init__(self, model: Transformer, world: World,

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from coom.config import RunConfig
 from coom.energy.meter import LABELS, open_meter
 from coom.energy.nvml import enforced_power_limit
+from coom.fp8.filter import describe as describe_fp8
 from coom.models.info import model_info
 from coom.tools.profile import describe_profile, profile_step
 from coom.train.trainer import Trainer, compile_misses
@@ -117,6 +118,8 @@ def _time_steps(config: RunConfig, steps: int, warmup: int,
     with tempfile.TemporaryDirectory() as run_dir, bar:
         misses = compile_misses()
         trainer = Trainer(config, Path(run_dir))
+        if trainer.parallel.fp8_choices:
+            bar.write(describe_fp8(trainer.parallel.fp8_choices))
         device = trainer.device
         trainer.evaluate(trainer.data.valid)
         for _ in range(warmup):

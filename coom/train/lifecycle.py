@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from coom.config import RunConfig
+from coom.train.run_dir import record_fp8_choices
 from coom.train.trainer import Trainer
 
 
@@ -54,6 +55,14 @@ class _Trainers:
         self.world.close()
 
 
+def _run(trainer: Trainer, run_dir: Path) -> str:
+    """Train with trainer until it stops, having said which of its
+    model's products run in FP8; why it stopped."""
+    if trainer.world.main:
+        record_fp8_choices(run_dir, trainer.parallel.fp8_choices)
+    return trainer.run()
+
+
 def train_run(config: RunConfig, run_dir: Path) -> Outcome:
     """Train config in run_dir through its growths."""
     with _Trainers(config, run_dir) as trainers:
@@ -61,12 +70,12 @@ def train_run(config: RunConfig, run_dir: Path) -> Outcome:
         started = trainers.current.energy.job_started
         if world.main:
             print(f"training in {run_dir}")
-        reason = trainers.current.run()
+        reason = _run(trainers.current, run_dir)
         while reason == "growth":
             trainers.current = None
             gc.collect()
             trainers.current = Trainer(config, run_dir, world, started)
-            reason = trainers.current.run()
+            reason = _run(trainers.current, run_dir)
         return Outcome(reason, trainers.current.step,
                        trainers.current.energy.summary(), world.main)
 

@@ -3,11 +3,11 @@
 
 ``coom train`` writes ``config.yaml`` before anything else, so a run
 killed in its first seconds (while its data is prepared) can be resumed.
-Both files are written whole: a temporary file, fsynced, then renamed
+The files are written whole: a temporary file, fsynced, then renamed
 over the old one, so a kill leaves the old file or the new one, never a
 part. ``run_info.json`` keeps what started the run and adds what resumed
 it, each time. ``fp8_products.json`` says which products run in FP8
-(``coom.fp8.filter``); each start writes it again.
+(``coom.fp8.filter``); each start of training writes it again.
 
 Paths in ``config.yaml`` lie in the run (the tokenizer copied into it),
 stored relative to it, or outside it, stored absolute; the run works from
@@ -136,11 +136,14 @@ def record_run_info(run_dir: Path) -> None:
 
 def record_fp8_choices(run_dir: Path, choices: list[Choice]) -> None:
     """Print which products run in FP8, and write them to
-    fp8_products.json; nothing when FP8 is off."""
-    if choices:
-        print(describe(choices))
-        write_atomically(run_dir / FP8_PRODUCTS, json.dumps(
-            [choice.record() for choice in choices], indent=1))
+    fp8_products.json; with FP8 off, remove an earlier start's."""
+    path = run_dir / FP8_PRODUCTS
+    if not choices:
+        path.unlink(missing_ok=True)
+        return
+    print(describe(choices))
+    write_atomically(path, json.dumps(
+        [choice.record() for choice in choices], indent=1))
 
 
 def hold_lock(run_dir: Path) -> IO:

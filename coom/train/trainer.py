@@ -61,7 +61,7 @@ from coom.train.optimizer import (
     mtp_loss_weight,
 )
 from coom.train.run_data import read_run_data
-from coom.train.run_dir import record_fp8_choices, write_config
+from coom.train.run_dir import write_config
 from coom.train.watchdog import Watchdog
 
 ACTIONS = (LOG, SKIP, ROLLBACK)
@@ -200,8 +200,6 @@ class Trainer:
                     + self.model_info.mtp_params, self.device)
         self.model_shapes = state_shapes(self.config.model)
         self.parallel = build_model(self.config, self.world, self.device)
-        if self.world.main:
-            record_fp8_choices(run_dir, self.parallel.fp8_choices)
         self.model = self.parallel.model
         self.compile_misses_before = compile_misses() \
             if train.compile else None

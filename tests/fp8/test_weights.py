@@ -23,7 +23,6 @@ FP8 = ["fp8.recipe=blockwise", "fp8.emulate=true"]
 
 
 def _trainer(path, precision: str) -> Trainer:
-    path.mkdir(exist_ok=True)  # a run directory, as the CLI makes it
     return Trainer(load_config("tiny", [*OVERRIDES, *FP8,
                                         f"train.precision={precision}"]),
                    path)

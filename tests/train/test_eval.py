@@ -45,6 +45,9 @@ def test_takes_settings_that_change_the_numerics(run, tmp_path):
                      "fp8.emulate=true")
     assert fp8 != plain
     assert fp8 == pytest.approx(plain, rel=1e-3)
+    # What the run trained with stays on record: an evaluation writes
+    # no products' record of its own.
+    assert not (run / "fp8_products.json").exists()
 
 
 def test_refuses_a_missing_checkpoint_plainly(run, tmp_path, capsys):
