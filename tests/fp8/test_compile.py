@@ -39,25 +39,30 @@ def _run(products, tensors, counts_e, dys):
     return [*outputs, *(leaf.grad for leaf in leaves)]
 
 
-def _inputs():
-    """x, a dense weight, the experts' w1, w3, w2, output gradients and
-    counts."""
+def _inputs(weight_dtype=torch.float32):
+    """x, a dense weight, the experts' w1, w3, w2 (in weight_dtype),
+    output gradients and counts."""
     generator = torch.Generator().manual_seed(0)
     rows, d, i = sum(COUNTS), 256, 128
 
     def normal(*shape, fan_in=1):
         return (torch.randn(*shape, generator=generator)
                 / fan_in ** 0.5).cuda()
-    tensors = [normal(rows, d), normal(d, d, fan_in=d),
-               normal(len(COUNTS), i, d, fan_in=d),
+    weights = [normal(d, d, fan_in=d), normal(len(COUNTS), i, d, fan_in=d),
                normal(len(COUNTS), i, d, fan_in=d),
                normal(len(COUNTS), d, i, fan_in=i)]
+    tensors = [normal(rows, d),
+               *(weight.to(weight_dtype) for weight in weights)]
     dys = [normal(rows, d).bfloat16(), normal(rows, i).bfloat16()]
     return tensors, dys, torch.tensor(COUNTS).cuda()
 
 
-def test_compiled_products_match_eager_and_launch_kernels_inline():
-    tensors, dys, counts_e = _inputs()
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_products_match_eager_and_launch_kernels_inline(
+        weight_dtype):
+    """Also with bf16 weights (compute copies), whose gradients the
+    grouped kernel stores in bf16."""
+    tensors, dys, counts_e = _inputs(weight_dtype)
     eager = _run(_products, tensors, counts_e, dys)
     torch._dynamo.reset()
     compiled, sources = run_and_get_code(
