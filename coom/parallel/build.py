@@ -68,7 +68,11 @@ def build_model(config: RunConfig, world: World, device: torch.device,
     # are copies swapped in for each step.
     weights = None
     if dtype != torch.float32 and not sharded(world, pipeline is not None):
-        weights = ComputeWeights(model, dtype)
+        # A step of one micro-batch has no gradients to sum: they stay
+        # on the copies.
+        weights = ComputeWeights(
+            model, dtype, keep_gradients=pipeline is None
+            and micro_batches // world.data_size == 1)
     if pipeline is not None and schedule:
         pipeline.build_schedule()
     layers = model.moe_layers()

@@ -30,6 +30,16 @@ from coom.parallel.pipeline import Pipeline
 from coom.parallel.precision import ComputeWeights
 
 
+def _total_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients' 2-norm, summed in float32 also for bf16 gradients
+    (each read as the float32 it equals): torch's total norm, whose
+    per-tensor norms would be rounded to bf16."""
+    if all(gradient.dtype == torch.float32 for gradient in gradients):
+        return torch.nn.utils.get_total_norm(gradients)
+    norms = torch._foreach_norm(gradients, 2.0, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def _stack(batches: list[Batch]) -> Batch:
     """Micro-batches as one batch."""
     return Batch(*(torch.cat([getattr(batch, key) for batch in batches])
@@ -163,10 +173,13 @@ class ParallelModel:
         return mean
 
     def _gradient_groups(self) -> list[list[torch.nn.Parameter]]:
-        """The parameters with gradients, by the mesh their gradients
+        """The parameters holding gradients (the compute copies, where
+        they keep them: ``ComputeWeights``), by the mesh their gradients
         are sharded on (None: plain tensors)."""
+        holders = self.model.parameters() if self.weights is None \
+            else self.weights.holders()
         groups = {}
-        for parameter in self.model.parameters():
+        for parameter in holders:
             if parameter.grad is not None:
                 mesh = getattr(parameter.grad, "device_mesh", None)
                 groups.setdefault(mesh, []).append(parameter)
@@ -178,7 +191,7 @@ class ParallelModel:
         (DTensor: FSDP's, and FSDP x TP's) are summed apart, a sharded
         norm over all its shards, and those of the pipeline's other
         stages are added to them."""
-        norms = [torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms = [_total_norm([p.grad for p in group])
                  for group in self._gradient_groups()]
         norm = torch.stack([n.full_tensor() if isinstance(n, DTensor)
                             else n for n in norms]).norm()

@@ -7,7 +7,11 @@ is theirs. In bf16 precision (``train.precision``; the default on GPUs)
 forwards and backwards compute with bf16 copies of every parameter,
 made from the masters once per optimizer step, and each micro-batch's
 bf16 gradients are summed into the masters' float32 gradients, so a
-step's gradient is accumulated in float32. The router and the norms
+step's gradient is accumulated in float32. A step of one micro-batch has
+nothing to sum: its bf16 gradients stay where autograd put them, on the
+copies, and the norm and the optimizer read them there, as float32 (the
+same values: each bf16 is a float32), saving a cast and half the bytes
+those reads move. The router and the norms
 compute in float32 from their bf16 copies, as DeepSeek-V3's keep their
 arithmetic: the router's products and scores and the norms' statistics
 (``coom.layers``); the router's balancing bias is a buffer and stays
@@ -24,7 +28,7 @@ Two mechanisms carry the same rule:
   after.
 """
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -64,15 +68,19 @@ class ComputeWeights:
     as soon as autograd has accumulated it, is added in float32 to its
     master's and dropped; a gradient that bypassed that hook (the
     pipeline's zero-bubble schedules set weight gradients directly) is
-    added on leaving.
+    added on leaving. With keep_gradients (a step of one micro-batch)
+    the copies keep their gradients instead (``holders``).
 
     Args:
         model: the model (or this process's part of it) whose parameters
             are the masters.
         dtype: the copies' dtype.
+        keep_gradients: whether the gradients stay on the copies.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, dtype: torch.dtype,
+                 keep_gradients: bool = False):
+        self.keep_gradients = keep_gradients
         self.slots = [(module, name)
                       for module in model.modules()
                       for name, parameter in module.named_parameters(
@@ -89,7 +97,7 @@ class ComputeWeights:
                  dtype: torch.dtype) -> nn.Parameter:
         copy = nn.Parameter(torch.empty_like(master, dtype=dtype),
                             requires_grad=master.requires_grad)
-        if copy.requires_grad:
+        if copy.requires_grad and not self.keep_gradients:
             copy.register_post_accumulate_grad_hook(self._accumulate)
         return copy
 
@@ -100,6 +108,21 @@ class ComputeWeights:
         else:
             master.grad.add_(copy.grad)
         copy.grad = None
+
+    def holders(self) -> list[nn.Parameter]:
+        """The parameters whose .grad holds the step's gradients: the
+        copies (bf16) with keep_gradients, else the masters."""
+        return list(self.copies if self.keep_gradients else self.masters)
+
+    def gradient(self, master: nn.Parameter) -> Optional[torch.Tensor]:
+        """master's gradient this step, wherever it is held."""
+        return (self.masters[master] if self.keep_gradients
+                else master).grad
+
+    def clear_gradients(self) -> None:
+        """Drop the gradients the copies keep."""
+        for copy in self.copies:
+            copy.grad = None
 
     def _swap(self, table: dict) -> None:
         for module, name in self.slots:
@@ -124,6 +147,7 @@ class ComputeWeights:
             yield
         finally:
             self._swap(self.copies)
-            for copy in self.copies:
-                if copy.grad is not None:
-                    self._accumulate(copy)
+            if not self.keep_gradients:
+                for copy in self.copies:
+                    if copy.grad is not None:
+                        self._accumulate(copy)

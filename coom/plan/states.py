@@ -6,7 +6,8 @@ storage the allocator gives them:
 - *parameters*: the float32 master weights; under FSDP each one's padded
   shard (``FSDPParam._sharded_param_data``), else the local tensor.
 - *gradients*: float32, of the same storage as the parameters (FSDP
-  reduce-scatters into padded shards).
+  reduce-scatters into padded shards); in bf16 on the compute copies
+  where a step outside FSDP has one micro-batch.
 - *optimizer states*: AdamW's two float32 moments of every parameter's
   local, unpadded elements, plus a 4-byte step count per parameter.
 - *compute copies*: outside FSDP, in bf16, the copies every parameter
@@ -61,6 +62,15 @@ def fsdp_groups(model: ParallelModel) -> list:
     return list(groups.values())
 
 
+def _gradients(model: ParallelModel, stored: int) -> Term:
+    """The step's gradients: float32, or in a step of one micro-batch
+    outside FSDP the compute copies' own (``ComputeWeights``)."""
+    if model.weights is not None and model.weights.keep_gradients:
+        return Term("gradients", stored * model.dtype.itemsize,
+                    "bf16, the compute copies' (one micro-batch a step)")
+    return Term("gradients", stored * MASTER, "float32")
+
+
 def state_terms(model: ParallelModel, micro_batches: int) -> list[Term]:
     """What model's process holds for the whole step, when it runs
     micro_batches micro-batches a step."""
@@ -77,7 +87,7 @@ def state_terms(model: ParallelModel, micro_batches: int) -> list[Term]:
     terms = [
         Term("parameters", stored * MASTER, "float32 masters"
              + (", FSDP shards (padded)" if sharded else "")),
-        Term("gradients", stored * MASTER, "float32"),
+        _gradients(model, stored),
         Term("optimizer states", local * ADAM_MOMENTS
              + len(parameters) * STEP_COUNT,
              "AdamW moments, float32"),

@@ -19,8 +19,9 @@ class CopyWritingAdamW(torch.optim.AdamW):
     """torch's AdamW, whose step also writes each parameter's compute
     copy (``coom.parallel.precision.ComputeWeights``) in the same pass
     (``coom.kernels.adamw``), so the next step needs no cast of the
-    masters. Its state is torch's, so checkpoints of either load into
-    the other.
+    masters. It reads each gradient where the compute weights hold it
+    (the copies keep bf16 ones in a step of one micro-batch). Its state
+    is torch's, so checkpoints of either load into the other.
 
     Args:
         groups: the parameter groups.
@@ -42,7 +43,8 @@ class CopyWritingAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for parameter in group["params"]:
-                if parameter.grad is None:
+                grad = self.weights.gradient(parameter)
+                if grad is None:
                     continue
                 state = self.state[parameter]
                 if not state:
@@ -52,13 +54,19 @@ class CopyWritingAdamW(torch.optim.AdamW):
                 # A checkpoint of the fused AdamW keeps the step on the
                 # device; the host needs it for the bias corrections.
                 state["step"] = state["step"].cpu() + 1
-                adamw_step(parameter, parameter.grad, state["exp_avg"],
+                adamw_step(parameter, grad, state["exp_avg"],
                            state["exp_avg_sq"],
                            self.weights.masters[parameter], group["lr"],
                            beta1, beta2, group["eps"],
                            group["weight_decay"], int(state["step"]),
                            grad_scale)
         self.weights.made_fresh()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients, the masters' and those the copies keep
+        (``ComputeWeights.keep_gradients``)."""
+        super().zero_grad(set_to_none)
+        self.weights.clear_gradients()
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig,
