@@ -47,10 +47,15 @@ def gradients(trainer: Trainer, sample: int) -> dict[str, torch.Tensor]:
     main, mtp = losses[0], losses[1:]
     loss = main + 0.3 * mtp.mean() if len(mtp) else main
     loss.backward()
-    grads = {name: parameter.grad.float().clone()
-             for name, parameter in trainer.model.named_parameters()
-             if parameter.grad is not None}
-    trainer.model.zero_grad(set_to_none=True)
+    weights = trainer.parallel.weights
+    held = {name: parameter.grad if weights is None
+            else weights.gradient(parameter)
+            for name, parameter in trainer.model.named_parameters()}
+    grads = {name: grad.float().clone() for name, grad in held.items()
+             if grad is not None}
+    # The compute copies may hold them (one micro-batch a step): the
+    # optimizer drops them wherever they are.
+    trainer.optimizer.zero_grad(set_to_none=True)
     for moe in trainer.model.moe_layers().values():
         moe.tokens_per_expert.zero_()  # no bias update between batches
         moe.aux_loss_sum.zero_()

@@ -68,8 +68,9 @@ def build_model(config: RunConfig, world: World, device: torch.device,
     # are copies swapped in for each step.
     weights = None
     if dtype != torch.float32 and not sharded(world, pipeline is not None):
-        # A step of one micro-batch has no gradients to sum: they stay
-        # on the copies.
+        # A step of one micro-batch (in one process, and not pipelined:
+        # a pipeline's schedules may set gradients on the masters) has
+        # no gradients to sum: they stay on the copies.
         weights = ComputeWeights(
             model, dtype, keep_gradients=pipeline is None
             and micro_batches // world.data_size == 1)

@@ -116,6 +116,12 @@ class ParallelModel:
         whose losses are averaged over loss_tokens (all processes'); the
         gradients are then complete. Returns the step's language-model
         loss and MTP depths' mean, summed over every process."""
+        if self.weights is not None and self.weights.keep_gradients \
+                and len(batches) > 1:
+            raise ValueError(
+                f"{len(batches)} micro-batches for compute weights built to "
+                "keep one micro-batch's bf16 gradients, which would be "
+                "summed in bf16")
         device = self.device
         with self.compute():
             if self.pipeline is not None:

@@ -1,5 +1,6 @@
 """Mixed precision as large-scale trainers do it: float32 master weights,
-bf16 compute weights made once per optimizer step, float32 gradients.
+bf16 compute weights made once per optimizer step, gradients summed in
+float32.
 
 The model's parameters are the float32 master weights: the optimizer
 steps them in float32, checkpoints save them, and every layout's state
@@ -115,9 +116,15 @@ class ComputeWeights:
         return list(self.copies if self.keep_gradients else self.masters)
 
     def gradient(self, master: nn.Parameter) -> Optional[torch.Tensor]:
-        """master's gradient this step, wherever it is held."""
-        return (self.masters[master] if self.keep_gradients
-                else master).grad
+        """master's gradient this step, wherever it is held: its copy's
+        with keep_gradients, else (or where the copy holds none, as when
+        torch.distributed.checkpoint gives the masters zero gradients to
+        make the optimizer's state) its own."""
+        if self.keep_gradients:
+            kept = self.masters[master].grad
+            if kept is not None:
+                return kept
+        return master.grad
 
     def clear_gradients(self) -> None:
         """Drop the gradients the copies keep."""
@@ -128,9 +135,11 @@ class ComputeWeights:
         for module, name in self.slots:
             module._parameters[name] = table[module._parameters[name]]
 
-    def made_fresh(self) -> None:
-        """The copies now hold the masters as they are."""
-        self.versions = {master: master._version for master in self.masters}
+    def made_fresh(self, masters: Optional[list] = None) -> None:
+        """The copies of masters (by default all) now hold them as they
+        are."""
+        for master in self.masters if masters is None else masters:
+            self.versions[master] = master._version
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:

@@ -178,7 +178,7 @@ def _gradients_as_made(terms: list[Term], one: DryRun) -> list[Term]:
             if term.name not in ("gradients", "backward transients")]
     return kept + [Term("backward transients", one.fresh_peak - one.saved,
                         "a backward's peak over what its forward saved, "
-                        "the float32 gradients made as it goes included")]
+                        "the gradients made as it goes included")]
 
 
 def fsdp_buffers(model: ParallelModel) -> Optional[Term]:

@@ -40,6 +40,7 @@ class CopyWritingAdamW(torch.optim.AdamW):
         coefficient, ``clip_coefficient``), which stay as they are."""
         if closure is not None:
             raise ValueError("CopyWritingAdamW takes no closure")
+        written = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for parameter in group["params"]:
@@ -60,7 +61,10 @@ class CopyWritingAdamW(torch.optim.AdamW):
                            beta1, beta2, group["eps"],
                            group["weight_decay"], int(state["step"]),
                            grad_scale)
-        self.weights.made_fresh()
+                written.append(parameter)
+        # Only the copies it wrote: one without a gradient keeps its
+        # version, and is cast again if its master changes.
+        self.weights.made_fresh(written)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients, the masters' and those the copies keep

@@ -74,8 +74,16 @@ def test_training_lowers_the_validation_loss(small_run, tmp_path):
     assert valid[-1] < valid[0] - 0.5
 
 
-def test_resumed_run_is_bitwise_equal_to_uninterrupted(small_run, tmp_path):
+@pytest.mark.parametrize("precision", [
+    [], ["train.precision=bf16", "train.micro_batch_size=4"]],
+    ids=["fp32", "bf16-one-micro-batch"])
+def test_resumed_run_is_bitwise_equal_to_uninterrupted(small_run, tmp_path,
+                                                       precision):
+    """Also in bf16 with one micro-batch a step, whose gradients stay on
+    the compute copies: the optimizer's state is restored all the
+    same."""
     straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    small_run = small_run + precision
     assert _train(straight, small_run) == 0
     assert _train(pieces, small_run + ["train.exit_interval=2"]) == 0
     assert latest_checkpoint(pieces / "checkpoints").name == "step_0000002"
