@@ -1,6 +1,7 @@
-"""Under torchrun: train one step of each layout given as a JSON list of
-``--set`` overrides, and write what each process then holds, by the
-storage its tensors take, to OUT/LAYOUT-RANK.json."""
+"""Under torchrun (or alone, as one process): train one step of each
+layout given as a JSON list of ``--set`` overrides, and write what each
+process then holds, by the storage its tensors take, to
+OUT/LAYOUT-RANK.json."""
 import json
 import os
 import sys
@@ -42,7 +43,10 @@ def measure(overrides: list[str]) -> dict:
     model.forward_backward([batch] * count, shape[0] * shape[1]
                            * count * world.data_size, 0.3)
     parameters = list(model.model.parameters())
-    gradients = stored(p.grad for p in parameters)
+    # Where the compute copies keep one micro-batch's gradients, theirs.
+    holders = parameters if model.weights is None \
+        else model.weights.holders()
+    gradients = stored(p.grad for p in holders)
     optimizer.step()
     states = [value for state in optimizer.state.values()
               for value in state.values()]
@@ -61,9 +65,12 @@ def measure(overrides: list[str]) -> dict:
 
 if __name__ == "__main__":
     layouts, out = json.loads(sys.argv[1]), Path(sys.argv[2])
-    rank = os.environ["RANK"]
-    torch.distributed.init_process_group("gloo")
+    # One process runs without torchrun, and without a process group.
+    launched = "RANK" in os.environ
+    if launched:
+        torch.distributed.init_process_group("gloo")
     for name, overrides in layouts.items():
-        (out / f"{name}-{rank}.json").write_text(
+        (out / f"{name}-{os.environ.get('RANK', 0)}.json").write_text(
             json.dumps(measure(overrides)))
-    torch.distributed.destroy_process_group()
+    if launched:
+        torch.distributed.destroy_process_group()

@@ -1,7 +1,7 @@
 """The planner's bytes of parameters, gradients, optimizer states,
 compute copies and buffers, for every process of a layout, against what
 the processes of a real run hold after a step of the tiny model, under
-torchrun on gloo with 2 and 4 processes: exact, by the storage the
+torchrun on gloo with 1, 2 and 4 processes: exact, by the storage the
 tensors take (FSDP's padding included)."""
 import json
 
@@ -17,6 +17,8 @@ COMMON = ["train.device=cpu", "model.vocab_size=512", "data.seq_length=32",
           "train.global_batch_size=8"]
 BF16 = ["train.precision=bf16"]
 LAYOUTS = {
+    # One micro-batch a step: the bf16 gradients stay on the copies.
+    1: {"one-bf16": [*BF16, "train.global_batch_size=1"]},
     2: {
         "fsdp2": ["parallel.data_parallel_shard=2"],
         "fsdp2-bf16-step": ["parallel.data_parallel_shard=2",
