@@ -42,9 +42,9 @@ from coom.plan.memory import moe_blocks
 
 GPUS_PER_NODE = 8
 NETWORK_BANDWIDTH = 50e9
-OPTIMIZER_BYTES = 4 + 4 + 4 + 4 + 4 + 4 + 4 + 2
-"""Per element: master, gradient and both moments read; master and
-moments written, and the bf16 compute copy."""
+OPTIMIZER_BYTES = 4 + 4 + 4 + 4 + 4 + 4 + 2
+"""Per element, beside the gradient's read: master and both moments read;
+master and moments written, and the bf16 compute copy."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,11 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
             / _link_bandwidth(gpu, replicas, shard * tensor)
         parts["FSDP, beyond the compute"] = max(
             0.0, fsdp - parts["compute"])
-    parts["optimizer"] = local_elements * OPTIMIZER_BYTES \
+    # One process stepping one unpipelined micro-batch keeps its
+    # gradients on the bf16 copies (ComputeWeights.keep_gradients).
+    kept = world_size == 1 and pipeline == 1 and micro_batches == 1
+    gradient = bf16 if kept else 4
+    parts["optimizer"] = local_elements * (OPTIMIZER_BYTES + gradient) \
         / ceilings.rates["memory"]
     seconds = sum(parts.values())
     info = model_info(model, config.data.seq_length)
