@@ -27,7 +27,8 @@ starts, so runs of other settings need another --out.
 
 Usage: python3 benchmarks/fp8_loss_runs.py [--out /dev/shm] [--steps 2000]
 [--batch 4] [--accumulate 1] [--eval-interval 100] [--minutes 9.2]
-[--corpus DIR ...] [--runs NAME ...] [--seed N] [--metrics DIR]; then
+[--corpus DIR ...] [--runs NAME ...] [--seeds N ...] [--set K=V ...]
+[--metrics DIR]; then
 ``python3 benchmarks/fp8_loss_curves.py OUT/bf16 OUT/fp8 --spread
 OUT/bf16k --plot PLOT``.
 """
@@ -115,9 +116,13 @@ def main() -> None:
                         "instead of the default corpus")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS),
                         default=DEFAULT_RUNS)
-    parser.add_argument("--seed", type=int,
-                        help="train.seed of every run (initialisation and "
-                        "data order), its runs named NAME-seedSEED")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="train.seed of the runs (initialisation and "
+                        "data order): every run of --runs for each seed "
+                        "in turn, named NAME-seedSEED")
+    parser.add_argument("--set", nargs="+", default=[], dest="overrides",
+                        help="more settings of every run when it starts, "
+                        "for instance model.num_layers=4")
     parser.add_argument("--metrics", type=Path,
                         help="copy each run's metrics.jsonl here, as "
                         "NAME/metrics.jsonl")
@@ -135,11 +140,20 @@ def main() -> None:
               f"train.eval_interval={args.eval_interval}",
               "logging.log_interval=5", "logging.progress_bar=false",
               "logging.tensorboard=false", "checkpoint.interval=100000",
-              "checkpoint.keep=1", *data]
-    if args.seed is not None:
-        common.append(f"train.seed={args.seed}")
+              "checkpoint.keep=1", *data, *args.overrides]
+    for seed in args.seeds or [None]:
+        if not _run_seed(args, seed, common, deadline):
+            break
+
+
+def _run_seed(args: argparse.Namespace, seed, common: list[str],
+              deadline: float) -> bool:
+    """Start or resume every run of args.runs with train.seed seed (the
+    recipe's if None) until deadline; False once out of time."""
+    if seed is not None:
+        common = [*common, f"train.seed={seed}"]
     for run in args.runs:
-        name = run if args.seed is None else f"{run}-seed{args.seed}"
+        name = run if seed is None else f"{run}-seed{seed}"
         extra, run_dir = RUNS[run], args.out / name
         if _last_step(run_dir) == args.steps:
             print(f"{name}: done", flush=True)
@@ -148,7 +162,7 @@ def main() -> None:
         left = deadline - time.monotonic() - SAVE_MARGIN_S
         if left < 60:
             print(f"{name}: not started, {left:.0f} s left", flush=True)
-            break
+            return False
         budget = f"train.exit_duration_in_mins={left / 60:.2f}"
         if (run_dir / "config.yaml").is_file():
             command = ["--resume", str(run_dir), "--set", budget]
@@ -162,6 +176,7 @@ def main() -> None:
         finally:
             _copy_metrics(run_dir, args.metrics, name)
         print(f"{name}: at step {_last_step(run_dir)}", flush=True)
+    return True
 
 
 if __name__ == "__main__":
