@@ -12,16 +12,14 @@ its measurement, or the nearest one to its shape, ran at least as fast
 in FP8.
 
 ``MEASURED`` comes from ``benchmarks/fp8_shapes.py small medium`` on one
-H100 SXM (2026-12-07, commit 168e698, ``docs/benchmarks.md``): each
+H100 SXM (2026-12-07, commit e33ca6d, ``docs/benchmarks.md``): each
 product forward and backward in a CUDA graph, its quantisations
 included and its weights' FP8 forms kept, as a step runs it. A linear's
 rows are the micro-batch's tokens; the experts' rows are each expert's
 at balanced routing, and their time is the gate-and-up and gated down
-products together, which convert as one module. The experts' rows were
-measured before their weight gradients were stored in bf16 (ef83f43),
-which should make them faster. Measure other shapes with the same
-script and add them here; for another GPU, replace the table and
-``MEASURED_ON``.
+products together, which convert as one module. Measure other shapes
+with the same script and add them here; for another GPU, replace the
+table and ``MEASURED_ON``.
 """
 import math
 from dataclasses import dataclass
@@ -72,22 +70,22 @@ def _experts(rows: int, n: int, k: int, bf16_ms: float,
 MEASURED = (
     # small: 16384 tokens a micro-batch, 64 experts of 512, top 6
     _linear(16384, 1024, 1536, 0.277, 0.362),
-    _linear(16384, 1536, 1024, 0.266, 0.332),
-    _linear(16384, 1536, 1536, 0.396, 0.466),
-    _linear(16384, 1536, 4096, 1.017, 0.955),
-    _linear(16384, 2304, 1536, 0.573, 0.707),
-    _linear(16384, 3072, 512, 0.268, 0.382),
-    _linear(16384, 4096, 1536, 0.956, 0.900),
-    _experts(1536, 512, 1536, 3.777, 5.601),
+    _linear(16384, 1536, 1024, 0.265, 0.332),
+    _linear(16384, 1536, 1536, 0.398, 0.464),
+    _linear(16384, 1536, 4096, 1.017, 0.957),
+    _linear(16384, 2304, 1536, 0.572, 0.709),
+    _linear(16384, 3072, 512, 0.273, 0.367),
+    _linear(16384, 4096, 1536, 0.965, 0.887),
+    _experts(1536, 512, 1536, 3.757, 5.210),
     # medium: 8192 tokens a micro-batch, 16 experts of 2048, top 4
-    _linear(8192, 2048, 4096, 0.659, 0.626),
-    _linear(8192, 4096, 2048, 0.606, 0.587),
-    _linear(8192, 4096, 4096, 1.269, 1.050),
-    _linear(8192, 4096, 12288, 3.846, 3.027),
-    _linear(8192, 6144, 4096, 1.924, 1.542),
-    _linear(8192, 8192, 512, 0.337, 0.428),
-    _linear(8192, 12288, 4096, 3.583, 2.856),
-    _experts(2048, 2048, 4096, 9.376, 10.830),
+    _linear(8192, 2048, 4096, 0.650, 0.613),
+    _linear(8192, 4096, 2048, 0.631, 0.584),
+    _linear(8192, 4096, 4096, 1.261, 1.063),
+    _linear(8192, 4096, 12288, 3.777, 2.984),
+    _linear(8192, 6144, 4096, 1.898, 1.521),
+    _linear(8192, 8192, 512, 0.335, 0.438),
+    _linear(8192, 12288, 4096, 3.631, 2.855),
+    _experts(2048, 2048, 4096, 9.418, 10.073),
 )
 """H100 SXM, 2026-12-07; see the module's docstring."""
 
