@@ -1,12 +1,12 @@
-"""One AdamW step of a float32 tensor that also writes its bf16 copy, in
-one pass.
+"""One AdamW step of float32 tensors that also writes their bf16
+copies, in one pass and one launch.
 
 Mixed precision keeps float32 master weights and computes with bf16
 copies of them (``coom.parallel.precision``). A plain optimizer step
 reads and writes the master, its gradient and moments; the copies would
 then read every master once more. This kernel writes the copy from the
 updated master it already holds: 30 bytes per parameter a step instead
-of 28 + 6.
+of 28 + 6 (28 with the copies' own bf16 gradients).
 
 The step is torch.optim.AdamW's (decoupled weight decay, bias-corrected
 moments), in float32, elementwise, of the gradient times grad_scale
@@ -20,13 +20,19 @@ own over the gradients):
     p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     copy <- p, rounded to the nearest bf16
 
-Each program handles one contiguous block, each operation rounded on its
-own (no fused multiply-adds: the scaled gradient is rounded before it
-is used, as clipping in place rounds it). On the CPU the same formulas
-run in plain PyTorch.
+One launch steps a list of tensors, as torch's fused AdamW does: a
+model's hundreds of parameters would otherwise cost a launch and an
+op's dispatch each, which on the host take longer than the step takes
+on the GPU. Each program handles one block of one tensor: a table of the
+tensors' addresses (made every call, since gradients move) and one of
+each block's tensor (kept while the sizes stay the same) say which.
+Each operation is rounded on its own (no fused multiply-adds: the scaled
+gradient is rounded before it is used, as clipping in place rounds it).
+On the CPU the same formulas run in plain PyTorch.
 
-Tensor names end in their shape: n elements.
+Tensor names end in their shape: n elements, t tensors, b blocks.
 """
+import functools
 import math
 
 import torch
@@ -37,14 +43,30 @@ from coom.kernels import bf16_nearest_even
 
 BLOCK = 4096
 NUM_WARPS = 8
+OPERANDS = 5
+"""Addresses per tensor: parameter, gradient, both moments, copy."""
 
 
 @triton.jit
-def _step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                 copy_ptr, numel, grad_scale, decay, beta1, beta2,
-                 step_size, correction2_sqrt, eps, block: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * block + tl.arange(0, block)
-    mask = offsets < numel
+def _step_kernel(addresses_ptr, numels_ptr, block_tensor_ptr,
+                 first_block_ptr, tensors, grad_scale, decay, beta1, beta2,
+                 step_size, correction2_sqrt, eps, bf16_grads: tl.constexpr,
+                 block: tl.constexpr):
+    pid = tl.program_id(0)
+    tensor = tl.load(block_tensor_ptr + pid)
+    within = pid - tl.load(first_block_ptr + tensor)
+    offsets = within.to(tl.int64) * block + tl.arange(0, block)
+    mask = offsets < tl.load(numels_ptr + tensor)
+    row = addresses_ptr + tensor
+    param_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+    if bf16_grads:
+        grad_ptr = tl.load(row + tensors).to(tl.pointer_type(tl.bfloat16))
+    else:
+        grad_ptr = tl.load(row + tensors).to(tl.pointer_type(tl.float32))
+    exp_avg_ptr = tl.load(row + 2 * tensors).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(row + 3 * tensors).to(
+        tl.pointer_type(tl.float32))
+    copy_ptr = tl.load(row + 4 * tensors).to(tl.pointer_type(tl.bfloat16))
     p = tl.load(param_ptr + offsets, mask=mask)
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_scale
     m = tl.load(exp_avg_ptr + offsets, mask=mask)
@@ -66,36 +88,70 @@ def _factors(lr: float, beta1: float, beta2: float, weight_decay: float,
             math.sqrt(1.0 - beta2 ** step))
 
 
+@functools.lru_cache(maxsize=8)
+def _blocks(numels: tuple[int, ...], device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensors' sizes (t), each block's tensor (b) and each tensor's
+    first block (t), on device, for tensors of numels elements."""
+    counts = [triton.cdiv(numel, BLOCK) for numel in numels]
+    block_tensor_b = torch.repeat_interleave(
+        torch.arange(len(numels), dtype=torch.int32),
+        torch.tensor(counts))
+    first_block_t = torch.tensor([0, *counts[:-1]]).cumsum(0)
+    return (torch.tensor(numels, dtype=torch.int64).to(device),
+            block_tensor_b.to(device), first_block_t.to(device))
+
+
+def _addresses(operands: list[list[torch.Tensor]],
+               device: torch.device) -> torch.Tensor:
+    """The operands' addresses on device, (OPERANDS, t) int64, copied from
+    pinned memory without waiting for the device."""
+    addresses = torch.tensor([[tensor.data_ptr() for tensor in tensors]
+                              for tensors in operands], dtype=torch.int64)
+    if device.type == "cuda":
+        addresses = addresses.pin_memory()
+    return addresses.to(device, non_blocking=True)
+
+
 @torch.library.custom_op(
     "coom::adamw_step",
-    mutates_args=("param", "exp_avg", "exp_avg_sq", "copy"))
-def adamw_step(param: torch.Tensor, grad: torch.Tensor,
-               exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-               copy: torch.Tensor, lr: float, beta1: float, beta2: float,
-               eps: float, weight_decay: float, step: int,
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "copies"))
+def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+               copies: list[torch.Tensor], lr: float, beta1: float,
+               beta2: float, eps: float, weight_decay: float, step: int,
                grad_scale: float = 1.0) -> None:
-    """AdamW's step t = step of param (float32, contiguous) with grad
-    times grad_scale, moments exp_avg and exp_avg_sq, in place; copy
-    (bf16, param's shape) then holds the new param, rounded to
-    nearest."""
-    if copy.dtype != torch.bfloat16:
-        raise ValueError(f"adamw_step writes bf16 copies, not {copy.dtype}")
-    numel = param.numel()
-    if not numel:
+    """AdamW's step t = step of params (float32, contiguous) with grads
+    (all float32 or all bf16) times grad_scale, moments exp_avgs and
+    exp_avg_sqs, in place, in one launch; copies (bf16, the params'
+    shapes) then hold the new params, rounded to nearest."""
+    if any(copy.dtype != torch.bfloat16 for copy in copies):
+        raise ValueError("adamw_step writes bf16 copies")
+    if len({grad.dtype for grad in grads}) > 1:
+        raise ValueError("adamw_step takes gradients of one dtype")
+    if not params:
         return
+    grads = [grad.contiguous() for grad in grads]
+    device = params[0].device
+    numels_t, block_tensor_b, first_block_t = _blocks(
+        tuple(param.numel() for param in params), device)
+    addresses = _addresses([params, grads, exp_avgs, exp_avg_sqs, copies],
+                           device)
     decay, step_size, correction2_sqrt = _factors(lr, beta1, beta2,
                                                   weight_decay, step)
-    _step_kernel[(triton.cdiv(numel, BLOCK),)](
-        param, grad.contiguous(), exp_avg, exp_avg_sq, copy, numel,
+    _step_kernel[(block_tensor_b.numel(),)](
+        addresses, numels_t, block_tensor_b, first_block_t, len(params),
         grad_scale, decay, beta1, beta2, step_size, correction2_sqrt, eps,
-        block=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        bf16_grads=grads[0].dtype == torch.bfloat16, block=BLOCK,
+        num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 @adamw_step.register_kernel("cpu")
-def _(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps,
+def _(params, grads, exp_avgs, exp_avg_sqs, copies, lr, beta1, beta2, eps,
       weight_decay, step, grad_scale=1.0):
-    adamw_step_reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1,
-                         beta2, eps, weight_decay, step, grad_scale)
+    for operands in zip(params, grads, exp_avgs, exp_avg_sqs, copies):
+        adamw_step_reference(*operands, lr, beta1, beta2, eps, weight_decay,
+                             step, grad_scale)
 
 
 def adamw_step_reference(param: torch.Tensor, grad: torch.Tensor,

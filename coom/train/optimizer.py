@@ -3,6 +3,7 @@
 The schedule is a pure function of the step, so a resumed run needs only
 the step to continue it exactly.
 """
+import collections
 import math
 from typing import Optional
 
@@ -37,12 +38,14 @@ class CopyWritingAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float = 1.0):
         """The step of the gradients times grad_scale (clipping's
-        coefficient, ``clip_coefficient``), which stay as they are."""
+        coefficient, ``clip_coefficient``), which stay as they are: one
+        launch for each group's tensors of one step count and gradient
+        dtype."""
         if closure is not None:
             raise ValueError("CopyWritingAdamW takes no closure")
         written = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            batches = collections.defaultdict(list)
             for parameter in group["params"]:
                 grad = self.weights.gradient(parameter)
                 if grad is None:
@@ -55,13 +58,17 @@ class CopyWritingAdamW(torch.optim.AdamW):
                 # A checkpoint of the fused AdamW keeps the step on the
                 # device; the host needs it for the bias corrections.
                 state["step"] = state["step"].cpu() + 1
-                adamw_step(parameter, grad, state["exp_avg"],
-                           state["exp_avg_sq"],
-                           self.weights.masters[parameter], group["lr"],
-                           beta1, beta2, group["eps"],
-                           group["weight_decay"], int(state["step"]),
-                           grad_scale)
-                written.append(parameter)
+                batches[int(state["step"]), grad.dtype].append(
+                    (parameter, grad, state))
+            for (step, _), members in batches.items():
+                parameters = [member[0] for member in members]
+                adamw_step(parameters, [member[1] for member in members],
+                           [member[2]["exp_avg"] for member in members],
+                           [member[2]["exp_avg_sq"] for member in members],
+                           [self.weights.masters[p] for p in parameters],
+                           group["lr"], *group["betas"], group["eps"],
+                           group["weight_decay"], step, grad_scale)
+                written += parameters
         # Only the copies it wrote: one without a gradient keeps its
         # version, and is cast again if its master changes.
         self.weights.made_fresh(written)

@@ -15,10 +15,14 @@ STEPS = 4
 def _step(step, parameter, grad, state, copy, reference: bool,
           grad_scale: float):
     beta1, beta2 = SETTINGS["betas"]
-    function = adamw_step_reference if reference else adamw_step
-    function(parameter, grad, state["exp_avg"],
-             state["exp_avg_sq"], copy, SETTINGS["lr"], beta1, beta2,
-             SETTINGS["eps"], SETTINGS["weight_decay"], step, grad_scale)
+    operands = (parameter, grad, state["exp_avg"], state["exp_avg_sq"],
+                copy)
+    settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
+                SETTINGS["weight_decay"], step, grad_scale)
+    if reference:
+        adamw_step_reference(*operands, *settings)
+    else:
+        adamw_step(*([operand] for operand in operands), *settings)
 
 
 @pytest.mark.parametrize("grad_scale", [1.0, 0.3])
@@ -49,3 +53,41 @@ def test_step_matches_torch_adamw(shape, grad_dtype, reference,
         assert relative_error(state["exp_avg_sq"],
                               optimizer.state[exact]["exp_avg_sq"]) < 1e-6
         assert torch.equal(copy, parameter.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_one_launch_steps_each_tensor_as_alone(grad_dtype):
+    """Tensors of several sizes (one empty, some across blocks) in one
+    launch: each steps exactly as it does in a launch of its own, and
+    as the reference does."""
+    torch.manual_seed(0)
+    shapes = [(4097,), (0,), (33, 129), (7,), (2, 4096)]
+    beta1, beta2 = SETTINGS["betas"]
+    settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
+                SETTINGS["weight_decay"], 3, 0.5)
+
+    def operands():
+        generator = torch.Generator().manual_seed(1)
+        made = []
+        for shape in shapes:
+            tensors = [torch.randn(shape, generator=generator)
+                       for _ in range(4)]
+            tensors[1] = tensors[1].to(grad_dtype)
+            tensors[3] = tensors[3].abs()
+            made.append([t.to(DEVICE) for t in tensors]
+                        + [torch.empty(shape, dtype=torch.bfloat16,
+                                       device=DEVICE)])
+        return made
+
+    together, alone, reference = operands(), operands(), operands()
+    adamw_step(*(list(column) for column in zip(*together)), *settings)
+    for tensors in alone:
+        adamw_step(*([tensor] for tensor in tensors), *settings)
+    for tensors in reference:
+        adamw_step_reference(*tensors, *settings)
+    for mine, own, plain in zip(together, alone, reference):
+        for index in (0, 2, 3, 4):
+            assert torch.equal(mine[index], own[index])
+        if mine[0].numel():
+            assert relative_error(mine[0], plain[0]) < 1e-6
+            assert torch.equal(mine[4], mine[0].to(torch.bfloat16))
