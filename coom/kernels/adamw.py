@@ -6,7 +6,8 @@ copies of them (``coom.parallel.precision``). A plain optimizer step
 reads and writes the master, its gradient and moments; the copies would
 then read every master once more. This kernel writes the copy from the
 updated master it already holds: 30 bytes per parameter a step instead
-of 28 + 6 (28 with the copies' own bf16 gradients).
+of 28 + 6 (28 with the copies' own bf16 gradients; 8 fewer with
+DeepSeek-V3's bf16 moments, ``optimizer.moments_dtype``).
 
 The step is torch.optim.AdamW's (decoupled weight decay, bias-corrected
 moments), in float32, elementwise, of the gradient times grad_scale
@@ -51,7 +52,7 @@ OPERANDS = 5
 def _step_kernel(addresses_ptr, numels_ptr, block_tensor_ptr,
                  first_block_ptr, tensors, grad_scale, decay, beta1, beta2,
                  step_size, correction2_sqrt, eps, bf16_grads: tl.constexpr,
-                 block: tl.constexpr):
+                 bf16_moments: tl.constexpr, block: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + pid)
     within = pid - tl.load(first_block_ptr + tensor)
@@ -63,19 +64,25 @@ def _step_kernel(addresses_ptr, numels_ptr, block_tensor_ptr,
         grad_ptr = tl.load(row + tensors).to(tl.pointer_type(tl.bfloat16))
     else:
         grad_ptr = tl.load(row + tensors).to(tl.pointer_type(tl.float32))
-    exp_avg_ptr = tl.load(row + 2 * tensors).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_ptr = tl.load(row + 3 * tensors).to(
-        tl.pointer_type(tl.float32))
+    if bf16_moments:
+        moment = tl.pointer_type(tl.bfloat16)
+    else:
+        moment = tl.pointer_type(tl.float32)
+    exp_avg_ptr = tl.load(row + 2 * tensors).to(moment)
+    exp_avg_sq_ptr = tl.load(row + 3 * tensors).to(moment)
     copy_ptr = tl.load(row + 4 * tensors).to(tl.pointer_type(tl.bfloat16))
     p = tl.load(param_ptr + offsets, mask=mask)
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_scale
-    m = tl.load(exp_avg_ptr + offsets, mask=mask)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
     p = p * decay
     m = m + (1.0 - beta1) * (g - m)
     v = v * beta2 + (1.0 - beta2) * g * g
     p = p - step_size * (m / (tl.sqrt(v) / correction2_sqrt + eps))
     tl.store(param_ptr + offsets, p, mask=mask)
+    if bf16_moments:
+        m = bf16_nearest_even(m)
+        v = bf16_nearest_even(v)
     tl.store(exp_avg_ptr + offsets, m, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
     tl.store(copy_ptr + offsets, bf16_nearest_even(p), mask=mask)
@@ -123,12 +130,16 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                grad_scale: float = 1.0) -> None:
     """AdamW's step t = step of params (float32, contiguous) with grads
     (all float32 or all bf16) times grad_scale, moments exp_avgs and
-    exp_avg_sqs, in place, in one launch; copies (bf16, the params'
-    shapes) then hold the new params, rounded to nearest."""
+    exp_avg_sqs (all float32 or all bf16, which the step computes in
+    float32 and stores rounded to nearest), in place, in one launch;
+    copies (bf16, the params' shapes) then hold the new params, rounded
+    to nearest."""
     if any(copy.dtype != torch.bfloat16 for copy in copies):
         raise ValueError("adamw_step writes bf16 copies")
-    if len({grad.dtype for grad in grads}) > 1:
-        raise ValueError("adamw_step takes gradients of one dtype")
+    for name, tensors in (("gradients", grads),
+                          ("moments", exp_avgs + exp_avg_sqs)):
+        if len({tensor.dtype for tensor in tensors}) > 1:
+            raise ValueError(f"adamw_step takes {name} of one dtype")
     if not params:
         return
     grads = [grad.contiguous() for grad in grads]
@@ -142,7 +153,8 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
     _step_kernel[(block_tensor_b.numel(),)](
         addresses, numels_t, block_tensor_b, first_block_t, len(params),
         grad_scale, decay, beta1, beta2, step_size, correction2_sqrt, eps,
-        bf16_grads=grads[0].dtype == torch.bfloat16, block=BLOCK,
+        bf16_grads=grads[0].dtype == torch.bfloat16,
+        bf16_moments=exp_avgs[0].dtype == torch.bfloat16, block=BLOCK,
         num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
@@ -161,13 +173,17 @@ def adamw_step_reference(param: torch.Tensor, grad: torch.Tensor,
                          step: int, grad_scale: float = 1.0) -> None:
     """The same step in plain PyTorch, as torch.optim.AdamW's
     single-tensor implementation orders it, of the gradient scaled as
-    clipping scales it in place."""
+    clipping scales it in place; bf16 moments step in float32 and are
+    stored rounded."""
     decay, step_size, correction2_sqrt = _factors(lr, beta1, beta2,
                                                   weight_decay, step)
     grad = grad.to(param.dtype) * grad_scale
+    first, second = exp_avg.to(param.dtype), exp_avg_sq.to(param.dtype)
     param.mul_(decay)
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denominator = (exp_avg_sq.sqrt() / correction2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denominator, value=-step_size)
+    first.lerp_(grad, 1.0 - beta1)
+    second.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denominator = (second.sqrt() / correction2_sqrt).add_(eps)
+    param.addcdiv_(first, denominator, value=-step_size)
+    exp_avg.copy_(first)
+    exp_avg_sq.copy_(second)
     copy.copy_(param)

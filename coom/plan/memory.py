@@ -218,7 +218,8 @@ def rank_holdings(config: RunConfig, world_size: int) -> list[Holdings]:
             data = model.world.data_size
             micro_batches = train.global_batch_size \
                 // train.micro_batch_size // data
-            terms = state_terms(model, micro_batches)
+            terms = state_terms(model, micro_batches,
+                                config.optimizer.moments_dtype)
             buffers = fsdp_buffers(model)
             if buffers is not None:
                 terms.append(buffers)

@@ -8,8 +8,9 @@ storage the allocator gives them:
 - *gradients*: float32, of the same storage as the parameters (FSDP
   reduce-scatters into padded shards); in bf16 on the compute copies
   where a step outside FSDP has one micro-batch.
-- *optimizer states*: AdamW's two float32 moments of every parameter's
-  local, unpadded elements, plus a 4-byte step count per parameter.
+- *optimizer states*: AdamW's two moments (float32, or bf16 with
+  ``optimizer.moments_dtype``) of every parameter's local, unpadded
+  elements, plus a 4-byte step count per parameter.
 - *compute copies*: outside FSDP, in bf16, the copies every parameter
   has for the step (``ComputeWeights``).
 - *gathered weights*: under FSDP with ``fsdp_reshard`` 'step', every
@@ -27,9 +28,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from coom.parallel.model import ParallelModel
+from coom.train.optimizer import MOMENTS_DTYPES
 
 MASTER = torch.float32.itemsize
-ADAM_MOMENTS = 2 * torch.float32.itemsize
 STEP_COUNT = torch.float32.itemsize
 
 
@@ -71,9 +72,11 @@ def _gradients(model: ParallelModel, stored: int) -> Term:
     return Term("gradients", stored * MASTER, "float32")
 
 
-def state_terms(model: ParallelModel, micro_batches: int) -> list[Term]:
+def state_terms(model: ParallelModel, micro_batches: int,
+                moments: str = "float32") -> list[Term]:
     """What model's process holds for the whole step, when it runs
-    micro_batches micro-batches a step."""
+    micro_batches micro-batches a step and AdamW keeps its moments in
+    dtype moments (``optimizer.moments_dtype``)."""
     parameters = list(model.model.parameters())
     local = sum(local_tensor(p).numel() for p in parameters)
     sharded = [param for group in fsdp_groups(model)
@@ -88,9 +91,9 @@ def state_terms(model: ParallelModel, micro_batches: int) -> list[Term]:
         Term("parameters", stored * MASTER, "float32 masters"
              + (", FSDP shards (padded)" if sharded else "")),
         _gradients(model, stored),
-        Term("optimizer states", local * ADAM_MOMENTS
-             + len(parameters) * STEP_COUNT,
-             "AdamW moments, float32"),
+        Term("optimizer states",
+             local * 2 * MOMENTS_DTYPES[moments].itemsize
+             + len(parameters) * STEP_COUNT, f"AdamW moments, {moments}"),
     ]
     if model.weights is not None:
         terms.append(Term("compute copies", local * compute,

@@ -39,12 +39,13 @@ from coom.plan.ceilings import Ceilings
 from coom.plan.dry_run import DryRun
 from coom.plan.gpus import GPU
 from coom.plan.memory import moe_blocks
+from coom.train.optimizer import MOMENTS_DTYPES
 
 GPUS_PER_NODE = 8
 NETWORK_BANDWIDTH = 50e9
-OPTIMIZER_BYTES = 4 + 4 + 4 + 4 + 4 + 4 + 2
-"""Per element, beside the gradient's read: master and both moments read;
-master and moments written, and the bf16 compute copy."""
+OPTIMIZER_BYTES = 4 + 4 + 2
+"""Per element, beside the gradient's read and the moments: the master
+read and written, and the bf16 compute copy written."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,7 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
     # One process stepping one unpipelined micro-batch keeps its
     # gradients on the bf16 copies (ComputeWeights.keep_gradients).
     kept = world_size == 1 and pipeline == 1 and micro_batches == 1
-    gradient = bf16 if kept else 4
-    parts["optimizer"] = local_elements * (OPTIMIZER_BYTES + gradient) \
+    parts["optimizer"] = local_elements * _optimizer_bytes(config, kept) \
         / ceilings.rates["memory"]
     seconds = sum(parts.values())
     info = model_info(model, config.data.seq_length)
@@ -136,6 +136,13 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
     mfu = throughput * info.training_flops_per_token \
         / (world_size * gpu.bf16_flops)
     return StepTime(parts, throughput, mfu)
+
+
+def _optimizer_bytes(config: RunConfig, bf16_gradients: bool) -> int:
+    """Bytes the optimizer's step moves per element: OPTIMIZER_BYTES, the
+    gradient's read, and both moments read and written."""
+    moments = MOMENTS_DTYPES[config.optimizer.moments_dtype].itemsize
+    return OPTIMIZER_BYTES + (2 if bf16_gradients else 4) + 4 * moments
 
 
 def _expert_all_to_alls(config: RunConfig, gpu: GPU, tensor: int,

@@ -11,9 +11,12 @@ import torch
 from torch import nn
 
 from coom.config import OptimizerConfig, ScheduleConfig
+from coom.errors import UserError
 from coom.kernels.adamw import adamw_step
 from coom.models.info import decays
 from coom.parallel.precision import ComputeWeights
+
+MOMENTS_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
 class CopyWritingAdamW(torch.optim.AdamW):
@@ -27,13 +30,18 @@ class CopyWritingAdamW(torch.optim.AdamW):
     Args:
         groups: the parameter groups.
         weights: the compute weights whose copies the step writes.
+        moments_dtype: the moments' dtype, float32 or bf16.
         settings: AdamW's lr, betas, eps.
     """
 
     def __init__(self, groups: list[dict], weights: ComputeWeights,
-                 **settings):
+                 moments_dtype: torch.dtype = torch.float32, **settings):
         super().__init__(groups, **settings)
         self.weights = weights
+        self.moments_dtype = moments_dtype
+        # torch's load_state_dict casts every state tensor to its
+        # parameter's dtype.
+        self.register_load_state_dict_post_hook(_moments_as_configured)
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float = 1.0):
@@ -53,8 +61,9 @@ class CopyWritingAdamW(torch.optim.AdamW):
                 state = self.state[parameter]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(parameter)
-                    state["exp_avg_sq"] = torch.zeros_like(parameter)
+                    for name in ("exp_avg", "exp_avg_sq"):
+                        state[name] = torch.zeros_like(
+                            parameter, dtype=self.moments_dtype)
                 # A checkpoint of the fused AdamW keeps the step on the
                 # device; the host needs it for the bias corrections.
                 state["step"] = state["step"].cpu() + 1
@@ -80,6 +89,14 @@ class CopyWritingAdamW(torch.optim.AdamW):
         self.weights.clear_gradients()
 
 
+def _moments_as_configured(optimizer: CopyWritingAdamW) -> None:
+    """Cast optimizer's loaded moments back to its moments' dtype."""
+    for state in optimizer.state.values():
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in state:
+                state[name] = state[name].to(optimizer.moments_dtype)
+
+
 def build_optimizer(model: nn.Module, config: OptimizerConfig,
                     weights: Optional[ComputeWeights] = None
                     ) -> torch.optim.AdamW:
@@ -99,7 +116,16 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig,
                                          config.adam_beta2),
                     eps=config.adam_eps)
     if weights is not None:
-        return CopyWritingAdamW(groups, weights, **settings)
+        return CopyWritingAdamW(groups, weights,
+                                MOMENTS_DTYPES[config.moments_dtype],
+                                **settings)
+    if config.moments_dtype != "float32":
+        raise UserError(
+            f"optimizer.moments_dtype={config.moments_dtype} needs the "
+            "AdamW that writes bf16 compute copies: train.precision bf16 "
+            "(or auto on a GPU) in one process or under pipeline "
+            "parallelism alone; in other layouts torch's AdamW steps "
+            "float32 moments")
     on_gpu = any(parameter.is_cuda for parameter in decay)
     return torch.optim.AdamW(groups, **settings, fused=on_gpu or None,
                              foreach=None if on_gpu else True)

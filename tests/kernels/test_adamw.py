@@ -91,3 +91,40 @@ def test_one_launch_steps_each_tensor_as_alone(grad_dtype):
         if mine[0].numel():
             assert relative_error(mine[0], plain[0]) < 1e-6
             assert torch.equal(mine[4], mine[0].to(torch.bfloat16))
+
+
+def test_bf16_moments_step_in_float32_and_store_rounded():
+    """DeepSeek-V3's bf16 moments: the reference steps them as float32
+    moments of the same values and stores them rounded, the parameter
+    following the unrounded ones; the kernel's step is the
+    reference's."""
+    torch.manual_seed(3)
+    shape = (33, 129)
+    beta1, beta2 = SETTINGS["betas"]
+    settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
+                SETTINGS["weight_decay"], 2, 1.0)
+    param, grad = torch.randn(shape), torch.randn(shape)
+    moments = [torch.randn(shape).bfloat16(),
+               torch.randn(shape).abs().bfloat16()]
+
+    def run(step, device, dtype):
+        operands = [param.clone().to(device), grad.to(device),
+                    *(m.to(device, dtype, copy=True) for m in moments),
+                    torch.empty(shape, dtype=torch.bfloat16,
+                                device=device)]
+        step(*operands)
+        return operands
+
+    wide = run(lambda *o: adamw_step_reference(*o, *settings), "cpu",
+               torch.float32)
+    narrow = run(lambda *o: adamw_step_reference(*o, *settings), "cpu",
+                 torch.bfloat16)
+    assert torch.equal(narrow[0], wide[0])
+    assert torch.equal(narrow[2], wide[2].bfloat16())
+    assert torch.equal(narrow[3], wide[3].bfloat16())
+    kernel = run(lambda *o: adamw_step(*([t] for t in o), *settings),
+                 DEVICE, torch.bfloat16)
+    assert kernel[2].dtype == kernel[3].dtype == torch.bfloat16
+    assert relative_error(kernel[0], narrow[0]) < 1e-6
+    for index in (2, 3, 4):
+        assert relative_error(kernel[index], narrow[index]) < 1e-5

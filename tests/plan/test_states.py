@@ -17,8 +17,10 @@ COMMON = ["train.device=cpu", "model.vocab_size=512", "data.seq_length=32",
           "train.global_batch_size=8"]
 BF16 = ["train.precision=bf16"]
 LAYOUTS = {
-    # One micro-batch a step: the bf16 gradients stay on the copies.
-    1: {"one-bf16": [*BF16, "train.global_batch_size=1"]},
+    # One micro-batch a step: the bf16 gradients stay on the copies; and
+    # DeepSeek-V3's bf16 moments.
+    1: {"one-bf16": [*BF16, "train.global_batch_size=1",
+                     "optimizer.moments_dtype=bf16"]},
     2: {
         "fsdp2": ["parallel.data_parallel_shard=2"],
         "fsdp2-bf16-step": ["parallel.data_parallel_shard=2",
@@ -26,7 +28,8 @@ LAYOUTS = {
         "ep2": ["parallel.expert=2"],
         "tp2-bf16": ["parallel.tensor=2", *BF16],
         "pp2": ["parallel.pipeline=2"],
-        "pp2-bf16": ["parallel.pipeline=2", *BF16],
+        "pp2-bf16": ["parallel.pipeline=2", *BF16,
+                     "optimizer.moments_dtype=bf16"],
     },
     4: {
         "hsdp2x2": ["parallel.data_parallel_replicate=2"],
@@ -52,7 +55,8 @@ def test_state_bytes_are_exact_on_every_process(tmp_path, processes):
             real = json.loads((tmp_path / f"{name}-{rank}.json").read_text())
             with rank_model(config, processes, rank) as model:
                 terms = {term.name: term.bytes
-                         for term in state_terms(model, 1)}
+                         for term in state_terms(
+                             model, 1, config.optimizer.moments_dtype)}
             planned = {key: terms.get(key) for key in MEASURED}
             assert planned == {key: real.get(key) for key in MEASURED}, \
                 (name, rank)

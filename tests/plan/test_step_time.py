@@ -55,7 +55,7 @@ def test_roofline_adds_each_operator_at_its_rate():
     assert time.parts["compute"] == pytest.approx(8 * MICRO)
     # A float32 gradient: 8 micro-batches sum theirs.
     assert time.parts["optimizer"] == pytest.approx(
-        10 ** 6 * (OPTIMIZER_BYTES + 4) / 1e11)
+        10 ** 6 * (OPTIMIZER_BYTES + 4 + 16) / 1e11)
 
 
 def test_one_micro_batch_reads_its_bf16_gradients():
@@ -63,7 +63,13 @@ def test_one_micro_batch_reads_its_bf16_gradients():
     gradients the bf16 copies keep."""
     time = _time(["train.global_batch_size=1"])
     assert time.parts["optimizer"] == pytest.approx(
-        10 ** 6 * (OPTIMIZER_BYTES + 2) / 1e11)
+        10 ** 6 * (OPTIMIZER_BYTES + 2 + 16) / 1e11)
+
+
+def test_bf16_moments_move_half_the_moments_bytes():
+    time = _time(["optimizer.moments_dtype=bf16"])
+    assert time.parts["optimizer"] == pytest.approx(
+        10 ** 6 * (OPTIMIZER_BYTES + 4 + 8) / 1e11)
 
 
 def test_in_place_operators_move_bytes_and_views_none():

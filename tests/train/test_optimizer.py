@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from coom.config import ModelConfig, OptimizerConfig, ScheduleConfig
+from coom.errors import UserError
 from coom.models import Transformer
+from coom.parallel.precision import ComputeWeights
 from coom.train.optimizer import (
     build_optimizer,
     learning_rate,
@@ -68,6 +70,45 @@ def test_norm_scales_are_not_decayed():
     assert sum(p.numel() for g in (decayed, plain) for p in g["params"]) \
         == sum(p.numel() for p in model.parameters())
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def _stepped(moments: str) -> torch.optim.AdamW:
+    """A linear layer's optimizer, moments in dtype moments, after one
+    step of bf16 compute copies that keep their gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    weights = ComputeWeights(model, torch.bfloat16, keep_gradients=True)
+    optimizer = build_optimizer(
+        model, OptimizerConfig(moments_dtype=moments), weights)
+    with weights.swapped_in():
+        model(torch.randn(2, 8, dtype=torch.bfloat16)).square().sum() \
+            .backward()
+    optimizer.step()
+    return optimizer
+
+
+def test_bf16_moments_stay_bf16_through_a_checkpoint():
+    """torch's load_state_dict casts state to the parameters' dtype; the
+    moments come back in bf16, as saved."""
+    optimizer = _stepped("bf16")
+    saved = optimizer.state_dict()
+    loaded = _stepped("bf16")
+    loaded.load_state_dict(saved)
+    for name in ("exp_avg", "exp_avg_sq"):
+        for index, state in saved["state"].items():
+            assert state[name].dtype == torch.bfloat16
+            again = loaded.state_dict()["state"][index][name]
+            assert again.dtype == torch.bfloat16
+            assert torch.equal(again, state[name])
+    wide = _stepped("float32").state_dict()["state"]
+    assert all(state["exp_avg"].dtype == torch.float32
+               for state in wide.values())
+
+
+def test_bf16_moments_need_the_copy_writing_optimizer():
+    with pytest.raises(UserError, match="moments_dtype=bf16"):
+        build_optimizer(torch.nn.Linear(8, 4),
+                        OptimizerConfig(moments_dtype="bf16"))
 
 
 def test_mtp_weight_drops_after_the_switch():
