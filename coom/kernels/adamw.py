@@ -49,43 +49,65 @@ OPERANDS = 5
 
 
 @triton.jit
+def _update(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, copy_ptrs,
+            mask, grad_scale, decay, beta1, beta2, step_size,
+            correction2_sqrt, eps, bf16_moments: tl.constexpr):
+    """The step of the block at the pointers (mask None: a whole
+    block)."""
+    p = tl.load(param_ptrs, mask=mask)
+    g = tl.load(grad_ptrs, mask=mask).to(tl.float32) * grad_scale
+    m = tl.load(exp_avg_ptrs, mask=mask).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptrs, mask=mask).to(tl.float32)
+    p = p * decay
+    m = m + (1.0 - beta1) * (g - m)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    p = p - step_size * (m / (tl.sqrt(v) / correction2_sqrt + eps))
+    tl.store(param_ptrs, p, mask=mask)
+    if bf16_moments:
+        m = bf16_nearest_even(m)
+        v = bf16_nearest_even(v)
+    tl.store(exp_avg_ptrs, m, mask=mask)
+    tl.store(exp_avg_sq_ptrs, v, mask=mask)
+    tl.store(copy_ptrs, bf16_nearest_even(p), mask=mask)
+
+
+@triton.jit
+def _address(row, operand, tensors, dtype: tl.constexpr):
+    """An operand's address from the table, as a pointer to dtype that
+    the compiler knows to be 16-byte aligned (``adamw_step`` checks), so
+    that whole blocks load and store in 16-byte vectors."""
+    address = tl.load(row + operand * tensors).to(tl.pointer_type(dtype))
+    return tl.multiple_of(address, 16)
+
+
+@triton.jit
 def _step_kernel(addresses_ptr, numels_ptr, block_tensor_ptr,
                  first_block_ptr, tensors, grad_scale, decay, beta1, beta2,
                  step_size, correction2_sqrt, eps, bf16_grads: tl.constexpr,
                  bf16_moments: tl.constexpr, block: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + pid)
-    within = pid - tl.load(first_block_ptr + tensor)
-    offsets = within.to(tl.int64) * block + tl.arange(0, block)
-    mask = offsets < tl.load(numels_ptr + tensor)
+    start = (pid - tl.load(first_block_ptr + tensor)).to(tl.int64) * block
+    offsets = start + tl.arange(0, block)
+    numel = tl.load(numels_ptr + tensor)
     row = addresses_ptr + tensor
-    param_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    if bf16_grads:
-        grad_ptr = tl.load(row + tensors).to(tl.pointer_type(tl.bfloat16))
+    grad = tl.bfloat16 if bf16_grads else tl.float32
+    moment = tl.bfloat16 if bf16_moments else tl.float32
+    param_ptrs = _address(row, 0, tensors, tl.float32) + offsets
+    grad_ptrs = _address(row, 1, tensors, grad) + offsets
+    exp_avg_ptrs = _address(row, 2, tensors, moment) + offsets
+    exp_avg_sq_ptrs = _address(row, 3, tensors, moment) + offsets
+    copy_ptrs = _address(row, 4, tensors, tl.bfloat16) + offsets
+    # Only a tensor's last block needs a mask, which a size the compiler
+    # cannot know would make element by element.
+    if start + block <= numel:
+        _update(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
+                copy_ptrs, None, grad_scale, decay, beta1, beta2,
+                step_size, correction2_sqrt, eps, bf16_moments)
     else:
-        grad_ptr = tl.load(row + tensors).to(tl.pointer_type(tl.float32))
-    if bf16_moments:
-        moment = tl.pointer_type(tl.bfloat16)
-    else:
-        moment = tl.pointer_type(tl.float32)
-    exp_avg_ptr = tl.load(row + 2 * tensors).to(moment)
-    exp_avg_sq_ptr = tl.load(row + 3 * tensors).to(moment)
-    copy_ptr = tl.load(row + 4 * tensors).to(tl.pointer_type(tl.bfloat16))
-    p = tl.load(param_ptr + offsets, mask=mask)
-    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_scale
-    m = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-    p = p * decay
-    m = m + (1.0 - beta1) * (g - m)
-    v = v * beta2 + (1.0 - beta2) * g * g
-    p = p - step_size * (m / (tl.sqrt(v) / correction2_sqrt + eps))
-    tl.store(param_ptr + offsets, p, mask=mask)
-    if bf16_moments:
-        m = bf16_nearest_even(m)
-        v = bf16_nearest_even(v)
-    tl.store(exp_avg_ptr + offsets, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
-    tl.store(copy_ptr + offsets, bf16_nearest_even(p), mask=mask)
+        _update(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
+                copy_ptrs, offsets < numel, grad_scale, decay, beta1,
+                beta2, step_size, correction2_sqrt, eps, bf16_moments)
 
 
 def _factors(lr: float, beta1: float, beta2: float, weight_decay: float,
@@ -143,11 +165,14 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
     if not params:
         return
     grads = [grad.contiguous() for grad in grads]
+    operands = [params, grads, exp_avgs, exp_avg_sqs, copies]
+    if any(tensor.data_ptr() % 16 for tensors in operands
+           for tensor in tensors):
+        raise ValueError("adamw_step needs 16-byte aligned tensors")
     device = params[0].device
     numels_t, block_tensor_b, first_block_t = _blocks(
         tuple(param.numel() for param in params), device)
-    addresses = _addresses([params, grads, exp_avgs, exp_avg_sqs, copies],
-                           device)
+    addresses = _addresses(operands, device)
     decay, step_size, correction2_sqrt = _factors(lr, beta1, beta2,
                                                   weight_decay, step)
     _step_kernel[(block_tensor_b.numel(),)](

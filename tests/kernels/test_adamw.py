@@ -2,6 +2,10 @@
 against torch.optim.AdamW in float64 over several steps, and its copy
 the new parameter rounded to bf16; with a gradient scale (clipping's
 coefficient), the step of the scaled gradient."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -128,3 +132,39 @@ def test_bf16_moments_step_in_float32_and_store_rounded():
     assert relative_error(kernel[0], narrow[0]) < 1e-6
     for index in (2, 3, 4):
         assert relative_error(kernel[index], narrow[index]) < 1e-5
+
+
+COMPILE = """
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from coom.kernels.adamw import _step_kernel
+signature = {"addresses_ptr": "*i64", "numels_ptr": "*i64",
+             "block_tensor_ptr": "*i32", "first_block_ptr": "*i64",
+             "tensors": "i32", "bf16_grads": "constexpr",
+             "bf16_moments": "constexpr", "block": "constexpr"}
+signature |= {name: "fp32" for name in (
+    "grad_scale", "decay", "beta1", "beta2", "step_size",
+    "correction2_sqrt", "eps")}
+source = ASTSource(_step_kernel, signature, constexprs={
+    "bf16_grads": True, "bf16_moments": sys.argv[1] == "bf16",
+    "block": 4096})
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                     options={"num_warps": 8}).asm["ptx"]
+print(sorted(set(re.findall(r"[ls][dt][.]global[.]v4", ptx))))
+"""
+
+
+@pytest.mark.parametrize("moments", ["float32", "bf16"])
+def test_whole_blocks_move_in_16_byte_vectors(moments):
+    """Compiled for an H100 (no GPU needed; Triton's compiler, not the
+    interpreter the other tests run): the addresses come from a table,
+    and only the alignment the kernel asserts lets whole blocks load and
+    store 16 bytes at a time. Element by element, AdamW's step ran 8%
+    slower end to end (docs/benchmarks.md, session 24)."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    found = subprocess.run([sys.executable, "-c", COMPILE, moments],
+                           capture_output=True, text=True, check=True,
+                           env=environment).stdout
+    assert found.split() == ["['ld.global.v4',", "'st.global.v4']"]
