@@ -44,8 +44,6 @@ from coom.kernels import bf16_nearest_even
 
 BLOCK = 4096
 NUM_WARPS = 8
-OPERANDS = 5
-"""Addresses per tensor: parameter, gradient, both moments, copy."""
 
 
 @triton.jit
@@ -133,8 +131,9 @@ def _blocks(numels: tuple[int, ...], device: torch.device
 
 def _addresses(operands: list[list[torch.Tensor]],
                device: torch.device) -> torch.Tensor:
-    """The operands' addresses on device, (OPERANDS, t) int64, copied from
-    pinned memory without waiting for the device."""
+    """The operands' addresses on device, (5, t) int64 (parameters,
+    gradients, both moments, copies), copied from pinned memory without
+    waiting for the device."""
     addresses = torch.tensor([[tensor.data_ptr() for tensor in tensors]
                               for tensors in operands], dtype=torch.int64)
     if device.type == "cuda":
