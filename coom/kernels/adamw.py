@@ -70,19 +70,23 @@ def _update(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, copy_ptrs,
 
 
 @triton.jit
-def _address(row, operand, tensors, dtype: tl.constexpr):
-    """An operand's address from the table, as a pointer to dtype that
-    the compiler knows to be 16-byte aligned (``adamw_step`` checks), so
-    that whole blocks load and store in 16-byte vectors."""
+def _address(row, operand, tensors, dtype: tl.constexpr,
+             aligned: tl.constexpr):
+    """An operand's address from the table, as a pointer to dtype; where
+    aligned (``adamw_step`` checks), one the compiler knows to be 16-byte
+    aligned, so that whole blocks load and store in 16-byte vectors."""
     address = tl.load(row + operand * tensors).to(tl.pointer_type(dtype))
-    return tl.multiple_of(address, 16)
+    if aligned:
+        address = tl.multiple_of(address, 16)
+    return address
 
 
 @triton.jit
 def _step_kernel(addresses_ptr, numels_ptr, block_tensor_ptr,
                  first_block_ptr, tensors, grad_scale, decay, beta1, beta2,
                  step_size, correction2_sqrt, eps, bf16_grads: tl.constexpr,
-                 bf16_moments: tl.constexpr, block: tl.constexpr):
+                 bf16_moments: tl.constexpr, aligned: tl.constexpr,
+                 block: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + pid)
     start = (pid - tl.load(first_block_ptr + tensor)).to(tl.int64) * block
@@ -91,11 +95,11 @@ def _step_kernel(addresses_ptr, numels_ptr, block_tensor_ptr,
     row = addresses_ptr + tensor
     grad = tl.bfloat16 if bf16_grads else tl.float32
     moment = tl.bfloat16 if bf16_moments else tl.float32
-    param_ptrs = _address(row, 0, tensors, tl.float32) + offsets
-    grad_ptrs = _address(row, 1, tensors, grad) + offsets
-    exp_avg_ptrs = _address(row, 2, tensors, moment) + offsets
-    exp_avg_sq_ptrs = _address(row, 3, tensors, moment) + offsets
-    copy_ptrs = _address(row, 4, tensors, tl.bfloat16) + offsets
+    param_ptrs = _address(row, 0, tensors, tl.float32, aligned) + offsets
+    grad_ptrs = _address(row, 1, tensors, grad, aligned) + offsets
+    exp_avg_ptrs = _address(row, 2, tensors, moment, aligned) + offsets
+    exp_avg_sq_ptrs = _address(row, 3, tensors, moment, aligned) + offsets
+    copy_ptrs = _address(row, 4, tensors, tl.bfloat16, aligned) + offsets
     # Only a tensor's last block needs a mask, which a size the compiler
     # cannot know would make element by element.
     if start + block <= numel:
@@ -129,6 +133,33 @@ def _blocks(numels: tuple[int, ...], device: torch.device
             block_tensor_b.to(device), first_block_t.to(device))
 
 
+DTYPES = ({torch.float32}, {torch.float32, torch.bfloat16},
+          {torch.float32, torch.bfloat16}, {torch.float32, torch.bfloat16},
+          {torch.bfloat16})
+"""What each operand may be: parameters, gradients, both moments,
+copies."""
+
+
+def _check(operands: list[list[torch.Tensor]]) -> None:
+    """Operands the kernel can read: each of its dtypes (``DTYPES``), one
+    dtype for all gradients and one for all moments, contiguous, on the
+    parameters' device, and as large as their parameters."""
+    params = operands[0]
+    for allowed, tensors in zip(DTYPES, operands):
+        if not {tensor.dtype for tensor in tensors} <= allowed:
+            raise ValueError(f"adamw_step takes {sorted(map(str, allowed))}"
+                             f", not {tensors[0].dtype}")
+        for tensor, param in zip(tensors, params):
+            if not tensor.is_contiguous() or tensor.device != param.device \
+                    or tensor.numel() != param.numel():
+                raise ValueError("adamw_step takes contiguous operands of "
+                                 "their parameters' size and device")
+    for name, tensors in (("gradients", operands[1]),
+                          ("moments", operands[2] + operands[3])):
+        if len({tensor.dtype for tensor in tensors}) > 1:
+            raise ValueError(f"adamw_step takes {name} of one dtype")
+
+
 def _addresses(operands: list[list[torch.Tensor]],
                device: torch.device) -> torch.Tensor:
     """The operands' addresses on device, (5, t) int64 (parameters,
@@ -155,19 +186,11 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
     float32 and stores rounded to nearest), in place, in one launch;
     copies (bf16, the params' shapes) then hold the new params, rounded
     to nearest."""
-    if any(copy.dtype != torch.bfloat16 for copy in copies):
-        raise ValueError("adamw_step writes bf16 copies")
-    for name, tensors in (("gradients", grads),
-                          ("moments", exp_avgs + exp_avg_sqs)):
-        if len({tensor.dtype for tensor in tensors}) > 1:
-            raise ValueError(f"adamw_step takes {name} of one dtype")
     if not params:
         return
     grads = [grad.contiguous() for grad in grads]
     operands = [params, grads, exp_avgs, exp_avg_sqs, copies]
-    if any(tensor.data_ptr() % 16 for tensors in operands
-           for tensor in tensors):
-        raise ValueError("adamw_step needs 16-byte aligned tensors")
+    _check(operands)
     device = params[0].device
     numels_t, block_tensor_b, first_block_t = _blocks(
         tuple(param.numel() for param in params), device)
@@ -178,7 +201,10 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
         addresses, numels_t, block_tensor_b, first_block_t, len(params),
         grad_scale, decay, beta1, beta2, step_size, correction2_sqrt, eps,
         bf16_grads=grads[0].dtype == torch.bfloat16,
-        bf16_moments=exp_avgs[0].dtype == torch.bfloat16, block=BLOCK,
+        bf16_moments=exp_avgs[0].dtype == torch.bfloat16,
+        aligned=not any(tensor.data_ptr() % 16 for tensors in operands
+                        for tensor in tensors if tensor.numel()),
+        block=BLOCK,
         num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 

@@ -125,9 +125,10 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
             / _link_bandwidth(gpu, replicas, shard * tensor)
         parts["FSDP, beyond the compute"] = max(
             0.0, fsdp - parts["compute"])
-    # One process stepping one unpipelined micro-batch keeps its
+    # One process stepping one unpipelined micro-batch in bf16 keeps its
     # gradients on the bf16 copies (ComputeWeights.keep_gradients).
-    kept = world_size == 1 and pipeline == 1 and micro_batches == 1
+    kept = world_size == 1 and pipeline == 1 and micro_batches == 1 \
+        and train.precision != "fp32"
     parts["optimizer"] = local_elements * _optimizer_bytes(config, kept) \
         / ceilings.rates["memory"]
     seconds = sum(parts.values())

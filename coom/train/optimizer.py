@@ -97,6 +97,20 @@ def _moments_as_configured(optimizer: CopyWritingAdamW) -> None:
                 state[name] = state[name].to(optimizer.moments_dtype)
 
 
+def check_moments(moments_dtype: str,
+                  weights: Optional[ComputeWeights]) -> None:
+    """Refuse moments in moments_dtype (``optimizer.moments_dtype``)
+    other than float32 where torch's AdamW would step: without compute
+    weights to write (``CopyWritingAdamW``)."""
+    if moments_dtype != "float32" and weights is None:
+        raise UserError(
+            f"optimizer.moments_dtype={moments_dtype} needs the "
+            "AdamW that writes bf16 compute copies: train.precision bf16 "
+            "(or auto on a GPU) in one process or under pipeline "
+            "parallelism alone; in other layouts torch's AdamW steps "
+            "float32 moments")
+
+
 def build_optimizer(model: nn.Module, config: OptimizerConfig,
                     weights: Optional[ComputeWeights] = None
                     ) -> torch.optim.AdamW:
@@ -115,17 +129,11 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig,
     settings = dict(lr=config.lr, betas=(config.adam_beta1,
                                          config.adam_beta2),
                     eps=config.adam_eps)
+    check_moments(config.moments_dtype, weights)
     if weights is not None:
         return CopyWritingAdamW(groups, weights,
                                 MOMENTS_DTYPES[config.moments_dtype],
                                 **settings)
-    if config.moments_dtype != "float32":
-        raise UserError(
-            f"optimizer.moments_dtype={config.moments_dtype} needs the "
-            "AdamW that writes bf16 compute copies: train.precision bf16 "
-            "(or auto on a GPU) in one process or under pipeline "
-            "parallelism alone; in other layouts torch's AdamW steps "
-            "float32 moments")
     on_gpu = any(parameter.is_cuda for parameter in decay)
     return torch.optim.AdamW(groups, **settings, fused=on_gpu or None,
                              foreach=None if on_gpu else True)

@@ -143,13 +143,14 @@ from coom.kernels.adamw import _step_kernel
 signature = {"addresses_ptr": "*i64", "numels_ptr": "*i64",
              "block_tensor_ptr": "*i32", "first_block_ptr": "*i64",
              "tensors": "i32", "bf16_grads": "constexpr",
-             "bf16_moments": "constexpr", "block": "constexpr"}
+             "bf16_moments": "constexpr", "aligned": "constexpr",
+             "block": "constexpr"}
 signature |= {name: "fp32" for name in (
     "grad_scale", "decay", "beta1", "beta2", "step_size",
     "correction2_sqrt", "eps")}
 source = ASTSource(_step_kernel, signature, constexprs={
     "bf16_grads": True, "bf16_moments": sys.argv[1] == "bf16",
-    "block": 4096})
+    "aligned": sys.argv[2] == "aligned", "block": 4096})
 ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                      options={"num_warps": 8}).asm["ptx"]
 print(sorted(set(re.findall(r"[ls][dt][.]global[.]v4", ptx))))
@@ -160,11 +161,43 @@ print(sorted(set(re.findall(r"[ls][dt][.]global[.]v4", ptx))))
 def test_whole_blocks_move_in_16_byte_vectors(moments):
     """Compiled for an H100 (no GPU needed; Triton's compiler, not the
     interpreter the other tests run): the addresses come from a table,
-    and only the alignment the kernel asserts lets whole blocks load and
-    store 16 bytes at a time. Element by element, AdamW's step ran 8%
-    slower end to end (docs/benchmarks.md, session 24)."""
+    and only the alignment the host checks lets whole blocks load and
+    store 16 bytes at a time; without it, element by element. That way
+    AdamW's step ran 8% slower end to end (docs/benchmarks.md, session
+    24)."""
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    found = subprocess.run([sys.executable, "-c", COMPILE, moments],
-                           capture_output=True, text=True, check=True,
-                           env=environment).stdout
-    assert found.split() == ["['ld.global.v4',", "'st.global.v4']"]
+    found = {alignment: subprocess.run(
+        [sys.executable, "-c", COMPILE, moments, alignment],
+        capture_output=True, text=True, check=True,
+        env=environment).stdout.split()
+        for alignment in ("aligned", "unknown")}
+    assert found == {"aligned": ["['ld.global.v4',", "'st.global.v4']"],
+                     "unknown": ["[]"]}
+
+
+def test_unaligned_or_mismatched_operands():
+    """A tensor off a 16-byte boundary steps all the same (without the
+    vectors); operands of another size or dtype are refused."""
+    torch.manual_seed(4)
+    beta1, beta2 = SETTINGS["betas"]
+    settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
+                SETTINGS["weight_decay"], 1, 1.0)
+    storage = torch.randn(4100, device=DEVICE)
+    param = storage[1:4098]  # 4 bytes past the boundary
+    start = param.clone()
+    operands = [[param], [torch.randn(4097, device=DEVICE)],
+                [torch.zeros(4097, device=DEVICE)],
+                [torch.zeros(4097, device=DEVICE)],
+                [torch.empty(4097, dtype=torch.bfloat16, device=DEVICE)]]
+    expected = [start, operands[1][0], *(torch.zeros(4097, device=DEVICE)
+                                         for _ in range(2)),
+                torch.empty_like(operands[4][0])]
+    adamw_step(*operands, *settings)
+    adamw_step_reference(*expected, *settings)
+    assert relative_error(param, expected[0]) < 1e-6
+    with pytest.raises(ValueError, match="size"):
+        adamw_step([param], [torch.randn(7, device=DEVICE)],
+                   *operands[2:], *settings)
+    with pytest.raises(ValueError, match="not torch.float16"):
+        adamw_step([param], [operands[1][0].half()], *operands[2:],
+                   *settings)

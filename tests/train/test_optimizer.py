@@ -105,6 +105,39 @@ def test_bf16_moments_stay_bf16_through_a_checkpoint():
                for state in wide.values())
 
 
+def test_tensors_of_other_step_counts_step_apart():
+    """A parameter without a gradient in the first step is a step behind
+    from then on: each launch takes the tensors of one step count, and
+    the result is torch's single-tensor AdamW, bit for bit."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(8, 4)
+    reference = [p.detach().clone().requires_grad_() for p in
+                 model.parameters()]
+    weights = ComputeWeights(model, torch.bfloat16, keep_gradients=True)
+    optimizer = build_optimizer(model, OptimizerConfig(weight_decay=0.0),
+                                weights)
+    torch_adamw = torch.optim.AdamW(reference, lr=optimizer.defaults["lr"],
+                                    betas=optimizer.defaults["betas"],
+                                    eps=optimizer.defaults["eps"],
+                                    weight_decay=0.0, foreach=False)
+    for step in range(3):
+        with weights.swapped_in():
+            model(torch.randn(2, 8, dtype=torch.bfloat16)).square().sum() \
+                .backward()
+        if step == 0:
+            weights.masters[model.bias].grad = None
+        for mine, theirs in zip(model.parameters(), reference):
+            grad = weights.gradient(mine)
+            theirs.grad = None if grad is None else grad.float()
+        optimizer.step()
+        torch_adamw.step()
+        optimizer.zero_grad()
+    steps = [int(optimizer.state[p]["step"]) for p in model.parameters()]
+    assert steps == [3, 2]
+    for mine, theirs in zip(model.parameters(), reference):
+        assert torch.equal(mine, theirs)
+
+
 def test_bf16_moments_need_the_copy_writing_optimizer():
     with pytest.raises(UserError, match="moments_dtype=bf16"):
         build_optimizer(torch.nn.Linear(8, 4),
