@@ -36,9 +36,7 @@ class OptimizerConfig:
     moments_dtype: Literal["float32", "bf16"] = "float32"
     """AdamW's moments: bf16, as DeepSeek-V3 keeps them, holds 4 bytes
     fewer per parameter and moves 8 fewer a step; the step still computes
-    in float32 and rounds them to nearest. bf16 needs the optimizer that
-    writes the bf16 compute copies: bf16 precision (``auto`` on a GPU)
-    in one process or under pipeline parallelism alone."""
+    in float32 and rounds them to nearest."""
 
     def __post_init__(self):
         positive(self, "lr", "adam_eps")

@@ -1,5 +1,5 @@
-"""One AdamW step of float32 tensors that also writes their bf16
-copies, in one pass and one launch.
+"""One AdamW step of float32 tensors, in one pass and one launch, that
+also writes their bf16 compute copies where there are any.
 
 Mixed precision keeps float32 master weights and computes with bf16
 copies of them (``coom.parallel.precision``). A plain optimizer step
@@ -35,6 +35,7 @@ Tensor names end in their shape: n elements, t tensors, b blocks.
 """
 import functools
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -49,7 +50,8 @@ NUM_WARPS = 8
 @triton.jit
 def _update(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, copy_ptrs,
             mask, grad_scale, decay, beta1, beta2, step_size,
-            correction2_sqrt, eps, bf16_moments: tl.constexpr):
+            correction2_sqrt, eps, bf16_moments: tl.constexpr,
+            write_copies: tl.constexpr):
     """The step of the block at the pointers (mask None: a whole
     block)."""
     p = tl.load(param_ptrs, mask=mask)
@@ -66,7 +68,8 @@ def _update(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, copy_ptrs,
         v = bf16_nearest_even(v)
     tl.store(exp_avg_ptrs, m, mask=mask)
     tl.store(exp_avg_sq_ptrs, v, mask=mask)
-    tl.store(copy_ptrs, bf16_nearest_even(p), mask=mask)
+    if write_copies:
+        tl.store(copy_ptrs, bf16_nearest_even(p), mask=mask)
 
 
 @triton.jit
@@ -85,8 +88,8 @@ def _address(row, operand, tensors, dtype: tl.constexpr,
 def _step_kernel(addresses_ptr, numels_ptr, block_tensor_ptr,
                  first_block_ptr, tensors, grad_scale, decay, beta1, beta2,
                  step_size, correction2_sqrt, eps, bf16_grads: tl.constexpr,
-                 bf16_moments: tl.constexpr, aligned: tl.constexpr,
-                 block: tl.constexpr):
+                 bf16_moments: tl.constexpr, write_copies: tl.constexpr,
+                 aligned: tl.constexpr, block: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + pid)
     start = (pid - tl.load(first_block_ptr + tensor)).to(tl.int64) * block
@@ -105,11 +108,13 @@ def _step_kernel(addresses_ptr, numels_ptr, block_tensor_ptr,
     if start + block <= numel:
         _update(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
                 copy_ptrs, None, grad_scale, decay, beta1, beta2,
-                step_size, correction2_sqrt, eps, bf16_moments)
+                step_size, correction2_sqrt, eps, bf16_moments,
+                write_copies)
     else:
         _update(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
                 copy_ptrs, offsets < numel, grad_scale, decay, beta1,
-                beta2, step_size, correction2_sqrt, eps, bf16_moments)
+                beta2, step_size, correction2_sqrt, eps, bf16_moments,
+                write_copies)
 
 
 def _factors(lr: float, beta1: float, beta2: float, weight_decay: float,
@@ -145,6 +150,9 @@ def _check(operands: list[list[torch.Tensor]]) -> None:
     dtype for all gradients and one for all moments, contiguous, on the
     parameters' device, and as large as their parameters."""
     params = operands[0]
+    if operands[4] and len(operands[4]) != len(params):
+        raise ValueError("adamw_step writes a copy of every parameter or "
+                         "none")
     for allowed, tensors in zip(DTYPES, operands):
         if not {tensor.dtype for tensor in tensors} <= allowed:
             raise ValueError(f"adamw_step takes {sorted(map(str, allowed))}"
@@ -184,8 +192,8 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
     (all float32 or all bf16) times grad_scale, moments exp_avgs and
     exp_avg_sqs (all float32 or all bf16, which the step computes in
     float32 and stores rounded to nearest), in place, in one launch;
-    copies (bf16, the params' shapes) then hold the new params, rounded
-    to nearest."""
+    copies (bf16, the params' shapes; or none) then hold the new params,
+    rounded to nearest."""
     if not params:
         return
     grads = [grad.contiguous() for grad in grads]
@@ -194,7 +202,8 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
     device = params[0].device
     numels_t, block_tensor_b, first_block_t = _blocks(
         tuple(param.numel() for param in params), device)
-    addresses = _addresses(operands, device)
+    # Without copies the kernel writes none: the parameters stand in.
+    addresses = _addresses([*operands[:4], copies or params], device)
     decay, step_size, correction2_sqrt = _factors(lr, beta1, beta2,
                                                   weight_decay, step)
     _step_kernel[(block_tensor_b.numel(),)](
@@ -202,23 +211,26 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
         grad_scale, decay, beta1, beta2, step_size, correction2_sqrt, eps,
         bf16_grads=grads[0].dtype == torch.bfloat16,
         bf16_moments=exp_avgs[0].dtype == torch.bfloat16,
+        write_copies=bool(copies),
         aligned=not any(tensor.data_ptr() % 16 for tensors in operands
                         for tensor in tensors if tensor.numel()),
-        block=BLOCK,
-        num_warps=NUM_WARPS, enable_fp_fusion=False)
+        block=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 @adamw_step.register_kernel("cpu")
 def _(params, grads, exp_avgs, exp_avg_sqs, copies, lr, beta1, beta2, eps,
       weight_decay, step, grad_scale=1.0):
-    for operands in zip(params, grads, exp_avgs, exp_avg_sqs, copies):
-        adamw_step_reference(*operands, lr, beta1, beta2, eps, weight_decay,
-                             step, grad_scale)
+    for index, operands in enumerate(zip(params, grads, exp_avgs,
+                                         exp_avg_sqs)):
+        adamw_step_reference(*operands, copies[index] if copies else None,
+                             lr, beta1, beta2, eps, weight_decay, step,
+                             grad_scale)
 
 
 def adamw_step_reference(param: torch.Tensor, grad: torch.Tensor,
                          exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                         copy: torch.Tensor, lr: float, beta1: float,
+                         copy: Optional[torch.Tensor], lr: float,
+                         beta1: float,
                          beta2: float, eps: float, weight_decay: float,
                          step: int, grad_scale: float = 1.0) -> None:
     """The same step in plain PyTorch, as torch.optim.AdamW's
@@ -236,4 +248,5 @@ def adamw_step_reference(param: torch.Tensor, grad: torch.Tensor,
     param.addcdiv_(first, denominator, value=-step_size)
     exp_avg.copy_(first)
     exp_avg_sq.copy_(second)
-    copy.copy_(param)
+    if copy is not None:
+        copy.copy_(param)

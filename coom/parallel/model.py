@@ -202,9 +202,3 @@ class ParallelModel:
         norm = torch.stack([n.full_tensor() if isinstance(n, DTensor)
                             else n for n in norms]).norm()
         return self.world.pipeline_sum(norm.square()).sqrt()
-
-    def clip_gradients(self, clip: float, norm: torch.Tensor) -> None:
-        """Scale the gradients of norm down to norm clip, as torch's
-        clip_grads_with_norm_ does."""
-        for group in self._gradient_groups():
-            torch.nn.utils.clip_grads_with_norm_(group, clip, norm)

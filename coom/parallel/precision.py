@@ -64,7 +64,7 @@ class ComputeWeights:
     copies were last made (one fused cast; a master's version counter
     says whether anything wrote it) and puts them in the modules' place;
     leaving it puts the masters back. An optimizer step that writes the
-    copies itself (``coom.train.optimizer.CopyWritingAdamW``) says so with
+    copies itself (``coom.train.optimizer.FusedAdamW``) says so with
     ``made_fresh``. The copies are allocated once. Each copy's gradient,
     as soon as autograd has accumulated it, is added in float32 to its
     master's and dropped; a gradient that bypassed that hook (the

@@ -28,7 +28,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from coom.parallel.model import ParallelModel
-from coom.train.optimizer import MOMENTS_DTYPES, check_moments
+from coom.train.optimizer import MOMENTS_DTYPES
 
 MASTER = torch.float32.itemsize
 STEP_COUNT = torch.float32.itemsize
@@ -77,7 +77,6 @@ def state_terms(model: ParallelModel, micro_batches: int,
     """What model's process holds for the whole step, when it runs
     micro_batches micro-batches a step and AdamW keeps its moments in
     dtype moments (``optimizer.moments_dtype``)."""
-    check_moments(moments, model.weights)
     parameters = list(model.model.parameters())
     local = sum(local_tensor(p).numel() for p in parameters)
     sharded = [param for group in fsdp_groups(model)

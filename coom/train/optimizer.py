@@ -9,9 +9,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from coom.config import OptimizerConfig, ScheduleConfig
-from coom.errors import UserError
 from coom.kernels.adamw import adamw_step
 from coom.models.info import decays
 from coom.parallel.precision import ComputeWeights
@@ -19,22 +19,27 @@ from coom.parallel.precision import ComputeWeights
 MOMENTS_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
-class CopyWritingAdamW(torch.optim.AdamW):
-    """torch's AdamW, whose step also writes each parameter's compute
-    copy (``coom.parallel.precision.ComputeWeights``) in the same pass
-    (``coom.kernels.adamw``), so the next step needs no cast of the
-    masters. It reads each gradient where the compute weights hold it
-    (the copies keep bf16 ones in a step of one micro-batch). Its state
-    is torch's, so checkpoints of either load into the other.
+class FusedAdamW(torch.optim.AdamW):
+    """torch's AdamW, stepped by COOM's kernel (``coom.kernels.adamw``):
+    every tensor of a group in one launch, clipping's coefficient applied
+    in the same pass, the moments in float32 or bf16 (DeepSeek-V3's).
+    Where there are compute weights (``ComputeWeights``) the step also
+    writes each parameter's bf16 copy, so the next step needs no cast of
+    the masters, and reads each gradient where they hold it (the copies
+    keep bf16 ones in a step of one micro-batch). Sharded parameters
+    (DTensors: FSDP's, tensor parallelism's) step by their local shards.
+    Its state is torch's, so checkpoints of either load into the other.
 
     Args:
         groups: the parameter groups.
-        weights: the compute weights whose copies the step writes.
+        weights: the compute weights whose copies the step writes, if
+            any.
         moments_dtype: the moments' dtype, float32 or bf16.
         settings: AdamW's lr, betas, eps.
     """
 
-    def __init__(self, groups: list[dict], weights: ComputeWeights,
+    def __init__(self, groups: list[dict],
+                 weights: Optional[ComputeWeights] = None,
                  moments_dtype: torch.dtype = torch.float32, **settings):
         super().__init__(groups, **settings)
         self.weights = weights
@@ -50,46 +55,60 @@ class CopyWritingAdamW(torch.optim.AdamW):
         launch for each group's tensors of one step count and gradient
         dtype."""
         if closure is not None:
-            raise ValueError("CopyWritingAdamW takes no closure")
+            raise ValueError("FusedAdamW takes no closure")
         written = []
         for group in self.param_groups:
-            batches = collections.defaultdict(list)
-            for parameter in group["params"]:
-                grad = self.weights.gradient(parameter)
-                if grad is None:
-                    continue
-                state = self.state[parameter]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    for name in ("exp_avg", "exp_avg_sq"):
-                        state[name] = torch.zeros_like(
-                            parameter, dtype=self.moments_dtype)
-                # A checkpoint of the fused AdamW keeps the step on the
-                # device; the host needs it for the bias corrections.
-                state["step"] = state["step"].cpu() + 1
-                batches[int(state["step"]), grad.dtype].append(
-                    (parameter, grad, state))
-            for (step, _), members in batches.items():
+            for (step, _), members in self._batches(group).items():
                 parameters = [member[0] for member in members]
-                adamw_step(parameters, [member[1] for member in members],
-                           [member[2]["exp_avg"] for member in members],
-                           [member[2]["exp_avg_sq"] for member in members],
-                           [self.weights.masters[p] for p in parameters],
+                copies = [] if self.weights is None else [
+                    self.weights.masters[p] for p in parameters]
+                adamw_step(*(list(map(_local, column)) for column in
+                             zip(*members)), list(map(_local, copies)),
                            group["lr"], *group["betas"], group["eps"],
                            group["weight_decay"], step, grad_scale)
                 written += parameters
-        # Only the copies it wrote: one without a gradient keeps its
-        # version, and is cast again if its master changes.
-        self.weights.made_fresh(written)
+        if self.weights is not None:
+            # Only the copies it wrote: one without a gradient keeps its
+            # version, and is cast again if its master changes.
+            self.weights.made_fresh(written)
+
+    def _batches(self, group: dict) -> dict:
+        """group's parameters with a gradient, as (parameter, gradient,
+        first moment, second moment), by step count (after this step)
+        and gradient dtype; each one's state made or counted on."""
+        batches = collections.defaultdict(list)
+        for parameter in group["params"]:
+            grad = parameter.grad if self.weights is None \
+                else self.weights.gradient(parameter)
+            if grad is None:
+                continue
+            state = self.state[parameter]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                for name in ("exp_avg", "exp_avg_sq"):
+                    state[name] = torch.zeros_like(
+                        parameter, dtype=self.moments_dtype)
+            # A checkpoint of torch's fused AdamW keeps the step on the
+            # device; the host needs it for the bias corrections.
+            state["step"] = state["step"].cpu() + 1
+            batches[int(state["step"]), grad.dtype].append(
+                (parameter, grad, state["exp_avg"], state["exp_avg_sq"]))
+        return batches
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients, the masters' and those the copies keep
         (``ComputeWeights.keep_gradients``)."""
         super().zero_grad(set_to_none)
-        self.weights.clear_gradients()
+        if self.weights is not None:
+            self.weights.clear_gradients()
 
 
-def _moments_as_configured(optimizer: CopyWritingAdamW) -> None:
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of tensor, which steps in place."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _moments_as_configured(optimizer: FusedAdamW) -> None:
     """Cast optimizer's loaded moments back to its moments' dtype."""
     for state in optimizer.state.values():
         for name in ("exp_avg", "exp_avg_sq"):
@@ -97,29 +116,12 @@ def _moments_as_configured(optimizer: CopyWritingAdamW) -> None:
                 state[name] = state[name].to(optimizer.moments_dtype)
 
 
-def check_moments(moments_dtype: str,
-                  weights: Optional[ComputeWeights]) -> None:
-    """Refuse moments in moments_dtype (``optimizer.moments_dtype``)
-    other than float32 where torch's AdamW would step: without compute
-    weights to write (``CopyWritingAdamW``)."""
-    if moments_dtype != "float32" and weights is None:
-        raise UserError(
-            f"optimizer.moments_dtype={moments_dtype} needs the "
-            "AdamW that writes bf16 compute copies: train.precision bf16 "
-            "(or auto on a GPU) in one process or under pipeline "
-            "parallelism alone; in other layouts torch's AdamW steps "
-            "float32 moments")
-
-
 def build_optimizer(model: nn.Module, config: OptimizerConfig,
                     weights: Optional[ComputeWeights] = None
-                    ) -> torch.optim.AdamW:
-    """AdamW that decays matrices and embeddings but not norm scales: one
-    that writes the compute weights' copies in its step when there are
-    any; else the fused implementation on GPUs, the multi-tensor
-    (foreach) one on CPUs: both take a group's tensors in one call, so
-    CPU tests see what GPUs do (a group must not mix DTensors and plain
-    tensors)."""
+                    ) -> FusedAdamW:
+    """AdamW (``FusedAdamW``) that decays matrices and embeddings but not
+    norm scales, and writes the compute weights' copies in its step when
+    there are any."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
@@ -129,14 +131,8 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig,
     settings = dict(lr=config.lr, betas=(config.adam_beta1,
                                          config.adam_beta2),
                     eps=config.adam_eps)
-    check_moments(config.moments_dtype, weights)
-    if weights is not None:
-        return CopyWritingAdamW(groups, weights,
-                                MOMENTS_DTYPES[config.moments_dtype],
-                                **settings)
-    on_gpu = any(parameter.is_cuda for parameter in decay)
-    return torch.optim.AdamW(groups, **settings, fused=on_gpu or None,
-                             foreach=None if on_gpu else True)
+    return FusedAdamW(groups, weights, MOMENTS_DTYPES[config.moments_dtype],
+                      **settings)
 
 
 def clip_coefficient(norm: torch.Tensor, clip: float) -> torch.Tensor:

@@ -54,7 +54,6 @@ from coom.train.anomaly import LOG, ROLLBACK, SKIP, AnomalyGuard
 from coom.train.checkpoints import RunCheckpoints
 from coom.train.metrics import MetricsWriter
 from coom.train.optimizer import (
-    CopyWritingAdamW,
     build_optimizer,
     clip_coefficient,
     learning_rate,
@@ -310,20 +309,6 @@ class Trainer:
         set_model_state_dict(self.model, state,
                              options=StateDictOptions(full_state_dict=True))
 
-    def _optimizer_step(self, norm: torch.Tensor,
-                        coefficient: float) -> None:
-        """The optimizer's step of the gradients clipped (norm their
-        norm, coefficient what clipping multiplies them by): in the
-        step's own pass where the optimizer can, else in place first,
-        and not at all where clipping would multiply them by 1."""
-        if isinstance(self.optimizer, CopyWritingAdamW):
-            self.optimizer.step(grad_scale=coefficient)
-            return
-        if coefficient < 1:
-            self.parallel.clip_gradients(self.config.optimizer.clip_grad,
-                                         norm)
-        self.optimizer.step()
-
     def train_step(self) -> dict:
         """One optimizer step over a global batch; returns its metrics
         (the MoE layers' only where log_moe)."""
@@ -359,7 +344,8 @@ class Trainer:
         action = ACTIONS[self.world.maximum(
             ACTIONS.index(anomaly.action if anomaly else LOG))]
         if action == LOG:
-            self._optimizer_step(norm_tensor, coefficient)
+            # Clipped in the step's own pass.
+            self.optimizer.step(grad_scale=coefficient)
         else:
             self.parallel.balancer.discard()
         self.optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 against torch.optim.AdamW in float64 over several steps, and its copy
 the new parameter rounded to bf16; with a gradient scale (clipping's
 coefficient), the step of the scaled gradient."""
+import json
 import os
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def test_bf16_moments_step_in_float32_and_store_rounded():
 
 
 COMPILE = """
-import re, sys
+import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -143,22 +144,26 @@ from coom.kernels.adamw import _step_kernel
 signature = {"addresses_ptr": "*i64", "numels_ptr": "*i64",
              "block_tensor_ptr": "*i32", "first_block_ptr": "*i64",
              "tensors": "i32", "bf16_grads": "constexpr",
-             "bf16_moments": "constexpr", "aligned": "constexpr",
-             "block": "constexpr"}
+             "bf16_moments": "constexpr", "write_copies": "constexpr",
+             "aligned": "constexpr", "block": "constexpr"}
 signature |= {name: "fp32" for name in (
     "grad_scale", "decay", "beta1", "beta2", "step_size",
     "correction2_sqrt", "eps")}
-source = ASTSource(_step_kernel, signature, constexprs={
-    "bf16_grads": True, "bf16_moments": sys.argv[1] == "bf16",
-    "aligned": sys.argv[2] == "aligned", "block": 4096})
-ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                     options={"num_warps": 8}).asm["ptx"]
-print(sorted(set(re.findall(r"[ls][dt][.]global[.]v4", ptx))))
+found = {}
+for moments in ("float32", "bf16"):
+    for aligned in (True, False):
+        source = ASTSource(_step_kernel, signature, constexprs={
+            "bf16_grads": True, "bf16_moments": moments == "bf16",
+            "write_copies": True, "aligned": aligned, "block": 4096})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": 8}).asm["ptx"]
+        found[f"{moments} {aligned}"] = sorted(set(re.findall(
+            r"[ls][dt][.]global[.]v4", ptx)))
+print(json.dumps(found))
 """
 
 
-@pytest.mark.parametrize("moments", ["float32", "bf16"])
-def test_whole_blocks_move_in_16_byte_vectors(moments):
+def test_whole_blocks_move_in_16_byte_vectors():
     """Compiled for an H100 (no GPU needed; Triton's compiler, not the
     interpreter the other tests run): the addresses come from a table,
     and only the alignment the host checks lets whole blocks load and
@@ -166,13 +171,29 @@ def test_whole_blocks_move_in_16_byte_vectors(moments):
     AdamW's step ran 8% slower end to end (docs/benchmarks.md, session
     24)."""
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    found = {alignment: subprocess.run(
-        [sys.executable, "-c", COMPILE, moments, alignment],
-        capture_output=True, text=True, check=True,
-        env=environment).stdout.split()
-        for alignment in ("aligned", "unknown")}
-    assert found == {"aligned": ["['ld.global.v4',", "'st.global.v4']"],
-                     "unknown": ["[]"]}
+    found = json.loads(subprocess.run(
+        [sys.executable, "-c", COMPILE], capture_output=True, text=True,
+        check=True, env=environment).stdout)
+    vectors = ["ld.global.v4", "st.global.v4"]
+    assert found == {"float32 True": vectors, "float32 False": [],
+                     "bf16 True": vectors, "bf16 False": []}
+
+
+def test_without_copies_the_rest_steps_alike():
+    """Sharded or float32 parameters have no compute copies: the launch
+    writes none, and steps the rest as the reference does."""
+    torch.manual_seed(5)
+    beta1, beta2 = SETTINGS["betas"]
+    settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
+                SETTINGS["weight_decay"], 2, 0.7)
+    start = [torch.randn(4100), torch.randn(4100), torch.randn(4100),
+             torch.randn(4100).abs()]
+    mine = [t.clone().to(DEVICE) for t in start]
+    adamw_step(*([t] for t in mine), [], *settings)
+    expected = [t.clone() for t in start]
+    adamw_step_reference(*expected, None, *settings)
+    for index in (0, 2, 3):
+        assert relative_error(mine[index], expected[index]) < 1e-6
 
 
 def test_unaligned_or_mismatched_operands():

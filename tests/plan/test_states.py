@@ -24,9 +24,11 @@ LAYOUTS = {
     2: {
         "fsdp2": ["parallel.data_parallel_shard=2"],
         "fsdp2-bf16-step": ["parallel.data_parallel_shard=2",
-                            "parallel.fsdp_reshard=step", *BF16],
+                            "parallel.fsdp_reshard=step", *BF16,
+                            "optimizer.moments_dtype=bf16"],
         "ep2": ["parallel.expert=2"],
-        "tp2-bf16": ["parallel.tensor=2", *BF16],
+        "tp2-bf16": ["parallel.tensor=2", *BF16,
+                     "optimizer.moments_dtype=bf16"],
         "pp2": ["parallel.pipeline=2"],
         "pp2-bf16": ["parallel.pipeline=2", *BF16,
                      "optimizer.moments_dtype=bf16"],

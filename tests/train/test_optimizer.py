@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from coom.config import ModelConfig, OptimizerConfig, ScheduleConfig
-from coom.errors import UserError
 from coom.models import Transformer
 from coom.parallel.precision import ComputeWeights
 from coom.train.optimizer import (
@@ -138,10 +137,35 @@ def test_tensors_of_other_step_counts_step_apart():
         assert torch.equal(mine, theirs)
 
 
-def test_bf16_moments_need_the_copy_writing_optimizer():
-    with pytest.raises(UserError, match="moments_dtype=bf16"):
-        build_optimizer(torch.nn.Linear(8, 4),
-                        OptimizerConfig(moments_dtype="bf16"))
+def test_without_compute_weights_the_step_is_torchs():
+    """float32 precision (no copies to write): bf16 moments hold the
+    float32 moments' step rounded; float32 ones are torch's, bit for
+    bit."""
+    torch.manual_seed(2)
+    start = torch.nn.Linear(8, 4)
+    steps = {}
+    for moments in ("float32", "bf16", "torch"):
+        model = torch.nn.Linear(8, 4)
+        model.load_state_dict(start.state_dict())
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=OptimizerConfig().lr, betas=(0.9, 0.95),
+            weight_decay=0.0, foreach=False) if moments == "torch" else \
+            build_optimizer(model, OptimizerConfig(
+                weight_decay=0.0, moments_dtype=moments))
+        model(torch.ones(2, 8)).square().sum().backward()
+        optimizer.step()
+        steps[moments] = (model, optimizer)
+    ours, theirs = steps["float32"], steps["torch"]
+    for mine, expected in zip(ours[0].parameters(), theirs[0].parameters()):
+        assert torch.equal(mine, expected)
+        assert torch.equal(ours[1].state[mine]["exp_avg"],
+                           theirs[1].state[expected]["exp_avg"])
+    narrow = steps["bf16"][1]
+    for mine, wide in zip(steps["bf16"][0].parameters(),
+                          ours[0].parameters()):
+        assert narrow.state[mine]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(narrow.state[mine]["exp_avg"],
+                           ours[1].state[wide]["exp_avg"].bfloat16())
 
 
 def test_mtp_weight_drops_after_the_switch():
