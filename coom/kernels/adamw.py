@@ -145,10 +145,11 @@ DTYPES = ({torch.float32}, {torch.float32, torch.bfloat16},
 copies."""
 
 
-def _check(operands: list[list[torch.Tensor]]) -> None:
+def _check(operands: list[list[torch.Tensor]]) -> bool:
     """Operands the kernel can read: each of its dtypes (``DTYPES``), one
     dtype for all gradients and one for all moments, contiguous, on the
-    parameters' device, and as large as their parameters."""
+    parameters' device, and as large as their parameters. Returns
+    whether every one that holds elements is 16-byte aligned."""
     params = operands[0]
     if operands[4] and len(operands[4]) != len(params):
         raise ValueError("adamw_step writes a copy of every parameter or "
@@ -166,6 +167,8 @@ def _check(operands: list[list[torch.Tensor]]) -> None:
                           ("moments", operands[2] + operands[3])):
         if len({tensor.dtype for tensor in tensors}) > 1:
             raise ValueError(f"adamw_step takes {name} of one dtype")
+    return not any(tensor.data_ptr() % 16 for tensors in operands
+                   for tensor in tensors if tensor.numel())
 
 
 def _addresses(operands: list[list[torch.Tensor]],
@@ -198,7 +201,7 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
         return
     grads = [grad.contiguous() for grad in grads]
     operands = [params, grads, exp_avgs, exp_avg_sqs, copies]
-    _check(operands)
+    aligned = _check(operands)
     device = params[0].device
     numels_t, block_tensor_b, first_block_t = _blocks(
         tuple(param.numel() for param in params), device)
@@ -212,9 +215,8 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
         bf16_grads=grads[0].dtype == torch.bfloat16,
         bf16_moments=exp_avgs[0].dtype == torch.bfloat16,
         write_copies=bool(copies),
-        aligned=not any(tensor.data_ptr() % 16 for tensors in operands
-                        for tensor in tensors if tensor.numel()),
-        block=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        aligned=aligned, block=BLOCK, num_warps=NUM_WARPS,
+        enable_fp_fusion=False)
 
 
 @adamw_step.register_kernel("cpu")

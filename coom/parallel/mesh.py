@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from coom.config import ParallelConfig
 from coom.errors import UserError
@@ -256,3 +257,9 @@ def start_world(config: ParallelConfig, device: torch.device,
         experts = init_device_mesh(device.type, tuple(split.values()),
                                    mesh_dim_names=tuple(split))
     return World(dist.get_rank(), size, mesh, experts, device, joining)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of tensor (a DTensor's local shard, which
+    in-place operations write through), or tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

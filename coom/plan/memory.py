@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from coom.config import RunConfig
+from coom.parallel.mesh import local_tensor
 from coom.parallel.model import ParallelModel
 from coom.parallel.pipeline import split_layers, stages_of_process
 from coom.plan.dry_run import (
@@ -36,13 +37,7 @@ from coom.plan.dry_run import (
     routed_copy_bytes,
 )
 from coom.plan.ranks import rank_model, speakers
-from coom.plan.states import (
-    MASTER,
-    Term,
-    fsdp_groups,
-    local_tensor,
-    state_terms,
-)
+from coom.plan.states import MASTER, Term, fsdp_groups, state_terms
 
 
 @dataclass(frozen=True)

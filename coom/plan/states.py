@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
+from coom.parallel.mesh import local_tensor
 from coom.parallel.model import ParallelModel
 from coom.train.optimizer import MOMENTS_DTYPES
 
@@ -41,12 +41,6 @@ class Term:
     name: str
     bytes: int
     note: str = ""
-
-
-def local_tensor(parameter: torch.Tensor) -> torch.Tensor:
-    """This process's part of parameter."""
-    return parameter.to_local() if isinstance(parameter, DTensor) \
-        else parameter
 
 
 def fsdp_groups(model: ParallelModel) -> list:

@@ -9,11 +9,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from coom.config import OptimizerConfig, ScheduleConfig
 from coom.kernels.adamw import adamw_step
 from coom.models.info import decays
+from coom.parallel.mesh import local_tensor
 from coom.parallel.precision import ComputeWeights
 
 MOMENTS_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
@@ -62,8 +62,9 @@ class FusedAdamW(torch.optim.AdamW):
                 parameters = [member[0] for member in members]
                 copies = [] if self.weights is None else [
                     self.weights.masters[p] for p in parameters]
-                adamw_step(*(list(map(_local, column)) for column in
-                             zip(*members)), list(map(_local, copies)),
+                adamw_step(*(list(map(local_tensor, column)) for column in
+                             zip(*members)),
+                           list(map(local_tensor, copies)),
                            group["lr"], *group["betas"], group["eps"],
                            group["weight_decay"], step, grad_scale)
                 written += parameters
@@ -101,11 +102,6 @@ class FusedAdamW(torch.optim.AdamW):
         super().zero_grad(set_to_none)
         if self.weights is not None:
             self.weights.clear_gradients()
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of tensor, which steps in place."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _moments_as_configured(optimizer: FusedAdamW) -> None:
