@@ -21,7 +21,12 @@ from coom.parallel.mesh import World
 from coom.parallel.model import ParallelModel
 from coom.parallel.parallelize import keeps_gathered, parallelize, sharded
 from coom.parallel.pipeline import Pipeline
-from coom.parallel.precision import ComputeWeights, compute_dtype
+from coom.parallel.precision import (
+    ComputeWeights,
+    compute_dtype,
+    gradients_kept,
+    weights_copied,
+)
 from coom.parallel.recompute import recompute_blocks
 
 
@@ -67,13 +72,9 @@ def build_model(config: RunConfig, world: World, device: torch.device,
     # Under FSDP its policy makes the compute weights; otherwise they
     # are copies swapped in for each step.
     weights = None
-    if dtype != torch.float32 and not sharded(world, pipeline is not None):
-        # A step of one micro-batch (in one process, and not pipelined:
-        # a pipeline's schedules may set gradients on the masters) has
-        # no gradients to sum: they stay on the copies.
-        weights = ComputeWeights(
-            model, dtype, keep_gradients=pipeline is None
-            and micro_batches // world.data_size == 1)
+    if weights_copied(dtype, sharded(world, pipeline is not None)):
+        weights = ComputeWeights(model, dtype, gradients_kept(
+            pipeline is not None, micro_batches // world.data_size))
     if pipeline is not None and schedule:
         pipeline.build_schedule()
     layers = model.moe_layers()

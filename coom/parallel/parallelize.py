@@ -220,8 +220,15 @@ def sharded(world: World, pipelined: bool) -> bool:
     state has the same form at every layout. Not under pipeline
     parallelism alone, where it has nothing to shard; the optimizer then
     sees only plain tensors."""
-    return world.mesh is not None and not (
-        pipelined and world.data_size == world.tensor_size == 1)
+    return shards(world.size, pipelined, world.data_size,
+                  world.tensor_size)
+
+
+def shards(size: int, pipelined: bool, data_size: int,
+           tensor_size: int) -> bool:
+    """``sharded`` for a world of size processes, data_size of them
+    data-parallel and tensor_size tensor-parallel."""
+    return size > 1 and not (pipelined and data_size == tensor_size == 1)
 
 
 def keeps_gathered(model: nn.Module, parallel: ParallelConfig,

@@ -56,6 +56,20 @@ def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
                                 cast_forward_inputs=False)
 
 
+def weights_copied(dtype: torch.dtype, sharded: bool) -> bool:
+    """Whether ``ComputeWeights`` makes the compute weights: in a
+    precision below float32, outside FSDP (whose policy makes them)."""
+    return dtype != torch.float32 and not sharded
+
+
+def gradients_kept(pipelined: bool, micro_batches: int) -> bool:
+    """Whether ``ComputeWeights`` keeps a step's gradients on its copies:
+    a step of one micro-batch (on each process) has none to sum, unless
+    a pipeline runs it, whose schedules may set gradients on the
+    masters."""
+    return not pipelined and micro_batches == 1
+
+
 class ComputeWeights:
     """bf16 copies of a model's float32 parameters that its forwards and
     backwards compute with, outside FSDP.

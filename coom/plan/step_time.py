@@ -30,11 +30,15 @@ compiled run the memory-bound part is an upper bound.
 """
 from dataclasses import dataclass
 
+import torch
+
 from coom.config import RunConfig
 from coom.fp8.scaling import TILE
 from coom.models.info import model_info
 from coom.parallel.mesh import degrees
+from coom.parallel.parallelize import shards
 from coom.parallel.pipeline import split_layers, stages_of_process
+from coom.parallel.precision import gradients_kept, weights_copied
 from coom.plan.ceilings import Ceilings
 from coom.plan.dry_run import DryRun
 from coom.plan.gpus import GPU
@@ -43,9 +47,9 @@ from coom.train.optimizer import MOMENTS_DTYPES
 
 GPUS_PER_NODE = 8
 NETWORK_BANDWIDTH = 50e9
-OPTIMIZER_BYTES = 4 + 4 + 2
-"""Per element, beside the gradient's read and the moments: the master
-read and written, and the bf16 compute copy written."""
+MASTER_BYTES = 4 + 4
+"""Per element, the optimizer's read and write of the float32 master,
+beside the gradient's read, the moments and any bf16 copy written."""
 
 
 @dataclass(frozen=True)
@@ -125,12 +129,8 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
             / _link_bandwidth(gpu, replicas, shard * tensor)
         parts["FSDP, beyond the compute"] = max(
             0.0, fsdp - parts["compute"])
-    # One process stepping one unpipelined micro-batch in bf16 keeps its
-    # gradients on the bf16 copies (ComputeWeights.keep_gradients).
-    kept = world_size == 1 and pipeline == 1 and micro_batches == 1 \
-        and train.precision != "fp32"
-    parts["optimizer"] = local_elements * _optimizer_bytes(config, kept) \
-        / ceilings.rates["memory"]
+    parts["optimizer"] = local_elements * _optimizer_bytes(
+        config, world_size, shape, micro_batches) / ceilings.rates["memory"]
     seconds = sum(parts.values())
     info = model_info(model, config.data.seq_length)
     throughput = train.global_batch_size * config.data.seq_length / seconds
@@ -139,11 +139,23 @@ def step_time(config: RunConfig, world_size: int, run: DryRun,
     return StepTime(parts, throughput, mfu)
 
 
-def _optimizer_bytes(config: RunConfig, bf16_gradients: bool) -> int:
-    """Bytes the optimizer's step moves per element: OPTIMIZER_BYTES, the
-    gradient's read, and both moments read and written."""
+def _optimizer_bytes(config: RunConfig, world_size: int, shape: dict,
+                     micro_batches: int) -> int:
+    """Bytes the optimizer's step moves per element: the master's, both
+    moments read and written, the gradient's read (bf16 where the
+    compute copies keep it) and the compute copy's write, where
+    ``ComputeWeights`` makes the copies (a GPU's precision is bf16 but
+    for fp32)."""
+    pipelined = shape["pp"] > 1
+    copied = weights_copied(
+        torch.float32 if config.train.precision == "fp32"
+        else torch.bfloat16,
+        shards(world_size, pipelined, shape["dp_replicate"]
+               * shape["dp_shard"], shape["tp"]))
+    kept = copied and gradients_kept(pipelined, micro_batches)
     moments = MOMENTS_DTYPES[config.optimizer.moments_dtype].itemsize
-    return OPTIMIZER_BYTES + (2 if bf16_gradients else 4) + 4 * moments
+    return MASTER_BYTES + 4 * moments + (2 if kept else 4) \
+        + (2 if copied else 0)
 
 
 def _expert_all_to_alls(config: RunConfig, gpu: GPU, tensor: int,

@@ -13,7 +13,7 @@ from coom.plan.costs import OpCost, OpCosts
 from coom.plan.dry_run import DryRun, dry_run
 from coom.plan.gpus import GPUS
 from coom.plan.ranks import as_on_gpu
-from coom.plan.step_time import OPTIMIZER_BYTES, step_time
+from coom.plan.step_time import MASTER_BYTES, step_time
 
 
 def test_products_cost_the_flops_the_model_counts():
@@ -50,12 +50,16 @@ def _time(overrides, world_size=1):
                      local_elements=10 ** 6, unit_elements=0)
 
 
+COPY = 2
+"""The bf16 compute copy the optimizer writes outside FSDP."""
+
+
 def test_roofline_adds_each_operator_at_its_rate():
     time = _time([])
     assert time.parts["compute"] == pytest.approx(8 * MICRO)
     # A float32 gradient: 8 micro-batches sum theirs.
     assert time.parts["optimizer"] == pytest.approx(
-        10 ** 6 * (OPTIMIZER_BYTES + 4 + 16) / 1e11)
+        10 ** 6 * (MASTER_BYTES + 4 + 16 + COPY) / 1e11)
 
 
 def test_one_micro_batch_reads_its_bf16_gradients():
@@ -63,13 +67,26 @@ def test_one_micro_batch_reads_its_bf16_gradients():
     gradients the bf16 copies keep."""
     time = _time(["train.global_batch_size=1"])
     assert time.parts["optimizer"] == pytest.approx(
-        10 ** 6 * (OPTIMIZER_BYTES + 2 + 16) / 1e11)
+        10 ** 6 * (MASTER_BYTES + 2 + 16 + COPY) / 1e11)
+
+
+@pytest.mark.parametrize("world_size, overrides", [
+    (2, ["parallel.data_parallel_shard=2"]),
+    (1, ["train.precision=fp32"]),
+])
+def test_no_copy_is_written_under_fsdp_or_in_float32(world_size,
+                                                     overrides):
+    """FSDP's policy makes the compute weights as it gathers them, and
+    float32 computes with the masters: the step writes no copy."""
+    time = _time(overrides, world_size)
+    assert time.parts["optimizer"] == pytest.approx(
+        10 ** 6 * (MASTER_BYTES + 4 + 16) / 1e11)
 
 
 def test_bf16_moments_move_half_the_moments_bytes():
     time = _time(["optimizer.moments_dtype=bf16"])
     assert time.parts["optimizer"] == pytest.approx(
-        10 ** 6 * (OPTIMIZER_BYTES + 4 + 8) / 1e11)
+        10 ** 6 * (MASTER_BYTES + 4 + 8 + COPY) / 1e11)
 
 
 def test_in_place_operators_move_bytes_and_views_none():
