@@ -232,9 +232,9 @@ def _(params, grads, exp_avgs, exp_avg_sqs, copies, lr, beta1, beta2, eps,
 def adamw_step_reference(param: torch.Tensor, grad: torch.Tensor,
                          exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                          copy: Optional[torch.Tensor], lr: float,
-                         beta1: float,
-                         beta2: float, eps: float, weight_decay: float,
-                         step: int, grad_scale: float = 1.0) -> None:
+                         beta1: float, beta2: float, eps: float,
+                         weight_decay: float, step: int,
+                         grad_scale: float = 1.0) -> None:
     """The same step in plain PyTorch, as torch.optim.AdamW's
     single-tensor implementation orders it, of the gradient scaled as
     clipping scales it in place; bf16 moments step in float32 and are

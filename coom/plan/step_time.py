@@ -38,7 +38,11 @@ from coom.models.info import model_info
 from coom.parallel.mesh import degrees
 from coom.parallel.parallelize import shards
 from coom.parallel.pipeline import split_layers, stages_of_process
-from coom.parallel.precision import gradients_kept, weights_copied
+from coom.parallel.precision import (
+    compute_dtype,
+    gradients_kept,
+    weights_copied,
+)
 from coom.plan.ceilings import Ceilings
 from coom.plan.dry_run import DryRun
 from coom.plan.gpus import GPU
@@ -144,12 +148,10 @@ def _optimizer_bytes(config: RunConfig, world_size: int, shape: dict,
     """Bytes the optimizer's step moves per element: the master's, both
     moments read and written, the gradient's read (bf16 where the
     compute copies keep it) and the compute copy's write, where
-    ``ComputeWeights`` makes the copies (a GPU's precision is bf16 but
-    for fp32)."""
+    ``ComputeWeights`` makes the copies."""
     pipelined = shape["pp"] > 1
     copied = weights_copied(
-        torch.float32 if config.train.precision == "fp32"
-        else torch.bfloat16,
+        compute_dtype(config.train.precision, torch.device("cuda")),
         shards(world_size, pipelined, shape["dp_replicate"]
                * shape["dp_shard"], shape["tp"]))
     kept = copied and gradients_kept(pipelined, micro_batches)

@@ -60,11 +60,11 @@ class FusedAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             for (step, _), members in self._batches(group).items():
                 parameters = [member[0] for member in members]
+                # Copies exist only outside FSDP: never DTensors.
                 copies = [] if self.weights is None else [
                     self.weights.masters[p] for p in parameters]
                 adamw_step(*(list(map(local_tensor, column)) for column in
-                             zip(*members)),
-                           list(map(local_tensor, copies)),
+                             zip(*members)), copies,
                            group["lr"], *group["betas"], group["eps"],
                            group["weight_decay"], step, grad_scale)
                 written += parameters
