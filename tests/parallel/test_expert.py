@@ -251,13 +251,20 @@ FP8_DISPATCHED = textwrap.dedent("""
     assert flight.scales_rh.shape == (len(flight.values_rd), 2)
     # The experts of both processes compute what one process computes
     # with its rows rounded in place, and the rows' gradients return.
+    # The expert's products take both processes' rows, so float32 sums
+    # them in another order: within 1e-5 relative in norm (measured up
+    # to 4.1e-7), as tests/parallel/test_layouts.py bounds gradients;
+    # entries near zero differ by more than their own rounding.
+    def within_rounding(ours, expected):
+        return (ours - expected).norm() < 1e-5 * expected.norm()
+
     ours, theirs = (x_cd.clone().requires_grad_() for _ in range(2))
     out, _ = split(ours, counts_e)
     expected, _ = whole(theirs, counts_e)
-    torch.testing.assert_close(out, expected)
+    assert within_rounding(out, expected)
     out.square().sum().backward()
     expected.square().sum().backward()
-    torch.testing.assert_close(ours.grad, theirs.grad)
+    assert within_rounding(ours.grad, theirs.grad)
     print(f"rank {rank} ok", flush=True)
     gc.collect()
     dist.destroy_process_group()
