@@ -5,7 +5,8 @@ data with --real-data), evaluates once as `coom bench` and a run do
 (under torch.compile that decides what gets traced), runs warm-up
 steps, profiles one step with torch.profiler and prints the GPU kernels
 that take the most time, in the groups of `coom bench --profile`
-(`coom.tools.profile`), against the step's wall time; then the CPU-side
+(`coom.tools.profile`), against the step's wall time, and the longest
+stretches in which the GPU waited between kernels; then the CPU-side
 ops that take the most of the host's time. `coom bench --profile` gives
 the groups alone, on one process.
 
@@ -33,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from coom.config import load_config
 from coom.tools.bench import bench_config
-from coom.tools.profile import group_of
+from coom.tools.profile import group_of, idle_gaps, kernel_spans
 from coom.train.trainer import Trainer
 
 
@@ -93,6 +94,12 @@ def report(prof, step_ms: float, top: int) -> None:
     for event in events[:top]:
         print(f"  {event.self_device_time_total / 1e3:8.2f} ms "
               f"{event.count:5d}x  {event.key[:100]}")
+    gaps = idle_gaps(kernel_spans(prof))
+    print(f"\nidle between kernels: {sum(gap.ms for gap in gaps):.1f} ms "
+          f"in {len(gaps)} stretches; the largest {top}:")
+    for gap in gaps[:top]:
+        print(f"  {gap.ms:8.2f} ms at {gap.at_ms:7.1f} ms  "
+              f"{gap.before[:45]} -> {gap.after[:45]}")
     # Where the CPU spends the step: when the GPU waits (busy well under
     # 100%), the ops that launch its work are here.
     host = [event for event in averages

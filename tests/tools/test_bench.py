@@ -8,7 +8,7 @@ from coom.cli import main
 from coom.config import ConfigError, load_config
 from coom.data.synthetic import SyntheticSamples
 from coom.layers.block import Block
-from coom.tools.profile import group_of
+from coom.tools.profile import Gap, group_of, idle_gaps
 from coom.train.metrics import read_metrics
 from coom.train.trainer import Trainer
 
@@ -68,6 +68,19 @@ def test_profile_breaks_one_more_step_down(tmp_path, capsys):
 ])
 def test_kernels_and_ops_fall_in_their_groups(name, group):
     assert group_of(name) == group
+
+
+def test_idle_stretches_are_what_no_kernel_on_any_stream_covers():
+    """Kernels on two streams (times in us): the second stream's kernel
+    covers part of what would be a gap; a kernel inside another closes
+    nothing; the largest stretch comes first."""
+    kernels = [(0, 100, "a"), (150, 400, "b"), (180, 200, "inside b"),
+               (300, 500, "c"), (900, 1000, "d"), (1030, 1040, "e")]
+    assert idle_gaps(kernels) == [Gap(0.4, 0.5, "c", "d"),
+                                  Gap(0.05, 0.1, "a", "b"),
+                                  Gap(0.03, 1.0, "d", "e")]
+    assert idle_gaps([(0, 10, "a"), (5, 20, "b")]) == []
+    assert idle_gaps([]) == []
 
 
 def test_compiled_bench_evaluates_first_and_counts_graph_breaks(
