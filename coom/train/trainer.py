@@ -543,7 +543,8 @@ class Trainer:
                 self.energy.end_phase("eval")
             over_budget = self.energy.step_done()
             if logging:
-                metrics.write(record | self.energy.metrics())
+                metrics.write(record | self._peak_memory()
+                              | self.energy.metrics())
                 seconds, steps = 0.0, 0
             bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
                             tok_s=f"{tokens_per_step / step_seconds:,.0f}")
@@ -552,6 +553,16 @@ class Trainer:
             if ended:
                 return ended
         return "done"
+
+    def _peak_memory(self) -> dict:
+        """On GPUs, the most device memory any process held allocated
+        since the last log, in GiB; every process takes part."""
+        if self.device.type != "cuda":
+            return {}
+        peak = self.world.maximum(
+            torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {"max_memory_gib": peak / 2 ** 30}
 
     def _end_of_step(self, stop: StopRequest, over_budget: Optional[str],
                      done: bool) -> Optional[str]:

@@ -59,6 +59,20 @@ def test_run_writes_metrics_config_info_checkpoints_and_report(
         assert (run / "report" / name).stat().st_size > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="a GPU's allocated memory")
+def test_gpu_runs_log_the_most_memory_held(small_run, tmp_path):
+    """Each logged step's max_memory_gib is the peak since the last log:
+    above the float32 weights, below the GPU's memory."""
+    run = tmp_path / "run"
+    assert _train(run, small_run + ["train.device=cuda"]) == 0
+    weights = sum(tensor.numel() for tensor in load_checkpoint(
+        latest_checkpoint(run / "checkpoints"))["model"].values()) * 4
+    total = torch.cuda.get_device_properties(0).total_memory
+    for record in read_metrics(run)[1:]:
+        assert weights < record["max_memory_gib"] * 2 ** 30 < total
+
+
 def test_training_lowers_the_validation_loss(small_run, tmp_path):
     run = tmp_path / "run"
     # About half the documents validate, so that code (not only the
