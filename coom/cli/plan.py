@@ -103,13 +103,20 @@ def _search(args, config, gpu) -> int:
     print(f"{len(found)} settings fit; the fastest, by the plan:")
     for candidate in found[:5]:
         plan = candidate.plan
-        sets = [*args.overrides, *candidate.overrides]
+        sets = _merged(args.overrides, candidate.overrides)
         command = _launch(recipe, args.gpus) + (
             f" --set {' '.join(sets)}" if sets else "")
         print(f"  {plan.time.tokens_per_second:>12,.0f} tokens/s, MFU "
               f"{plan.time.mfu:.1%}, {plan.fullest.peak / GIB:.1f} GiB: "
               f"{command}")
     return 0
+
+
+def _merged(overrides, chosen) -> list[str]:
+    """overrides, less those of the keys chosen sets, then chosen."""
+    keys = {override.split("=", 1)[0] for override in chosen}
+    return [override for override in overrides
+            if override.split("=", 1)[0] not in keys] + list(chosen)
 
 
 def _calibrate(name) -> int:

@@ -63,6 +63,17 @@ def test_search_prints_commands(capsys):
         "runs/tiny-2 --set model.vocab_size=512" in lines[1]
 
 
+def test_a_searched_setting_replaces_the_one_given(capsys):
+    """A micro-batch size given and one the search chose: the command
+    sets the chosen one alone."""
+    assert main(["plan", "tiny", "--gpus", "2", "--search", "--set",
+                 *TINY, "train.micro_batch_size=1"]) == 0
+    commands = capsys.readouterr().out.splitlines()[1:]
+    assert commands
+    for command in commands:
+        assert command.count("train.micro_batch_size=") == 1
+
+
 def test_launch_commands_fill_nodes_of_8():
     from coom.cli.plan import _launch
     assert _launch("small", 1) == "coom train small"
