@@ -25,12 +25,15 @@ class SyntheticSamples:
         self.micro_batch_size = micro_batch_size
         self.seed = seed
 
-    def batch(self, start: int) -> Batch:
+    def sample(self, index: int) -> torch.Tensor:
+        """Sample index's seq_length + 1 tokens."""
         generator = torch.Generator().manual_seed(
-            self.seed * 1_000_003 + start)
-        tokens = torch.randint(
-            0, self.vocab_size,
-            (self.micro_batch_size, self.seq_length + 1),
-            generator=generator)
+            self.seed * 1_000_003 + index)
+        return torch.randint(0, self.vocab_size, (self.seq_length + 1,),
+                             generator=generator)
+
+    def batch(self, start: int) -> Batch:
+        tokens = torch.stack([self.sample(start + offset)
+                              for offset in range(self.micro_batch_size)])
         return Batch(tokens[:, :-1], tokens[:, 1:],
                      torch.ones(self.micro_batch_size, self.seq_length))

@@ -156,6 +156,16 @@ def test_synthetic_batches_depend_only_on_their_start():
     assert first.tokens.shape == (3, 16) and int(first.tokens.max()) < 50
 
 
+def test_synthetic_samples_do_not_depend_on_the_micro_batch_size():
+    """Samples 0-5 in micro-batches of 2 or of 3 are the same samples, so
+    runs that split a global batch differently train on the same data."""
+    pairs = SyntheticSamples(50, 16, 2, seed=7)
+    triples = SyntheticSamples(50, 16, 3, seed=7)
+    by_pairs = torch.cat([pairs.batch(start).tokens for start in (0, 2, 4)])
+    by_triples = torch.cat([triples.batch(start).tokens for start in (0, 3)])
+    assert torch.equal(by_pairs, by_triples)
+
+
 def test_synthetic_data_needs_a_vocabulary_size():
     with pytest.raises(ConfigError, match="model.vocab_size"):
         load_config("tiny", ["data.synthetic=true"])
