@@ -1,17 +1,23 @@
-"""The `small` preset on one host's GPUs (issue 9): one GPU, then each
-layout the GPU count allows, all with the same global batch and seed on
-random tokens, under torchrun with NCCL.
+"""A preset on one host's GPUs (issue 32): one GPU, then each layout the
+GPU count allows, all with the same global batch and seed on random
+tokens, under torchrun with NCCL, each against coom plan's prediction.
 
-It trains on one GPU twice (the second run's distance from the first is
-the noise of bf16 and of the GPU's unordered sums), then each layout:
-FSDP, tensor parallelism (TP), expert parallelism (EP) and pipeline
-parallelism (PP 2, FSDP over the rest) over all the GPUs. For each it
-prints the largest relative difference of the training loss from the
-first single-GPU run over the steps, tokens/s (the median of the logged
-steps after the first five), tokens/s per GPU and the scaling
-efficiency (tokens/s over GPUs x the single GPU's); then a run saved
-under EP halfway and resumed under PP, against the uninterrupted
-single-GPU losses; and last it profiles one EP step
+It trains on one GPU twice: the second run's distance from the first is
+the run-to-run spread of bf16 and of the GPU's unordered sums, which
+every layout's losses must stay within. Then each layout over all the
+GPUs: FSDP; HSDP (2 replicas of FSDP over half the GPUs, from 4 GPUs);
+tensor parallelism 2 (TP), expert parallelism over every GPU (EP) and
+pipeline parallelism 2 (PP), each with FSDP over the rest; and the
+fastest layout other than plain FSDP that `coom plan --search` proposes
+for the same global batch ("planned"). For each it prints the largest
+relative difference of the training loss from the first single-GPU run
+over the steps, against the spread; tokens/s (the median of the logged
+steps after the first five) and the scaling efficiency (tokens/s over
+GPUs x the single GPU's); and the most memory any process held
+allocated after the first five steps (metrics.jsonl's max_memory_gib)
+and the step time, each against coom plan's. Then a run saved under EP
+halfway and resumed under PP, against the uninterrupted single-GPU
+losses; and last it profiles one EP step
 (benchmarks/profile_step.py) for the share of the all-to-alls. Logs and
 metrics go under $OUT.
 
@@ -19,8 +25,9 @@ Run on the device machine from the repository root:
 
     python3 benchmarks/multi_gpu.py --gpus 2
 
---set adds settings to every run (train.compile=true, say), and --only
-picks the runs: single, again, fsdp, tp, ep, pp, resume, profile.
+--set adds settings to every run (fp8.recipe=blockwise, say), --recipe
+picks the preset (medium, for FP8's), and --only picks the runs:
+single, again, fsdp, hsdp, tp, ep, pp, planned, resume, profile.
 """
 import argparse
 import json
@@ -36,13 +43,22 @@ RUNS = Path("/tmp/coom-multi-gpu")
 # NVLink multicast stays off on the lent machines (their KINDS.md).
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "4"}
-# Each micro-batch of 2 x 4096 tokens; 4 of them a step on one GPU.
-BATCH = ["train.micro_batch_size=2", "train.global_batch_size=8"]
-STEPS = ("single", "again", "fsdp", "tp", "ep", "pp", "resume", "profile")
+STEPS = ("single", "again", "fsdp", "hsdp", "tp", "ep", "pp", "planned",
+         "resume", "profile")
+SKIPPED = 5
+"""Logged steps left out of speed and memory: compilation and
+warm-up."""
 
 
-def _settings(steps: int) -> list[str]:
-    return ["data.synthetic=true", f"train.steps={steps}", *BATCH,
+def _batch(gpus: int) -> list[str]:
+    """Micro-batches of 2 x the preset's sequence; a global batch of at
+    least 4 of them, and one for each GPU."""
+    return ["train.micro_batch_size=2",
+            f"train.global_batch_size={2 * max(4, gpus)}"]
+
+
+def _settings(steps: int, gpus: int) -> list[str]:
+    return ["data.synthetic=true", f"train.steps={steps}", *_batch(gpus),
             "schedule.lr_warmup_iters=2", f"train.eval_interval={steps}",
             "train.eval_iters=1", "logging.log_interval=1",
             "logging.tensorboard=false", "logging.progress_bar=false",
@@ -81,15 +97,67 @@ def _records(name: str) -> list[dict]:
     return records
 
 
-def _compare(label: str, gpus: int, ours: list[dict],
-             single: list[dict]) -> None:
-    worst = max(abs(a["loss"] - b["loss"]) / b["loss"]
-                for a, b in zip(ours, single))
-    speed = statistics.median(r["tokens_per_s"] for r in ours[5:])
-    base = statistics.median(r["tokens_per_s"] for r in single[5:])
-    print(f"{label:28s} {len(ours):3d} steps, loss within {worst:.2e} of "
-          f"1 GPU; {speed:9,.0f} tokens/s, {speed / gpus:9,.0f} per GPU, "
-          f"scaling {speed / (gpus * base):.0%}", flush=True)
+def _loss_distance(ours: list[dict], single: list[dict]) -> float:
+    return max(abs(a["loss"] - b["loss"]) / b["loss"]
+               for a, b in zip(ours, single))
+
+
+def _speed(records: list[dict]) -> float:
+    return statistics.median(r["tokens_per_s"] for r in records[SKIPPED:])
+
+
+class Planner:
+    """coom plan's memory and step time of the runs' settings, on the
+    GPU kind the runs use (or the one named, on a machine without)."""
+
+    def __init__(self, recipe: str, gpu: str):
+        from coom.plan.gpus import gpu_named
+        self.recipe, self.gpu = recipe, gpu_named(gpu)
+
+    def config(self, overrides: list[str]):
+        from coom.config import load_config
+        from coom.plan.ranks import as_on_gpu
+        return as_on_gpu(load_config(self.recipe, overrides),
+                         self.gpu.memory)
+
+    def predict(self, overrides: list[str], gpus: int):
+        """The plan of the run with overrides on gpus."""
+        from coom.plan.plan import make_plan
+        return make_plan(self.config(overrides), gpus, self.gpu)
+
+    def layout(self, overrides: list[str], gpus: int):
+        """The fastest proposal of ``coom plan --search`` other than
+        plain FSDP, as overrides of the run's; None if it has none."""
+        from coom.plan.search import search
+        found = search(self.config(overrides), gpus, self.gpu,
+                       show_progress=False)
+        return next((list(candidate.overrides) for candidate in found
+                     if any(override.startswith("parallel.")
+                            for override in candidate.overrides)), None)
+
+
+def _compare(label: str, gpus: int, ours: list[dict], single: list[dict],
+             spread: float, plan) -> None:
+    distance = _loss_distance(ours, single)
+    within = "" if spread is None else (
+        " (within the spread)" if distance <= spread
+        else f" (OUTSIDE the spread {spread:.2e})")
+    speed, base = _speed(ours), _speed(single)
+    print(f"{label:28s} {len(ours):3d} steps, loss within {distance:.2e} "
+          f"of 1 GPU{within}; {speed:9,.0f} tokens/s, {speed / gpus:9,.0f} "
+          f"per GPU, scaling {speed / (gpus * base):.0%}", flush=True)
+    if plan is None:
+        return
+    tokens = plan.time.tokens_per_second
+    line = (f"{'':28s} plan: {tokens:9,.0f} tokens/s ({speed / tokens:.2f}"
+            f" of it measured)")
+    held = [r["max_memory_gib"] for r in ours[SKIPPED:]
+            if "max_memory_gib" in r]
+    if held:
+        planned = plan.fullest.peak / 2 ** 30
+        line += (f"; memory {max(held):.1f} GiB against {planned:.1f} "
+                 f"planned ({max(held) / planned:.2f})")
+    print(line, flush=True)
 
 
 def main() -> None:
@@ -103,11 +171,14 @@ def main() -> None:
                         help="settings added to every run")
     parser.add_argument("--only", nargs="*", choices=STEPS,
                         default=list(STEPS))
+    parser.add_argument("--gpu", default=None,
+                        help="the GPU kind coom plan predicts for "
+                             "(default: the one torch sees)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(RUNS, ignore_errors=True)
-    settings = _settings(args.steps) + args.overrides
-    gpus = args.gpus
+    settings = _settings(args.steps, args.gpus) + args.overrides
+    gpus, planner = args.gpus, Planner(args.recipe, args.gpu or _gpu_kind())
 
     def train(name, processes, *extra):
         return _launch(
@@ -117,30 +188,66 @@ def main() -> None:
 
     if not train("single", 1):
         return
-    single = _records("single")
+    single, spread = _records("single"), None
     if "again" in args.only and train("again", 1):
-        _compare("1 GPU again", 1, _records("again"), single)
-    layouts = {"fsdp": [], "tp": [f"parallel.tensor={gpus}"],
+        again = _records("again")
+        spread = _loss_distance(again, single)
+        _compare("1 GPU again", 1, again, single, None,
+                 planner.predict(settings, 1))
+    for name, extra in _layouts(args.only, gpus, planner, settings):
+        if train(name, gpus, *extra):
+            _compare(f"{name} x{gpus} {' '.join(extra)}", gpus,
+                     _records(name), single, spread,
+                     planner.predict(settings + extra, gpus))
+    _resume_and_profile(args, settings, single, spread)
+
+
+def _gpu_kind() -> str:
+    """The planner's name of the GPU torch sees."""
+    import torch
+
+    from coom.plan.gpus import GPUS
+    found = torch.cuda.get_device_name().lower()
+    return next(name for name in GPUS if name in found)
+
+
+def _layouts(only: list[str], gpus: int, planner: Planner,
+             settings: list[str]):
+    """(name, overrides) of the layouts asked for that gpus allow."""
+    layouts = {"fsdp": [], "tp": ["parallel.tensor=2"],
                "ep": [f"parallel.expert={gpus}"],
                "pp": ["parallel.pipeline=2"]}
-    for name, extra in layouts.items():
-        if name in args.only and train(name, gpus, *extra):
-            _compare(f"{name} x{gpus}", gpus, _records(name), single)
-    half = args.steps // 2
-    if "resume" in args.only and train(
-            "resumed", gpus, f"parallel.expert={gpus}",
-            f"train.exit_interval={half}"):
+    if gpus >= 4:
+        layouts["hsdp"] = ["parallel.data_parallel_replicate=2"]
+    if "planned" in only:
+        layouts["planned"] = planner.layout(settings, gpus)
+        if layouts["planned"] is None:
+            print("planned: coom plan --search proposes plain FSDP alone")
+            del layouts["planned"]
+    return [(name, extra) for name, extra in layouts.items()
+            if name in only]
+
+
+def _resume_and_profile(args, settings: list[str], single: list[dict],
+                        spread) -> None:
+    """EP saved halfway, resumed under PP; a profiled EP step."""
+    gpus, half = args.gpus, args.steps // 2
+    if "resume" in args.only and _launch(
+            "resumed", gpus, ["train", args.recipe, "--run-dir",
+                              str(RUNS / "resumed"), "--set", *settings,
+                              f"parallel.expert={gpus}",
+                              f"train.exit_interval={half}"], args.timeout):
         resumed = _launch("resumed", gpus, [
             "train", "--resume", str(RUNS / "resumed"), "--set",
             "parallel.expert=1", "parallel.pipeline=2",
             "train.exit_interval=null"], args.timeout)
         if resumed:
             _compare(f"ep -> pp x{gpus} at step {half}", gpus,
-                     _records("resumed"), single)
+                     _records("resumed"), single, spread, None)
     if "profile" in args.only:
         profiled = _launch("profile-ep", gpus, [
             "--recipe", args.recipe, "--top", "12", "--set",
-            f"parallel.expert={gpus}", *BATCH, *args.overrides],
+            f"parallel.expert={gpus}", *_batch(gpus), *args.overrides],
             args.timeout, script=("benchmarks/profile_step.py",))
         if profiled:
             print((OUT / "profile-ep.log").read_text())
