@@ -43,8 +43,11 @@ import triton.language as tl
 
 from coom.kernels import bf16_nearest_even
 
-BLOCK = 4096
-NUM_WARPS = 8
+# Chosen by benchmarks/adamw.py on an H100 (docs/benchmarks.md, session
+# 26): a step of small's parameters took 17.97 ms (3.01 TB/s) at 2048
+# elements and 16 warps a program, 20.79 ms at 4096 and 8.
+BLOCK = 2048
+NUM_WARPS = 16
 
 
 @triton.jit

@@ -140,7 +140,7 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from coom.kernels.adamw import _step_kernel
+from coom.kernels.adamw import BLOCK, NUM_WARPS, _step_kernel
 signature = {"addresses_ptr": "*i64", "numels_ptr": "*i64",
              "block_tensor_ptr": "*i32", "first_block_ptr": "*i64",
              "tensors": "i32", "bf16_grads": "constexpr",
@@ -154,9 +154,9 @@ for moments in ("float32", "bf16"):
     for aligned in (True, False):
         source = ASTSource(_step_kernel, signature, constexprs={
             "bf16_grads": True, "bf16_moments": moments == "bf16",
-            "write_copies": True, "aligned": aligned, "block": 4096})
+            "write_copies": True, "aligned": aligned, "block": BLOCK})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": 8}).asm["ptx"]
+                             options={"num_warps": NUM_WARPS}).asm["ptx"]
         found[f"{moments} {aligned}"] = sorted(set(re.findall(
             r"[ls][dt][.]global[.]v4", ptx)))
 print(json.dumps(found))
@@ -164,12 +164,12 @@ print(json.dumps(found))
 
 
 def test_whole_blocks_move_in_16_byte_vectors():
-    """Compiled for an H100 (no GPU needed; Triton's compiler, not the
-    interpreter the other tests run): the addresses come from a table,
-    and only the alignment the host checks lets whole blocks load and
-    store 16 bytes at a time; without it, element by element. That way
-    AdamW's step ran 8% slower end to end (docs/benchmarks.md, session
-    24)."""
+    """Compiled for an H100 as it ships (block and warps; no GPU needed:
+    Triton's compiler, not the interpreter the other tests run): the
+    addresses come from a table, and only the alignment the host checks
+    lets whole blocks load and store 16 bytes at a time; without it,
+    element by element. That way AdamW's step ran 8% slower end to end
+    (docs/benchmarks.md, session 24)."""
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
     found = json.loads(subprocess.run(
         [sys.executable, "-c", COMPILE], capture_output=True, text=True,
