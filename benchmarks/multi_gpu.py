@@ -38,6 +38,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from coom.config import load_config
+from coom.plan.gpus import gpu_named, kind_of
+from coom.plan.plan import make_plan
+from coom.plan.ranks import as_on_gpu
+from coom.plan.search import search
+
 OUT = Path(os.environ.get("OUT", "bench-out"))
 RUNS = Path("/tmp/coom-multi-gpu")
 # NVLink multicast stays off on the lent machines (their KINDS.md).
@@ -111,24 +119,19 @@ class Planner:
     GPU kind the runs use (or the one named, on a machine without)."""
 
     def __init__(self, recipe: str, gpu: str):
-        from coom.plan.gpus import gpu_named
         self.recipe, self.gpu = recipe, gpu_named(gpu)
 
     def config(self, overrides: list[str]):
-        from coom.config import load_config
-        from coom.plan.ranks import as_on_gpu
         return as_on_gpu(load_config(self.recipe, overrides),
                          self.gpu.memory)
 
     def predict(self, overrides: list[str], gpus: int):
         """The plan of the run with overrides on gpus."""
-        from coom.plan.plan import make_plan
         return make_plan(self.config(overrides), gpus, self.gpu)
 
     def layout(self, overrides: list[str], gpus: int):
         """The fastest proposal of ``coom plan --search`` other than
         plain FSDP, as overrides of the run's; None if it has none."""
-        from coom.plan.search import search
         found = search(self.config(overrides), gpus, self.gpu,
                        show_progress=False)
         return next((list(candidate.overrides) for candidate in found
@@ -204,11 +207,11 @@ def main() -> None:
 
 def _gpu_kind() -> str:
     """The planner's name of the GPU torch sees."""
-    import torch
-
-    from coom.plan.gpus import GPUS
-    found = torch.cuda.get_device_name().lower()
-    return next(name for name in GPUS if name in found)
+    found = torch.cuda.get_device_name()
+    kind = kind_of(found)
+    if kind is None:
+        raise SystemExit(f"coom plan knows no {found}; name one with --gpu")
+    return kind
 
 
 def _layouts(only: list[str], gpus: int, planner: Planner,

@@ -125,7 +125,7 @@ def _calibrate(name) -> int:
 
     from coom.plan.calibrate import calibrate
     from coom.plan.ceilings import save
-    from coom.plan.gpus import GPUS, gpu_named
+    from coom.plan.gpus import gpu_named, kind_of
     if not torch.cuda.is_available():
         raise UserError("--calibrate measures the GPU it runs on; this "
                         "machine has none")
@@ -133,11 +133,11 @@ def _calibrate(name) -> int:
     if name is not None:
         name = gpu_named(name).name
     else:
-        found = torch.cuda.get_device_name(device).lower()
-        name = next((gpu for gpu in GPUS if gpu in found), None)
+        found = torch.cuda.get_device_name(device)
+        name = kind_of(found)
         if name is None:
             raise UserError(f"--calibrate: name the kind of the "
-                            f"{found} with --gpu")
+                            f"{found.lower()} with --gpu")
     ceilings = calibrate(name, device)
     path = save(ceilings)
     for kind, rate in ceilings.rates.items():

@@ -7,6 +7,7 @@ link bandwidth is NVLink's per direction. H800 is H100 with NVLink cut
 to 400 GB/s both ways, the GPU DeepSeek-V3 was trained on.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 from coom.errors import UserError
 
@@ -43,3 +44,9 @@ def gpu_named(name: str) -> GPU:
     except KeyError:
         raise UserError(f"unknown GPU {name!r}; the planner knows "
                         f"{', '.join(GPUS)}") from None
+
+
+def kind_of(device_name: str) -> Optional[str]:
+    """The name in GPUS of the GPU torch calls device_name, if any."""
+    found = device_name.lower()
+    return next((name for name in GPUS if name in found), None)

@@ -9,6 +9,7 @@ from coom.cli import main
 from coom.config import load_config
 from coom.plan.dry_run import LiveBytes, dry_run, routed_copy_bytes
 from coom.plan.fit import memory_warning, needed
+from coom.plan.gpus import kind_of
 from coom.plan.memory import (
     fullest,
     in_flight,
@@ -195,3 +196,10 @@ def test_bf16_moments_are_planned_at_every_layout(capsys):
         assert main(["plan", "tiny", "--gpus", gpus, "--set", *TINY,
                      moments]) == 0
         assert "AdamW moments, bf16" in capsys.readouterr().out
+
+
+def test_gpus_are_known_by_the_names_torch_gives_them():
+    assert kind_of("NVIDIA H100 80GB HBM3") == "h100"
+    assert kind_of("NVIDIA H200") == "h200"
+    assert kind_of("NVIDIA H800 PCIe") == "h800"
+    assert kind_of("NVIDIA GeForce RTX 4090") is None
