@@ -48,12 +48,14 @@ RUNS = {"bf16": [], "fp8": FP8,
         "bf16k": ["train.kernels=false"],
         "bf16-again": [],
         "fp8-bf16-experts": [*FP8, "fp8.experts=false"],
-        "bf16-moments": ["optimizer.moments_dtype=bf16"]}
+        "bf16-moments": ["optimizer.moments_dtype=bf16"],
+        "float32-moments": ["optimizer.moments_dtype=float32"]}
 """The runs by name: the three of the comparison, then a repeat of bf16
 (how far one configuration drifts from itself, where the GPU's sums are
 not deterministic), FP8 with the routed experts left in bf16, and bf16
-with AdamW's moments stored in bf16 (DeepSeek-V3's, against bf16's
-float32 moments by the same protocol). FP8
+with AdamW's moments stored in bf16 (DeepSeek-V3's, the default on GPUs
+since session 27) and in float32, to compare the two by the same
+protocol. FP8
 runs every product it can (no filter): the protocol tests FP8's
 numerics, not the filter's choice."""
 DEFAULT_RUNS = ["bf16", "fp8", "bf16k"]

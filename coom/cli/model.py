@@ -59,7 +59,7 @@ def cmd_generate(args) -> int:
     from coom.inference import generate
     from coom.interop.weights import build_model, read_weights
     from coom.models.info import model_info
-    from coom.train.trainer import resolve_device
+    from coom.train.device import resolve_device
     if args.speculative and args.temperature != 0:
         raise UserError("--speculative decodes greedily; add "
                         "--temperature 0")

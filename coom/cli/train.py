@@ -115,7 +115,7 @@ def _warn_of_memory(config) -> None:
     import torch
 
     from coom.parallel.mesh import launched_world_size
-    from coom.train.trainer import resolve_device
+    from coom.train.device import resolve_device
     if resolve_device(config.train.device).type != "cuda":
         return
     from coom.plan.fit import memory_warning

@@ -33,10 +33,11 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off."""
 
-    moments_dtype: Literal["float32", "bf16"] = "float32"
+    moments_dtype: Literal["auto", "float32", "bf16"] = "auto"
     """AdamW's moments: bf16, as DeepSeek-V3 keeps them, holds 4 bytes
     fewer per parameter and moves 8 fewer a step; the step still computes
-    in float32 and rounds them to nearest."""
+    in float32 and rounds them to nearest. 'auto' is bf16 where the
+    model computes in bf16 (train.precision) and float32 otherwise."""
 
     def __post_init__(self):
         positive(self, "lr", "adam_eps")

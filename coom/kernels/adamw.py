@@ -12,7 +12,10 @@ DeepSeek-V3's bf16 moments, ``optimizer.moments_dtype``).
 The step is torch.optim.AdamW's (decoupled weight decay, bias-corrected
 moments), in float32, elementwise, of the gradient times grad_scale
 (gradient clipping's coefficient, so that clipping needs no pass of its
-own over the gradients):
+own over the gradients). Both the scale and whether the step applies at
+all are read on the device, so the caller can launch the step before
+it knows them on the host (``coom.train.trainer``: a step whose loss or
+gradient norm is not finite leaves everything as it was):
 
     g <- g * grad_scale
     p <- p * (1 - lr * wd)
@@ -89,10 +92,14 @@ def _address(row, operand, tensors, dtype: tl.constexpr,
 
 @triton.jit
 def _step_kernel(addresses_ptr, numels_ptr, block_tensor_ptr,
-                 first_block_ptr, tensors, grad_scale, decay, beta1, beta2,
-                 step_size, correction2_sqrt, eps, bf16_grads: tl.constexpr,
-                 bf16_moments: tl.constexpr, write_copies: tl.constexpr,
-                 aligned: tl.constexpr, block: tl.constexpr):
+                 first_block_ptr, tensors, grad_scale_ptr, applies_ptr,
+                 decay, beta1, beta2, step_size, correction2_sqrt, eps,
+                 bf16_grads: tl.constexpr, bf16_moments: tl.constexpr,
+                 write_copies: tl.constexpr, aligned: tl.constexpr,
+                 block: tl.constexpr):
+    if tl.load(applies_ptr) == 0:
+        return
+    grad_scale = tl.load(grad_scale_ptr)
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + pid)
     start = (pid - tl.load(first_block_ptr + tensor)).to(tl.int64) * block
@@ -193,19 +200,23 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                copies: list[torch.Tensor], lr: float, beta1: float,
                beta2: float, eps: float, weight_decay: float, step: int,
-               grad_scale: float = 1.0) -> None:
+               grad_scale: Optional[torch.Tensor] = None,
+               applies: Optional[torch.Tensor] = None) -> None:
     """AdamW's step t = step of params (float32, contiguous) with grads
     (all float32 or all bf16) times grad_scale, moments exp_avgs and
     exp_avg_sqs (all float32 or all bf16, which the step computes in
     float32 and stores rounded to nearest), in place, in one launch;
     copies (bf16, the params' shapes; or none) then hold the new params,
-    rounded to nearest."""
+    rounded to nearest. grad_scale (float32) and applies (bool) are
+    tensors of one element on the params' device, by default 1 and
+    true; where applies is false, nothing changes."""
     if not params:
         return
     grads = [grad.contiguous() for grad in grads]
     operands = [params, grads, exp_avgs, exp_avg_sqs, copies]
     aligned = _check(operands)
     device = params[0].device
+    grad_scale, applies = _on_device(grad_scale, applies, device)
     numels_t, block_tensor_b, first_block_t = _blocks(
         tuple(param.numel() for param in params), device)
     # Without copies the kernel writes none: the parameters stand in.
@@ -214,7 +225,8 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                                                   weight_decay, step)
     _step_kernel[(block_tensor_b.numel(),)](
         addresses, numels_t, block_tensor_b, first_block_t, len(params),
-        grad_scale, decay, beta1, beta2, step_size, correction2_sqrt, eps,
+        grad_scale, applies, decay, beta1, beta2, step_size,
+        correction2_sqrt, eps,
         bf16_grads=grads[0].dtype == torch.bfloat16,
         bf16_moments=exp_avgs[0].dtype == torch.bfloat16,
         write_copies=bool(copies),
@@ -222,14 +234,38 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
         enable_fp_fusion=False)
 
 
+def _on_device(grad_scale: Optional[torch.Tensor],
+               applies: Optional[torch.Tensor], device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's scale and whether it applies, as the kernel reads them:
+    one element each, on device (by default 1 and true)."""
+    if grad_scale is None:
+        grad_scale = torch.ones((), device=device)
+    if applies is None:
+        applies = torch.ones((), dtype=torch.bool, device=device)
+    for tensor, dtype in ((grad_scale, torch.float32),
+                          (applies, torch.bool)):
+        if tensor.numel() != 1 or tensor.dtype != dtype \
+                or tensor.device != device:
+            raise ValueError(f"adamw_step takes one {dtype} element on "
+                             f"{device}, not {tensor.dtype} "
+                             f"{tuple(tensor.shape)} on {tensor.device}")
+    return grad_scale, applies
+
+
 @adamw_step.register_kernel("cpu")
 def _(params, grads, exp_avgs, exp_avg_sqs, copies, lr, beta1, beta2, eps,
-      weight_decay, step, grad_scale=1.0):
+      weight_decay, step, grad_scale=None, applies=None):
+    if not params:
+        return
+    grad_scale, applies = _on_device(grad_scale, applies, params[0].device)
+    if not applies:
+        return
     for index, operands in enumerate(zip(params, grads, exp_avgs,
                                          exp_avg_sqs)):
         adamw_step_reference(*operands, copies[index] if copies else None,
                              lr, beta1, beta2, eps, weight_decay, step,
-                             grad_scale)
+                             grad_scale.item())
 
 
 def adamw_step_reference(param: torch.Tensor, grad: torch.Tensor,

@@ -12,6 +12,8 @@ over the pipeline's stages, only when the trainer logs.
 Tensor names end in their shape: l MoE layers of this process; e routed
 experts.
 """
+from typing import Optional
+
 import torch
 
 from coom.layers.moe import MoE
@@ -38,9 +40,10 @@ class ExpertBalancer:
         """The last step's loads and summed auxiliary losses, on the
         device."""
 
-    def after_step(self, *hook_arguments) -> None:
-        """Move the expert biases by the step's load; an optimizer step
-        post-hook (it ignores the hook's arguments)."""
+    def after_step(self, applies: Optional[torch.Tensor] = None) -> None:
+        """Move the expert biases by the step's load, unless applies (a
+        bool on the device, for a step launched before the host has
+        judged it: ``coom.train.trainer``) is false."""
         if not self.layers:
             return
         layers = list(self.layers.values())
@@ -61,6 +64,8 @@ class ExpertBalancer:
                     if moe.config.moe_router_enable_expert_bias])
                 steps_le = rate * torch.sign(
                     loads_le.mean(dim=1, keepdim=True) - loads_le)
+                if applies is not None:
+                    steps_le = steps_le * applies
                 torch._foreach_add_([moe.router.bias for moe in moved],
                                     list(steps_le))
             self.discard()

@@ -28,7 +28,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from coom.parallel.mesh import local_tensor
 from coom.parallel.model import ParallelModel
-from coom.train.optimizer import MOMENTS_DTYPES
+from coom.train.optimizer import moments_dtype
 
 MASTER = torch.float32.itemsize
 STEP_COUNT = torch.float32.itemsize
@@ -67,10 +67,10 @@ def _gradients(model: ParallelModel, stored: int) -> Term:
 
 
 def state_terms(model: ParallelModel, micro_batches: int,
-                moments: str = "float32") -> list[Term]:
+                moments: str = "auto") -> list[Term]:
     """What model's process holds for the whole step, when it runs
-    micro_batches micro-batches a step and AdamW keeps its moments in
-    dtype moments (``optimizer.moments_dtype``)."""
+    micro_batches micro-batches a step and AdamW keeps its moments as
+    moments (``optimizer.moments_dtype``) says."""
     parameters = list(model.model.parameters())
     local = sum(local_tensor(p).numel() for p in parameters)
     sharded = [param for group in fsdp_groups(model)
@@ -81,13 +81,16 @@ def state_terms(model: ParallelModel, micro_batches: int,
     else:
         stored, whole = local, 0
     compute = model.dtype.itemsize
+    moments_kept = moments_dtype(moments, model.dtype)
     terms = [
         Term("parameters", stored * MASTER, "float32 masters"
              + (", FSDP shards (padded)" if sharded else "")),
         _gradients(model, stored),
         Term("optimizer states",
-             local * 2 * MOMENTS_DTYPES[moments].itemsize
-             + len(parameters) * STEP_COUNT, f"AdamW moments, {moments}"),
+             local * 2 * moments_kept.itemsize
+             + len(parameters) * STEP_COUNT,
+             "AdamW moments, " + ("bf16" if moments_kept == torch.bfloat16
+                                  else "float32")),
     ]
     if model.weights is not None:
         terms.append(Term("compute copies", local * compute,

@@ -47,7 +47,7 @@ from coom.plan.ceilings import Ceilings
 from coom.plan.dry_run import DryRun
 from coom.plan.gpus import GPU
 from coom.plan.memory import moe_blocks
-from coom.train.optimizer import MOMENTS_DTYPES
+from coom.train.optimizer import moments_dtype
 
 GPUS_PER_NODE = 8
 NETWORK_BANDWIDTH = 50e9
@@ -150,12 +150,14 @@ def _optimizer_bytes(config: RunConfig, world_size: int, shape: dict,
     compute copies keep it) and the compute copy's write, where
     ``ComputeWeights`` makes the copies."""
     pipelined = shape["pp"] > 1
+    compute = compute_dtype(config.train.precision, torch.device("cuda"))
     copied = weights_copied(
-        compute_dtype(config.train.precision, torch.device("cuda")),
+        compute,
         shards(world_size, pipelined, shape["dp_replicate"]
                * shape["dp_shard"], shape["tp"]))
     kept = copied and gradients_kept(pipelined, micro_batches)
-    moments = MOMENTS_DTYPES[config.optimizer.moments_dtype].itemsize
+    moments = moments_dtype(config.optimizer.moments_dtype,
+                            compute).itemsize
     return MASTER_BYTES + 4 * moments + (2 if kept else 4) \
         + (2 if copied else 0)
 

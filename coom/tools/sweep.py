@@ -33,7 +33,7 @@ from coom.config import RunConfig, load_config
 from coom.energy.tradeoff import pareto_front, zeus_cost
 from coom.errors import UserError
 from coom.tools.bench import run_bench
-from coom.train.trainer import resolve_device
+from coom.train.device import resolve_device
 
 Overrides = dict[str, str]
 """Config field (section.field) -> value, as YAML text."""

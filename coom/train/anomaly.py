@@ -52,6 +52,13 @@ class AnomalyGuard:
         self.in_a_row = 0
         """Steps skipped or rolled back since the last applied one."""
 
+    @property
+    def holds_back_spikes(self) -> bool:
+        """Whether a spike keeps its step from the weights (the spike
+        policies skip and rollback); otherwise only a loss or gradient
+        norm that is not finite does."""
+        return self.config.spike in (SKIP, ROLLBACK)
+
     def _deviations(self, name: str, value: float) -> Optional[float]:
         window = self.windows[name]
         if len(window) < self.config.min_steps:

@@ -44,16 +44,23 @@ class FusedAdamW(torch.optim.AdamW):
         super().__init__(groups, **settings)
         self.weights = weights
         self.moments_dtype = moments_dtype
+        self.stepped: list[torch.nn.Parameter] = []
+        """The parameters the last step counted."""
         # torch's load_state_dict casts every state tensor to its
         # parameter's dtype.
         self.register_load_state_dict_post_hook(_moments_as_configured)
 
     @torch.no_grad()
-    def step(self, closure=None, grad_scale: float = 1.0):
+    def step(self, closure=None, grad_scale: Optional[torch.Tensor] = None,
+             applies: Optional[torch.Tensor] = None):
         """The step of the gradients times grad_scale (clipping's
         coefficient, ``clip_coefficient``), which stay as they are: one
         launch for each group's tensors of one step count and gradient
-        dtype."""
+        dtype. grad_scale and applies are one-element tensors on the
+        parameters' device (by default 1 and true): where applies is
+        false the device leaves everything as it was, and the caller,
+        once it knows, calls ``forget_step`` to take back the step
+        counts."""
         if closure is not None:
             raise ValueError("FusedAdamW takes no closure")
         written = []
@@ -66,12 +73,21 @@ class FusedAdamW(torch.optim.AdamW):
                 adamw_step(*(list(map(local_tensor, column)) for column in
                              zip(*members)), copies,
                            group["lr"], *group["betas"], group["eps"],
-                           group["weight_decay"], step, grad_scale)
+                           group["weight_decay"], step, grad_scale, applies)
                 written += parameters
+        self.stepped = written
         if self.weights is not None:
             # Only the copies it wrote: one without a gradient keeps its
-            # version, and is cast again if its master changes.
+            # version, and is cast again if its master changes. (A step
+            # the device held back left copies and masters alike.)
             self.weights.made_fresh(written)
+
+    def forget_step(self) -> None:
+        """Take back the step counts of the last step, which the device
+        held back (``step``'s applies)."""
+        for parameter in self.stepped:
+            self.state[parameter]["step"] -= 1
+        self.stepped = []
 
     def _batches(self, group: dict) -> dict:
         """group's parameters with a gradient, as (parameter, gradient,
@@ -112,12 +128,23 @@ def _moments_as_configured(optimizer: FusedAdamW) -> None:
                 state[name] = state[name].to(optimizer.moments_dtype)
 
 
+def moments_dtype(setting: str, compute: torch.dtype) -> torch.dtype:
+    """The moments' dtype that optimizer.moments_dtype names for a model
+    computing in dtype compute: 'auto' is bf16 where it computes in bf16
+    (GPUs, by default), float32 otherwise."""
+    if setting == "auto":
+        return torch.bfloat16 if compute == torch.bfloat16 \
+            else torch.float32
+    return MOMENTS_DTYPES[setting]
+
+
 def build_optimizer(model: nn.Module, config: OptimizerConfig,
-                    weights: Optional[ComputeWeights] = None
-                    ) -> FusedAdamW:
+                    weights: Optional[ComputeWeights] = None,
+                    compute: torch.dtype = torch.float32) -> FusedAdamW:
     """AdamW (``FusedAdamW``) that decays matrices and embeddings but not
     norm scales, and writes the compute weights' copies in its step when
-    there are any."""
+    there are any; its moments as config says for a model computing in
+    dtype compute (``moments_dtype``)."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
@@ -127,7 +154,8 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig,
     settings = dict(lr=config.lr, betas=(config.adam_beta1,
                                          config.adam_beta2),
                     eps=config.adam_eps)
-    return FusedAdamW(groups, weights, MOMENTS_DTYPES[config.moments_dtype],
+    return FusedAdamW(groups, weights,
+                      moments_dtype(config.moments_dtype, compute),
                       **settings)
 
 

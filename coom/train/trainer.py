@@ -16,7 +16,6 @@ energy budget (``train.exit_duration_in_mins``, ``energy.budget_kwh``;
 
 Tensor names end in their shape: b micro-batch; s sequence; t tokens (b * s).
 """
-import os
 import signal
 import time
 from pathlib import Path
@@ -50,8 +49,9 @@ from coom.models.info import model_info, state_shapes
 from coom.parallel.build import build_model, check_batch_split
 from coom.parallel.expert import PLACEMENT, ExpertParallel, place_experts
 from coom.parallel.mesh import World, local_device, start_world
-from coom.train.anomaly import LOG, ROLLBACK, SKIP, AnomalyGuard
+from coom.train.anomaly import LOG, ROLLBACK, SKIP, Anomaly, AnomalyGuard
 from coom.train.checkpoints import RunCheckpoints
+from coom.train.device import check_fits, read_later, resolve_device
 from coom.train.metrics import MetricsWriter
 from coom.train.optimizer import (
     build_optimizer,
@@ -87,49 +87,6 @@ class StopRequest:
 
     def _note(self, number, frame):
         self.signal_name = signal.Signals(number).name
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"config field train.device: unknown device "
-                        f"'{name}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("config field train.device: cuda asked for but no "
-                        "GPU is visible; use train.device=cpu")
-    return device
-
-
-def _free_memory(device: torch.device) -> int:
-    """Bytes the device can still allocate (on a CPU, Linux's estimate of
-    the memory available without swapping)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _check_fits(parameters: int, device: torch.device) -> None:
-    """Each process builds the whole model in float32 before it is split;
-    a model that cannot fit even that far is refused in one line rather
-    than by the allocator."""
-    needed, free = parameters * 4, _free_memory(device)
-    if needed > free:
-        raise UserError(
-            f"config field model: its {parameters:,} parameters take "
-            f"{needed / 2**30:,.1f} GiB in float32, more than the "
-            f"{free / 2**30:,.1f} GiB free on {device}; make the model "
-            "smaller (model.vocab_size, hidden_size, num_layers, "
-            "n_routed_experts, ...)")
 
 
 def _check_same_model(ours: dict[str, tuple], path: Path):
@@ -195,17 +152,16 @@ class Trainer:
             * train.global_batch_size * config.data.seq_length
         self.flops = 0.0
         self.seconds = 0.0
-        _check_fits(self.model_info.total_params
-                    + self.model_info.mtp_params, self.device)
+        check_fits(self.model_info.total_params
+                   + self.model_info.mtp_params, self.device)
         self.model_shapes = state_shapes(self.config.model)
         self.parallel = build_model(self.config, self.world, self.device)
         self.model = self.parallel.model
         self.compile_misses_before = compile_misses() \
             if train.compile else None
-        self.optimizer = build_optimizer(self.model, self.config.optimizer,
-                                         self.parallel.weights)
-        self.optimizer.register_step_post_hook(
-            self.parallel.balancer.after_step)
+        self.optimizer = build_optimizer(
+            self.model, self.config.optimizer, self.parallel.weights,
+            self.parallel.dtype)
         self.expert_placement = None
         self.guard = AnomalyGuard(train.anomaly)
         self.skipped_samples: list[list[int]] = []
@@ -326,34 +282,62 @@ class Trainer:
             mtp_weight)
         self.consumed_samples += train.global_batch_size
         self.flops += self.flops_per_step
-        norm_tensor = self.parallel.gradient_norm()
-        coefficient = clip_coefficient(norm_tensor,
-                                       self.config.optimizer.clip_grad)
+        norm = self.parallel.gradient_norm()
+        coefficient = clip_coefficient(norm, self.config.optimizer.clip_grad)
+        # Where only figures that are not finite keep a step from the
+        # weights, the device judges that itself, and the step is
+        # launched before the host reads the figures: the GPU does not
+        # wait for the host's judgement.
+        launched = not self.guard.holds_back_spikes
+        if launched:
+            self._apply(coefficient,
+                        torch.stack([sums[0], norm]).isfinite().all())
+        figures = read_later(torch.cat([sums, norm[None]]))
         # The next step's batches are read and sent to the device while
         # the device still runs this one.
         if self.step < train.steps:
             self.prefetched = (self.consumed_samples, self._batches())
-        total, mtp_total, norm, coefficient = torch.cat(
-            [sums, norm_tensor[None], coefficient[None]]).tolist()
-        metrics = {"loss": total, "lr": lr, "grad_norm": norm}
+        total, mtp_total, grad_norm = figures()
+        metrics = {"loss": total, "lr": lr, "grad_norm": grad_norm}
         if self.config.model.mtp_num_layers:
             metrics |= {"mtp_loss": mtp_total, "mtp_weight": mtp_weight}
-        anomaly = self.guard.judge(total, norm)
-        # Every process judges the same global figures; the vote keeps
-        # them together all the same, since a rollback is collective.
-        action = ACTIONS[self.world.maximum(
-            ACTIONS.index(anomaly.action if anomaly else LOG))]
-        if action == LOG:
-            # Clipped in the step's own pass.
-            self.optimizer.step(grad_scale=coefficient)
-        else:
-            self.parallel.balancer.discard()
+        anomaly = self.guard.judge(total, grad_norm)
+        action = self._fate(anomaly, coefficient, launched)
         self.optimizer.zero_grad(set_to_none=True)
         if anomaly is not None or action != LOG:
             metrics |= anomaly.record() if anomaly \
                 else {"anomaly": "on another process"}
             metrics["anomaly_action"] = action
         return metrics
+
+    def _apply(self, coefficient: torch.Tensor,
+               applies: Optional[torch.Tensor] = None) -> None:
+        """The optimizer's step, clipped in its own pass, and the expert
+        biases'; where applies (a bool on the device) is false, the
+        device leaves both as they were."""
+        self.optimizer.step(grad_scale=coefficient, applies=applies)
+        self.parallel.balancer.after_step(applies)
+
+    def _fate(self, anomaly: Optional[Anomaly], coefficient: torch.Tensor,
+              launched: bool) -> str:
+        """The step's action (``ACTIONS``), carried out: where the step
+        was launched already, the device has judged the same figures as
+        the host and only the step counts of a step it held back are
+        taken back."""
+        if launched:
+            if anomaly is None or anomaly.action == LOG:
+                return LOG
+            self.optimizer.forget_step()
+            return anomaly.action
+        # Every process judges the same global figures; the vote keeps
+        # them together all the same, since a rollback is collective.
+        action = ACTIONS[self.world.maximum(
+            ACTIONS.index(anomaly.action if anomaly else LOG))]
+        if action == LOG:
+            self._apply(coefficient)
+        else:
+            self.parallel.balancer.discard()
+        return action
 
     def roll_back(self) -> Optional[dict]:
         """Go back to the latest checkpoint, after a spike, and skip the

@@ -17,17 +17,23 @@ SETTINGS = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 STEPS = 4
 
 
+def _scale(value: float) -> torch.Tensor:
+    """A gradient scale as the kernel reads it, on the device."""
+    return torch.tensor(value, device=DEVICE)
+
+
 def _step(step, parameter, grad, state, copy, reference: bool,
           grad_scale: float):
     beta1, beta2 = SETTINGS["betas"]
     operands = (parameter, grad, state["exp_avg"], state["exp_avg_sq"],
                 copy)
     settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
-                SETTINGS["weight_decay"], step, grad_scale)
+                SETTINGS["weight_decay"], step)
     if reference:
-        adamw_step_reference(*operands, *settings)
+        adamw_step_reference(*operands, *settings, grad_scale)
     else:
-        adamw_step(*([operand] for operand in operands), *settings)
+        adamw_step(*([operand] for operand in operands), *settings,
+                   _scale(grad_scale))
 
 
 @pytest.mark.parametrize("grad_scale", [1.0, 0.3])
@@ -69,7 +75,7 @@ def test_one_launch_steps_each_tensor_as_alone(grad_dtype):
     shapes = [(4097,), (0,), (33, 129), (7,), (2, 4096)]
     beta1, beta2 = SETTINGS["betas"]
     settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
-                SETTINGS["weight_decay"], 3, 0.5)
+                SETTINGS["weight_decay"], 3)
 
     def operands():
         generator = torch.Generator().manual_seed(1)
@@ -85,11 +91,13 @@ def test_one_launch_steps_each_tensor_as_alone(grad_dtype):
         return made
 
     together, alone, reference = operands(), operands(), operands()
-    adamw_step(*(list(column) for column in zip(*together)), *settings)
+    adamw_step(*(list(column) for column in zip(*together)), *settings,
+               _scale(0.5))
     for tensors in alone:
-        adamw_step(*([tensor] for tensor in tensors), *settings)
+        adamw_step(*([tensor] for tensor in tensors), *settings,
+                   _scale(0.5))
     for tensors in reference:
-        adamw_step_reference(*tensors, *settings)
+        adamw_step_reference(*tensors, *settings, 0.5)
     for mine, own, plain in zip(together, alone, reference):
         for index in (0, 2, 3, 4):
             assert torch.equal(mine[index], own[index])
@@ -107,7 +115,7 @@ def test_bf16_moments_step_in_float32_and_store_rounded():
     shape = (33, 129)
     beta1, beta2 = SETTINGS["betas"]
     settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
-                SETTINGS["weight_decay"], 2, 1.0)
+                SETTINGS["weight_decay"], 2)
     param, grad = torch.randn(shape), torch.randn(shape)
     moments = [torch.randn(shape).bfloat16(),
                torch.randn(shape).abs().bfloat16()]
@@ -146,8 +154,9 @@ signature = {"addresses_ptr": "*i64", "numels_ptr": "*i64",
              "tensors": "i32", "bf16_grads": "constexpr",
              "bf16_moments": "constexpr", "write_copies": "constexpr",
              "aligned": "constexpr", "block": "constexpr"}
+signature |= {"grad_scale_ptr": "*fp32", "applies_ptr": "*i1"}
 signature |= {name: "fp32" for name in (
-    "grad_scale", "decay", "beta1", "beta2", "step_size",
+    "decay", "beta1", "beta2", "step_size",
     "correction2_sqrt", "eps")}
 found = {}
 for moments in ("float32", "bf16"):
@@ -185,15 +194,39 @@ def test_without_copies_the_rest_steps_alike():
     torch.manual_seed(5)
     beta1, beta2 = SETTINGS["betas"]
     settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
-                SETTINGS["weight_decay"], 2, 0.7)
+                SETTINGS["weight_decay"], 2)
     start = [torch.randn(4100), torch.randn(4100), torch.randn(4100),
              torch.randn(4100).abs()]
     mine = [t.clone().to(DEVICE) for t in start]
-    adamw_step(*([t] for t in mine), [], *settings)
+    adamw_step(*([t] for t in mine), [], *settings, _scale(0.7))
     expected = [t.clone() for t in start]
-    adamw_step_reference(*expected, None, *settings)
+    adamw_step_reference(*expected, None, *settings, 0.7)
     for index in (0, 2, 3):
         assert relative_error(mine[index], expected[index]) < 1e-6
+
+
+@pytest.mark.parametrize("applies", [False, True])
+def test_a_step_the_device_holds_back_changes_nothing(applies):
+    """Whether the step applies is read on the device: held back (a
+    non-finite step, judged after the launch), parameters, moments and
+    copies stay as they were, whatever the scale."""
+    torch.manual_seed(6)
+    beta1, beta2 = SETTINGS["betas"]
+    start = [torch.randn(4100, device=DEVICE) for _ in range(3)] + [
+        torch.randn(4100, device=DEVICE).abs(),
+        torch.zeros(4100, dtype=torch.bfloat16, device=DEVICE)]
+    operands = [[tensor.clone()] for tensor in start]
+    adamw_step(*operands, SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
+               SETTINGS["weight_decay"], 1, _scale(float("nan")),
+               torch.tensor(applies, device=DEVICE))
+    unchanged = [torch.equal(column[0], tensor)
+                 for column, tensor in zip(operands, start)]
+    assert unchanged == [not applies, True, not applies, not applies,
+                         not applies]
+    with pytest.raises(ValueError, match="one torch.bool element"):
+        adamw_step(*operands, SETTINGS["lr"], beta1, beta2,
+                   SETTINGS["eps"], SETTINGS["weight_decay"], 1,
+                   _scale(1.0), torch.ones(2, dtype=torch.bool))
 
 
 def test_unaligned_or_mismatched_operands():
@@ -202,7 +235,7 @@ def test_unaligned_or_mismatched_operands():
     torch.manual_seed(4)
     beta1, beta2 = SETTINGS["betas"]
     settings = (SETTINGS["lr"], beta1, beta2, SETTINGS["eps"],
-                SETTINGS["weight_decay"], 1, 1.0)
+                SETTINGS["weight_decay"], 1)
     storage = torch.randn(4100, device=DEVICE)
     param = storage[1:4098]  # 4 bytes past the boundary
     start = param.clone()

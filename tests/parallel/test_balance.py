@@ -52,6 +52,19 @@ def test_biases_move_against_each_layers_load_and_counts_reset():
         metrics["moe_max_vio_layer1"] + metrics["moe_max_vio_layer2"]) / 2
 
 
+def test_a_step_the_device_holds_back_moves_no_bias():
+    """A step launched before the host judged it (``applies`` false on
+    the device: its loss was not finite) leaves the biases, and still
+    starts the next step's counts afresh."""
+    layers = _layers(CONFIG, 1)
+    layers[1](torch.randn(4, 9, 16))
+    assert layers[1].tokens_per_expert.sum() > 0
+    ExpertBalancer(layers, World(0, 1, None), 1).after_step(
+        torch.tensor(False))
+    assert layers[1].router.bias.abs().sum() == 0
+    assert layers[1].tokens_per_expert.sum() == 0
+
+
 def test_biases_stay_when_balancing_is_off():
     config = replace(CONFIG, moe_router_enable_expert_bias=False)
     layers = _layers(config, 1)

@@ -19,7 +19,10 @@ OVERRIDES = ["train.device=cpu", "train.precision=bf16",
              f"train.global_batch_size={MICRO_BATCHES}",
              "data.synthetic=true", "model.vocab_size=512",
              "data.seq_length=32", "model.num_layers=2",
-             "schedule.lr_warmup_iters=1"]
+             "schedule.lr_warmup_iters=1",
+             # float32 moments, as float32 AdamW keeps them (bf16's
+             # default stores them rounded).
+             "optimizer.moments_dtype=float32"]
 
 
 @pytest.fixture

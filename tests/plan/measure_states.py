@@ -33,7 +33,8 @@ def measure(overrides: list[str]) -> dict:
     world = start_world(config.parallel, cpu)
     torch.manual_seed(0)
     model = build_model(config, world, cpu)
-    optimizer = build_optimizer(model.model, config.optimizer, model.weights)
+    optimizer = build_optimizer(model.model, config.optimizer, model.weights,
+                                model.dtype)
     train = config.train
     shape = (train.micro_batch_size, config.data.seq_length)
     tokens = torch.randint(0, config.model.vocab_size, shape)

@@ -139,10 +139,10 @@ def test_coom_train_on_a_gpu_warns_before_it_starts(monkeypatch, capsys):
     played by a device name and a memory size, the rest is the CLI's."""
     from types import SimpleNamespace
 
-    import coom.train.trainer
+    import coom.train.device
     from coom.cli.train import _warn_of_memory
     config = load_config("tiny", TINY)
-    monkeypatch.setattr(coom.train.trainer, "resolve_device",
+    monkeypatch.setattr(coom.train.device, "resolve_device",
                         lambda name: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda index: SimpleNamespace(total_memory=2 ** 30))
@@ -155,7 +155,7 @@ def test_coom_train_on_a_gpu_warns_before_it_starts(monkeypatch, capsys):
     assert out.startswith("warning: coom plan predicts ")
     # No change fits beside 0.5 GiB of CUDA context.
     assert out.rstrip().endswith("more than the GPU's 0.5 GiB; the largest "
-                                 "term is optimizer states (0.0 GiB); spread "
+                                 "term is activations (0.0 GiB); spread "
                                  "the model over more GPUs (coom plan)")
 
 

@@ -52,6 +52,8 @@ def _time(overrides, world_size=1):
 
 COPY = 2
 """The bf16 compute copy the optimizer writes outside FSDP."""
+BF16_MOMENTS = 8
+"""Both moments read and written in bf16, the default in bf16."""
 
 
 def test_roofline_adds_each_operator_at_its_rate():
@@ -59,7 +61,7 @@ def test_roofline_adds_each_operator_at_its_rate():
     assert time.parts["compute"] == pytest.approx(8 * MICRO)
     # A float32 gradient: 8 micro-batches sum theirs.
     assert time.parts["optimizer"] == pytest.approx(
-        10 ** 6 * (MASTER_BYTES + 4 + 16 + COPY) / 1e11)
+        10 ** 6 * (MASTER_BYTES + 4 + BF16_MOMENTS + COPY) / 1e11)
 
 
 def test_one_micro_batch_reads_its_bf16_gradients():
@@ -67,26 +69,27 @@ def test_one_micro_batch_reads_its_bf16_gradients():
     gradients the bf16 copies keep."""
     time = _time(["train.global_batch_size=1"])
     assert time.parts["optimizer"] == pytest.approx(
-        10 ** 6 * (MASTER_BYTES + 2 + 16 + COPY) / 1e11)
+        10 ** 6 * (MASTER_BYTES + 2 + BF16_MOMENTS + COPY) / 1e11)
 
 
-@pytest.mark.parametrize("world_size, overrides", [
-    (2, ["parallel.data_parallel_shard=2"]),
-    (1, ["train.precision=fp32"]),
+@pytest.mark.parametrize("world_size, overrides, moments", [
+    (2, ["parallel.data_parallel_shard=2"], BF16_MOMENTS),
+    (1, ["train.precision=fp32"], 16),
 ])
 def test_no_copy_is_written_under_fsdp_or_in_float32(world_size,
-                                                     overrides):
+                                                     overrides, moments):
     """FSDP's policy makes the compute weights as it gathers them, and
-    float32 computes with the masters: the step writes no copy."""
+    float32 computes with the masters: the step writes no copy (and in
+    float32 the moments are float32)."""
     time = _time(overrides, world_size)
     assert time.parts["optimizer"] == pytest.approx(
-        10 ** 6 * (MASTER_BYTES + 4 + 16) / 1e11)
+        10 ** 6 * (MASTER_BYTES + 4 + moments) / 1e11)
 
 
-def test_bf16_moments_move_half_the_moments_bytes():
-    time = _time(["optimizer.moments_dtype=bf16"])
+def test_float32_moments_move_twice_the_moments_bytes():
+    time = _time(["optimizer.moments_dtype=float32"])
     assert time.parts["optimizer"] == pytest.approx(
-        10 ** 6 * (MASTER_BYTES + 4 + 8 + COPY) / 1e11)
+        10 ** 6 * (MASTER_BYTES + 4 + 2 * BF16_MOMENTS + COPY) / 1e11)
 
 
 def test_in_place_operators_move_bytes_and_views_none():

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -71,19 +72,37 @@ def test_norm_scales_are_not_decayed():
     assert isinstance(optimizer, torch.optim.AdamW)
 
 
-def _stepped(moments: str) -> torch.optim.AdamW:
-    """A linear layer's optimizer, moments in dtype moments, after one
-    step of bf16 compute copies that keep their gradients."""
+def _stepped(moments: str, compute: torch.dtype = torch.bfloat16
+             ) -> torch.optim.AdamW:
+    """A linear layer's optimizer, moments as moments says, after one
+    step in dtype compute: in bf16, of compute copies that keep their
+    gradients."""
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
-    weights = ComputeWeights(model, torch.bfloat16, keep_gradients=True)
+    weights = None if compute == torch.float32 \
+        else ComputeWeights(model, compute, keep_gradients=True)
     optimizer = build_optimizer(
-        model, OptimizerConfig(moments_dtype=moments), weights)
-    with weights.swapped_in():
-        model(torch.randn(2, 8, dtype=torch.bfloat16)).square().sum() \
-            .backward()
+        model, OptimizerConfig(moments_dtype=moments), weights, compute)
+    with contextlib.nullcontext() if weights is None \
+            else weights.swapped_in():
+        model(torch.randn(2, 8, dtype=compute)).square().sum().backward()
     optimizer.step()
     return optimizer
+
+
+@pytest.mark.parametrize("moments, compute, kept", [
+    ("auto", torch.bfloat16, torch.bfloat16),
+    ("auto", torch.float32, torch.float32),
+    ("float32", torch.bfloat16, torch.float32),
+    ("bf16", torch.float32, torch.bfloat16)])
+def test_moments_are_bf16_by_default_where_the_model_computes_in_bf16(
+        moments, compute, kept):
+    """DeepSeek-V3's bf16 moments by default in bf16 (GPUs); float32
+    ones where the model computes in float32 (the CPU's default), or
+    where the config says."""
+    state = _stepped(moments, compute).state.values()
+    assert {s[name].dtype for s in state
+            for name in ("exp_avg", "exp_avg_sq")} == {kept}
 
 
 def test_bf16_moments_stay_bf16_through_a_checkpoint():
