@@ -8,7 +8,7 @@ so that inductor launches its kernels from the generated code, without
 the Python op and Triton's launcher at every call (the step's GPU waited
 on the host before each of them: ``docs/benchmarks.md``, session 26).
 Each op's CPU kernel (``register_kernel("cpu")``) runs the reference,
-also where torch.compile traces the op for the CPU (``traced_on_cpu``),
+also where the op is traced for the CPU or planned (``without_gpu``),
 so that one op serves every device. Tests run the Triton kernels on the
 CPU through Triton's interpreter (``TRITON_INTERPRET=1``) by disabling the
 CPU kernel (``set_kernel_enabled``). Whether a model calls the ops at
@@ -21,14 +21,15 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 
-def traced_on_cpu(x: torch.Tensor) -> bool:
-    """Whether a ``triton_op`` of x is traced (x a fake tensor: under
-    torch.compile, or for its shapes) for the CPU: the op is then traced
-    as its plain PyTorch reference, since inductor launches Triton
-    kernels only on GPUs. (Eager calls on the CPU run the op's CPU
-    kernel, or with it disabled the Triton kernels in Triton's
-    interpreter.)"""
-    return x.device.type == "cpu" and is_fake(x)
+def without_gpu(x: torch.Tensor) -> bool:
+    """Whether a ``triton_op`` of x is traced or planned without a GPU: x
+    a fake CPU tensor (torch.compile tracing for the CPU) or a meta
+    tensor (the planner's dry run). The op then runs as its plain
+    PyTorch reference, since inductor launches Triton kernels only on
+    GPUs. (Eager calls on the CPU run the op's CPU kernel, or with it
+    disabled the Triton kernels in Triton's interpreter.)"""
+    return x.device.type == "meta" or (x.device.type == "cpu"
+                                       and is_fake(x))
 
 
 def launcher(kernel, traceable: bool):

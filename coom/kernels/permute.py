@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from coom.kernels import traced_on_cpu
+from coom.kernels import without_gpu
 
 ELEMENTS_PER_PROGRAM = 2048
 NUM_WARPS = 4
@@ -90,7 +90,7 @@ def _launch(kernel, tokens: int, width: int, *args, **constants) -> None:
 @torch.library.triton_op("coom::permute", mutates_args=())
 def permute(x_td: torch.Tensor, copy_tk: torch.Tensor) -> torch.Tensor:
     """x_cd: token t's row copied to rows copy_tk[t] (expert-sorted)."""
-    if traced_on_cpu(x_td):
+    if without_gpu(x_td):
         return permute_reference(x_td, copy_tk)
     tokens, k = copy_tk.shape
     x_td = x_td.contiguous()
@@ -105,7 +105,7 @@ def unpermute(y_cd: torch.Tensor, weights_tk: torch.Tensor | None,
               copy_tk: torch.Tensor) -> torch.Tensor:
     """out_td[t] = sum_j weights_tk[t, j] * y_cd[copy_tk[t, j]] (without
     weights, a plain sum), in float32, stored in y's dtype."""
-    if traced_on_cpu(y_cd):
+    if without_gpu(y_cd):
         return unpermute_reference(y_cd, weights_tk, copy_tk)
     tokens, k = copy_tk.shape
     y_cd = y_cd.contiguous()
@@ -122,7 +122,7 @@ def unpermute_backward(dout_td: torch.Tensor, y_cd: torch.Tensor,
                        weights_tk: torch.Tensor, copy_tk: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy_cd, dweights_tk) of the weighted unpermute."""
-    if traced_on_cpu(y_cd):
+    if without_gpu(y_cd):
         return _unpermute_backward_reference(dout_td, y_cd, weights_tk,
                                              copy_tk)
     tokens, k = copy_tk.shape

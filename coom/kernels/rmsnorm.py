@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from coom.kernels import traced_on_cpu
+from coom.kernels import without_gpu
 
 ROWS_PER_PROGRAM = 16
 
@@ -82,7 +82,7 @@ def rms_norm_forward(x: torch.Tensor, residual: torch.Tensor | None,
                                           torch.Tensor]:
     """(y, h, rstd) of rows of h = x (+ residual); without a residual h
     is empty, with one it is stored, as y is, in residual's dtype."""
-    if traced_on_cpu(x):
+    if without_gpu(x):
         return _forward_reference(x, residual, weight, eps)
     width = x.shape[-1]
     x_rd = x.reshape(-1, width).contiguous()
@@ -121,7 +121,7 @@ def rms_norm_backward(dy: torch.Tensor, dsum: torch.Tensor | None,
                                                    torch.Tensor]:
     """(dh, dweight): the gradient of the normalised input (plus dsum, the
     gradient reaching a residual sum) and of the weight."""
-    if traced_on_cpu(h):
+    if without_gpu(h):
         return _backward_reference(dy, dsum, h, weight, rstd)
     width = h.shape[-1]
     h_rd = h.reshape(-1, width).contiguous()

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from coom.kernels import traced_on_cpu
+from coom.kernels import without_gpu
 
 ELEMENTS_PER_PROGRAM = 2048
 NUM_WARPS = 4
@@ -74,7 +74,7 @@ def rotate(x_bshk: torch.Tensor, cos_sk: torch.Tensor, sin_sk: torch.Tensor,
            start: int, inverse: bool = False) -> torch.Tensor:
     """Rotate x (b, s, h, k) as positions start .. start + s - 1 (by the
     negative angles if inverse); the result is contiguous."""
-    if traced_on_cpu(x_bshk):
+    if without_gpu(x_bshk):
         return _rotate_reference(x_bshk, cos_sk, sin_sk, start, inverse)
     _check_positions(x_bshk, cos_sk, start)
     batch, seq_len, heads, width = x_bshk.shape

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from coom.kernels import traced_on_cpu
+from coom.kernels import without_gpu
 
 # Routing is a chain of row reductions: small programs of a few warps,
 # each warp holding whole rows, do best; the backward is a plain pass.
@@ -192,7 +192,7 @@ def route_forward(logits_te: torch.Tensor, bias_e: torch.Tensor, k: int,
     or sigmoid scores, k experts per token from the topk_group best of
     n_group groups (ranked by their best score if group_max, else by
     their best two), weights normalised or not, times factor."""
-    if traced_on_cpu(logits_te):
+    if without_gpu(logits_te):
         return _route_reference(logits_te, bias_e, k, softmax, n_group,
                                 topk_group, normalise, factor, group_max)
     tokens, experts = logits_te.shape
@@ -230,7 +230,7 @@ def route_backward(dscores_te: torch.Tensor, dweights_tk: torch.Tensor,
                    softmax: bool, normalise: bool,
                    factor: float) -> torch.Tensor:
     """The gradient of the logits from those of the scores and weights."""
-    if traced_on_cpu(scores_te):
+    if without_gpu(scores_te):
         return _route_backward_reference(dscores_te, dweights_tk, scores_te,
                                          experts_tk, softmax, normalise,
                                          factor)

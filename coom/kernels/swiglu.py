@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from coom.kernels import traced_on_cpu
+from coom.kernels import without_gpu
 
 BLOCK = 4096
 NUM_WARPS = 8
@@ -56,7 +56,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of two tensors of one shape, fused, in gate's
     dtype."""
-    if traced_on_cpu(gate):
+    if without_gpu(gate):
         return swiglu_reference(gate, up)
     gate_n, up_n = _flat(gate), _flat(up)
     y_n = torch.empty_like(gate_n)
@@ -71,7 +71,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor,
                     up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup), each in its input's dtype."""
-    if traced_on_cpu(gate):
+    if without_gpu(gate):
         return _backward_reference(dy, gate, up)
     gate_n, up_n = _flat(gate), _flat(up)
     dgate_n, dup_n = torch.empty_like(gate_n), torch.empty_like(up_n)
