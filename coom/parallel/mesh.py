@@ -104,6 +104,12 @@ class World:
     leaves; one joined before (a caller running several runs in one
     launch) stays."""
 
+    control: Optional[dist.ProcessGroup] = None
+    """A gloo group of every process, for what the hosts agree on (votes,
+    the energy ledger's sums) where the default group is NCCL's: a vote
+    through NCCL would wait for every kernel queued before it, and leave
+    the GPU idle while the host goes on. None: the default group."""
+
     @property
     def main(self) -> bool:
         """Whether this process writes the run's files."""
@@ -204,13 +210,22 @@ class World:
         return bool(self.maximum(int(flag)))
 
     def maximum(self, value: int) -> int:
-        """The largest of value over the run's processes; every process
-        takes part."""
+        """The largest of value over the run's processes, agreed by the
+        hosts (``control``); every process takes part."""
         if self.mesh is None:
             return value
-        votes = torch.tensor([value], device=self.device)
-        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        votes = torch.tensor([value])
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.control)
         return int(votes.item())
+
+    def host_sum(self, values: list[float]) -> list[float]:
+        """values summed over the run's processes by the hosts
+        (``control``), in float64; every process takes part."""
+        if self.mesh is None:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, group=self.control)
+        return tensor.tolist()
 
     def close(self) -> None:
         """Leave the process group, once the run is over.
@@ -256,7 +271,10 @@ def start_world(config: ParallelConfig, device: torch.device,
                  TENSOR: shape[TENSOR]}
         experts = init_device_mesh(device.type, tuple(split.values()),
                                    mesh_dim_names=tuple(split))
-    return World(dist.get_rank(), size, mesh, experts, device, joining)
+    control = dist.new_group(backend="gloo") \
+        if dist.get_backend() == "nccl" else None
+    return World(dist.get_rank(), size, mesh, experts, device, joining,
+                 control)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

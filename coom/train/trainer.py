@@ -142,7 +142,8 @@ class Trainer:
         self.energy = EnergyLedger(
             config.energy, self.device, self.world.main,
             train.global_batch_size * config.data.seq_length,
-            train.exit_duration_in_mins, job_started=job_started)
+            train.exit_duration_in_mins, reduce=self.world.host_sum,
+            job_started=job_started)
         self.data, self.recipe = read_run_data(config, self.world, run_dir)
         self.config, self.grown = catch_up(self.recipe,
                                            run_dir / "checkpoints")
