@@ -21,9 +21,6 @@ Tensor names end in their shape: t tokens; k copies per token; c copies
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-
-from coom.kernels import without_gpu
 
 ELEMENTS_PER_PROGRAM = 2048
 NUM_WARPS = 4
@@ -82,16 +79,14 @@ def _launch(kernel, tokens: int, width: int, *args, **constants) -> None:
     block = triton.next_power_of_2(width)
     row_block = max(1, ELEMENTS_PER_PROGRAM // block)
     if tokens:
-        wrap_triton(kernel)[(triton.cdiv(tokens, row_block),)](
+        kernel[(triton.cdiv(tokens, row_block),)](
             *args, tokens, width, row_block=row_block, block=block,
             num_warps=NUM_WARPS, **constants)
 
 
-@torch.library.triton_op("coom::permute", mutates_args=())
+@torch.library.custom_op("coom::permute", mutates_args=())
 def permute(x_td: torch.Tensor, copy_tk: torch.Tensor) -> torch.Tensor:
     """x_cd: token t's row copied to rows copy_tk[t] (expert-sorted)."""
-    if without_gpu(x_td):
-        return permute_reference(x_td, copy_tk)
     tokens, k = copy_tk.shape
     x_td = x_td.contiguous()
     x_cd = x_td.new_empty(tokens * k, x_td.shape[1])
@@ -100,13 +95,21 @@ def permute(x_td: torch.Tensor, copy_tk: torch.Tensor) -> torch.Tensor:
     return x_cd
 
 
-@torch.library.triton_op("coom::unpermute", mutates_args=())
+@permute.register_kernel("cpu")
+def _(x_td, copy_tk):
+    return permute_reference(x_td, copy_tk)
+
+
+@permute.register_fake
+def _(x_td, copy_tk):
+    return x_td.new_empty(copy_tk.numel(), x_td.shape[1])
+
+
+@torch.library.custom_op("coom::unpermute", mutates_args=())
 def unpermute(y_cd: torch.Tensor, weights_tk: torch.Tensor | None,
               copy_tk: torch.Tensor) -> torch.Tensor:
     """out_td[t] = sum_j weights_tk[t, j] * y_cd[copy_tk[t, j]] (without
     weights, a plain sum), in float32, stored in y's dtype."""
-    if without_gpu(y_cd):
-        return unpermute_reference(y_cd, weights_tk, copy_tk)
     tokens, k = copy_tk.shape
     y_cd = y_cd.contiguous()
     out_td = y_cd.new_empty(tokens, y_cd.shape[1])
@@ -117,14 +120,21 @@ def unpermute(y_cd: torch.Tensor, weights_tk: torch.Tensor | None,
     return out_td
 
 
-@torch.library.triton_op("coom::unpermute_backward", mutates_args=())
+@unpermute.register_kernel("cpu")
+def _(y_cd, weights_tk, copy_tk):
+    return unpermute_reference(y_cd, weights_tk, copy_tk)
+
+
+@unpermute.register_fake
+def _(y_cd, weights_tk, copy_tk):
+    return y_cd.new_empty(copy_tk.shape[0], y_cd.shape[1])
+
+
+@torch.library.custom_op("coom::unpermute_backward", mutates_args=())
 def unpermute_backward(dout_td: torch.Tensor, y_cd: torch.Tensor,
                        weights_tk: torch.Tensor, copy_tk: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy_cd, dweights_tk) of the weighted unpermute."""
-    if without_gpu(y_cd):
-        return _unpermute_backward_reference(dout_td, y_cd, weights_tk,
-                                             copy_tk)
     tokens, k = copy_tk.shape
     dout_td, y_cd = dout_td.contiguous(), y_cd.contiguous()
     dy_cd = torch.empty_like(y_cd)
@@ -137,13 +147,18 @@ def unpermute_backward(dout_td: torch.Tensor, y_cd: torch.Tensor,
 
 
 @unpermute_backward.register_kernel("cpu")
-def _unpermute_backward_reference(dout_td, y_cd, weights_tk, copy_tk):
+def _(dout_td, y_cd, weights_tk, copy_tk):
     dout_t1d = dout_td.float()[:, None]
     dy_cd = torch.empty_like(y_cd)
     dy_cd[copy_tk] = (dout_t1d * weights_tk[..., None].float()).to(
         y_cd.dtype)
     dweights_tk = (y_cd[copy_tk].float() * dout_t1d).sum(-1)
     return dy_cd, dweights_tk.to(weights_tk.dtype)
+
+
+@unpermute_backward.register_fake
+def _(dout_td, y_cd, weights_tk, copy_tk):
+    return torch.empty_like(y_cd), torch.empty_like(weights_tk)
 
 
 def _setup_permute(ctx, inputs, output):
@@ -200,7 +215,3 @@ def unpermute_reference(y_cd: torch.Tensor,
     if weights_tk is not None:
         y_tkd = y_tkd * weights_tk[..., None].float()
     return y_tkd.sum(1).to(y_cd.dtype)
-
-
-permute.register_kernel("cpu", permute_reference)
-unpermute.register_kernel("cpu", unpermute_reference)

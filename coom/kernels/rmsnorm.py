@@ -14,9 +14,6 @@ Tensor names end in their shape: r rows; d width; p programs.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-
-from coom.kernels import without_gpu
 
 ROWS_PER_PROGRAM = 16
 
@@ -75,15 +72,13 @@ def _block(width: int) -> int:
     return triton.next_power_of_2(width)
 
 
-@torch.library.triton_op("coom::rms_norm_forward", mutates_args=())
+@torch.library.custom_op("coom::rms_norm_forward", mutates_args=())
 def rms_norm_forward(x: torch.Tensor, residual: torch.Tensor | None,
                      weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor,
                                           torch.Tensor]:
     """(y, h, rstd) of rows of h = x (+ residual); without a residual h
     is empty, with one it is stored, as y is, in residual's dtype."""
-    if without_gpu(x):
-        return _forward_reference(x, residual, weight, eps)
     width = x.shape[-1]
     x_rd = x.reshape(-1, width).contiguous()
     rows = x_rd.shape[0]
@@ -98,14 +93,14 @@ def rms_norm_forward(x: torch.Tensor, residual: torch.Tensor | None,
         y = torch.empty_like(residual_rd)
         h = h_rd.view(residual.shape)
     if rows:
-        wrap_triton(_forward_kernel)[(rows,)](
+        _forward_kernel[(rows,)](
             x_rd, residual_rd, weight, y, h_rd, rstd, rows, width, eps,
             has_residual=residual is not None, block=_block(width))
     return y.view(x.shape), h, rstd
 
 
 @rms_norm_forward.register_kernel("cpu")
-def _forward_reference(x, residual, weight, eps):
+def _(x, residual, weight, eps):
     h32 = x.float() if residual is None else residual.float() + x.float()
     rstd = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
     dtype = x.dtype if residual is None else residual.dtype
@@ -114,15 +109,22 @@ def _forward_reference(x, residual, weight, eps):
     return y, h, rstd.flatten()
 
 
-@torch.library.triton_op("coom::rms_norm_backward", mutates_args=())
+@rms_norm_forward.register_fake
+def _(x, residual, weight, eps):
+    rstd = x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+    if residual is None:
+        return torch.empty_like(x), x.new_empty(0), rstd
+    y = torch.empty_like(residual).view(x.shape)
+    return y, torch.empty_like(residual), rstd
+
+
+@torch.library.custom_op("coom::rms_norm_backward", mutates_args=())
 def rms_norm_backward(dy: torch.Tensor, dsum: torch.Tensor | None,
                       h: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor) -> tuple[torch.Tensor,
                                                    torch.Tensor]:
     """(dh, dweight): the gradient of the normalised input (plus dsum, the
     gradient reaching a residual sum) and of the weight."""
-    if without_gpu(h):
-        return _backward_reference(dy, dsum, h, weight, rstd)
     width = h.shape[-1]
     h_rd = h.reshape(-1, width).contiguous()
     rows = h_rd.shape[0]
@@ -134,7 +136,7 @@ def rms_norm_backward(dy: torch.Tensor, dsum: torch.Tensor | None,
     if dsum is not None:
         dsum = dsum.reshape(rows, width).contiguous()
     if rows:
-        wrap_triton(_backward_kernel)[(programs,)](
+        _backward_kernel[(programs,)](
             dy_rd, dsum if dsum is not None else dy_rd, h_rd, weight, rstd,
             dh, partial_pd, rows, width, has_dsum=dsum is not None,
             row_block=ROWS_PER_PROGRAM, block=_block(width))
@@ -145,7 +147,7 @@ def rms_norm_backward(dy: torch.Tensor, dsum: torch.Tensor | None,
 
 
 @rms_norm_backward.register_kernel("cpu")
-def _backward_reference(dy, dsum, h, weight, rstd):
+def _(dy, dsum, h, weight, rstd):
     width = h.shape[-1]
     dy_rd = dy.reshape(-1, width).float()
     normed_rd = h.reshape(-1, width).float() * rstd[:, None]
@@ -156,6 +158,11 @@ def _backward_reference(dy, dsum, h, weight, rstd):
         dh_rd = dh_rd + dsum.reshape(-1, width).float()
     dweight = (dy_rd * normed_rd).sum(0)
     return dh_rd.to(h.dtype).view(h.shape), dweight.to(weight.dtype)
+
+
+@rms_norm_backward.register_fake
+def _(dy, dsum, h, weight, rstd):
+    return torch.empty_like(h), torch.empty_like(weight)
 
 
 def _setup(ctx, inputs, output):

@@ -18,9 +18,6 @@ head dimension; t tokens (b * s).
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-
-from coom.kernels import without_gpu
 
 ELEMENTS_PER_PROGRAM = 2048
 NUM_WARPS = 4
@@ -69,13 +66,11 @@ def _check_positions(x_bshk: torch.Tensor, cos_sk: torch.Tensor,
                          f"{cos_sk.shape[0]}")
 
 
-@torch.library.triton_op("coom::rope_rotate", mutates_args=())
+@torch.library.custom_op("coom::rope_rotate", mutates_args=())
 def rotate(x_bshk: torch.Tensor, cos_sk: torch.Tensor, sin_sk: torch.Tensor,
            start: int, inverse: bool = False) -> torch.Tensor:
     """Rotate x (b, s, h, k) as positions start .. start + s - 1 (by the
     negative angles if inverse); the result is contiguous."""
-    if without_gpu(x_bshk):
-        return _rotate_reference(x_bshk, cos_sk, sin_sk, start, inverse)
     _check_positions(x_bshk, cos_sk, start)
     batch, seq_len, heads, width = x_bshk.shape
     x_thk = x_bshk.flatten(0, 1)
@@ -88,7 +83,7 @@ def rotate(x_bshk: torch.Tensor, cos_sk: torch.Tensor, sin_sk: torch.Tensor,
     token_block = max(ELEMENTS_PER_PROGRAM // (2 * head_block * pair_block),
                       1)
     if y_thk.numel():
-        wrap_triton(_rotate_kernel)[(triton.cdiv(tokens, token_block),)](
+        _rotate_kernel[(triton.cdiv(tokens, token_block),)](
             x_thk, cos_sk.contiguous(), sin_sk.contiguous(), y_thk, tokens,
             seq_len, heads, half, start, x_thk.stride(0), x_thk.stride(1),
             inverse=inverse, token_block=token_block, head_block=head_block,
@@ -97,10 +92,15 @@ def rotate(x_bshk: torch.Tensor, cos_sk: torch.Tensor, sin_sk: torch.Tensor,
 
 
 @rotate.register_kernel("cpu")
-def _rotate_reference(x_bshk, cos_sk, sin_sk, start, inverse=False):
+def _(x_bshk, cos_sk, sin_sk, start, inverse=False):
     _check_positions(x_bshk, cos_sk, start)
     return rotate_reference(x_bshk, cos_sk, -sin_sk if inverse else sin_sk,
                             start)
+
+
+@rotate.register_fake
+def _(x_bshk, cos_sk, sin_sk, start, inverse=False):
+    return x_bshk.new_empty(x_bshk.shape)
 
 
 def _setup(ctx, inputs, output):

@@ -33,9 +33,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-
-from coom.kernels import without_gpu
 
 # Routing is a chain of row reductions: small programs of a few warps,
 # each warp holding whole rows, do best; the backward is a plain pass.
@@ -183,7 +180,7 @@ def _row_block(per_program: int, per_row: int) -> int:
     return max(1, per_program // per_row)
 
 
-@torch.library.triton_op("coom::route", mutates_args=())
+@torch.library.custom_op("coom::route", mutates_args=())
 def route_forward(logits_te: torch.Tensor, bias_e: torch.Tensor, k: int,
                   softmax: bool, n_group: int, topk_group: int,
                   normalise: bool, factor: float, group_max: bool
@@ -192,9 +189,6 @@ def route_forward(logits_te: torch.Tensor, bias_e: torch.Tensor, k: int,
     or sigmoid scores, k experts per token from the topk_group best of
     n_group groups (ranked by their best score if group_max, else by
     their best two), weights normalised or not, times factor."""
-    if without_gpu(logits_te):
-        return _route_reference(logits_te, bias_e, k, softmax, n_group,
-                                topk_group, normalise, factor, group_max)
     tokens, experts = logits_te.shape
     logits_te = logits_te.contiguous()
     scores_te = torch.empty_like(logits_te)
@@ -204,7 +198,7 @@ def route_forward(logits_te: torch.Tensor, bias_e: torch.Tensor, k: int,
     size_block = triton.next_power_of_2(experts // n_group)
     row_block = _row_block(FORWARD_ELEMENTS, group_block * size_block)
     if tokens:
-        wrap_triton(_route_kernel)[(triton.cdiv(tokens, row_block),)](
+        _route_kernel[(triton.cdiv(tokens, row_block),)](
             logits_te, bias_e, scores_te, weights_tk, experts_tk, tokens,
             experts, factor, k=k, softmax=softmax, groups=n_group,
             topk_group=topk_group, group_max=group_max, normalise=normalise,
@@ -216,32 +210,35 @@ def route_forward(logits_te: torch.Tensor, bias_e: torch.Tensor, k: int,
 
 
 @route_forward.register_kernel("cpu")
-def _route_reference(logits_te, bias_e, k, softmax, n_group, topk_group,
-                     normalise, factor, group_max):
+def _(logits_te, bias_e, k, softmax, n_group, topk_group, normalise, factor,
+      group_max):
     return route_reference(
         logits_te, bias_e, k, "softmax" if softmax else "sigmoid", n_group,
         topk_group, "group_limited_greedy" if group_max else "noaux_tc",
         normalise, factor)
 
 
-@torch.library.triton_op("coom::route_backward", mutates_args=())
+@route_forward.register_fake
+def _(logits_te, bias_e, k, softmax, n_group, topk_group, normalise,
+      factor, group_max):
+    tokens = logits_te.shape[0]
+    return (torch.empty_like(logits_te), logits_te.new_empty(tokens, k),
+            logits_te.new_empty(tokens, k, dtype=torch.int64))
+
+
+@torch.library.custom_op("coom::route_backward", mutates_args=())
 def route_backward(dscores_te: torch.Tensor, dweights_tk: torch.Tensor,
                    scores_te: torch.Tensor, experts_tk: torch.Tensor,
                    softmax: bool, normalise: bool,
                    factor: float) -> torch.Tensor:
     """The gradient of the logits from those of the scores and weights."""
-    if without_gpu(scores_te):
-        return _route_backward_reference(dscores_te, dweights_tk, scores_te,
-                                         experts_tk, softmax, normalise,
-                                         factor)
     tokens, experts = scores_te.shape
     k = experts_tk.shape[1]
     dlogits_te = torch.empty_like(scores_te)
     block = triton.next_power_of_2(experts)
     row_block = _row_block(BACKWARD_ELEMENTS, block)
     if tokens:
-        wrap_triton(_route_backward_kernel)[
-            (triton.cdiv(tokens, row_block),)](
+        _route_backward_kernel[(triton.cdiv(tokens, row_block),)](
             dscores_te.contiguous(), dweights_tk.contiguous(), scores_te,
             experts_tk, dlogits_te, tokens, experts, factor, k=k,
             softmax=softmax, normalise=normalise, row_block=row_block,
@@ -251,8 +248,8 @@ def route_backward(dscores_te: torch.Tensor, dweights_tk: torch.Tensor,
 
 
 @route_backward.register_kernel("cpu")
-def _route_backward_reference(dscores_te, dweights_tk, scores_te,
-                              experts_tk, softmax, normalise, factor):
+def _(dscores_te, dweights_tk, scores_te, experts_tk, softmax, normalise,
+      factor):
     draw_tk = factor * dweights_tk
     if normalise:
         raw_tk = scores_te.gather(1, experts_tk)
@@ -264,6 +261,12 @@ def _route_backward_reference(dscores_te, dweights_tk, scores_te,
         return scores_te * (
             dscores_te - (dscores_te * scores_te).sum(1, keepdim=True))
     return dscores_te * scores_te * (1.0 - scores_te)
+
+
+@route_backward.register_fake
+def _(dscores_te, dweights_tk, scores_te, experts_tk, softmax, normalise,
+      factor):
+    return torch.empty_like(scores_te)
 
 
 def _setup(ctx, inputs, output):

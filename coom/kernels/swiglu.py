@@ -14,9 +14,6 @@ Tensor names end in their shape: n elements.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-
-from coom.kernels import without_gpu
 
 BLOCK = 4096
 NUM_WARPS = 8
@@ -52,43 +49,54 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(-1)
 
 
-@torch.library.triton_op("coom::swiglu", mutates_args=())
+@torch.library.custom_op("coom::swiglu", mutates_args=())
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of two tensors of one shape, fused, in gate's
     dtype."""
-    if without_gpu(gate):
-        return swiglu_reference(gate, up)
     gate_n, up_n = _flat(gate), _flat(up)
     y_n = torch.empty_like(gate_n)
     numel = gate_n.numel()
     if numel:
-        wrap_triton(_forward_kernel)[(triton.cdiv(numel, BLOCK),)](
+        _forward_kernel[(triton.cdiv(numel, BLOCK),)](
             gate_n, up_n, y_n, numel, block=BLOCK, num_warps=NUM_WARPS)
     return y_n.view(gate.shape)
 
 
-@torch.library.triton_op("coom::swiglu_backward", mutates_args=())
+@swiglu.register_kernel("cpu")
+def _(gate, up):
+    return swiglu_reference(gate, up)
+
+
+@swiglu.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("coom::swiglu_backward", mutates_args=())
 def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor,
                     up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup), each in its input's dtype."""
-    if without_gpu(gate):
-        return _backward_reference(dy, gate, up)
     gate_n, up_n = _flat(gate), _flat(up)
     dgate_n, dup_n = torch.empty_like(gate_n), torch.empty_like(up_n)
     numel = gate_n.numel()
     if numel:
-        wrap_triton(_backward_kernel)[(triton.cdiv(numel, BLOCK),)](
+        _backward_kernel[(triton.cdiv(numel, BLOCK),)](
             _flat(dy), gate_n, up_n, dgate_n, dup_n, numel,
             block=BLOCK, num_warps=NUM_WARPS)
     return dgate_n.view(gate.shape), dup_n.view(up.shape)
 
 
 @swiglu_backward.register_kernel("cpu")
-def _backward_reference(dy, gate, up):
+def _(dy, gate, up):
     dy, g, u = dy.float(), gate.float(), up.float()
     s = torch.sigmoid(g)
     dgate = dy * u * s * (1.0 + g * (1.0 - s))
     return dgate.to(gate.dtype), (dy * g * s).to(up.dtype)
+
+
+@swiglu_backward.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -106,6 +114,3 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The same function in plain PyTorch (rounded to the input dtype
     after the silu and after the product)."""
     return torch.nn.functional.silu(gate) * up
-
-
-swiglu.register_kernel("cpu", swiglu_reference)
