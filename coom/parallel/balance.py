@@ -65,7 +65,7 @@ class ExpertBalancer:
                 steps_le = rate * torch.sign(
                     loads_le.mean(dim=1, keepdim=True) - loads_le)
                 if applies is not None:
-                    steps_le = steps_le * applies
+                    steps_le = torch.where(applies, steps_le, 0.0)
                 torch._foreach_add_([moe.router.bias for moe in moved],
                                     list(steps_le))
             self.discard()

@@ -241,6 +241,8 @@ class World:
             gc.collect()
             if self.owns_process_group:
                 dist.destroy_process_group()
+            elif self.control is not None:
+                dist.destroy_process_group(self.control)
 
 
 def start_world(config: ParallelConfig, device: torch.device,
@@ -271,8 +273,11 @@ def start_world(config: ParallelConfig, device: torch.device,
                  TENSOR: shape[TENSOR]}
         experts = init_device_mesh(device.type, tuple(split.values()),
                                    mesh_dim_names=tuple(split))
-    control = dist.new_group(backend="gloo") \
-        if dist.get_backend() == "nccl" else None
+    # The default group carries the hosts' tensors itself where it has a
+    # gloo (or the planner's fake) backend.
+    backend = dist.get_backend()
+    control = None if "gloo" in backend or backend == "fake" \
+        else dist.new_group(backend="gloo")
     return World(dist.get_rank(), size, mesh, experts, device, joining,
                  control)
 

@@ -59,7 +59,7 @@ def read_later(tensor: torch.Tensor) -> Callable[[], list]:
         return tensor.tolist
     host = tensor.to("cpu", non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(tensor.device))
 
     def read() -> list:
         copied.synchronize()

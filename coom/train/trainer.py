@@ -285,15 +285,16 @@ class Trainer:
         self.flops += self.flops_per_step
         norm = self.parallel.gradient_norm()
         coefficient = clip_coefficient(norm, self.config.optimizer.clip_grad)
-        # Where only figures that are not finite keep a step from the
-        # weights, the device judges that itself, and the step is
-        # launched before the host reads the figures: the GPU does not
-        # wait for the host's judgement.
+        # The figures are copied out before anything else is queued, so
+        # that reading them waits for them alone. Where only figures that
+        # are not finite keep a step from the weights, the device judges
+        # that itself, and the step is launched before the host reads
+        # them: the GPU does not wait for the host's judgement.
+        figures = read_later(torch.cat([sums, norm[None]]))
         launched = not self.guard.holds_back_spikes
         if launched:
             self._apply(coefficient,
                         torch.stack([sums[0], norm]).isfinite().all())
-        figures = read_later(torch.cat([sums, norm[None]]))
         # The next step's batches are read and sent to the device while
         # the device still runs this one.
         if self.step < train.steps:
@@ -325,15 +326,21 @@ class Trainer:
         was launched already, the device has judged the same figures as
         the host and only the step counts of a step it held back are
         taken back."""
-        if launched:
-            if anomaly is None or anomaly.action == LOG:
-                return LOG
-            self.optimizer.forget_step()
-            return anomaly.action
         # Every process judges the same global figures; the vote keeps
-        # them together all the same, since a rollback is collective.
-        action = ACTIONS[self.world.maximum(
-            ACTIONS.index(anomaly.action if anomaly else LOG))]
+        # them together all the same, since a rollback is collective
+        # (and costs no wait for the GPU: ``World.control``).
+        own = anomaly.action if anomaly else LOG
+        action = ACTIONS[self.world.maximum(ACTIONS.index(own))]
+        if launched:
+            if action != own:
+                raise RuntimeError(
+                    f"step {self.step}: this process judged its figures "
+                    f"'{own}' and another '{action}', after the step was "
+                    "launched; the processes' loss and gradient norm "
+                    "should be the same global figures")
+            if action != LOG:
+                self.optimizer.forget_step()
+            return action
         if action == LOG:
             self._apply(coefficient)
         else:

@@ -115,11 +115,28 @@ def _state(run, step) -> dict:
     return load_checkpoint(run / "checkpoints" / f"step_{step:07d}")
 
 
+def _tensors(tree, path: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a nested state dict (the optimizer's moments and
+    step counts lie under state/NAME/), by their path."""
+    if isinstance(tree, torch.Tensor):
+        return {path: tree}
+    items = tree.items() if isinstance(tree, dict) \
+        else enumerate(tree) if isinstance(tree, list) else ()
+    return {name: tensor for key, value in items
+            for name, tensor in _tensors(value, f"{path}/{key}").items()}
+
+
 def _unchanged(before: dict, after: dict) -> None:
+    """Weights, moments and step counts alike in both checkpoints."""
     for part in ("model", "optimizer"):
-        for name, tensor in before[part].items():
-            if isinstance(tensor, torch.Tensor):
-                assert torch.equal(tensor, after[part][name]), name
+        ours, theirs = _tensors(before[part]), _tensors(after[part])
+        assert ours and ours.keys() == theirs.keys(), part
+        for name, tensor in ours.items():
+            assert torch.equal(tensor, theirs[name]), name
+    assert any(name.endswith("/exp_avg_sq") for name in
+               _tensors(before["optimizer"]))
+    assert any(name.endswith("/step") for name in
+               _tensors(before["optimizer"]))
 
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
