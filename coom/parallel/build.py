@@ -12,7 +12,7 @@ micro-batch and the balancer that moves their expert biases.
 """
 import torch
 
-from coom.config import RunConfig, TrainConfig
+from coom.config import RunConfig
 from coom.errors import UserError
 from coom.fp8.convert import convert_to_fp8
 from coom.models import Transformer
@@ -20,7 +20,7 @@ from coom.parallel.balance import ExpertBalancer
 from coom.parallel.mesh import World
 from coom.parallel.model import ParallelModel
 from coom.parallel.parallelize import keeps_gathered, parallelize, sharded
-from coom.parallel.pipeline import Pipeline
+from coom.parallel.pipeline import Pipeline, check_micro_batches
 from coom.parallel.precision import (
     ComputeWeights,
     compute_dtype,
@@ -30,8 +30,10 @@ from coom.parallel.precision import (
 from coom.parallel.recompute import recompute_blocks
 
 
-def check_batch_split(train: TrainConfig, data_size: int) -> None:
-    """Each data-parallel process needs whole micro-batches."""
+def check_batch_split(config: RunConfig, data_size: int) -> None:
+    """Each data-parallel process needs whole micro-batches, and as many
+    as the pipeline's schedule runs."""
+    train = config.train
     share = train.micro_batch_size * data_size
     if train.global_batch_size % share:
         raise UserError(
@@ -39,6 +41,7 @@ def check_batch_split(train: TrainConfig, data_size: int) -> None:
             f"{train.global_batch_size} does not split into "
             f"{data_size} data-parallel processes x micro_batch_size "
             f"{train.micro_batch_size}; make it a multiple of {share}")
+    check_micro_batches(config.parallel, train.global_batch_size // share)
 
 
 def build_model(config: RunConfig, world: World, device: torch.device,
@@ -47,7 +50,7 @@ def build_model(config: RunConfig, world: World, device: torch.device,
     schedule, a pipeline's schedule is left unbuilt (it holds no memory,
     and takes a planner seconds to build at 671B)."""
     train = config.train
-    check_batch_split(train, world.data_size)
+    check_batch_split(config, world.data_size)
     with torch.device("meta"):
         model = Transformer(config.model, fused_kernels=train.kernels)
     model.to_empty(device=device)

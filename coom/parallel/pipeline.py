@@ -58,6 +58,33 @@ def split_layers(num_layers: int, stages: int) -> list[list[int]]:
     return [list(range(bounds[s], bounds[s + 1])) for s in range(stages)]
 
 
+def check_micro_batches(parallel: ParallelConfig, micro_batches: int
+                        ) -> None:
+    """Refuses, before any work, a pipeline whose schedule cannot run
+    micro_batches a step on each data-parallel process, as torch's
+    schedules would once built: 1F1B and DualPipeV need one micro-batch
+    per stage at least; Interleaved1F1B and InterleavedZeroBubble a
+    multiple of their rounds (micro-batches // parallel.pipeline, at
+    least 1)."""
+    if parallel.pipeline == 1:
+        return
+    schedule, stages = parallel.pipeline_schedule, parallel.pipeline_stages
+    rounds = max(1, micro_batches // parallel.pipeline)
+    if schedule in ("1F1B", "DualPipeV") and micro_batches < stages:
+        needed = f"at least {stages}, one per stage"
+    elif schedule in ("Interleaved1F1B", "InterleavedZeroBubble") \
+            and micro_batches % rounds:
+        needed = (f"a multiple of its {rounds} rounds (micro-batches // "
+                  "parallel.pipeline)")
+    else:
+        return
+    raise UserError(
+        "config field parallel.pipeline_schedule: each data-parallel "
+        f"process runs {micro_batches} micro-batches a step "
+        "(train.global_batch_size / train.micro_batch_size / data-parallel "
+        f"processes), and {schedule} over {stages} stages needs {needed}")
+
+
 def stages_of_process(parallel: ParallelConfig, rank: int) -> list[int]:
     """The stage indices the process at pipeline rank rank holds, in the
     order its schedule expects them."""

@@ -121,7 +121,7 @@ def search(config: RunConfig, world_size: int, gpu: GPU,
                 try:  # the config's checks, and the batch's split
                     chosen = _with(config, parallel, micro_batch, mode)
                     candidate = as_on_gpu(chosen, gpu.memory)
-                    check_batch_split(candidate.train, data)
+                    check_batch_split(candidate, data)
                     if key not in held:
                         held[key] = rank_holdings(candidate, world_size)
                 except UserError:

@@ -135,7 +135,7 @@ class Trainer:
         self.run_dir = run_dir
         self.device = local_device(resolve_device(config.train.device))
         self.world = world or start_world(config.parallel, self.device)
-        check_batch_split(config.train, self.world.data_size)
+        check_batch_split(config, self.world.data_size)
         check_hardware(config.fp8, self.device)
         torch.manual_seed(config.train.seed)
         train = config.train

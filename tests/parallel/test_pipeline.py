@@ -2,10 +2,25 @@
 processes, and runs under torchrun on
 gloo of the tiny model (4 blocks, MoE and MTP) with every schedule
 offered, against one process, as in ``test_layouts``."""
+from typing import get_args
+
 import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleSingle,
+    get_schedule_class,
+)
 
 from coom.config import ParallelConfig
-from coom.parallel.pipeline import split_layers, stages_of_process
+from coom.errors import UserError
+from coom.parallel.pipeline import (
+    check_micro_batches,
+    split_layers,
+    stages_of_process,
+)
 from tests.launch import GroupedRuns, check, launch
 from tests.parallel.test_layouts import (
     ARGS,
@@ -33,6 +48,55 @@ def test_stages_take_consecutive_blocks_the_first_ones_the_remainder():
 def test_stages_of_each_process(schedule, rank, expected):
     parallel = ParallelConfig(pipeline=2, pipeline_schedule=schedule)
     assert stages_of_process(parallel, rank) == expected
+
+
+SCHEDULE_NAMES = get_args(
+    ParallelConfig.__annotations__["pipeline_schedule"])
+
+
+def _torch_builds(parallel: ParallelConfig, micro_batches: int) -> bool:
+    """Whether torch builds parallel's schedule over micro_batches, for
+    the first process's stand-in stages."""
+    schedule = get_schedule_class(parallel.pipeline_schedule)
+    stages = [PipelineStage(nn.Linear(2, 2), index,
+                            parallel.pipeline_stages, torch.device("cpu"))
+              for index in stages_of_process(parallel, 0)]
+    if issubclass(schedule, PipelineScheduleSingle):
+        (stages,) = stages
+    try:
+        schedule(stages, micro_batches, loss_fn=torch.sum,
+                 scale_grads=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _we_accept(parallel: ParallelConfig, micro_batches: int) -> bool:
+    try:
+        check_micro_batches(parallel, micro_batches)
+    except UserError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("pipeline", [2, 4])
+def test_micro_batches_are_refused_where_torch_refuses_them(pipeline):
+    """Before any work (and in coom plan --search, which builds no
+    schedule), the counts of micro-batches that torch's schedules refuse
+    once built, and only those: checked against the schedules
+    themselves, in a fake process group of the pipeline's size."""
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0,
+                            world_size=pipeline)
+    try:
+        for schedule in SCHEDULE_NAMES:
+            parallel = ParallelConfig(pipeline=pipeline,
+                                      pipeline_schedule=schedule)
+            ours = [_we_accept(parallel, count) for count in range(1, 17)]
+            theirs = [_torch_builds(parallel, count)
+                      for count in range(1, 17)]
+            assert ours == theirs, schedule
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

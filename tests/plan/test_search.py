@@ -86,3 +86,19 @@ def test_launch_commands_fill_nodes_of_8():
 def test_gpus_beyond_a_node_come_in_whole_nodes(capsys):
     assert main(["plan", "tiny", "--gpus", "12"]) == 2
     assert "give whole nodes" in capsys.readouterr().err
+
+
+def test_search_proposes_only_pipelines_whose_schedule_runs():
+    """At a global batch of 8 on 2 GPUs, a pipeline of 2 stages (1F1B)
+    with micro-batches of 8 would run one a step, which torch's schedule
+    refuses once built (``test_pipeline``): the search, which builds no
+    schedule, leaves it out and keeps the pipelines that run."""
+    config = load_config("tiny", ["model.vocab_size=512",
+                                  "train.global_batch_size=8",
+                                  "train.micro_batch_size=1"])
+    found = search(config, 2, GPUS["h100"], show_progress=False)
+    piped = [candidate.config.train for candidate in found
+             if candidate.config.parallel.pipeline == 2]
+    assert piped
+    for train in piped:
+        assert train.global_batch_size // train.micro_batch_size >= 2
