@@ -1,7 +1,7 @@
-"""``coom bench`` of an earlier tree and of this one, in turns, in one
+"""``coom bench`` of earlier trees and of this one, in turns, in one
 call: what a before/after comparison of a change records.
 
-The earlier tree is a copy of its ``coom`` package, e.g.
+Each earlier tree is a copy of its ``coom`` package, e.g.
 
     mkdir -p .old/base && git archive COMMIT coom | tar -x -C .old/base
 
@@ -12,11 +12,12 @@ follow ``--``):
         --steps 8 --warmup 3 --set train.micro_batch_size=4 \\
         train.global_batch_size=4 train.compile=true
 
-Each bench runs in its own tree's folder, so give absolute paths in
-its arguments. Each round runs before, then after, each in its own
-process, and prints
-tokens/s, the median step time and peak memory; the last lines give
-after / before of each round's tokens/s.
+Several earlier trees (``.old/a .old/b``) compare two changes at once.
+Each bench runs in its own tree's folder, so give absolute paths in its
+arguments. Each round runs the trees in the order given, then this one,
+each in its own process, and prints tokens/s, the median step time and
+peak memory; the last lines give each later tree's tokens/s over the
+first's, round by round.
 """
 import argparse
 import json
@@ -55,9 +56,10 @@ def bench(tree: Path, arguments: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        usage="%(prog)s BEFORE [--rounds N] -- BENCH ARGUMENTS")
-    parser.add_argument("before", type=Path,
-                        help="a folder holding the earlier coom package")
+        usage="%(prog)s BEFORE [BEFORE ...] [--rounds N] -- BENCH "
+              "ARGUMENTS")
+    parser.add_argument("before", type=Path, nargs="+",
+                        help="folders holding earlier coom packages")
     parser.add_argument("--rounds", type=int, default=2)
     ours = sys.argv[1:]
     arguments = []
@@ -65,23 +67,26 @@ def main() -> None:
         split = ours.index("--")
         ours, arguments = ours[:split], ours[split + 1:]
     args = parser.parse_args(ours)
-    if not (args.before / "coom").is_dir():
-        parser.error(f"{args.before} holds no coom package")
-    ratios = []
+    for tree in args.before:
+        if not (tree / "coom").is_dir():
+            parser.error(f"{tree} holds no coom package")
+    trees = [*args.before, Path(".")]
+    names = [str(tree) for tree in args.before] + ["this tree"]
+    speeds = {name: [] for name in names}
     for round_ in range(1, args.rounds + 1):
-        figures = {}
-        for name, tree in (("before", args.before), ("after", Path("."))):
-            figures[name] = bench(tree, arguments)
-            result = figures[name]
+        for name, tree in zip(names, trees):
+            result = bench(tree, arguments)
+            speeds[name].append(result["tokens_per_s"])
             print(f"round {round_} {name}: "
                   f"{result['tokens_per_s']:,.0f} tokens/s, step "
                   f"{result['step_seconds_median'] * 1e3:.1f} ms, peak "
                   f"{result.get('peak_memory_gib', 0):.1f} GiB",
                   flush=True)
-        ratios.append(figures["after"]["tokens_per_s"]
-                      / figures["before"]["tokens_per_s"])
-    print("after / before tokens/s: "
-          + ", ".join(f"{ratio:.3f}x" for ratio in ratios))
+    first = speeds[names[0]]
+    for name in names[1:]:
+        print(f"{name} / {names[0]} tokens/s: " + ", ".join(
+            f"{ours / theirs:.3f}x"
+            for ours, theirs in zip(speeds[name], first)))
 
 
 if __name__ == "__main__":
