@@ -18,9 +18,8 @@ allocated after the first five steps (metrics.jsonl's max_memory_gib)
 and the step time, each against coom plan's; each figure says whether
 it meets issue 32's target (FSDP's scaling at least 90%, EP's 75%; the
 plan within 10% of the memory and 20% of the step time). Then a run
-saved under EP
-halfway and resumed under PP, against the uninterrupted single-GPU
-losses; and last it profiles one EP step
+saved under EP halfway and resumed under PP, against the uninterrupted
+single-GPU losses; and last it profiles one EP step
 (benchmarks/profile_step.py) for the share of the all-to-alls. Logs and
 metrics go under $OUT.
 
