@@ -70,6 +70,8 @@ def main() -> None:
     for tree in args.before:
         if not (tree / "coom").is_dir():
             parser.error(f"{tree} holds no coom package")
+    if len(set(args.before)) < len(args.before):
+        parser.error("a tree is named twice")
     trees = [*args.before, Path(".")]
     names = [str(tree) for tree in args.before] + ["this tree"]
     speeds = {name: [] for name in names}
@@ -85,8 +87,8 @@ def main() -> None:
     first = speeds[names[0]]
     for name in names[1:]:
         print(f"{name} / {names[0]} tokens/s: " + ", ".join(
-            f"{ours / theirs:.3f}x"
-            for ours, theirs in zip(speeds[name], first)))
+            f"{later / base:.3f}x"
+            for later, base in zip(speeds[name], first)))
 
 
 if __name__ == "__main__":

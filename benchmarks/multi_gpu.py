@@ -147,9 +147,11 @@ class Planner:
                             for override in candidate.overrides)), None)
 
 
-def _within(ratio: float, bound: float) -> str:
-    """Whether a measured / planned ratio is within bound of 1."""
-    return "within" if abs(ratio - 1) <= bound else "OUTSIDE"
+def _within(planned: float, measured: float, bound: float) -> str:
+    """planned / measured, and whether it is within bound of 1."""
+    ratio = planned / measured
+    verdict = "within" if abs(ratio - 1) <= bound else "OUTSIDE"
+    return f"planned / measured {ratio:.2f}, {verdict} {bound:.0%}"
 
 
 def _compare(label: str, gpus: int, ours: list[dict], single: list[dict],
@@ -169,17 +171,16 @@ def _compare(label: str, gpus: int, ours: list[dict], single: list[dict],
     if plan is None:
         return
     tokens = plan.time.tokens_per_second
-    line = (f"{'':28s} plan: {tokens:9,.0f} tokens/s ({speed / tokens:.2f}"
-            f" of it measured, {_within(tokens / speed, STEP_BOUND)} "
-            f"{STEP_BOUND:.0%})")
+    # Step times: planned / measured is the measured over the planned
+    # tokens/s.
+    line = (f"{'':28s} plan: {tokens:9,.0f} tokens/s (step time "
+            f"{_within(speed, tokens, STEP_BOUND)})")
     held = [r["max_memory_gib"] for r in ours[SKIPPED:]
             if "max_memory_gib" in r]
     if held:
         planned = plan.fullest.peak / 2 ** 30
         line += (f"; memory {max(held):.1f} GiB against {planned:.1f} "
-                 f"planned ({max(held) / planned:.2f}, "
-                 f"{_within(planned / max(held), MEMORY_BOUND)} "
-                 f"{MEMORY_BOUND:.0%})")
+                 f"planned ({_within(planned, max(held), MEMORY_BOUND)})")
     print(line, flush=True)
 
 

@@ -176,7 +176,9 @@ class Pipeline:
             self.schedule = schedule(stages, self.micro_batches,
                                      loss_fn=self._objective,
                                      scale_grads=False)
-        except ValueError as error:  # torch's checks of the micro-batches
+        except ValueError as error:
+            # check_micro_batches refused what torch 2.13 refuses;
+            # another version's checks still stop the run in a line.
             raise UserError(
                 f"config field parallel.pipeline_schedule: {error} (each "
                 f"data-parallel process runs {self.micro_batches} "

@@ -5,13 +5,13 @@ Layouts: pipeline, tensor (at most a node's 8 GPUs) and expert degrees
 of powers of two that divide the GPUs (and the layers, heads and routed
 experts), the rest data parallel; where the data-parallel processes
 outnumber a node's share (8 / tensor), HSDP sharded within each node as
-well as FSDP over all. For each
-layout and micro-batch size (1, 2, 4, 8, splitting the global batch),
-the recompute modes are tried from none to full, and the first that
-fits is kept: recomputation only adds time. Dry runs are shared by
-micro-batch size, recompute mode and expert degree, and each layout's
-processes are built once (twice when some micro-batch sizes accumulate
-gradients and others do not).
+well as FSDP over all. For each layout and micro-batch size (1, 2, 4, 8,
+splitting the global batch into as many micro-batches as a pipeline's
+schedule runs), the recompute modes are tried from none to full, and the
+first that fits is kept: recomputation only adds time. Dry runs are
+shared by micro-batch size, recompute mode and expert degree, and each
+layout's processes are built once (twice when some micro-batch sizes
+accumulate gradients and others do not).
 """
 import dataclasses
 from dataclasses import dataclass
