@@ -36,11 +36,15 @@ def check_batch_split(config: RunConfig, data_size: int) -> None:
     train = config.train
     share = train.micro_batch_size * data_size
     if train.global_batch_size % share:
+        smaller = [size for size in range(train.micro_batch_size - 1, 0, -1)
+                   if train.global_batch_size % (size * data_size) == 0]
         raise UserError(
             f"config field train.global_batch_size: "
             f"{train.global_batch_size} does not split into "
             f"{data_size} data-parallel processes x micro_batch_size "
-            f"{train.micro_batch_size}; make it a multiple of {share}")
+            f"{train.micro_batch_size}; make it a multiple of {share}"
+            + (f", or set train.micro_batch_size={smaller[0]}"
+               if smaller else ""))
     check_micro_batches(config.parallel, train.global_batch_size // share)
 
 
