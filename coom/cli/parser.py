@@ -98,7 +98,8 @@ def _add_model(commands) -> None:
 def _add_plan(commands) -> None:
     """Add ``coom plan``."""
     plan = commands.add_parser(
-        "plan", help="predict a run's memory per GPU before it runs",
+        "plan", help="predict a run's memory and step time per GPU, or "
+        "search the layouts that fit",
         description="Print what each GPU of a run would hold at its peak: "
         "parameters, gradients and optimizer states by their sharding, "
         "activations, transients and buffers, read off the model built "
